@@ -1,0 +1,648 @@
+"""Self-organizing hierarchical structuring: agent features, distances, group trees.
+
+At every re-grouping round DemLearn clusters the agents by their models and turns
+the dendrogram into a fixed-capacity :class:`~demjax.types.GroupTree`:
+
+1. :func:`features` flattens every agent's parameters (or this round's update)
+   into one row, ``[A, D]``;
+2. :func:`pairwise_distances` computes the ``[A, A]`` Euclidean or cosine
+   distance matrix on the device (an ``A^2 D`` matmul: the expensive step);
+3. :func:`linkage` builds the full dendrogram on the host (scipy or fastcluster);
+4. :func:`tree_from_linkage` (binary top-down mode of the authors' code) or
+   :func:`tree_from_linkage_maxclust` (a configured group count per level, for
+   thousands of agents) turns it into a :class:`~demjax.types.GroupTree`.
+
+:func:`build_tree` chains the three last steps and times them.
+
+Shapes: A agents, D flat parameters, N tree nodes (all groups plus the root),
+L group levels below the root. Every ``GroupTree`` array built here is a numpy
+``int32`` array; the caller moves it to the device. Trees built with the same
+``(num_agents, num_levels)`` (binary mode) or the same ``level_groups`` (maxclust
+mode) always have the same shapes and ``level_sizes``, so jitted rounds that take
+a tree never recompile after a re-grouping.
+
+Source: Nguyen et al., "Self-organizing Democratized Learning: Towards Large-scale
+Distributed Learning Systems", IEEE TNNLS (arXiv 2007.03278), section on the
+self-organizing hierarchical structuring; the binary mode follows the authors' code.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.cluster import hierarchy as sch
+from scipy.spatial import distance as ssd
+
+from demjax.errors import ConfigError, check_choice
+from demjax.types import GroupTree
+
+FEATURE_KINDS = ("weights", "updates")
+METRICS = ("euclidean", "cosine")
+LINKAGE_METHODS = ("single", "complete", "average", "weighted", "ward")
+LINKAGE_BACKENDS = ("scipy", "fastcluster")
+TREE_MODES = ("binary", "maxclust")
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+__all__ = [
+    "FEATURE_KINDS",
+    "LINKAGE_BACKENDS",
+    "LINKAGE_METHODS",
+    "METRICS",
+    "TREE_MODES",
+    "build_tree",
+    "features",
+    "flatten_params",
+    "linkage",
+    "pairwise_distances",
+    "tree_from_linkage",
+    "tree_from_linkage_maxclust",
+    "tree_to_json",
+    "trivial_tree",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _flatten_jit(leaves: list[jax.Array]) -> jax.Array:
+    num_agents = leaves[0].shape[0]
+    rows = [jnp.reshape(leaf, (num_agents, -1)).astype(jnp.float32) for leaf in leaves]
+    return jnp.concatenate(rows, axis=1)
+
+
+@jax.jit
+def _flatten_diff_jit(leaves: list[jax.Array], prev: list[jax.Array]) -> jax.Array:
+    return _flatten_jit([a - b for a, b in zip(leaves, prev, strict=True)])
+
+
+def _stacked_leaves(params: Any, name: str) -> list[Any]:
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError(f"{name} has no array leaves")
+    num_agents = np.shape(leaves[0])[0] if np.ndim(leaves[0]) else None
+    for leaf in leaves:
+        if np.ndim(leaf) == 0 or np.shape(leaf)[0] != num_agents:
+            raise ValueError(
+                f"every leaf of {name} must be stacked over agents with the same "
+                f"leading size; got shapes {[np.shape(x) for x in leaves]}"
+            )
+    return leaves
+
+
+def flatten_params(params: Any) -> jax.Array:
+    """Flattens a stacked parameter pytree into one row per agent.
+
+    Leaves are taken in ``jax.tree.leaves`` order, each reshaped to ``[A, -1]``
+    and concatenated along the feature axis.
+
+    Args:
+      params: pytree whose every leaf is ``[A, ...]`` (numpy or jax).
+
+    Returns:
+      float32 ``[A, D]`` with ``D`` the total number of parameters per agent.
+
+    Raises:
+      ValueError: the pytree has no leaves, or the leaves disagree on ``A``.
+    """
+    return _flatten_jit(_stacked_leaves(params, "params"))
+
+
+def features(params: Any, prev_params: Any = None, kind: str = "weights") -> jax.Array:
+    """Per-agent clustering features.
+
+    Args:
+      params: stacked parameter pytree, every leaf ``[A, ...]`` (the models after
+        this round's local training).
+      prev_params: stacked pytree of the same structure (the models entering the
+        round); required for ``kind="updates"``, ignored otherwise.
+      kind: ``"weights"``: all parameters flattened (the reference's feature);
+        ``"updates"``: the flattened round update ``params - prev_params`` (the
+        "gradient" feature).
+
+    Returns:
+      float32 ``[A, D]``.
+
+    Raises:
+      ConfigError: ``kind`` is not one of ``FEATURE_KINDS`` (field
+        ``cluster_features``), or ``kind="updates"`` without ``prev_params``.
+      ValueError: malformed pytrees (see :func:`flatten_params`).
+    """
+    check_choice("cluster_features", kind, FEATURE_KINDS)
+    if kind == "weights":
+        return flatten_params(params)
+    if prev_params is None:
+        raise ConfigError(
+            "cluster_features='updates' needs the models entering the round "
+            "(prev_params); got None"
+        )
+    leaves = _stacked_leaves(params, "params")
+    prev = _stacked_leaves(prev_params, "prev_params")
+    if jax.tree.structure(params) != jax.tree.structure(prev_params):
+        raise ValueError("params and prev_params have different pytree structures")
+    return _flatten_diff_jit(leaves, prev)
+
+
+# --------------------------------------------------------------------------------------
+# Distances
+# --------------------------------------------------------------------------------------
+
+
+def _symmetric_zero_diag(d: jax.Array) -> jax.Array:
+    d = 0.5 * (d + d.T)
+    return jnp.fill_diagonal(d, 0.0, inplace=False)
+
+
+@functools.partial(jax.jit, static_argnames=("metric",))
+def _pairwise_distances_jit(feats: jax.Array, metric: str) -> jax.Array:
+    x = feats.astype(jnp.float32)
+    num_agents = x.shape[0]
+    if metric == "euclidean":
+        # Distances are translation invariant: centring shrinks |x|^2 and with it
+        # the cancellation error of the Gram identity. The column mean is a matmul
+        # with a weight vector (mean over the agent axis is slow on CPU).
+        weights = jnp.full((1, num_agents), 1.0 / num_agents, jnp.float32)
+        x = x - jnp.matmul(weights, x, precision=_HIGHEST)
+        gram = jnp.matmul(x, x.T, precision=_HIGHEST)
+        sq_norm = jnp.diagonal(gram)
+        sq = sq_norm[:, None] + sq_norm[None, :] - 2.0 * gram
+        d = jnp.sqrt(jnp.maximum(sq, 0.0))
+    else:  # cosine; the Gram matrix is normalised after the matmul (perf-notes).
+        gram = jnp.matmul(x, x.T, precision=_HIGHEST)
+        norm = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+        denom = norm[:, None] * norm[None, :]
+        ok = denom > 0.0
+        sim = jnp.where(ok, gram / jnp.where(ok, denom, 1.0), 0.0)
+        d = 1.0 - jnp.clip(sim, -1.0, 1.0)
+    return _symmetric_zero_diag(d)
+
+
+def pairwise_distances(feats: Any, metric: str = "euclidean") -> jax.Array:
+    """All-pairs distances between agents' feature rows (jitted, metric static).
+
+    Euclidean: Gram identity ``|x - y|^2 = |x|^2 + |y|^2 - 2 x.y`` on features
+    centred by their column mean (translation invariance; it reduces float32
+    cancellation), squared distances clamped at zero before the square root, so
+    nearly identical agents give 0 rather than NaN.
+
+    Cosine: ``1 - x.y / (|x| |y|)``, the Gram matrix being normalised after the
+    matmul (not centred). A zero feature vector (or a pair whose norm product
+    underflows to zero) has similarity 0, i.e. distance 1, to every other agent;
+    scipy would return NaN there.
+
+    Both: matmul at ``Precision.HIGHEST``, result symmetrised as ``(d + d.T) / 2``
+    and the diagonal set to exactly 0.
+
+    Args:
+      feats: float ``[A, D]`` features (numpy or jax).
+      metric: ``"euclidean"`` or ``"cosine"``.
+
+    Returns:
+      float32 ``[A, A]`` symmetric distance matrix with zero diagonal.
+
+    Raises:
+      ConfigError: unknown ``metric`` (field ``distance``).
+      ValueError: ``feats`` is not 2-D.
+    """
+    check_choice("distance", metric, METRICS)
+    if np.ndim(feats) != 2:
+        raise ValueError(f"feats must be [A, D]; got shape {np.shape(feats)}")
+    return _pairwise_distances_jit(jnp.asarray(feats), metric)
+
+
+# --------------------------------------------------------------------------------------
+# Linkage
+# --------------------------------------------------------------------------------------
+
+
+def linkage(dist: Any, method: str = "average", backend: str = "scipy") -> np.ndarray:
+    """Agglomerative clustering of a square distance matrix.
+
+    The matrix is copied to float64 and condensed with
+    ``scipy.spatial.distance.squareform(..., checks=False)`` (the upper triangle
+    is used). ``ward`` is only meaningful on Euclidean distances; the caller
+    (:func:`build_tree`) enforces that.
+
+    Args:
+      dist: ``[A, A]`` distance matrix (numpy or jax).
+      method: ``single``, ``complete``, ``average`` (the reference's choice),
+        ``weighted`` or ``ward``.
+      backend: ``"scipy"`` (``scipy.cluster.hierarchy.linkage``) or
+        ``"fastcluster"`` (``fastcluster.linkage``, same result, faster at scale).
+
+    Returns:
+      float64 ``[A - 1, 4]`` scipy linkage matrix ``Z`` (empty ``[0, 4]`` if A=1).
+
+    Raises:
+      ConfigError: unknown ``method`` (field ``linkage``) or ``backend`` (field
+        ``linkage_backend``), or fastcluster requested but not installed.
+      ValueError: ``dist`` is not square, or holds non-finite values.
+    """
+    check_choice("linkage", method, LINKAGE_METHODS)
+    check_choice("linkage_backend", backend, LINKAGE_BACKENDS)
+    d = np.array(dist, dtype=np.float64, copy=True)
+    if d.ndim != 2 or d.shape[0] != d.shape[1]:
+        raise ValueError(f"dist must be a square [A, A] matrix; got {d.shape}")
+    if d.shape[0] < 2:
+        return np.zeros((0, 4), np.float64)
+    condensed = ssd.squareform(d, checks=False)
+    if backend == "fastcluster":
+        try:
+            import fastcluster
+        except ImportError as e:
+            raise ConfigError(
+                "linkage_backend='fastcluster' needs the fastcluster package: "
+                "pip install fastcluster (or use linkage_backend='scipy')"
+            ) from e
+        z = fastcluster.linkage(condensed, method=method)
+    else:
+        z = sch.linkage(condensed, method=method)
+    return np.asarray(z, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------
+# Trees
+# --------------------------------------------------------------------------------------
+
+
+def _check_z(z: Any, num_agents: int) -> np.ndarray:
+    if not isinstance(num_agents, numbers.Integral) or num_agents < 1:
+        raise ConfigError(f"num_agents={num_agents!r} is not valid; accepted: >= 1")
+    z = np.asarray(z, dtype=np.float64)
+    if z.shape != (num_agents - 1, 4):
+        raise ValueError(
+            f"linkage matrix must be [{num_agents - 1}, 4] for {num_agents} agents; "
+            f"got {z.shape}"
+        )
+    return z
+
+
+def _finish_tree(
+    agent_parent: np.ndarray, node_parent: np.ndarray, level_sizes: tuple[int, ...]
+) -> GroupTree:
+    """Derives ``agent_ancestor`` from the parents and packs the tree."""
+    level_sizes = tuple(int(s) for s in level_sizes)
+    num_levels = len(level_sizes) - 1
+    num_nodes = sum(level_sizes)
+    if (agent_parent < 0).any():
+        raise AssertionError("internal error: an agent was left without a parent")
+    node_level = np.repeat(np.arange(1, num_levels + 2), level_sizes)  # [N], 1-based
+    ancestor = np.full((num_levels + 1, agent_parent.shape[0]), -1, np.int64)
+    cols = np.arange(agent_parent.shape[0])
+    cur = agent_parent.astype(np.int64)
+    # Used nodes' parents are exactly one level up, so L + 1 steps reach the root.
+    for _ in range(num_levels + 1):
+        ancestor[node_level[cur] - 1, cols] = cur
+        cur = node_parent[cur]
+    assert (ancestor[-1] == num_nodes - 1).all()
+    return GroupTree(
+        agent_parent=agent_parent.astype(np.int32),
+        node_parent=node_parent.astype(np.int32),
+        agent_ancestor=ancestor.astype(np.int32),
+        level_sizes=level_sizes,
+    )
+
+
+def trivial_tree(num_agents: int) -> GroupTree:
+    """The tree without group levels: every agent is a direct member of the root.
+
+    Used by FedAvg, FedProx and local-only training, and by DemLearn with
+    ``num_levels=0``.
+
+    Args:
+      num_agents: A >= 1.
+
+    Returns:
+      ``GroupTree`` with ``level_sizes=(1,)``: ``agent_parent`` int32 ``[A]`` of
+      zeros, ``node_parent`` int32 ``[1]`` = ``[0]``, ``agent_ancestor`` int32
+      ``[1, A]`` of zeros.
+
+    Raises:
+      ConfigError: ``num_agents < 1``.
+    """
+    if not isinstance(num_agents, numbers.Integral) or num_agents < 1:
+        raise ConfigError(f"num_agents={num_agents!r} is not valid; accepted: >= 1")
+    return GroupTree(
+        agent_parent=np.zeros((num_agents,), np.int32),
+        node_parent=np.zeros((1,), np.int32),
+        agent_ancestor=np.zeros((1, num_agents), np.int32),
+        level_sizes=(1,),
+    )
+
+
+def _subtree_leaves(z: np.ndarray, num_agents: int, cid: int) -> list[int]:
+    """Agents under dendrogram cluster ``cid`` (iterative: no recursion limit)."""
+    out, stack = [], [cid]
+    while stack:
+        c = stack.pop()
+        if c < num_agents:
+            out.append(c)
+        else:
+            row = z[c - num_agents]
+            stack.append(int(row[1]))
+            stack.append(int(row[0]))
+    return out
+
+
+def _check_num_levels(num_levels: Any) -> int:
+    if (
+        isinstance(num_levels, bool)
+        or not isinstance(num_levels, numbers.Integral)
+        or num_levels < 0
+    ):
+        raise ConfigError(
+            f"num_levels={num_levels!r} is not valid; accepted: an integer >= 0"
+        )
+    return int(num_levels)
+
+
+def tree_from_linkage(z: Any, num_agents: int, num_levels: int) -> GroupTree:
+    """Binary top-down tree from a dendrogram (the reference's mode).
+
+    With L = ``num_levels`` group levels, the dendrogram root (last merge) is the
+    tree root, at level L + 1. Each tree node is split into its two dendrogram
+    children, each going one level down:
+
+    * a child that is a single agent becomes a direct member of the node being
+      split (``agent_parent`` = that node, whatever its level);
+    * a child with several agents becomes a group node one level down;
+    * a level-1 node is not split: it takes all agents of its dendrogram subtree
+      as direct members.
+
+    Node slots form a binary heap per level: the node at heap depth ``d`` (root
+    depth 0, level ``L + 1 - d``) and position ``p`` has its children at
+    positions ``2p`` (``Z[i, 0]``) and ``2p + 1`` (``Z[i, 1]``) one depth below;
+    its global id is ``level_offsets[l - 1] + p``. Hence ``level_sizes =
+    (2**L, ..., 4, 2, 1)`` and N = ``2**(L + 1) - 1`` whatever the data. Unused
+    slots are padding nodes whose parent is the root; the root is its own parent.
+
+    Args:
+      z: float ``[A - 1, 4]`` scipy linkage matrix.
+      num_agents: A >= 1.
+      num_levels: L >= 0; 0 gives :func:`trivial_tree`.
+
+    Returns:
+      ``GroupTree``: ``agent_parent`` int32 ``[A]``, ``node_parent`` int32
+      ``[N]``, ``agent_ancestor`` int32 ``[L + 1, A]`` (-1 where the agent is
+      attached above that level).
+
+    Raises:
+      ConfigError: ``num_levels`` is not an integer >= 0 (field ``num_levels``).
+      ValueError: ``z`` does not have shape ``[A - 1, 4]``.
+    """
+    num_levels = _check_num_levels(num_levels)
+    z = _check_z(z, num_agents)
+    if num_levels == 0:
+        return trivial_tree(num_agents)
+    level_sizes = tuple(2 ** (num_levels - lv + 1) for lv in range(1, num_levels + 1))
+    level_sizes += (1,)
+    offsets = np.cumsum((0,) + level_sizes[:-1])
+    num_nodes = sum(level_sizes)
+    root = num_nodes - 1
+    agent_parent = np.full((num_agents,), -1, np.int64)
+    node_parent = np.full((num_nodes,), root, np.int64)
+    if num_agents == 1:
+        agent_parent[0] = root
+        return _finish_tree(agent_parent, node_parent, level_sizes)
+
+    # (dendrogram cluster id, tree level, heap position within the level)
+    stack = [(2 * num_agents - 2, num_levels + 1, 0)]
+    while stack:
+        cid, level, pos = stack.pop()
+        nid = int(offsets[level - 1]) + pos
+        if level == 1:
+            agent_parent[_subtree_leaves(z, num_agents, cid)] = nid
+            continue
+        row = z[cid - num_agents]
+        for k in (0, 1):
+            child = int(row[k])
+            if child < num_agents:
+                agent_parent[child] = nid
+            else:
+                cpos = 2 * pos + k
+                node_parent[int(offsets[level - 2]) + cpos] = nid
+                stack.append((child, level - 1, cpos))
+    return _finish_tree(agent_parent, node_parent, level_sizes)
+
+
+def _check_level_groups(level_groups: Any, num_agents: int) -> tuple[int, ...]:
+    try:
+        groups = tuple(level_groups)
+    except TypeError:
+        groups = None
+    bad = groups is None or any(
+        isinstance(g, bool) or not isinstance(g, numbers.Integral) for g in groups
+    )
+    if not bad:
+        groups = tuple(int(g) for g in groups)
+        bad = (
+            any(g < 1 for g in groups)
+            or (len(groups) > 0 and groups[0] > num_agents)
+            or any(b > a for a, b in zip(groups, groups[1:], strict=False))
+        )
+    if bad:
+        raise ConfigError(
+            f"level_groups={level_groups!r} is not valid for {num_agents} agents; "
+            "accepted: group counts (G_1, ..., G_L) per level from the bottom, each "
+            f">= 1, G_1 <= {num_agents}, non-increasing"
+        )
+    return groups
+
+
+def _dense_labels(labels: np.ndarray) -> np.ndarray:
+    """Relabels clusters 0..k-1 in order of their smallest member agent index."""
+    uniq, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(uniq), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+    return rank[inverse.reshape(-1)]
+
+
+def tree_from_linkage_maxclust(
+    z: Any, num_agents: int, level_groups: Sequence[int]
+) -> GroupTree:
+    """Tree with a configured number of groups per level (for many agents).
+
+    Level l is the flat cut ``scipy.cluster.hierarchy.fcluster(Z, G_l,
+    criterion="maxclust")`` of the dendrogram. Every agent is a direct member of
+    its level-1 group; a level-l group's parent is the level-(l+1) cluster of its
+    members (the cuts are nested for monotone linkages: checked). Groups of each
+    level are numbered densely 0..k-1 in order of their smallest member agent
+    index. ``fcluster`` may return fewer than ``G_l`` clusters (ties): the
+    remaining slots are padding nodes (no agents, parent = root).
+
+    Args:
+      z: float ``[A - 1, 4]`` scipy linkage matrix.
+      num_agents: A >= 1.
+      level_groups: ``(G_1, ..., G_L)`` group capacities from the bottom level up;
+        ``()`` gives :func:`trivial_tree`.
+
+    Returns:
+      ``GroupTree`` with ``level_sizes = (G_1, ..., G_L, 1)``; ``agent_ancestor``
+      int32 ``[L + 1, A]`` has no -1 entries in this mode.
+
+    Raises:
+      ConfigError: ``level_groups`` entries not integers >= 1, ``G_1 > A`` or
+        increasing (field ``level_groups``).
+      ValueError: ``z`` has the wrong shape, or the per-level cuts are not nested.
+    """
+    z = _check_z(z, num_agents)
+    groups = _check_level_groups(level_groups, num_agents)
+    if not groups:
+        return trivial_tree(num_agents)
+    level_sizes = groups + (1,)
+    offsets = np.cumsum((0,) + level_sizes[:-1])
+    num_nodes = sum(level_sizes)
+    root = num_nodes - 1
+
+    dense = []
+    for g in groups:
+        if num_agents == 1:
+            labels = np.zeros((1,), np.int64)
+        else:
+            labels = np.asarray(sch.fcluster(z, g, criterion="maxclust"))
+        lab = _dense_labels(labels)
+        if lab.max() + 1 > g:  # fcluster promises at most g clusters
+            raise ValueError(f"fcluster returned {lab.max() + 1} > {g} clusters")
+        dense.append(lab)
+
+    node_parent = np.full((num_nodes,), root, np.int64)
+    for i in range(len(groups) - 1):  # level i + 1 -> level i + 2
+        child, parent = dense[i], dense[i + 1]
+        up = np.full((groups[i],), -1, np.int64)
+        up[child] = parent
+        if (up[child] != parent).any():
+            raise ValueError(
+                f"per-level cuts are not nested: a level-{i + 1} group spans several "
+                f"level-{i + 2} groups (non-monotone linkage?)"
+            )
+        used = np.flatnonzero(up >= 0)
+        node_parent[offsets[i] + used] = offsets[i + 1] + up[used]
+    # Top group level's used nodes already point to the root (default).
+    agent_parent = offsets[0] + dense[0]
+    return _finish_tree(agent_parent, node_parent, level_sizes)
+
+
+def tree_to_json(tree: GroupTree) -> dict:
+    """A JSON-serialisable description of a tree (for ``tree_final.json``).
+
+    Args:
+      tree: any ``GroupTree`` (numpy or jax arrays).
+
+    Returns:
+      dict of plain Python lists/ints: ``agent_parent`` ``[A]``, ``node_parent``
+      ``[N]``, ``agent_ancestor`` ``[L + 1][A]``, ``level_sizes``,
+      ``level_offsets``, ``root``, and ``nodes``: one entry per node with ``id``,
+      ``level`` (1..L+1, root = L+1), ``parent``, ``members`` (direct agent
+      members, ascending) and ``num_agents`` (agents anywhere under the node;
+      0 for padding nodes).
+    """
+    agent_parent = np.asarray(tree.agent_parent).astype(np.int64)
+    node_parent = np.asarray(tree.node_parent).astype(np.int64)
+    ancestor = np.asarray(tree.agent_ancestor).astype(np.int64)
+    num_nodes = tree.num_nodes
+    node_level = np.repeat(np.arange(1, tree.num_levels + 2), tree.level_sizes)
+    under = np.bincount(ancestor[ancestor >= 0].ravel(), minlength=num_nodes)
+    members: list[list[int]] = [[] for _ in range(num_nodes)]
+    for a, p in enumerate(agent_parent.tolist()):
+        members[p].append(a)
+    nodes = [
+        {
+            "id": n,
+            "level": int(node_level[n]),
+            "parent": int(node_parent[n]),
+            "members": members[n],
+            "num_agents": int(under[n]),
+        }
+        for n in range(num_nodes)
+    ]
+    return {
+        "agent_parent": agent_parent.tolist(),
+        "node_parent": node_parent.tolist(),
+        "agent_ancestor": ancestor.tolist(),
+        "level_sizes": [int(s) for s in tree.level_sizes],
+        "level_offsets": [int(o) for o in tree.level_offsets],
+        "root": int(tree.root),
+        "nodes": nodes,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Everything together
+# --------------------------------------------------------------------------------------
+
+
+def build_tree(
+    feats: Any,
+    *,
+    num_levels: int,
+    metric: str = "euclidean",
+    method: str = "average",
+    mode: str = "binary",
+    level_groups: Sequence[int] = (),
+    backend: str = "scipy",
+) -> tuple[GroupTree, dict]:
+    """Distances (device, jitted) -> linkage (host) -> group tree.
+
+    All options are validated before any computation.
+
+    Args:
+      feats: float ``[A, D]`` agent features (see :func:`features`).
+      num_levels: group levels L below the root. Binary mode: the tree depth.
+        Maxclust mode: must equal ``len(level_groups)``.
+      metric: ``"euclidean"`` or ``"cosine"`` (field ``distance``).
+      method: linkage method (field ``linkage``); ``ward`` needs Euclidean.
+      mode: ``"binary"`` (:func:`tree_from_linkage`) or ``"maxclust"``
+        (:func:`tree_from_linkage_maxclust`) (field ``tree_mode``).
+      level_groups: ``(G_1, ..., G_L)`` for maxclust mode; ignored in binary mode.
+      backend: ``"scipy"`` or ``"fastcluster"`` (field ``linkage_backend``).
+
+    Returns:
+      ``(tree, info)`` with ``info = {"distance_s", "linkage_s", "tree_s"}``, the
+      wall seconds of each step (``distance_s`` includes the jit compile the
+      first time a shape is seen).
+
+    Raises:
+      ConfigError: any invalid option (the message names the field).
+      ValueError: ``feats`` is not 2-D.
+    """
+    check_choice("distance", metric, METRICS)
+    check_choice("linkage", method, LINKAGE_METHODS)
+    if method == "ward" and metric != "euclidean":
+        raise ConfigError(
+            f"linkage='ward' needs distance='euclidean'; got distance={metric!r}"
+        )
+    check_choice("tree_mode", mode, TREE_MODES)
+    check_choice("linkage_backend", backend, LINKAGE_BACKENDS)
+    num_levels = _check_num_levels(num_levels)
+    if np.ndim(feats) != 2:
+        raise ValueError(f"feats must be [A, D]; got shape {np.shape(feats)}")
+    num_agents = int(np.shape(feats)[0])
+    if mode == "maxclust":
+        groups = _check_level_groups(level_groups, num_agents)
+        if len(groups) != num_levels:
+            raise ConfigError(
+                f"level_groups={tuple(level_groups)!r} has {len(groups)} levels but "
+                f"num_levels={num_levels}; in tree_mode='maxclust' they must agree"
+            )
+
+    t0 = time.perf_counter()
+    dist = pairwise_distances(feats, metric).block_until_ready()
+    t1 = time.perf_counter()
+    z = linkage(np.asarray(dist), method, backend)
+    t2 = time.perf_counter()
+    if mode == "binary":
+        tree = tree_from_linkage(z, num_agents, num_levels)
+    else:
+        tree = tree_from_linkage_maxclust(z, num_agents, groups)
+    t3 = time.perf_counter()
+    return tree, {"distance_s": t1 - t0, "linkage_s": t2 - t1, "tree_s": t3 - t2}

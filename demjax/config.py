@@ -1,0 +1,124 @@
+"""Config validation in one place, before any array is built.
+
+Every error is a ``ConfigError`` whose one-line message names the config field
+(the CLI flag is ``--config.<field>``) and the accepted values.
+"""
+
+from __future__ import annotations
+
+import json
+
+from demjax.algorithms import REGISTRY, get_algorithm
+from demjax.errors import ConfigError, check_choice
+
+DATASETS = ("digits", "fashion_mnist", "fashion_mnist_tfds", "mnist", "emnist", "cifar10")
+PARTITIONS = ("pathological", "dirichlet", "iid")
+DISTANCES = ("euclidean", "cosine")
+LINKAGES = ("average", "single", "complete", "weighted", "ward")
+TREE_MODES = ("binary", "maxclust")
+FEATURES = ("weights", "updates")
+WEIGHTINGS = ("agents", "samples")
+BACKENDS = ("scipy", "fastcluster")
+
+
+def _int_at_least(config, field: str, low: int) -> None:
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{field}={value!r} is not valid; accepted: an integer >= {low}")
+
+
+def _float_in(config, field: str, low: float, high: float) -> None:
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{field}={value!r} is not valid; accepted: a number")
+    if not low <= value <= high:
+        raise ConfigError(f"{field}={value!r} is not valid; accepted: [{low}, {high}]")
+
+
+def resolved_mu(config) -> float:
+    """``config.mu``, or the algorithm's default when it is None."""
+    algo = get_algorithm(config.algorithm)
+    return float(algo.default_mu if config.mu is None else config.mu)
+
+
+def validate(config) -> None:
+    """Checks every field of a run config.
+
+    Raises:
+      ConfigError: the first bad field, e.g. ``"algorithm='fedsgd' is not valid;
+        accepted: demlearn, demlearn_p, fedavg, fedprox, local"``.
+    """
+    check_choice("algorithm", config.algorithm, tuple(REGISTRY))
+    check_choice("dataset", config.dataset, DATASETS)
+    check_choice("partition", config.partition, PARTITIONS)
+    check_choice("distance", config.distance, DISTANCES)
+    check_choice("linkage", config.linkage, LINKAGES)
+    check_choice("tree_mode", config.tree_mode, TREE_MODES)
+    check_choice("cluster_features", config.cluster_features, FEATURES)
+    check_choice("weighting", config.weighting, WEIGHTINGS)
+    check_choice("linkage_backend", config.linkage_backend, BACKENDS)
+    if config.linkage == "ward" and config.distance != "euclidean":
+        raise ConfigError(
+            f"linkage='ward' needs distance='euclidean' (got distance={config.distance!r})"
+        )
+    _int_at_least(config, "num_agents", 2)
+    _int_at_least(config, "num_rounds", 1)
+    _int_at_least(config, "local_epochs", 1)
+    _int_at_least(config, "batch_size", 1)
+    _int_at_least(config, "labels_per_agent", 1)
+    _int_at_least(config, "num_levels", 0)
+    _int_at_least(config, "tau", 0)
+    _int_at_least(config, "eval_samples", 0)
+    _int_at_least(config, "eval_batch", 1)
+    _int_at_least(config, "samples_per_agent", 0)
+    _float_in(config, "alpha", 0.0, 1.0)
+    if not (isinstance(config.lr, (int, float)) and config.lr > 0):
+        raise ConfigError(f"lr={config.lr!r} is not valid; accepted: a float > 0")
+    if not config.dirichlet_alpha > 0:
+        raise ConfigError(
+            f"dirichlet_alpha={config.dirichlet_alpha!r} is not valid; accepted: a float > 0"
+        )
+    algo = get_algorithm(config.algorithm)
+    mu = resolved_mu(config)
+    if mu < 0:
+        raise ConfigError(f"mu={mu!r} is not valid; accepted: a float >= 0")
+    if algo.requires_mu_positive and mu == 0:
+        raise ConfigError(
+            f"mu=0 is not valid for algorithm={algo.name!r}; accepted: mu > 0 "
+            f"(use algorithm={'demlearn' if algo.self_organizing else 'fedavg'!r} for mu=0)"
+        )
+    if algo.self_organizing:
+        if config.tree_mode == "binary" and config.num_levels < 1:
+            raise ConfigError(
+                f"num_levels={config.num_levels!r} is not valid for algorithm="
+                f"{algo.name!r}; accepted: an integer >= 1"
+            )
+        if config.tree_mode == "maxclust":
+            groups = tuple(config.level_groups)
+            ok = (
+                len(groups) >= 1
+                and all(isinstance(g, int) and g >= 1 for g in groups)
+                and all(a >= b for a, b in zip(groups, groups[1:], strict=False))
+                and groups[0] <= config.num_agents
+            )
+            if not ok:
+                raise ConfigError(
+                    f"level_groups={groups!r} is not valid for tree_mode='maxclust'; "
+                    "accepted: non-increasing positive integers, level 1 first, the "
+                    f"first at most num_agents={config.num_agents}, e.g. (16, 4, 2)"
+                )
+        if config.linkage_backend == "fastcluster":
+            try:
+                import fastcluster  # noqa: F401
+            except ImportError as e:
+                raise ConfigError(
+                    "linkage_backend='fastcluster' needs the fastcluster package; "
+                    "accepted: scipy, or `pip install 'demjax[fastcluster]'`"
+                ) from e
+
+
+def to_json(config) -> str:
+    """The resolved config as sorted JSON (tuples as lists, ``mu`` resolved)."""
+    d = config.to_dict()
+    d["mu"] = resolved_mu(config)
+    return json.dumps(d, sort_keys=True, indent=2, default=list)

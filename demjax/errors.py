@@ -1,0 +1,24 @@
+"""Errors raised for bad user input.
+
+Every message names the config field or flag and the accepted values, so that
+``scripts/run.py`` can print it as one line and exit with status 2.
+"""
+
+
+class ConfigError(ValueError):
+    """Bad configuration or input: the message names the field and what is accepted."""
+
+
+class DataNotFoundError(ConfigError):
+    """A data set is not available offline; the message says how to get it."""
+
+
+def check_choice(field: str, value, choices) -> None:
+    """Raise ``ConfigError`` unless ``value`` is one of ``choices``.
+
+    Raises:
+      ConfigError: ``"<field>=<value!r> is not valid; accepted: a, b, c"``.
+    """
+    if value not in choices:
+        accepted = ", ".join(str(c) for c in choices)
+        raise ConfigError(f"{field}={value!r} is not valid; accepted: {accepted}")

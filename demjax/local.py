@@ -1,0 +1,156 @@
+"""Local (personalized) training of agents: written for ONE agent, vmapped over all.
+
+One agent runs ``local_epochs`` passes over its own ``n`` training samples in
+shuffled minibatches of ``batch_size`` (the last minibatch of an epoch may be
+smaller), exactly what a per-agent PyTorch ``DataLoader(shuffle=True)`` loop
+does. Data are padded to a common capacity ``N_max``; the number of scan steps
+is static (``local_epochs * ceil(N_max / batch_size)``) and the steps an agent
+does not have (``j * batch_size >= n``) leave its parameters and optimizer state
+untouched, so padding never contributes to a gradient.
+
+Objective at each step (Nguyen et al., "Self-organizing Democratized Learning",
+IEEE TNNLS, arXiv 2007.03278, Eq. of DemLearn-P; FedProx: Li et al., MLSys 2020,
+Eq. 2)::
+
+    mean CE(w; minibatch) + mu / 2 * ||w - anchor||^2
+
+whose gradient adds ``mu * (w - anchor)``; ``mu = 0`` gives plain SGD.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from demjax.errors import ConfigError, check_choice
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def make_optimizer(name: str, lr: float, momentum: float = 0.9) -> optax.GradientTransformation:
+    """optax optimizer by name: ``sgd`` (plain, the reference), ``momentum``, ``adam``.
+
+    Raises:
+      ConfigError: unknown ``optimizer`` or ``lr <= 0``.
+    """
+    check_choice("optimizer", name, OPTIMIZERS)
+    if not lr > 0:
+        raise ConfigError(f"lr={lr!r} is not valid; accepted: a float > 0")
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=momentum)
+    return optax.adam(lr)
+
+
+def steps_per_epoch(n_max: int, batch_size: int) -> int:
+    """Static number of minibatch slots per epoch for padded capacity ``n_max``."""
+    return max(1, math.ceil(n_max / batch_size))
+
+
+def epoch_permutations(key: jax.Array, n: jax.Array, n_max: int, local_epochs: int):
+    """Per-epoch shuffles of one agent's ``n`` real samples.
+
+    Returns:
+      int32 ``[local_epochs, n_max]``: row e holds a random permutation of
+      ``0..n-1`` in its first ``n`` entries (padding indices after them).
+    """
+    keys = jax.random.split(key, local_epochs)
+    valid = jnp.arange(n_max) < n
+
+    def one(k):
+        u = jax.random.uniform(k, (n_max,))
+        return jnp.argsort(jnp.where(valid, u, 2.0)).astype(jnp.int32)
+
+    return jax.vmap(one)(keys)
+
+
+def masked_cross_entropy(logits, labels, mask):
+    """Mean softmax cross-entropy over the real (``mask``) rows of a minibatch."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    m = mask.astype(ce.dtype)
+    return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def make_train_one(
+    apply_fn: Callable,
+    tx: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    local_epochs: int,
+    n_max: int,
+) -> Callable:
+    """Builds one agent's local training function.
+
+    Args:
+      apply_fn: ``apply_fn(params, x [B, ...], train: bool, key) -> logits [B, C]``.
+      tx: optax optimizer.
+      batch_size: minibatch size B.
+      local_epochs: passes over the agent's data.
+      n_max: padded per-agent training capacity ``N_max``.
+
+    Returns:
+      ``train_one(key, params, opt_state, x [N_max, ...], y [N_max], n, anchor, mu)
+      -> (params, opt_state, mean_loss)``; ``anchor`` is a params-shaped pytree,
+      ``mu`` a float32 scalar (0 disables the proximal term).
+    """
+    spe = steps_per_epoch(n_max, batch_size)
+    total_steps = local_epochs * spe
+    pad = spe * batch_size - n_max
+
+    def loss_fn(params, xb, yb, mask, anchor, mu, key):
+        logits = apply_fn(params, xb, True, key)
+        ce = masked_cross_entropy(logits, yb, mask)
+        sq = sum(
+            jnp.sum(jnp.square(p - a))
+            for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(anchor), strict=True)
+        )
+        return ce + 0.5 * mu * sq, ce
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def train_one(key, params, opt_state, x, y, n, anchor, mu):
+        perm_key, drop_key = jax.random.split(key)
+        perms = epoch_permutations(perm_key, n, n_max, local_epochs)
+        if pad:
+            perms = jnp.pad(perms, ((0, 0), (0, pad)))
+
+        def step(carry, s):
+            params, opt_state, loss_sum, n_active = carry
+            e, j = s // spe, s % spe
+            pos = j * batch_size + jnp.arange(batch_size)
+            idx = jax.lax.dynamic_slice(perms[e], (j * batch_size,), (batch_size,))
+            mask = pos < n
+            active = j * batch_size < n
+            grads, ce = grad_fn(
+                params, x[idx], y[idx], mask, anchor, mu, jax.random.fold_in(drop_key, s)
+            )
+            updates, new_opt = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
+            params = jax.tree.map(keep, new_params, params)
+            opt_state = jax.tree.map(keep, new_opt, opt_state)
+            loss_sum = loss_sum + jnp.where(active, ce, 0.0)
+            return (params, opt_state, loss_sum, n_active + active), None
+
+        init = (params, opt_state, jnp.float32(0.0), jnp.int32(0))
+        (params, opt_state, loss_sum, n_active), _ = jax.lax.scan(
+            step, init, jnp.arange(total_steps)
+        )
+        return params, opt_state, loss_sum / jnp.maximum(n_active, 1)
+
+    return train_one
+
+
+def make_train_all(train_one: Callable) -> Callable:
+    """Vmaps ``train_one`` over the agent axis (``mu`` shared).
+
+    Returns:
+      ``train_all(keys [A], params [A, ...], opt_state [A, ...], x [A, N_max, ...],
+      y [A, N_max], n [A], anchor [A, ...], mu) -> (params, opt_state, loss [A])``.
+    """
+    return jax.vmap(train_one, in_axes=(0, 0, 0, 0, 0, 0, 0, None))

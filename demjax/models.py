@@ -1,0 +1,133 @@
+"""Flax models and the stacked population of agent parameters.
+
+Every model maps float32 inputs ``[B, H, W, C]`` to float32 logits ``[B, classes]``.
+The population is one pytree whose leaves have a leading agent axis ``[A, ...]``,
+all agents starting from one shared initialization (Nguyen et al., "Self-organizing
+Democratized Learning", IEEE TNNLS, arXiv 2007.03278, Sec. V: a shared random
+initialization at round 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from demjax.errors import check_choice
+
+MODELS = ("mlr", "mlp", "cnn", "cnn_cifar")
+
+
+class MLR(nn.Module):
+    """Multinomial logistic regression: one dense layer on the flattened input."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(self.num_classes)(x)
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron with ReLU hidden layers (e.g. 784-100-10)."""
+
+    num_classes: int = 10
+    hidden: Sequence[int] = (100,)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape((x.shape[0], -1))
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class CNN(nn.Module):
+    """The DemLearn paper's MNIST / Fashion-MNIST CNN.
+
+    conv 32@5x5 (SAME) + ReLU, max-pool 2, dropout 0.4, conv 32@5x5 + ReLU,
+    max-pool 2, dropout 0.4, dense 512 + ReLU, dense ``num_classes``
+    (835,978 parameters on 28x28x1 inputs). Source: the authors' code for
+    Nguyen et al., IEEE TNNLS (arXiv 2007.03278), Sec. V-A.
+    """
+
+    num_classes: int = 10
+    dropout: float = 0.4
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for _ in range(2):
+            x = nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(512)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class CNNCifar(nn.Module):
+    """The DemLearn paper's CIFAR-10 CNN: conv 16/32/64@3x3 with pooling, dense 512, 64."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for width in (16, 32, 64):
+            x = nn.relu(nn.Conv(width, (3, 3), padding="SAME")(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(512)(x))
+        x = nn.relu(nn.Dense(64)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+def make_model(name: str, num_classes: int, hidden: Sequence[int] = (100,)) -> nn.Module:
+    """Builds a model by name.
+
+    Args:
+      name: one of ``mlr``, ``mlp``, ``cnn``, ``cnn_cifar``.
+      num_classes: number of output classes C.
+      hidden: hidden widths of the MLP.
+
+    Raises:
+      ConfigError: unknown ``model``.
+    """
+    check_choice("model", name, MODELS)
+    if name == "mlr":
+        return MLR(num_classes)
+    if name == "mlp":
+        return MLP(num_classes, tuple(hidden))
+    if name == "cnn":
+        return CNN(num_classes)
+    return CNNCifar(num_classes)
+
+
+def init_params(key: jax.Array, model: nn.Module, input_shape: Sequence[int]):
+    """Initializes ONE agent's parameters for inputs of shape ``input_shape`` (H, W, C)."""
+    dummy = jnp.zeros((1, *input_shape), jnp.float32)
+    return model.init({"params": key}, dummy, train=False)["params"]
+
+
+def init_population(
+    key: jax.Array, model: nn.Module, input_shape: Sequence[int], num_agents: int
+):
+    """Stacks one shared initialization for all agents.
+
+    Returns:
+      A pytree whose leaves are float32 ``[A, ...]``, identical along the agent axis.
+    """
+    params = init_params(key, model, input_shape)
+    return jax.tree.map(
+        lambda p: jnp.tile(p[None], (num_agents,) + (1,) * p.ndim), params
+    )
+
+
+def num_params(params, stacked: bool = True) -> int:
+    """Number of parameters D of one agent (``stacked``: leaves carry an agent axis)."""
+    leaves = jax.tree.leaves(params)
+    if stacked:
+        return int(sum(leaf[0].size for leaf in leaves))
+    return int(sum(leaf.size for leaf in leaves))

@@ -1,0 +1,228 @@
+"""``run(config, workdir)``: the main job, from data to metrics on disk.
+
+The workdir receives, each flushed every round so a run never loses its results:
+
+- ``config.json``: the resolved config (``mu`` resolved to the algorithm default).
+- ``metrics.jsonl``: one JSON object per round and measurement point, keys
+  ``round``, ``point`` (``local`` = after local training, ``sync`` = after
+  synchronization, the model the agent holds entering the next round), ``c_spe``,
+  ``c_gen``, ``g_spe_l{l}``, ``g_gen_l{l}``, ``global_acc`` (null for ``local``),
+  ``train_loss``. No wall-clock fields: two runs of one seed compare byte for byte.
+- ``metrics.csv``: the same records as CSV.
+- ``timing.jsonl``: seconds per phase per round (``local_s``, ``distance_s``,
+  ``linkage_s``, ``tree_s``, ``sync_s``, ``eval_s``, ``round_s``); round 0
+  includes compilation.
+- ``tree_final.json``: the last group tree (self-organizing algorithms).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from demjax import cluster, data
+from demjax.config import to_json, validate
+from demjax.engine import Simulator, placeholder_tree
+
+POINTS = ("local", "sync")
+
+
+class RunWriter:
+    """Appends per-round records to JSONL/CSV files and flushes each write."""
+
+    def __init__(self, workdir: str):
+        os.makedirs(workdir, exist_ok=True)
+        self.workdir = workdir
+        self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "w")
+        self._timing = open(os.path.join(workdir, "timing.jsonl"), "w")
+        self._csv_file = open(os.path.join(workdir, "metrics.csv"), "w", newline="")
+        self._csv = None
+
+    def metrics(self, record: dict) -> None:
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._csv is None:
+            self._csv = csv.DictWriter(self._csv_file, fieldnames=list(record))
+            self._csv.writeheader()
+        self._csv.writerow({k: "" if v is None else v for k, v in record.items()})
+        self._csv_file.flush()
+
+    def timing(self, record: dict) -> None:
+        self._timing.write(json.dumps(record) + "\n")
+        self._timing.flush()
+
+    def json(self, name: str, obj) -> None:
+        path = os.path.join(self.workdir, name)
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def close(self) -> None:
+        for f in (self._metrics, self._timing, self._csv_file):
+            f.close()
+
+
+def _record(t: int, point: str, values: dict, level_names: list[str]) -> dict:
+    rec = {"round": t, "point": point}
+    for k in ["c_spe", "c_gen", *level_names, "global_acc", "train_loss"]:
+        v = values.get(k)
+        rec[k] = None if v is None else round(float(v), 6)
+    return rec
+
+
+def format_table(records: list[dict]) -> str:
+    """A plain-text table of metric records (one row per record)."""
+    keys = [k for k in records[0] if k not in ("round",)]
+    head = ["round", *keys]
+    rows = [[str(r["round"])] + [_fmt(r[k]) for k in keys] for r in records]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def run(config, workdir: str, progress: bool | None = None) -> dict:
+    """Runs one simulation and writes its results to ``workdir``.
+
+    Args:
+      config: run config (``configs/default.py`` fields); validated first.
+      workdir: output directory (created).
+      progress: show a tqdm bar (default ``config.progress``).
+
+    Returns:
+      ``{"final": {point: record}, "records": [...], "wall_s": float,
+      "eval_samples": S or None}``.
+
+    Raises:
+      ConfigError: bad config field or input (before any array is built).
+      DataNotFoundError: the data set is not available offline.
+    """
+    validate(config)
+    part_np = data.make_partition(config)
+    writer = RunWriter(workdir)
+    writer.json("config.json", json.loads(to_json(config)))
+    t_start = time.perf_counter()
+
+    part = jax.tree.map(jnp.asarray, part_np)
+    eval_idx = data.eval_subsample(part_np, int(config.eval_samples), int(config.seed))
+    num_pooled = int(part_np.y_all.shape[0])
+    subsampled = len(eval_idx) < num_pooled
+    x_gen, y_gen = part.x_all[eval_idx], part.y_all[eval_idx]
+    show = config.progress if progress is None else progress
+    if subsampled:
+        print(
+            f"C-GEN is measured on a seeded evaluation subsample of {len(eval_idx)} of "
+            f"{num_pooled} pooled test samples (eval_samples={config.eval_samples}).",
+            file=sys.stderr,
+        )
+
+    sim = Simulator(config, part)
+    key = jax.random.PRNGKey(int(config.seed))
+    init_key, run_key = jax.random.split(key)
+    state = sim.init(init_key, part)
+    tree = placeholder_tree(sim.num_agents, sim.level_sizes)
+    tree_dev = jax.tree.map(jnp.asarray, tree)
+    agent_weight = sim.agent_weight(part)
+    num_levels = len(sim.level_sizes) - 1
+    level_names = [f"{m}_l{l}" for l in range(1, num_levels + 1) for m in ("g_spe", "g_gen")]
+
+    records: list[dict] = []
+    bar = None
+    rounds = range(int(config.num_rounds))
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(rounds, desc=f"{config.algorithm}", unit="round", file=sys.stderr)
+        rounds = bar
+
+    for t in rounds:
+        timing = {"round": t}
+        t0 = time.perf_counter()
+        round_key = jax.random.fold_in(run_key, t)
+        params_start = state.params
+        params_local, opt_state, loss = sim.local_phase(
+            state, part, tree_dev, jnp.float32(sim.round_mu(t)), round_key
+        )
+        jax.block_until_ready(params_local)
+        timing["local_s"] = time.perf_counter() - t0
+
+        if sim.regroups(t):
+            tree, info = sim.build_tree(params_local, params_start)
+            tree_dev = jax.tree.map(jnp.asarray, tree)
+            timing.update(info)
+
+        t1 = time.perf_counter()
+        node_local, node_weight, node_sync, params_sync = sim.sync_phase(
+            params_local,
+            tree_dev,
+            agent_weight,
+            jnp.float32(sim.round_alpha()),
+            jnp.float32(sim.round_amplify(t)),
+        )
+        jax.block_until_ready(params_sync)
+        timing["sync_s"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        m_local = sim.evaluate(
+            params_local, node_local, node_weight, tree_dev, part, x_gen, y_gen
+        )
+        m_sync = sim.evaluate(
+            params_sync, node_sync, node_weight, tree_dev, part, x_gen, y_gen
+        )
+        m_local, m_sync, loss_mean = jax.device_get(
+            (m_local, m_sync, jnp.sum(loss * agent_weight) / jnp.sum(agent_weight))
+        )
+        timing["eval_s"] = time.perf_counter() - t2
+        m_local["train_loss"] = loss_mean
+        for point, values in (("local", m_local), ("sync", m_sync)):
+            rec = _record(t, point, values, level_names)
+            records.append(rec)
+            writer.metrics(rec)
+        timing["round_s"] = time.perf_counter() - t0
+        writer.timing({k: round(v, 6) if isinstance(v, float) else v for k, v in timing.items()})
+        if sim.algo.self_organizing and sim.regroups(t):
+            writer.json("tree_final.json", cluster.tree_to_json(tree))
+        state = state.replace(
+            params=params_sync,
+            opt_state=opt_state,
+            node_params=node_sync,
+            round=jnp.int32(t + 1),
+        )
+        if bar is not None:
+            last = records[-1]
+            bar.set_postfix(
+                c_spe=f"{last['c_spe']:.3f}",
+                c_gen=f"{last['c_gen']:.3f}",
+                glob="-" if last["global_acc"] is None else f"{last['global_acc']:.3f}",
+            )
+        if not math.isfinite(float(loss_mean)):
+            print(f"warning: training loss is {loss_mean} at round {t}", file=sys.stderr)
+
+    if bar is not None:
+        bar.close()
+    writer.json("tree_final.json", cluster.tree_to_json(tree))
+    writer.close()
+    final = {p: next(r for r in reversed(records) if r["point"] == p) for p in POINTS}
+    return {
+        "final": final,
+        "records": records,
+        "wall_s": time.perf_counter() - t_start,
+        "eval_samples": len(eval_idx) if subsampled else None,
+        "num_params": int(sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(state.params))),
+        "tree": tree,
+    }
