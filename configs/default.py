@@ -12,18 +12,22 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     # Data (demjax.data).
-    c.dataset = "digits"  # digits | fashion_mnist | fashion_mnist_tfds | mnist | emnist | cifar10
-    c.data_dir = ""  # "" = the source's default (fashion_mnist: /usr/share/datasets/fashion-mnist)
+    # dataset: digits | fashion_mnist | fashion_mnist_tfds | mnist | emnist | cifar10
+    c.dataset = "digits"
+    # data_dir "": the default (fashion_mnist: /usr/share/datasets/fashion-mnist)
+    c.data_dir = ""
     c.partition = "pathological"  # pathological | dirichlet | iid
     c.labels_per_agent = 2
     c.dirichlet_alpha = 0.5
-    c.samples_per_agent = 0  # 0 = no cap (dirichlet / iid)
+    c.samples_per_agent = 0  # 0 = no cap on samples per agent
     c.standardize = True
     c.num_agents = 50
 
     # Model and local training (demjax.models, demjax.local).
     c.model = "mlp"  # mlr | mlp | cnn | cnn_cifar
     c.hidden = (100,)
+    # CNN convolutions: patches (im2col GEMM; fast for vmapped agents on CPU) | xla
+    c.conv_impl = "patches"
     c.optimizer = "sgd"  # sgd | momentum | adam
     c.lr = 0.05
     c.local_epochs = 2
@@ -42,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_levels = 3
     c.tau = 1  # regroup every tau rounds; 0 = build the tree once (round 0) and keep it
     c.tree_mode = "binary"  # binary (reference, top-down splits) | maxclust
-    c.level_groups = ()  # maxclust mode: groups per level, level 1 first, e.g. (16, 4, 2)
+    # maxclust mode: groups per level, level 1 first, e.g. (16, 4, 2)
+    c.level_groups = ()
     c.distance = "euclidean"  # euclidean | cosine
     c.linkage = "average"  # average | single | complete | weighted | ward
     c.linkage_backend = "scipy"  # scipy | fastcluster
@@ -55,7 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.amplify_rounds = 5
 
     # Evaluation.
-    c.eval_samples = 0  # C-GEN on a seeded subsample of this size; 0 = all pooled test data
+    c.eval_samples = (
+        0  # C-GEN on a seeded subsample of this size; 0 = all pooled test data
+    )
     c.eval_batch = 8  # models evaluated at once
     c.progress = True
     return c

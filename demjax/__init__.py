@@ -1,4 +1,4 @@
-"""demjax: a vectorized simulator of democratized (hierarchical) distributed learning."""
+"""demjax: vectorized simulation of democratized (hierarchical) distributed learning."""
 
 from demjax.errors import ConfigError, DataNotFoundError
 from demjax.types import GroupTree, Partition

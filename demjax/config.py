@@ -11,7 +11,14 @@ import json
 from demjax.algorithms import REGISTRY, get_algorithm
 from demjax.errors import ConfigError, check_choice
 
-DATASETS = ("digits", "fashion_mnist", "fashion_mnist_tfds", "mnist", "emnist", "cifar10")
+DATASETS = (
+    "digits",
+    "fashion_mnist",
+    "fashion_mnist_tfds",
+    "mnist",
+    "emnist",
+    "cifar10",
+)
 PARTITIONS = ("pathological", "dirichlet", "iid")
 DISTANCES = ("euclidean", "cosine")
 LINKAGES = ("average", "single", "complete", "weighted", "ward")
@@ -24,7 +31,9 @@ BACKENDS = ("scipy", "fastcluster")
 def _int_at_least(config, field: str, low: int) -> None:
     value = config[field]
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{field}={value!r} is not valid; accepted: an integer >= {low}")
+        raise ConfigError(
+            f"{field}={value!r} is not valid; accepted: an integer >= {low}"
+        )
 
 
 def _float_in(config, field: str, low: float, high: float) -> None:
@@ -57,9 +66,13 @@ def validate(config) -> None:
     check_choice("cluster_features", config.cluster_features, FEATURES)
     check_choice("weighting", config.weighting, WEIGHTINGS)
     check_choice("linkage_backend", config.linkage_backend, BACKENDS)
+    check_choice("model", config.model, ("mlr", "mlp", "cnn", "cnn_cifar"))
+    check_choice("conv_impl", config.conv_impl, ("patches", "xla"))
+    check_choice("optimizer", config.optimizer, ("sgd", "momentum", "adam"))
     if config.linkage == "ward" and config.distance != "euclidean":
         raise ConfigError(
-            f"linkage='ward' needs distance='euclidean' (got distance={config.distance!r})"
+            "linkage='ward' needs distance='euclidean' "
+            f"(got distance={config.distance!r})"
         )
     _int_at_least(config, "num_agents", 2)
     _int_at_least(config, "num_rounds", 1)
@@ -76,16 +89,18 @@ def validate(config) -> None:
         raise ConfigError(f"lr={config.lr!r} is not valid; accepted: a float > 0")
     if not config.dirichlet_alpha > 0:
         raise ConfigError(
-            f"dirichlet_alpha={config.dirichlet_alpha!r} is not valid; accepted: a float > 0"
+            f"dirichlet_alpha={config.dirichlet_alpha!r} is not valid; "
+            "accepted: a float > 0"
         )
     algo = get_algorithm(config.algorithm)
     mu = resolved_mu(config)
     if mu < 0:
         raise ConfigError(f"mu={mu!r} is not valid; accepted: a float >= 0")
     if algo.requires_mu_positive and mu == 0:
+        plain = "demlearn" if algo.self_organizing else "fedavg"
         raise ConfigError(
             f"mu=0 is not valid for algorithm={algo.name!r}; accepted: mu > 0 "
-            f"(use algorithm={'demlearn' if algo.self_organizing else 'fedavg'!r} for mu=0)"
+            f"(use algorithm={plain!r} for mu=0)"
         )
     if algo.self_organizing:
         if config.tree_mode == "binary" and config.num_levels < 1:

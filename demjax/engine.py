@@ -73,7 +73,7 @@ def tree_capacity(config) -> tuple[int, ...]:
     if config.tree_mode == "maxclust":
         return tuple(int(g) for g in config.level_groups) + (1,)
     levels = int(config.num_levels)
-    return tuple(2 ** (levels - l) for l in range(levels)) + (1,)
+    return tuple(2 ** (levels - k) for k in range(levels)) + (1,)
 
 
 class Simulator:
@@ -89,7 +89,9 @@ class Simulator:
         self.config = config
         self.algo = get_algorithm(config.algorithm)
         self.num_agents = partition.num_agents
-        self.model = models.make_model(config.model, partition.num_classes, config.hidden)
+        self.model = models.make_model(
+            config.model, partition.num_classes, config.hidden
+        )
         self.tx = local.make_optimizer(config.optimizer, config.lr)
         self.mu = resolved_mu(config)
         self.level_sizes = tree_capacity(config)
@@ -135,7 +137,9 @@ class Simulator:
             return node_params, node_weight, mixed_nodes, mixed
 
         def evaluate(params, node_params, node_weight, tree, part, x_gen, y_gen):
-            out = metrics.client_metrics(apply_fn, params, part, x_gen, y_gen, eval_batch)
+            out = metrics.client_metrics(
+                apply_fn, params, part, x_gen, y_gen, eval_batch
+            )
             if communicates:
                 out.update(
                     metrics.group_metrics(
@@ -155,11 +159,13 @@ class Simulator:
         )
         opt_state = jax.vmap(self.tx.init)(params)
         n = int(sum(self.level_sizes))
-        node_params = jax.tree.map(lambda p: jnp.tile(p[:1], (n,) + (1,) * (p.ndim - 1)), params)
+        node_params = jax.tree.map(
+            lambda p: jnp.tile(p[:1], (n,) + (1,) * (p.ndim - 1)), params
+        )
         return SimState(params, opt_state, node_params, jnp.int32(0))
 
     def agent_weight(self, partition: Partition) -> jax.Array:
-        """float32 ``[A]``: sample counts (FedAvg, or ``weighting='samples'``) or ones."""
+        """float32 ``[A]``: sample counts (FedAvg, ``weighting='samples'``) or ones."""
         if self.algo.sample_weighted or self.config.weighting == "samples":
             return jnp.asarray(partition.n_train, jnp.float32)
         return jnp.ones((self.num_agents,), jnp.float32)
@@ -179,7 +185,7 @@ class Simulator:
         return 1.0
 
     def regroups(self, t: int) -> bool:
-        """Whether round ``t`` re-forms the group tree (``t % tau == 0``; tau 0: t = 0)."""
+        """Whether round ``t`` regroups (``t % tau == 0``; tau 0: only t = 0)."""
         if not self.algo.self_organizing:
             return False
         tau = int(self.config.tau)

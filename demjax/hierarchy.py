@@ -89,8 +89,9 @@ def aggregate_up(
             local = jnp.where((local < 0) | (local >= g), g, local)
             w = w + jax.ops.segment_sum(child_w, local, num_segments=g)
             num = jax.tree.map(
-                lambda acc, c: acc
-                + jax.ops.segment_sum(c * _bcast(child_w, c), local, num_segments=g),
+                lambda acc, c, cw=child_w, ids=local, g=g: (
+                    acc + jax.ops.segment_sum(c * _bcast(cw, c), ids, num_segments=g)
+                ),
                 num,
                 child_val,
             )

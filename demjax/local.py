@@ -31,7 +31,9 @@ from demjax.errors import ConfigError, check_choice
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
-def make_optimizer(name: str, lr: float, momentum: float = 0.9) -> optax.GradientTransformation:
+def make_optimizer(
+    name: str, lr: float, momentum: float = 0.9
+) -> optax.GradientTransformation:
     """optax optimizer by name: ``sgd`` (plain, the reference), ``momentum``, ``adam``.
 
     Raises:
@@ -107,7 +109,9 @@ def make_train_one(
         ce = masked_cross_entropy(logits, yb, mask)
         sq = sum(
             jnp.sum(jnp.square(p - a))
-            for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(anchor), strict=True)
+            for p, a in zip(
+                jax.tree.leaves(params), jax.tree.leaves(anchor), strict=True
+            )
         )
         return ce + 0.5 * mu * sq, ce
 
@@ -127,7 +131,13 @@ def make_train_one(
             mask = pos < n
             active = j * batch_size < n
             grads, ce = grad_fn(
-                params, x[idx], y[idx], mask, anchor, mu, jax.random.fold_in(drop_key, s)
+                params,
+                x[idx],
+                y[idx],
+                mask,
+                anchor,
+                mu,
+                jax.random.fold_in(drop_key, s),
             )
             updates, new_opt = tx.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)

@@ -44,7 +44,9 @@ def correct_matrix(apply_fn: Callable, models, x, y, batch_size: int = 8):
     Returns:
       bool ``[K, M]``.
     """
-    return jax.lax.map(lambda p: _correct(apply_fn, p, x, y), models, batch_size=batch_size)
+    return jax.lax.map(
+        lambda p: _correct(apply_fn, p, x, y), models, batch_size=batch_size
+    )
 
 
 def client_metrics(apply_fn, params, part: Partition, x_gen, y_gen, batch_size=8):

@@ -84,7 +84,9 @@ def format_table(records: list[dict]) -> str:
     head = ["round", *keys]
     rows = [[str(r["round"])] + [_fmt(r[k]) for k in keys] for r in records]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    line = lambda cells: "  ".join(
+        c.rjust(w) for c, w in zip(cells, widths, strict=True)
+    )  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -139,7 +141,9 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
     tree_dev = jax.tree.map(jnp.asarray, tree)
     agent_weight = sim.agent_weight(part)
     num_levels = len(sim.level_sizes) - 1
-    level_names = [f"{m}_l{l}" for l in range(1, num_levels + 1) for m in ("g_spe", "g_gen")]
+    level_names = [
+        f"{m}_l{k}" for k in range(1, num_levels + 1) for m in ("g_spe", "g_gen")
+    ]
 
     records: list[dict] = []
     bar = None
@@ -194,7 +198,9 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
             records.append(rec)
             writer.metrics(rec)
         timing["round_s"] = time.perf_counter() - t0
-        writer.timing({k: round(v, 6) if isinstance(v, float) else v for k, v in timing.items()})
+        writer.timing(
+            {k: round(v, 6) if isinstance(v, float) else v for k, v in timing.items()}
+        )
         if sim.algo.self_organizing and sim.regroups(t):
             writer.json("tree_final.json", cluster.tree_to_json(tree))
         state = state.replace(
@@ -211,7 +217,9 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
                 glob="-" if last["global_acc"] is None else f"{last['global_acc']:.3f}",
             )
         if not math.isfinite(float(loss_mean)):
-            print(f"warning: training loss is {loss_mean} at round {t}", file=sys.stderr)
+            print(
+                f"warning: training loss is {loss_mean} at round {t}", file=sys.stderr
+            )
 
     if bar is not None:
         bar.close()
@@ -223,6 +231,13 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
         "records": records,
         "wall_s": time.perf_counter() - t_start,
         "eval_samples": len(eval_idx) if subsampled else None,
-        "num_params": int(sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(state.params))),
+        "num_params": int(
+            sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(state.params))
+        ),
         "tree": tree,
+        # Compiled variants per jitted phase: stays 1 however often the tree changes.
+        "compilations": {
+            name: getattr(sim, name)._cache_size()
+            for name in ("local_phase", "sync_phase", "evaluate")
+        },
     }

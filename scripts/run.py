@@ -2,7 +2,7 @@
 
     python scripts/run.py                                   # DemLearn on digits
     python scripts/run.py --config=configs/fmnist_paper.py --config.num_rounds=5
-    python scripts/run.py --config.algorithm=fedavg --config.num_agents=200 --workdir=runs/x
+    python scripts/run.py --config.algorithm=fedavg --config.num_agents=200
 
 Bad input prints one line naming the field and the accepted values, exit code 2.
 """
@@ -17,11 +17,15 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(REPO, "configs", "default.py"), "Run config file.",
+    "config",
+    os.path.join(REPO, "configs", "default.py"),
+    "Run config file.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Output directory (default: runs/<algorithm>_<dataset>_seed<seed>)."
+    "workdir",
+    None,
+    "Output directory (default: runs/<algorithm>_<dataset>_seed<seed>).",
 )
 
 
@@ -40,8 +44,10 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     final = [result["final"]["local"], result["final"]["sync"]]
-    print(f"\n{config.algorithm} on {config.dataset}: {config.num_agents} agents, "
-          f"{config.num_rounds} rounds, {result['wall_s']:.1f} s; workdir {workdir}")
+    print(
+        f"\n{config.algorithm} on {config.dataset}: {config.num_agents} agents, "
+        f"{config.num_rounds} rounds, {result['wall_s']:.1f} s; workdir {workdir}"
+    )
     if result["eval_samples"]:
         print(f"(C-GEN on an evaluation subsample of {result['eval_samples']} samples)")
     print(format_table(final))

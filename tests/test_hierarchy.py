@@ -57,7 +57,11 @@ def test_aggregate_up_matches_numpy_loop(amplify, sample_weights):
     rng = np.random.default_rng(0)
     w = rng.normal(size=(7, 3, 2)).astype(np.float32)
     b = rng.normal(size=(7, 5)).astype(np.float32)
-    weight = rng.integers(1, 30, size=7).astype(np.float32) if sample_weights else np.ones(7, np.float32)
+    weight = (
+        rng.integers(1, 30, size=7).astype(np.float32)
+        if sample_weights
+        else np.ones(7, np.float32)
+    )
     tree = jax.tree.map(jnp.asarray, make_tree())
     nodes, tot = jax.jit(hierarchy.aggregate_up)(
         {"w": w, "b": b}, tree, jnp.asarray(weight), jnp.float32(amplify)
@@ -67,7 +71,9 @@ def test_aggregate_up_matches_numpy_loop(amplify, sample_weights):
     np.testing.assert_allclose(nodes["w"], ref_w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(nodes["b"], ref_b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(tot, ref_tot, rtol=1e-6)
-    np.testing.assert_allclose(hierarchy.node_counts(tree, jnp.asarray(weight)), ref_tot, rtol=1e-6)
+    np.testing.assert_allclose(
+        hierarchy.node_counts(tree, jnp.asarray(weight)), ref_tot, rtol=1e-6
+    )
     # Padding node 3 stays zero with zero weight.
     assert tot[3] == 0 and np.all(np.asarray(nodes["w"][3]) == 0)
 
@@ -82,7 +88,9 @@ def test_amplify_compounds_up_the_tree():
     node4 = a * a  # children: nodes 0 and 1 (both a * v)
     node5 = a * (2 * a + 1) / 3  # node 2 (2 agents, a v) and agent 5 (v)
     root = a * (3 * node4 + 3 * node5 + 1) / 7
-    np.testing.assert_allclose(np.asarray(nodes)[[0, 4, 5, 6], 0], [a, node4, node5, root], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(nodes)[[0, 4, 5, 6], 0], [a, node4, node5, root], rtol=1e-6
+    )
 
 
 def test_mix_down_hand_computed_weights():
@@ -114,7 +122,9 @@ def test_mix_down_matches_numpy_loop():
         [(1 - alpha) * agents[a] + alpha * ref[AGENT_PARENT[a]] for a in range(7)]
     )
     tree = jax.tree.map(jnp.asarray, make_tree())
-    got_nodes, got = hierarchy.mix_down(jnp.asarray(nodes), jnp.asarray(agents), tree, alpha)
+    got_nodes, got = hierarchy.mix_down(
+        jnp.asarray(nodes), jnp.asarray(agents), tree, alpha
+    )
     np.testing.assert_allclose(got_nodes, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, ref_agents, rtol=1e-5, atol=1e-6)
 
@@ -124,7 +134,10 @@ def test_fedavg_is_sample_weighted_mean_with_trivial_tree():
     w = rng.normal(size=(5, 3)).astype(np.float32)
     n = np.array([3, 10, 1, 7, 4], np.float32)
     tree = GroupTree(
-        jnp.zeros(5, jnp.int32), jnp.zeros(1, jnp.int32), jnp.zeros((1, 5), jnp.int32), (1,)
+        jnp.zeros(5, jnp.int32),
+        jnp.zeros(1, jnp.int32),
+        jnp.zeros((1, 5), jnp.int32),
+        (1,),
     )
     nodes, _ = hierarchy.aggregate_up(jnp.asarray(w), tree, jnp.asarray(n))
     expected = (n[:, None] * w).sum(0) / n.sum()

@@ -9,7 +9,9 @@ import pytest
 from demjax import local, models
 
 
-def per_agent_reference(apply_fn, params, x, y, n, anchor, mu, key, lr, batch_size, epochs):
+def per_agent_reference(
+    apply_fn, params, x, y, n, anchor, mu, key, lr, batch_size, epochs
+):
     """One agent, no padding: real minibatches (last one smaller), plain SGD."""
     perm_key, _ = jax.random.split(key)
     perms = np.asarray(local.epoch_permutations(perm_key, n, x.shape[0], epochs))
@@ -18,12 +20,17 @@ def per_agent_reference(apply_fn, params, x, y, n, anchor, mu, key, lr, batch_si
     def loss(p, xb, yb):
         logits = apply_fn(p, xb)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-        prox = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(anchor)))
+        prox = sum(
+            jnp.sum((a - b) ** 2)
+            for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(anchor), strict=True)
+        )
         return ce + 0.5 * mu * prox
 
     for e in range(epochs):
         order = perms[e, :n]
-        assert sorted(order.tolist()) == list(range(n))  # a permutation of the real rows
+        assert sorted(order.tolist()) == list(
+            range(n)
+        )  # a permutation of the real rows
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             g = jax.grad(loss)(params, xs[idx], ys[idx])
@@ -40,15 +47,24 @@ def test_vmapped_training_equals_per_agent_loop(mu):
     n = np.array([13, 5, 1, 8], np.int32)
     # Garbage in the padding: it must never reach a gradient.
     for a in range(num_agents):
-        x[a, n[a]:] = 1e3
-        y[a, n[a]:] = 2
+        x[a, n[a] :] = 1e3
+        y[a, n[a] :] = 2
     model = models.make_model("mlr", 3)
     params = models.init_population(jax.random.PRNGKey(0), model, (2, 2, 1), num_agents)
-    params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(num_agents, dtype=p.dtype).reshape((-1,) + (1,) * (p.ndim - 1)), params)
+    params = jax.tree.map(
+        lambda p: (
+            p
+            + 0.1
+            * jnp.arange(num_agents, dtype=p.dtype).reshape((-1,) + (1,) * (p.ndim - 1))
+        ),
+        params,
+    )
     anchor = jax.tree.map(lambda p: p * 0.5 + 0.2, params)
     apply_fn = lambda p, xb, train=False, key=None: model.apply({"params": p}, xb)  # noqa: E731
     tx = optax.sgd(lr)
-    train_one = local.make_train_one(apply_fn, tx, batch_size=batch_size, local_epochs=epochs, n_max=n_max)
+    train_one = local.make_train_one(
+        apply_fn, tx, batch_size=batch_size, local_epochs=epochs, n_max=n_max
+    )
     train_all = jax.jit(local.make_train_all(train_one))
     keys = jax.random.split(jax.random.PRNGKey(1), num_agents)
     opt_state = jax.vmap(tx.init)(params)
@@ -57,10 +73,21 @@ def test_vmapped_training_equals_per_agent_loop(mu):
     for a in range(num_agents):
         take = lambda t, a=a: jax.tree.map(lambda p: p[a], t)  # noqa: E731
         ref = per_agent_reference(
-            lambda p, xb: apply_fn(p, xb), take(params), x[a], y[a], int(n[a]),
-            take(anchor), mu, keys[a], lr, batch_size, epochs,
+            lambda p, xb: apply_fn(p, xb),
+            take(params),
+            x[a],
+            y[a],
+            int(n[a]),
+            take(anchor),
+            mu,
+            keys[a],
+            lr,
+            batch_size,
+            epochs,
         )
-        for got, want in zip(jax.tree.leaves(take(new)), jax.tree.leaves(ref)):
+        for got, want in zip(
+            jax.tree.leaves(take(new)), jax.tree.leaves(ref), strict=True
+        ):
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
 

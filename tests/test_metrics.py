@@ -24,16 +24,25 @@ def make_partition():
     owner = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2], np.int32)
     x_test = np.zeros((3, 4, 1, 1, 1), np.float32)
     return Partition(
-        x_train=x_test, y_train=y_test, n_train=n_test, x_test=x_test, y_test=y_test,
-        n_test=n_test, x_all=np.zeros((9, 1, 1, 1), np.float32), y_all=y_all,
-        owner_all=owner, num_classes=3,
+        x_train=x_test,
+        y_train=y_test,
+        n_train=n_test,
+        x_test=x_test,
+        y_test=y_test,
+        n_test=n_test,
+        x_all=np.zeros((9, 1, 1, 1), np.float32),
+        y_all=y_all,
+        owner_all=owner,
+        num_classes=3,
     )
 
 
 def test_client_metrics_hand_computed():
     part = make_partition()
     params = jnp.array([0, 1, 0])  # agent a predicts class params[a]
-    out = metrics.client_metrics(constant_apply, params, part, part.x_all, part.y_all, 2)
+    out = metrics.client_metrics(
+        constant_apply, params, part, part.x_all, part.y_all, 2
+    )
     # C-SPE: agent 0 gets 2/3, agent 1 2/2, agent 2 2/4 -> (2 + 2 + 2) / 9.
     np.testing.assert_allclose(out["c_spe"], 6 / 9, rtol=1e-6)
     # C-GEN: pooled labels have 4 zeros, 3 ones, 2 twos: mean(4/9, 3/9, 4/9).

@@ -5,7 +5,8 @@ from demjax.algorithms.base import Algorithm
 from demjax.errors import check_choice
 
 REGISTRY: dict[str, Algorithm] = {
-    m.ALGORITHM.name: m.ALGORITHM for m in (demlearn, demlearn_p, fedavg, fedprox, local)
+    m.ALGORITHM.name: m.ALGORITHM
+    for m in (demlearn, demlearn_p, fedavg, fedprox, local)
 }
 
 

@@ -241,6 +241,10 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def _tensorflow_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
 def _load_tfds(
     name: str, data_dir: str | None, download: bool
 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -252,7 +256,7 @@ def _load_tfds(
             f"dataset={name} needs tensorflow-datasets, which is not installed: "
             f"pip install 'demjax[tfds]' ({_one_line(e)})"
         ) from e
-    if importlib.util.find_spec("tensorflow") is None:
+    if not _tensorflow_available():
         raise DataNotFoundError(
             f"dataset={name} needs tensorflow for tensorflow-datasets, which is "
             "not installed: pip install 'demjax[tfds]'"
