@@ -55,10 +55,10 @@ class PatchConv(nn.Module):
         return patches @ kernel.reshape(k * k * c, self.features) + bias
 
 
-def _conv(impl: str, features: int, k: int):
+def _conv(impl: str, features: int, k: int, name: str):
     if impl == "patches":
-        return PatchConv(features, k)
-    return nn.Conv(features, (k, k), padding="SAME")
+        return PatchConv(features, k, name=name)
+    return nn.Conv(features, (k, k), padding="SAME", name=name)
 
 
 class MLR(nn.Module):
@@ -101,8 +101,8 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        for _ in range(2):
-            x = nn.relu(_conv(self.conv_impl, 32, 5)(x))
+        for i in range(2):
+            x = nn.relu(_conv(self.conv_impl, 32, 5, f"conv{i}")(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1))
@@ -118,8 +118,8 @@ class CNNCifar(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        for width in (16, 32, 64):
-            x = nn.relu(_conv(self.conv_impl, width, 3)(x))
+        for i, width in enumerate((16, 32, 64)):
+            x = nn.relu(_conv(self.conv_impl, width, 3, f"conv{i}")(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(512)(x))
