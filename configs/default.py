@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_samples = (
         0  # C-GEN on a seeded subsample of this size; 0 = all pooled test data
     )
-    c.eval_batch = 8  # models evaluated at once
+    c.eval_batch = 0  # models evaluated at once; 0 = auto (1 for CNNs, else 8)
+    c.eval_every = 1  # evaluate every k rounds (and always the last round)
     c.progress = True
     return c

@@ -78,6 +78,10 @@ def _record(t: int, point: str, values: dict, level_names: list[str]) -> dict:
     return rec
 
 
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
+
+
 def format_table(records: list[dict]) -> str:
     """A plain-text table of metric records (one row per record)."""
     keys = [k for k in records[0] if k not in ("round",)]
@@ -181,6 +185,20 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
         jax.block_until_ready(params_sync)
         timing["sync_s"] = time.perf_counter() - t1
 
+        last_round = t == int(config.num_rounds) - 1
+        if t % int(config.eval_every) and not last_round:
+            timing["round_s"] = time.perf_counter() - t0
+            writer.timing(_rounded(timing))
+            state = state.replace(
+                params=params_sync,
+                opt_state=opt_state,
+                node_params=node_sync,
+                round=jnp.int32(t + 1),
+            )
+            if sim.regroups(t):
+                writer.json("tree_final.json", cluster.tree_to_json(tree))
+            continue
+
         t2 = time.perf_counter()
         m_local = sim.evaluate(
             params_local, node_local, node_weight, tree_dev, part, x_gen, y_gen
@@ -198,9 +216,7 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
             records.append(rec)
             writer.metrics(rec)
         timing["round_s"] = time.perf_counter() - t0
-        writer.timing(
-            {k: round(v, 6) if isinstance(v, float) else v for k, v in timing.items()}
-        )
+        writer.timing(_rounded(timing))
         if sim.algo.self_organizing and sim.regroups(t):
             writer.json("tree_final.json", cluster.tree_to_json(tree))
         state = state.replace(

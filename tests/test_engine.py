@@ -143,3 +143,13 @@ def test_cli_bad_input_is_one_line_exit_2(args, field, tmp_path):
     assert len(err_lines) == 1 and field in err_lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert any(w in err_lines[0] for w in ("accepted", "apt-get", "at most"))
+
+
+def test_eval_every_skips_rounds_but_keeps_the_last(tmp_path):
+    train.run(tiny_config(num_rounds=3, eval_every=2), str(tmp_path))
+    recs = [
+        json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["round"] for r in recs] == [0, 0, 2, 2]
+    timing = (tmp_path / "timing.jsonl").read_text().splitlines()
+    assert len(timing) == 3
