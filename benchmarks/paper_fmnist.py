@@ -162,7 +162,9 @@ def main() -> None:
                 "per_round": out["records"],
             }
             save(path, results)
-            print(json.dumps({"run": name, **results["runs"][name]["final"]}), flush=True)
+            print(
+                json.dumps({"run": name, **results["runs"][name]["final"]}), flush=True
+            )
     report(results, args.out_dir)
 
 

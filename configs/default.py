@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.dirichlet_alpha = 0.5
     c.samples_per_agent = 0  # 0 = no cap on samples per agent
     c.standardize = True
+    # tfds sources only: let tensorflow-datasets fetch missing data (needs internet;
+    # offline it retries for minutes before the clear error).
+    c.download = True
     c.num_agents = 50
 
     # Model and local training (demjax.models, demjax.local).

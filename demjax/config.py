@@ -8,24 +8,21 @@ from __future__ import annotations
 
 import json
 
+from demjax import cluster
 from demjax.algorithms import REGISTRY, get_algorithm
+from demjax.data import PARTITIONS, SOURCES
 from demjax.errors import ConfigError, check_choice
+from demjax.local import OPTIMIZERS
+from demjax.models import CONV_IMPLS, MODELS
 
-DATASETS = (
-    "digits",
-    "fashion_mnist",
-    "fashion_mnist_tfds",
-    "mnist",
-    "emnist",
-    "cifar10",
-)
-PARTITIONS = ("pathological", "dirichlet", "iid")
-DISTANCES = ("euclidean", "cosine")
-LINKAGES = ("average", "single", "complete", "weighted", "ward")
-TREE_MODES = ("binary", "maxclust")
-FEATURES = ("weights", "updates")
+# Accepted values, each defined once by the module that implements them.
+DATASETS = SOURCES
+DISTANCES = cluster.METRICS
+LINKAGES = cluster.LINKAGE_METHODS
+TREE_MODES = cluster.TREE_MODES
+FEATURES = cluster.FEATURE_KINDS
+BACKENDS = cluster.LINKAGE_BACKENDS
 WEIGHTINGS = ("agents", "samples")
-BACKENDS = ("scipy", "fastcluster")
 
 
 def _int_at_least(config, field: str, low: int) -> None:
@@ -66,9 +63,9 @@ def validate(config) -> None:
     check_choice("cluster_features", config.cluster_features, FEATURES)
     check_choice("weighting", config.weighting, WEIGHTINGS)
     check_choice("linkage_backend", config.linkage_backend, BACKENDS)
-    check_choice("model", config.model, ("mlr", "mlp", "cnn", "cnn_cifar"))
-    check_choice("conv_impl", config.conv_impl, ("patches", "xla"))
-    check_choice("optimizer", config.optimizer, ("sgd", "momentum", "adam"))
+    check_choice("model", config.model, MODELS)
+    check_choice("conv_impl", config.conv_impl, CONV_IMPLS)
+    check_choice("optimizer", config.optimizer, OPTIMIZERS)
     if config.linkage == "ward" and config.distance != "euclidean":
         raise ConfigError(
             "linkage='ward' needs distance='euclidean' "

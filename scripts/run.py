@@ -13,7 +13,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # so config files can `from configs import default`
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,6 +31,7 @@ _WORKDIR = flags.DEFINE_string(
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # hide JAX's backend-probing INFO lines
     from demjax.errors import ConfigError
     from demjax.train import format_table, run
 
