@@ -12,7 +12,7 @@ from demjax import cluster
 from demjax.algorithms import REGISTRY, get_algorithm
 from demjax.data import PARTITIONS, SOURCES
 from demjax.errors import ConfigError, check_choice
-from demjax.local import OPTIMIZERS
+from demjax.local import make_optimizer
 from demjax.models import CONV_IMPLS, MODELS
 
 # Accepted values, each defined once by the module that implements them.
@@ -65,7 +65,7 @@ def validate(config) -> None:
     check_choice("linkage_backend", config.linkage_backend, BACKENDS)
     check_choice("model", config.model, MODELS)
     check_choice("conv_impl", config.conv_impl, CONV_IMPLS)
-    check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    make_optimizer(config.optimizer, config.lr)  # checks optimizer and lr
     if config.linkage == "ward" and config.distance != "euclidean":
         raise ConfigError(
             "linkage='ward' needs distance='euclidean' "

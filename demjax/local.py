@@ -19,6 +19,7 @@ whose gradient adds ``mu * (w - anchor)``; ``mu = 0`` gives plain SGD.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -26,27 +27,49 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from demjax.errors import ConfigError, check_choice
+from demjax.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
+# Named here for documentation and errors; any optax optimizer factory whose first
+# argument is the learning rate is accepted too (adamw, rmsprop, adagrad, lamb, ...).
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad")
+
+
+def _is_optax_optimizer(name: str) -> bool:
+    fn = getattr(optax, name, None)
+    if not callable(fn) or name.startswith("_"):
+        return False
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "learning_rate" in params
 
 
 def make_optimizer(
     name: str, lr: float, momentum: float = 0.9
 ) -> optax.GradientTransformation:
-    """optax optimizer by name: ``sgd`` (plain, the reference), ``momentum``, ``adam``.
+    """optax optimizer by name, built with learning rate ``lr``.
+
+    ``sgd`` is plain SGD (the DemLearn reference), ``momentum`` is SGD with
+    ``momentum``; any other name is looked up in optax (``adam``, ``adamw``,
+    ``rmsprop``, ...) and called as ``optax.<name>(learning_rate=lr)``.
+    Optimizer state is kept per agent across rounds.
 
     Raises:
-      ConfigError: unknown ``optimizer`` or ``lr <= 0``.
+      ConfigError: ``optimizer`` is not an optax optimizer, or ``lr <= 0``.
     """
-    check_choice("optimizer", name, OPTIMIZERS)
-    if not lr > 0:
+    if name not in ("sgd", "momentum") and not _is_optax_optimizer(name):
+        raise ConfigError(
+            f"optimizer={name!r} is not valid; accepted: "
+            f"{', '.join(OPTIMIZERS)} or another optax optimizer name"
+        )
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ConfigError(f"lr={lr!r} is not valid; accepted: a float > 0")
     if name == "sgd":
         return optax.sgd(lr)
     if name == "momentum":
         return optax.sgd(lr, momentum=momentum)
-    return optax.adam(lr)
+    return getattr(optax, name)(learning_rate=lr)
 
 
 def steps_per_epoch(n_max: int, batch_size: int) -> int:

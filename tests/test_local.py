@@ -94,8 +94,15 @@ def test_vmapped_training_equals_per_agent_loop(mu):
 def test_optimizer_errors_name_the_field():
     from demjax.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="optimizer.*accepted: sgd, momentum, adam"):
-        local.make_optimizer("lbfgs", 0.1)
+    with pytest.raises(ConfigError, match="optimizer='nope'.*accepted: sgd, momentum"):
+        local.make_optimizer("nope", 0.1)
+    with pytest.raises(ConfigError, match="optimizer"):
+        local.make_optimizer("softmax_cross_entropy", 0.1)  # optax, not an optimizer
+    # Any optax optimizer by name: one step of adamw moves a parameter by ~lr.
+    tx = local.make_optimizer("adamw", 0.01)
+    p = jnp.ones(3)
+    upd, _ = tx.update(jnp.ones(3), tx.init(p), p)
+    np.testing.assert_allclose(upd, -0.01 * (1 + 1e-4), rtol=1e-3)
     with pytest.raises(ConfigError, match="lr"):
         local.make_optimizer("sgd", 0.0)
 
