@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.lr = 0.05
     c.local_epochs = 2
     c.batch_size = 10
+    # Agents grouped into at most this many buckets of similar local step counts,
+    # each a vmap with its own step count (1 = one vmap; same results either way).
+    c.local_buckets = 4
 
     # Algorithm (demjax.algorithms).
     c.algorithm = "demlearn"  # demlearn | demlearn_p | fedavg | fedprox | local

@@ -113,14 +113,14 @@ class Simulator:
             return eval_model.apply({"params": params}, x, train=False)
 
         self.apply_fn = apply_fn
-        train_one = local.make_train_one(
+        train_all = local.make_train_population(
             apply_fn,
             self.tx,
             batch_size=config.batch_size,
             local_epochs=config.local_epochs,
-            n_max=int(partition.x_train.shape[1]),
+            n_train=np.asarray(partition.n_train),
+            num_buckets=int(config.local_buckets),
         )
-        train_all = local.make_train_all(train_one)
         eval_batch = int(config.eval_batch) or (
             1 if config.model.startswith("cnn") else 8
         )

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from demjax.errors import ConfigError
@@ -108,6 +109,7 @@ def make_train_one(
     batch_size: int,
     local_epochs: int,
     n_max: int,
+    perm_size: int | None = None,
 ) -> Callable:
     """Builds one agent's local training function.
 
@@ -117,6 +119,9 @@ def make_train_one(
       batch_size: minibatch size B.
       local_epochs: passes over the agent's data.
       n_max: padded per-agent training capacity ``N_max``.
+      perm_size: length of the random draws behind each epoch's shuffle
+        (default ``n_max``). Bucketed training passes the population's ``N_max``
+        so an agent's shuffles do not depend on the bucket it lands in.
 
     Returns:
       ``train_one(key, params, opt_state, x [N_max, ...], y [N_max], n, anchor, mu)
@@ -142,7 +147,8 @@ def make_train_one(
 
     def train_one(key, params, opt_state, x, y, n, anchor, mu):
         perm_key, drop_key = jax.random.split(key)
-        perms = epoch_permutations(perm_key, n, n_max, local_epochs)
+        perms = epoch_permutations(perm_key, n, perm_size or n_max, local_epochs)
+        perms = jnp.minimum(perms[:, :n_max], n_max - 1)
         if pad:
             perms = jnp.pad(perms, ((0, 0), (0, pad)))
 
@@ -187,3 +193,112 @@ def make_train_all(train_one: Callable) -> Callable:
       y [A, N_max], n [A], anchor [A, ...], mu) -> (params, opt_state, loss [A])``.
     """
     return jax.vmap(train_one, in_axes=(0, 0, 0, 0, 0, 0, 0, None))
+
+
+def plan_buckets(steps: np.ndarray, num_buckets: int) -> list[np.ndarray]:
+    """Splits agents into at most ``num_buckets`` groups of similar step counts.
+
+    Agents sorted by step count are cut into contiguous buckets minimising the
+    total number of step slots ``sum_b |b| * max(steps in b)`` (dynamic
+    programming, O(num_buckets * A^2)); every agent of a bucket runs that bucket's
+    maximum, the surplus steps masked. One bucket is plain vmap over all agents.
+
+    Args:
+      steps: int ``[A]`` SGD steps each agent needs.
+      num_buckets: upper bound on buckets (>= 1).
+
+    Returns:
+      List of int32 index arrays (agent ids), a partition of ``range(A)``.
+    """
+    order = np.argsort(steps, kind="stable")
+    s = np.asarray(steps)[order]
+    a = len(s)
+    k = max(1, min(int(num_buckets), a))
+    inf = float("inf")
+    # cost[j][i]: best slots covering the first i sorted agents with j buckets.
+    cost = np.full((k + 1, a + 1), inf)
+    cut = np.zeros((k + 1, a + 1), np.int64)
+    cost[0, 0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(1, a + 1):
+            # last bucket = sorted agents [m, i); its max is s[i - 1].
+            m = np.arange(0, i)
+            c = cost[j - 1, m] + (i - m) * s[i - 1]
+            best = int(np.argmin(c))
+            cost[j, i], cut[j, i] = c[best], best
+    j = int(np.argmin(cost[1:, a])) + 1
+    buckets, i = [], a
+    while j > 0 and i > 0:
+        m = cut[j, i]
+        buckets.append(order[m:i].astype(np.int32))
+        i, j = m, j - 1
+    return buckets[::-1]
+
+
+def make_train_population(
+    apply_fn: Callable,
+    tx: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    local_epochs: int,
+    n_train: np.ndarray,
+    num_buckets: int = 4,
+) -> Callable:
+    """Local training of the whole population, bucketed by step count.
+
+    Agents hold very different amounts of data (the pathological split ranges from
+    22 to 176 training samples), and a single vmap runs every agent for the
+    largest agent's number of steps. Grouping agents into a few buckets by step
+    count (``plan_buckets``), each a vmap with its own static step count and data
+    capacity, cut the step slots of the Fashion-MNIST reference setup from 1,800
+    to 1,008. Results equal one vmap over all agents: each agent runs exactly its
+    own steps with its own shuffles.
+
+    Args:
+      apply_fn, tx, batch_size, local_epochs: as in ``make_train_one``.
+      n_train: host int ``[A]`` training samples per agent (static: the
+        compiled function is specific to these counts).
+      num_buckets: at most this many buckets (1 = one vmap).
+
+    Returns:
+      ``train(keys [A], params [A, ...], opt_state [A, ...], x [A, N_max, ...],
+      y [A, N_max], n [A], anchor [A, ...], mu) -> (params, opt_state, loss [A])``.
+    """
+    n_train = np.asarray(n_train)
+    n_max = int(n_train.max())
+    steps = local_epochs * np.ceil(n_train / batch_size).astype(np.int64)
+    buckets = plan_buckets(steps, num_buckets)
+    fns = []
+    for idx in buckets:
+        cap = int(n_train[idx].max())
+        one = make_train_one(
+            apply_fn,
+            tx,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            n_max=cap,
+            perm_size=n_max,
+        )
+        fns.append((idx, cap, make_train_all(one)))
+    inverse = np.argsort(np.concatenate(buckets)).astype(np.int32)
+
+    def train(keys, params, opt_state, x, y, n, anchor, mu):
+        outs = []
+        for idx, cap, fn in fns:
+            take = lambda t, idx=idx: jax.tree.map(lambda v: v[idx], t)  # noqa: E731
+            outs.append(
+                fn(
+                    keys[idx],
+                    take(params),
+                    take(opt_state),
+                    x[idx, :cap],
+                    y[idx, :cap],
+                    n[idx],
+                    take(anchor),
+                    mu,
+                )
+            )
+        return jax.tree.map(lambda *v: jnp.concatenate(v, axis=0)[inverse], *outs)
+
+    train.buckets = buckets
+    return train

@@ -55,6 +55,27 @@ class PatchConv(nn.Module):
         return patches @ kernel.reshape(k * k * c, self.features) + bias
 
 
+def max_pool_2x2(x):
+    """2x2 max-pool, stride 2, ``[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]``.
+
+    Equal to ``nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")``; for even H
+    and W it is a reshape + max, whose gradient XLA:CPU runs faster than the
+    select-and-scatter of ``reduce_window`` (about 15% of a vmapped CNN step).
+    """
+    _, h, w, c = x.shape
+    if h % 2 or w % 2:
+        return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    return x.reshape(x.shape[0], h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _pool(impl: str, x):
+    # Both are the same function; the reshape form is faster inside vmapped
+    # training steps, reduce_window is faster in one-model-at-a-time evaluation.
+    if impl == "patches":
+        return max_pool_2x2(x)
+    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+
+
 def _conv(impl: str, features: int, k: int, name: str):
     if impl == "patches":
         return PatchConv(features, k, name=name)
@@ -103,7 +124,7 @@ class CNN(nn.Module):
     def __call__(self, x, train: bool = False):
         for i in range(2):
             x = nn.relu(_conv(self.conv_impl, 32, 5, f"conv{i}")(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = _pool(self.conv_impl, x)
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(512)(x))
@@ -120,7 +141,7 @@ class CNNCifar(nn.Module):
     def __call__(self, x, train: bool = False):
         for i, width in enumerate((16, 32, 64)):
             x = nn.relu(_conv(self.conv_impl, width, 3, f"conv{i}")(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = _pool(self.conv_impl, x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(512)(x))
         x = nn.relu(nn.Dense(64)(x))

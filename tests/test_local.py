@@ -110,3 +110,45 @@ def test_optimizer_errors_name_the_field():
 def test_steps_per_epoch():
     assert local.steps_per_epoch(13, 4) == 4
     assert local.steps_per_epoch(12, 4) == 3
+
+
+def test_plan_buckets_is_optimal_on_a_small_case():
+    steps = np.array([2, 9, 2, 3, 9, 8])
+    buckets = local.plan_buckets(steps, 2)
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(6))
+    # Best 2-bucket split: {2, 2, 3} (3 slots each) + {8, 9, 9}: 9 + 27 = 36 slots.
+    assert sorted(sorted(steps[b].tolist()) for b in buckets) == [[2, 2, 3], [8, 9, 9]]
+    assert len(local.plan_buckets(steps, 1)) == 1
+
+
+def test_bucketed_population_training_equals_one_vmap():
+    num_agents, batch_size, epochs = 7, 3, 2
+    n = np.array([2, 14, 5, 1, 9, 14, 3], np.int32)
+    n_max = int(n.max())
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(num_agents, n_max, 2, 2, 1)).astype(np.float32)
+    y = rng.integers(0, 3, size=(num_agents, n_max)).astype(np.int32)
+    model = models.make_model("mlp", 3, (5,))
+    params = models.init_population(jax.random.PRNGKey(0), model, (2, 2, 1), num_agents)
+    apply_fn = lambda p, xb, train=False, key=None: model.apply({"params": p}, xb)  # noqa: E731
+    tx = optax.sgd(0.1)
+    opt = jax.vmap(tx.init)(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), num_agents)
+    anchor = jax.tree.map(lambda p: p + 0.1, params)
+    args = (keys, params, opt, x, y, n, anchor, jnp.float32(0.05))
+    one = local.make_train_one(
+        apply_fn, tx, batch_size=batch_size, local_epochs=epochs, n_max=n_max
+    )
+    ref = jax.jit(local.make_train_all(one))(*args)
+    pop = local.make_train_population(
+        apply_fn,
+        tx,
+        batch_size=batch_size,
+        local_epochs=epochs,
+        n_train=n,
+        num_buckets=3,
+    )
+    assert len(pop.buckets) == 3
+    got = jax.jit(pop)(*args)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)

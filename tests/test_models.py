@@ -36,3 +36,10 @@ def test_population_is_one_shared_init():
         assert leaf.shape[0] == 5
         np.testing.assert_array_equal(leaf, jnp.broadcast_to(leaf[:1], leaf.shape))
     assert models.num_params(pop) == 64 * 7 + 7 + 7 * 10 + 10
+
+
+@pytest.mark.parametrize("h,w", [(8, 6), (7, 5)])
+def test_max_pool_2x2_equals_flax_max_pool(h, w):
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, h, w, 3))
+    ref = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    np.testing.assert_array_equal(models.max_pool_2x2(x), ref)
