@@ -16,12 +16,24 @@ sys.path.insert(0, REPO)  # so config files can `from configs import default`
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(REPO, "configs", "default.py"),
-    "Run config file.",
-    lock_config=True,
-)
+
+def _unknown_field(e: Exception) -> None:
+    from configs import default
+
+    fields = ", ".join(sorted(default.get_config().keys()))
+    print(f"error: unknown config field {e}; accepted: {fields}", file=sys.stderr)
+    sys.exit(2)
+
+
+try:  # config_flags applies --config.FIELD overrides while defining the flag
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config",
+        os.path.join(REPO, "configs", "default.py"),
+        "Run config file.",
+        lock_config=True,
+    )
+except (AttributeError, KeyError) as err:
+    _unknown_field(err)
 _WORKDIR = flags.DEFINE_string(
     "workdir",
     None,
@@ -54,5 +66,16 @@ def main(argv):
     print(format_table(final))
 
 
+def parse_flags(argv):
+    """absl flag parsing with bad input reported in one line, exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # --config.<unknown field>
+        _unknown_field(e)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -121,6 +121,8 @@ BAD_INPUTS = [
         ["--config.dataset=fashion_mnist", "--config.data_dir=/nonexistent/fm"],
         "data_dir",
     ),
+    (["--config.num_agentz=5"], "num_agentz"),
+    (["--config.num_agents=abc"], "num_agents"),
 ]
 
 
@@ -142,7 +144,9 @@ def test_cli_bad_input_is_one_line_exit_2(args, field, tmp_path):
     err_lines = [s for s in proc.stderr.splitlines() if s.startswith("error:")]
     assert len(err_lines) == 1 and field in err_lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
-    assert any(w in err_lines[0] for w in ("accepted", "apt-get", "at most"))
+    assert any(
+        w in err_lines[0] for w in ("accepted", "apt-get", "at most", "invalid literal")
+    )
 
 
 def test_eval_every_skips_rounds_but_keeps_the_last(tmp_path):
