@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.linkage = "average"  # average | single | complete | weighted | ward
     c.linkage_backend = "scipy"  # scipy | fastcluster
     c.cluster_features = "weights"  # weights | updates
+    # Random projection of the clustering features to this many dimensions before
+    # the distance matrix (0 = exact distances on all parameters).
+    c.sketch_dim = 0
     c.weighting = "agents"  # agents (reference) | samples
     # The reference code's undocumented amplify step (x1.15 per group average for
     # rounds t < 5); off by default, only to reproduce the reference numbers.

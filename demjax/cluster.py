@@ -220,6 +220,65 @@ def pairwise_distances(feats: Any, metric: str = "euclidean") -> jax.Array:
     return _pairwise_distances_jit(jnp.asarray(feats), metric)
 
 
+@functools.partial(jax.jit, static_argnames=("sketch_dim", "block_size"))
+def _sketch_jit(key, feats, sketch_dim: int, block_size: int):
+    x = feats.astype(jnp.float32)
+    num_agents, dim = x.shape
+    full = dim // block_size
+
+    def project(xb, k):
+        r = jax.random.normal(k, (xb.shape[1], sketch_dim), jnp.float32)
+        return jnp.matmul(xb, r, precision=_HIGHEST)
+
+    def body(i, acc):
+        xb = jax.lax.dynamic_slice_in_dim(x, i * block_size, block_size, axis=1)
+        return acc + project(xb, jax.random.fold_in(key, i))
+
+    acc = jax.lax.fori_loop(
+        0, full, body, jnp.zeros((num_agents, sketch_dim), jnp.float32)
+    )
+    if dim % block_size:
+        acc = acc + project(x[:, full * block_size :], jax.random.fold_in(key, full))
+    return acc / jnp.sqrt(jnp.float32(sketch_dim))
+
+
+def sketch(key: jax.Array, feats: Any, sketch_dim: int, block_size: int = 4096):
+    """Gaussian random projection of agents' features (Johnson-Lindenstrauss).
+
+    ``feats @ R / sqrt(k)`` with ``R ~ N(0, 1)^[D, k]`` generated block by block
+    from ``key`` (never materialised whole), so regrouping thousands of agents of
+    a large model costs ``A x D x k`` instead of ``A^2 x D`` flops and the
+    distance matrix is computed on ``[A, k]``. Pairwise Euclidean distances and
+    angles are preserved up to a factor ``1 +- O(sqrt(log A / k))`` with high
+    probability (Johnson & Lindenstrauss 1984; Achlioptas 2003).
+
+    Args:
+      key: PRNG key (use a fresh one per regrouping for unbiased sketches).
+      feats: float ``[A, D]`` features.
+      sketch_dim: k, the projected dimension (> 0).
+      block_size: columns of ``R`` generated at a time (memory ``block x k``).
+
+    Returns:
+      float32 ``[A, k]``.
+
+    Raises:
+      ConfigError: ``sketch_dim < 1`` (field ``sketch_dim``).
+    """
+    if (
+        isinstance(sketch_dim, bool)
+        or not isinstance(sketch_dim, int)
+        or sketch_dim < 1
+    ):
+        raise ConfigError(
+            f"sketch_dim={sketch_dim!r} is not valid; accepted: an integer >= 1 "
+            "(0 in the config disables sketching)"
+        )
+    if np.ndim(feats) != 2:
+        raise ValueError(f"feats must be [A, D]; got shape {np.shape(feats)}")
+    block = max(1, min(int(block_size), int(np.shape(feats)[1])))
+    return _sketch_jit(key, jnp.asarray(feats), int(sketch_dim), block)
+
+
 # --------------------------------------------------------------------------------------
 # Linkage
 # --------------------------------------------------------------------------------------
@@ -590,6 +649,8 @@ def build_tree(
     mode: str = "binary",
     level_groups: Sequence[int] = (),
     backend: str = "scipy",
+    sketch_dim: int = 0,
+    key: jax.Array | None = None,
 ) -> tuple[GroupTree, dict]:
     """Distances (device, jitted) -> linkage (host) -> group tree.
 
@@ -605,9 +666,13 @@ def build_tree(
         (:func:`tree_from_linkage_maxclust`) (field ``tree_mode``).
       level_groups: ``(G_1, ..., G_L)`` for maxclust mode; ignored in binary mode.
       backend: ``"scipy"`` or ``"fastcluster"`` (field ``linkage_backend``).
+      sketch_dim: if > 0 and smaller than D, features are first projected to
+        ``sketch_dim`` dimensions with :func:`sketch` (needs ``key``).
+      key: PRNG key of the sketch.
 
     Returns:
-      ``(tree, info)`` with ``info = {"distance_s", "linkage_s", "tree_s"}``, the
+      ``(tree, info)`` with ``info = {"distance_s", "linkage_s", "tree_s"}``
+      (plus ``sketch_s`` when sketching), the
       wall seconds of each step (``distance_s`` includes the jit compile the
       first time a shape is seen).
 
@@ -635,6 +700,13 @@ def build_tree(
                 f"num_levels={num_levels}; in tree_mode='maxclust' they must agree"
             )
 
+    info = {}
+    if sketch_dim and sketch_dim < np.shape(feats)[1]:
+        if key is None:
+            raise ValueError("build_tree(sketch_dim > 0) needs a PRNG key")
+        ts = time.perf_counter()
+        feats = sketch(key, feats, int(sketch_dim)).block_until_ready()
+        info["sketch_s"] = time.perf_counter() - ts
     t0 = time.perf_counter()
     dist = pairwise_distances(feats, metric).block_until_ready()
     t1 = time.perf_counter()
@@ -645,4 +717,5 @@ def build_tree(
     else:
         tree = tree_from_linkage_maxclust(z, num_agents, groups)
     t3 = time.perf_counter()
-    return tree, {"distance_s": t1 - t0, "linkage_s": t2 - t1, "tree_s": t3 - t2}
+    info.update(distance_s=t1 - t0, linkage_s=t2 - t1, tree_s=t3 - t2)
+    return tree, info

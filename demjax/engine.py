@@ -204,7 +204,9 @@ class Simulator:
         tau = int(self.config.tau)
         return t == 0 if tau == 0 else t % tau == 0
 
-    def build_tree(self, params_local, params_start) -> tuple[GroupTree, dict]:
+    def build_tree(
+        self, params_local, params_start, key: jax.Array | None = None
+    ) -> tuple[GroupTree, dict]:
         """Host-side self-organizing step: features -> distances -> linkage -> tree."""
         c = self.config
         feats = cluster.features(params_local, params_start, kind=c.cluster_features)
@@ -218,4 +220,6 @@ class Simulator:
             mode=c.tree_mode,
             level_groups=tuple(c.level_groups),
             backend=c.linkage_backend,
+            sketch_dim=int(c.sketch_dim),
+            key=key,
         )

@@ -170,7 +170,9 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
         timing["local_s"] = time.perf_counter() - t0
 
         if sim.regroups(t):
-            tree, info = sim.build_tree(params_local, params_start)
+            tree, info = sim.build_tree(
+                params_local, params_start, jax.random.fold_in(round_key, 1)
+            )
             tree_dev = jax.tree.map(jnp.asarray, tree)
             timing.update(info)
 

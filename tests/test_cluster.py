@@ -426,3 +426,37 @@ def test_single_agent():
     assert t.agent_parent.tolist() == [6] and t.level_sizes == (4, 2, 1)
     t = cluster.tree_from_linkage_maxclust(z, 1, (1, 1))
     assert t.agent_parent.tolist() == [0] and t.node_parent.tolist() == [1, 2, 2]
+
+
+def test_sketch_preserves_distances_and_the_tree():
+    from sklearn.metrics import adjusted_rand_score
+
+    from demjax import cluster
+
+    # Two super-clusters of two blobs each, 10 agents per blob.
+    rng = np.random.default_rng(7)
+    supers = rng.normal(scale=1.0, size=(2, 3000))
+    centers = [s + rng.normal(scale=0.5, size=3000) for s in supers for _ in range(2)]
+    feats = np.concatenate(
+        [c + rng.normal(scale=0.2, size=(10, 3000)) for c in centers]
+    )
+    feats = feats.astype(np.float32)
+    key = jax.random.PRNGKey(0)
+    sk = np.asarray(cluster.sketch(key, feats, 512, block_size=1000))
+    assert sk.shape == (40, 512)
+    exact = ssd.pdist(feats)
+    approx = ssd.pdist(sk)
+    ratio = approx / exact
+    assert 0.85 < ratio.min() and ratio.max() < 1.15  # JL with k = 512
+    kw = dict(num_levels=2, mode="maxclust", level_groups=(4, 2))
+    exact_tree, _ = cluster.build_tree(feats, **kw)
+    sk_tree, info = cluster.build_tree(feats, sketch_dim=256, key=key, **kw)
+    assert "sketch_s" in info
+    blobs = np.repeat(np.arange(4), 10)
+    for level, truth in ((0, blobs), (1, blobs // 2)):
+        exact = np.asarray(exact_tree.agent_ancestor[level])
+        approx = np.asarray(sk_tree.agent_ancestor[level])
+        assert adjusted_rand_score(exact, truth) == 1.0
+        assert adjusted_rand_score(exact, approx) > 0.99
+    with pytest.raises(ConfigError, match="sketch_dim"):
+        cluster.sketch(key, feats, 0)
