@@ -68,6 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.amplify_factor = 1.15
     c.amplify_rounds = 5
 
+    # Devices the agent axis is sharded over (mesh axis "agents"): 0 = auto (all
+    # devices that divide num_agents evenly), 1 = one device.
+    c.num_devices = 0
+
     # Evaluation.
     c.eval_samples = (
         0  # C-GEN on a seeded subsample of this size; 0 = all pooled test data

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax import cluster, data
+from demjax import cluster, data, sharding
 from demjax.config import to_json, validate
 from demjax.engine import Simulator, placeholder_tree
 
@@ -124,7 +124,10 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
     writer.json("config.json", json.loads(to_json(config)))
     t_start = time.perf_counter()
 
+    mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)
     part = jax.tree.map(jnp.asarray, part_np)
+    if mesh is not None:
+        part = sharding.shard_partition(part, mesh)
     eval_idx = data.eval_subsample(part_np, int(config.eval_samples), int(config.seed))
     num_pooled = int(part_np.y_all.shape[0])
     subsampled = len(eval_idx) < num_pooled
@@ -142,8 +145,20 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
     init_key, run_key = jax.random.split(key)
     state = sim.init(init_key, part)
     tree = placeholder_tree(sim.num_agents, sim.level_sizes)
-    tree_dev = jax.tree.map(jnp.asarray, tree)
     agent_weight = sim.agent_weight(part)
+    if mesh is not None:
+        state = state.replace(
+            params=sharding.shard_agents(state.params, mesh),
+            opt_state=sharding.shard_agents(state.opt_state, mesh),
+            node_params=sharding.replicate(state.node_params, mesh),
+        )
+        agent_weight = sharding.shard_agents(agent_weight, mesh)
+    to_device = (
+        (lambda t: jax.tree.map(jnp.asarray, t))
+        if mesh is None
+        else (lambda t: sharding.replicate(t, mesh))
+    )
+    tree_dev = to_device(tree)
     num_levels = len(sim.level_sizes) - 1
     level_names = [
         f"{m}_l{k}" for k in range(1, num_levels + 1) for m in ("g_spe", "g_gen")
@@ -173,7 +188,7 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
             tree, info = sim.build_tree(
                 params_local, params_start, jax.random.fold_in(round_key, 1)
             )
-            tree_dev = jax.tree.map(jnp.asarray, tree)
+            tree_dev = to_device(tree)
             timing.update(info)
 
         t1 = time.perf_counter()
@@ -253,6 +268,8 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
             sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(state.params))
         ),
         "tree": tree,
+        "num_devices": 1 if mesh is None else int(mesh.devices.size),
+        "params_devices": len(jax.tree.leaves(state.params)[0].sharding.device_set),
         # Compiled variants per jitted phase: stays 1 however often the tree changes.
         "compilations": {
             name: getattr(sim, name)._cache_size()
