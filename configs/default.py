@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Agents grouped into at most this many buckets of similar local step counts,
     # each a vmap with its own step count (1 = one vmap; same results either way).
     c.local_buckets = 4
+    # Agents trained at once (lax.map over blocks of a vmap): 0 = auto, the whole
+    # population unless a memory estimate says it does not fit; N > 0 forces N.
+    c.agent_block = 0
 
     # Algorithm (demjax.algorithms).
     c.algorithm = "demlearn"  # demlearn | demlearn_p | fedavg | fedprox | local

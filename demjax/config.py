@@ -84,6 +84,7 @@ def validate(config) -> None:
     _int_at_least(config, "local_buckets", 1)
     _int_at_least(config, "sketch_dim", 0)
     _int_at_least(config, "num_devices", 0)
+    _int_at_least(config, "agent_block", 0)
     _int_at_least(config, "samples_per_agent", 0)
     _float_in(config, "alpha", 0.0, 1.0)
     if not (isinstance(config.lr, (int, float)) and config.lr > 0):

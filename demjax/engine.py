@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax import cluster, hierarchy, local, metrics, models
+from demjax import cluster, hierarchy, local, memory, metrics, models
 from demjax.algorithms import get_algorithm
 from demjax.config import resolved_mu
 from demjax.types import GroupTree, Partition
@@ -113,6 +113,11 @@ class Simulator:
             return eval_model.apply({"params": params}, x, train=False)
 
         self.apply_fn = apply_fn
+        self.block_size = (
+            int(config.agent_block)
+            if int(config.agent_block) > 0
+            else self._auto_block_size(partition)
+        )
         train_all = local.make_train_population(
             apply_fn,
             self.tx,
@@ -120,6 +125,7 @@ class Simulator:
             local_epochs=config.local_epochs,
             n_train=np.asarray(partition.n_train),
             num_buckets=int(config.local_buckets),
+            block_size=self.block_size,
         )
         eval_batch = int(config.eval_batch) or (
             1 if config.model.startswith("cnn") else 8
@@ -164,6 +170,47 @@ class Simulator:
         self.local_phase = jax.jit(local_phase)
         self.sync_phase = jax.jit(sync_phase)
         self.evaluate = jax.jit(evaluate)
+
+    def _auto_block_size(self, partition: Partition) -> int:
+        """Agents trained at once so a round fits in half the free memory (0: all).
+
+        Raises:
+          ConfigError: not even one agent's training fits.
+        """
+        c = self.config
+        shape = tuple(partition.input_shape)
+        params = jax.eval_shape(
+            lambda k: models.init_params(k, self.model, shape), jax.random.PRNGKey(0)
+        )
+        opt = jax.eval_shape(self.tx.init, params)
+        data = sum(
+            int(np.prod(getattr(partition, k).shape[1:]))
+            * getattr(partition, k).dtype.itemsize
+            for k in ("x_train", "y_train", "x_test", "y_test")
+        )
+        # params, anchor, local result, mixed result, plus optimizer states x2.
+        state = 4 * memory.tree_bytes(params) + 2 * memory.tree_bytes(opt) + data
+        x = jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.float32)
+        y = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
+        model = self.model
+
+        def step(p, xb, yb, key):
+            def loss(p):
+                logits = model.apply(
+                    {"params": p}, xb, train=True, rngs={"dropout": key}
+                )
+                return local.masked_cross_entropy(logits, yb, jnp.ones_like(yb, bool))
+
+            return jax.grad(loss)(p)
+
+        step_bytes = 2 * memory.step_temp_bytes(
+            step, params, x, y, jax.random.PRNGKey(0)
+        ) + 3 * memory.tree_bytes(params)
+        return memory.choose_block_size(
+            num_agents=self.num_agents,
+            state_bytes_per_agent=state,
+            step_bytes_per_agent=step_bytes,
+        )
 
     def init(self, key: jax.Array, partition: Partition) -> SimState:
         """All agents (and all group models) start from one shared initialization."""

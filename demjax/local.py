@@ -243,6 +243,7 @@ def make_train_population(
     local_epochs: int,
     n_train: np.ndarray,
     num_buckets: int = 4,
+    block_size: int = 0,
 ) -> Callable:
     """Local training of the whole population, bucketed by step count.
 
@@ -259,6 +260,10 @@ def make_train_population(
       n_train: host int ``[A]`` training samples per agent (static: the
         compiled function is specific to these counts).
       num_buckets: at most this many buckets (1 = one vmap).
+      block_size: if > 0, agents are trained ``block_size`` at a time (a
+        ``lax.map`` over blocks of a vmap), bounding the memory of the step
+        temporaries to one block and running all local steps of a block while its
+        weights are hot in cache; 0 = the whole bucket at once.
 
     Returns:
       ``train(keys [A], params [A, ...], opt_state [A, ...], x [A, N_max, ...],
@@ -279,7 +284,7 @@ def make_train_population(
             n_max=cap,
             perm_size=n_max,
         )
-        fns.append((idx, cap, make_train_all(one)))
+        fns.append((idx, cap, _blocked(make_train_all(one), block_size, len(idx))))
     inverse = np.argsort(np.concatenate(buckets)).astype(np.int32)
 
     def train(keys, params, opt_state, x, y, n, anchor, mu):
@@ -302,3 +307,38 @@ def make_train_population(
 
     train.buckets = buckets
     return train
+
+
+def _blocked(train_all: Callable, block_size: int, num_agents: int) -> Callable:
+    """Runs ``train_all`` over blocks of ``block_size`` agents with ``lax.map``.
+
+    The agent count is padded up to a multiple of the block with copies of agent
+    0 holding ``n = 0`` samples (they take no step) and the padding is dropped.
+    """
+    if not block_size or block_size >= num_agents:
+        return train_all
+    num_blocks = -(-num_agents // block_size)
+    pad = num_blocks * block_size - num_agents
+
+    def fn(keys, params, opt_state, x, y, n, anchor, mu):
+        def split(v):
+            if pad:
+                v = jnp.concatenate([v, jnp.repeat(v[:1], pad, axis=0)], axis=0)
+            return v.reshape((num_blocks, block_size) + v.shape[1:])
+
+        if pad:
+            n = jnp.concatenate([n, jnp.zeros((pad,), n.dtype)])
+        xs = jax.tree.map(split, (keys, params, opt_state, x, y, anchor))
+        ns = n.reshape(num_blocks, block_size)
+
+        def one_block(args):
+            k, p, o, xb, yb, a, nb = args
+            return train_all(k, p, o, xb, yb, nb, a, mu)
+
+        out = jax.lax.map(one_block, (*xs, ns))
+        return jax.tree.map(
+            lambda v: v.reshape((num_blocks * block_size,) + v.shape[2:])[:num_agents],
+            out,
+        )
+
+    return fn

@@ -141,6 +141,12 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
         )
 
     sim = Simulator(config, part)
+    if sim.block_size:
+        print(
+            f"local training runs {sim.block_size} agents at a time "
+            f"(agent_block={config.agent_block}; 0 = chosen from free memory)",
+            file=sys.stderr,
+        )
     key = jax.random.PRNGKey(int(config.seed))
     init_key, run_key = jax.random.split(key)
     state = sim.init(init_key, part)
@@ -269,6 +275,7 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
         ),
         "tree": tree,
         "num_devices": 1 if mesh is None else int(mesh.devices.size),
+        "agent_block": sim.block_size,
         "params_devices": len(jax.tree.leaves(state.params)[0].sharding.device_set),
         # Compiled variants per jitted phase: stays 1 however often the tree changes.
         "compilations": {

@@ -152,3 +152,16 @@ def test_bucketed_population_training_equals_one_vmap():
     got = jax.jit(pop)(*args)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    # Blocks of 2 agents (lax.map over blocks, padded last block) change nothing.
+    blocked = local.make_train_population(
+        apply_fn,
+        tx,
+        batch_size=batch_size,
+        local_epochs=epochs,
+        n_train=n,
+        num_buckets=1,
+        block_size=2,
+    )
+    got = jax.jit(blocked)(*args)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
