@@ -1,0 +1,247 @@
+"""Scaling benchmark: one DemLearn round at growing ``num_agents`` (issue 4).
+
+For each (model, num_agents) a fresh subprocess (so peak RSS is per size) builds
+random Fashion-MNIST-shaped data (28x28x1, 10 classes; speed only: every agent
+holds ``steps * batch`` samples so it does exactly ``steps`` SGD steps of batch
+``batch`` per round), then times, after a warm-up round:
+
+- ``compile_s``: first local-training call minus a steady one;
+- ``local_s``: local training per round (median of ``--repeats``);
+- ``agent_steps_per_s``, achieved ``gflops`` and ``gemm_fraction`` = achieved over
+  a float32 4096x4096 GEMM measured in the same process;
+- ``distance_s``, ``linkage_s`` (regrouping, optional ``--sketch_dim``),
+  ``sync_s`` (bottom-up + top-down), ``eval_s`` (C-GEN on ``--eval_samples``),
+  ``round_s`` (their sum), ``peak_rss_gb``.
+
+Prints one JSON line per size and writes ``benchmarks/results/scaling.json`` and
+``scaling.png``::
+
+    python benchmarks/scaling.py                           # full sweep (long)
+    python benchmarks/scaling.py --agents=100,1000 --models=mlp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+
+
+def gemm_gflops(n: int = 4096, repeats: int = 3) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def flops_per_agent_step(model: str, batch: int, hidden: int = 100) -> float:
+    """Forward + backward (3x forward) dense-layer flops of one SGD step."""
+    d = 784
+    macs = d * 10 if model == "mlr" else d * hidden + hidden * 10
+    return 3 * 2 * batch * macs
+
+
+def one_size(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from configs import default
+    from demjax.engine import Simulator, placeholder_tree
+    from demjax.types import Partition
+
+    a, steps, batch = args.num_agents, args.steps, args.batch
+    n = steps * batch
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(a, n, 28, 28, 1)).astype(np.float32)
+    y = rng.integers(0, 10, size=(a, n)).astype(np.int32)
+    counts = np.full((a,), n, np.int32)
+    m = min(args.eval_samples, a * 2)
+    part = Partition(
+        x_train=x, y_train=y, n_train=counts,
+        x_test=x[:, :2], y_test=y[:, :2], n_test=np.full((a,), 2, np.int32),
+        x_all=x[:, :2].reshape(-1, 28, 28, 1)[:m], y_all=y[:, :2].reshape(-1)[:m],
+        owner_all=np.repeat(np.arange(a, dtype=np.int32), 2)[:m], num_classes=10,
+    )  # fmt: skip
+    del x
+    c = default.get_config()
+    c.num_agents, c.model, c.hidden = a, args.model, (100,)
+    c.batch_size, c.local_epochs, c.algorithm = batch, 1, "demlearn"
+    c.tree_mode = "maxclust"
+    c.level_groups = tuple(g for g in (max(2, a // 10), max(2, a // 100), 2) if g <= a)
+    c.num_levels, c.sketch_dim = len(c.level_groups), args.sketch_dim
+    c.local_buckets, c.agent_block = 1, args.agent_block
+    c.num_devices = 1
+    part = jax.tree.map(jnp.asarray, part)
+    sim = Simulator(c, part)
+    state = sim.init(jax.random.PRNGKey(0), part)
+    tree = jax.tree.map(jnp.asarray, placeholder_tree(a, sim.level_sizes))
+    weight = sim.agent_weight(part)
+    mu, key = jnp.float32(0.0), jax.random.PRNGKey(1)
+
+    t = time.perf_counter()
+    out = sim.local_phase(state, part, tree, mu, key)
+    jax.block_until_ready(out)
+    first = time.perf_counter() - t
+    local_times, rec = [], {}
+    for r in range(args.repeats):
+        t = time.perf_counter()
+        out = sim.local_phase(state, part, tree, mu, jax.random.fold_in(key, r))
+        jax.block_until_ready(out)
+        local_times.append(time.perf_counter() - t)
+    params_local = out[0]
+    sim.build_tree(params_local, state.params, jax.random.PRNGKey(2))  # compile
+    new_tree, info = sim.build_tree(params_local, state.params, jax.random.PRNGKey(3))
+    new_tree = jax.tree.map(jnp.asarray, new_tree)
+    sync = lambda: sim.sync_phase(  # noqa: E731
+        params_local, new_tree, weight, jnp.float32(0.7), jnp.float32(1.0)
+    )
+    jax.block_until_ready(sync())
+    t = time.perf_counter()
+    nodes, node_w, nodes_sync, params_sync = sync()
+    jax.block_until_ready(params_sync)
+    sync_s = time.perf_counter() - t
+    ev = lambda: sim.evaluate(  # noqa: E731
+        params_sync, nodes_sync, node_w, new_tree, part, part.x_all, part.y_all
+    )
+    jax.block_until_ready(ev())
+    t = time.perf_counter()
+    jax.block_until_ready(ev())
+    eval_s = time.perf_counter() - t
+
+    local_s = statistics.median(local_times)
+    agent_steps = a * steps
+    gflops = agent_steps * flops_per_agent_step(args.model, batch) / local_s / 1e9
+    peak = gemm_gflops()
+    rec = {
+        "model": args.model,
+        "num_agents": a,
+        "steps": steps,
+        "batch": batch,
+        "agent_block": sim.block_size,
+        "compile_s": round(first - local_s, 3),
+        "local_s": round(local_s, 4),
+        "agent_steps_per_s": round(agent_steps / local_s, 1),
+        "gflops": round(gflops, 2),
+        "gemm_gflops": round(peak, 1),
+        "gemm_fraction": round(gflops / peak, 4),
+        "sketch_dim": args.sketch_dim,
+        "sketch_s": round(info.get("sketch_s", 0.0), 4),
+        "distance_s": round(info["distance_s"], 4),
+        "linkage_s": round(info["linkage_s"], 4),
+        "sync_s": round(sync_s, 4),
+        "eval_s": round(eval_s, 4),
+        "eval_samples": int(part.y_all.shape[0]),
+        "round_s": round(
+            local_s
+            + info.get("sketch_s", 0.0)
+            + info["distance_s"]
+            + info["linkage_s"]
+            + sync_s
+            + eval_s,
+            4,
+        ),  # fmt: skip
+        "peak_rss_gb": round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3
+        ),
+        "jax": jax.__version__,
+        "device": str(jax.devices()[0].device_kind),
+        "machine": platform.processor() or platform.machine(),
+    }
+    return rec
+
+
+def plot(records: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for model in sorted({r["model"] for r in records}):
+        rs = sorted(
+            (r for r in records if r["model"] == model), key=lambda r: r["num_agents"]
+        )
+        xs = [r["num_agents"] for r in rs]
+        axes[0].plot(xs, [r["round_s"] for r in rs], "o-", label=f"{model} round")
+        axes[0].plot(xs, [r["local_s"] for r in rs], "x--", label=f"{model} local")
+        axes[1].plot(xs, [r["agent_steps_per_s"] for r in rs], "o-", label=model)
+    for ax, title in zip(axes, ("seconds per round", "agent-steps / s"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("agents")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--agents", default="100,1000,5000,10000")
+    p.add_argument("--models", default="mlp,mlr")
+    p.add_argument("--mlr_extra", default="100000", help="extra sizes for MLR only")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--eval_samples", type=int, default=2000)
+    p.add_argument("--sketch_dim", type=int, default=0)
+    p.add_argument("--agent_block", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(RESULTS, "scaling.json"))
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--num_agents", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print("RECORD" + json.dumps(one_size(args)), flush=True)
+        return
+
+    records = []
+    for model in args.models.split(","):
+        sizes = [int(s) for s in args.agents.split(",") if s]
+        if model == "mlr":
+            sizes += [int(s) for s in args.mlr_extra.split(",") if s]
+        for a in sizes:
+            cmd = [
+                sys.executable, __file__, "--one", f"--num_agents={a}",
+                f"--model={model}", f"--steps={args.steps}", f"--batch={args.batch}",
+                f"--repeats={args.repeats}", f"--eval_samples={args.eval_samples}",
+                f"--sketch_dim={args.sketch_dim}", f"--agent_block={args.agent_block}",
+            ]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RECORD")]
+            if proc.returncode or not line:
+                rec = {"model": model, "num_agents": a, "error": proc.stderr[-500:]}
+            else:
+                rec = json.loads(line[0][len("RECORD") :])
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+            os.makedirs(os.path.dirname(args.out), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(records, f, indent=1)
+    ok = [r for r in records if "error" not in r]
+    if ok:
+        plot(ok, os.path.splitext(args.out)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main()
