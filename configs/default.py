@@ -64,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Random projection of the clustering features to this many dimensions before
     # the distance matrix (0 = exact distances on all parameters).
     c.sketch_dim = 0
+    # Gram matrix of the distances accumulated over column blocks of this width
+    # (bounded memory for large models); 0 = one matmul.
+    c.distance_block = 0
     c.weighting = "agents"  # agents (reference) | samples
     # The reference code's undocumented amplify step (x1.15 per group average for
     # rounds t < 5); off by default, only to reproduce the reference numbers.

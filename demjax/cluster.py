@@ -163,22 +163,54 @@ def _symmetric_zero_diag(d: jax.Array) -> jax.Array:
     return jnp.fill_diagonal(d, 0.0, inplace=False)
 
 
-@functools.partial(jax.jit, static_argnames=("metric",))
-def _pairwise_distances_jit(feats: jax.Array, metric: str) -> jax.Array:
+def _gram(x: jax.Array, center: bool, block_size: int) -> jax.Array:
+    """``x x^T`` (optionally of column-centred x), accumulated over column blocks.
+
+    With ``block_size`` (> 0, < D) only one ``[A, block]`` slice is centred at a
+    time, so the extra memory is ``A x block + A x A`` instead of a centred copy
+    of the whole ``[A, D]`` features.
+    """
+    num_agents, dim = x.shape
+    weights = jnp.full((1, num_agents), 1.0 / num_agents, jnp.float32)
+
+    def part(xb):
+        if center:
+            # The column mean as a matmul with a weight vector (mean over the
+            # agent axis is slow on CPU).
+            xb = xb - jnp.matmul(weights, xb, precision=_HIGHEST)
+        return jnp.matmul(xb, xb.T, precision=_HIGHEST)
+
+    if not block_size or block_size >= dim:
+        return part(x)
+    full = dim // block_size
+
+    def body(i, acc):
+        return acc + part(
+            jax.lax.dynamic_slice_in_dim(x, i * block_size, block_size, 1)
+        )
+
+    gram = jax.lax.fori_loop(
+        0, full, body, jnp.zeros((num_agents, num_agents), jnp.float32)
+    )
+    if dim % block_size:
+        gram = gram + part(x[:, full * block_size :])
+    return gram
+
+
+@functools.partial(jax.jit, static_argnames=("metric", "block_size"))
+def _pairwise_distances_jit(
+    feats: jax.Array, metric: str, block_size: int
+) -> jax.Array:
     x = feats.astype(jnp.float32)
-    num_agents = x.shape[0]
     if metric == "euclidean":
         # Distances are translation invariant: centring shrinks |x|^2 and with it
-        # the cancellation error of the Gram identity. The column mean is a matmul
-        # with a weight vector (mean over the agent axis is slow on CPU).
-        weights = jnp.full((1, num_agents), 1.0 / num_agents, jnp.float32)
-        x = x - jnp.matmul(weights, x, precision=_HIGHEST)
-        gram = jnp.matmul(x, x.T, precision=_HIGHEST)
+        # the cancellation error of the Gram identity.
+        gram = _gram(x, True, block_size)
         sq_norm = jnp.diagonal(gram)
         sq = sq_norm[:, None] + sq_norm[None, :] - 2.0 * gram
         d = jnp.sqrt(jnp.maximum(sq, 0.0))
     else:  # cosine; the Gram matrix is normalised after the matmul (perf-notes).
-        gram = jnp.matmul(x, x.T, precision=_HIGHEST)
+        gram = _gram(x, False, block_size)
         norm = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
         denom = norm[:, None] * norm[None, :]
         ok = denom > 0.0
@@ -187,7 +219,9 @@ def _pairwise_distances_jit(feats: jax.Array, metric: str) -> jax.Array:
     return _symmetric_zero_diag(d)
 
 
-def pairwise_distances(feats: Any, metric: str = "euclidean") -> jax.Array:
+def pairwise_distances(
+    feats: Any, metric: str = "euclidean", block_size: int = 0
+) -> jax.Array:
     """All-pairs distances between agents' feature rows (jitted, metric static).
 
     Euclidean: Gram identity ``|x - y|^2 = |x|^2 + |y|^2 - 2 x.y`` on features
@@ -206,6 +240,8 @@ def pairwise_distances(feats: Any, metric: str = "euclidean") -> jax.Array:
     Args:
       feats: float ``[A, D]`` features (numpy or jax).
       metric: ``"euclidean"`` or ``"cosine"``.
+      block_size: if > 0, the Gram matrix is accumulated over column blocks of
+        this width (bounded memory: one ``[A, block]`` slice at a time).
 
     Returns:
       float32 ``[A, A]`` symmetric distance matrix with zero diagonal.
@@ -217,7 +253,7 @@ def pairwise_distances(feats: Any, metric: str = "euclidean") -> jax.Array:
     check_choice("distance", metric, METRICS)
     if np.ndim(feats) != 2:
         raise ValueError(f"feats must be [A, D]; got shape {np.shape(feats)}")
-    return _pairwise_distances_jit(jnp.asarray(feats), metric)
+    return _pairwise_distances_jit(jnp.asarray(feats), metric, int(block_size))
 
 
 @functools.partial(jax.jit, static_argnames=("sketch_dim", "block_size"))
@@ -651,6 +687,7 @@ def build_tree(
     backend: str = "scipy",
     sketch_dim: int = 0,
     key: jax.Array | None = None,
+    distance_block: int = 0,
 ) -> tuple[GroupTree, dict]:
     """Distances (device, jitted) -> linkage (host) -> group tree.
 
@@ -669,6 +706,7 @@ def build_tree(
       sketch_dim: if > 0 and smaller than D, features are first projected to
         ``sketch_dim`` dimensions with :func:`sketch` (needs ``key``).
       key: PRNG key of the sketch.
+      distance_block: column block width of the Gram accumulation (0 = whole).
 
     Returns:
       ``(tree, info)`` with ``info = {"distance_s", "linkage_s", "tree_s"}``
@@ -708,7 +746,7 @@ def build_tree(
         feats = sketch(key, feats, int(sketch_dim)).block_until_ready()
         info["sketch_s"] = time.perf_counter() - ts
     t0 = time.perf_counter()
-    dist = pairwise_distances(feats, metric).block_until_ready()
+    dist = pairwise_distances(feats, metric, distance_block).block_until_ready()
     t1 = time.perf_counter()
     z = linkage(np.asarray(dist), method, backend)
     t2 = time.perf_counter()

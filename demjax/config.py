@@ -83,6 +83,7 @@ def validate(config) -> None:
     _int_at_least(config, "eval_every", 1)
     _int_at_least(config, "local_buckets", 1)
     _int_at_least(config, "sketch_dim", 0)
+    _int_at_least(config, "distance_block", 0)
     _int_at_least(config, "num_devices", 0)
     _int_at_least(config, "agent_block", 0)
     _int_at_least(config, "samples_per_agent", 0)

@@ -268,5 +268,6 @@ class Simulator:
             level_groups=tuple(c.level_groups),
             backend=c.linkage_backend,
             sketch_dim=int(c.sketch_dim),
+            distance_block=int(c.distance_block),
             key=key,
         )

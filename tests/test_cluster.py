@@ -460,3 +460,12 @@ def test_sketch_preserves_distances_and_the_tree():
         assert adjusted_rand_score(exact, approx) > 0.99
     with pytest.raises(ConfigError, match="sketch_dim"):
         cluster.sketch(key, feats, 0)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_blocked_distances_equal_pdist(metric):
+    rng = np.random.default_rng(11)
+    feats = (rng.normal(size=(9, 1003)) + 5.0).astype(np.float32)
+    ref = ssd.squareform(ssd.pdist(feats.astype(np.float64), metric))
+    got = np.asarray(cluster.pairwise_distances(feats, metric, block_size=100))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
