@@ -111,9 +111,11 @@ def one_size(args) -> dict:
     sim.build_tree(params_local, state.params, jax.random.PRNGKey(2))  # compile
     new_tree, info = sim.build_tree(params_local, state.params, jax.random.PRNGKey(3))
     new_tree = jax.tree.map(jnp.asarray, new_tree)
+    active, diverged = out[3], out[4]
     sync = lambda: sim.sync_phase(  # noqa: E731
-        params_local, new_tree, weight, jnp.float32(0.7), jnp.float32(1.0)
-    )
+        params_local, state.params, new_tree, weight, active, diverged,
+        jnp.float32(0.7), jnp.float32(1.0), state.node_params,
+    )  # fmt: skip
     jax.block_until_ready(sync())
     t = time.perf_counter()
     nodes, node_w, nodes_sync, params_sync = sync()

@@ -78,6 +78,14 @@ def get_config() -> ml_collections.ConfigDict:
     # devices that divide num_agents evenly), 1 = one device.
     c.num_devices = 0
 
+    # Participation and faults (vectorized masks; see README "Faults and
+    # reproducibility"): fraction of agents sampled per round, independent
+    # per-round dropout probability, fraction of agents per round that complete
+    # only a uniformly random part of their local steps.
+    c.participation = 1.0
+    c.dropout = 0.0
+    c.stragglers = 0.0
+
     # Evaluation.
     c.eval_samples = (
         0  # C-GEN on a seeded subsample of this size; 0 = all pooled test data

@@ -88,6 +88,15 @@ def validate(config) -> None:
     _int_at_least(config, "agent_block", 0)
     _int_at_least(config, "samples_per_agent", 0)
     _float_in(config, "alpha", 0.0, 1.0)
+    _float_in(config, "dropout", 0.0, 1.0)
+    _float_in(config, "stragglers", 0.0, 1.0)
+    _float_in(config, "participation", 0.0, 1.0)
+    if config.participation <= 0 or config.dropout >= 1:
+        raise ConfigError(
+            f"participation={config.participation!r}, dropout={config.dropout!r} "
+            "leave no agent training; accepted: participation in (0, 1], dropout "
+            "in [0, 1)"
+        )
     if not (isinstance(config.lr, (int, float)) and config.lr > 0):
         raise ConfigError(f"lr={config.lr!r} is not valid; accepted: a float > 0")
     if not config.dirichlet_alpha > 0:

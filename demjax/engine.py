@@ -132,28 +132,110 @@ class Simulator:
         )
         communicates = self.algo.communicates
 
+        num_agents = self.num_agents
+        participation = float(config.participation)
+        dropout, stragglers = float(config.dropout), float(config.stragglers)
+        num_selected = max(1, int(round(participation * num_agents)))
+        broadcast = self.algo.broadcast
+        batch_size, local_epochs = int(config.batch_size), int(config.local_epochs)
+
+        def round_masks(key, n_train):
+            """Participation, dropout and straggler budgets of one round.
+
+            Returns ``(active bool [A], max_steps int32 [A])``.
+            """
+            k_sel, k_drop, k_str, k_frac = (
+                jax.random.fold_in(key, 1_000_003 + i) for i in range(4)
+            )
+            active = jnp.ones((num_agents,), bool)
+            if num_selected < num_agents:
+                ranks = jnp.argsort(
+                    jnp.argsort(jax.random.uniform(k_sel, (num_agents,)))
+                )
+                active = ranks < num_selected
+            if dropout > 0:
+                active = active & (jax.random.uniform(k_drop, (num_agents,)) >= dropout)
+            max_steps = jnp.full((num_agents,), local._NO_LIMIT, jnp.int32)
+            if stragglers > 0:
+                steps = local_epochs * ((n_train + batch_size - 1) // batch_size)
+                frac = jax.random.uniform(k_frac, (num_agents,))
+                budget = jnp.maximum(1, jnp.floor(frac * steps)).astype(jnp.int32)
+                slow = jax.random.uniform(k_str, (num_agents,)) < stragglers
+                max_steps = jnp.where(slow, budget, max_steps)
+            return active, max_steps
+
         def local_phase(state, part, anchor_tree, mu, key):
-            keys = jax.random.split(key, self.num_agents)
+            """Local training of the round's active agents.
+
+            Returns ``(params, opt_state, loss [A], active [A], diverged [A])``:
+            inactive agents keep their state; an agent whose loss or parameters
+            are non-finite is reset to its parent group model (the anchor) and
+            flagged ``diverged`` (excluded from aggregation this round).
+            """
+            keys = jax.random.split(key, num_agents)
             anchor = hierarchy.parent_models(state.node_params, anchor_tree)
-            return train_all(
+            # FedAvg/FedProx agents start from the current global model.
+            start = anchor if broadcast else state.params
+            active, max_steps = round_masks(key, part.n_train)
+            params, opt_state, loss = train_all(
                 keys,
-                state.params,
+                start,
                 state.opt_state,
                 part.x_train,
                 part.y_train,
                 part.n_train,
                 anchor,
                 mu,
+                max_steps,
             )
+            finite = jnp.isfinite(loss)
+            for leaf in jax.tree.leaves(params):
+                finite = finite & jnp.all(
+                    jnp.isfinite(leaf.reshape(num_agents, -1)), axis=1
+                )
+            diverged = active & ~finite
 
-        def sync_phase(params, tree, agent_weight, alpha, amplify):
+            def pick(trained, reset, keep):
+                def f(t, r, k):
+                    shape = (num_agents,) + (1,) * (t.ndim - 1)
+                    out = jnp.where(diverged.reshape(shape), r, t)
+                    return jnp.where(active.reshape(shape), out, k)
+
+                return jax.tree.map(f, trained, reset, keep)
+
+            params = pick(params, anchor, start)
+            opt_state = pick(opt_state, state.opt_state, state.opt_state)
+            loss = jnp.where(active & finite, loss, 0.0)
+            return params, opt_state, loss, active, diverged
+
+        def sync_phase(params, params_start, tree, agent_weight, active, diverged,
+                       alpha, amplify, prev_node_params):  # fmt: skip
+            """Aggregation over the round's contributing agents, then mixing.
+
+            Returns ``(node_params, group_size, mixed_node_params, params)``;
+            agents that did not take part keep their state.
+            """
+            contributes = (active & ~diverged).astype(jnp.float32)
             node_params, node_weight = hierarchy.aggregate_up(
-                params, tree, agent_weight, amplify
+                params, tree, agent_weight * contributes, amplify
+            )
+            node_params = hierarchy.fill_empty_groups(
+                node_params, node_weight, tree, prev_node_params
+            )
+            group_size = hierarchy.node_counts(
+                tree, jnp.ones((num_agents,), jnp.float32)
             )
             if not communicates:
-                return node_params, node_weight, node_params, params
+                return node_params, group_size, node_params, params
             mixed_nodes, mixed = hierarchy.mix_down(node_params, params, tree, alpha)
-            return node_params, node_weight, mixed_nodes, mixed
+            keep = jax.tree.map(
+                lambda m, p: jnp.where(
+                    active.reshape((num_agents,) + (1,) * (m.ndim - 1)), m, p
+                ),
+                mixed,
+                params_start,
+            )
+            return node_params, group_size, mixed_nodes, keep
 
         def evaluate(params, node_params, node_weight, tree, part, x_gen, y_gen):
             out = metrics.client_metrics(

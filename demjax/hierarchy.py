@@ -145,3 +145,46 @@ def mix_down(node_params, params, tree: GroupTree, alpha: jax.Array | float):
 def parent_models(node_params, tree: GroupTree):
     """Each agent's direct parent group model, leaves ``[A, ...]`` (a gather)."""
     return jax.tree.map(lambda m: m[tree.agent_parent], node_params)
+
+
+def fill_empty_groups(node_params, node_weight, tree: GroupTree, prev_node_params):
+    """Gives groups without contributing agents a model instead of zeros.
+
+    With partial participation a group may have no contributing agent in a
+    round: it takes its parent's model (top-down, so a chain of empty groups
+    inherits from the nearest non-empty ancestor); an empty root keeps its
+    previous model.
+
+    Args:
+      node_params: leaves ``[N, ...]`` from ``aggregate_up``.
+      node_weight: float32 ``[N]`` contributing weight under every node.
+      tree: group tree.
+      prev_node_params: leaves ``[N, ...]``, the group models of the last round.
+
+    Returns:
+      leaves ``[N, ...]``.
+    """
+    sizes, offsets = tree.level_sizes, tree.level_offsets
+    root = tree.root
+
+    def bcast(mask, x):
+        return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+
+    out = jax.tree.map(
+        lambda v, prev: v.at[root].set(
+            jnp.where(node_weight[root] > 0, v[root], prev[root])
+        ),
+        node_params,
+        prev_node_params,
+    )
+    for level in range(len(sizes) - 2, -1, -1):
+        o, g = offsets[level], sizes[level]
+        parent = tree.node_parent[o : o + g]
+        empty = node_weight[o : o + g] <= 0
+        out = jax.tree.map(
+            lambda v, o=o, g=g, parent=parent, empty=empty: v.at[o : o + g].set(
+                jnp.where(bcast(empty, v[o : o + g]), v[parent], v[o : o + g])
+            ),
+            out,
+        )
+    return out

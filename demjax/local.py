@@ -32,6 +32,8 @@ from demjax.errors import ConfigError
 
 # Named here for documentation and errors; any optax optimizer factory whose first
 # argument is the learning rate is accepted too (adamw, rmsprop, adagrad, lamb, ...).
+_NO_LIMIT = 2**30  # max_steps of an agent that is not a straggler
+
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad")
 
 
@@ -145,7 +147,7 @@ def make_train_one(
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def train_one(key, params, opt_state, x, y, n, anchor, mu):
+    def train_one(key, params, opt_state, x, y, n, anchor, mu, max_steps=None):
         perm_key, drop_key = jax.random.split(key)
         perms = epoch_permutations(perm_key, n, perm_size or n_max, local_epochs)
         perms = jnp.minimum(perms[:, :n_max], n_max - 1)
@@ -159,6 +161,8 @@ def make_train_one(
             idx = jax.lax.dynamic_slice(perms[e], (j * batch_size,), (batch_size,))
             mask = pos < n
             active = j * batch_size < n
+            if max_steps is not None:  # a straggler stops after max_steps steps
+                active = active & (n_active < max_steps)
             grads, ce = grad_fn(
                 params,
                 x[idx],
@@ -188,11 +192,21 @@ def make_train_one(
 def make_train_all(train_one: Callable) -> Callable:
     """Vmaps ``train_one`` over the agent axis (``mu`` shared).
 
+    The optional last argument ``max_steps`` (int32 ``[A]``) caps each agent's
+    SGD steps (stragglers); by default every agent does all of its steps.
+
     Returns:
       ``train_all(keys [A], params [A, ...], opt_state [A, ...], x [A, N_max, ...],
       y [A, N_max], n [A], anchor [A, ...], mu) -> (params, opt_state, loss [A])``.
     """
-    return jax.vmap(train_one, in_axes=(0, 0, 0, 0, 0, 0, 0, None))
+    vmapped = jax.vmap(train_one, in_axes=(0, 0, 0, 0, 0, 0, 0, None, 0))
+
+    def train_all(keys, params, opt_state, x, y, n, anchor, mu, max_steps=None):
+        if max_steps is None:
+            max_steps = jnp.full(n.shape, _NO_LIMIT, jnp.int32)
+        return vmapped(keys, params, opt_state, x, y, n, anchor, mu, max_steps)
+
+    return train_all
 
 
 def plan_buckets(steps: np.ndarray, num_buckets: int) -> list[np.ndarray]:
@@ -287,7 +301,9 @@ def make_train_population(
         fns.append((idx, cap, _blocked(make_train_all(one), block_size, len(idx))))
     inverse = np.argsort(np.concatenate(buckets)).astype(np.int32)
 
-    def train(keys, params, opt_state, x, y, n, anchor, mu):
+    def train(keys, params, opt_state, x, y, n, anchor, mu, max_steps=None):
+        if max_steps is None:
+            max_steps = jnp.full(n.shape, _NO_LIMIT, jnp.int32)
         outs = []
         for idx, cap, fn in fns:
             take = lambda t, idx=idx: jax.tree.map(lambda v: v[idx], t)  # noqa: E731
@@ -301,6 +317,7 @@ def make_train_population(
                     n[idx],
                     take(anchor),
                     mu,
+                    max_steps[idx],
                 )
             )
         return jax.tree.map(lambda *v: jnp.concatenate(v, axis=0)[inverse], *outs)
@@ -320,7 +337,7 @@ def _blocked(train_all: Callable, block_size: int, num_agents: int) -> Callable:
     num_blocks = -(-num_agents // block_size)
     pad = num_blocks * block_size - num_agents
 
-    def fn(keys, params, opt_state, x, y, n, anchor, mu):
+    def fn(keys, params, opt_state, x, y, n, anchor, mu, max_steps):
         def split(v):
             if pad:
                 v = jnp.concatenate([v, jnp.repeat(v[:1], pad, axis=0)], axis=0)
@@ -328,12 +345,12 @@ def _blocked(train_all: Callable, block_size: int, num_agents: int) -> Callable:
 
         if pad:
             n = jnp.concatenate([n, jnp.zeros((pad,), n.dtype)])
-        xs = jax.tree.map(split, (keys, params, opt_state, x, y, anchor))
+        xs = jax.tree.map(split, (keys, params, opt_state, x, y, anchor, max_steps))
         ns = n.reshape(num_blocks, block_size)
 
         def one_block(args):
-            k, p, o, xb, yb, a, nb = args
-            return train_all(k, p, o, xb, yb, nb, a, mu)
+            k, p, o, xb, yb, a, ms, nb = args
+            return train_all(k, p, o, xb, yb, nb, a, mu, ms)
 
         out = jax.lax.map(one_block, (*xs, ns))
         return jax.tree.map(

@@ -184,7 +184,7 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
         t0 = time.perf_counter()
         round_key = jax.random.fold_in(run_key, t)
         params_start = state.params
-        params_local, opt_state, loss = sim.local_phase(
+        params_local, opt_state, loss, active, diverged = sim.local_phase(
             state, part, tree_dev, jnp.float32(sim.round_mu(t)), round_key
         )
         jax.block_until_ready(params_local)
@@ -200,13 +200,28 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
         t1 = time.perf_counter()
         node_local, node_weight, node_sync, params_sync = sim.sync_phase(
             params_local,
+            params_start,
             tree_dev,
             agent_weight,
+            active,
+            diverged,
             jnp.float32(sim.round_alpha()),
             jnp.float32(sim.round_amplify(t)),
+            state.node_params,
         )
         jax.block_until_ready(params_sync)
         timing["sync_s"] = time.perf_counter() - t1
+        counts = jax.device_get(
+            {"num_active": jnp.sum(active), "num_diverged": jnp.sum(diverged)}
+        )
+        counts = {k: int(v) for k, v in counts.items()}
+        timing.update(counts)
+        if counts["num_diverged"]:
+            print(
+                f"warning: round {t}: {counts['num_diverged']} agent(s) diverged "
+                "(non-finite loss or parameters); reset to their parent group model",
+                file=sys.stderr,
+            )
 
         last_round = t == int(config.num_rounds) - 1
         if t % int(config.eval_every) and not last_round:
@@ -229,13 +244,15 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
         m_sync = sim.evaluate(
             params_sync, node_sync, node_weight, tree_dev, part, x_gen, y_gen
         )
+        ok = (active & ~diverged).astype(jnp.float32) * agent_weight
         m_local, m_sync, loss_mean = jax.device_get(
-            (m_local, m_sync, jnp.sum(loss * agent_weight) / jnp.sum(agent_weight))
+            (m_local, m_sync, jnp.sum(loss * ok) / jnp.maximum(jnp.sum(ok), 1e-12))
         )
         timing["eval_s"] = time.perf_counter() - t2
         m_local["train_loss"] = loss_mean
         for point, values in (("local", m_local), ("sync", m_sync)):
             rec = _record(t, point, values, level_names)
+            rec.update(counts)
             records.append(rec)
             writer.metrics(rec)
         timing["round_s"] = time.perf_counter() - t0
