@@ -31,6 +31,7 @@ import numpy as np
 from demjax import cluster, data, sharding
 from demjax.config import to_json, validate
 from demjax.engine import Simulator, placeholder_tree
+from demjax.errors import ConfigError
 
 POINTS = ("local", "sync")
 
@@ -102,6 +103,29 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def check_workdir(workdir: str) -> None:
+    """Refuses a workdir that cannot be created or written, before any training.
+
+    Raises:
+      ConfigError: naming ``workdir`` and the reason.
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"workdir={workdir!r} is not writable ({e.strerror or e}); accepted: a "
+            "directory path that can be created and written"
+        ) from e
+
+
+class Interrupted(Exception):
+    """Raised by ``run`` when SIGINT stops a run; results so far are on disk."""
+
+
 def run(config, workdir: str, progress: bool | None = None) -> dict:
     """Runs one simulation and writes its results to ``workdir``.
 
@@ -119,6 +143,7 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
       DataNotFoundError: the data set is not available offline.
     """
     validate(config)
+    check_workdir(workdir)
     part_np = data.make_partition(config)
     writer = RunWriter(workdir)
     writer.json("config.json", json.loads(to_json(config)))
@@ -179,103 +204,116 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
         bar = tqdm(rounds, desc=f"{config.algorithm}", unit="round", file=sys.stderr)
         rounds = bar
 
-    for t in rounds:
-        timing = {"round": t}
-        t0 = time.perf_counter()
-        round_key = jax.random.fold_in(run_key, t)
-        params_start = state.params
-        params_local, opt_state, loss, active, diverged = sim.local_phase(
-            state, part, tree_dev, jnp.float32(sim.round_mu(t)), round_key
-        )
-        jax.block_until_ready(params_local)
-        timing["local_s"] = time.perf_counter() - t0
-
-        if sim.regroups(t):
-            tree, info = sim.build_tree(
-                params_local, params_start, jax.random.fold_in(round_key, 1)
+    try:
+        for t in rounds:
+            timing = {"round": t}
+            t0 = time.perf_counter()
+            round_key = jax.random.fold_in(run_key, t)
+            params_start = state.params
+            params_local, opt_state, loss, active, diverged = sim.local_phase(
+                state, part, tree_dev, jnp.float32(sim.round_mu(t)), round_key
             )
-            tree_dev = to_device(tree)
-            timing.update(info)
+            jax.block_until_ready(params_local)
+            timing["local_s"] = time.perf_counter() - t0
 
-        t1 = time.perf_counter()
-        node_local, node_weight, node_sync, params_sync = sim.sync_phase(
-            params_local,
-            params_start,
-            tree_dev,
-            agent_weight,
-            active,
-            diverged,
-            jnp.float32(sim.round_alpha()),
-            jnp.float32(sim.round_amplify(t)),
-            state.node_params,
-        )
-        jax.block_until_ready(params_sync)
-        timing["sync_s"] = time.perf_counter() - t1
-        counts = jax.device_get(
-            {"num_active": jnp.sum(active), "num_diverged": jnp.sum(diverged)}
-        )
-        counts = {k: int(v) for k, v in counts.items()}
-        timing.update(counts)
-        if counts["num_diverged"]:
-            print(
-                f"warning: round {t}: {counts['num_diverged']} agent(s) diverged "
-                "(non-finite loss or parameters); reset to their parent group model",
-                file=sys.stderr,
+            if sim.regroups(t):
+                tree, info = sim.build_tree(
+                    params_local, params_start, jax.random.fold_in(round_key, 1)
+                )
+                tree_dev = to_device(tree)
+                timing.update(info)
+
+            t1 = time.perf_counter()
+            node_local, node_weight, node_sync, params_sync = sim.sync_phase(
+                params_local,
+                params_start,
+                tree_dev,
+                agent_weight,
+                active,
+                diverged,
+                jnp.float32(sim.round_alpha()),
+                jnp.float32(sim.round_amplify(t)),
+                state.node_params,
             )
+            jax.block_until_ready(params_sync)
+            timing["sync_s"] = time.perf_counter() - t1
+            counts = jax.device_get(
+                {"num_active": jnp.sum(active), "num_diverged": jnp.sum(diverged)}
+            )
+            counts = {k: int(v) for k, v in counts.items()}
+            timing.update(counts)
+            if counts["num_diverged"]:
+                print(
+                    f"warning: round {t}: {counts['num_diverged']} agent(s) diverged "
+                    "(non-finite loss or parameters); reset to parent group models",
+                    file=sys.stderr,
+                )
 
-        last_round = t == int(config.num_rounds) - 1
-        if t % int(config.eval_every) and not last_round:
+            last_round = t == int(config.num_rounds) - 1
+            if t % int(config.eval_every) and not last_round:
+                timing["round_s"] = time.perf_counter() - t0
+                writer.timing(_rounded(timing))
+                state = state.replace(
+                    params=params_sync,
+                    opt_state=opt_state,
+                    node_params=node_sync,
+                    round=jnp.int32(t + 1),
+                )
+                if sim.regroups(t):
+                    writer.json("tree_final.json", cluster.tree_to_json(tree))
+                continue
+
+            t2 = time.perf_counter()
+            m_local = sim.evaluate(
+                params_local, node_local, node_weight, tree_dev, part, x_gen, y_gen
+            )
+            m_sync = sim.evaluate(
+                params_sync, node_sync, node_weight, tree_dev, part, x_gen, y_gen
+            )
+            ok = (active & ~diverged).astype(jnp.float32) * agent_weight
+            m_local, m_sync, loss_mean = jax.device_get(
+                (m_local, m_sync, jnp.sum(loss * ok) / jnp.maximum(jnp.sum(ok), 1e-12))
+            )
+            timing["eval_s"] = time.perf_counter() - t2
+            m_local["train_loss"] = loss_mean
+            for point, values in (("local", m_local), ("sync", m_sync)):
+                rec = _record(t, point, values, level_names)
+                rec.update(counts)
+                records.append(rec)
+                writer.metrics(rec)
             timing["round_s"] = time.perf_counter() - t0
             writer.timing(_rounded(timing))
+            if sim.algo.self_organizing and sim.regroups(t):
+                writer.json("tree_final.json", cluster.tree_to_json(tree))
             state = state.replace(
                 params=params_sync,
                 opt_state=opt_state,
                 node_params=node_sync,
                 round=jnp.int32(t + 1),
             )
-            if sim.regroups(t):
-                writer.json("tree_final.json", cluster.tree_to_json(tree))
-            continue
-
-        t2 = time.perf_counter()
-        m_local = sim.evaluate(
-            params_local, node_local, node_weight, tree_dev, part, x_gen, y_gen
-        )
-        m_sync = sim.evaluate(
-            params_sync, node_sync, node_weight, tree_dev, part, x_gen, y_gen
-        )
-        ok = (active & ~diverged).astype(jnp.float32) * agent_weight
-        m_local, m_sync, loss_mean = jax.device_get(
-            (m_local, m_sync, jnp.sum(loss * ok) / jnp.maximum(jnp.sum(ok), 1e-12))
-        )
-        timing["eval_s"] = time.perf_counter() - t2
-        m_local["train_loss"] = loss_mean
-        for point, values in (("local", m_local), ("sync", m_sync)):
-            rec = _record(t, point, values, level_names)
-            rec.update(counts)
-            records.append(rec)
-            writer.metrics(rec)
-        timing["round_s"] = time.perf_counter() - t0
-        writer.timing(_rounded(timing))
-        if sim.algo.self_organizing and sim.regroups(t):
-            writer.json("tree_final.json", cluster.tree_to_json(tree))
-        state = state.replace(
-            params=params_sync,
-            opt_state=opt_state,
-            node_params=node_sync,
-            round=jnp.int32(t + 1),
-        )
+            if bar is not None:
+                last = records[-1]
+                bar.set_postfix(
+                    c_spe=f"{last['c_spe']:.3f}",
+                    c_gen=f"{last['c_gen']:.3f}",
+                    glob="-"
+                    if last["global_acc"] is None
+                    else f"{last['global_acc']:.3f}",
+                )
+            if not math.isfinite(float(loss_mean)):
+                print(
+                    f"warning: training loss is {loss_mean} at round {t}",
+                    file=sys.stderr,
+                )
+    except KeyboardInterrupt:
         if bar is not None:
-            last = records[-1]
-            bar.set_postfix(
-                c_spe=f"{last['c_spe']:.3f}",
-                c_gen=f"{last['c_gen']:.3f}",
-                glob="-" if last["global_acc"] is None else f"{last['global_acc']:.3f}",
-            )
-        if not math.isfinite(float(loss_mean)):
-            print(
-                f"warning: training loss is {loss_mean} at round {t}", file=sys.stderr
-            )
+            bar.close()
+        writer.close()
+        done = records[-1]["round"] if records else None
+        raise Interrupted(
+            f"interrupted (SIGINT); metrics up to round {done} are in {workdir}; "
+            "rerun the command to start again (checkpoint/resume: not available yet)"
+        ) from None
 
     if bar is not None:
         bar.close()

@@ -45,7 +45,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # hide JAX's backend-probing INFO lines
     from demjax.errors import ConfigError
-    from demjax.train import format_table, run
+    from demjax.train import Interrupted, format_table, run
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join(
@@ -56,6 +56,9 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(130)
     final = [result["final"]["local"], result["final"]["sync"]]
     print(
         f"\n{config.algorithm} on {config.dataset}: {config.num_agents} agents, "
