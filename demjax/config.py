@@ -87,6 +87,37 @@ def validate(config) -> None:
     _int_at_least(config, "num_devices", 0)
     _int_at_least(config, "agent_block", 0)
     _int_at_least(config, "samples_per_agent", 0)
+    _int_at_least(config, "seed", 0)
+    _int_at_least(config, "amplify_rounds", 0)
+    for field in ("standardize", "progress", "amplify", "download"):
+        if not isinstance(config[field], bool):
+            raise ConfigError(
+                f"{field}={config[field]!r} is not valid; accepted: True or False"
+            )
+    if not isinstance(config.data_dir, str):
+        raise ConfigError(
+            f"data_dir={config.data_dir!r} is not valid; accepted: a path string "
+            "('' = the dataset's default)"
+        )
+    hidden = config.hidden
+    if not (
+        isinstance(hidden, (tuple, list))
+        and len(hidden) >= 1
+        and all(
+            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
+        )
+    ):
+        raise ConfigError(
+            f"hidden={hidden!r} is not valid; accepted: a non-empty tuple of positive "
+            "integers, e.g. (100,)"
+        )
+    if not (
+        isinstance(config.amplify_factor, (int, float)) and config.amplify_factor > 0
+    ):
+        raise ConfigError(
+            f"amplify_factor={config.amplify_factor!r} is not valid; accepted: a "
+            "float > 0"
+        )
     _float_in(config, "alpha", 0.0, 1.0)
     _float_in(config, "dropout", 0.0, 1.0)
     _float_in(config, "stragglers", 0.0, 1.0)
