@@ -100,7 +100,9 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         out = run(
-            config_for(ROWS[name], args.num_rounds), os.path.join(args.workdir, name)
+            config_for(ROWS[name], args.num_rounds),
+            os.path.join(args.workdir, name),
+            overwrite=args.force,
         )
         results["rows"][name] = {
             "overrides": ROWS[name],

@@ -151,7 +151,8 @@ def main() -> None:
                 continue
             config = config_for(name, args.num_rounds, args.eval_every)
             t0 = time.perf_counter()
-            out = run(config, os.path.join(args.workdir, name))
+            # Resumes from the run's checkpoint if a session stopped it mid-way.
+            out = run(config, os.path.join(args.workdir, name), overwrite=args.force)
             results["runs"][name] = {
                 "final": out["final"]["sync"],
                 "final_local": out["final"]["local"],

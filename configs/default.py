@@ -86,6 +86,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.dropout = 0.0
     c.stragglers = 0.0
 
+    # Checkpoints (orbax, in <workdir>/checkpoints) every k rounds and at the end;
+    # 0 = off. A rerun on the same workdir resumes from the last one.
+    c.checkpoint_every = 10
+
     # Evaluation.
     c.eval_samples = (
         0  # C-GEN on a seeded subsample of this size; 0 = all pooled test data

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax import cluster, data, sharding
+from demjax import checkpoint, cluster, data, sharding
 from demjax.config import to_json, validate
 from demjax.engine import Simulator, placeholder_tree
 from demjax.errors import ConfigError
@@ -36,16 +36,42 @@ from demjax.errors import ConfigError
 POINTS = ("local", "sync")
 
 
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 class RunWriter:
     """Appends per-round records to JSONL/CSV files and flushes each write."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, keep_rounds_below: int | None = None):
+        """Opens the files; with ``keep_rounds_below`` (resume) the records of
+        earlier rounds are kept (in ``self.kept``) and later ones dropped."""
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
+        self.kept: list[dict] = []
+        old_timing: list[dict] = []
+        if keep_rounds_below is not None:
+            self.kept = [
+                r
+                for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+                if r["round"] < keep_rounds_below
+            ]
+            old_timing = [
+                r
+                for r in _read_jsonl(os.path.join(workdir, "timing.jsonl"))
+                if r["round"] < keep_rounds_below
+            ]
         self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "w")
         self._timing = open(os.path.join(workdir, "timing.jsonl"), "w")
         self._csv_file = open(os.path.join(workdir, "metrics.csv"), "w", newline="")
         self._csv = None
+        for r in self.kept:
+            self.metrics(r)
+        for r in old_timing:
+            self.timing(r)
 
     def metrics(self, record: dict) -> None:
         self._metrics.write(json.dumps(record) + "\n")
@@ -126,13 +152,17 @@ class Interrupted(Exception):
     """Raised by ``run`` when SIGINT stops a run; results so far are on disk."""
 
 
-def run(config, workdir: str, progress: bool | None = None) -> dict:
+def run(
+    config, workdir: str, progress: bool | None = None, overwrite: bool = False
+) -> dict:
     """Runs one simulation and writes its results to ``workdir``.
 
     Args:
       config: run config (``configs/default.py`` fields); validated first.
       workdir: output directory (created).
       progress: show a tqdm bar (default ``config.progress``).
+      overwrite: replace results already in ``workdir`` instead of resuming from
+        its checkpoint or refusing (see ``demjax.checkpoint``).
 
     Returns:
       ``{"final": {point: record}, "records": [...], "wall_s": float,
@@ -144,9 +174,9 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
     """
     validate(config)
     check_workdir(workdir)
+    config_json = json.loads(to_json(config))
+    resume = checkpoint.prepare_workdir(workdir, config_json, overwrite)
     part_np = data.make_partition(config)
-    writer = RunWriter(workdir)
-    writer.json("config.json", json.loads(to_json(config)))
     t_start = time.perf_counter()
 
     mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)
@@ -184,25 +214,42 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
             node_params=sharding.replicate(state.node_params, mesh),
         )
         agent_weight = sharding.shard_agents(agent_weight, mesh)
+    every = int(config.checkpoint_every)
+    mngr = checkpoint.manager(workdir) if (every or resume) else None
+    start = 0
+    if resume:
+        state, tree, start = checkpoint.restore(mngr, state, tree)
+        print(f"resuming {workdir} after round {start - 1}", file=sys.stderr)
     to_device = (
         (lambda t: jax.tree.map(jnp.asarray, t))
         if mesh is None
         else (lambda t: sharding.replicate(t, mesh))
     )
     tree_dev = to_device(tree)
+    writer = RunWriter(workdir, keep_rounds_below=start if resume else None)
+    writer.json("config.json", config_json)
     num_levels = len(sim.level_sizes) - 1
     level_names = [
         f"{m}_l{k}" for k in range(1, num_levels + 1) for m in ("g_spe", "g_gen")
     ]
 
-    records: list[dict] = []
+    records: list[dict] = list(writer.kept)
+    num_rounds = int(config.num_rounds)
     bar = None
-    rounds = range(int(config.num_rounds))
+    rounds = range(start, num_rounds)
     if show:
         from tqdm.auto import tqdm
 
-        bar = tqdm(rounds, desc=f"{config.algorithm}", unit="round", file=sys.stderr)
+        bar = tqdm(
+            rounds,
+            desc=f"{config.algorithm}",
+            unit="round",
+            file=sys.stderr,
+            initial=start,
+            total=num_rounds,
+        )
         rounds = bar
+    state_tree = tree  # the tree that belongs to `state` (for checkpoints)
 
     try:
         for t in rounds:
@@ -249,40 +296,35 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
                     file=sys.stderr,
                 )
 
-            last_round = t == int(config.num_rounds) - 1
-            if t % int(config.eval_every) and not last_round:
-                timing["round_s"] = time.perf_counter() - t0
-                writer.timing(_rounded(timing))
-                state = state.replace(
-                    params=params_sync,
-                    opt_state=opt_state,
-                    node_params=node_sync,
-                    round=jnp.int32(t + 1),
+            last_round = t == num_rounds - 1
+            if t % int(config.eval_every) == 0 or last_round:
+                t2 = time.perf_counter()
+                m_local = sim.evaluate(
+                    params_local, node_local, node_weight, tree_dev, part, x_gen, y_gen
                 )
-                if sim.regroups(t):
-                    writer.json("tree_final.json", cluster.tree_to_json(tree))
-                continue
-
-            t2 = time.perf_counter()
-            m_local = sim.evaluate(
-                params_local, node_local, node_weight, tree_dev, part, x_gen, y_gen
-            )
-            m_sync = sim.evaluate(
-                params_sync, node_sync, node_weight, tree_dev, part, x_gen, y_gen
-            )
-            ok = (active & ~diverged).astype(jnp.float32) * agent_weight
-            m_local, m_sync, loss_mean = jax.device_get(
-                (m_local, m_sync, jnp.sum(loss * ok) / jnp.maximum(jnp.sum(ok), 1e-12))
-            )
-            timing["eval_s"] = time.perf_counter() - t2
-            m_local["train_loss"] = loss_mean
-            for point, values in (("local", m_local), ("sync", m_sync)):
-                rec = _record(t, point, values, level_names)
-                rec.update(counts)
-                records.append(rec)
-                writer.metrics(rec)
-            timing["round_s"] = time.perf_counter() - t0
-            writer.timing(_rounded(timing))
+                m_sync = sim.evaluate(
+                    params_sync, node_sync, node_weight, tree_dev, part, x_gen, y_gen
+                )
+                ok = (active & ~diverged).astype(jnp.float32) * agent_weight
+                m_local, m_sync, loss_mean = jax.device_get(
+                    (
+                        m_local,
+                        m_sync,
+                        jnp.sum(loss * ok) / jnp.maximum(jnp.sum(ok), 1e-12),
+                    )
+                )
+                timing["eval_s"] = time.perf_counter() - t2
+                m_local["train_loss"] = loss_mean
+                for point, values in (("local", m_local), ("sync", m_sync)):
+                    rec = _record(t, point, values, level_names)
+                    rec.update(counts)
+                    records.append(rec)
+                    writer.metrics(rec)
+                if not math.isfinite(float(loss_mean)):
+                    print(
+                        f"warning: training loss is {loss_mean} at round {t}",
+                        file=sys.stderr,
+                    )
             if sim.algo.self_organizing and sim.regroups(t):
                 writer.json("tree_final.json", cluster.tree_to_json(tree))
             state = state.replace(
@@ -291,7 +333,14 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
                 node_params=node_sync,
                 round=jnp.int32(t + 1),
             )
-            if bar is not None:
+            state_tree = tree
+            if every and ((t + 1) % every == 0 or last_round):
+                t3 = time.perf_counter()
+                checkpoint.save(mngr, state, state_tree)
+                timing["checkpoint_s"] = time.perf_counter() - t3
+            timing["round_s"] = time.perf_counter() - t0
+            writer.timing(_rounded(timing))
+            if bar is not None and records:
                 last = records[-1]
                 bar.set_postfix(
                     c_spe=f"{last['c_spe']:.3f}",
@@ -300,25 +349,28 @@ def run(config, workdir: str, progress: bool | None = None) -> dict:
                     if last["global_acc"] is None
                     else f"{last['global_acc']:.3f}",
                 )
-            if not math.isfinite(float(loss_mean)):
-                print(
-                    f"warning: training loss is {loss_mean} at round {t}",
-                    file=sys.stderr,
-                )
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
+        done = int(state.round) - 1
+        if every:
+            checkpoint.save(mngr, state, state_tree)
+            how = "rerun the same command to resume from it (checkpoint saved)"
+        else:
+            how = (
+                "set checkpoint_every > 0 to be able to resume; rerun with --overwrite"
+            )
         writer.close()
-        done = records[-1]["round"] if records else None
         raise Interrupted(
-            f"interrupted (SIGINT); metrics up to round {done} are in {workdir}; "
-            "rerun the command to start again (checkpoint/resume: not available yet)"
+            f"interrupted (SIGINT) after round {done}; results are in {workdir}; {how}"
         ) from None
 
     if bar is not None:
         bar.close()
     writer.json("tree_final.json", cluster.tree_to_json(tree))
     writer.close()
+    if mngr is not None:
+        mngr.close()
     final = {p: next(r for r in reversed(records) if r["point"] == p) for p in POINTS}
     return {
         "final": final,

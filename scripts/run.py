@@ -34,6 +34,12 @@ try:  # config_flags applies --config.FIELD overrides while defining the flag
     )
 except (AttributeError, KeyError) as err:
     _unknown_field(err)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace results already in --workdir (default: resume from its last checkpoint "
+    "when the config matches, refuse otherwise).",
+)
 _WORKDIR = flags.DEFINE_string(
     "workdir",
     None,
@@ -52,7 +58,7 @@ def main(argv):
         "runs", f"{config.algorithm}_{config.dataset}_seed{config.seed}"
     )
     try:
-        result = run(config, workdir)
+        result = run(config, workdir, overwrite=_OVERWRITE.value)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,84 @@
+"""Checkpoint/resume: a run killed after a checkpoint and resumed equals an
+uninterrupted run of the same seed; the workdir convention refuses silent loss."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from demjax import train
+from demjax.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import default  # noqa: E402
+
+ROUNDS = 40
+ARGS = [
+    "--config.model=mlr",
+    "--config.num_agents=12",
+    "--config.num_levels=2",
+    "--config.local_epochs=1",
+    "--config.checkpoint_every=3",
+    "--config.progress=False",
+]
+
+
+def config():
+    c = default.get_config()
+    c.model, c.num_agents, c.num_levels, c.local_epochs = "mlr", 12, 2, 1
+    c.checkpoint_every, c.progress, c.num_rounds = 3, False, ROUNDS
+    return c
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train.run(config(), str(whole))
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "scripts", "run.py"), *ARGS,
+         f"--config.num_rounds={ROUNDS}", f"--workdir={killed}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 10
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before SIGINT arrived")
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err
+    done = len(metrics.read_text().splitlines()) // 2
+    assert 0 < done < ROUNDS
+    train.run(config(), str(killed))  # resumes
+    assert (killed / "metrics.jsonl").read_bytes() == (
+        whole / "metrics.jsonl"
+    ).read_bytes()
+
+
+def test_workdir_convention(tmp_path):
+    c = config()
+    c.num_rounds = 3
+    train.run(c, str(tmp_path))
+    other = config()
+    other.num_rounds, other.alpha = 3, 0.5
+    with pytest.raises(ConfigError, match="different config.*alpha.*--overwrite"):
+        train.run(other, str(tmp_path))
+    res = train.run(other, str(tmp_path), overwrite=True)
+    assert len(res["records"]) == 6
+    # Extending num_rounds resumes from the last checkpoint (round 3) and adds 2.
+    other.num_rounds = 5
+    res = train.run(other, str(tmp_path))
+    assert [r["round"] for r in res["records"]][-2:] == [4, 4]
+    # Results without any checkpoint are never overwritten silently.
+    plain = config()
+    plain.num_rounds, plain.checkpoint_every = 2, 0
+    train.run(plain, str(tmp_path / "plain"))
+    with pytest.raises(ConfigError, match="without a checkpoint"):
+        train.run(plain, str(tmp_path / "plain"))
