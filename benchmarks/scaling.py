@@ -110,6 +110,7 @@ def one_size(args) -> dict:
     params_local = out[0]
     sim.build_tree(params_local, state.params, jax.random.PRNGKey(2))  # compile
     new_tree, info = sim.build_tree(params_local, state.params, jax.random.PRNGKey(3))
+    info.pop("linkage")
     new_tree = jax.tree.map(jnp.asarray, new_tree)
     active, diverged = out[3], out[4]
     sync = lambda: sim.sync_phase(  # noqa: E731

@@ -709,7 +709,8 @@ def build_tree(
       distance_block: column block width of the Gram accumulation (0 = whole).
 
     Returns:
-      ``(tree, info)`` with ``info = {"distance_s", "linkage_s", "tree_s"}``
+      ``(tree, info)`` with ``info = {"distance_s", "linkage_s", "tree_s",
+      "linkage"}`` (``linkage``: the scipy matrix ``Z``)
       (plus ``sketch_s`` when sketching), the
       wall seconds of each step (``distance_s`` includes the jit compile the
       first time a shape is seen).
@@ -756,4 +757,5 @@ def build_tree(
         tree = tree_from_linkage_maxclust(z, num_agents, groups)
     t3 = time.perf_counter()
     info.update(distance_s=t1 - t0, linkage_s=t2 - t1, tree_s=t3 - t2)
+    info["linkage"] = z  # float64 [A - 1, 4], for dendrogram plots (not a timing)
     return tree, info

@@ -87,6 +87,7 @@ def validate(config) -> None:
     _int_at_least(config, "num_devices", 0)
     _int_at_least(config, "agent_block", 0)
     _int_at_least(config, "checkpoint_every", 0)
+    _int_at_least(config, "tree_snapshot_every", 0)
     _int_at_least(config, "samples_per_agent", 0)
     _int_at_least(config, "seed", 0)
     _int_at_least(config, "amplify_rounds", 0)

@@ -88,6 +88,7 @@ class RunWriter:
 
     def json(self, name: str, obj) -> None:
         path = os.path.join(self.workdir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump(obj, f, indent=1)
         os.replace(path + ".tmp", path)
@@ -146,6 +147,20 @@ def check_workdir(workdir: str) -> None:
             f"workdir={workdir!r} is not writable ({e.strerror or e}); accepted: a "
             "directory path that can be created and written"
         ) from e
+
+
+def _majority_labels(part) -> list[int]:
+    """Each agent's most frequent training label (for plots)."""
+    y, n = np.asarray(part.y_train), np.asarray(part.n_train)
+    return [int(np.bincount(y[a, : n[a]]).argmax()) for a in range(len(n))]
+
+
+def _tree_snapshot(tree, z, t: int, majority: list[int]) -> dict:
+    out = cluster.tree_to_json(tree)
+    out["round"] = int(t)
+    out["linkage"] = None if z is None else np.asarray(z).tolist()
+    out["agent_majority_label"] = majority
+    return out
 
 
 class Interrupted(Exception):
@@ -234,6 +249,8 @@ def run(
     ]
 
     records: list[dict] = list(writer.kept)
+    majority = _majority_labels(part_np)
+    z = None
     num_rounds = int(config.num_rounds)
     bar = None
     rounds = range(start, num_rounds)
@@ -268,7 +285,14 @@ def run(
                     params_local, params_start, jax.random.fold_in(round_key, 1)
                 )
                 tree_dev = to_device(tree)
+                z = info.pop("linkage")
                 timing.update(info)
+                snap = int(config.tree_snapshot_every)
+                if snap and (t % snap == 0 or t == num_rounds - 1):
+                    writer.json(
+                        os.path.join("trees", f"round_{t:05d}.json"),
+                        _tree_snapshot(tree, z, t, majority),
+                    )
 
             t1 = time.perf_counter()
             node_local, node_weight, node_sync, params_sync = sim.sync_phase(
@@ -326,7 +350,7 @@ def run(
                         file=sys.stderr,
                     )
             if sim.algo.self_organizing and sim.regroups(t):
-                writer.json("tree_final.json", cluster.tree_to_json(tree))
+                writer.json("tree_final.json", _tree_snapshot(tree, z, t, majority))
             state = state.replace(
                 params=params_sync,
                 opt_state=opt_state,
@@ -367,7 +391,10 @@ def run(
 
     if bar is not None:
         bar.close()
-    writer.json("tree_final.json", cluster.tree_to_json(tree))
+    if not (sim.algo.self_organizing and num_rounds > start):
+        writer.json(
+            "tree_final.json", _tree_snapshot(tree, None, num_rounds - 1, majority)
+        )
     writer.close()
     if mngr is not None:
         mngr.close()
