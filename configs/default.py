@@ -99,5 +99,6 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.eval_batch = 0  # models evaluated at once; 0 = auto (1 for CNNs, else 8)
     c.eval_every = 1  # evaluate every k rounds (and always the last round)
-    c.progress = True
+    c.progress = True  # tqdm bar (round, ETA, latest C-SPE/C-GEN); --quiet turns it off
+    c.tensorboard = False  # also write TensorBoard events to <workdir>/tensorboard
     return c

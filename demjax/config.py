@@ -91,7 +91,7 @@ def validate(config) -> None:
     _int_at_least(config, "samples_per_agent", 0)
     _int_at_least(config, "seed", 0)
     _int_at_least(config, "amplify_rounds", 0)
-    for field in ("standardize", "progress", "amplify", "download"):
+    for field in ("standardize", "progress", "amplify", "download", "tensorboard"):
         if not isinstance(config[field], bool):
             raise ConfigError(
                 f"{field}={config[field]!r} is not valid; accepted: True or False"

@@ -68,12 +68,34 @@ class RunWriter:
         self._timing = open(os.path.join(workdir, "timing.jsonl"), "w")
         self._csv_file = open(os.path.join(workdir, "metrics.csv"), "w", newline="")
         self._csv = None
+        self._tb = None
         for r in self.kept:
             self.metrics(r)
         for r in old_timing:
             self.timing(r)
 
+    def tensorboard(self) -> None:
+        """Also write TensorBoard event files (``<workdir>/tensorboard``).
+
+        One scalar series per metric, level and measurement point, tagged
+        ``<point>/<metric>`` (e.g. ``sync/c_gen``, ``local/g_spe_l2``), step = round.
+        Written with tensorboardX (a maintained event writer without TensorFlow).
+        """
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+        for r in self.kept:
+            self._tb_write(r)
+
+    def _tb_write(self, record: dict) -> None:
+        for k, v in record.items():
+            if k not in ("round", "point") and isinstance(v, (int, float)):
+                self._tb.add_scalar(f"{record['point']}/{k}", v, record["round"])
+        self._tb.flush()
+
     def metrics(self, record: dict) -> None:
+        if self._tb is not None:
+            self._tb_write(record)
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         if self._csv is None:
@@ -96,6 +118,8 @@ class RunWriter:
     def close(self) -> None:
         for f in (self._metrics, self._timing, self._csv_file):
             f.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def _record(t: int, point: str, values: dict, level_names: list[str]) -> dict:
@@ -243,6 +267,8 @@ def run(
     tree_dev = to_device(tree)
     writer = RunWriter(workdir, keep_rounds_below=start if resume else None)
     writer.json("config.json", config_json)
+    if config.tensorboard:
+        writer.tensorboard()
     num_levels = len(sim.level_sizes) - 1
     level_names = [
         f"{m}_l{k}" for k in range(1, num_levels + 1) for m in ("g_spe", "g_gen")

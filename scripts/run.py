@@ -40,6 +40,10 @@ _OVERWRITE = flags.DEFINE_bool(
     "Replace results already in --workdir (default: resume from its last checkpoint "
     "when the config matches, refuse otherwise).",
 )
+_QUIET = flags.DEFINE_bool("quiet", False, "No progress bar (config.progress=False).")
+_TENSORBOARD = flags.DEFINE_bool(
+    "tensorboard", False, "Also write TensorBoard events (config.tensorboard=True)."
+)
 _WORKDIR = flags.DEFINE_string(
     "workdir",
     None,
@@ -54,6 +58,11 @@ def main(argv):
     from demjax.train import Interrupted, format_table, run
 
     config = _CONFIG.value
+    with config.unlocked():
+        if _QUIET.value:
+            config.progress = False
+        if _TENSORBOARD.value:
+            config.tensorboard = True
     workdir = _WORKDIR.value or os.path.join(
         "runs", f"{config.algorithm}_{config.dataset}_seed{config.seed}"
     )
