@@ -182,3 +182,78 @@ def to_json(config) -> str:
     d = config.to_dict()
     d["mu"] = resolved_mu(config)
     return json.dumps(d, sort_keys=True, indent=2, default=list)
+
+
+# One line per config field: what it does and the accepted values. README's
+# "All config fields" table is generated from this (`python -m demjax.config`) and a
+# test keeps the two, and the fields of configs/default.py, in sync.
+FIELD_DOCS = {
+    "seed": "PRNG seed of data split, init, shuffles, masks (int >= 0)",
+    "dataset": "digits, fashion_mnist, fashion_mnist_tfds, mnist, emnist, cifar10",
+    "data_dir": "IDX / tfds data directory; '' = the source's default",
+    "download": "tfds sources: fetch missing data (needs internet)",
+    "partition": "pathological (reference), dirichlet, iid",
+    "labels_per_agent": "pathological: labels per agent (1..C)",
+    "dirichlet_alpha": "dirichlet: concentration (> 0)",
+    "samples_per_agent": "cap on samples per agent; 0 = none",
+    "standardize": "global (x - mean) / (std + 0.001) as the reference; else [0, 1]",
+    "num_agents": "A, number of agents (>= 2)",
+    "model": "mlr, mlp, cnn (paper), cnn_cifar",
+    "hidden": "MLP hidden widths, e.g. (100,)",
+    "conv_impl": "patches (im2col, fast vmapped on CPU) or xla (lax.conv)",
+    "optimizer": "sgd (reference), momentum, or any optax optimizer name",
+    "lr": "local learning rate (> 0)",
+    "local_epochs": "passes over the agent's data per round (>= 1)",
+    "batch_size": "minibatch size B (>= 1)",
+    "local_buckets": "buckets of similar step counts, each a vmap (>= 1)",
+    "agent_block": "agents trained at once; 0 = auto from free memory",
+    "algorithm": "demlearn, demlearn_p, fedavg, fedprox, local",
+    "num_rounds": "T, rounds (>= 1)",
+    "mu": "proximal coefficient; None = algorithm default (0.002 / 0.5 / 0)",
+    "alpha": "top-down mixing weight of the parent model, [0, 1]",
+    "num_levels": "group levels below the root (paper's K = num_levels + 1)",
+    "tau": "regroup every tau rounds; 0 = tree fixed after round 0",
+    "tree_mode": "binary (reference top-down splits) or maxclust",
+    "level_groups": "maxclust: groups per level, level 1 first, e.g. (16, 4, 2)",
+    "distance": "euclidean or cosine",
+    "linkage": "average (reference), single, complete, weighted, ward (euclidean)",
+    "linkage_backend": "scipy or fastcluster",
+    "cluster_features": "weights (reference) or updates (the round's update)",
+    "sketch_dim": "random projection of clustering features; 0 = exact",
+    "distance_block": "Gram accumulated over column blocks of this width; 0 = one matmul",
+    "weighting": "group averages weighted by agents (reference) or samples",
+    "amplify": "the reference's x amplify_factor group scaling (off by default)",
+    "amplify_factor": "amplify scale (> 0), 1.15 in the reference",
+    "amplify_rounds": "amplify applies for rounds t < amplify_rounds",
+    "num_devices": "devices of the 'agents' mesh; 0 = auto, 1 = none",
+    "participation": "fraction of agents sampled per round, (0, 1]",
+    "dropout": "per-round probability an agent drops out, [0, 1)",
+    "stragglers": "fraction of agents doing a random part of their steps, [0, 1]",
+    "checkpoint_every": "orbax checkpoint every k rounds and at the end; 0 = off",
+    "tree_snapshot_every": "tree + linkage snapshots every k rounds; 0 = final only",
+    "eval_samples": "C-GEN on a seeded subsample of this size; 0 = all",
+    "eval_batch": "models evaluated at once; 0 = auto (1 for CNNs, else 8)",
+    "eval_every": "evaluate every k rounds (and the last)",
+    "progress": "tqdm progress bar (--quiet turns it off)",
+    "tensorboard": "also write TensorBoard events (--tensorboard)",
+}
+
+
+def fields_markdown(config) -> str:
+    """The README table of every config field: name, default, meaning."""
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    for key in sorted(config.keys()):
+        value = config[key]
+        default = repr(tuple(value) if isinstance(value, list) else value)
+        rows.append(f"| `{key}` | `{default}` | {FIELD_DOCS.get(key, '?')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m demjax.config: print the README table
+    import os
+    import sys
+
+    sys.path.insert(0, os.getcwd())
+    from configs import default
+
+    print(fields_markdown(default.get_config()))
