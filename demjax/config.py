@@ -220,7 +220,7 @@ FIELD_DOCS = {
     "linkage_backend": "scipy or fastcluster",
     "cluster_features": "weights (reference) or updates (the round's update)",
     "sketch_dim": "random projection of clustering features; 0 = exact",
-    "distance_block": "Gram accumulated over column blocks of this width; 0 = one matmul",
+    "distance_block": "Gram summed over column blocks of this width; 0 = one matmul",
     "weighting": "group averages weighted by agents (reference) or samples",
     "amplify": "the reference's x amplify_factor group scaling (off by default)",
     "amplify_factor": "amplify scale (> 0), 1.15 in the reference",
