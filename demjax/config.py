@@ -250,10 +250,6 @@ def fields_markdown(config) -> str:
 
 
 if __name__ == "__main__":  # python -m demjax.config: print the README table
-    import os
-    import sys
+    from demjax.default_config import get_config
 
-    sys.path.insert(0, os.getcwd())
-    from configs import default
-
-    print(fields_markdown(default.get_config()))
+    print(fields_markdown(get_config()))

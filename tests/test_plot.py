@@ -5,14 +5,13 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 from configs import default  # noqa: E402
 from demjax import train  # noqa: E402
 
 
 def test_plot_writes_curves_and_tree(tmp_path):
-    import plot
+    from demjax import plotting as plot
 
     c = default.get_config()
     c.num_agents, c.num_rounds, c.model, c.progress = 10, 3, "mlr", False

@@ -1,0 +1,27 @@
+"""CI executes the Colab notebook on CPU with a small parameter set."""
+
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_colab_notebook_runs_on_cpu(monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("DEMJAX_NOTEBOOK_SMALL", "1")
+    path = os.path.join(REPO, "notebooks", "demjax_colab_tpu.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3")
+    client.execute()
+    text = "\n".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert "backend: cpu" in text
+    assert "devices used:" in text and "c_spe" in text
+    images = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]  # fmt: skip
+    assert len(images) == 2  # curves and tree
