@@ -21,7 +21,9 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -187,6 +189,31 @@ def _tree_snapshot(tree, z, t: int, majority: list[int]) -> dict:
     return out
 
 
+class _GracefulStop:
+    """SIGINT ends the run at the end of the current round (never mid-checkpoint);
+    a second SIGINT interrupts at once. Only in the main thread."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nSIGINT: stopping after the current round (again to stop now)",
+            file=sys.stderr,
+        )
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
 class Interrupted(Exception):
     """Raised by ``run`` when SIGINT stops a run; results so far are on disk."""
 
@@ -293,6 +320,7 @@ def run(
         )
         rounds = bar
     state_tree = tree  # the tree that belongs to `state` (for checkpoints)
+    stop = _GracefulStop()
 
     try:
         for t in rounds:
@@ -399,7 +427,10 @@ def run(
                     if last["global_acc"] is None
                     else f"{last['global_acc']:.3f}",
                 )
+            if stop.requested:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
+        stop.restore()
         if bar is not None:
             bar.close()
         done = int(state.round) - 1
@@ -414,6 +445,8 @@ def run(
         raise Interrupted(
             f"interrupted (SIGINT) after round {done}; results are in {workdir}; {how}"
         ) from None
+    finally:
+        stop.restore()
 
     if bar is not None:
         bar.close()
