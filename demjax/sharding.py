@@ -12,10 +12,9 @@ all-reduce. Tested on CPU with ``XLA_FLAGS=--xla_force_host_platform_device_coun
 
 from __future__ import annotations
 
-import sys
-
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from demjax.errors import ConfigError
@@ -40,10 +39,12 @@ def make_mesh(num_devices: int, num_agents: int) -> Mesh | None:
     if num_devices == 0:  # auto: the most devices that divide A evenly
         n = max(d for d in range(1, available + 1) if num_agents % d == 0)
         if n < available:
-            print(
-                f"note: sharding {num_agents} agents over {n} of {available} devices "
-                f"(num_agents must be divisible; set num_devices to choose)",
-                file=sys.stderr,
+            logging.info(
+                "sharding %d agents over %d of %d devices (num_agents must be "
+                "divisible; set num_devices to choose)",
+                num_agents,
+                n,
+                available,
             )
     else:
         n = int(num_devices)

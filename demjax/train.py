@@ -29,6 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from demjax import checkpoint, cluster, data, sharding
 from demjax.config import to_json, validate
@@ -255,18 +256,21 @@ def run(
     x_gen, y_gen = part.x_all[eval_idx], part.y_all[eval_idx]
     show = config.progress if progress is None else progress
     if subsampled:
-        print(
-            f"C-GEN is measured on a seeded evaluation subsample of {len(eval_idx)} of "
-            f"{num_pooled} pooled test samples (eval_samples={config.eval_samples}).",
-            file=sys.stderr,
+        logging.info(
+            "C-GEN is measured on a seeded evaluation subsample of %d of %d pooled "
+            "test samples (eval_samples=%d).",
+            len(eval_idx),
+            num_pooled,
+            config.eval_samples,
         )
 
     sim = Simulator(config, part)
     if sim.block_size:
-        print(
-            f"local training runs {sim.block_size} agents at a time "
-            f"(agent_block={config.agent_block}; 0 = chosen from free memory)",
-            file=sys.stderr,
+        logging.info(
+            "local training runs %d agents at a time (agent_block=%d; 0 = chosen "
+            "from free memory)",
+            sim.block_size,
+            config.agent_block,
         )
     key = jax.random.PRNGKey(int(config.seed))
     init_key, run_key = jax.random.split(key)
@@ -285,7 +289,7 @@ def run(
     start = 0
     if resume:
         state, tree, start = checkpoint.restore(mngr, state, tree)
-        print(f"resuming {workdir} after round {start - 1}", file=sys.stderr)
+        logging.info("resuming %s after round %d", workdir, start - 1)
     to_device = (
         (lambda t: jax.tree.map(jnp.asarray, t))
         if mesh is None
@@ -368,10 +372,11 @@ def run(
             counts = {k: int(v) for k, v in counts.items()}
             timing.update(counts)
             if counts["num_diverged"]:
-                print(
-                    f"warning: round {t}: {counts['num_diverged']} agent(s) diverged "
-                    "(non-finite loss or parameters); reset to parent group models",
-                    file=sys.stderr,
+                logging.warning(
+                    "round %d: %d agent(s) diverged (non-finite loss or parameters); "
+                    "reset to parent group models",
+                    t,
+                    counts["num_diverged"],
                 )
 
             last_round = t == num_rounds - 1
@@ -399,10 +404,7 @@ def run(
                     records.append(rec)
                     writer.metrics(rec)
                 if not math.isfinite(float(loss_mean)):
-                    print(
-                        f"warning: training loss is {loss_mean} at round {t}",
-                        file=sys.stderr,
-                    )
+                    logging.warning("training loss is %s at round %d", loss_mean, t)
             if sim.algo.self_organizing and sim.regroups(t):
                 writer.json("tree_final.json", _tree_snapshot(tree, z, t, majority))
             state = state.replace(

@@ -51,9 +51,18 @@ _WORKDIR = flags.DEFINE_string(
 )
 
 
+def _demjax_info_only(record) -> bool:
+    return record.levelno >= logging.converter.STANDARD_WARNING or (
+        f"{os.sep}demjax{os.sep}" in record.pathname
+    )
+
+
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # hide JAX's backend-probing INFO lines
+    # demjax's INFO messages and everyone's warnings; not the INFO chatter of JAX
+    # and orbax.
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_demjax_info_only)
     from demjax.errors import ConfigError
     from demjax.train import Interrupted, format_table, run
 

@@ -257,7 +257,8 @@ def test_maxclust_recovers_blobs_and_nests():
     tree, info = cluster.build_tree(
         x, num_levels=2, mode="maxclust", level_groups=(4, 2)
     )
-    assert set(info) == {"distance_s", "linkage_s", "tree_s"}
+    assert set(info) == {"distance_s", "linkage_s", "tree_s", "linkage"}
+    assert info["linkage"].shape == (19, 4)  # scipy Z of the 20 agents
     assert tree.level_sizes == (4, 2, 1)
     # Level 1 = the 4 blobs; level 2 = blobs {0, 1} and {2, 3}.
     assert _partition(tree.agent_ancestor[0]) == _partition(blob)

@@ -89,10 +89,18 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     ).read_bytes()
 
 
-def test_eval_subsample_is_reported(tmp_path, capsys):
-    result = train.run(tiny_config(num_rounds=1, eval_samples=20), str(tmp_path))
+def test_eval_subsample_is_reported(tmp_path):
+    result = train.run(tiny_config(num_rounds=1, eval_samples=20), str(tmp_path / "a"))
     assert result["eval_samples"] == 20
-    assert "evaluation subsample of 20" in capsys.readouterr().err
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "run.py"), "--quiet",
+         "--config.num_rounds=1", "--config.eval_samples=20", "--config.model=mlr",
+         f"--workdir={tmp_path / 'b'}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "evaluation subsample of 20" in proc.stderr  # an absl INFO line
+    assert "orbax" not in proc.stderr and "xla_bridge" not in proc.stderr
 
 
 def test_fmnist_paper_config_runs_on_real_data(tmp_path):
