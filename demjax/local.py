@@ -304,6 +304,11 @@ def make_train_population(
     def train(keys, params, opt_state, x, y, n, anchor, mu, max_steps=None):
         if max_steps is None:
             max_steps = jnp.full(n.shape, _NO_LIMIT, jnp.int32)
+        if len(fns) == 1:  # one bucket: no gather/scatter copies of data and state
+            _, cap, fn = fns[0]
+            xs = x if cap == x.shape[1] else x[:, :cap]
+            ys = y if cap == y.shape[1] else y[:, :cap]
+            return fn(keys, params, opt_state, xs, ys, n, anchor, mu, max_steps)
         outs = []
         for idx, cap, fn in fns:
             take = lambda t, idx=idx: jax.tree.map(lambda v: v[idx], t)  # noqa: E731
