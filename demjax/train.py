@@ -12,7 +12,7 @@ The workdir receives, each flushed every round so a run never loses its results:
 - ``timing.jsonl``: seconds per phase per round (``local_s``, ``distance_s``,
   ``linkage_s``, ``tree_s``, ``sync_s``, ``eval_s``, ``round_s``); round 0
   includes compilation.
-- ``tree_final.json``: the last group tree (self-organizing algorithms).
+- ``tree_final.json``: the last group tree, written at the end of the run.
 """
 
 from __future__ import annotations
@@ -307,7 +307,14 @@ def run(
 
     records: list[dict] = list(writer.kept)
     majority = _majority_labels(part_np)
-    z = None
+    z, tree_round = None, max(start - 1, 0)
+
+    def write_final_tree():
+        # Once, at the end (or on SIGINT): serialising the tree every round is
+        # host work on the hot path; per-round trees are the snapshots above.
+        last = tree_round if sim.algo.self_organizing else num_rounds - 1
+        writer.json("tree_final.json", _tree_snapshot(tree, z, last, majority))
+
     num_rounds = int(config.num_rounds)
     bar = None
     rounds = range(start, num_rounds)
@@ -343,7 +350,7 @@ def run(
                     params_local, params_start, jax.random.fold_in(round_key, 1)
                 )
                 tree_dev = to_device(tree)
-                z = info.pop("linkage")
+                z, tree_round = info.pop("linkage"), t
                 timing.update(info)
                 snap = int(config.tree_snapshot_every)
                 if snap and (t % snap == 0 or t == num_rounds - 1):
@@ -405,8 +412,6 @@ def run(
                     writer.metrics(rec)
                 if not math.isfinite(float(loss_mean)):
                     logging.warning("training loss is %s at round %d", loss_mean, t)
-            if sim.algo.self_organizing and sim.regroups(t):
-                writer.json("tree_final.json", _tree_snapshot(tree, z, t, majority))
             state = state.replace(
                 params=params_sync,
                 opt_state=opt_state,
@@ -443,6 +448,7 @@ def run(
             how = (
                 "set checkpoint_every > 0 to be able to resume; rerun with --overwrite"
             )
+        write_final_tree()
         writer.close()
         raise Interrupted(
             f"interrupted (SIGINT) after round {done}; results are in {workdir}; {how}"
@@ -452,10 +458,7 @@ def run(
 
     if bar is not None:
         bar.close()
-    if not (sim.algo.self_organizing and num_rounds > start):
-        writer.json(
-            "tree_final.json", _tree_snapshot(tree, None, num_rounds - 1, majority)
-        )
+    write_final_tree()
     writer.close()
     if mngr is not None:
         mngr.close()
