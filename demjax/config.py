@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from demjax import cluster
-from demjax.algorithms import REGISTRY, get_algorithm
+from demjax import cluster, robust
+from demjax.algorithms import ALGORITHMS, PLUGINS, get_algorithm, is_plugin
 from demjax.data import PARTITIONS, SOURCES
 from demjax.errors import ConfigError, check_choice
 from demjax.local import make_optimizer
@@ -43,6 +43,8 @@ def _float_in(config, field: str, low: float, high: float) -> None:
 
 def resolved_mu(config) -> float:
     """``config.mu``, or the algorithm's default when it is None."""
+    if is_plugin(config.algorithm):
+        return float(config.mu or 0.0)
     algo = get_algorithm(config.algorithm)
     return float(algo.default_mu if config.mu is None else config.mu)
 
@@ -54,7 +56,9 @@ def validate(config) -> None:
       ConfigError: the first bad field, e.g. ``"algorithm='fedsgd' is not valid;
         accepted: demlearn, demlearn_p, fedavg, fedprox, local"``.
     """
-    check_choice("algorithm", config.algorithm, tuple(REGISTRY))
+    check_choice("algorithm", config.algorithm, ALGORITHMS)
+    check_choice("aggregator", config.aggregator, robust.AGGREGATORS)
+    _validate_plugin_hparams(config)
     check_choice("dataset", config.dataset, DATASETS)
     check_choice("partition", config.partition, PARTITIONS)
     check_choice("distance", config.distance, DISTANCES)
@@ -137,10 +141,14 @@ def validate(config) -> None:
             f"dirichlet_alpha={config.dirichlet_alpha!r} is not valid; "
             "accepted: a float > 0"
         )
-    algo = get_algorithm(config.algorithm)
+    _float_in(config, "trim_fraction", 0.0, 0.49)
+    _float_in(config, "aggregator_noise", 0.0, float("inf"))
     mu = resolved_mu(config)
     if mu < 0:
         raise ConfigError(f"mu={mu!r} is not valid; accepted: a float >= 0")
+    if is_plugin(config.algorithm):
+        return
+    algo = get_algorithm(config.algorithm)
     if algo.requires_mu_positive and mu == 0:
         plain = "demlearn" if algo.self_organizing else "fedavg"
         raise ConfigError(
@@ -177,6 +185,35 @@ def validate(config) -> None:
                 ) from e
 
 
+def _validate_plugin_hparams(config) -> None:
+    """Every plug-in's hyper-parameter group (``--config.<algorithm>.<field>``)."""
+    for name, plugin in PLUGINS.items():
+        if not plugin.hparams:
+            continue
+        group = config.get(name)
+        if group is None:
+            raise ConfigError(
+                f"{name} hyper-parameters are missing from the config; accepted: a "
+                f"config built from configs/default.py (fields "
+                f"{', '.join(plugin.hparams)})"
+            )
+        unknown = sorted(set(group.keys()) - set(plugin.hparams))
+        if unknown:
+            raise ConfigError(
+                f"{name}.{unknown[0]} is not a field of {name}; accepted: "
+                f"{', '.join(plugin.hparams)}"
+            )
+        for key, hparam in plugin.hparams.items():
+            hparam.check(f"{name}.{key}", group.get(key, hparam.default))
+
+
+def plugin_hparams(config) -> dict:
+    """The resolved hyper-parameters of ``config.algorithm`` (a plug-in)."""
+    plugin = PLUGINS[config.algorithm]
+    group = config.get(config.algorithm) or {}
+    return {k: group.get(k, h.default) for k, h in plugin.hparams.items()}
+
+
 def to_json(config) -> str:
     """The resolved config as sorted JSON (tuples as lists, ``mu`` resolved)."""
     d = config.to_dict()
@@ -207,7 +244,11 @@ FIELD_DOCS = {
     "batch_size": "minibatch size B (>= 1)",
     "local_buckets": "buckets of similar step counts, each a vmap (>= 1)",
     "agent_block": "agents trained at once; 0 = auto from free memory",
-    "algorithm": "demlearn, demlearn_p, fedavg, fedprox, local",
+    "algorithm": "tree engine: demlearn, demlearn_p, fedavg, fedprox, local; "
+    "plug-ins: see README 'Algorithms'",
+    "aggregator": "server averaging: mean, median, trimmed_mean, noisy_median",
+    "trim_fraction": "trimmed_mean: fraction cut from each end, [0, 0.49]",
+    "aggregator_noise": "noisy_median: std of Gaussian noise before the median (>= 0)",
     "num_rounds": "T, rounds (>= 1)",
     "mu": "proximal coefficient; None = algorithm default (0.002 / 0.5 / 0)",
     "alpha": "top-down mixing weight of the parent model, [0, 1]",
@@ -239,13 +280,35 @@ FIELD_DOCS = {
 }
 
 
+def field_docs() -> dict[str, str]:
+    """Docs of every config field, plug-in groups as ``<algorithm>.<field>``."""
+    docs = dict(FIELD_DOCS)
+    for name, plugin in PLUGINS.items():
+        for key, hparam in plugin.hparams.items():
+            docs[f"{name}.{key}"] = hparam.doc
+    return docs
+
+
+def flat_fields(config) -> dict:
+    """Config fields flattened (groups as ``<group>.<field>``) -> value."""
+    out = {}
+    for key in config.keys():
+        value = config[key]
+        if hasattr(value, "keys"):
+            for sub in value.keys():
+                out[f"{key}.{sub}"] = value[sub]
+        else:
+            out[key] = value
+    return out
+
+
 def fields_markdown(config) -> str:
     """The README table of every config field: name, default, meaning."""
+    docs = field_docs()
     rows = ["| field | default | meaning |", "|---|---|---|"]
-    for key in sorted(config.keys()):
-        value = config[key]
+    for key, value in sorted(flat_fields(config).items()):
         default = repr(tuple(value) if isinstance(value, list) else value)
-        rows.append(f"| `{key}` | `{default}` | {FIELD_DOCS.get(key, '?')} |")
+        rows.append(f"| `{key}` | `{default}` | {docs.get(key, '?')} |")
     return "\n".join(rows)
 
 

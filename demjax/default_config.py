@@ -49,6 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
     # fedprox 0.5, others 0).
     c.mu = ml_collections.config_dict.placeholder(float)
     c.alpha = 0.7  # top-down mixing weight of the parent model
+    # Server averaging (FedAvg-style steps and group models): mean | median |
+    # trimmed_mean | noisy_median (demjax.robust).
+    c.aggregator = "mean"
+    c.trim_fraction = 0.1  # trimmed_mean: fraction cut from each end, [0, 0.5)
+    c.aggregator_noise = 0.0  # noisy_median: std of the noise added before the median
 
     # Self-organizing group tree (demjax.cluster). num_levels counts group levels
     # below the root (the paper's K = num_levels + 1).
@@ -101,4 +106,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 1  # evaluate every k rounds (and always the last round)
     c.progress = True  # tqdm bar (round, ETA, latest C-SPE/C-GEN); --quiet turns it off
     c.tensorboard = False  # also write TensorBoard events to <workdir>/tensorboard
+
+    # Hyper-parameters of the plug-in algorithms, one group per algorithm with the
+    # paper's defaults, e.g. --config.ditto.lam=0.1 (see README "Algorithms").
+    add_plugin_hparams(c)
     return c
+
+
+def add_plugin_hparams(c: ml_collections.ConfigDict) -> None:
+    """Adds ``c.<plugin name>.<field>`` for every registered plug-in algorithm."""
+    from demjax.algorithms import PLUGINS
+
+    for name, plugin in PLUGINS.items():
+        if plugin.hparams:
+            c[name] = ml_collections.ConfigDict(
+                {k: h.default for k, h in plugin.hparams.items()}
+            )

@@ -112,6 +112,7 @@ def make_train_one(
     local_epochs: int,
     n_max: int,
     perm_size: int | None = None,
+    grad_fn: Callable | None = None,
 ) -> Callable:
     """Builds one agent's local training function.
 
@@ -124,6 +125,11 @@ def make_train_one(
       perm_size: length of the random draws behind each epoch's shuffle
         (default ``n_max``). Bucketed training passes the population's ``N_max``
         so an agent's shuffles do not depend on the bucket it lands in.
+      grad_fn: replaces the objective's gradient (plug-in algorithms, e.g.
+        pFedMe's Moreau envelope or Per-FedAvg's meta-gradient):
+        ``grad_fn(params, xb [B, ...], yb [B], mask bool [B], anchor, mu, key)
+        -> (grads, ce)``, ``anchor`` any per-agent pytree the algorithm needs.
+        Default: the gradient of ``CE + mu / 2 * ||w - anchor||^2``.
 
     Returns:
       ``train_one(key, params, opt_state, x [N_max, ...], y [N_max], n, anchor, mu)
@@ -145,7 +151,8 @@ def make_train_one(
         )
         return ce + 0.5 * mu * sq, ce
 
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if grad_fn is None:
+        grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def train_one(key, params, opt_state, x, y, n, anchor, mu, max_steps=None):
         perm_key, drop_key = jax.random.split(key)
@@ -258,6 +265,7 @@ def make_train_population(
     n_train: np.ndarray,
     num_buckets: int = 4,
     block_size: int = 0,
+    grad_fn: Callable | None = None,
 ) -> Callable:
     """Local training of the whole population, bucketed by step count.
 
@@ -278,6 +286,7 @@ def make_train_population(
         ``lax.map`` over blocks of a vmap), bounding the memory of the step
         temporaries to one block and running all local steps of a block while its
         weights are hot in cache; 0 = the whole bucket at once.
+      grad_fn: custom gradient of the local objective (``make_train_one``).
 
     Returns:
       ``train(keys [A], params [A, ...], opt_state [A, ...], x [A, N_max, ...],
@@ -297,6 +306,7 @@ def make_train_population(
             local_epochs=local_epochs,
             n_max=cap,
             perm_size=n_max,
+            grad_fn=grad_fn,
         )
         fns.append((idx, cap, _blocked(make_train_all(one), block_size, len(idx))))
     inverse = np.argsort(np.concatenate(buckets)).astype(np.int32)

@@ -32,6 +32,7 @@ import numpy as np
 from absl import logging
 
 from demjax import checkpoint, cluster, data, sharding
+from demjax.algorithms import is_plugin
 from demjax.config import to_json, validate
 from demjax.engine import Simulator, placeholder_tree
 from demjax.errors import ConfigError
@@ -240,6 +241,10 @@ def run(
       DataNotFoundError: the data set is not available offline.
     """
     validate(config)
+    if is_plugin(config.algorithm):
+        from demjax import plugin_engine
+
+        return plugin_engine.run(config, workdir, progress, overwrite)
     check_workdir(workdir)
     config_json = json.loads(to_json(config))
     resume = checkpoint.prepare_workdir(workdir, config_json, overwrite)

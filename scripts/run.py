@@ -83,7 +83,7 @@ def main(argv):
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         sys.exit(130)
-    final = [result["final"]["local"], result["final"]["sync"]]
+    final = [result["final"][p] for p in ("local", "sync") if p in result["final"]]
     print(
         f"\n{config.algorithm} on {config.dataset}: {config.num_agents} agents, "
         f"{config.num_rounds} rounds, {result['wall_s']:.1f} s; workdir {workdir}"

@@ -1,0 +1,126 @@
+"""Ditto: Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning
+Through Personalization", ICML 2021, Algorithm 1.
+
+Each round every participating agent k
+
+1. trains a copy of the global model ``w`` on its data (``local_epochs`` of SGD,
+   the FedAvg update) -> ``w_k``;
+2. trains its personal model ``v_k`` on ``F_k(v) + lam / 2 * ||v - w||^2``
+   (Eq. 2), the proximal pull towards the round's global model ``w``;
+
+and the server sets ``w <- aggregate(w_k)`` (sample-weighted mean, or the robust
+``config.aggregator``). C-SPE / C-GEN evaluate the personal models ``v``, Global
+the model ``w``.
+
+State (leaves stacked over A agents where marked):
+``w`` one model; ``v [A, ...]``; ``opt_w [A, ...]``, ``opt_v [A, ...]`` optimizer
+states of the two local problems.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from demjax.algorithms.plugin import HParam, Plugin, Rounds, stack, where_agents
+
+
+@flax.struct.dataclass
+class DittoState:
+    w: object
+    v: object
+    opt_w: object
+    opt_v: object
+
+
+HPARAMS = {
+    "lam": HParam(
+        0.1,
+        "ditto: personal proximal weight lambda (>= 0; paper tunes over "
+        "{0.01, 0.1, 1, 2}, 0.1 default)",
+        low=0.0,
+    ),
+    "personal_epochs": HParam(
+        0,
+        "ditto: epochs on the personal model per round; 0 = local_epochs",
+        low=0,
+    ),
+}
+
+
+def masked_mean(values, weights):
+    """``sum w v / sum w`` (0 when every weight is 0); ``[A]`` -> scalar."""
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+def keep_if_finite(new, old):
+    """``new`` where every leaf is finite, else ``old`` (no participant, NaN median)."""
+    ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new)]))
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def build(ctx) -> Rounds:
+    lam = float(ctx.hp["lam"])
+    epochs_v = int(ctx.hp["personal_epochs"]) or int(ctx.config.local_epochs)
+    train_w = ctx.trainer()
+    train_v = ctx.trainer(local_epochs=epochs_v)
+    num_agents = ctx.num_agents
+
+    def init(key, part):
+        w = ctx.init_model(key)
+        v = stack(w, num_agents)
+        opt = jax.vmap(ctx.tx.init)(v)
+        return DittoState(w=w, v=v, opt_w=opt, opt_v=opt)
+
+    def round_fn(state, part, key, t):
+        active, max_steps = ctx.round_masks(key, part.n_train)
+        k_w, k_v, k_agg = jax.random.split(jax.random.fold_in(key, 17), 3)
+        w0 = stack(state.w, num_agents)
+        w_k, opt_w, _ = train_w(
+            jax.random.split(k_w, num_agents),
+            w0,
+            state.opt_w,
+            part.x_train,
+            part.y_train,
+            part.n_train,
+            w0,
+            jnp.float32(0.0),
+            max_steps,
+        )
+        v, opt_v, loss_v = train_v(
+            jax.random.split(k_v, num_agents),
+            state.v,
+            state.opt_v,
+            part.x_train,
+            part.y_train,
+            part.n_train,
+            w0,
+            jnp.float32(lam),
+            max_steps,
+        )
+        weight = active * part.n_train.astype(jnp.float32)
+        w = keep_if_finite(ctx.aggregate(w_k, weight, k_agg), state.w)
+        new = DittoState(
+            w=w,
+            v=where_agents(active, v, state.v),
+            opt_w=where_agents(active, opt_w, state.opt_w),
+            opt_v=where_agents(active, opt_v, state.opt_v),
+        )
+        info = {"train_loss": masked_mean(loss_v, active.astype(jnp.float32))}
+        return new, info
+
+    return Rounds(
+        init=init,
+        round=round_fn,
+        personal=lambda state, part, key: state.v,
+        global_model=lambda state: state.w,
+    )
+
+
+PLUGIN = Plugin(
+    name="ditto",
+    citation="Li et al., ICML 2021, Algorithm 1 (Ditto), Eq. 2",
+    hparams=HPARAMS,
+    build=build,
+)

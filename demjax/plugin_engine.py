@@ -1,0 +1,233 @@
+"""Runs a plug-in algorithm (``demjax.algorithms.plugin``) end to end.
+
+The same data, participation/fault masks, evaluation, workdir outputs, SIGINT
+handling and checkpoints as the tree engine (``demjax.train.run``), with one
+measurement point per round, ``sync``: the models each agent uses after the
+round's communication (``Rounds.personal``). ``metrics.jsonl`` records carry
+``round``, ``point``, ``c_spe``, ``c_gen``, ``global_acc`` (null without a global
+model), ``train_loss`` and the algorithm's own ``info`` scalars (e.g.
+``num_clusters``), flushed every round.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from demjax import checkpoint, data, local, metrics, models, sharding
+from demjax.algorithms import get_plugin
+from demjax.algorithms.plugin import Context
+from demjax.config import plugin_hparams, to_json
+from demjax.engine import make_round_masks
+
+
+def build(config, part):
+    """``(plugin, ctx, rounds)`` for a validated config and a device partition."""
+    plugin = get_plugin(config.algorithm)
+    model = models.make_model(
+        config.model, part.num_classes, config.hidden, config.conv_impl
+    )
+    eval_model = models.make_model(config.model, part.num_classes, config.hidden, "xla")
+
+    def apply_fn(params, x, train, key):
+        rngs = {"dropout": key} if (train and key is not None) else {}
+        return model.apply({"params": params}, x, train=train, rngs=rngs)
+
+    def eval_apply_fn(params, x, train, key):
+        return eval_model.apply({"params": params}, x, train=False)
+
+    ctx = Context(
+        config=config,
+        hp=plugin_hparams(config),
+        num_agents=part.num_agents,
+        num_classes=part.num_classes,
+        input_shape=tuple(part.input_shape),
+        model=model,
+        apply_fn=apply_fn,
+        eval_apply_fn=eval_apply_fn,
+        tx=local.make_optimizer(config.optimizer, config.lr),
+        n_train=np.asarray(part.n_train),
+        round_masks=make_round_masks(config, part.num_agents),
+        block_size=int(config.agent_block),
+    )
+    return plugin, ctx, plugin.build(ctx)
+
+
+def make_evaluate(plugin, ctx, rounds, eval_batch: int):
+    """Jitted ``evaluate(state, part, x_gen, y_gen, key) -> dict`` of C-SPE, C-GEN,
+    and Global (when the algorithm has a global model)."""
+    apply = rounds.eval_apply or ctx.eval_apply_fn
+
+    def evaluate(state, part, x_gen, y_gen, key):
+        personal = rounds.personal(state, part, key)
+        out = metrics.client_metrics(apply, personal, part, x_gen, y_gen, eval_batch)
+        if plugin.has_global and rounds.global_model is not None:
+            g = jax.tree.map(lambda p: p[None], rounds.global_model(state))
+            correct = metrics.correct_matrix(apply, g, part.x_all, part.y_all, 1)
+            out["global_acc"] = jnp.mean(correct)
+        return out
+
+    return jax.jit(evaluate)
+
+
+def _save(mngr, state, step: int) -> None:
+    if mngr.latest_step() == step:
+        return
+    mngr.save(step, args=ocp.args.StandardSave({"state": state}))
+    mngr.wait_until_finished()
+
+
+def _restore(mngr, state):
+    step = mngr.latest_step()
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state
+    )
+    got = mngr.restore(step, args=ocp.args.StandardRestore({"state": target}))
+    return got["state"], int(step)
+
+
+def run(config, workdir: str, progress: bool | None = None, overwrite: bool = False):
+    """Runs ``config.algorithm`` (a plug-in); outputs as ``demjax.train.run``.
+
+    Returns:
+      ``{"final": {"sync": record}, "records": [...], "wall_s": float,
+      "eval_samples": S or None, "compilations": {"round": n, "evaluate": n}}``.
+
+    Raises:
+      ConfigError, DataNotFoundError: as ``demjax.train.run``.
+    """
+    import json
+
+    from demjax.train import (
+        Interrupted,
+        RunWriter,
+        _GracefulStop,
+        _rounded,
+        check_workdir,
+    )
+
+    check_workdir(workdir)
+    config_json = json.loads(to_json(config))
+    resume = checkpoint.prepare_workdir(workdir, config_json, overwrite)
+    part_np = data.make_partition(config)
+    t_start = time.perf_counter()
+    mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)
+    part = jax.tree.map(jnp.asarray, part_np)
+    if mesh is not None:
+        part = sharding.shard_partition(part, mesh)
+    eval_idx = data.eval_subsample(part_np, int(config.eval_samples), int(config.seed))
+    subsampled = len(eval_idx) < int(part_np.y_all.shape[0])
+    x_gen, y_gen = part.x_all[eval_idx], part.y_all[eval_idx]
+
+    plugin, ctx, rounds = build(config, part_np)
+    eval_batch = int(config.eval_batch) or (1 if config.model.startswith("cnn") else 8)
+    round_fn = jax.jit(rounds.round)
+    evaluate = make_evaluate(plugin, ctx, rounds, eval_batch)
+
+    key = jax.random.PRNGKey(int(config.seed))
+    init_key, run_key = jax.random.split(key)
+    state = rounds.init(init_key, part)
+    every = int(config.checkpoint_every)
+    mngr = checkpoint.manager(workdir) if (every or resume) else None
+    start = 0
+    if resume:
+        state, start = _restore(mngr, state)
+        logging.info("resuming %s after round %d", workdir, start - 1)
+    writer = RunWriter(workdir, keep_rounds_below=start if resume else None)
+    writer.json("config.json", config_json)
+    if config.tensorboard:
+        writer.tensorboard()
+    records: list[dict] = list(writer.kept)
+    num_rounds = int(config.num_rounds)
+    bar = None
+    steps = range(start, num_rounds)
+    show = config.progress if progress is None else progress
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            steps,
+            desc=config.algorithm,
+            unit="round",
+            file=sys.stderr,
+            initial=start,
+            total=num_rounds,
+        )
+        steps = bar
+    stop = _GracefulStop()
+    done = start
+    try:
+        for t in steps:
+            t0 = time.perf_counter()
+            round_key = jax.random.fold_in(run_key, t)
+            state, info = round_fn(state, part, round_key, jnp.int32(t))
+            jax.block_until_ready(state)
+            timing = {"round": t, "local_s": time.perf_counter() - t0}
+            done = t + 1
+            last = t == num_rounds - 1
+            if t % int(config.eval_every) == 0 or last:
+                t2 = time.perf_counter()
+                eval_key = jax.random.fold_in(round_key, 7)
+                m = evaluate(state, part, x_gen, y_gen, eval_key)
+                m, info_h = jax.device_get((m, info))
+                timing["eval_s"] = time.perf_counter() - t2
+                rec = {"round": t, "point": "sync"}
+                for k in ("c_spe", "c_gen", "global_acc"):
+                    v = m.get(k)
+                    rec[k] = None if v is None else round(float(v), 6)
+                for k in sorted(info_h):
+                    rec[k] = round(float(info_h[k]), 6)
+                rec.setdefault("train_loss", None)
+                records.append(rec)
+                writer.metrics(rec)
+                if bar is not None:
+                    bar.set_postfix(
+                        c_spe=f"{rec['c_spe']:.3f}", c_gen=f"{rec['c_gen']:.3f}"
+                    )
+            if every and (done % every == 0 or last):
+                _save(mngr, state, done)
+            timing["round_s"] = time.perf_counter() - t0
+            writer.timing(_rounded(timing))
+            if stop.requested:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+        if every:
+            _save(mngr, state, done)
+            how = "rerun the same command to resume from it (checkpoint saved)"
+        else:
+            how = "set checkpoint_every > 0 to resume; rerun with --overwrite"
+        writer.close()
+        raise Interrupted(
+            f"interrupted (SIGINT) after round {done - 1}; results are in {workdir}; "
+            f"{how}"
+        ) from None
+    finally:
+        stop.restore()
+    if bar is not None:
+        bar.close()
+    writer.close()
+    if mngr is not None:
+        mngr.close()
+    return {
+        "final": {"sync": records[-1]},
+        "records": records,
+        "wall_s": time.perf_counter() - t_start,
+        "eval_samples": len(eval_idx) if subsampled else None,
+        "compilations": {
+            "round": round_fn._cache_size(),
+            "evaluate": evaluate._cache_size(),
+        },
+        "state": state,
+    }
+
+
+__all__ = ["build", "make_evaluate", "run"]
