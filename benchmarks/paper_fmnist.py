@@ -26,6 +26,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.common import load_results as load  # noqa: E402
+from benchmarks.common import save_results as save  # noqa: E402
 from configs import fmnist_paper  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -88,19 +90,6 @@ def config_for(name: str, num_rounds: int, eval_every: int):
     c.eval_every = eval_every
     c.progress = True
     return c
-
-
-def load(path: str) -> dict:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"runs": {}}
-
-
-def save(path: str, obj: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def report(results: dict, out_dir: str) -> None:

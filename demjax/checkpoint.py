@@ -101,8 +101,14 @@ def restore(mngr: ocp.CheckpointManager, state, tree: GroupTree):
     return state, tree, int(step)
 
 
-def prepare_workdir(workdir: str, config_json: dict, overwrite: bool) -> bool:
+def prepare_workdir(
+    workdir: str, config_json: dict, overwrite: bool, defaults: dict | None = None
+) -> bool:
     """Applies the resume convention; returns True when the run should resume.
+
+    A field absent from the stored config (written by an older demjax) counts
+    as unchanged when the new value is its default (``defaults``), so adding a
+    config field never orphans existing checkpoints.
 
     Raises:
       ConfigError: ``workdir`` holds results that would be lost (different
@@ -122,10 +128,12 @@ def prepare_workdir(workdir: str, config_json: dict, overwrite: bool) -> bool:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+    defaults = defaults or {}
     diff = sorted(
         k
         for k in set(old) | set(config_json)
-        if k not in RESUMABLE_CHANGES and old.get(k) != config_json.get(k)
+        if k not in RESUMABLE_CHANGES
+        and old.get(k, defaults.get(k)) != config_json.get(k)
     )
     if has_checkpoint(workdir) and not diff:
         return True

@@ -214,6 +214,15 @@ def plugin_hparams(config) -> dict:
     return {k: group.get(k, h.default) for k, h in plugin.hparams.items()}
 
 
+def default_config_json() -> dict:
+    """``configs/default.py`` as stored in ``config.json`` (plain JSON values)."""
+    from demjax.default_config import get_config
+
+    d = get_config().to_dict()
+    d.pop("mu", None)  # resolved per algorithm
+    return json.loads(json.dumps(d, default=list))
+
+
 def to_json(config) -> str:
     """The resolved config as sorted JSON (tuples as lists, ``mu`` resolved)."""
     d = config.to_dict()
@@ -235,7 +244,7 @@ FIELD_DOCS = {
     "samples_per_agent": "cap on samples per agent; 0 = none",
     "standardize": "global (x - mean) / (std + 0.001) as the reference; else [0, 1]",
     "num_agents": "A, number of agents (>= 2)",
-    "model": "mlr, mlp, cnn (paper), cnn_cifar",
+    "model": "mlr, mlp, cnn (paper), cnn4 (FedAvg paper CNN), cnn_cifar",
     "hidden": "MLP hidden widths, e.g. (100,)",
     "conv_impl": "patches (im2col, fast vmapped on CPU) or xla (lax.conv)",
     "optimizer": "sgd (reference), momentum, or any optax optimizer name",

@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_agents = 50
 
     # Model and local training (demjax.models, demjax.local).
-    c.model = "mlp"  # mlr | mlp | cnn | cnn_cifar
+    c.model = "mlp"  # mlr | mlp | cnn | cnn4 | cnn_cifar
     c.hidden = (100,)
     # CNN convolutions: patches (im2col GEMM; fast for vmapped agents on CPU) | xla
     c.conv_impl = "patches"

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from demjax.errors import check_choice
 
-MODELS = ("mlr", "mlp", "cnn", "cnn_cifar")
+MODELS = ("mlr", "mlp", "cnn", "cnn4", "cnn_cifar")
 CONV_IMPLS = ("patches", "xla")
 
 
@@ -131,6 +131,29 @@ class CNN(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
+class CNN4(nn.Module):
+    """The 4-layer CNN of the personalized-FL comparisons (issue 5).
+
+    conv 32@5x5 (SAME) + ReLU, max-pool 2, conv 64@5x5 + ReLU, max-pool 2,
+    dense 512 + ReLU, dense ``num_classes`` (1,663,370 parameters on 28x28x1):
+    McMahan et al., "Communication-Efficient Learning of Deep Networks from
+    Decentralized Data", AISTATS 2017, Sec. 3 ("CNN"), the model pFedMe, Per-FedAvg,
+    FedProto and PFLlib use on (Fashion-)MNIST.
+    """
+
+    num_classes: int = 10
+    conv_impl: str = "patches"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for i, width in enumerate((32, 64)):
+            x = nn.relu(_conv(self.conv_impl, width, 5, f"conv{i}")(x))
+            x = _pool(self.conv_impl, x)
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(512)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
 class CNNCifar(nn.Module):
     """The DemLearn paper's CIFAR-10 CNN: conv 16/32/64@3x3, pooling, dense 512, 64."""
 
@@ -157,7 +180,7 @@ def make_model(
     """Builds a model by name.
 
     Args:
-      name: one of ``mlr``, ``mlp``, ``cnn``, ``cnn_cifar``.
+      name: one of ``mlr``, ``mlp``, ``cnn``, ``cnn4``, ``cnn_cifar``.
       num_classes: number of output classes C.
       hidden: hidden widths of the MLP.
       conv_impl: ``patches`` (im2col GEMM, fast for vmapped agents on CPU) or
@@ -174,6 +197,8 @@ def make_model(
         return MLP(num_classes, tuple(hidden))
     if name == "cnn":
         return CNN(num_classes, conv_impl=conv_impl)
+    if name == "cnn4":
+        return CNN4(num_classes, conv_impl=conv_impl)
     return CNNCifar(num_classes, conv_impl=conv_impl)
 
 

@@ -23,7 +23,7 @@ from absl import logging
 from demjax import checkpoint, data, local, metrics, models, sharding
 from demjax.algorithms import get_plugin
 from demjax.algorithms.plugin import Context
-from demjax.config import plugin_hparams, to_json
+from demjax.config import default_config_json, plugin_hparams, to_json
 from demjax.engine import make_round_masks
 
 
@@ -114,7 +114,9 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
 
     check_workdir(workdir)
     config_json = json.loads(to_json(config))
-    resume = checkpoint.prepare_workdir(workdir, config_json, overwrite)
+    resume = checkpoint.prepare_workdir(
+        workdir, config_json, overwrite, defaults=default_config_json()
+    )
     part_np = data.make_partition(config)
     t_start = time.perf_counter()
     mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)

@@ -33,7 +33,7 @@ from absl import logging
 
 from demjax import checkpoint, cluster, data, sharding
 from demjax.algorithms import is_plugin
-from demjax.config import to_json, validate
+from demjax.config import default_config_json, to_json, validate
 from demjax.engine import Simulator, placeholder_tree
 from demjax.errors import ConfigError
 
@@ -247,7 +247,9 @@ def run(
         return plugin_engine.run(config, workdir, progress, overwrite)
     check_workdir(workdir)
     config_json = json.loads(to_json(config))
-    resume = checkpoint.prepare_workdir(workdir, config_json, overwrite)
+    resume = checkpoint.prepare_workdir(
+        workdir, config_json, overwrite, defaults=default_config_json()
+    )
     part_np = data.make_partition(config)
     t_start = time.perf_counter()
 

@@ -82,3 +82,24 @@ def test_workdir_convention(tmp_path):
     train.run(plain, str(tmp_path / "plain"))
     with pytest.raises(ConfigError, match="without a checkpoint"):
         train.run(plain, str(tmp_path / "plain"))
+
+
+def test_resume_from_older_config_without_new_fields(tmp_path):
+    """A config.json written before a field existed resumes when the field keeps
+    its default, and is refused when the new run changes it."""
+    import json
+
+    c = config()
+    c.num_rounds = 3
+    train.run(c, str(tmp_path))
+    path = tmp_path / "config.json"
+    old = json.loads(path.read_text())
+    del old["aggregator"], old["trim_fraction"]  # as written by an older demjax
+    path.write_text(json.dumps(old))
+    c.num_rounds = 4
+    res = train.run(c, str(tmp_path))
+    assert [r["round"] for r in res["records"]][-1] == 3
+    path.write_text(json.dumps(old))
+    c.num_rounds, c.aggregator = 5, "median"
+    with pytest.raises(ConfigError, match="different config.*aggregator"):
+        train.run(c, str(tmp_path))

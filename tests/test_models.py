@@ -18,12 +18,16 @@ def test_patch_conv_equals_flax_conv(k, c, f):
     np.testing.assert_allclose(got, ref.apply(params, x), rtol=1e-5, atol=1e-5)
 
 
-def test_cnn_conv_impls_agree_and_have_paper_size():
+@pytest.mark.parametrize(
+    "name, size",
+    [("cnn", 834_922), ("cnn4", 1_663_370)],  # DemLearn paper CNN; FedAvg paper CNN
+)
+def test_cnn_conv_impls_agree_and_have_paper_size(name, size):
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 28, 28, 1))
-    a = models.make_model("cnn", 10, conv_impl="patches")
-    b = models.make_model("cnn", 10, conv_impl="xla")
+    a = models.make_model(name, 10, conv_impl="patches")
+    b = models.make_model(name, 10, conv_impl="xla")
     params = models.init_params(jax.random.PRNGKey(2), a, (28, 28, 1))
-    assert models.num_params(params, stacked=False) == 834_922
+    assert models.num_params(params, stacked=False) == size
     np.testing.assert_allclose(
         a.apply({"params": params}, x), b.apply({"params": params}, x), atol=1e-4
     )

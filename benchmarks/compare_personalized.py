@@ -1,0 +1,201 @@
+"""Every registered algorithm on Fashion-MNIST, two non-IID splits (issue 5).
+
+Setup of the issue: 20 agents, all participating, the 4-layer CNN (``cnn4``: conv
+32@5x5, pool, conv 64@5x5, pool, dense 512, dense 10), batch 10, 1 local epoch,
+pathological (2 classes per agent) and Dirichlet(0.1) splits, 200 rounds. Every
+algorithm of ``demjax.algorithms.REGISTRY`` and ``PLUGINS`` (DemLearn variants,
+FedAvg, FedProx, local included) runs on the same engine with its paper's default
+hyper-parameters. Writes ``benchmarks/results/compare_personalized.{json,md,png}``:
+final C-SPE (mean personalized test accuracy), C-GEN, Global where it exists, and
+wall seconds per round.
+
+Resumable: finished runs are stored at once and skipped on rerun (``--force``).
+
+    python benchmarks/compare_personalized.py                     # full setup
+    python benchmarks/compare_personalized.py --model=mlp --num_rounds=100 \\
+        --samples_per_agent=300                                   # reduced
+    python benchmarks/compare_personalized.py --only=ditto,fedavg --report_only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.common import environment, load_results, save_results  # noqa: E402
+from configs import default  # noqa: E402
+
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+SPLITS = {
+    "pathological": {"partition": "pathological", "labels_per_agent": 2},
+    "dirichlet": {"partition": "dirichlet", "dirichlet_alpha": 0.1},
+}
+
+
+def algorithms() -> list[str]:
+    from demjax.algorithms import ALGORITHMS
+
+    return list(ALGORITHMS)
+
+
+def config_for(algorithm: str, split: str, args):
+    c = default.get_config()
+    c.dataset = "fashion_mnist"
+    c.data_dir = args.data_dir
+    c.num_agents = 20
+    c.model = args.model
+    c.batch_size = 10
+    c.local_epochs = 1
+    c.num_rounds = args.num_rounds
+    c.eval_every = args.eval_every
+    c.samples_per_agent = args.samples_per_agent
+    c.algorithm = algorithm
+    c.seed = args.seed
+    c.checkpoint_every = 10
+    c.tree_snapshot_every = 0
+    c.progress = not args.quiet
+    for k, v in SPLITS[split].items():
+        c[k] = v
+    return c
+
+
+def report(results: dict, out_dir: str) -> None:
+    """Markdown table per split and a plot of C-SPE / C-GEN over rounds."""
+    runs = results["runs"]
+    setup = results.get("setup", {})
+    lines = [
+        "# Personalized, clustered and robust algorithms on Fashion-MNIST",
+        "",
+        f"Setup: {json.dumps(setup)}",
+        "",
+        "Final round, models each agent uses after the round's communication "
+        "(`sync`). C-SPE = mean personalized test accuracy (own test data); C-GEN "
+        "= agents' models on the pooled test set; Global = the server model.",
+    ]
+    for split in SPLITS:
+        rows = [(n.split("/")[1], r) for n, r in runs.items() if n.startswith(split)]
+        if not rows:
+            continue
+        rows.sort(key=lambda kv: -kv[1]["final"]["c_spe"])
+        lines += [
+            "",
+            f"## {split}",
+            "",
+            "| algorithm | C-SPE | C-GEN | Global | s / round | rounds |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in rows:
+            f = r["final"]
+            g = "-" if f.get("global_acc") is None else f"{f['global_acc']:.3f}"
+            lines.append(
+                f"| {name} | {f['c_spe']:.3f} | {f['c_gen']:.3f} | {g} | "
+                f"{r['wall_s'] / r['num_rounds']:.2f} | {r['num_rounds']} |"
+            )
+    analysis = results.get("analysis")
+    if analysis:
+        lines += ["", analysis]
+    with open(os.path.join(out_dir, "compare_personalized.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8), squeeze=False)
+    for row, split in enumerate(SPLITS):
+        for col, key in enumerate(("c_spe", "c_gen")):
+            ax = axes[row][col]
+            for name, r in runs.items():
+                if not name.startswith(split):
+                    continue
+                recs = [p for p in r["per_round"] if p["point"] == "sync"]
+                ax.plot([p["round"] for p in recs], [p[key] for p in recs],
+                        label=name.split("/")[1])  # fmt: skip
+            ax.set_title(f"{split}: {key.upper().replace('_', '-')}")
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "compare_personalized.png"), dpi=90)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="", help="comma list of algorithms")
+    p.add_argument("--splits", default=",".join(SPLITS))
+    p.add_argument("--model", default="cnn4")
+    p.add_argument("--num_rounds", type=int, default=200)
+    p.add_argument("--eval_every", type=int, default=5)
+    p.add_argument("--samples_per_agent", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data_dir", default="")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--report_only", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out_dir", default=RESULTS)
+    p.add_argument(
+        "--workdir", default=os.path.join(REPO, "runs", "compare_personalized")
+    )
+    args = p.parse_args()
+    names = [n for n in args.only.split(",") if n] or algorithms()
+    splits = [s for s in args.splits.split(",") if s]
+    for n in names:
+        if n not in algorithms():
+            sys.exit(f"error: --only={n!r} is not valid; accepted: {algorithms()}")
+    for s in splits:
+        if s not in SPLITS:
+            sys.exit(f"error: --splits={s!r} is not valid; accepted: {list(SPLITS)}")
+
+    from demjax.train import run
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "compare_personalized.json")
+    results = load_results(path)
+    results["setup"] = {
+        "dataset": "fashion_mnist",
+        "num_agents": 20,
+        "model": args.model,
+        "batch_size": 10,
+        "local_epochs": 1,
+        "num_rounds": args.num_rounds,
+        "samples_per_agent": args.samples_per_agent or "all",
+        "eval_every": args.eval_every,
+        "seed": args.seed,
+        **environment(),
+    }
+    if not args.report_only:
+        for split in splits:
+            for name in names:
+                key = f"{split}/{name}"
+                if key in results["runs"] and not args.force:
+                    print(f"{key}: stored, skipping", file=sys.stderr)
+                    continue
+                config = config_for(name, split, args)
+                t0 = time.perf_counter()
+                out = run(
+                    config,
+                    os.path.join(args.workdir, split, name),
+                    overwrite=args.force,
+                )
+                results["runs"][key] = {
+                    "final": out["final"]["sync"],
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                    "num_rounds": args.num_rounds,
+                    "per_round": out["records"],
+                }
+                save_results(path, results)
+                print(json.dumps({"run": key, **out["final"]["sync"]}), flush=True)
+    save_results(path, results)
+    report(results, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
