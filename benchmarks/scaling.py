@@ -69,7 +69,10 @@ def one_size(args) -> dict:
     from demjax.types import Partition
 
     a, steps, batch = args.num_agents, args.steps, args.batch
-    n = steps * batch
+    n = args.samples or steps * batch
+    if (steps * batch) % n:
+        raise SystemExit(f"--samples={n} must divide steps * batch = {steps * batch}")
+    epochs = steps * batch // n
     rng = np.random.default_rng(0)
     x = rng.normal(size=(a, n, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, size=(a, n)).astype(np.int32)
@@ -84,7 +87,7 @@ def one_size(args) -> dict:
     del x
     c = default.get_config()
     c.num_agents, c.model, c.hidden = a, args.model, (100,)
-    c.batch_size, c.local_epochs, c.algorithm = batch, 1, "demlearn"
+    c.batch_size, c.local_epochs, c.algorithm = batch, epochs, "demlearn"
     c.tree_mode = "maxclust"
     c.level_groups = tuple(g for g in (max(2, a // 10), max(2, a // 100), 2) if g <= a)
     c.num_levels, c.sketch_dim = len(c.level_groups), args.sketch_dim
@@ -139,6 +142,7 @@ def one_size(args) -> dict:
         "num_agents": a,
         "steps": steps,
         "batch": batch,
+        "samples_per_agent": n,
         "agent_block": sim.block_size,
         "compile_s": round(first - local_s, 3),
         "local_s": round(local_s, 4),
@@ -205,6 +209,13 @@ def main() -> None:
     p.add_argument("--mlr_extra", default="100000", help="extra sizes for MLR only")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=20)
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        help="samples per agent (divides steps*batch; epochs = steps*batch/samples); "
+        "0 = steps*batch, one epoch. Bounds the data's memory at 10k+ agents.",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eval_samples", type=int, default=2000)
     p.add_argument("--sketch_dim", type=int, default=0)
@@ -218,7 +229,11 @@ def main() -> None:
         print("RECORD" + json.dumps(one_size(args)), flush=True)
         return
 
+    # Sizes measured earlier (other runs of this script) are kept unless remeasured.
     records = []
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            records = json.load(f)
     for model in args.models.split(","):
         sizes = [int(s) for s in args.agents.split(",") if s]
         if model == "mlr":
@@ -229,6 +244,7 @@ def main() -> None:
                 f"--model={model}", f"--steps={args.steps}", f"--batch={args.batch}",
                 f"--repeats={args.repeats}", f"--eval_samples={args.eval_samples}",
                 f"--sketch_dim={args.sketch_dim}", f"--agent_block={args.agent_block}",
+                f"--samples={args.samples}",
             ]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RECORD")]
@@ -237,7 +253,10 @@ def main() -> None:
             else:
                 rec = json.loads(line[0][len("RECORD") :])
             print(json.dumps(rec), flush=True)
-            records.append(rec)
+            records = [
+                r for r in records if (r["model"], r["num_agents"]) != (model, a)
+            ] + [rec]
+            records.sort(key=lambda r: (r["model"], r["num_agents"]))
             os.makedirs(os.path.dirname(args.out), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump(records, f, indent=1)
