@@ -20,10 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from demjax import checkpoint, data, local, metrics, models, sharding
+from demjax import checkpoint, local, metrics, models
 from demjax.algorithms import get_plugin
 from demjax.algorithms.plugin import Context
-from demjax.config import default_config_json, plugin_hparams, to_json
+from demjax.config import plugin_hparams
 from demjax.engine import make_round_masks
 
 
@@ -102,30 +102,18 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
     Raises:
       ConfigError, DataNotFoundError: as ``demjax.train.run``.
     """
-    import json
 
     from demjax.train import (
         Interrupted,
         RunWriter,
         _GracefulStop,
         _rounded,
-        check_workdir,
+        prepare_run,
     )
 
-    check_workdir(workdir)
-    config_json = json.loads(to_json(config))
-    resume = checkpoint.prepare_workdir(
-        workdir, config_json, overwrite, defaults=default_config_json()
-    )
-    part_np = data.make_partition(config)
-    t_start = time.perf_counter()
-    mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)
-    part = jax.tree.map(jnp.asarray, part_np)
-    if mesh is not None:
-        part = sharding.shard_partition(part, mesh)
-    eval_idx = data.eval_subsample(part_np, int(config.eval_samples), int(config.seed))
-    subsampled = len(eval_idx) < int(part_np.y_all.shape[0])
-    x_gen, y_gen = part.x_all[eval_idx], part.y_all[eval_idx]
+    setup = prepare_run(config, workdir, overwrite)
+    part_np, part, resume = setup.part_np, setup.part, setup.resume
+    x_gen, y_gen, t_start = setup.x_gen, setup.y_gen, setup.t_start
 
     plugin, ctx, rounds = build(config, part_np)
     eval_batch = int(config.eval_batch) or (1 if config.model.startswith("cnn") else 8)
@@ -142,7 +130,7 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
         state, start = _restore(mngr, state)
         logging.info("resuming %s after round %d", workdir, start - 1)
     writer = RunWriter(workdir, keep_rounds_below=start if resume else None)
-    writer.json("config.json", config_json)
+    writer.json("config.json", setup.config_json)
     if config.tensorboard:
         writer.tensorboard()
     records: list[dict] = list(writer.kept)
@@ -223,7 +211,7 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
         "final": {"sync": records[-1]},
         "records": records,
         "wall_s": time.perf_counter() - t_start,
-        "eval_samples": len(eval_idx) if subsampled else None,
+        "eval_samples": len(setup.eval_idx) if setup.subsampled else None,
         "compilations": {
             "round": round_fn._cache_size(),
             "evaluate": evaluate._cache_size(),

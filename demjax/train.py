@@ -18,6 +18,7 @@ The workdir receives, each flushed every round so a run never loses its results:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -216,6 +217,66 @@ class _GracefulStop:
             self._old = None
 
 
+@dataclasses.dataclass
+class RunSetup:
+    """What every engine needs before its first round (``prepare_run``)."""
+
+    config_json: dict
+    resume: bool
+    part_np: object  # host Partition
+    part: object  # device Partition (sharded over `agents` when mesh is set)
+    mesh: object
+    eval_idx: np.ndarray
+    subsampled: bool
+    x_gen: jax.Array
+    y_gen: jax.Array
+    t_start: float
+
+
+def prepare_run(config, workdir: str, overwrite: bool) -> RunSetup:
+    """Workdir checks and resume convention, the partition on devices, and the
+    C-GEN evaluation set (shared by the tree engine and the plug-in engine).
+
+    Raises:
+      ConfigError: unwritable workdir, results that would be lost, bad input.
+      DataNotFoundError: the data set is not available offline.
+    """
+    check_workdir(workdir)
+    config_json = json.loads(to_json(config))
+    resume = checkpoint.prepare_workdir(
+        workdir, config_json, overwrite, defaults=default_config_json()
+    )
+    part_np = data.make_partition(config)
+    t_start = time.perf_counter()
+    mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)
+    part = jax.tree.map(jnp.asarray, part_np)
+    if mesh is not None:
+        part = sharding.shard_partition(part, mesh)
+    eval_idx = data.eval_subsample(part_np, int(config.eval_samples), int(config.seed))
+    num_pooled = int(part_np.y_all.shape[0])
+    subsampled = len(eval_idx) < num_pooled
+    if subsampled:
+        logging.info(
+            "C-GEN is measured on a seeded evaluation subsample of %d of %d pooled "
+            "test samples (eval_samples=%d).",
+            len(eval_idx),
+            num_pooled,
+            config.eval_samples,
+        )
+    return RunSetup(
+        config_json=config_json,
+        resume=resume,
+        part_np=part_np,
+        part=part,
+        mesh=mesh,
+        eval_idx=eval_idx,
+        subsampled=subsampled,
+        x_gen=part.x_all[eval_idx],
+        y_gen=part.y_all[eval_idx],
+        t_start=t_start,
+    )
+
+
 class Interrupted(Exception):
     """Raised by ``run`` when SIGINT stops a run; results so far are on disk."""
 
@@ -245,31 +306,22 @@ def run(
         from demjax import plugin_engine
 
         return plugin_engine.run(config, workdir, progress, overwrite)
-    check_workdir(workdir)
-    config_json = json.loads(to_json(config))
-    resume = checkpoint.prepare_workdir(
-        workdir, config_json, overwrite, defaults=default_config_json()
+    setup = prepare_run(config, workdir, overwrite)
+    config_json, resume, part_np, part, mesh = (
+        setup.config_json,
+        setup.resume,
+        setup.part_np,
+        setup.part,
+        setup.mesh,
     )
-    part_np = data.make_partition(config)
-    t_start = time.perf_counter()
-
-    mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)
-    part = jax.tree.map(jnp.asarray, part_np)
-    if mesh is not None:
-        part = sharding.shard_partition(part, mesh)
-    eval_idx = data.eval_subsample(part_np, int(config.eval_samples), int(config.seed))
-    num_pooled = int(part_np.y_all.shape[0])
-    subsampled = len(eval_idx) < num_pooled
-    x_gen, y_gen = part.x_all[eval_idx], part.y_all[eval_idx]
+    eval_idx, subsampled, x_gen, y_gen = (
+        setup.eval_idx,
+        setup.subsampled,
+        setup.x_gen,
+        setup.y_gen,
+    )
+    t_start = setup.t_start
     show = config.progress if progress is None else progress
-    if subsampled:
-        logging.info(
-            "C-GEN is measured on a seeded evaluation subsample of %d of %d pooled "
-            "test samples (eval_samples=%d).",
-            len(eval_idx),
-            num_pooled,
-            config.eval_samples,
-        )
 
     sim = Simulator(config, part)
     if sim.block_size:
