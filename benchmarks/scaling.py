@@ -94,36 +94,49 @@ def one_size(args) -> dict:
     c.local_buckets, c.agent_block = 1, args.agent_block
     c.num_devices = 1
     part = jax.tree.map(jnp.asarray, part)
-    sim = Simulator(c, part)
+    # In place, as demjax.train.run runs it (buffer donation): every phase
+    # consumes the population it updates, so rounds are chained state to state.
+    sim = Simulator(c, part, donate=True)
     state = sim.init(jax.random.PRNGKey(0), part)
     tree = jax.tree.map(jnp.asarray, placeholder_tree(a, sim.level_sizes))
     weight = sim.agent_weight(part)
     mu, key = jnp.float32(0.0), jax.random.PRNGKey(1)
 
-    t = time.perf_counter()
-    out = sim.local_phase(state, part, tree, mu, key)
-    jax.block_until_ready(out)
-    first = time.perf_counter() - t
-    local_times, rec = [], {}
-    for r in range(args.repeats):
-        t = time.perf_counter()
+    def local(state, r):
         out = sim.local_phase(state, part, tree, mu, jax.random.fold_in(key, r))
         jax.block_until_ready(out)
+        return out
+
+    t = time.perf_counter()
+    out = local(state, 0)
+    first = time.perf_counter() - t
+    state = state.replace(params=out[0], opt_state=out[1])
+    local_times = []
+    for r in range(args.repeats):
+        t = time.perf_counter()
+        out = local(state, r + 1)
         local_times.append(time.perf_counter() - t)
-    params_local = out[0]
-    sim.build_tree(params_local, state.params, jax.random.PRNGKey(2))  # compile
-    new_tree, info = sim.build_tree(params_local, state.params, jax.random.PRNGKey(3))
+        state = state.replace(params=out[0], opt_state=out[1])
+    params_local, active, diverged = out[0], out[3], out[4]
+    sim.build_tree(params_local, None, jax.random.PRNGKey(2))  # compile
+    new_tree, info = sim.build_tree(params_local, None, jax.random.PRNGKey(3))
     info.pop("linkage")
     new_tree = jax.tree.map(jnp.asarray, new_tree)
-    active, diverged = out[3], out[4]
-    sync = lambda: sim.sync_phase(  # noqa: E731
-        params_local, state.params, new_tree, weight, active, diverged,
-        jnp.float32(0.7), jnp.float32(1.0), state.node_params,
-    )  # fmt: skip
-    jax.block_until_ready(sync())
+
+    def sync(params):
+        nodes, node_w = sim.aggregate_phase(
+            params, new_tree, weight, active, diverged, jnp.float32(1.0),
+            state.node_params,
+        )  # fmt: skip
+        nodes_sync, params_sync = sim.mix_phase(
+            nodes, params, new_tree, jnp.float32(0.7), active
+        )
+        jax.block_until_ready(params_sync)
+        return node_w, nodes_sync, params_sync
+
+    node_w, nodes_sync, params_sync = sync(params_local)  # compile
     t = time.perf_counter()
-    nodes, node_w, nodes_sync, params_sync = sync()
-    jax.block_until_ready(params_sync)
+    node_w, nodes_sync, params_sync = sync(params_sync)
     sync_s = time.perf_counter() - t
     ev = lambda: sim.evaluate(  # noqa: E731
         params_sync, nodes_sync, node_w, new_tree, part, part.x_all, part.y_all

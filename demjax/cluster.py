@@ -315,6 +315,50 @@ def sketch(key: jax.Array, feats: Any, sketch_dim: int, block_size: int = 4096):
     return _sketch_jit(key, jnp.asarray(feats), int(sketch_dim), block)
 
 
+@functools.partial(jax.jit, static_argnames=("sketch_dim", "block_size"))
+def _sketch_params_jit(key, params, sketch_dim: int, block_size: int):
+    leaves = jax.tree.leaves(params)
+    num_agents = leaves[0].shape[0]
+    acc = jnp.zeros((num_agents, sketch_dim), jnp.float32)
+    for i, leaf in enumerate(leaves):
+        x = leaf.reshape(num_agents, -1)
+        block = max(1, min(block_size, x.shape[1]))
+        acc = acc + _sketch_jit(jax.random.fold_in(key, i), x, sketch_dim, block)
+    return acc
+
+
+def sketch_params(key: jax.Array, params: Any, sketch_dim: int, block_size: int = 4096):
+    """:func:`sketch` of the flattened parameters, leaf by leaf.
+
+    Equal in distribution to sketching ``flatten_params(params)`` (an independent
+    Gaussian block of ``R`` per leaf), without ever building the ``[A, D]``
+    concatenation: at 10,000 agents of an 80k-parameter MLP that copy alone is
+    3.2 GB.
+
+    Args:
+      key: PRNG key; params: stacked pytree, leaves ``[A, ...]``.
+      sketch_dim: k (> 0); block_size: columns of ``R`` generated at a time.
+
+    Returns:
+      float32 ``[A, k]``.
+
+    Raises:
+      ConfigError: ``sketch_dim < 1``.
+    """
+    if (
+        isinstance(sketch_dim, bool)
+        or not isinstance(sketch_dim, int)
+        or sketch_dim < 1
+    ):
+        raise ConfigError(
+            f"sketch_dim={sketch_dim!r} is not valid; accepted: an integer >= 1 "
+            "(0 in the config disables sketching)"
+        )
+    # Each leaf's sketch is divided by sqrt(k) inside _sketch_jit: the sum is the
+    # sketch of the concatenation.
+    return _sketch_params_jit(key, params, int(sketch_dim), int(block_size))
+
+
 # --------------------------------------------------------------------------------------
 # Linkage
 # --------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ recompiles anything; the partition is an argument too (not a baked-in constant).
 
 from __future__ import annotations
 
+import time
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -123,9 +125,12 @@ class Simulator:
       config: a validated run config (``demjax.config.validate``).
       partition: the agents' data (``Partition``); its shapes fix the compiled
         functions.
+      donate: update the population in place (XLA buffer donation): inputs
+        passed as ``state.params`` / ``state.opt_state`` to ``local_phase`` and
+        ``params`` to ``mix_phase`` are consumed.
     """
 
-    def __init__(self, config, partition: Partition):
+    def __init__(self, config, partition: Partition, donate: bool = False):
         self.config = config
         self.algo = get_algorithm(config.algorithm)
         self.num_agents = partition.num_agents
@@ -135,6 +140,7 @@ class Simulator:
         self.tx = local.make_optimizer(config.optimizer, config.lr)
         self.mu = resolved_mu(config)
         self.level_sizes = tree_capacity(config)
+        self.donate = bool(donate)
         model = self.model
 
         def apply_fn(params, x, train, key):
@@ -177,23 +183,23 @@ class Simulator:
 
         round_masks = make_round_masks(config, num_agents)
 
-        def local_phase(state, part, anchor_tree, mu, key):
+        def local_phase(params_in, opt_in, node_params, part, anchor_tree, mu, key):
             """Local training of the round's active agents.
 
             Returns ``(params, opt_state, loss [A], active [A], diverged [A])``:
-            inactive agents keep their state; an agent whose loss or parameters
-            are non-finite is reset to its parent group model (the anchor) and
-            flagged ``diverged`` (excluded from aggregation this round).
+            inactive agents keep their state (``params_in``); an agent whose loss
+            or parameters are non-finite is reset to its parent group model (the
+            anchor) and flagged ``diverged`` (excluded from aggregation).
             """
             keys = jax.random.split(key, num_agents)
-            anchor = hierarchy.parent_models(state.node_params, anchor_tree)
+            anchor = hierarchy.parent_models(node_params, anchor_tree)
             # FedAvg/FedProx agents start from the current global model.
-            start = anchor if broadcast else state.params
+            start = anchor if broadcast else params_in
             active, max_steps = round_masks(key, part.n_train)
             params, opt_state, loss = train_all(
                 keys,
                 start,
-                state.opt_state,
+                opt_in,
                 part.x_train,
                 part.y_train,
                 part.n_train,
@@ -216,17 +222,16 @@ class Simulator:
 
                 return jax.tree.map(f, trained, reset, keep)
 
-            params = pick(params, anchor, start)
-            opt_state = pick(opt_state, state.opt_state, state.opt_state)
+            params = pick(params, anchor, params_in)
+            opt_state = pick(opt_state, opt_in, opt_in)
             loss = jnp.where(active & finite, loss, 0.0)
             return params, opt_state, loss, active, diverged
 
-        def sync_phase(params, params_start, tree, agent_weight, active, diverged,
-                       alpha, amplify, prev_node_params):  # fmt: skip
-            """Aggregation over the round's contributing agents, then mixing.
+        def aggregate_phase(params, tree, agent_weight, active, diverged, amplify,
+                            prev_node_params):  # fmt: skip
+            """Bottom-up group models over the round's contributing agents.
 
-            Returns ``(node_params, group_size, mixed_node_params, params)``;
-            agents that did not take part keep their state.
+            Returns ``(node_params [N, ...], group_size float32 [N])``.
             """
             contributes = (active & ~diverged).astype(jnp.float32)
             node_params, node_weight = hierarchy.aggregate_up(
@@ -238,17 +243,24 @@ class Simulator:
             group_size = hierarchy.node_counts(
                 tree, jnp.ones((num_agents,), jnp.float32)
             )
+            return node_params, group_size
+
+        def mix_phase(node_params, params, tree, alpha, active):
+            """Top-down mixing into the active agents (the others keep ``params``).
+
+            Returns ``(mixed_node_params [N, ...], params [A, ...])``.
+            """
             if not communicates:
-                return node_params, group_size, node_params, params
+                return node_params, params
             mixed_nodes, mixed = hierarchy.mix_down(node_params, params, tree, alpha)
             keep = jax.tree.map(
                 lambda m, p: jnp.where(
                     active.reshape((num_agents,) + (1,) * (m.ndim - 1)), m, p
                 ),
                 mixed,
-                params_start,
+                params,
             )
-            return node_params, group_size, mixed_nodes, keep
+            return mixed_nodes, keep
 
         def evaluate(params, node_params, node_weight, tree, part, x_gen, y_gen):
             out = metrics.client_metrics(
@@ -262,9 +274,41 @@ class Simulator:
                 )
             return out
 
-        self.local_phase = jax.jit(local_phase)
-        self.sync_phase = jax.jit(sync_phase)
-        self.evaluate = jax.jit(evaluate)
+        # With ``donate`` the round updates the population in place: local
+        # training consumes the agents' params/optimizer state and mixing consumes
+        # the locally trained params, so a round holds about one copy of the
+        # stacked population instead of three or four (10,000 MLP agents: 3.2 GB
+        # a copy). The caller must not touch a donated input again.
+        self.jitted = {
+            "local_phase": jax.jit(
+                local_phase, donate_argnums=(0, 1) if donate else ()
+            ),
+            "aggregate_phase": jax.jit(aggregate_phase),
+            "mix_phase": jax.jit(mix_phase, donate_argnums=(1,) if donate else ()),
+            "evaluate": jax.jit(evaluate),
+        }
+        self.aggregate_phase = self.jitted["aggregate_phase"]
+        self.mix_phase = self.jitted["mix_phase"]
+        self.evaluate = self.jitted["evaluate"]
+
+    def local_phase(self, state: SimState, part, anchor_tree, mu, key):
+        """Local training: ``(params, opt_state, loss [A], active [A], diverged
+        [A])``. With ``donate``, ``state.params`` and ``state.opt_state`` are
+        consumed."""
+        return self.jitted["local_phase"](
+            state.params, state.opt_state, state.node_params, part, anchor_tree, mu, key
+        )
+
+    def sync_phase(self, params, tree, agent_weight, active, diverged, alpha,
+                   amplify, prev_node_params):  # fmt: skip
+        """``aggregate_phase`` then ``mix_phase``: ``(node_params, group_size,
+        mixed_node_params, params)``; agents that did not take part keep
+        ``params`` (which ``local_phase`` left untouched for them)."""
+        nodes, size = self.aggregate_phase(
+            params, tree, agent_weight, active, diverged, amplify, prev_node_params
+        )
+        mixed_nodes, mixed = self.mix_phase(nodes, params, tree, alpha, active)
+        return nodes, size, mixed_nodes, mixed
 
     def _auto_block_size(self, partition: Partition) -> int:
         """Agents trained at once so a round fits in half the free memory (0: all).
@@ -283,8 +327,14 @@ class Simulator:
             * getattr(partition, k).dtype.itemsize
             for k in ("x_train", "y_train", "x_test", "y_test")
         )
-        # params, anchor, local result, mixed result, plus optimizer states x2.
-        state = 4 * memory.tree_bytes(params) + 2 * memory.tree_bytes(opt) + data
+        # params, anchor, local result, mixed result, plus optimizer states x2;
+        # donation reuses the input buffers for the local and mixed results.
+        copies = 2 if self.donate else 4
+        state = (
+            copies * memory.tree_bytes(params)
+            + (1 if self.donate else 2) * memory.tree_bytes(opt)
+            + data
+        )
         x = jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.float32)
         y = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
         model = self.model
@@ -351,8 +401,24 @@ class Simulator:
     ) -> tuple[GroupTree, dict]:
         """Host-side self-organizing step: features -> distances -> linkage -> tree."""
         c = self.config
-        feats = cluster.features(params_local, params_start, kind=c.cluster_features)
-        return cluster.build_tree(
+        sketch_dim, info = int(c.sketch_dim), {}
+        num_params = sum(
+            int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params_local)
+        )
+        if c.cluster_features == "weights" and 0 < sketch_dim < num_params:
+            # Leaf by leaf: never builds the [A, D] copy of the population.
+            if key is None:
+                raise ValueError("build_tree(sketch_dim > 0) needs a PRNG key")
+            ts = time.perf_counter()
+            feats = cluster.sketch_params(key, params_local, sketch_dim)
+            feats.block_until_ready()
+            info["sketch_s"] = time.perf_counter() - ts
+            sketch_dim = 0
+        else:
+            feats = cluster.features(
+                params_local, params_start, kind=c.cluster_features
+            )
+        tree, more = cluster.build_tree(
             feats,
             num_levels=(
                 len(c.level_groups) if c.tree_mode == "maxclust" else int(c.num_levels)
@@ -362,7 +428,9 @@ class Simulator:
             mode=c.tree_mode,
             level_groups=tuple(c.level_groups),
             backend=c.linkage_backend,
-            sketch_dim=int(c.sketch_dim),
+            sketch_dim=sketch_dim,
             distance_block=int(c.distance_block),
             key=key,
         )
+        info.update(more)
+        return tree, info

@@ -1,6 +1,9 @@
 """Flax models and the stacked population of agent parameters.
 
-Every model maps float32 inputs ``[B, H, W, C]`` to float32 logits ``[B, classes]``.
+Every model maps float32 inputs ``[B, H, W, C]`` to float32 logits ``[B, classes]``;
+with ``return_features=True`` it returns ``(logits, features)`` where ``features``
+``[B, F]`` is the embedding fed to the final dense layer (the flattened input for
+MLR), used by prototype and distillation methods (FedProto, continual learning).
 The population is one pytree whose leaves have a leading agent axis ``[A, ...]``,
 all agents starting from one shared initialization (Nguyen et al., "Self-organizing
 Democratized Learning", IEEE TNNLS, arXiv 2007.03278, Sec. V: a shared random
@@ -88,9 +91,10 @@ class MLR(nn.Module):
     num_classes: int = 10
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, return_features: bool = False):
         x = x.reshape((x.shape[0], -1))
-        return nn.Dense(self.num_classes)(x)
+        logits = nn.Dense(self.num_classes)(x)
+        return (logits, x) if return_features else logits
 
 
 class MLP(nn.Module):
@@ -100,11 +104,12 @@ class MLP(nn.Module):
     hidden: Sequence[int] = (100,)
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, return_features: bool = False):
         x = x.reshape((x.shape[0], -1))
         for width in self.hidden:
             x = nn.relu(nn.Dense(width)(x))
-        return nn.Dense(self.num_classes)(x)
+        logits = nn.Dense(self.num_classes)(x)
+        return (logits, x) if return_features else logits
 
 
 class CNN(nn.Module):
@@ -121,14 +126,15 @@ class CNN(nn.Module):
     conv_impl: str = "patches"
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, return_features: bool = False):
         for i in range(2):
             x = nn.relu(_conv(self.conv_impl, 32, 5, f"conv{i}")(x))
             x = _pool(self.conv_impl, x)
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(512)(x))
-        return nn.Dense(self.num_classes)(x)
+        logits = nn.Dense(self.num_classes)(x)
+        return (logits, x) if return_features else logits
 
 
 class CNN4(nn.Module):
@@ -145,13 +151,14 @@ class CNN4(nn.Module):
     conv_impl: str = "patches"
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, return_features: bool = False):
         for i, width in enumerate((32, 64)):
             x = nn.relu(_conv(self.conv_impl, width, 5, f"conv{i}")(x))
             x = _pool(self.conv_impl, x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(512)(x))
-        return nn.Dense(self.num_classes)(x)
+        logits = nn.Dense(self.num_classes)(x)
+        return (logits, x) if return_features else logits
 
 
 class CNNCifar(nn.Module):
@@ -161,14 +168,15 @@ class CNNCifar(nn.Module):
     conv_impl: str = "patches"
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, return_features: bool = False):
         for i, width in enumerate((16, 32, 64)):
             x = nn.relu(_conv(self.conv_impl, width, 3, f"conv{i}")(x))
             x = _pool(self.conv_impl, x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(512)(x))
         x = nn.relu(nn.Dense(64)(x))
-        return nn.Dense(self.num_classes)(x)
+        logits = nn.Dense(self.num_classes)(x)
+        return (logits, x) if return_features else logits
 
 
 def make_model(

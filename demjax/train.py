@@ -323,7 +323,9 @@ def run(
     t_start = setup.t_start
     show = config.progress if progress is None else progress
 
-    sim = Simulator(config, part)
+    # In-place rounds (buffer donation) unless the clustering features need the
+    # round's starting parameters (cluster_features='updates').
+    sim = Simulator(config, part, donate=config.cluster_features == "weights")
     if sim.block_size:
         logging.info(
             "local training runs %d agents at a time (agent_block=%d; 0 = chosen "
@@ -397,7 +399,7 @@ def run(
             timing = {"round": t}
             t0 = time.perf_counter()
             round_key = jax.random.fold_in(run_key, t)
-            params_start = state.params
+            params_start = None if sim.donate else state.params
             params_local, opt_state, loss, active, diverged = sim.local_phase(
                 state, part, tree_dev, jnp.float32(sim.round_mu(t)), round_key
             )
@@ -419,18 +421,16 @@ def run(
                     )
 
             t1 = time.perf_counter()
-            node_local, node_weight, node_sync, params_sync = sim.sync_phase(
+            node_local, node_weight = sim.aggregate_phase(
                 params_local,
-                params_start,
                 tree_dev,
                 agent_weight,
                 active,
                 diverged,
-                jnp.float32(sim.round_alpha()),
                 jnp.float32(sim.round_amplify(t)),
                 state.node_params,
             )
-            jax.block_until_ready(params_sync)
+            jax.block_until_ready(node_local)
             timing["sync_s"] = time.perf_counter() - t1
             counts = jax.device_get(
                 {"num_active": jnp.sum(active), "num_diverged": jnp.sum(diverged)}
@@ -446,11 +446,28 @@ def run(
                 )
 
             last_round = t == num_rounds - 1
-            if t % int(config.eval_every) == 0 or last_round:
+            evaluating = t % int(config.eval_every) == 0 or last_round
+            eval_s = 0.0
+            if evaluating:  # the 'local' point, before mixing consumes params_local
                 t2 = time.perf_counter()
                 m_local = sim.evaluate(
                     params_local, node_local, node_weight, tree_dev, part, x_gen, y_gen
                 )
+                jax.block_until_ready(m_local)
+                eval_s = time.perf_counter() - t2
+            t1 = time.perf_counter()
+            node_sync, params_sync = sim.mix_phase(
+                node_local,
+                params_local,
+                tree_dev,
+                jnp.float32(sim.round_alpha()),
+                active,
+            )
+            del params_local  # donated to the mixing when sim.donate
+            jax.block_until_ready(params_sync)
+            timing["sync_s"] += time.perf_counter() - t1
+            if evaluating:
+                t2 = time.perf_counter()
                 m_sync = sim.evaluate(
                     params_sync, node_sync, node_weight, tree_dev, part, x_gen, y_gen
                 )
@@ -462,7 +479,7 @@ def run(
                         jnp.sum(loss * ok) / jnp.maximum(jnp.sum(ok), 1e-12),
                     )
                 )
-                timing["eval_s"] = time.perf_counter() - t2
+                timing["eval_s"] = eval_s + time.perf_counter() - t2
                 m_local["train_loss"] = loss_mean
                 for point, values in (("local", m_local), ("sync", m_sync)):
                     rec = _record(t, point, values, level_names)
@@ -500,9 +517,16 @@ def run(
         if bar is not None:
             bar.close()
         done = int(state.round) - 1
-        if every:
+        # A second SIGINT mid-round may come after the round consumed (donated)
+        # the state's buffers: the last periodic checkpoint is then the resume point.
+        consumed = any(
+            getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state)
+        )
+        if every and not consumed:
             checkpoint.save(mngr, state, state_tree)
             how = "rerun the same command to resume from it (checkpoint saved)"
+        elif every:
+            how = "rerun the same command to resume from the last periodic checkpoint"
         else:
             how = (
                 "set checkpoint_every > 0 to be able to resume; rerun with --overwrite"
@@ -535,8 +559,5 @@ def run(
         "agent_block": sim.block_size,
         "params_devices": len(jax.tree.leaves(state.params)[0].sharding.device_set),
         # Compiled variants per jitted phase: stays 1 however often the tree changes.
-        "compilations": {
-            name: getattr(sim, name)._cache_size()
-            for name in ("local_phase", "sync_phase", "evaluate")
-        },
+        "compilations": {name: fn._cache_size() for name, fn in sim.jitted.items()},
     }

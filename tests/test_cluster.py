@@ -470,3 +470,33 @@ def test_blocked_distances_equal_pdist(metric):
     ref = ssd.squareform(ssd.pdist(feats.astype(np.float64), metric))
     got = np.asarray(cluster.pairwise_distances(feats, metric, block_size=100))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sketch_params_of_a_pytree_preserves_distances():
+    """Leaf-by-leaf sketch (no [A, D] concatenation) obeys the JL bound on the
+    flattened parameters, and differs from the concatenated sketch only in R."""
+    from demjax import cluster
+
+    rng = np.random.default_rng(3)
+    params = {
+        "a": {"kernel": rng.normal(size=(30, 40, 50)).astype(np.float32)},
+        "b": rng.normal(size=(30, 700)).astype(np.float32),
+    }
+    flat = np.asarray(cluster.flatten_params(params))
+    assert flat.shape == (30, 2700)
+    key = jax.random.PRNGKey(1)
+    sk = np.asarray(cluster.sketch_params(key, params, 512, block_size=300))
+    assert sk.shape == (30, 512)
+    ratio = ssd.pdist(sk) / ssd.pdist(flat)
+    assert 0.85 < ratio.min() and ratio.max() < 1.15
+    # Linear in the parameters: sketch(x) - sketch(y) = sketch(x - y).
+    other = jax.tree.map(lambda v: v * 0.5, params)
+    diff = jax.tree.map(lambda u, v: u - v, params, other)
+    np.testing.assert_allclose(
+        sk - np.asarray(cluster.sketch_params(key, other, 512, block_size=300)),
+        np.asarray(cluster.sketch_params(key, diff, 512, block_size=300)),
+        rtol=1e-4,
+        atol=1e-3,
+    )
+    with pytest.raises(ConfigError, match="sketch_dim"):
+        cluster.sketch_params(key, params, 0)

@@ -67,7 +67,12 @@ def test_new_trees_do_not_recompile(tmp_path):
         for line in (tmp_path / "timing.jsonl").read_text().splitlines()
     ]
     assert all("linkage_s" in t for t in trees)  # regrouped every round
-    assert result["compilations"] == {"local_phase": 1, "sync_phase": 1, "evaluate": 1}
+    assert result["compilations"] == {
+        "local_phase": 1,
+        "aggregate_phase": 1,
+        "mix_phase": 1,
+        "evaluate": 1,
+    }
 
 
 def test_maxclust_mode_runs(tmp_path):
@@ -75,7 +80,26 @@ def test_maxclust_mode_runs(tmp_path):
     result = train.run(c, str(tmp_path))
     tree = json.loads((tmp_path / "tree_final.json").read_text())
     assert tree["level_sizes"] == [4, 2, 1]
-    assert result["compilations"]["sync_phase"] == 1
+    assert result["compilations"]["mix_phase"] == 1
+
+
+@pytest.mark.parametrize("algorithm", ["demlearn_p", "fedavg"])
+def test_in_place_rounds_equal_copying_rounds(algorithm, tmp_path, monkeypatch):
+    """Buffer donation (the default) changes memory, never results: metrics equal
+    a run whose phases copy, with partial participation (absent agents kept)."""
+    from demjax.engine import Simulator
+
+    c = tiny_config(num_rounds=3, algorithm=algorithm, participation=0.6)
+    donating = train.run(c, str(tmp_path / "a"))
+    assert donating["compilations"]["local_phase"] == 1
+    monkeypatch.setattr(
+        train, "Simulator", lambda config, part, donate: Simulator(config, part)
+    )
+    copying = train.run(c, str(tmp_path / "b"))
+    assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (
+        tmp_path / "b" / "metrics.jsonl"
+    ).read_bytes()
+    assert donating["records"] == copying["records"]
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):

@@ -51,7 +51,7 @@ def one_round(c, poison=()):
         state, part, tree, jnp.float32(sim.round_mu(1)), key
     )
     nodes, size, mixed_nodes, synced = sim.sync_phase(
-        params, state.params, tree, weight, active, diverged,
+        params, tree, weight, active, diverged,
         jnp.float32(sim.round_alpha()), jnp.float32(1.0), state.node_params,
     )  # fmt: skip
     return dict(state=state, params=params, loss=loss, active=active,
