@@ -227,16 +227,25 @@ class Simulator:
             loss = jnp.where(active & finite, loss, 0.0)
             return params, opt_state, loss, active, diverged
 
+        aggregator = str(config.aggregator)
+        trim_fraction = float(config.trim_fraction)
+        aggregator_noise = float(config.aggregator_noise)
+
         def aggregate_phase(params, tree, agent_weight, active, diverged, amplify,
-                            prev_node_params):  # fmt: skip
-            """Bottom-up group models over the round's contributing agents.
+                            prev_node_params, key=None):  # fmt: skip
+            """Bottom-up group models over the round's contributing agents, with
+            the configured ``aggregator`` (``noisy_median`` needs ``key``).
 
             Returns ``(node_params [N, ...], group_size float32 [N])``.
             """
             contributes = (active & ~diverged).astype(jnp.float32)
+            if aggregator == "noisy_median" and key is None:
+                key = jax.random.PRNGKey(0)
             node_params, node_weight = hierarchy.aggregate_up(
-                params, tree, agent_weight * contributes, amplify
-            )
+                params, tree, agent_weight * contributes, amplify,
+                aggregator=aggregator, trim_fraction=trim_fraction,
+                noise_scale=aggregator_noise, key=key,
+            )  # fmt: skip
             node_params = hierarchy.fill_empty_groups(
                 node_params, node_weight, tree, prev_node_params
             )
@@ -300,13 +309,14 @@ class Simulator:
         )
 
     def sync_phase(self, params, tree, agent_weight, active, diverged, alpha,
-                   amplify, prev_node_params):  # fmt: skip
+                   amplify, prev_node_params, key=None):  # fmt: skip
         """``aggregate_phase`` then ``mix_phase``: ``(node_params, group_size,
         mixed_node_params, params)``; agents that did not take part keep
         ``params`` (which ``local_phase`` left untouched for them)."""
         nodes, size = self.aggregate_phase(
-            params, tree, agent_weight, active, diverged, amplify, prev_node_params
-        )
+            params, tree, agent_weight, active, diverged, amplify, prev_node_params,
+            key,
+        )  # fmt: skip
         mixed_nodes, mixed = self.mix_phase(nodes, params, tree, alpha, active)
         return nodes, size, mixed_nodes, mixed
 

@@ -429,6 +429,7 @@ def run(
                 diverged,
                 jnp.float32(sim.round_amplify(t)),
                 state.node_params,
+                jax.random.fold_in(round_key, 2),
             )
             jax.block_until_ready(node_local)
             timing["sync_s"] = time.perf_counter() - t1
