@@ -181,8 +181,7 @@ def _aggregate_up_robust(
         val = jax.tree.map(
             lambda x, seg=seg, inc=inc, g=g, w=w: jnp.where(
                 _bcast(w > 0, x[:g]),
-                robust.segment_aggregate(x, seg, inc, g, kind, trim_fraction)
-                * amplify,
+                robust.segment_aggregate(x, seg, inc, g, kind, trim_fraction) * amplify,
                 0.0,
             ),
             rows,
