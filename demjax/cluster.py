@@ -720,6 +720,57 @@ def tree_to_json(tree: GroupTree) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+def _check_linkage_sample(value: Any, num_agents: int) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < 0
+        or value == 1
+        or value > num_agents
+    ):
+        raise ConfigError(
+            f"linkage_sample={value!r} is not valid; accepted: 0 (exact) or an "
+            f"integer in [2, num_agents={num_agents}]"
+        )
+    return 0 if int(value) == num_agents else int(value)
+
+
+@functools.partial(jax.jit, static_argnames=("metric", "block"))
+def _nearest_jit(x, s, metric: str, block: int):
+    if metric == "cosine":
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        s = s / jnp.maximum(jnp.linalg.norm(s, axis=1, keepdims=True), 1e-12)
+    s_sq = jnp.sum(s * s, axis=1)
+    a = x.shape[0]
+    pad = (-a) % block
+    xb = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, block, x.shape[1])
+
+    def one(xi):
+        # ||x - s||^2 up to the per-row constant ||x||^2 (cosine: -2 cos + const)
+        score = s_sq[None, :] - 2.0 * jnp.dot(
+            xi, s.T, precision=jax.lax.Precision.HIGHEST
+        )
+        return jnp.argmin(score, axis=1).astype(jnp.int32)
+
+    return jax.lax.map(one, xb).reshape(-1)[:a]
+
+
+def nearest_rows(x: Any, s: Any, metric: str = "euclidean", block: int = 4096):
+    """Index of the nearest row of ``s`` for every row of ``x`` (device, blocked).
+
+    Args:
+      x: float32 ``[A, D]``; s: float32 ``[m, D]``.
+      metric: ``euclidean`` or ``cosine`` (smallest ``1 - cos``).
+      block: rows of ``x`` per step, bounding memory to ``block * m`` floats.
+
+    Returns:
+      int32 ``[A]`` in ``[0, m)``.
+    """
+    check_choice("distance", metric, METRICS)
+    x, s = jnp.asarray(x, jnp.float32), jnp.asarray(s, jnp.float32)
+    return _nearest_jit(x, s, metric, int(min(block, max(x.shape[0], 1))))
+
+
 def build_tree(
     feats: Any,
     *,
@@ -732,6 +783,7 @@ def build_tree(
     sketch_dim: int = 0,
     key: jax.Array | None = None,
     distance_block: int = 0,
+    linkage_sample: int = 0,
 ) -> tuple[GroupTree, dict]:
     """Distances (device, jitted) -> linkage (host) -> group tree.
 
@@ -751,10 +803,18 @@ def build_tree(
         ``sketch_dim`` dimensions with :func:`sketch` (needs ``key``).
       key: PRNG key of the sketch.
       distance_block: column block width of the Gram accumulation (0 = whole).
+      linkage_sample: if ``0 < m < A``: the linkage runs on ``m`` agents drawn
+        uniformly without replacement (``key``), and every other agent joins the
+        level-1 group of its nearest sampled agent (same metric) — the sampling
+        scheme of CURE (Guha et al., SIGMOD 1998, Sec. 3) — so regrouping costs
+        ``O(m^2 + A m)`` instead of ``O(A^2)`` memory and time (100,000 agents:
+        the exact condensed matrix alone would be 40 GB). 0 = exact.
 
     Returns:
       ``(tree, info)`` with ``info = {"distance_s", "linkage_s", "tree_s",
-      "linkage"}`` (``linkage``: the scipy matrix ``Z``)
+      "linkage"}`` (``linkage``: the scipy matrix ``Z``; with ``linkage_sample``
+      it is over the sampled agents, listed in ``info["linkage_agents"]``, and
+      ``assign_s`` times the nearest-sample assignment)
       (plus ``sketch_s`` when sketching), the
       wall seconds of each step (``distance_s`` includes the jit compile the
       first time a shape is seen).
@@ -790,16 +850,38 @@ def build_tree(
         ts = time.perf_counter()
         feats = sketch(key, feats, int(sketch_dim)).block_until_ready()
         info["sketch_s"] = time.perf_counter() - ts
+    m = _check_linkage_sample(linkage_sample, num_agents)
+    full_feats, sample = feats, None
+    if m:
+        if key is None:
+            raise ValueError("build_tree(linkage_sample > 0) needs a PRNG key")
+        sample = np.sort(
+            np.asarray(
+                jax.random.choice(
+                    jax.random.fold_in(key, 7), num_agents, (m,), replace=False
+                )
+            )
+        )
+        feats = jnp.asarray(feats)[sample]
+    n_tree = m or num_agents
     t0 = time.perf_counter()
     dist = pairwise_distances(feats, metric, distance_block).block_until_ready()
     t1 = time.perf_counter()
     z = linkage(np.asarray(dist), method, backend)
     t2 = time.perf_counter()
     if mode == "binary":
-        tree = tree_from_linkage(z, num_agents, num_levels)
+        tree = tree_from_linkage(z, n_tree, num_levels)
     else:
-        tree = tree_from_linkage_maxclust(z, num_agents, groups)
+        tree = tree_from_linkage_maxclust(z, n_tree, groups)
     t3 = time.perf_counter()
     info.update(distance_s=t1 - t0, linkage_s=t2 - t1, tree_s=t3 - t2)
+    if m:
+        nearest = np.asarray(nearest_rows(full_feats, feats, metric))
+        agent_parent = np.asarray(tree.agent_parent)[nearest]
+        tree = _finish_tree(
+            agent_parent, np.asarray(tree.node_parent), tree.level_sizes
+        )
+        info["assign_s"] = time.perf_counter() - t3
+        info["linkage_agents"] = sample.tolist()
     info["linkage"] = z  # float64 [A - 1, 4], for dendrogram plots (not a timing)
     return tree, info

@@ -87,6 +87,12 @@ def validate(config) -> None:
     _int_at_least(config, "eval_every", 1)
     _int_at_least(config, "local_buckets", 1)
     _int_at_least(config, "sketch_dim", 0)
+    _int_at_least(config, "linkage_sample", 0)
+    if config.linkage_sample == 1 or config.linkage_sample > config.num_agents:
+        raise ConfigError(
+            f"linkage_sample={config.linkage_sample!r} is not valid; accepted: 0 "
+            f"(exact) or an integer in [2, num_agents={config.num_agents}]"
+        )
     _int_at_least(config, "distance_block", 0)
     _int_at_least(config, "num_devices", 0)
     _int_at_least(config, "agent_block", 0)
@@ -270,6 +276,7 @@ FIELD_DOCS = {
     "linkage_backend": "scipy or fastcluster",
     "cluster_features": "weights (reference) or updates (the round's update)",
     "sketch_dim": "random projection of clustering features; 0 = exact",
+    "linkage_sample": "linkage on m sampled agents (rest: nearest's group); 0 = all",
     "distance_block": "Gram summed over column blocks of this width; 0 = one matmul",
     "weighting": "group averages weighted by agents (reference) or samples",
     "amplify": "the reference's x amplify_factor group scaling (off by default)",

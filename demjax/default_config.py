@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Random projection of the clustering features to this many dimensions before
     # the distance matrix (0 = exact distances on all parameters).
     c.sketch_dim = 0
+    c.linkage_sample = 0  # linkage on this many sampled agents; 0 = all
     # Gram matrix of the distances accumulated over column blocks of this width
     # (bounded memory for large models); 0 = one matmul.
     c.distance_block = 0

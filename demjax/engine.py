@@ -441,6 +441,7 @@ class Simulator:
             sketch_dim=sketch_dim,
             distance_block=int(c.distance_block),
             key=key,
+            linkage_sample=int(c.linkage_sample),
         )
         info.update(more)
         return tree, info

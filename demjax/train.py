@@ -184,10 +184,12 @@ def _majority_labels(part) -> list[int]:
     return [int(np.bincount(y[a, : n[a]]).argmax()) for a in range(len(n))]
 
 
-def _tree_snapshot(tree, z, t: int, majority: list[int]) -> dict:
+def _tree_snapshot(tree, z, t: int, majority: list[int], linkage_agents=None) -> dict:
     out = cluster.tree_to_json(tree)
     out["round"] = int(t)
     out["linkage"] = None if z is None else np.asarray(z).tolist()
+    if linkage_agents is not None:  # linkage_sample: Z is over these agents
+        out["linkage_agents"] = linkage_agents
     out["agent_majority_label"] = majority
     return out
 
@@ -368,13 +370,15 @@ def run(
 
     records: list[dict] = list(writer.kept)
     majority = _majority_labels(part_np)
-    z, tree_round = None, max(start - 1, 0)
+    z, tree_round, linkage_agents = None, max(start - 1, 0), None
 
     def write_final_tree():
         # Once, at the end (or on SIGINT): serialising the tree every round is
         # host work on the hot path; per-round trees are the snapshots above.
         last = tree_round if sim.algo.self_organizing else num_rounds - 1
-        writer.json("tree_final.json", _tree_snapshot(tree, z, last, majority))
+        writer.json(
+            "tree_final.json", _tree_snapshot(tree, z, last, majority, linkage_agents)
+        )
 
     num_rounds = int(config.num_rounds)
     bar = None
@@ -412,12 +416,13 @@ def run(
                 )
                 tree_dev = to_device(tree)
                 z, tree_round = info.pop("linkage"), t
+                linkage_agents = info.pop("linkage_agents", None)
                 timing.update(info)
                 snap = int(config.tree_snapshot_every)
                 if snap and (t % snap == 0 or t == num_rounds - 1):
                     writer.json(
                         os.path.join("trees", f"round_{t:05d}.json"),
-                        _tree_snapshot(tree, z, t, majority),
+                        _tree_snapshot(tree, z, t, majority, linkage_agents),
                     )
 
             t1 = time.perf_counter()

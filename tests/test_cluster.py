@@ -500,3 +500,49 @@ def test_sketch_params_of_a_pytree_preserves_distances():
     )
     with pytest.raises(ConfigError, match="sketch_dim"):
         cluster.sketch_params(key, params, 0)
+
+
+def test_nearest_rows_matches_numpy():
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(37, 6)).astype(np.float32)
+    s = rng.normal(size=(5, 6)).astype(np.float32)
+    for metric in ("euclidean", "cosine"):
+        got = np.asarray(cluster.nearest_rows(x, s, metric, block=8))
+        np.testing.assert_array_equal(got, cdist(x, s, metric).argmin(axis=1))
+
+
+def test_linkage_sample_tree_matches_exact_on_clustered_data():
+    """CURE-style sampling: linkage on 60 of 600 agents + nearest-sample
+    assignment recovers the exact tree's level-1 groups (ARI) on clustered data."""
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(5)
+    centers = rng.normal(size=(6, 40)) * 6
+    labels = rng.integers(0, 6, 600)
+    x = (centers[labels] + rng.normal(size=(600, 40))).astype(np.float32)
+    kw = dict(num_levels=2, mode="maxclust", level_groups=(6, 2))
+    exact, _ = cluster.build_tree(x, **kw)
+    key = jax.random.PRNGKey(0)
+    sampled, info = cluster.build_tree(x, key=key, linkage_sample=60, **kw)
+    assert len(info["linkage_agents"]) == 60 and info["linkage"].shape == (59, 4)
+    ari = adjusted_rand_score(
+        np.asarray(exact.agent_parent), np.asarray(sampled.agent_parent)
+    )
+    assert ari > 0.95, ari
+    assert adjusted_rand_score(labels, np.asarray(sampled.agent_parent)) > 0.95
+    # Every agent has a full ancestor chain in the same capacities.
+    assert sampled.level_sizes == exact.level_sizes
+    assert (np.asarray(sampled.agent_ancestor)[-1] == sampled.num_nodes - 1).all()
+
+
+def test_linkage_sample_errors():
+    x = np.zeros((10, 3), np.float32)
+    for bad in (1, 11, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="linkage_sample"):
+            cluster.build_tree(
+                x, num_levels=2, key=jax.random.PRNGKey(0), linkage_sample=bad
+            )
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        cluster.build_tree(x, num_levels=2, linkage_sample=5)
