@@ -89,8 +89,13 @@ def one_size(args) -> dict:
     c.num_agents, c.model, c.hidden = a, args.model, (100,)
     c.batch_size, c.local_epochs, c.algorithm = batch, epochs, "demlearn"
     c.tree_mode = "maxclust"
-    c.level_groups = tuple(g for g in (max(2, a // 10), max(2, a // 100), 2) if g <= a)
+    # ~10 agents per level-1 group (of the sampled agents with --linkage_sample)
+    base = args.linkage_sample if 0 < args.linkage_sample < a else a
+    c.level_groups = tuple(
+        g for g in (max(2, base // 10), max(2, base // 100), 2) if g <= base
+    )
     c.num_levels, c.sketch_dim = len(c.level_groups), args.sketch_dim
+    c.linkage_sample = args.linkage_sample if 0 < args.linkage_sample < a else 0
     c.local_buckets, c.agent_block = 1, args.agent_block
     c.num_devices = 1
     part = jax.tree.map(jnp.asarray, part)
@@ -167,6 +172,8 @@ def one_size(args) -> dict:
         "sketch_s": round(info.get("sketch_s", 0.0), 4),
         "distance_s": round(info["distance_s"], 4),
         "linkage_s": round(info["linkage_s"], 4),
+        "linkage_sample": c.linkage_sample,
+        "assign_s": round(info.get("assign_s", 0.0), 4),
         "sync_s": round(sync_s, 4),
         "eval_s": round(eval_s, 4),
         "eval_samples": int(part.y_all.shape[0]),
@@ -175,6 +182,7 @@ def one_size(args) -> dict:
             + info.get("sketch_s", 0.0)
             + info["distance_s"]
             + info["linkage_s"]
+            + info.get("assign_s", 0.0)
             + sync_s
             + eval_s,
             4,
@@ -233,6 +241,12 @@ def main() -> None:
     p.add_argument("--eval_samples", type=int, default=2000)
     p.add_argument("--sketch_dim", type=int, default=0)
     p.add_argument("--agent_block", type=int, default=0)
+    p.add_argument(
+        "--linkage_sample",
+        type=int,
+        default=0,
+        help="linkage on this many sampled agents (config linkage_sample); 0 = all",
+    )
     p.add_argument("--out", default=os.path.join(RESULTS, "scaling.json"))
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--num_agents", type=int, default=0, help=argparse.SUPPRESS)
@@ -257,7 +271,7 @@ def main() -> None:
                 f"--model={model}", f"--steps={args.steps}", f"--batch={args.batch}",
                 f"--repeats={args.repeats}", f"--eval_samples={args.eval_samples}",
                 f"--sketch_dim={args.sketch_dim}", f"--agent_block={args.agent_block}",
-                f"--samples={args.samples}",
+                f"--samples={args.samples}", f"--linkage_sample={args.linkage_sample}",
             ]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RECORD")]
