@@ -328,7 +328,24 @@ def fields_markdown(config) -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m demjax.config: print the README table
+def write_readme_table(path: str = "README.md") -> None:
+    """Rewrites the table between the ``config-table`` markers of ``path``."""
     from demjax.default_config import get_config
 
-    print(fields_markdown(get_config()))
+    start_tag, end_tag = "<!-- config-table:start -->", "<!-- config-table:end -->"
+    with open(path) as f:
+        text = f.read()
+    a, b = text.index(start_tag) + len(start_tag), text.index(end_tag)
+    with open(path, "w") as f:
+        f.write(text[:a] + "\n" + fields_markdown(get_config()) + "\n" + text[b:])
+
+
+if __name__ == "__main__":  # python -m demjax.config [--readme]: print / rewrite
+    import sys
+
+    from demjax.default_config import get_config
+
+    if "--readme" in sys.argv[1:]:
+        write_readme_table("README.md")
+    else:
+        print(fields_markdown(get_config()))

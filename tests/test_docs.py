@@ -21,5 +21,5 @@ def test_readme_table_in_sync():
     )
     end = text.index("<!-- config-table:end -->")
     assert text[start:end].strip() == fields_markdown(default.get_config()).strip(), (
-        "README config table is stale: regenerate with `python -m demjax.config`"
+        "README config table is stale: regenerate with `python -m demjax.config --readme`"
     )
