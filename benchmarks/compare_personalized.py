@@ -159,6 +159,7 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "compare_personalized.json")
     results = load_results(path)
+    old_setup = dict(results.get("setup", {}))
     results["setup"] = {
         "dataset": "fashion_mnist",
         "num_agents": 20,
@@ -171,6 +172,17 @@ def main() -> None:
         "seed": args.seed,
         **environment(),
     }
+    same = ("model", "num_rounds", "samples_per_agent", "seed")
+    new_setup = results["setup"]
+    changed = [k for k in same if k in old_setup and old_setup[k] != new_setup[k]]
+    if results["runs"] and changed and not (args.force or args.report_only):
+        used = ", ".join(f"{k}={old_setup[k]!r}" for k in changed)
+        sys.exit(
+            f"error: stored runs used {used}"
+            "; pass the same flags to add runs, or --force to rerun everything"
+        )
+    if args.report_only and old_setup:
+        results["setup"] = old_setup
     if not args.report_only:
         for split in splits:
             for name in names:
