@@ -6,7 +6,8 @@ measurement point per round, ``sync``: the models each agent uses after the
 round's communication (``Rounds.personal``). ``metrics.jsonl`` records carry
 ``round``, ``point``, ``c_spe``, ``c_gen``, ``global_acc`` (null without a global
 model), ``train_loss`` and the algorithm's own ``info`` scalars (e.g.
-``num_clusters``), flushed every round.
+``num_clusters``), flushed every round. A plug-in's optional
+``Rounds.host_step`` runs on the host after each round, before evaluation.
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
             t0 = time.perf_counter()
             round_key = jax.random.fold_in(run_key, t)
             state, info = round_fn(state, part, round_key, jnp.int32(t))
+            if rounds.host_step is not None:  # host-side decisions (e.g. CFL splits)
+                state = rounds.host_step(state, info, t)
             jax.block_until_ready(state)
             timing = {"round": t, "local_s": time.perf_counter() - t0}
             done = t + 1

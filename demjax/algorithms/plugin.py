@@ -19,6 +19,12 @@ over agents anywhere):
 - ``personal(state, part, key) -> params [A, ...]``: the models evaluated for C-SPE
   and C-GEN (e.g. Per-FedAvg personalizes with one step first).
 - ``global_model(state) -> params`` (unstacked) or None: the model behind Global.
+- ``host_step(state, info, t) -> state`` (optional, None by default): a host-side
+  (not jitted) step the engine calls after every round, before evaluation and
+  checkpointing, with the round's ``state``, its ``info`` (device scalars) and the
+  Python int ``t``; for data-dependent decisions that change no shapes (e.g. CFL's
+  cluster split, scipy linkage). It must return a state of the same pytree
+  structure, shapes and dtypes, so the jitted round never recompiles.
 
 Hyper-parameters live in the config under the algorithm's name
 (``--config.<name>.<field>=...``, e.g. ``--config.ditto.lam=0.1``), declared as
@@ -103,6 +109,8 @@ class Rounds:
     global_model: Callable | None = None
     # (params, x [M, ...], train, key) -> logits [M, C]; default: the model's.
     eval_apply: Callable | None = None
+    # (state, info, t: int) -> state, on the host after every round; None: none.
+    host_step: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
