@@ -99,7 +99,7 @@ class Network:
         return active / outdeg[senders]
 
     def matrix(self, weights: jax.Array) -> jax.Array:
-        """Dense column-stochastic ``P`` float32 ``[A, A]`` from edge ``weights [E]``."""
+        """Dense column-stochastic ``P`` float32 ``[A, A]`` from ``weights [E]``."""
         a = self.num_agents
         return (
             jnp.zeros((a, a), jnp.float32)

@@ -63,9 +63,9 @@ def minibatch_plan(key, n, n_max: int, batch_size: int, local_epochs: int):
     """
     spe = local.steps_per_epoch(n_max, batch_size)
     a = n.shape[0]
-    perms = jax.vmap(
-        lambda k, m: local.epoch_permutations(k, m, n_max, local_epochs)
-    )(jax.random.split(key, a), n)  # [A, E, n_max]
+    perms = jax.vmap(lambda k, m: local.epoch_permutations(k, m, n_max, local_epochs))(
+        jax.random.split(key, a), n
+    )  # [A, E, n_max]
     pad = spe * batch_size - n_max
     if pad:
         perms = jnp.pad(perms, ((0, 0), (0, 0), (0, pad)))
