@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from demjax import cluster, robust
+from demjax import cluster, network, robust
 from demjax.algorithms import ALGORITHMS, PLUGINS, get_algorithm, is_plugin
 from demjax.data import PARTITIONS, SOURCES
 from demjax.errors import ConfigError, check_choice
@@ -59,6 +59,7 @@ def validate(config) -> None:
     check_choice("algorithm", config.algorithm, ALGORITHMS)
     check_choice("aggregator", config.aggregator, robust.AGGREGATORS)
     _validate_plugin_hparams(config)
+    network.validate_config(config)
     check_choice("dataset", config.dataset, DATASETS)
     check_choice("partition", config.partition, PARTITIONS)
     check_choice("distance", config.distance, DISTANCES)
@@ -282,6 +283,13 @@ FIELD_DOCS = {
     "amplify": "the reference's x amplify_factor group scaling (off by default)",
     "amplify_factor": "amplify scale (> 0), 1.15 in the reference",
     "amplify_rounds": "amplify applies for rounds t < amplify_rounds",
+    "network": "decentralized plug-ins' base graph: complete, erdos_renyi, file",
+    "network_mode": "static, undirected (pair active per step w.p. r_ij), directed "
+    "(each direction active w.p. r_ij)",
+    "network_rates": "edge activation rates r ~ U(low, high), 'low,high' in (0, 1]",
+    "network_edge_prob": "erdos_renyi: link probability per agent pair, (0, 1]",
+    "network_file": "network='file': .npy/.txt 0/1 [A, A] matrix, adj[i, j] = i -> j",
+    "network_impl": "mixing: dense ([A, A] matmul) or sparse (edge-list segment_sum)",
     "num_devices": "devices of the 'agents' mesh; 0 = auto, 1 = none",
     "participation": "fraction of agents sampled per round, (0, 1]",
     "dropout": "per-round probability an agent drops out, [0, 1)",

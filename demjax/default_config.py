@@ -80,6 +80,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.amplify_factor = 1.15
     c.amplify_rounds = 5
 
+    # Peer-to-peer communication graph of the decentralized plug-ins (sgp, pdbo;
+    # demjax.network): base graph complete | erdos_renyi | file, mode static |
+    # undirected | directed (each edge active per step with its own rate
+    # r ~ U(low, high) from network_rates), dense or sparse (edge-list) mixing.
+    c.network = "complete"
+    c.network_mode = "static"
+    c.network_rates = "0.4,0.8"
+    c.network_edge_prob = 0.3
+    c.network_file = ""
+    c.network_impl = "dense"
+
     # Devices the agent axis is sharded over (mesh axis "agents"): 0 = auto (all
     # devices that divide num_agents evenly), 1 = one device.
     c.num_devices = 0

@@ -566,4 +566,6 @@ def run(
         "params_devices": len(jax.tree.leaves(state.params)[0].sharding.device_set),
         # Compiled variants per jitted phase: stays 1 however often the tree changes.
         "compilations": {name: fn._cache_size() for name, fn in sim.jitted.items()},
+        # Final state (agent models ``state.params [A, ...]``), as the plug-in engine.
+        "state": state,
     }

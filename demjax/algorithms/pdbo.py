@@ -1,0 +1,362 @@
+"""PDBO: Terashita & Hara, "Personalized Decentralized Bilevel Optimization over
+Stochastic and Directed Networks" (arXiv 2210.02129): personalization as a
+bilevel problem with client-wise hyper-parameters ``lambda_i`` (outer) and
+shared parameters ``x`` (inner), solved over a stochastic directed network with
+push-sum communication only.
+
+Bilevel problem (the paper's Sec. 3, written here for A agents)::
+
+    min_{lambda_1..A}  sum_i g_i(x*(lambda), lambda_i)          (outer, validation)
+    s.t.  x*(lambda) = argmin_x  sum_i f_i(x, lambda_i)          (inner, training)
+
+Inner: Stochastic Gradient Push (``demjax.algorithms.sgp``, Assran et al. 2019,
+Algorithm 1) on ``f_i``: agents reach consensus on ``x`` over the stochastic
+directed network ``config.network*``.
+
+Hyper-parameters (``pdbo.mode``; the paper's Sec. 5 personalization types):
+
+- ``da`` (per-class loss weights): ``f_i = mean_n C softmax(lambda_i^cls)[y_n]
+  CE_n`` over the agent's training rows; one shared model.
+- ``mtl`` (mixture of ``k`` shared learners): ``p_i(y|x) = sum_k
+  softmax(lambda_i^mix)_k p_k(y|x)``; ``f_i`` = its mean negative log-likelihood.
+- ``da_mtl``: both (class weights on the mixture's NLL).
+
+Outer loss ``g_i`` = mean NLL of agent i's model (``p_i``) on its validation rows
+(the last ``val_fraction`` of its training data, not used by the inner problem)
+``+ l2 / 2 * ||lambda_i||^2``.
+
+Hyper-gradient push (HGP, the paper's Sec. 4 decentralized hyper-gradient
+estimate). With ``H = mean_j d^2 f_j / dx^2`` and ``b = mean_j d g_j / dx`` at
+the de-biased SGP parameters ``z_j``, the implicit-function hyper-gradient of the
+total outer loss is::
+
+    d/d lambda_i sum_j g_j = d g_i/d lambda_i - d^2 f_i/(d lambda_i dx) H^-1 b
+
+``u = H^-1 b`` is estimated by a push-sum Neumann series (``hgp_steps = M``,
+step ``alpha``), all vectors ``[A, D]`` and every product vmapped over agents::
+
+    q_i = d g_i/dx (z_i), s_i = 0, w_i = 1
+    repeat M times (a fresh stochastic graph P each step):
+        q, s, w <- P q, P s, P w                        (push-sum mixing)
+        s_i <- s_i + alpha q_i
+        q_i <- q_i - alpha * Hvp_i(z_i, q_i / w_i)      (jax.jvp of jax.grad)
+    s, w <- P s, P w;   u_i = s_i / w_i ~ alpha sum_m (I - alpha H)^m b
+
+Column stochasticity keeps ``sum_i q_i`` equal to ``A (I - alpha H)^m b`` once
+the ``q_i / w_i`` agree, so every ``u_i -> H^-1 b``. The mixed partial
+``d^2 f_i/(d lambda_i dx) u_i`` is a ``jax.jvp`` of ``grad_lambda f_i`` in x
+along ``u_i``. Each agent then takes one optax Adam step (``outer_lr``) on its
+``lambda_i`` every ``outer_every`` rounds, after the round's SGP steps.
+
+Evaluation: C-SPE / C-GEN use each agent's model ``p_i`` (its de-biased ``z_i``
+and its ``lambda_i``); Global uses the mean ``z`` with the mean ``lambda``.
+
+State: ``x [A, k, ...]`` (k = 1 for ``da``), ``omega [A]``, ``opt [A, ...]``,
+``lam = {"cls": [A, C], "mix": [A, k]}``, ``outer_opt [A, ...]`` (Adam).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from demjax import network
+from demjax.algorithms.plugin import HParam, Plugin, Rounds, stack
+from demjax.algorithms.sgp import make_sgp_steps
+
+MODES = ("da", "mtl", "da_mtl")
+
+
+@flax.struct.dataclass
+class PDBOState:
+    x: object
+    omega: jax.Array
+    opt: object
+    lam: object
+    outer_opt: object
+
+
+HPARAMS = {
+    "mode": HParam(
+        "da_mtl",
+        "pdbo: hyper-parameters lambda_i: da (per-class loss weights C softmax), "
+        "mtl (mixture weights over k shared learners), da_mtl (both; default)",
+        choices=MODES,
+    ),
+    "outer_lr": HParam(
+        0.05,
+        "pdbo: Adam learning rate of lambda_i (> 0; demjax default)",
+        low=0.0,
+        low_open=True,
+    ),  # fmt: skip
+    "hgp_steps": HParam(
+        10, "pdbo: M, push-sum Neumann steps of the HGP estimate (>= 1)", low=1
+    ),
+    "hgp_alpha": HParam(
+        0.0,
+        "pdbo: Neumann step alpha of HGP (< 2 / max Hessian eigenvalue); 0 = config.lr",
+        low=0.0,
+    ),
+    "num_learners": HParam(
+        3, "pdbo: k shared learners of the mtl / da_mtl mixture (>= 1)", low=1
+    ),
+    "l2": HParam(
+        1e-3,
+        "pdbo: L2 penalty l2 / 2 * ||lambda_i||^2 in the outer loss (>= 0)",
+        low=0.0,
+    ),  # fmt: skip
+    "outer_every": HParam(
+        1, "pdbo: one hyper-gradient (outer) step every k rounds (>= 1)", low=1
+    ),
+    "val_fraction": HParam(
+        0.2,
+        "pdbo: fraction of each agent's training rows held out for the outer "
+        "loss, [0, 0.9]; 0 = the outer loss uses the training rows",
+        low=0.0,
+        high=0.9,
+    ),
+}
+
+
+def mixture_log_probs(apply_fn, learners, lam, xb, train, key, use_mix: bool):
+    """Log ``p_i(y|x)`` of one agent, float32 ``[B, C]``.
+
+    Args:
+      learners: k stacked models (leaves ``[k, ...]``); lam: ``{"cls": [C],
+        "mix": [k]}``; use_mix: mixture weights ``softmax(lam["mix"])`` (else k
+        must be 1).
+    """
+    logits = jax.vmap(lambda p: apply_fn(p, xb, train, key))(learners)  # [k, B, C]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    if not use_mix:
+        return logp[0]
+    logw = jax.nn.log_softmax(lam["mix"])
+    return jax.nn.logsumexp(logp + logw[:, None, None], axis=0)
+
+
+def weighted_nll(logp, y, mask, lam, use_cls: bool):
+    """``sum_n m_n w_n NLL_n / sum_n m_n`` with ``w = C softmax(lam["cls"])[y]``
+    (``use_cls``) or 1; logp ``[B, C]``, y int ``[B]``, mask bool ``[B]``."""
+    nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
+    m = mask.astype(jnp.float32)
+    if use_cls:
+        c = logp.shape[-1]
+        m = m * c * jax.nn.softmax(lam["cls"])[y]
+    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+
+def hypergradient_push(net, key, z, lam, inner_loss, outer_loss, data_in,
+                       data_out, alpha: float, num_steps: int):  # fmt: skip
+    """The HGP estimate of ``d/d lambda_i sum_j g_j(x*(lambda), lambda_j)``.
+
+    Args:
+      net: ``demjax.network.Network`` (one graph sample per step).
+      key: PRNG key of the graph samples.
+      z: de-biased inner parameters, leaves ``[A, ...]``.
+      lam: hyper-parameters, leaves ``[A, ...]``.
+      inner_loss: ``inner_loss(x, lam_i, data_in_i) -> scalar`` of ONE agent.
+      outer_loss: ``outer_loss(x, lam_i, data_out_i) -> scalar`` of ONE agent.
+      data_in, data_out: per-agent data, leaves ``[A, ...]``.
+      alpha: Neumann step (``0 < alpha < 2 / max eig(H)``).
+      num_steps: M.
+
+    Returns:
+      ``(hypergrad, u)``: lam-shaped leaves ``[A, ...]``, and each agent's
+      estimate ``u_i ~ H^-1 b`` (z-shaped).
+    """
+    grad_x_f = jax.grad(inner_loss, argnums=0)
+    grad_l_f = jax.grad(inner_loss, argnums=1)
+
+    def hvp(x, lam_i, d, v):
+        return jax.jvp(lambda xx: grad_x_f(xx, lam_i, d), (x,), (v,))[1]
+
+    def mixed(x, lam_i, d, u):
+        return jax.jvp(lambda xx: grad_l_f(xx, lam_i, d), (x,), (u,))[1]
+
+    g_x, g_l = jax.vmap(jax.grad(outer_loss, argnums=(0, 1)))(z, lam, data_out)
+    num_agents = jax.tree.leaves(z)[0].shape[0]
+    vhvp = jax.vmap(hvp)
+
+    def step(carry, k):
+        q, s, w = carry
+        weights = net.sample(k)
+        q, s, w = net.mix(weights, (q, s, w))
+        s = jax.tree.map(lambda a, b: a + alpha * b, s, q)
+        hq = vhvp(z, lam, data_in, network.debias(q, w))
+        q = jax.tree.map(lambda a, b: a - alpha * b, q, hq)
+        return (q, s, w), None
+
+    keys = jax.random.split(key, num_steps + 1)
+    init = (g_x, jax.tree.map(jnp.zeros_like, g_x), jnp.ones((num_agents,)))
+    (q, s, w), _ = jax.lax.scan(step, init, keys[:-1])
+    s, w = net.mix(net.sample(keys[-1]), (s, w))
+    u = network.debias(s, w)
+    jac_u = jax.vmap(mixed)(z, lam, data_in, u)
+    return jax.tree.map(jnp.subtract, g_l, jac_u), u
+
+
+def build(ctx) -> Rounds:
+    hp = ctx.hp
+    mode = hp["mode"]
+    use_cls = mode in ("da", "da_mtl")
+    use_mix = mode in ("mtl", "da_mtl")
+    k = int(hp["num_learners"]) if use_mix else 1
+    l2 = float(hp["l2"])
+    alpha = float(hp["hgp_alpha"]) or float(ctx.config.lr)
+    m_steps = int(hp["hgp_steps"])
+    outer_every = int(hp["outer_every"])
+    val_fraction = float(hp["val_fraction"])
+    net = network.from_config(ctx.config, ctx.num_agents)
+    num_agents, num_classes = ctx.num_agents, ctx.num_classes
+    outer_tx = optax.adam(float(hp["outer_lr"]))
+
+    def model_logp(learners, lam, xb, train, key, apply_fn=ctx.apply_fn):
+        return mixture_log_probs(apply_fn, learners, lam, xb, train, key, use_mix)
+
+    def sgp_loss(z, lam, xb, yb, mask, key):
+        logp = model_logp(z, lam, xb, True, key)
+        loss = weighted_nll(logp, yb, mask, lam, use_cls)
+        return loss, weighted_nll(logp, yb, mask, lam, False)
+
+    steps = make_sgp_steps(
+        net, ctx.tx, sgp_loss, int(ctx.config.batch_size), int(ctx.config.local_epochs)
+    )
+
+    def inner_loss(x, lam, d):
+        xr, yr, mask = d
+        return weighted_nll(model_logp(x, lam, xr, False, None), yr, mask, lam, use_cls)
+
+    def outer_loss(x, lam, d):
+        xr, yr, mask = d
+        nll = weighted_nll(model_logp(x, lam, xr, False, None), yr, mask, lam, False)
+        sq = sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(lam))
+        return nll + 0.5 * l2 * sq
+
+    def splits(part):
+        n = part.n_train
+        if val_fraction > 0:
+            n_val = jnp.clip((val_fraction * n).astype(jnp.int32), 1, n - 1)
+        else:
+            n_val = jnp.zeros_like(n)
+        n_in = n - n_val
+        rows = jnp.arange(part.y_train.shape[1])[None, :]
+        in_mask = rows < n_in[:, None]
+        val_mask = (rows >= n_in[:, None]) & (rows < n[:, None])
+        if val_fraction == 0:
+            val_mask = in_mask
+        return n_in, in_mask, val_mask
+
+    def init(key, part):
+        keys = jax.random.split(key, k)
+        learners = jax.tree.map(
+            lambda *ls: jnp.stack(ls), *[ctx.init_model(kk) for kk in keys]
+        )
+        x = jax.tree.map(jnp.array, stack(learners, num_agents))
+        lam = {
+            "cls": jnp.zeros((num_agents, num_classes), jnp.float32),
+            "mix": jnp.zeros((num_agents, k), jnp.float32),
+        }
+        return PDBOState(
+            x=x,
+            omega=network.push_sum_weights(num_agents),
+            opt=jax.vmap(ctx.tx.init)(x),
+            lam=lam,
+            outer_opt=jax.vmap(outer_tx.init)(lam),
+        )
+
+    def outer_step(args):
+        state, part, key = args
+        _, in_mask, val_mask = splits(part)
+        z = network.debias(state.x, state.omega)
+        hyper, _ = hypergradient_push(
+            net,
+            key,
+            z,
+            state.lam,
+            inner_loss,
+            outer_loss,
+            (part.x_train, part.y_train, in_mask),
+            (part.x_train, part.y_train, val_mask),
+            alpha,
+            m_steps,
+        )
+        if not use_cls:
+            hyper = {**hyper, "cls": jnp.zeros_like(hyper["cls"])}
+        if not use_mix:
+            hyper = {**hyper, "mix": jnp.zeros_like(hyper["mix"])}
+        updates, outer_opt = jax.vmap(outer_tx.update)(
+            hyper, state.outer_opt, state.lam
+        )
+        lam = optax.apply_updates(state.lam, updates)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(h)) for h in jax.tree.leaves(hyper)))
+        return state.replace(lam=lam, outer_opt=outer_opt), norm / num_agents
+
+    def round_fn(state, part, key, t):
+        active, max_steps = ctx.round_masks(key, part.n_train)
+        n_in, _, _ = splits(part)
+        x, omega, opt, ce = steps(
+            state.x,
+            state.omega,
+            state.opt,
+            state.lam,
+            part.x_train,
+            part.y_train,
+            n_in,
+            jax.random.fold_in(key, 23),
+            active,
+            max_steps,
+        )
+        state = state.replace(x=x, omega=omega, opt=opt)
+        state, hnorm = jax.lax.cond(
+            (t + 1) % outer_every == 0,
+            outer_step,
+            lambda args: (args[0], jnp.float32(0.0)),
+            (state, part, jax.random.fold_in(key, 29)),
+        )
+        act = active.astype(jnp.float32)
+        info = {
+            "train_loss": jnp.sum(ce * act) / jnp.maximum(jnp.sum(act), 1.0),
+            "hypergrad_norm": hnorm,
+            "omega_min": jnp.min(state.omega),
+        }
+        return state, info
+
+    def personal(state, part, key):
+        return {"x": network.debias(state.x, state.omega), "lam": state.lam}
+
+    def global_model(state):
+        p = personal(state, None, None)
+        return jax.tree.map(lambda v: jnp.mean(v, axis=0), p)
+
+    def eval_apply(params, xb, train, key):
+        return model_logp(params["x"], params["lam"], xb, False, None,
+                          apply_fn=ctx.eval_apply_fn)  # fmt: skip
+
+    return Rounds(
+        init=init,
+        round=round_fn,
+        personal=personal,
+        global_model=global_model,
+        eval_apply=eval_apply,
+    )
+
+
+PLUGIN = Plugin(
+    name="pdbo",
+    citation="Terashita & Hara, arXiv 2210.02129: bilevel problem (Sec. 3), "
+    "hyper-gradient push (Sec. 4), DA / MTL personalization (Sec. 5); inner SGP "
+    "(Assran et al., ICML 2019, Algorithm 1)",
+    hparams=HPARAMS,
+    build=build,
+)
+
+__all__ = [
+    "MODES",
+    "PLUGIN",
+    "PDBOState",
+    "hypergradient_push",
+    "mixture_log_probs",
+    "weighted_nll",
+]
