@@ -3,6 +3,10 @@
     python scripts/run.py                                   # DemLearn on digits
     python scripts/run.py --config=configs/fmnist_paper.py --config.num_rounds=5
     python scripts/run.py --config.algorithm=fedavg --config.num_agents=200
+    python scripts/run.py --config=configs/continual_digits.py   # continual learning
+
+A config with ``scenario = "continual"`` runs distributed continual learning
+(``demjax.continual``); any other config runs the simulation of ``demjax.train``.
 
 Bad input prints one line naming the field and the accepted values, exit code 2.
 """
@@ -67,6 +71,9 @@ def main(argv):
     from demjax.train import Interrupted, format_table, run
 
     config = _CONFIG.value
+    if config.get("scenario") == "continual":
+        _run_continual(config)
+        return
     with config.unlocked():
         if _QUIET.value:
             config.progress = False
@@ -91,6 +98,38 @@ def main(argv):
     if result["eval_samples"]:
         print(f"(C-GEN on an evaluation subsample of {result['eval_samples']} samples)")
     print(format_table(final))
+
+
+def _run_continual(config) -> None:
+    """Distributed continual learning (``demjax.continual.run``)."""
+    from demjax.continual.run import run as run_continual
+    from demjax.errors import ConfigError
+
+    workdir = _WORKDIR.value or os.path.join(
+        "runs", f"continual_{config.method}_{config.dataset}_seed{config.seed}"
+    )
+    try:
+        out = run_continual(config, workdir, overwrite=_OVERWRITE.value)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"\ncontinual {config.method} on Split {config.dataset}: "
+        f"{len(out['tasks'])} tasks, {out['wall_s']:.1f} s; workdir {workdir}"
+    )
+    print("accuracy matrix (row i: after task i; column j: task j):")
+    for i, row in enumerate(out["acc_matrix"]):
+        cells = " ".join("  -  " if v is None else f"{v:.3f}" for v in row)
+        print(f"  {i}: {cells}")
+    print(f"final average accuracy {out['final_avg_acc']:.4f}", end="")
+    if out["forgetting"] is not None:
+        print(f", forgetting {out['forgetting']:.4f}", end="")
+    print()
+    ft = out["forward_transfer"]
+    if ft:
+        a = " ".join(f"{v:.3f}" for v in ft["agent_acc_from_consolidated"])
+        b = " ".join(f"{v:.3f}" for v in ft["agent_acc_from_scratch"])
+        print(f"agents' own-task accuracy from consolidated: {a}; from scratch: {b}")
 
 
 def parse_flags(argv):

@@ -1,0 +1,334 @@
+"""``run(config, workdir)``: a distributed class-incremental run, task after task.
+
+Self-centred distributed continual learning (Carta et al., "Projected Latent
+Distillation for Data-Agnostic Consolidation in Distributed Continual Learning",
+arXiv 2303.15888, Sec. 3-4): for each task ``t`` in turn,
+
+1. the task's ``A`` agents start from the current consolidated model (forward
+   transfer), train on their own data only (one ``jax.vmap`` over the agent axis,
+   ``demjax.local``), and send their models once;
+2. the server consolidates the previous model and the agents' models
+   (``config.method``): DAC / logit-only distillation on proxy data only
+   (``demjax.continual.consolidate``), or the FedAvg-style ``average``; the
+   ``finetune`` and ``joint`` baselines train a single model on the pooled data.
+
+With ``forward_transfer`` the same agents are also trained from a fresh random
+initialization in the same vmap (``2A`` models), to compare own-task accuracy.
+
+The workdir receives (each line flushed when written):
+
+- ``config.json``: the config.
+- ``metrics.jsonl``: one object per consolidation step: ``task``, ``classes``,
+  ``acc`` (accuracy of the consolidated model on each task ``j <= t``, argmax over
+  the classes seen so far), ``avg_acc`` (on all seen classes' test data),
+  ``agent_acc`` / ``scratch_acc`` (each agent's own-task accuracy, argmax over its
+  task's classes, started from the consolidated model / from scratch),
+  ``agent_loss``, ``loss_logit`` / ``loss_pld`` (first and last consolidation
+  step), ``wall_s``.
+- ``summary.json``: ``acc_matrix`` ``[T][T]`` (row i: after consolidating task
+  i; null above the diagonal), ``final_avg_acc``, ``forgetting`` (mean over tasks
+  j < T-1 of ``max_{i<T-1} R[i, j] - R[T-1, j]``), ``forward_transfer``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from demjax.continual.config import validate
+from demjax.continual.consolidate import Consolidator, average_params
+from demjax.continual.proxy import make_proxy
+from demjax.continual.scenario import make_scenario
+from demjax.errors import ConfigError
+from demjax.local import make_optimizer, make_train_all, make_train_one
+from demjax.models import init_params, make_model
+
+
+def make_trainer(model, tx, batch_size: int, local_epochs: int):
+    """Vmapped local training of ``A`` models on their own data.
+
+    Returns:
+      jitted ``train(key, params [A, ...], x [A, N, ...], y [A, N], n [A],
+      class_mask bool [C]) -> (params [A, ...], mean loss [A])``; logits outside
+      ``class_mask`` are set to -1e9 (the cross-entropy covers only the mask).
+      Fresh optimizer state per call (agents send their model once).
+    """
+
+    @jax.jit
+    def train(key, params, x, y, n, class_mask):
+        def apply_fn(p, xb, is_train, k):
+            z = model.apply({"params": p}, xb, train=is_train, rngs={"dropout": k})
+            return jnp.where(class_mask, z, -1e9)
+
+        one = make_train_one(
+            apply_fn,
+            tx,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            n_max=x.shape[1],
+        )
+        opt = jax.vmap(tx.init)(params)
+        keys = jax.random.split(key, x.shape[0])
+        p, _, loss = make_train_all(one)(
+            keys, params, opt, x, y, n, params, jnp.float32(0.0)
+        )
+        return p, loss
+
+    return train
+
+
+def make_accuracy(model):
+    """jitted ``acc(params, x [M, ...], y [M], class_mask [C]) -> float32``:
+    accuracy of the argmax over the classes in ``class_mask``."""
+
+    @jax.jit
+    def acc(params, x, y, class_mask):
+        z = model.apply({"params": params}, x, train=False)
+        z = jnp.where(class_mask, z, -jnp.inf)
+        return jnp.mean((jnp.argmax(z, -1) == y).astype(jnp.float32))
+
+    return acc
+
+
+def forgetting(r: np.ndarray) -> float | None:
+    """Average forgetting of an accuracy matrix ``r [T, T]`` (row i after task i):
+    ``mean_{j < T-1} (max_{j <= i < T-1} r[i, j] - r[T-1, j])`` (Chaudhry et al.,
+    "Riemannian Walk for Incremental Learning", ECCV 2018, Eq. 4); None if T = 1."""
+    t = r.shape[0]
+    if t < 2:
+        return None
+    return float(np.mean([np.max(r[j : t - 1, j]) - r[t - 1, j] for j in range(t - 1)]))
+
+
+def _stack(tree, k):
+    return jax.tree.map(lambda p: jnp.broadcast_to(p[None], (k, *p.shape)), tree)
+
+
+def _mask(classes, c):
+    m = np.zeros(c, bool)
+    m[list(classes)] = True
+    return m
+
+
+class _Writer:
+    def __init__(self, workdir: str, overwrite: bool):
+        path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(os.path.join(workdir, "summary.json")) and not overwrite:
+            raise ConfigError(
+                f"workdir={workdir!r} already holds a continual run (summary.json); "
+                "accepted: a new workdir, or --overwrite to replace it"
+            )
+        self.workdir = workdir
+        self._f = open(path, "w")
+
+    def record(self, rec: dict) -> None:
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+
+    def json(self, name: str, obj) -> None:
+        path = os.path.join(self.workdir, name)
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def close(self):
+        self._f.close()
+
+
+def _r(v):
+    return None if v is None else round(float(v), 6)
+
+
+def run(config, workdir: str, overwrite: bool = False) -> dict:
+    """Runs one continual scenario with ``config.method`` and writes the workdir.
+
+    Returns:
+      The summary dict (also ``<workdir>/summary.json``) plus ``records``.
+
+    Raises:
+      ConfigError: bad config field or workdir. DataNotFoundError: data missing.
+    """
+    from demjax.train import check_workdir
+
+    validate(config)
+    check_workdir(workdir)
+    t_start = time.perf_counter()
+    writer = _Writer(workdir, overwrite)
+    writer.json("config.json", json.loads(config.to_json()))
+    scenario = make_scenario(config)
+    c, num_tasks, a = scenario.num_classes, scenario.num_tasks, scenario.agents_per_task
+    model = make_model(config.model, c, tuple(config.hidden), config.conv_impl)
+    key = jax.random.PRNGKey(int(config.seed))
+    k_init, k_run = jax.random.split(key)
+    shape = scenario.input_shape
+    current = init_params(k_init, model, shape)
+    tx = make_optimizer(config.optimizer, config.lr)
+    train = make_trainer(model, tx, int(config.batch_size), int(config.local_epochs))
+    acc = make_accuracy(model)
+    acc_agents = jax.jit(jax.vmap(acc, in_axes=(0, None, None, None)))
+    method = config.method
+    proxy, consolidator = None, None
+    if method in ("dac", "logit"):
+        proxy = make_proxy(config, shape)
+        consolidator = Consolidator(
+            model,
+            steps=int(config.consolidation_steps),
+            batch=int(config.proxy_batch),
+            lr=float(config.consolidation_lr),
+            alpha=0.0 if method == "logit" else float(config.alpha),
+            student_init=config.student_init,
+            projector_init=config.projector_init,
+        )
+    r = np.full((num_tasks, num_tasks), np.nan)
+    seen = np.zeros(c, bool)
+    records = []
+    tests = [scenario.test_data(j) for j in range(num_tasks)]
+    all_classes = _mask([k for t in scenario.tasks for k in t], c)
+
+    def evaluate_row(t, params, seen_mask):
+        for j in range(t + 1):
+            r[t, j] = float(acc(params, tests[j][0], tests[j][1], seen_mask))
+        xs = np.concatenate([tests[j][0] for j in range(t + 1)])
+        ys = np.concatenate([tests[j][1] for j in range(t + 1)])
+        return float(acc(params, xs, ys, seen_mask))
+
+    try:
+        if method == "joint":
+            t0 = time.perf_counter()
+            pooled = [scenario.pooled_task(j) for j in range(num_tasks)]
+            x = np.concatenate([p[0] for p in pooled])[None]
+            y = np.concatenate([p[1] for p in pooled])[None]
+            params, loss = train(
+                k_run, _stack(current, 1), x, y, jnp.array([x.shape[1]]), all_classes
+            )
+            current = jax.tree.map(lambda p: p[0], params)
+            avg = evaluate_row(num_tasks - 1, current, all_classes)
+            rec = {
+                "task": num_tasks - 1,
+                "classes": sorted(int(k) for k in np.flatnonzero(all_classes)),
+                "acc": [_r(v) for v in r[num_tasks - 1]],
+                "avg_acc": _r(avg),
+                "agent_loss": [_r(loss[0])],
+                "wall_s": round(time.perf_counter() - t0, 2),
+            }
+            records.append(rec)
+            writer.record(rec)
+        for t in range(num_tasks if method != "joint" else 0):
+            t0 = time.perf_counter()
+            k_t = jax.random.fold_in(k_run, t)
+            new_mask = _mask(scenario.tasks[t], c)
+            old_mask = seen.copy()
+            rec = {"task": t, "classes": list(scenario.tasks[t])}
+            if method == "finetune":
+                x, y = scenario.pooled_task(t)
+                params, loss = train(
+                    k_t,
+                    _stack(current, 1),
+                    x[None],
+                    y[None],
+                    jnp.array([x.shape[0]]),
+                    np.ones(c, bool),
+                )
+                current = jax.tree.map(lambda p: p[0], params)
+                rec["agent_loss"] = [_r(v) for v in np.asarray(loss)]
+            else:
+                td = scenario.agent_data(t)
+                head = new_mask if config.agent_head == "masked" else np.ones(c, bool)
+                starts = _stack(current, a)
+                x, y, n = td.x, td.y, td.n
+                if config.forward_transfer:
+                    scratch = init_params(
+                        jax.random.fold_in(k_init, t + 1), model, shape
+                    )
+                    starts = jax.tree.map(
+                        lambda p, q: jnp.concatenate([p, q]), starts, _stack(scratch, a)
+                    )
+                    x, y, n = (np.concatenate([v, v]) for v in (x, y, n))
+                params, loss = train(jax.random.fold_in(k_t, 0), starts, x, y, n, head)
+                del td, x, y, n  # agent data are not used past this point
+                agents = jax.tree.map(lambda p: p[:a], params)
+                xt, yt = tests[t]
+                rec["agent_acc"] = [
+                    _r(v) for v in np.asarray(acc_agents(agents, xt, yt, new_mask))
+                ]
+                if config.forward_transfer:
+                    rec["scratch_acc"] = [
+                        _r(v)
+                        for v in np.asarray(
+                            acc_agents(
+                                jax.tree.map(lambda p: p[a:], params), xt, yt, new_mask
+                            )
+                        )
+                    ]
+                rec["agent_loss"] = [_r(v) for v in np.asarray(loss)[:a]]
+                if method == "average":
+                    w = t * a if config.average_weighting == "tasks" else min(t, 1)
+                    current = average_params(current, agents, jnp.float32(w))
+                else:
+                    current, _, h_logit, h_pld = consolidator(
+                        jax.random.fold_in(k_t, 1),
+                        current,
+                        agents,
+                        old_mask,
+                        new_mask,
+                        t > 0,
+                        proxy,
+                    )
+                    h_logit, h_pld = np.asarray(h_logit), np.asarray(h_pld)
+                    rec["loss_logit"] = [_r(h_logit[0]), _r(h_logit[-1])]
+                    rec["loss_pld"] = [_r(h_pld[0]), _r(h_pld[-1])]
+            seen |= new_mask
+            avg = evaluate_row(t, current, seen)
+            rec["acc"] = [_r(v) for v in r[t, : t + 1]]
+            rec["avg_acc"] = _r(avg)
+            rec["wall_s"] = round(time.perf_counter() - t0, 2)
+            records.append(rec)
+            writer.record(rec)
+            logging.info(
+                "task %d/%d (%s): avg_acc %.4f, acc %s",
+                t + 1,
+                num_tasks,
+                method,
+                avg,
+                rec["acc"],
+            )
+    finally:
+        writer.close()
+    ft = None
+    if records and "scratch_acc" in records[0]:
+        ft = {
+            "agent_acc_from_consolidated": [
+                float(np.mean(q["agent_acc"])) for q in records
+            ],
+            "agent_acc_from_scratch": [
+                float(np.mean(q["scratch_acc"])) for q in records
+            ],
+        }
+        ft["mean_gain"] = (
+            float(
+                np.mean(
+                    np.array(ft["agent_acc_from_consolidated"][1:])
+                    - np.array(ft["agent_acc_from_scratch"][1:])
+                )
+            )
+            if num_tasks > 1
+            else None
+        )
+    summary = {
+        "method": method,
+        "dataset": config.dataset,
+        "tasks": [list(t) for t in scenario.tasks],
+        "final_avg_acc": records[-1]["avg_acc"],
+        "acc_matrix": [[None if np.isnan(v) else _r(v) for v in row] for row in r],
+        "forgetting": None if method == "joint" else _r(forgetting(r)),
+        "forward_transfer": ft,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    writer.json("summary.json", summary)
+    return {**summary, "records": records}
