@@ -416,3 +416,13 @@ def test_unknown_hparam_is_rejected():
     cfg.pfedme.mu = 0.1
     with pytest.raises(ConfigError, match=r"pfedme\.mu is not a field of pfedme"):
         validate(cfg)
+
+
+def test_fedproto_model_inference_uses_the_classifier_head():
+    cfg = tiny_config(algorithm="fedproto")
+    cfg.fedproto.inference = "model"
+    ctx, rounds, dev = build(cfg, make_part())
+    state = rounds.init(jax.random.PRNGKey(0), dev)
+    assert rounds.eval_apply is None and rounds.global_model is None
+    got = rounds.personal(state, dev, None)
+    assert jax.tree.structure(got) == jax.tree.structure(state.params)

@@ -6,7 +6,7 @@ embeddings, the model's ``return_features`` output ``[B, F]``) are communicated.
 Each round every participating agent i
 
 1. trains its model (``local_epochs`` of the engine's minibatch loop) on
-   (Eq. 5)::
+   (the local objective)::
 
        CE(F_i(x), y) + lam * d(f_i(x), C_bar[y])
 
@@ -14,10 +14,10 @@ Each round every participating agent i
    and ``d`` the squared distance: ``distance='mse'`` ``||.||^2 / F`` (the
    authors' code, ``nn.MSELoss``) or ``'sq_l2'`` ``||.||^2``. Samples whose class
    has no global prototype yet (round 0) get no regularizer;
-2. computes its local prototypes (Eq. 3), ``C_i[j] = mean f_i(x)`` over its
+2. computes its local prototypes, ``C_i[j] = mean f_i(x)`` over its
    training samples of class j (model in evaluation mode, after training);
 
-and the server forms the global prototypes (Eq. 6), weighted by the class counts
+and the server forms the global prototypes, weighted by the class counts
 ``|D_ij|``::
 
     C_bar[j] = sum_i |D_ij| C_i[j] / sum_i |D_ij|
@@ -95,7 +95,7 @@ def class_sums(feats, y, mask, num_classes: int):
 
 
 def aggregate_protos(sums, counts, weight, old_protos, old_count):
-    """Global prototypes (Eq. 6), count-weighted over agents.
+    """Global prototypes (server prototype aggregation), count-weighted over agents.
 
     Args:
       sums: float32 ``[A, C, F]`` per-agent class feature sums; counts: float32
@@ -126,7 +126,7 @@ def proto_distances(feats, protos, count, distance: str = "sq_l2"):
 
 
 def make_loss(feat_apply, lam: float, distance: str):
-    """One minibatch's FedProto loss (Eq. 5).
+    """One minibatch's FedProto loss (the local objective).
 
     ``feat_apply(params, x, train, key) -> (logits [B, C], feats [B, F])``.
 
@@ -264,7 +264,7 @@ def build(ctx) -> Rounds:
 
 PLUGIN = Plugin(
     name="fedproto",
-    citation="Tan et al., AAAI 2022, Algorithm 1 (FedProto), Eq. 3, 5, 6",
+    citation="Tan et al., AAAI 2022, Algorithm 1 (FedProto)",
     hparams=HPARAMS,
     build=build,
     has_global=False,

@@ -7,21 +7,21 @@ step (the engine's shuffled minibatch loop, ``local_epochs`` passes over its dat
 takes three independent batches of its training data: ``D`` (the loop's minibatch)
 and ``D'``, ``D''`` (``batch_size`` samples drawn without replacement), and does
 the MAML step of the meta-objective ``F_i(w) = f_i(w - alpha * grad f_i(w))``
-(Eq. 3)::
+(Eq. 3, the MAML objective)::
 
-    w~ = w - alpha * grad f_i(w; D)                               (Alg. 1 line 6)
-    fo: w <- w - beta * grad f_i(w~; D')                          (Eq. 8 / FO)
-    hf: w <- w - beta * (I - alpha * H_i(w; D'')) grad f_i(w~; D')  (Eq. 9 / HF)
+    w~ = w - alpha * grad f_i(w; D)                               (Alg. 1 inner step)
+    fo: w <- w - beta * grad f_i(w~; D')                          (Per-FedAvg (FO))
+    hf: w <- w - beta * (I - alpha * H_i(w; D'')) grad f_i(w~; D')  (Per-FedAvg (HF))
 
 The Hessian-vector product ``H_i(w; D'') v`` is exact (``hvp='exact'``: forward
 mode over the gradient, ``jax.jvp`` of ``jax.grad``) or the paper's finite
-difference (``hvp='fd'``, Sec. 4 / Alg. 1 line 8)::
+difference (``hvp='fd'``, Per-FedAvg (HF))::
 
     [grad f_i(w + delta v; D'') - grad f_i(w - delta v; D'')] / (2 delta).
 
 The outer step is ``config.optimizer`` at rate ``beta`` (``config.lr`` is unused;
 with ``optimizer='sgd'`` exactly the rule above). The server averages the local
-models (Alg. 1 line 11; sample-weighted mean over participating agents, or the
+models (Alg. 1 server step; sample-weighted mean over participating agents, or the
 robust ``config.aggregator``; the paper writes the plain mean).
 
 Evaluation (Sec. 5): C-SPE / C-GEN evaluate each agent's personalized model, one

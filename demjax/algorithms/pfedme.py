@@ -6,20 +6,21 @@ Each round the server sends the global model ``w`` to every agent; agent i sets
 (one minibatch ``D`` of the engine's shuffled minibatch loop, ``local_epochs``
 passes over its data),
 
-1. approximately solves the personalized problem (Alg. 1 line 7, Eq. 7)::
+1. approximately solves the personalized problem (Alg. 1, the Moreau-envelope
+   subproblem ``h_i(theta; w_i)``)::
 
        theta_i = argmin_theta  f_i(theta; D) + lam / 2 * ||theta - w_i||^2
 
    with ``K`` gradient steps of rate ``personal_lr`` on the same minibatch,
    warm-started from the previous step's ``theta_i`` (the authors' code);
-2. moves its local model towards it (Alg. 1 line 8)::
+2. moves its local model towards it (Alg. 1, local update)::
 
        w_i <- w_i - lr * lam * (w_i - theta_i)
 
    (``lr`` = ``config.lr``; with ``optimizer='sgd'`` exactly this, another
    ``config.optimizer`` is fed the gradient ``lam * (w_i - theta_i)``);
 
-and the server sets (Alg. 1 line 11)::
+and the server sets (Alg. 1, global update)::
 
     w <- (1 - beta) * w + beta * aggregate(w_i)
 
@@ -83,7 +84,7 @@ HPARAMS = {
 
 
 def make_inner_solver(apply_fn, lam: float, k: int, personal_lr: float):
-    """K gradient steps on the personalized problem of one agent (Alg. 1 line 7).
+    """K gradient steps on the personalized problem of one agent (Alg. 1).
 
     Returns:
       ``solve(theta, w, xb [B, ...], yb [B], mask bool [B], key) -> (theta, ce)``:
@@ -116,7 +117,7 @@ def make_grad_fn(apply_fn, lam: float, k: int, personal_lr: float):
 
     Returns ``grads = {"w": lam * (w - theta'), "theta": theta - theta'}`` with
     ``theta'`` the inner solution; the optimizer applies the first with the local
-    optimizer (rate ``lr``: Alg. 1 line 8) and the second with a step of -1, which
+    optimizer (rate ``lr``: Alg. 1 local update) and the second with a step of -1, which
     sets ``theta <- theta'``.
     """
     solve = make_inner_solver(apply_fn, lam, k, personal_lr)
@@ -158,7 +159,7 @@ def build(ctx) -> Rounds:
         active, max_steps = ctx.round_masks(key, part.n_train)
         k_train, k_agg = jax.random.split(jax.random.fold_in(key, 17))
         w0 = stack(state.w, num_agents)
-        params = {"w": w0, "theta": w0}  # Alg. 1 line 5: w_i, theta_i <- w
+        params = {"w": w0, "theta": w0}  # Alg. 1: w_i, theta_i <- w
         out, opt, loss = train(
             jax.random.split(k_train, num_agents),
             params,
@@ -190,7 +191,7 @@ def build(ctx) -> Rounds:
 
 PLUGIN = Plugin(
     name="pfedme",
-    citation="Dinh, Tran, Nguyen, NeurIPS 2020, Algorithm 1 (pFedMe), Eq. 7",
+    citation="Dinh, Tran, Nguyen, NeurIPS 2020, Algorithm 1 (pFedMe)",
     hparams=HPARAMS,
     build=build,
 )
