@@ -276,7 +276,8 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RECORD")]
             if proc.returncode or not line:
-                rec = {"model": model, "num_agents": a, "error": proc.stderr[-500:]}
+                rec = {"model": model, "num_agents": a, "returncode": proc.returncode,
+                       "error": proc.stderr[-500:]}  # fmt: skip
             else:
                 rec = json.loads(line[0][len("RECORD") :])
             print(json.dumps(rec), flush=True)
