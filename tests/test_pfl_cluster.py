@@ -584,6 +584,8 @@ def test_cli_runs_cfl_and_splits(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "scripts", "run.py"), "--quiet"]
     cmd += ["--config.algorithm=cfl", "--config.num_agents=6", "--config.model=mlr"]
     cmd += ["--config.num_rounds=3", "--config.cfl.warmup=0"]
+    cmd += ["--config.local_epochs=1", "--config.local_buckets=1"]
+    cmd += ["--config.checkpoint_every=0"]
     cmd += ["--config.cfl.eps1=1000.0", "--config.cfl.eps2=1e-6"]
     cmd += [f"--workdir={tmp_path}"]
     ok = subprocess.run(cmd, capture_output=True, text=True)
