@@ -414,26 +414,26 @@ def cos_dist(u):
     return 1.0 - (u @ u.T) / np.outer(n, n)
 
 
-def same_partition(labels, want):
-    labels, want = np.asarray(labels), np.asarray(want)
-    return np.array_equal(labels, want) or np.array_equal(labels, 1 - want)
-
-
 @pytest.mark.parametrize("linkage", ["complete", "single", "average"])
 def test_cfl_bipartition_matches_references(linkage):
     # two obvious clusters of updates
     upd = two_groups(6, seed=8)
     labels = cfl.bipartition(cos_dist(upd), linkage)
     np.testing.assert_array_equal(labels, [0, 1, 0, 1, 0, 1])
-    # random updates: the root split is scipy's two-cluster cut
-    rng = np.random.default_rng(9)
+    # random updates on which the three linkages disagree: the root split is
+    # scipy's two-cluster cut of the requested linkage
+    rng = np.random.default_rng(13)
     upd = rng.normal(size=(7, 5))
     dist = cos_dist(upd)
     labels = cfl.bipartition(dist, linkage)
     assert labels[0] == 0 and 0 < labels.sum() < 7
-    z = sch.linkage(ssd.squareform(dist, checks=False), method=linkage)
-    ref = sch.fcluster(z, 2, criterion="maxclust") - 1
-    assert same_partition(labels, ref)
+    ref = {}
+    for method in ("complete", "single", "average"):
+        z = sch.linkage(ssd.squareform(dist, checks=False), method=method)
+        cut = sch.fcluster(z, 2, criterion="maxclust") - 1
+        ref[method] = tuple(cut if cut[0] == 0 else 1 - cut)
+    assert len(set(ref.values())) == 3
+    np.testing.assert_array_equal(labels, ref[linkage])
     if linkage == "single":  # Alg. 1: argmin over bipartitions of max cross alpha
         alpha = 1.0 - dist
 
@@ -449,15 +449,21 @@ def test_cfl_bipartition_matches_references(linkage):
         np.testing.assert_allclose(cross_max(labels), best, atol=1e-12)
 
 
+def dtheta_tree(dtheta_flat):
+    """Flat MLR updates ``[A, F*C + C]`` -> the parameter pytree."""
+    a = dtheta_flat.shape[0]
+    kernel = jnp.float32(dtheta_flat[:, : F * C].reshape(a, F, C))
+    return {"Dense_0": {"kernel": kernel, "bias": jnp.float32(dtheta_flat[:, F * C :])}}
+
+
 def cfl_split(part, dtheta_flat, weight, cluster, t, **hp):
     """The cluster ids after CFL's host step on constructed updates."""
     a = len(weight)
     cfg = tiny_config(algorithm="cfl", num_agents=a)
     _, rounds, dev = build(cfg, part, hp=hp)
     state = rounds.init(jax.random.PRNGKey(0), dev)
-    dtheta = mlr_params(
-        dtheta_flat[:, : F * C].reshape(a, F, C), dtheta_flat[:, F * C :], state.theta
-    )
+    dtheta = dtheta_tree(dtheta_flat)
+    assert jax.tree.structure(dtheta) == jax.tree.structure(state.theta)
     w, cid = jnp.float32(weight), jnp.int32(cluster)
     mean_norm, max_norm, count = cfl.cluster_stats(dtheta, w, cid)
     state = state.replace(
@@ -502,8 +508,14 @@ def test_cfl_split_criterion_and_bipartition():
         np.testing.assert_array_equal(got, want, err_msg=f"{eps1=} {eps2=} {t=}")
 
     loose = {"eps1": 1e3, "eps2": 1e-6, "warmup": 0}
-    # a non-participant stays in the half that keeps the old id
+    # a non-participant stays in the half that keeps the old id, and its update
+    # does not enter the statistics
     w5 = weight * (np.arange(a) != 5)
+    stats = cfl.cluster_stats(dtheta_tree(upd), jnp.float32(w5), jnp.int32(one))
+    np.testing.assert_allclose(
+        [stats[0][0], stats[1][0]], norms_np(upd, w5, range(a)), rtol=1e-5
+    )
+    np.testing.assert_array_equal(stats[2], [5, 0, 0, 0, 0, 0])
     got = cfl_split(part, upd, w5, one, 0, **loose)
     np.testing.assert_array_equal(got, [0, 1, 0, 1, 0, 0])
     # two participants are not split
