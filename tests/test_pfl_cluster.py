@@ -511,12 +511,13 @@ def test_cfl_split_criterion_and_bipartition():
     # a non-participant stays in the half that keeps the old id, and its update
     # does not enter the statistics
     w5 = weight * (np.arange(a) != 5)
-    stats = cfl.cluster_stats(dtheta_tree(upd), jnp.float32(w5), jnp.int32(one))
+    upd5 = upd * np.where(np.arange(a) == 5, 3.0, 1.0)[:, None]  # the largest
+    stats = cfl.cluster_stats(dtheta_tree(upd5), jnp.float32(w5), jnp.int32(one))
     np.testing.assert_allclose(
-        [stats[0][0], stats[1][0]], norms_np(upd, w5, range(a)), rtol=1e-5
+        [stats[0][0], stats[1][0]], norms_np(upd5, w5, range(a)), rtol=1e-5
     )
     np.testing.assert_array_equal(stats[2], [5, 0, 0, 0, 0, 0])
-    got = cfl_split(part, upd, w5, one, 0, **loose)
+    got = cfl_split(part, upd5, w5, one, 0, **loose)
     np.testing.assert_array_equal(got, [0, 1, 0, 1, 0, 0])
     # two participants are not split
     w2 = weight * (np.arange(a) < 2)
