@@ -269,17 +269,30 @@ def test_hgp_matches_grad_through_unrolled_inner_loop():
     assert np.abs(ref).max() > 0.1
 
     z = jnp.broadcast_to(x_star, (a, D_HGP))
-    for mode, steps, tol in (("static", 150, 1e-4), ("directed", 300, 2e-2)):
-        net = network.build(a, "complete", mode, rates=(0.4, 0.8), seed=5)
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
 
-        def hgp(key, net=net, steps=steps):
+    def hgp_error(mode, alpha, steps):
+        """Relative max error of HGP over 3 graph sequences, and of its u."""
+        net = network.build(a, "complete", mode, rates=(0.4, 0.8), seed=6)
+
+        def hgp(key):
             return hypergradient_push(net, key, z, lam, inner_loss, outer_loss,
-                                      data_in, data_out, 0.5, steps)  # fmt: skip
+                                      data_in, data_out, alpha, steps)  # fmt: skip
 
-        hyper, u = jax.jit(hgp)(jax.random.PRNGKey(2))
-        err = np.abs(np.asarray(hyper) - ref).max() / np.abs(ref).max()
-        assert err < tol, (mode, err)
-        np.testing.assert_allclose(u, np.broadcast_to(v, u.shape), atol=tol * 10)
+        hyper, u = jax.jit(jax.vmap(hgp))(keys)
+        err = np.abs(np.asarray(hyper) - ref).max(axis=(1, 2)) / np.abs(ref).max()
+        return err, np.abs(np.asarray(u) - np.asarray(v)).max()
+
+    # Static complete graph: exact consensus before every Hessian-vector product,
+    # so HGP is the Neumann series of H^-1 b itself.
+    err, u_err = hgp_error("static", 0.5, 150)
+    assert err.max() < 1e-4 and u_err < 1e-4, (err, u_err)
+    # Stochastic directed graph: push-sum's consensus error biases the estimate
+    # by O(alpha); with a small Neumann step it is within a few percent.
+    err_small, u_err = hgp_error("directed", 0.05, 800)
+    assert err_small.mean() < 0.03 and u_err < 0.05, (err_small, u_err)
+    err_big, _ = hgp_error("directed", 0.5, 150)
+    assert err_small.mean() < 0.3 * err_big.mean(), (err_small, err_big)
     # The local-only estimate (own Hessian and outer gradient) is far off: the
     # test can tell a network-wide estimate from a local one.
     local = jax.vmap(
