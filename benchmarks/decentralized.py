@@ -133,6 +133,27 @@ def summary(acc: list[float]) -> dict:
     return {"mean_acc": float(a.mean()), "p10_acc": float(np.percentile(a, 10))}
 
 
+def pdbo_vs_sgp(runs: dict, net: str = "directed") -> str:
+    """One sentence: does the best PDBO variant beat SGP in mean accuracy on
+    ``net``? Empty until SGP and at least one PDBO run are stored."""
+    sgp = runs.get(f"{net}/sgp")
+    pdbo = {
+        n: runs[f"{net}/{n}"] for n in METHODS if n != "sgp" and f"{net}/{n}" in runs
+    }
+    if sgp is None or not pdbo:
+        return ""
+    best = max(pdbo, key=lambda n: pdbo[n]["mean_acc"])
+    b, s = pdbo[best], sgp
+    beats = "beats" if b["mean_acc"] > s["mean_acc"] else "does not beat"
+    return (
+        f"On the stochastic {net} network the best PDBO variant ({LABELS[best]}, "
+        f"mean {b['mean_acc']:.3f}, p10 {b['p10_acc']:.3f}) {beats} SGP (mean "
+        f"{s['mean_acc']:.3f}, p10 {s['p10_acc']:.3f}) in mean accuracy "
+        f"({b['mean_acc'] - s['mean_acc']:+.3f}); p10 difference "
+        f"{b['p10_acc'] - s['p10_acc']:+.3f} (one seed, no error bars)."
+    )
+
+
 def report(results: dict, out_dir: str) -> None:
     runs = results["runs"]
     setup = results.get("setup", {})
@@ -165,6 +186,9 @@ def report(results: dict, out_dir: str) -> None:
                 f"{r['p10_acc']:.3f} | {f['c_spe']:.3f} | {f['c_gen']:.3f} | "
                 f"{r['wall_s'] / r['num_rounds']:.2f} |"
             )
+    verdict = pdbo_vs_sgp(runs)
+    if verdict:
+        lines += ["", verdict]
     analysis = results.get("analysis")
     if analysis:
         lines += ["", analysis]
@@ -216,6 +240,9 @@ def main() -> None:
     p.add_argument("--data_dir", default="")
     p.add_argument("--force", action="store_true")
     p.add_argument("--report_only", action="store_true")
+    p.add_argument(
+        "--analysis_file", default="", help="text stored as the report's analysis"
+    )
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out_dir", default=RESULTS)
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "decentralized"))
@@ -235,6 +262,9 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "decentralized.json")
     results = load_results(path)
+    if args.analysis_file:
+        with open(args.analysis_file) as fh:
+            results["analysis"] = fh.read().strip()
     results["setup"] = {
         "dataset": "fashion_mnist",
         "num_agents": args.num_agents,
