@@ -48,6 +48,11 @@ ABLATIONS = {
         "proxy = the agents' own training images of all tasks, unaugmented (NOT "
         "data-agnostic: how far perfect proxy data would take DAC)",
     ),
+    "fmnist/average_fullhead": (
+        "fmnist",
+        {"method": "average", "agent_head": "full", "forward_transfer": False},
+        "model averaging, agents with a cross-entropy over all classes",
+    ),
     "fmnist/dac_proxy_noise": (
         "fmnist",
         {"method": "dac", "proxy": "noise", "forward_transfer": False},
@@ -82,11 +87,6 @@ ABLATIONS = {
         "fmnist",
         {"method": "dac", "agent_head": "full", "forward_transfer": False},
         "agents train with a cross-entropy over all classes",
-    ),
-    "fmnist/average_fullhead": (
-        "fmnist",
-        {"method": "average", "agent_head": "full", "forward_transfer": False},
-        "model averaging, agents with a cross-entropy over all classes",
     ),
 }
 for _n, (_d, _o, _) in ABLATIONS.items():
