@@ -46,3 +46,34 @@ def test_flops_per_agent_step_hand_computed():
     # MLP 784-100-10, batch 20: 3 (fwd + bwd) x 2 x 20 x (78,400 + 1,000) MACs.
     assert scaling.flops_per_agent_step("mlp", 20) == 3 * 2 * 20 * 79_400
     assert scaling.flops_per_agent_step("mlr", 1) == 3 * 2 * 7_840
+
+
+def test_continual_report_states_verdicts_and_matrices(tmp_path):
+    bench = load("continual")
+    run = lambda m, acc: {  # noqa: E731
+        "dataset": "fmnist", "method": m, "final_avg_acc": acc, "forgetting": 0.5,
+        "acc_matrix": [[0.9, None], [0.2, acc]], "wall_s": 3.0,
+        "forward_transfer": {"agent_acc_from_consolidated": [0.9, 0.8],
+                             "agent_acc_from_scratch": [0.9, 0.6], "mean_gain": 0.2},
+    }  # fmt: skip
+    results = {
+        "runs": {
+            "fmnist/dac": run("dac", 0.42),
+            "fmnist/finetune": run("finetune", 0.2),
+            "fmnist/average": run("average", 0.48),
+            "fmnist/dac_alpha10": run("dac", 0.45),
+        },
+        "settings": {"set": {"consolidation_steps": 300}},
+    }
+    bench.report(results, str(tmp_path))
+    md = (tmp_path / "continual.md").read_text()
+    assert "DAC beats fine-tuning: final average accuracy 0.420 vs 0.200" in md
+    assert (
+        "DAC does NOT beat model averaging: final average accuracy 0.420 vs 0.480" in md
+    )
+    assert "`consolidation_steps=300`" in md
+    # own-task accuracy from consolidated .85, from scratch .75, gain +.2
+    assert "| dac | 0.420 | 0.500 | 0.850 | 0.750 | +0.200 | 0.421 |" in md
+    assert "| dac_alpha10 | alpha = 10 | 0.450 | +0.030 |" in md
+    assert "| 1 | 0.200 | 0.420 |" in md
+    assert (tmp_path / "continual.png").stat().st_size > 1000

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from demjax.continual.consolidate import PROJECTOR_INITS, STUDENT_INITS
-from demjax.continual.proxy import NOISES, PROXIES
+from demjax.continual.proxy import NOISES, PROXIES, same_dataset
 from demjax.continual.scenario import CLASS_ORDERS, DATASETS
 from demjax.errors import ConfigError, check_choice
 from demjax.local import make_optimizer
@@ -115,6 +115,16 @@ def validate(config) -> None:
     check_choice("student_init", config.student_init, STUDENT_INITS)
     check_choice("projector_init", config.projector_init, PROJECTOR_INITS)
     check_choice("average_weighting", config.average_weighting, AVG_WEIGHTINGS)
+    if config.proxy == "dataset":
+        from demjax.data import SOURCES
+
+        check_choice("proxy_dataset", config.proxy_dataset, SOURCES)
+        if same_dataset(config.proxy_dataset, config.dataset):
+            raise ConfigError(
+                f"proxy_dataset={config.proxy_dataset!r} is the scenario's own data "
+                f"set (dataset={config.dataset!r}); accepted: another data set, e.g. "
+                "'digits' for fashion_mnist"
+            )
     make_optimizer(config.optimizer, config.lr)
     for f in ("num_tasks", "classes_per_task", "agents_per_task", "test_per_class"):
         _int(config, f, 1)

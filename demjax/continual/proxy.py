@@ -186,7 +186,9 @@ def _dataset_bank(name: str, config, input_shape, max_images: int) -> np.ndarray
     return np.clip(x, 0.0, 1.0).astype(np.float32)
 
 
-def _same_dataset(a: str, b: str) -> bool:
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two ``dataset`` names are the same data (both Fashion-MNIST loaders
+    count as one)."""
     fm = ("fashion_mnist", "fashion_mnist_tfds")
     return a == b or (a in fm and b in fm)
 
@@ -223,7 +225,7 @@ def make_proxy(config, input_shape) -> ProxySource:
     from demjax.data import SOURCES
 
     check_choice("proxy_dataset", name, SOURCES)
-    if _same_dataset(name, config.dataset):
+    if same_dataset(name, config.dataset):
         raise ConfigError(
             f"proxy_dataset={name!r} is the scenario's own data set "
             f"(dataset={config.dataset!r}); accepted: another data set, e.g. "

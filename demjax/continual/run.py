@@ -96,6 +96,18 @@ def make_accuracy(model):
     return acc
 
 
+def make_predict(model):
+    """jitted ``predict(params, x [M, ...], class_mask [C]) -> int32 [M]``: the
+    argmax over the classes in ``class_mask``."""
+
+    @jax.jit
+    def predict(params, x, class_mask):
+        z = model.apply({"params": params}, x, train=False)
+        return jnp.argmax(jnp.where(class_mask, z, -jnp.inf), -1).astype(jnp.int32)
+
+    return predict
+
+
 def forgetting(r: np.ndarray) -> float | None:
     """Average forgetting of an accuracy matrix ``r [T, T]`` (row i after task i):
     ``mean_{j < T-1} (max_{j <= i < T-1} r[i, j] - r[T-1, j])`` (Chaudhry et al.,
@@ -170,8 +182,8 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
     current = init_params(k_init, model, shape)
     tx = make_optimizer(config.optimizer, config.lr)
     train = make_trainer(model, tx, int(config.batch_size), int(config.local_epochs))
-    acc = make_accuracy(model)
-    acc_agents = jax.jit(jax.vmap(acc, in_axes=(0, None, None, None)))
+    acc_agents = jax.jit(jax.vmap(make_accuracy(model), in_axes=(0, None, None, None)))
+    predict = make_predict(model)
     method = config.method
     proxy, consolidator = None, None
     if method in ("dac", "logit"):
@@ -190,14 +202,20 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
     records = []
     tests = [scenario.test_data(j) for j in range(num_tasks)]
     all_classes = _mask([k for t in scenario.tasks for k in t], c)
+    # Every task's test data in one fixed-shape array: one compiled evaluation.
+    x_test = np.concatenate([xt for xt, _ in tests])
+    y_test = np.concatenate([yt for _, yt in tests])
+    task_of = np.concatenate([np.full(len(yt), j) for j, (_, yt) in enumerate(tests)])
 
     def evaluate_row(t, params, seen_mask):
+        """Fills ``r[t, :t+1]``; returns the accuracy on tasks ``<= t``' test data
+        pooled (argmax over ``seen_mask``)."""
+        correct = np.asarray(predict(params, x_test, seen_mask)) == y_test
         for j in range(t + 1):
-            r[t, j] = float(acc(params, tests[j][0], tests[j][1], seen_mask))
-        xs = np.concatenate([tests[j][0] for j in range(t + 1)])
-        ys = np.concatenate([tests[j][1] for j in range(t + 1)])
-        return float(acc(params, xs, ys, seen_mask))
+            r[t, j] = float(np.mean(correct[task_of == j]))
+        return float(np.mean(correct[task_of <= t]))
 
+    pool_max = max(int(np.sum(scenario.agent_data(j).n)) for j in range(num_tasks))
     try:
         if method == "joint":
             t0 = time.perf_counter()
@@ -227,12 +245,18 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
             rec = {"task": t, "classes": list(scenario.tasks[t])}
             if method == "finetune":
                 x, y = scenario.pooled_task(t)
+                n_t = x.shape[0]
+                # Padded to the largest task (masked rows): one compilation.
+                x = np.concatenate(
+                    [x, np.zeros((pool_max - n_t, *x.shape[1:]), x.dtype)]
+                )
+                y = np.concatenate([y, np.zeros(pool_max - n_t, y.dtype)])
                 params, loss = train(
                     k_t,
                     _stack(current, 1),
                     x[None],
                     y[None],
-                    jnp.array([x.shape[0]]),
+                    jnp.array([n_t]),
                     np.ones(c, bool),
                 )
                 current = jax.tree.map(lambda p: p[0], params)

@@ -138,7 +138,8 @@ def build_scenario(
     Each class's samples are shuffled (``np.random.default_rng(seed)``), its first
     ``test_per_class`` held out for testing; task ``t``'s remaining samples are
     shuffled and dealt round-robin to ``agents_per_task`` agents (i.i.d. shares),
-    each capped at ``samples_per_agent`` (0 = no cap).
+    each capped at ``samples_per_agent`` (0 = no cap). All tasks share one padded
+    capacity ``N_max`` (the largest share).
 
     Args:
       x: float32 ``[N, H, W, C]``; y: int ``[N]`` in ``[0, num_classes)``.
@@ -157,7 +158,7 @@ def build_scenario(
         )
     rng = np.random.default_rng(seed)
     tasks = split_classes(num_classes, num_tasks, classes_per_task, class_order, seed)
-    agent_tasks, test_sets = [], []
+    agent_tasks, task_shares, test_sets = [], [], []
     for classes in tasks:
         tr, te = [], []
         for c in classes:
@@ -178,15 +179,19 @@ def build_scenario(
         shares = [tr[a::agents_per_task] for a in range(agents_per_task)]
         if samples_per_agent:
             shares = [s[:samples_per_agent] for s in shares]
+        task_shares.append(shares)
+        test_sets.append((np.asarray(x[te], np.float32), np.asarray(y[te], np.int32)))
+    # One padded capacity N_max for every task, so the agents' jitted training
+    # compiles once per run (padding rows are masked out of training).
+    n_max = max(s.size for shares in task_shares for s in shares)
+    for shares in task_shares:
         n = np.array([s.size for s in shares], np.int32)
-        n_max = int(n.max())
         xa = np.zeros((agents_per_task, n_max, *x.shape[1:]), np.float32)
         ya = np.zeros((agents_per_task, n_max), np.int32)
         for a, s in enumerate(shares):
             xa[a, : s.size] = x[s]
             ya[a, : s.size] = y[s]
         agent_tasks.append(TaskData(xa, ya, n))
-        test_sets.append((np.asarray(x[te], np.float32), np.asarray(y[te], np.int32)))
     return Scenario(tasks, num_classes, x.shape[1:], agent_tasks, test_sets)
 
 
