@@ -191,12 +191,14 @@ def test_fedamp_round_matches_numpy(attention):
 
     got_xi = fedamp_xi(state.w, active, alpha_k, sigma, attention)
     np.testing.assert_allclose(got_xi, xi, atol=1e-6)
+    got_u = fedamp.cloud_models(got_xi, state.w)
     mu = lam / alpha_k
     for i in range(a):
+        u = tuple(sum(xi[i, j] * ws[j][q] for j in range(a)) for q in range(2))
+        close(mlr(got_u, i), u, 1e-6)
         if not active[i]:
             close(mlr(new.w, i), ws[i], 0.0)
             continue
-        u = tuple(sum(xi[i, j] * ws[j][q] for j in range(a)) for q in range(2))
         pull = tuple(mu * (p - uq) for p, uq in zip(ws[i], u, strict=True))
         want = sgd_step(ws[i], part, i, lr, pull)
         close(mlr(new.w, i), want, 1e-5)

@@ -138,9 +138,7 @@ def cluster_stats(dtheta, weight: jax.Array, cluster: jax.Array):
     mean_norm = jnp.sqrt(_sq_norms(cluster_means(dtheta, weight, cluster)))
     part = weight > 0
     norms = jnp.where(part, jnp.sqrt(_sq_norms(dtheta)), 0.0)
-    max_norm = jnp.maximum(
-        jax.ops.segment_max(norms, cluster, num_segments=num), 0.0
-    )
+    max_norm = jnp.maximum(jax.ops.segment_max(norms, cluster, num_segments=num), 0.0)
     count = jax.ops.segment_sum(part.astype(jnp.int32), cluster, num_segments=num)
     return mean_norm, max_norm, count
 
