@@ -52,6 +52,13 @@ def gemm_gflops(n: int = 4096, repeats: int = 3) -> float:
     return 2 * n**3 / min(times) / 1e9
 
 
+def log_phase(phase: str) -> None:
+    """Phase name and peak RSS so far to stderr: a run killed by the OOM killer
+    (return code -9, no traceback) still shows in its record how far it got."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"phase {phase}: peak RSS {peak:.2f} GB", file=sys.stderr, flush=True)
+
+
 def flops_per_agent_step(model: str, batch: int, hidden: int = 100) -> float:
     """Forward + backward (3x forward) dense-layer flops of one SGD step."""
     d = 784
@@ -112,8 +119,10 @@ def one_size(args) -> dict:
         jax.block_until_ready(out)
         return out
 
+    log_phase("init")
     t = time.perf_counter()
     out = local(state, 0)
+    log_phase("local (compile)")
     first = time.perf_counter() - t
     state = state.replace(params=out[0], opt_state=out[1])
     local_times = []
@@ -123,10 +132,12 @@ def one_size(args) -> dict:
         local_times.append(time.perf_counter() - t)
         state = state.replace(params=out[0], opt_state=out[1])
     params_local, active, diverged = out[0], out[3], out[4]
+    log_phase("local")
     sim.build_tree(params_local, None, jax.random.PRNGKey(2))  # compile
     new_tree, info = sim.build_tree(params_local, None, jax.random.PRNGKey(3))
     info.pop("linkage")
     new_tree = jax.tree.map(jnp.asarray, new_tree)
+    log_phase("cluster")
 
     def sync(params):
         nodes, node_w = sim.aggregate_phase(
@@ -143,6 +154,7 @@ def one_size(args) -> dict:
     t = time.perf_counter()
     node_w, nodes_sync, params_sync = sync(params_sync)
     sync_s = time.perf_counter() - t
+    log_phase("sync")
     ev = lambda: sim.evaluate(  # noqa: E731
         params_sync, nodes_sync, node_w, new_tree, part, part.x_all, part.y_all
     )
@@ -150,6 +162,7 @@ def one_size(args) -> dict:
     t = time.perf_counter()
     jax.block_until_ready(ev())
     eval_s = time.perf_counter() - t
+    log_phase("eval")
 
     local_s = statistics.median(local_times)
     agent_steps = a * steps
@@ -276,8 +289,14 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RECORD")]
             if proc.returncode or not line:
+                phases = [x for x in proc.stderr.splitlines() if x.startswith("phase")]
                 rec = {"model": model, "num_agents": a, "returncode": proc.returncode,
-                       "error": proc.stderr[-500:]}  # fmt: skip
+                       "phases": phases, "error": proc.stderr[-500:]}  # fmt: skip
+                if proc.returncode == -9:
+                    rec["error"] = (
+                        "killed by SIGKILL (the OOM killer when memory "
+                        "runs out) after: " + (phases or ["start"])[-1]
+                    )
             else:
                 rec = json.loads(line[0][len("RECORD") :])
             print(json.dumps(rec), flush=True)
