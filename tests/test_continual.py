@@ -354,6 +354,13 @@ def test_baselines_run(method, tmp_path):
         assert r[0][0] is not None and out["forgetting"] is not None
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_avg_acc"] == out["final_avg_acc"]
+    # Task-aware accuracy (argmax within the task's classes, a subset of the seen
+    # classes holding the true one) can only be >= the class-incremental one.
+    for row, row_task in zip(r, summary["task_aware_acc_matrix"], strict=True):
+        for v, w in zip(row, row_task, strict=True):
+            assert (v is None) == (w is None)
+            assert v is None or w >= v
+    assert summary["task_aware_final_avg_acc"] >= out["final_avg_acc"] - 1e-6
 
 
 # --- config errors -----------------------------------------------------------------
