@@ -73,7 +73,7 @@ def test_continual_report_states_verdicts_and_matrices(tmp_path):
     )
     assert "`consolidation_steps=300`" in md
     # own-task accuracy from consolidated .85, from scratch .75, gain +.2
-    assert "| dac | 0.420 | 0.500 | 0.850 | 0.750 | +0.200 | 0.421 |" in md
-    assert "| dac_alpha10 | alpha = 10 | 0.450 | +0.030 |" in md
+    assert "| dac | 0.420 | - | 0.500 | 0.850 | 0.750 | +0.200 | 0.421 |" in md
+    assert "| dac_alpha10 | alpha = 10 | 0.450 | +0.030 | - |" in md
     assert "| 1 | 0.200 | 0.420 |" in md
     assert (tmp_path / "continual.png").stat().st_size > 1000

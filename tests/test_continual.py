@@ -23,6 +23,31 @@ from demjax.models import init_params, make_model
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_CACHE_FLAGS = (
+    ("jax_compilation_cache_dir", None),
+    ("jax_persistent_cache_min_compile_time_secs", 0.0),
+    ("jax_persistent_cache_min_entry_size_bytes", 0),
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Speed only: a persistent compilation cache for this module, shared with the
+    CLI subprocess, so the runs of the same config (and the baselines' shared
+    trainer / evaluation) compile once on the loaded test machine."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    saved = {name: getattr(jax.config, name) for name, _ in _CACHE_FLAGS}
+    for name, value in _CACHE_FLAGS:
+        jax.config.update(name, path if value is None else value)
+    cc.reset_cache()
+    yield path
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
 def tiny(**overrides):
     """Split digits, 3 tasks, a small MLP, a few steps: seconds per run."""
     c = get_config()
@@ -196,20 +221,22 @@ TINY_FLAGS = [
 """``tiny(num_tasks=2)`` as ``scripts/run.py`` flags on configs/continual_digits.py."""
 
 
-def _cli(args, workdir):
+def _cli(args, workdir, cache_dir):
     cmd = [sys.executable, os.path.join(REPO, "scripts", "run.py")]
     cmd += ["--config=" + os.path.join(REPO, "configs", "continual_digits.py")]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return subprocess.run(
-        cmd + args + [f"--workdir={workdir}"], capture_output=True, text=True
+        cmd + args + [f"--workdir={workdir}"], capture_output=True, text=True, env=env
     )
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
+def cli_run(tmp_path_factory, compilation_cache):
     """A DAC run of ``scripts/run.py`` in its own process: the CLI's output and
     the clean reference of the poisoning test."""
     workdir = tmp_path_factory.mktemp("cli") / "dac"
-    return _cli(TINY_FLAGS, workdir), workdir
+    return _cli(TINY_FLAGS, workdir, compilation_cache), workdir
 
 
 def _poisoned_run(config, workdir, monkeypatch):
@@ -327,6 +354,13 @@ def test_baselines_run(method, tmp_path):
         assert r[0][0] is not None and out["forgetting"] is not None
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_avg_acc"] == out["final_avg_acc"]
+    # Task-aware accuracy (argmax within the task's classes, a subset of the seen
+    # classes holding the true one) can only be >= the class-incremental one.
+    for row, row_task in zip(r, summary["task_aware_acc_matrix"], strict=True):
+        for v, w in zip(row, row_task, strict=True):
+            assert (v is None) == (w is None)
+            assert v is None or w >= v
+    assert summary["task_aware_final_avg_acc"] >= out["final_avg_acc"] - 1e-6
 
 
 # --- config errors -----------------------------------------------------------------
@@ -373,7 +407,7 @@ def test_bad_combinations_are_refused(tmp_path):
 # --- entry point ---------------------------------------------------------------------
 
 
-def test_scripts_run_continual_config(cli_run, tmp_path):
+def test_scripts_run_continual_config(cli_run, tmp_path, compilation_cache):
     ok, workdir = cli_run
     assert ok.returncode == 0, ok.stderr
     assert "continual dac on Split digits: 2 tasks" in ok.stdout
@@ -382,7 +416,7 @@ def test_scripts_run_continual_config(cli_run, tmp_path):
     assert len(summary["acc_matrix"]) == 2 and summary["method"] == "dac"
     cfg = json.loads((workdir / "config.json").read_text())
     assert cfg["consolidation_steps"] == 20 and cfg["scenario"] == "continual"
-    bad = _cli(["--config.method=ewc"], tmp_path / "b")
+    bad = _cli(["--config.method=ewc"], tmp_path / "b", compilation_cache)
     assert bad.returncode == 2
     assert "error: method='ewc' is not valid; accepted: dac, logit" in bad.stderr
 
@@ -390,7 +424,7 @@ def test_scripts_run_continual_config(cli_run, tmp_path):
 def test_crop_proxy_samples_are_standardized_crops_of_one_image():
     proxy = make_proxy(tiny(proxy="crops"), (8, 8, 1))
     assert proxy.bank.shape[0] == 1 and proxy.bank.shape[-1] == 3  # one RGB image
-    x = np.asarray(proxy.sample(jax.random.PRNGKey(0), 16))
+    x = np.asarray(jax.jit(proxy.sample, static_argnums=1)(jax.random.PRNGKey(0), 16))
     assert x.shape == (16, 8, 8, 1) and np.isfinite(x).all()
     assert abs(x.mean()) < 1e-4 and abs(x.std() - 1.0) < 1e-2
     assert np.std(x.reshape(16, -1).mean(axis=1)) > 0.05  # crops differ

@@ -23,11 +23,13 @@ The workdir receives (each line flushed when written):
   the classes seen so far), ``avg_acc`` (on all seen classes' test data),
   ``agent_acc`` / ``scratch_acc`` (each agent's own-task accuracy, argmax over its
   task's classes, started from the consolidated model / from scratch),
-  ``agent_loss``, ``loss_logit`` / ``loss_pld`` (first and last consolidation
-  step), ``wall_s``.
+  ``task_acc`` (the same with the argmax over task j's own classes: task-aware,
+  i.e. without the old-vs-new class competition), ``agent_loss``, ``loss_logit``
+  / ``loss_pld`` (first and last consolidation step), ``wall_s``.
 - ``summary.json``: ``acc_matrix`` ``[T][T]`` (row i: after consolidating task
   i; null above the diagonal), ``final_avg_acc``, ``forgetting`` (mean over tasks
-  j < T-1 of ``max_{i<T-1} R[i, j] - R[T-1, j]``), ``forward_transfer``.
+  j < T-1 of ``max_{i<T-1} R[i, j] - R[T-1, j]``), ``forward_transfer``,
+  ``task_aware_acc_matrix`` and ``task_aware_final_avg_acc`` (from ``task_acc``).
 """
 
 from __future__ import annotations
@@ -96,16 +98,14 @@ def make_accuracy(model):
     return acc
 
 
-def make_predict(model):
-    """jitted ``predict(params, x [M, ...], class_mask [C]) -> int32 [M]``: the
-    argmax over the classes in ``class_mask``."""
+def make_logits(model):
+    """jitted ``logits(params, x [M, ...]) -> float32 [M, C]`` (inference mode)."""
 
     @jax.jit
-    def predict(params, x, class_mask):
-        z = model.apply({"params": params}, x, train=False)
-        return jnp.argmax(jnp.where(class_mask, z, -jnp.inf), -1).astype(jnp.int32)
+    def logits(params, x):
+        return model.apply({"params": params}, x, train=False)
 
-    return predict
+    return logits
 
 
 def forgetting(r: np.ndarray) -> float | None:
@@ -183,7 +183,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
     tx = make_optimizer(config.optimizer, config.lr)
     train = make_trainer(model, tx, int(config.batch_size), int(config.local_epochs))
     acc_agents = jax.jit(jax.vmap(make_accuracy(model), in_axes=(0, None, None, None)))
-    predict = make_predict(model)
+    logits = make_logits(model)
     method = config.method
     proxy, consolidator = None, None
     if method in ("dac", "logit"):
@@ -198,6 +198,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
             projector_init=config.projector_init,
         )
     r = np.full((num_tasks, num_tasks), np.nan)
+    r_task = np.full((num_tasks, num_tasks), np.nan)  # argmax within task j's classes
     seen = np.zeros(c, bool)
     records = []
     tests = [scenario.test_data(j) for j in range(num_tasks)]
@@ -207,12 +208,18 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
     y_test = np.concatenate([yt for _, yt in tests])
     task_of = np.concatenate([np.full(len(yt), j) for j, (_, yt) in enumerate(tests)])
 
+    task_masks = np.stack([_mask(classes, c) for classes in scenario.tasks])
+
     def evaluate_row(t, params, seen_mask):
-        """Fills ``r[t, :t+1]``; returns the accuracy on tasks ``<= t``' test data
-        pooled (argmax over ``seen_mask``)."""
-        correct = np.asarray(predict(params, x_test, seen_mask)) == y_test
+        """Fills ``r[t, :t+1]`` (argmax over ``seen_mask``: class-incremental) and
+        ``r_task[t, :t+1]`` (argmax over task j's classes: task-aware); returns the
+        class-incremental accuracy on tasks ``<= t``' test data pooled."""
+        z = np.asarray(logits(params, x_test))
+        correct = np.argmax(np.where(seen_mask, z, -np.inf), -1) == y_test
+        own = np.argmax(np.where(task_masks[task_of], z, -np.inf), -1) == y_test
         for j in range(t + 1):
             r[t, j] = float(np.mean(correct[task_of == j]))
+            r_task[t, j] = float(np.mean(own[task_of == j]))
         return float(np.mean(correct[task_of <= t]))
 
     pool_max = max(int(np.sum(scenario.agent_data(j).n)) for j in range(num_tasks))
@@ -231,6 +238,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
                 "task": num_tasks - 1,
                 "classes": sorted(int(k) for k in np.flatnonzero(all_classes)),
                 "acc": [_r(v) for v in r[num_tasks - 1]],
+                "task_acc": [_r(v) for v in r_task[num_tasks - 1]],
                 "avg_acc": _r(avg),
                 "agent_loss": [_r(loss[0])],
                 "wall_s": round(time.perf_counter() - t0, 2),
@@ -310,6 +318,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
             seen |= new_mask
             avg = evaluate_row(t, current, seen)
             rec["acc"] = [_r(v) for v in r[t, : t + 1]]
+            rec["task_acc"] = [_r(v) for v in r_task[t, : t + 1]]
             rec["avg_acc"] = _r(avg)
             rec["wall_s"] = round(time.perf_counter() - t0, 2)
             records.append(rec)
@@ -351,6 +360,10 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
         "final_avg_acc": records[-1]["avg_acc"],
         "acc_matrix": [[None if np.isnan(v) else _r(v) for v in row] for row in r],
         "forgetting": None if method == "joint" else _r(forgetting(r)),
+        "task_aware_acc_matrix": [
+            [None if np.isnan(v) else _r(v) for v in row] for row in r_task
+        ],
+        "task_aware_final_avg_acc": _r(np.mean(r_task[-1])),
         "forward_transfer": ft,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
