@@ -116,7 +116,7 @@ Why DAC loses to averaging here, isolated by the runs above:
 1. **Nothing is forgotten within tasks; everything lost is old-vs-new class
    competition.** The final DAC model's task-aware accuracy (argmax over each test
    sample's own task's two classes) is .993, every task >= .975, against .414
-   class-incremental. Averaging is the same (.994 vs .480), as are the digits runs
+   class-incremental. Averaging is the same (.99 vs .480), as are the digits runs
    (DAC .980 vs .405). The models keep each task's decision boundary; what fails is
    the calibration of one task's logits against another's.
 2. **Not the proxy data.** An in-distribution "oracle" proxy (the agents' own
@@ -138,8 +138,9 @@ Why DAC loses to averaging here, isolated by the runs above:
    cross-entropy over all classes (`agent_head=full`), the agents' models do encode
    "new above old" on their data and the plain average inherits it: .661
    (task-aware .991), the best data-agnostic result here. DAC cannot use that
-   signal (`dac_fullhead`): it routes the old classes' targets from the previous
-   model and centres each subset, discarding the cross-subset offset again.
+   signal (`dac_fullhead`: .406, task-aware .99): it routes the old classes'
+   targets from the previous model and centres each subset, discarding the
+   cross-subset offset again.
 
 So on these small Split benchmarks DAC's weak point is cross-task calibration, not
 data-agnosticism: its ranking against averaging flips between Split digits (where
