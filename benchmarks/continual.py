@@ -133,8 +133,9 @@ Why DAC loses to averaging here, isolated by the runs above:
    cross-task argmax. It is left to the student's initialization and to the
    features PLD shapes: starting the student from the previous consolidated model
    instead of the average shifts which tasks win (`dac_student_previous`: .402,
-   task-aware .99) without fixing it. Averaging with masked agent heads has the same blind spot (agents
-   never compare their classes with old ones). When agents train with a
+   task-aware .99) without fixing it. Averaging with masked agent heads has the
+   same blind spot (agents never compare their classes with old ones). When
+   agents train with a
    cross-entropy over all classes (`agent_head=full`), the agents' models do encode
    "new above old" on their data and the plain average inherits it: .661
    (task-aware .991), the best data-agnostic result here. DAC cannot use that
