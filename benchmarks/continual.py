@@ -104,8 +104,8 @@ PREVIOUS = {
 ANALYSIS = """
 ## Verdict and cause (Split Fashion-MNIST)
 
-**DAC beats naive fine-tuning (.414 vs .200) but does NOT beat model averaging
-(.414 vs .480), and is level with logit-only distillation (.4135 vs .413).** On
+**DAC beats naive fine-tuning (.4135 vs .200) but does NOT beat model averaging
+(.4135 vs .480), and is level with logit-only distillation (.4135 vs .413).** On
 Split digits DAC beats averaging (.405 vs .245) and fine-tuning (.195), again level
 with logit-only (.407). Joint training: .860 / .967. The reduced consolidation
 (400 steps of 64 instead of 1,000 of 128) is not the reason: the previous session's
@@ -115,17 +115,17 @@ Why DAC loses to averaging here, isolated by the runs above:
 
 1. **Nothing is forgotten within tasks; everything lost is old-vs-new class
    competition.** The final DAC model's task-aware accuracy (argmax over each test
-   sample's own task's two classes) is .993, every task >= .975, against .414
+   sample's own task's two classes) is .993, every task >= .975, against .4135
    class-incremental. Averaging is the same (.99 vs .480), as are the digits runs
    (DAC .980 vs .405). The models keep each task's decision boundary; what fails is
    the calibration of one task's logits against another's.
 2. **Not the proxy data.** An in-distribution "oracle" proxy (the agents' own
    training images, not data-agnostic) gives .416, uniform noise .432, augmented
-   digits .435, crops of `china.jpg` .414: all within 2 points. The distillation
+   digits .435, crops of `china.jpg` .4135: all within 2 points. The distillation
    does converge on its proxy (logit loss from 0.5-2.2 down to 0.002-0.009 at the
    last step of tasks 2-5; PLD from 0.3-0.45 down to ~0.015).
 3. **Not the latent distillation's weight.** alpha 0 (logit-only) .413, 0.1 .398,
-   1 .414, 10 .418.
+   1 .4135, 10 .418.
 4. **The cause is the loss's invariance.** Each teacher's logits, and the student's,
    are mean-centred over their own class subset, so `L_logit` is unchanged when a
    constant is added to all old-class logits or to all new-class logits: no term
