@@ -192,13 +192,39 @@ class Simulator:
             anchor) and flagged ``diverged`` (excluded from aggregation).
             """
             keys = jax.random.split(key, num_agents)
-            anchor = hierarchy.parent_models(node_params, anchor_tree)
-            # FedAvg/FedProx agents start from the current global model.
-            start = anchor if broadcast else params_in
+            # Each block's anchors are gathered from the group models inside the
+            # training loop, never stacked [A, ...]; so are the
+            # diverged/inactive picks, so the population is updated in place.
+            anchor = lambda ids: hierarchy.parent_models(  # noqa: E731
+                node_params, anchor_tree, ids
+            )
             active, max_steps = round_masks(key, part.n_train)
-            params, opt_state, loss = train_all(
+
+            def finish(ids, new_p, new_o, loss, old_p, old_o, anc):
+                act = active[ids]
+                finite = jnp.isfinite(loss)
+                for leaf in jax.tree.leaves(new_p):
+                    finite = finite & jnp.all(
+                        jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1
+                    )
+                div = act & ~finite
+
+                def pick(trained, reset, keep):
+                    def f(t, r, k):
+                        shape = (t.shape[0],) + (1,) * (t.ndim - 1)
+                        out = jnp.where(div.reshape(shape), r, t)
+                        return jnp.where(act.reshape(shape), out, k)
+
+                    return jax.tree.map(f, trained, reset, keep)
+
+                params = pick(new_p, anc, old_p)
+                opt_state = pick(new_o, old_o, old_o)
+                return params, opt_state, (jnp.where(act & finite, loss, 0.0), div)
+
+            # FedAvg/FedProx agents start from the current global model.
+            params, opt_state, (loss, diverged) = train_all(
                 keys,
-                start,
+                params_in,
                 opt_in,
                 part.x_train,
                 part.y_train,
@@ -206,25 +232,9 @@ class Simulator:
                 anchor,
                 mu,
                 max_steps,
+                start=anchor if broadcast else None,
+                finish=finish,
             )
-            finite = jnp.isfinite(loss)
-            for leaf in jax.tree.leaves(params):
-                finite = finite & jnp.all(
-                    jnp.isfinite(leaf.reshape(num_agents, -1)), axis=1
-                )
-            diverged = active & ~finite
-
-            def pick(trained, reset, keep):
-                def f(t, r, k):
-                    shape = (num_agents,) + (1,) * (t.ndim - 1)
-                    out = jnp.where(diverged.reshape(shape), r, t)
-                    return jnp.where(active.reshape(shape), out, k)
-
-                return jax.tree.map(f, trained, reset, keep)
-
-            params = pick(params, anchor, params_in)
-            opt_state = pick(opt_state, opt_in, opt_in)
-            loss = jnp.where(active & finite, loss, 0.0)
             return params, opt_state, loss, active, diverged
 
         aggregator = str(config.aggregator)
@@ -337,14 +347,18 @@ class Simulator:
             * getattr(partition, k).dtype.itemsize
             for k in ("x_train", "y_train", "x_test", "y_test")
         )
-        # params, anchor, local result, mixed result, plus optimizer states x2;
-        # donation reuses the input buffers for the local and mixed results.
-        copies = 2 if self.donate else 4
+        # Resident for the whole round: the agents' params and optimizer state
+        # (trained and mixed in place with donation; without it the local and
+        # the mixed results are new copies next to the inputs) and their data.
+        # Anchors are gathered per block, never stacked [A, ...].
+        copies = 1 if self.donate else 3
         state = (
             copies * memory.tree_bytes(params)
             + (1 if self.donate else 2) * memory.tree_bytes(opt)
             + data
         )
+        # Group models: this round's, the previous round's and the mixed ones.
+        groups = 3 * sum(self.level_sizes) * memory.tree_bytes(params)
         x = jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.float32)
         y = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
         model = self.model
@@ -358,13 +372,26 @@ class Simulator:
 
             return jax.grad(loss)(p)
 
-        step_bytes = 2 * memory.step_temp_bytes(
-            step, params, x, y, jax.random.PRNGKey(0)
-        ) + 3 * memory.tree_bytes(params)
+        # Per training agent: twice one step's XLA temporaries, the block's
+        # copies of its params (input, anchor, start, scan carry x2, trained,
+        # picked) and optimizer state (input, scan carry x2, picked), and its
+        # training data sliced out for the block.
+        train_data = sum(
+            int(np.prod(getattr(partition, k).shape[1:]))
+            * getattr(partition, k).dtype.itemsize
+            for k in ("x_train", "y_train")
+        )
+        step_bytes = (
+            2 * memory.step_temp_bytes(step, params, x, y, jax.random.PRNGKey(0))
+            + 7 * memory.tree_bytes(params)
+            + 4 * memory.tree_bytes(opt)
+            + train_data
+        )
         return memory.choose_block_size(
             num_agents=self.num_agents,
             state_bytes_per_agent=state,
             step_bytes_per_agent=step_bytes,
+            fixed_bytes=groups,
         )
 
     def init(self, key: jax.Array, partition: Partition) -> SimState:

@@ -226,9 +226,11 @@ def mix_down(node_params, params, tree: GroupTree, alpha: jax.Array | float):
     return mixed, new_params
 
 
-def parent_models(node_params, tree: GroupTree):
-    """Each agent's direct parent group model, leaves ``[A, ...]`` (a gather)."""
-    return jax.tree.map(lambda m: m[tree.agent_parent], node_params)
+def parent_models(node_params, tree: GroupTree, ids=None):
+    """Each agent's direct parent group model, leaves ``[A, ...]`` (a gather);
+    only the agents ``ids`` (int ``[B]``, leaves ``[B, ...]``) if given."""
+    parent = tree.agent_parent if ids is None else tree.agent_parent[ids]
+    return jax.tree.map(lambda m: m[parent], node_params)
 
 
 def fill_empty_groups(node_params, node_weight, tree: GroupTree, prev_node_params):

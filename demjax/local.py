@@ -277,22 +277,40 @@ def make_train_population(
     to 1,008. Results equal one vmap over all agents: each agent runs exactly its
     own steps with its own shuffles.
 
+    Training runs in place: a ``lax.fori_loop`` over blocks of agents reads one
+    block of parameters, optimizer state, data and anchors, trains it (one vmap)
+    and writes the result back into the carried ``[A, ...]`` population. Besides
+    the (donated) inputs only one block's temporaries are live, never a second
+    stacked copy of the population (``lax.map`` stacked its outputs into a new
+    buffer, next to the inputs it kept alive).
+
     Args:
       apply_fn, tx, batch_size, local_epochs: as in ``make_train_one``.
       n_train: host int ``[A]`` training samples per agent (static: the
         compiled function is specific to these counts).
       num_buckets: at most this many buckets (1 = one vmap).
-      block_size: if > 0, agents are trained ``block_size`` at a time (a
-        ``lax.map`` over blocks of a vmap), bounding the memory of the step
-        temporaries to one block and running all local steps of a block while its
-        weights are hot in cache; 0 = the whole bucket at once.
+      block_size: if > 0, agents are trained ``block_size`` at a time, bounding
+        the memory of the step temporaries (and of the per-block anchors) to one
+        block and running all local steps of a block while its weights are hot
+        in cache; 0 = the whole bucket at once.
       grad_fn: custom gradient of the local objective (``make_train_one``).
 
     Returns:
       ``train(keys [A], params [A, ...], opt_state [A, ...], x [A, N_max, ...],
-      y [A, N_max], n [A], anchor [A, ...], mu) -> (params, opt_state, loss [A])``.
+      y [A, N_max], n [A], anchor, mu, max_steps=None, *, start=None,
+      finish=None) -> (params, opt_state, loss [A])``.
+
+      ``anchor`` is a params-shaped ``[A, ...]`` pytree or a function
+      ``anchor(ids int32 [B]) -> [B, ...]`` giving the anchors of the agents
+      ``ids`` (e.g. a gather from the group models, so the ``[A, ...]`` anchors
+      are never stacked). ``start`` (same kinds, default ``params``): the
+      parameters training starts from. ``finish(ids, new_params, new_opt, loss,
+      old_params, old_opt, anchor) -> (params, opt_state, aux)`` post-processes
+      a trained block (``aux``: a pytree of ``[B]`` arrays, returned stacked
+      ``[A]`` in place of ``loss``).
     """
     n_train = np.asarray(n_train)
+    num_agents = len(n_train)
     n_max = int(n_train.max())
     steps = local_epochs * np.ceil(n_train / batch_size).astype(np.int64)
     buckets = plan_buckets(steps, num_buckets)
@@ -308,69 +326,101 @@ def make_train_population(
             perm_size=n_max,
             grad_fn=grad_fn,
         )
-        fns.append((idx, cap, _blocked(make_train_all(one), block_size, len(idx))))
-    inverse = np.argsort(np.concatenate(buckets)).astype(np.int32)
+        fns.append((idx, cap, make_train_all(one)))
 
-    def train(keys, params, opt_state, x, y, n, anchor, mu, max_steps=None):
+    def train(
+        keys, params, opt_state, x, y, n, anchor, mu, max_steps=None, *,
+        start=None, finish=None,
+    ):  # fmt: skip
         if max_steps is None:
             max_steps = jnp.full(n.shape, _NO_LIMIT, jnp.int32)
-        if len(fns) == 1:  # one bucket: no gather/scatter copies of data and state
-            _, cap, fn = fns[0]
-            xs = x if cap == x.shape[1] else x[:, :cap]
-            ys = y if cap == y.shape[1] else y[:, :cap]
-            return fn(keys, params, opt_state, xs, ys, n, anchor, mu, max_steps)
-        outs = []
+        if finish is None:
+            finish = lambda ids, p, o, loss, *_: (p, o, loss)  # noqa: E731
+        carry = (params, opt_state, None)
         for idx, cap, fn in fns:
-            take = lambda t, idx=idx: jax.tree.map(lambda v: v[idx], t)  # noqa: E731
-            outs.append(
-                fn(
-                    keys[idx],
-                    take(params),
-                    take(opt_state),
-                    x[idx, :cap],
-                    y[idx, :cap],
-                    n[idx],
-                    take(anchor),
-                    mu,
-                    max_steps[idx],
-                )
-            )
-        return jax.tree.map(lambda *v: jnp.concatenate(v, axis=0)[inverse], *outs)
+            carry = _train_bucket(
+                fn, idx, cap, block_size, num_agents, carry,
+                keys, x, y, n, anchor, mu, max_steps, start, finish,
+            )  # fmt: skip
+        return carry
 
     train.buckets = buckets
     return train
 
 
-def _blocked(train_all: Callable, block_size: int, num_agents: int) -> Callable:
-    """Runs ``train_all`` over blocks of ``block_size`` agents with ``lax.map``.
+def _rows(tree, ids, offset):
+    """Rows ``ids`` of every leaf of ``tree``: a ``dynamic_slice`` at ``offset``
+    when ``ids`` are contiguous (``offset`` not None), else a gather."""
+    if callable(tree):
+        return tree(ids)
+    if offset is None:
+        return jax.tree.map(lambda v: v[ids], tree)
+    size = ids.shape[0]
+    return jax.tree.map(
+        lambda v: jax.lax.dynamic_slice_in_dim(v, offset, size, axis=0), tree
+    )
 
-    The agent count is padded up to a multiple of the block with copies of agent
-    0 holding ``n = 0`` samples (they take no step) and the padding is dropped.
+
+def _set_rows(tree, rows, ids, offset):
+    """``tree`` with rows ``ids`` replaced by ``rows`` (in place in a loop carry)."""
+    if offset is None:
+        return jax.tree.map(lambda v, r: v.at[ids].set(r), tree, rows)
+    return jax.tree.map(
+        lambda v, r: jax.lax.dynamic_update_slice_in_dim(v, r, offset, axis=0),
+        tree,
+        rows,
+    )
+
+
+def _train_bucket(fn, idx, cap, block_size, num_agents, carry,
+                  keys, x, y, n, anchor, mu, max_steps, start, finish):  # fmt: skip
+    """Trains the agents ``idx`` block by block into ``carry = (params,
+    opt_state, aux)`` (``aux`` None until the first block fixes its shapes).
+
+    Blocks are ``ids = idx[s : s + B]`` with ``s = min(b * B, len(idx) - B)``:
+    the last block is shifted back instead of padded, and its rows that an
+    earlier block already trained are written back unchanged.
     """
-    if not block_size or block_size >= num_agents:
-        return train_all
-    num_blocks = -(-num_agents // block_size)
-    pad = num_blocks * block_size - num_agents
+    size = len(idx)
+    bsz = min(block_size, size) if block_size > 0 else size
+    num_blocks = -(-size // bsz)
+    contiguous = bool(np.array_equal(idx, np.arange(idx[0], idx[0] + size)))
+    idx_all = jnp.asarray(idx, jnp.int32)
 
-    def fn(keys, params, opt_state, x, y, n, anchor, mu, max_steps):
-        def split(v):
-            if pad:
-                v = jnp.concatenate([v, jnp.repeat(v[:1], pad, axis=0)], axis=0)
-            return v.reshape((num_blocks, block_size) + v.shape[1:])
+    def block(b, carry):
+        params, opt_state, aux = carry
+        s = jnp.minimum(b * bsz, size - bsz)
+        ids = jax.lax.dynamic_slice_in_dim(idx_all, s, bsz)
+        off = s + int(idx[0]) if contiguous else None
+        fresh = s + jnp.arange(bsz) >= b * bsz
+        old_p, old_o = _rows(params, ids, off), _rows(opt_state, ids, off)
+        anc = _rows(anchor, ids, off)
+        p0 = old_p if start is None else _rows(start, ids, off)
+        xb, yb = _rows(x, ids, off), _rows(y, ids, off)
+        if cap != x.shape[1]:
+            xb, yb = xb[:, :cap], yb[:, :cap]
+        new_p, new_o, loss = fn(
+            _rows(keys, ids, off), p0, old_o, xb, yb, _rows(n, ids, off),
+            anc, mu, _rows(max_steps, ids, off),
+        )  # fmt: skip
+        new_p, new_o, out = finish(ids, new_p, new_o, loss, old_p, old_o, anc)
 
-        if pad:
-            n = jnp.concatenate([n, jnp.zeros((pad,), n.dtype)])
-        xs = jax.tree.map(split, (keys, params, opt_state, x, y, anchor, max_steps))
-        ns = n.reshape(num_blocks, block_size)
+        def keep(new, old):
+            return jnp.where(fresh.reshape((bsz,) + (1,) * (new.ndim - 1)), new, old)
 
-        def one_block(args):
-            k, p, o, xb, yb, a, ms, nb = args
-            return train_all(k, p, o, xb, yb, nb, a, mu, ms)
+        params = _set_rows(params, jax.tree.map(keep, new_p, old_p), ids, off)
+        opt_state = _set_rows(opt_state, jax.tree.map(keep, new_o, old_o), ids, off)
+        if aux is not None:
+            out = jax.tree.map(keep, out, _rows(aux, ids, off))
+            aux = _set_rows(aux, out, ids, off)
+        return params, opt_state, aux, out
 
-        out = jax.lax.map(one_block, (*xs, ns))
-        return jax.tree.map(
-            lambda v: v.reshape((num_blocks * block_size,) + v.shape[2:])[:num_agents],
-            out,
+    params, opt_state, aux = carry
+    if aux is None:  # shapes of ``finish``'s aux, from an abstract block
+        out = jax.eval_shape(lambda c: block(0, c)[3], (params, opt_state, None))
+        aux = jax.tree.map(
+            lambda v: jnp.zeros((num_agents,) + v.shape[1:], v.dtype), out
         )
-
-    return fn
+    return jax.lax.fori_loop(
+        0, num_blocks, lambda b, c: block(b, c)[:3], (params, opt_state, aux)
+    )

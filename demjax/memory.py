@@ -1,8 +1,10 @@
 """Memory estimates that choose how many agents train at once.
 
-A round holds the stacked population (parameters, optimizer state, proximal
-anchors, data: ``[A, ...]`` each) plus the temporaries of the agents training at
-once (activations, gradients, updates). ``choose_block_size`` measures one
+A round holds the stacked population (parameters, optimizer state, data:
+``[A, ...]`` each; training updates them in place block by block) and the group
+models, plus the temporaries of the agents training at once (activations,
+gradients, updates, and the block's copies of their parameters, proximal
+anchors and data). ``choose_block_size`` measures one
 agent's step temporaries with XLA's own ``memory_analysis`` of the compiled step
 and picks the largest block of agents that fits in half the free memory.
 """
@@ -55,6 +57,7 @@ def choose_block_size(
     num_agents: int,
     state_bytes_per_agent: int,
     step_bytes_per_agent: int,
+    fixed_bytes: int = 0,
     available: int | None = None,
     fraction: float = 0.5,
 ) -> int:
@@ -63,8 +66,11 @@ def choose_block_size(
     Args:
       num_agents: A.
       state_bytes_per_agent: resident bytes per agent (params, optimizer state,
-        anchor, updated copies, data).
-      step_bytes_per_agent: temporaries of one agent's training step.
+        updated copies, data).
+      step_bytes_per_agent: temporaries of one training agent (its step, and its
+        block's copies of its params, anchor, optimizer state and data).
+      fixed_bytes: resident bytes that do not scale with the agents trained at
+        once (e.g. the group models).
       available: free bytes (default ``available_bytes()``).
       fraction: share of the free memory the round may use.
 
@@ -77,7 +83,7 @@ def choose_block_size(
         change: ``num_agents``, ``model``, ``batch_size``).
     """
     budget = int(fraction * (available_bytes() if available is None else available))
-    resident = num_agents * state_bytes_per_agent
+    resident = num_agents * state_bytes_per_agent + fixed_bytes
     room = budget - resident
     gib = 2.0**30
     if room < step_bytes_per_agent:

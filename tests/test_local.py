@@ -165,3 +165,63 @@ def test_bucketed_population_training_equals_one_vmap():
     got = jax.jit(blocked)(*args)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_blocked_in_place_with_anchor_fn_and_finish():
+    """Blocks inside buckets (gathered ids, a last block shifted back over
+    trained agents), per-block anchors from a function and a ``finish`` hook
+    give the unblocked result."""
+    num_agents, batch_size, epochs = 7, 2, 2
+    rng = np.random.default_rng(3)
+    n = np.array([5, 1, 3, 6, 2, 4, 6], np.int32)
+    n_max = int(n.max())
+    x = rng.normal(size=(num_agents, n_max, 2, 2, 1)).astype(np.float32)
+    y = rng.integers(0, 3, size=(num_agents, n_max)).astype(np.int32)
+    model = models.make_model("mlp", 3, (5,))
+    params = models.init_population(jax.random.PRNGKey(0), model, (2, 2, 1), num_agents)
+    apply_fn = lambda p, xb, train=False, key=None: model.apply({"params": p}, xb)  # noqa: E731
+    tx = optax.sgd(0.1)
+    opt = jax.vmap(tx.init)(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), num_agents)
+    groups = models.init_population(jax.random.PRNGKey(2), model, (2, 2, 1), 3)
+    parent = jnp.array([0, 1, 2, 0, 1, 2, 0], jnp.int32)
+    anchor = jax.tree.map(lambda g: g[parent], groups)
+    mu = jnp.float32(0.05)
+    one = local.make_train_one(
+        apply_fn, tx, batch_size=batch_size, local_epochs=epochs, n_max=n_max
+    )
+    ref_p, ref_o, ref_loss = jax.jit(local.make_train_all(one))(
+        keys, anchor, opt, x, y, n, anchor, mu
+    )
+    ref_p = jax.tree.map(lambda v: 2.0 * v, ref_p)
+
+    def anchor_fn(ids):
+        return jax.tree.map(lambda g: g[parent[ids]], groups)
+
+    def finish(ids, new_p, new_o, loss, old_p, old_o, anc):
+        return jax.tree.map(lambda v: 2.0 * v, new_p), new_o, (loss, ids)
+
+    for buckets, block in ((1, 3), (3, 2), (2, 0)):
+        pop = local.make_train_population(
+            apply_fn,
+            tx,
+            batch_size=batch_size,
+            local_epochs=epochs,
+            n_train=n,
+            num_buckets=buckets,
+            block_size=block,
+        )
+
+        def run(keys, params, opt, x, y, n, pop=pop):
+            return pop(
+                keys, params, opt, x, y, n, anchor_fn, mu, start=anchor_fn,
+                finish=finish,
+            )  # fmt: skip
+
+        got_p, _, (loss, ids) = jax.jit(run, donate_argnums=(1,))(
+            keys, jax.tree.map(jnp.copy, params), opt, x, y, n
+        )
+        np.testing.assert_array_equal(ids, np.arange(num_agents))
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        for g, r in zip(jax.tree.leaves(got_p), jax.tree.leaves(ref_p), strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)

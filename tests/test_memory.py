@@ -20,6 +20,10 @@ def test_choose_block_size_hand_computed():
     assert memory.choose_block_size(available=10**9, **kw) == 0
     with pytest.raises(ConfigError, match="num_agents=100 does not fit"):
         memory.choose_block_size(available=2000, **kw)
+    # Group models (fixed_bytes) are resident too: room 2000 - 1000 - 500 = 500.
+    assert memory.choose_block_size(available=4000, fixed_bytes=500, **kw) == 10
+    with pytest.raises(ConfigError, match="does not fit"):
+        memory.choose_block_size(available=4000, fixed_bytes=960, **kw)
 
 
 def test_available_bytes_is_positive():
