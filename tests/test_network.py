@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import train_is_test_partition
 
 from demjax import config as config_lib
 from demjax import network, plugin_engine
 from demjax.algorithms.pdbo import hypergradient_push
 from demjax.errors import ConfigError
-from demjax.types import Partition
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -405,18 +405,7 @@ def _partition(a, n, f, c, seed=0):
     y = rng.integers(0, c, size=(a, n)).astype(np.int32)
     n_train = np.full((a,), n, np.int32)
     n_train[1] = n - 1  # one agent with a padding row
-    return Partition(
-        x_train=x,
-        y_train=y,
-        n_train=n_train,
-        x_test=x,
-        y_test=y,
-        n_test=n_train,
-        x_all=x.reshape(-1, f),
-        y_all=y.reshape(-1),
-        owner_all=np.repeat(np.arange(a), n).astype(np.int32),
-        num_classes=c,
-    )
+    return train_is_test_partition(x, y, n_train, c)
 
 
 def _softmax_grad(w, b, x, y, c):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import mlr_numpy, train_is_test_partition
 from scipy.cluster import hierarchy as sch
 from scipy.spatial import distance as ssd
 
@@ -26,7 +27,6 @@ from demjax import local, plugin_engine
 from demjax.algorithms import cfl, fedamp, ifca
 from demjax.config import validate
 from demjax.errors import ConfigError
-from demjax.types import Partition
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -59,18 +59,7 @@ def make_part(n_train, seed=0, labels=None):
         y = rng.integers(0, C, size=(a, N)).astype(np.int32)
     else:
         y = np.asarray(labels, np.int32)
-    return Partition(
-        x_train=x,
-        y_train=y,
-        n_train=n_train,
-        x_test=x,
-        y_test=y,
-        n_test=n_train,
-        x_all=x.reshape(-1, F),
-        y_all=y.reshape(-1),
-        owner_all=np.repeat(np.arange(a), N).astype(np.int32),
-        num_classes=C,
-    )
+    return train_is_test_partition(x, y, n_train, C)
 
 
 def build(cfg, part, active=None, hp=None):
@@ -116,10 +105,7 @@ def grad_np(wb, x, y):
     return x.T @ p, p.sum(0)
 
 
-def mlr(params, i=None):
-    d = params["Dense_0"]
-    k, b = np.asarray(d["kernel"], np.float64), np.asarray(d["bias"], np.float64)
-    return (k, b) if i is None else (k[i], b[i])
+mlr = mlr_numpy
 
 
 def mlr_params(kernel, bias, like):

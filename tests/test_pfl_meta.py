@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import mlr_numpy, train_is_test_partition
 
 from demjax import plugin_engine
 from demjax.algorithms import fedproto, perfedavg
 from demjax.config import validate
 from demjax.errors import ConfigError
-from demjax.types import Partition
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -49,18 +49,7 @@ def make_part(seed=0):
     x = rng.normal(size=(A, N, F)).astype(np.float32)
     y = rng.integers(0, C, size=(A, N)).astype(np.int32)
     y[0, :3] = [0, 1, 2]  # agent 0 holds every class
-    return Partition(
-        x_train=x,
-        y_train=y,
-        n_train=N_TRAIN,
-        x_test=x,
-        y_test=y,
-        n_test=N_TRAIN,
-        x_all=x.reshape(-1, F),
-        y_all=y.reshape(-1),
-        owner_all=np.repeat(np.arange(A), N).astype(np.int32),
-        num_classes=C,
-    )
+    return train_is_test_partition(x, y, N_TRAIN, C)
 
 
 def build(cfg, part):
@@ -92,10 +81,7 @@ def hvp_np(wb, x, y, v):
     return x.T @ dp, dp.sum(0)
 
 
-def mlr(params, i=None):
-    d = params["Dense_0"]
-    k, b = np.asarray(d["kernel"], np.float64), np.asarray(d["bias"], np.float64)
-    return (k, b) if i is None else (k[i], b[i])
+mlr = mlr_numpy
 
 
 def axpy(a, u, v):

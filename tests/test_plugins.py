@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import train_is_test_partition
 
 from demjax import plugin_engine, train
 from demjax.algorithms import PLUGINS
 from demjax.errors import ConfigError
-from demjax.types import Partition
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -104,18 +104,7 @@ def test_ditto_one_round_matches_numpy():
     x = rng.normal(size=(a, n, f)).astype(np.float32)
     y = rng.integers(0, c, size=(a, n)).astype(np.int32)
     n_train = np.array([4, 3], np.int32)  # agent 1 has 3 real samples
-    part = Partition(
-        x_train=x,
-        y_train=y,
-        n_train=n_train,
-        x_test=x,
-        y_test=y,
-        n_test=n_train,
-        x_all=x.reshape(-1, f),
-        y_all=y.reshape(-1),
-        owner_all=np.repeat(np.arange(a), n).astype(np.int32),
-        num_classes=c,
-    )
+    part = train_is_test_partition(x, y, n_train, c)
     lr, lam = 0.5, 0.3
     cfg = tiny_config(
         algorithm="ditto", num_agents=a, batch_size=4, lr=lr, local_buckets=1
