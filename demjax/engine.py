@@ -342,11 +342,15 @@ class Simulator:
             lambda k: models.init_params(k, self.model, shape), jax.random.PRNGKey(0)
         )
         opt = jax.eval_shape(self.tx.init, params)
-        data = sum(
-            int(np.prod(getattr(partition, k).shape[1:]))
-            * getattr(partition, k).dtype.itemsize
-            for k in ("x_train", "y_train", "x_test", "y_test")
-        )
+
+        def row_bytes(*fields):  # bytes of one agent's rows of these fields
+            return sum(
+                int(np.prod(getattr(partition, k).shape[1:]))
+                * getattr(partition, k).dtype.itemsize
+                for k in fields
+            )
+
+        data = row_bytes("x_train", "y_train", "x_test", "y_test")
         # Resident for the whole round: the agents' params and optimizer state
         # (trained and mixed in place with donation; without it the local and
         # the mixed results are new copies next to the inputs) and their data.
@@ -376,11 +380,7 @@ class Simulator:
         # copies of its params (input, anchor, start, scan carry x2, trained,
         # picked) and optimizer state (input, scan carry x2, picked), and its
         # training data sliced out for the block.
-        train_data = sum(
-            int(np.prod(getattr(partition, k).shape[1:]))
-            * getattr(partition, k).dtype.itemsize
-            for k in ("x_train", "y_train")
-        )
+        train_data = row_bytes("x_train", "y_train")
         step_bytes = (
             2 * memory.step_temp_bytes(step, params, x, y, jax.random.PRNGKey(0))
             + 7 * memory.tree_bytes(params)
