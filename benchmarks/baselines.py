@@ -10,6 +10,12 @@ Workload: MLP 784-100-10, every agent does ``--steps`` SGD steps of batch
   training function (``lax.scan`` over the steps).
 - ``demjax``: the whole population in one jitted vmap (``local.make_train_population``).
 
+``--agent_block=0,32`` (default) times demjax twice: with the automatic block
+(the ``demjax`` record) and with blocks of 32 agents, each trained for all its
+steps while its weights stay in cache (``demjax_block32``). Every record carries
+its GFLOP/s (dense layers, forward + backward) and the fraction of a float32
+4096x4096 GEMM measured in the same process.
+
 Prints one JSON line per implementation and size, then the ratios; writes
 ``benchmarks/results/baselines.json``::
 
@@ -162,16 +168,33 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--agent_block", type=int, default=0)
+    p.add_argument(
+        "--agent_block",
+        default="0,32",
+        help="comma list of demjax agent blocks: the first is the 'demjax' record "
+        "(0 = the automatic block), the others 'demjax_block<N>' records",
+    )
     p.add_argument("--out", default=os.path.join(RESULTS, "baselines.json"))
     args = p.parse_args()
+    blocks = [int(b) for b in args.agent_block.split(",") if b]
+    if not blocks or min(blocks) < 0:
+        sys.exit(f"error: --agent_block={args.agent_block!r}: accepted: ints >= 0")
+    from benchmarks.common import cpu_model
+    from benchmarks.scaling import flops_per_agent_step, gemm_gflops
+
+    step_flops = flops_per_agent_step("mlp", args.batch)
     records = []
     for a in (int(s) for s in args.agents.split(",")):
         x, y = make_data(a, args.steps * args.batch)
         runs = {
-            "demjax": lambda x=x, y=y: bench_demjax(
-                x, y, args.steps, args.batch, args.repeats, args.agent_block
-            ),
+            ("demjax" if i == 0 else f"demjax_block{b}"): (
+                lambda x=x, y=y, b=b: bench_demjax(
+                    x, y, args.steps, args.batch, args.repeats, b
+                )
+            )
+            for i, b in enumerate(blocks)
+        }
+        runs |= {
             "jax_per_agent_loop": lambda x=x, y=y: bench_jax_loop(
                 x, y, args.steps, args.batch, args.repeats
             ),
@@ -189,28 +212,37 @@ def main() -> None:
                     file=sys.stderr,
                 )
                 continue
+            rate = a * args.steps / sec
             rec = {
                 "impl": impl,
                 "num_agents": a,
                 "steps": args.steps,
                 "batch": args.batch,
                 "local_s": round(sec, 4),
-                "agent_steps_per_s": round(a * args.steps / sec, 1),
+                "agent_steps_per_s": round(rate, 1),
+                "gflops": round(rate * step_flops / 1e9, 2),
                 "note": note,
             }
             per[impl] = rec
             records.append(rec)
             print(json.dumps(rec), flush=True)
-        if "demjax" in per:
-            ratios = {
-                f"demjax_over_{k}": round(
-                    per["demjax"]["agent_steps_per_s"] / v["agent_steps_per_s"], 2
-                )
-                for k, v in per.items()
-                if k != "demjax"
-            }
-            print(json.dumps({"num_agents": a, **ratios}), flush=True)
-            records.append({"impl": "ratios", "num_agents": a, **ratios})
+        # The float32 GEMM peak of this process, measured right after the runs.
+        peak = gemm_gflops()
+        for rec in per.values():
+            rec["gemm_gflops"] = round(peak, 1)
+            rec["gemm_fraction"] = round(rec["gflops"] / peak, 4)
+            rec["cpu_model"] = cpu_model()
+        ratios = {
+            f"{d}_over_{k}": round(
+                per[d]["agent_steps_per_s"] / v["agent_steps_per_s"], 2
+            )
+            for d in per
+            if d.startswith("demjax")
+            for k, v in per.items()
+            if not k.startswith("demjax")
+        }
+        print(json.dumps({"num_agents": a, **ratios}), flush=True)
+        records.append({"impl": "ratios", "num_agents": a, **ratios})
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(records, f, indent=1)

@@ -201,6 +201,8 @@ def main() -> None:
                     "final": out["final"]["sync"],
                     "wall_s": round(time.perf_counter() - t0, 1),
                     "num_rounds": args.num_rounds,
+                    # runs are added across sessions, on different CPUs
+                    "cpu_model": new_setup.get("cpu_model"),
                     "per_round": out["records"],
                 }
                 save_results(path, results)

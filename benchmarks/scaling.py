@@ -71,6 +71,7 @@ def one_size(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from benchmarks.common import cpu_model
     from configs import default
     from demjax.engine import Simulator, placeholder_tree
     from demjax.types import Partition
@@ -104,6 +105,7 @@ def one_size(args) -> dict:
     c.num_levels, c.sketch_dim = len(c.level_groups), args.sketch_dim
     c.linkage_sample = args.linkage_sample if 0 < args.linkage_sample < a else 0
     c.local_buckets, c.agent_block = 1, args.agent_block
+    c.linkage_backend = args.linkage_backend
     c.num_devices = 1
     part = jax.tree.map(jnp.asarray, part)
     # In place, as demjax.train.run runs it (buffer donation): every phase
@@ -186,6 +188,7 @@ def one_size(args) -> dict:
         "distance_s": round(info["distance_s"], 4),
         "linkage_s": round(info["linkage_s"], 4),
         "linkage_sample": c.linkage_sample,
+        "linkage_backend": c.linkage_backend,
         "assign_s": round(info.get("assign_s", 0.0), 4),
         "sync_s": round(sync_s, 4),
         "eval_s": round(eval_s, 4),
@@ -206,6 +209,7 @@ def one_size(args) -> dict:
         "jax": jax.__version__,
         "device": str(jax.devices()[0].device_kind),
         "machine": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
     }
     return rec
 
@@ -236,6 +240,14 @@ def plot(records: list[dict], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _default_backend() -> str:
+    try:
+        import fastcluster  # noqa: F401
+    except ImportError:
+        return "scipy"
+    return "fastcluster"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--agents", default="100,1000,5000,10000")
@@ -259,6 +271,19 @@ def main() -> None:
         type=int,
         default=0,
         help="linkage on this many sampled agents (config linkage_sample); 0 = all",
+    )
+    p.add_argument(
+        "--linkage_backend",
+        default=_default_backend(),
+        choices=("scipy", "fastcluster"),
+        help="config linkage_backend (default: fastcluster when installed)",
+    )
+    p.add_argument(
+        "--tag",
+        default="",
+        help="label of a non-default variant (e.g. eval500_block1000): stored "
+        "beside the untagged record of the same size instead of replacing it; "
+        "the plot shows untagged records only",
     )
     p.add_argument("--out", default=os.path.join(RESULTS, "scaling.json"))
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -285,6 +310,7 @@ def main() -> None:
                 f"--repeats={args.repeats}", f"--eval_samples={args.eval_samples}",
                 f"--sketch_dim={args.sketch_dim}", f"--agent_block={args.agent_block}",
                 f"--samples={args.samples}", f"--linkage_sample={args.linkage_sample}",
+                f"--linkage_backend={args.linkage_backend}",
             ]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RECORD")]
@@ -299,15 +325,19 @@ def main() -> None:
                     )
             else:
                 rec = json.loads(line[0][len("RECORD") :])
+            if args.tag:
+                rec["tag"] = args.tag
             print(json.dumps(rec), flush=True)
-            records = [
-                r for r in records if (r["model"], r["num_agents"]) != (model, a)
-            ] + [rec]
-            records.sort(key=lambda r: (r["model"], r["num_agents"]))
+
+            def key(r):
+                return (r["model"], r["num_agents"], r.get("tag", ""))
+
+            records = [r for r in records if key(r) != key(rec)] + [rec]
+            records.sort(key=key)
             os.makedirs(os.path.dirname(args.out), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump(records, f, indent=1)
-    ok = [r for r in records if "error" not in r]
+    ok = [r for r in records if "error" not in r and not r.get("tag")]
     if ok:
         plot(ok, os.path.splitext(args.out)[0] + ".png")
 

@@ -238,6 +238,11 @@ class Simulator:
             return params, opt_state, loss, active, diverged
 
         aggregator = str(config.aggregator)
+        # One device: the weighted bottom-up sums run over agent blocks of
+        # ~64 MiB, so aggregation never holds a second [A, ...] copy of the
+        # population. Sharded: each device's temporary is already one shard.
+        one_device = int(config.num_devices) == 1 or jax.device_count() == 1
+        agg_block_bytes = 64 * 2**20 if one_device else None
         trim_fraction = float(config.trim_fraction)
         aggregator_noise = float(config.aggregator_noise)
 
@@ -254,7 +259,7 @@ class Simulator:
             node_params, node_weight = hierarchy.aggregate_up(
                 params, tree, agent_weight * contributes, amplify,
                 aggregator=aggregator, trim_fraction=trim_fraction,
-                noise_scale=aggregator_noise, key=key,
+                noise_scale=aggregator_noise, key=key, block_bytes=agg_block_bytes,
             )  # fmt: skip
             node_params = hierarchy.fill_empty_groups(
                 node_params, node_weight, tree, prev_node_params

@@ -24,6 +24,54 @@ def _bcast(w, x):
     return w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
 
 
+def weighted_segment_sum(
+    x: jax.Array,
+    weight: jax.Array,
+    ids: jax.Array,
+    num_segments: int,
+    block_rows: int | None = None,
+) -> jax.Array:
+    """``segment_sum(weight[:, None] * x, ids)`` without an ``[A, ...]`` temporary.
+
+    XLA does not fuse the weighting into the scatter-add: the plain form
+    materialises ``weight * x``, a second copy of the stacked population (3.2 GB
+    for 10,000 MLP agents). With ``block_rows`` the rows are reduced in blocks
+    of that many inside a ``lax.fori_loop`` (then the remainder), so the
+    temporary is one block.
+
+    Args:
+      x: float ``[A, ...]``.
+      weight: float32 ``[A]``.
+      ids: int32 ``[A]`` segment of every row; ids outside ``[0, num_segments)``
+        are dropped.
+      num_segments: static number of segments S.
+      block_rows: rows per block; ``None`` or ``>= A``: one unblocked reduction.
+
+    Returns:
+      ``[S, ...]`` in ``x.dtype``.
+    """
+
+    def part(xs, ws, js):
+        return jax.ops.segment_sum(xs * _bcast(ws, xs), js, num_segments=num_segments)
+
+    a = x.shape[0]
+    if block_rows is None or block_rows >= a:
+        return part(x, weight, ids)
+    b = max(1, int(block_rows))
+    full = a // b
+
+    def body(i, acc):
+        sl = lambda v: jax.lax.dynamic_slice_in_dim(v, i * b, b)  # noqa: E731
+        return acc + part(sl(x), sl(weight), sl(ids))
+
+    acc = jax.lax.fori_loop(
+        0, full, body, jnp.zeros((num_segments,) + x.shape[1:], x.dtype)
+    )
+    if full * b < a:
+        acc = acc + part(x[full * b :], weight[full * b :], ids[full * b :])
+    return acc
+
+
 def node_counts(tree: GroupTree, agent_weight: jax.Array) -> jax.Array:
     """Total agent weight under every node.
 
@@ -53,6 +101,7 @@ def aggregate_up(
     trim_fraction: float = 0.1,
     noise_scale: float = 0.0,
     key: jax.Array | None = None,
+    block_bytes: int | None = None,
 ):
     """Bottom-up hierarchical generalization.
 
@@ -79,6 +128,10 @@ def aggregate_up(
       trim_fraction: ``trimmed_mean``: fraction cut from each end, [0, 0.5).
       noise_scale: ``noisy_median``: standard deviation of the noise.
       key: PRNG key, required by ``noisy_median``.
+      block_bytes: ``mean`` only: reduce each leaf over the agents in blocks of
+        about this many bytes (``weighted_segment_sum``) instead of holding a
+        weighted copy of the leaf; ``None``: one unblocked reduction (for
+        agent-sharded inputs, where each device's copy is already a shard).
 
     Raises:
       ValueError: unknown ``aggregator``, or ``noisy_median`` without ``key``.
@@ -95,10 +148,14 @@ def aggregate_up(
     n = tree.num_nodes
     sizes, offsets = tree.level_sizes, tree.level_offsets
     direct_w = jax.ops.segment_sum(agent_weight, tree.agent_parent, num_segments=n)
+
+    def rows(p):  # agents per block of about block_bytes
+        if block_bytes is None:
+            return None
+        return max(1, int(block_bytes) // max(1, p[0].size * p.dtype.itemsize))
+
     direct_sum = jax.tree.map(
-        lambda p: jax.ops.segment_sum(
-            p * _bcast(agent_weight, p), tree.agent_parent, num_segments=n
-        ),
+        lambda p: weighted_segment_sum(p, agent_weight, tree.agent_parent, n, rows(p)),
         params,
     )
     blocks_val, blocks_w = [], []

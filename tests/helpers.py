@@ -1,10 +1,32 @@
-"""Small builders shared by the plug-in tests (not a test module)."""
+"""Small builders shared by the test modules (not a test module)."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import numpy as np
 
 from demjax.types import Partition
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+from configs import default  # noqa: E402
+
+
+def tiny_config(*, num_agents: int = 8, num_rounds: int = 2, **overrides):
+    """``configs/default.py`` cut to seconds: an MLR on the embedded digits, one
+    local epoch, no progress bar; ``overrides`` set fields, dotted keys
+    (``"network.topology"``) set fields of a sub-config. Modules fix their own
+    defaults with ``functools.partial``; a caller's keyword wins over them."""
+    c = default.get_config()
+    c.num_agents, c.num_rounds = num_agents, num_rounds
+    c.model, c.progress, c.local_epochs = "mlr", False, 1
+    for k, v in overrides.items():
+        group, _, field = k.rpartition(".")
+        (c[group] if group else c)[field] = v
+    return c
 
 
 def train_is_test_partition(x, y, n_train, num_classes: int) -> Partition:

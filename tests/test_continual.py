@@ -23,31 +23,6 @@ from demjax.models import init_params, make_model
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-_CACHE_FLAGS = (
-    ("jax_compilation_cache_dir", None),
-    ("jax_persistent_cache_min_compile_time_secs", 0.0),
-    ("jax_persistent_cache_min_entry_size_bytes", 0),
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Speed only: a persistent compilation cache for this module, shared with the
-    CLI subprocess, so the runs of the same config (and the baselines' shared
-    trainer / evaluation) compile once on the loaded test machine."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    saved = {name: getattr(jax.config, name) for name, _ in _CACHE_FLAGS}
-    for name, value in _CACHE_FLAGS:
-        jax.config.update(name, path if value is None else value)
-    cc.reset_cache()
-    yield path
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-
-
 def tiny(**overrides):
     """Split digits, 3 tasks, a small MLP, a few steps: seconds per run."""
     c = get_config()
@@ -221,22 +196,22 @@ TINY_FLAGS = [
 """``tiny(num_tasks=2)`` as ``scripts/run.py`` flags on configs/continual_digits.py."""
 
 
-def _cli(args, workdir, cache_dir):
+def _cli(args, workdir):
+    """``scripts/run.py`` in its own process (it shares the session's compilation
+    cache through the environment, see conftest.py)."""
     cmd = [sys.executable, os.path.join(REPO, "scripts", "run.py")]
     cmd += ["--config=" + os.path.join(REPO, "configs", "continual_digits.py")]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return subprocess.run(
-        cmd + args + [f"--workdir={workdir}"], capture_output=True, text=True, env=env
+        cmd + args + [f"--workdir={workdir}"], capture_output=True, text=True
     )
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, compilation_cache):
+def cli_run(tmp_path_factory):
     """A DAC run of ``scripts/run.py`` in its own process: the CLI's output and
     the clean reference of the poisoning test."""
     workdir = tmp_path_factory.mktemp("cli") / "dac"
-    return _cli(TINY_FLAGS, workdir, compilation_cache), workdir
+    return _cli(TINY_FLAGS, workdir), workdir
 
 
 def _poisoned_run(config, workdir, monkeypatch):
@@ -407,7 +382,7 @@ def test_bad_combinations_are_refused(tmp_path):
 # --- entry point ---------------------------------------------------------------------
 
 
-def test_scripts_run_continual_config(cli_run, tmp_path, compilation_cache):
+def test_scripts_run_continual_config(cli_run, tmp_path):
     ok, workdir = cli_run
     assert ok.returncode == 0, ok.stderr
     assert "continual dac on Split digits: 2 tasks" in ok.stdout
@@ -416,7 +391,7 @@ def test_scripts_run_continual_config(cli_run, tmp_path, compilation_cache):
     assert len(summary["acc_matrix"]) == 2 and summary["method"] == "dac"
     cfg = json.loads((workdir / "config.json").read_text())
     assert cfg["consolidation_steps"] == 20 and cfg["scenario"] == "continual"
-    bad = _cli(["--config.method=ewc"], tmp_path / "b", compilation_cache)
+    bad = _cli(["--config.method=ewc"], tmp_path / "b")
     assert bad.returncode == 2
     assert "error: method='ewc' is not valid; accepted: dac, logit" in bad.stderr
 

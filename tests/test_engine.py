@@ -1,31 +1,19 @@
 """End-to-end runs on tiny configs, recompilation, determinism and the CLI."""
 
+import functools
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from helpers import tiny_config as base_config
 
 from demjax import train
 from demjax.algorithms import REGISTRY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import default  # noqa: E402
-
-
-def tiny_config(**overrides):
-    c = default.get_config()
-    c.num_agents = 10
-    c.num_rounds = 3
-    c.model = "mlr"
-    c.num_levels = 2
-    c.progress = False
-    c.local_epochs = 1
-    for k, v in overrides.items():
-        c[k] = v
-    return c
+tiny_config = functools.partial(base_config, num_agents=10, num_rounds=3, num_levels=2)
 
 
 @pytest.mark.parametrize("algorithm", sorted(REGISTRY))

@@ -6,6 +6,7 @@ through an unrolled inner loop (``jax.grad``) and a closed form, an SGP round by
 hand in NumPy.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_config as base_config
 from helpers import train_is_test_partition
 
 from demjax import config as config_lib
@@ -23,8 +25,7 @@ from demjax.algorithms.pdbo import hypergradient_push
 from demjax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import default  # noqa: E402
+tiny_config = functools.partial(base_config, num_agents=6, checkpoint_every=0)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,20 +35,6 @@ def _fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", old)
-
-
-def tiny_config(**overrides):
-    c = default.get_config()
-    c.num_agents = 6
-    c.num_rounds = 2
-    c.model = "mlr"
-    c.progress = False
-    c.local_epochs = 1
-    c.checkpoint_every = 0
-    for k, v in overrides.items():
-        group, _, field = k.rpartition(".")
-        (c[group] if group else c)[field] = v
-    return c
 
 
 def directed_ring(a: int) -> np.ndarray:

@@ -9,6 +9,7 @@ agents in Python, the plug-ins must not (checked on the traced round).
 """
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import mlr_numpy, train_is_test_partition
+from helpers import tiny_config as base_config
 from scipy.cluster import hierarchy as sch
 from scipy.spatial import distance as ssd
 
@@ -29,25 +31,16 @@ from demjax.config import validate
 from demjax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import default  # noqa: E402
 
 N, F, C = 4, 3, 3  # training rows per agent (padded), features, classes
-
-
-def tiny_config(**overrides):
-    c = default.get_config()
-    c.num_rounds = 1
-    c.model = "mlr"
-    c.progress = False
-    c.local_epochs = 1
-    c.batch_size = N
-    c.local_buckets = 1
-    c.optimizer = "sgd"
-    c.checkpoint_every = 0
-    for k, v in overrides.items():
-        c[k] = v
-    return c
+tiny_config = functools.partial(
+    base_config,
+    num_rounds=1,
+    batch_size=N,
+    local_buckets=1,
+    optimizer="sgd",
+    checkpoint_every=0,
+)
 
 
 def make_part(n_train, seed=0, labels=None):

@@ -6,14 +6,15 @@ Every reference is multinomial logistic regression (``model='mlr'``, parameters
 gradient, Hessian-vector product and prototype has a closed form in NumPy.
 """
 
+import functools
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import mlr_numpy, train_is_test_partition
+from helpers import tiny_config as base_config
 
 from demjax import plugin_engine
 from demjax.algorithms import fedproto, perfedavg
@@ -21,27 +22,18 @@ from demjax.config import validate
 from demjax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import default  # noqa: E402
 
 A, N, F, C = 2, 4, 3, 3
 N_TRAIN = np.array([4, 3], np.int32)  # agent 1 has 3 real samples + 1 padding row
-
-
-def tiny_config(**overrides):
-    c = default.get_config()
-    c.num_agents = A
-    c.num_rounds = 1
-    c.model = "mlr"
-    c.progress = False
-    c.local_epochs = 1
-    c.batch_size = 4
-    c.local_buckets = 1
-    c.optimizer = "sgd"
-    c.checkpoint_every = 0
-    for k, v in overrides.items():
-        c[k] = v
-    return c
+tiny_config = functools.partial(
+    base_config,
+    num_agents=A,
+    num_rounds=1,
+    batch_size=4,
+    local_buckets=1,
+    optimizer="sgd",
+    checkpoint_every=0,
+)
 
 
 def make_part(seed=0):

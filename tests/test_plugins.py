@@ -1,5 +1,6 @@
 """The plug-in interface: registry, config groups, engine runs, Ditto's update rule."""
 
+import functools
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_config as base_config
 from helpers import train_is_test_partition
 
 from demjax import plugin_engine, train
@@ -16,26 +18,12 @@ from demjax.algorithms import PLUGINS
 from demjax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import default  # noqa: E402
-
-
-def tiny_config(**overrides):
-    c = default.get_config()
-    c.num_agents = 8
-    c.num_rounds = 2
-    c.model = "mlr"
-    c.progress = False
-    c.local_epochs = 1
-    c.checkpoint_every = 0
-    for k, v in overrides.items():
-        c[k] = v
-    return c
+tiny_config = functools.partial(base_config, checkpoint_every=0)
 
 
 def test_plugins_are_registered_with_documented_hparams():
     assert "ditto" in PLUGINS
-    c = default.get_config()
+    c = base_config()
     for name, plugin in PLUGINS.items():
         assert plugin.citation
         for key, hparam in plugin.hparams.items():
