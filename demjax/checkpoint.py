@@ -102,19 +102,27 @@ def restore(mngr: ocp.CheckpointManager, state, tree: GroupTree):
 
 
 def prepare_workdir(
-    workdir: str, config_json: dict, overwrite: bool, defaults: dict | None = None
+    workdir: str,
+    config_json: dict,
+    overwrite: bool,
+    defaults: dict | None = None,
+    delete: bool = True,
 ) -> bool:
     """Applies the resume convention; returns True when the run should resume.
 
     A field absent from the stored config (written by an older demjax) counts
     as unchanged when the new value is its default (``defaults``), so adding a
-    config field never orphans existing checkpoints.
+    config field never orphans existing checkpoints. ``delete=False`` (processes
+    other than 0 of a multi-process job, which share the workdir) makes the same
+    decision without removing anything for ``overwrite``.
 
     Raises:
       ConfigError: ``workdir`` holds results that would be lost (different
         config, or no checkpoint) and ``overwrite`` is False.
     """
     path = os.path.join(workdir, "config.json")
+    if overwrite and not delete:
+        return False
     if overwrite:
         shutil.rmtree(_dir(workdir), ignore_errors=True)
         for name in RESULT_FILES:

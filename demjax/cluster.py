@@ -40,6 +40,7 @@ import numpy as np
 from scipy.cluster import hierarchy as sch
 from scipy.spatial import distance as ssd
 
+from demjax import sharding
 from demjax.errors import ConfigError, check_choice
 from demjax.types import GroupTree
 
@@ -867,7 +868,9 @@ def build_tree(
     t0 = time.perf_counter()
     dist = pairwise_distances(feats, metric, distance_block).block_until_ready()
     t1 = time.perf_counter()
-    z = linkage(np.asarray(dist), method, backend)
+    # sharding.to_host: a multi-process job's distances may be spread over
+    # processes (gathered then; a plain device_get in one process).
+    z = linkage(sharding.to_host(dist), method, backend)
     t2 = time.perf_counter()
     if mode == "binary":
         tree = tree_from_linkage(z, n_tree, num_levels)
@@ -876,7 +879,7 @@ def build_tree(
     t3 = time.perf_counter()
     info.update(distance_s=t1 - t0, linkage_s=t2 - t1, tree_s=t3 - t2)
     if m:
-        nearest = np.asarray(nearest_rows(full_feats, feats, metric))
+        nearest = sharding.to_host(nearest_rows(full_feats, feats, metric))
         agent_parent = np.asarray(tree.agent_parent)[nearest]
         tree = _finish_tree(
             agent_parent, np.asarray(tree.node_parent), tree.level_sizes

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax import cluster, hierarchy, local, memory, metrics, models
+from demjax import cluster, hierarchy, local, memory, metrics, models, sharding
 from demjax.algorithms import get_algorithm
 from demjax.config import resolved_mu
 from demjax.types import GroupTree, Partition
@@ -169,7 +169,7 @@ class Simulator:
             self.tx,
             batch_size=config.batch_size,
             local_epochs=config.local_epochs,
-            n_train=np.asarray(partition.n_train),
+            n_train=sharding.to_host(partition.n_train),
             num_buckets=int(config.local_buckets),
             block_size=self.block_size,
         )
@@ -392,12 +392,23 @@ class Simulator:
             + 4 * memory.tree_bytes(opt)
             + train_data
         )
-        return memory.choose_block_size(
+        block = memory.choose_block_size(
             num_agents=self.num_agents,
             state_bytes_per_agent=state,
             step_bytes_per_agent=step_bytes,
             fixed_bytes=groups,
         )
+        if sharding.multiprocess():
+            # Free memory differs between processes, the compiled program must
+            # not: every process takes the smallest block (0 = all agents).
+            from jax.experimental import multihost_utils
+
+            sizes = multihost_utils.process_allgather(
+                np.int32(block or self.num_agents)
+            )
+            smallest = int(np.min(sizes))
+            block = 0 if smallest >= self.num_agents else smallest
+        return block
 
     def init(self, key: jax.Array, partition: Partition) -> SimState:
         """All agents (and all group models) start from one shared initialization."""

@@ -20,9 +20,9 @@ from demjax.errors import ConfigError
 
 
 def available_bytes() -> int:
-    """Free memory of the first device: accelerator ``bytes_limit - bytes_in_use``,
-    or the host's ``MemAvailable`` (Linux) for CPU."""
-    dev = jax.devices()[0]
+    """Free memory of this process's first device: accelerator ``bytes_limit -
+    bytes_in_use``, or the host's ``MemAvailable`` (Linux) for CPU."""
+    dev = jax.local_devices()[0]
     try:
         stats = dev.memory_stats()
     except Exception:  # noqa: BLE001 - not every backend implements it

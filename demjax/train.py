@@ -13,6 +13,11 @@ The workdir receives, each flushed every round so a run never loses its results:
   ``linkage_s``, ``tree_s``, ``sync_s``, ``eval_s``, ``round_s``); round 0
   includes compilation.
 - ``tree_final.json``: the last group tree, written at the end of the run.
+
+In a multi-process job (``demjax.multihost``) every process runs this same
+program on its shards of the agents; only process 0 writes these files and shows
+progress, while every process takes part in the orbax checkpoints (the workdir
+must then be one shared path).
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from demjax import checkpoint, cluster, data, sharding
-from demjax.algorithms import is_plugin
+from demjax import checkpoint, cluster, data, multihost, sharding
+from demjax.algorithms import REGISTRY, is_plugin
 from demjax.config import default_config_json, to_json, validate
 from demjax.engine import Simulator, placeholder_tree
 from demjax.errors import ConfigError
@@ -51,11 +56,15 @@ def _read_jsonl(path: str) -> list[dict]:
 class RunWriter:
     """Appends per-round records to JSONL/CSV files and flushes each write."""
 
-    def __init__(self, workdir: str, keep_rounds_below: int | None = None):
+    def __init__(
+        self, workdir: str, keep_rounds_below: int | None = None, write: bool = True
+    ):
         """Opens the files; with ``keep_rounds_below`` (resume) the records of
-        earlier rounds are kept (in ``self.kept``) and later ones dropped."""
-        os.makedirs(workdir, exist_ok=True)
+        earlier rounds are kept (in ``self.kept``) and later ones dropped.
+        ``write=False`` (processes other than 0 of a multi-process job) reads
+        the kept records but writes nothing."""
         self.workdir = workdir
+        self.write = bool(write)
         self.kept: list[dict] = []
         old_timing: list[dict] = []
         if keep_rounds_below is not None:
@@ -69,9 +78,16 @@ class RunWriter:
                 for r in _read_jsonl(os.path.join(workdir, "timing.jsonl"))
                 if r["round"] < keep_rounds_below
             ]
-        self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "w")
-        self._timing = open(os.path.join(workdir, "timing.jsonl"), "w")
-        self._csv_file = open(os.path.join(workdir, "metrics.csv"), "w", newline="")
+        if self.write:
+            os.makedirs(workdir, exist_ok=True)
+        path = (
+            (lambda name: os.path.join(workdir, name))
+            if self.write
+            else (lambda name: os.devnull)
+        )
+        self._metrics = open(path("metrics.jsonl"), "w")
+        self._timing = open(path("timing.jsonl"), "w")
+        self._csv_file = open(path("metrics.csv"), "w", newline="")
         self._csv = None
         self._tb = None
         for r in self.kept:
@@ -86,6 +102,8 @@ class RunWriter:
         ``<point>/<metric>`` (e.g. ``sync/c_gen``, ``local/g_spe_l2``), step = round.
         Written with tensorboardX (a maintained event writer without TensorFlow).
         """
+        if not self.write:
+            return
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
@@ -114,6 +132,8 @@ class RunWriter:
         self._timing.flush()
 
     def json(self, name: str, obj) -> None:
+        if not self.write:
+            return
         path = os.path.join(self.workdir, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:
@@ -167,7 +187,8 @@ def check_workdir(workdir: str) -> None:
     """
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        # One probe per process: the processes of a multi-process job share it.
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -246,14 +267,23 @@ def prepare_run(config, workdir: str, overwrite: bool) -> RunSetup:
     check_workdir(workdir)
     config_json = json.loads(to_json(config))
     resume = checkpoint.prepare_workdir(
-        workdir, config_json, overwrite, defaults=default_config_json()
+        workdir,
+        config_json,
+        overwrite,
+        defaults=default_config_json(),
+        delete=multihost.is_primary(),
     )
+    # Every process decided on the workdir before process 0 writes to it.
+    multihost.barrier("demjax.prepare_workdir")
     part_np = data.make_partition(config)
     t_start = time.perf_counter()
     mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)
-    part = jax.tree.map(jnp.asarray, part_np)
-    if mesh is not None:
-        part = sharding.shard_partition(part, mesh)
+    if sharding.multiprocess():  # global arrays straight from the host data
+        part = sharding.shard_partition(part_np, mesh)
+    else:
+        part = jax.tree.map(jnp.asarray, part_np)
+        if mesh is not None:
+            part = sharding.shard_partition(part, mesh)
     eval_idx = data.eval_subsample(part_np, int(config.eval_samples), int(config.seed))
     num_pooled = int(part_np.y_all.shape[0])
     subsampled = len(eval_idx) < num_pooled
@@ -305,6 +335,14 @@ def run(
     """
     validate(config)
     if is_plugin(config.algorithm):
+        if sharding.multiprocess():
+            raise ConfigError(
+                f"algorithm={config.algorithm!r} is a plug-in algorithm, which runs "
+                f"in one process only (this job has {jax.process_count()}); "
+                "accepted in a multi-process job: the tree-engine algorithms ("
+                + ", ".join(REGISTRY)
+                + ")"
+            )
         from demjax import plugin_engine
 
         return plugin_engine.run(config, workdir, progress, overwrite)
@@ -324,6 +362,7 @@ def run(
     )
     t_start = setup.t_start
     show = config.progress if progress is None else progress
+    show = show and multihost.is_primary()
 
     # In-place rounds (buffer donation) unless the clustering features need the
     # round's starting parameters (cluster_features='updates').
@@ -359,7 +398,11 @@ def run(
         else (lambda t: sharding.replicate(t, mesh))
     )
     tree_dev = to_device(tree)
-    writer = RunWriter(workdir, keep_rounds_below=start if resume else None)
+    writer = RunWriter(
+        workdir,
+        keep_rounds_below=start if resume else None,
+        write=multihost.is_primary(),
+    )
     writer.json("config.json", config_json)
     if config.tensorboard:
         writer.tensorboard()
@@ -438,7 +481,7 @@ def run(
             )
             jax.block_until_ready(node_local)
             timing["sync_s"] = time.perf_counter() - t1
-            counts = jax.device_get(
+            counts = sharding.to_host(
                 {"num_active": jnp.sum(active), "num_diverged": jnp.sum(diverged)}
             )
             counts = {k: int(v) for k, v in counts.items()}
@@ -478,7 +521,7 @@ def run(
                     params_sync, node_sync, node_weight, tree_dev, part, x_gen, y_gen
                 )
                 ok = (active & ~diverged).astype(jnp.float32) * agent_weight
-                m_local, m_sync, loss_mean = jax.device_get(
+                m_local, m_sync, loss_mean = sharding.to_host(
                     (
                         m_local,
                         m_sync,

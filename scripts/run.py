@@ -8,6 +8,13 @@
 A config with ``scenario = "continual"`` runs distributed continual learning
 (``demjax.continual``); any other config runs the simulation of ``demjax.train``.
 
+Multi-process (multi-host) jobs: run the same command once per process, joined
+by ``jax.distributed.initialize`` before any JAX computation (``demjax.multihost``):
+
+    python scripts/run.py --coordinator_address=localhost:12345 \
+        --num_processes=2 --process_id=0 ...     # and --process_id=1 in another
+    python scripts/run.py --distributed ...      # TPU pod / SLURM: auto-detected
+
 Bad input prints one line naming the field and the accepted values, exit code 2.
 """
 
@@ -48,6 +55,27 @@ _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar (config.progress=Fal
 _TENSORBOARD = flags.DEFINE_bool(
     "tensorboard", False, "Also write TensorBoard events (config.tensorboard=True)."
 )
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Join a multi-process job with jax.distributed.initialize(), detecting the "
+    "cluster (Cloud TPU pod, SLURM, Open MPI, Kubernetes); --coordinator_address, "
+    "--num_processes and --process_id, if given, override what is detected.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "HOST:PORT of process 0 of a multi-process job (give --num_processes and "
+    "--process_id too, the same address on every process).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the multi-process job (>= 1)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id",
+    None,
+    "This process's rank in [0, num_processes); 0 writes the results.",
+)
 _WORKDIR = flags.DEFINE_string(
     "workdir",
     None,
@@ -67,11 +95,31 @@ def main(argv):
     # and orbax.
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_demjax_info_only)
+    from demjax import multihost
     from demjax.errors import ConfigError
+
+    try:  # before any JAX computation
+        joined = multihost.initialize(
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+            auto=_DISTRIBUTED.value,
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     from demjax.train import Interrupted, format_table, run
 
     config = _CONFIG.value
     if config.get("scenario") == "continual":
+        if joined:
+            print(
+                "error: scenario='continual' runs in one process only; accepted: "
+                "no --distributed / --coordinator_address / --num_processes / "
+                "--process_id",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         _run_continual(config)
         return
     with config.unlocked():
@@ -90,6 +138,8 @@ def main(argv):
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         sys.exit(130)
+    if not multihost.is_primary():  # process 0 reports
+        return
     final = [result["final"][p] for p in ("local", "sync") if p in result["final"]]
     print(
         f"\n{config.algorithm} on {config.dataset}: {config.num_agents} agents, "
