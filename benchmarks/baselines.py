@@ -10,11 +10,12 @@ Workload: MLP 784-100-10, every agent does ``--steps`` SGD steps of batch
   training function (``lax.scan`` over the steps).
 - ``demjax``: the whole population in one jitted vmap (``local.make_train_population``).
 
-``--agent_block=0,32`` (default) times demjax twice: with the automatic block
-(the ``demjax`` record) and with blocks of 32 agents, each trained for all its
-steps while its weights stay in cache (``demjax_block32``). Every record carries
-its GFLOP/s (dense layers, forward + backward) and the fraction of a float32
-4096x4096 GEMM measured in the same process.
+``--agent_block=auto,0`` (default) times demjax twice: with the block the engine
+chooses on CPU (``auto``: ``memory.cache_block_size``, agents whose weights total
+~8 MiB, each block trained for all its steps while its weights stay in cache; the
+``demjax`` record) and with the whole population at once (``demjax_block0``).
+Every record carries its GFLOP/s (dense layers, forward + backward) and the
+fraction of a float32 4096x4096 GEMM measured in the same process.
 
 Prints one JSON line per implementation and size, then the ratios; writes
 ``benchmarks/results/baselines.json``::
@@ -170,15 +171,29 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--agent_block",
-        default="0,32",
-        help="comma list of demjax agent blocks: the first is the 'demjax' record "
-        "(0 = the automatic block), the others 'demjax_block<N>' records",
+        default="auto,0",
+        help="comma list of demjax agent blocks (auto = the engine's CPU choice, "
+        "0 = all agents at once, N): the first is the 'demjax' record, the others "
+        "'demjax_block<N>' records",
     )
     p.add_argument("--out", default=os.path.join(RESULTS, "baselines.json"))
     args = p.parse_args()
-    blocks = [int(b) for b in args.agent_block.split(",") if b]
+    from demjax import memory
+
+    mlp_bytes = 4 * (784 * 100 + 100 + 100 * 10 + 10)
+    try:
+        blocks = [
+            memory.cache_block_size(mlp_bytes) if b == "auto" else int(b)
+            for b in args.agent_block.split(",")
+            if b
+        ]
+    except ValueError:
+        blocks = [-1]
     if not blocks or min(blocks) < 0:
-        sys.exit(f"error: --agent_block={args.agent_block!r}: accepted: ints >= 0")
+        sys.exit(
+            f"error: --agent_block={args.agent_block!r}: accepted: a comma list "
+            "of 'auto' and ints >= 0"
+        )
     from benchmarks.common import cpu_model
     from benchmarks.scaling import flops_per_agent_step, gemm_gflops
 

@@ -259,7 +259,8 @@ FIELD_DOCS = {
     "local_epochs": "passes over the agent's data per round (>= 1)",
     "batch_size": "minibatch size B (>= 1)",
     "local_buckets": "buckets of similar step counts, each a vmap (>= 1)",
-    "agent_block": "agents trained at once; 0 = auto from free memory",
+    "agent_block": "agents trained at once; 0 = auto (CPU: ~8 MiB of weights, "
+    "capped by free memory)",
     "algorithm": "tree engine: demlearn, demlearn_p, fedavg, fedprox, local; "
     "plug-ins: see README 'Algorithms'",
     "aggregator": "server averaging: mean, median, trimmed_mean, noisy_median",

@@ -336,7 +336,8 @@ class Simulator:
         return nodes, size, mixed_nodes, mixed
 
     def _auto_block_size(self, partition: Partition) -> int:
-        """Agents trained at once so a round fits in half the free memory (0: all).
+        """Agents trained at once so a round fits in half the free memory (0: all),
+        and on CPU at most a cache-sized block (``memory.cache_block_size``).
 
         Raises:
           ConfigError: not even one agent's training fits.
@@ -398,6 +399,13 @@ class Simulator:
             step_bytes_per_agent=step_bytes,
             fixed_bytes=groups,
         )
+        if jax.default_backend() == "cpu":
+            # Cache-sized blocks: a block runs all its local steps with its
+            # agents' weights hot in cache instead of streaming the whole
+            # population's weights from memory at every step.
+            cache = memory.cache_block_size(memory.tree_bytes(params))
+            if cache < self.num_agents:
+                block = cache if block == 0 else min(block, cache)
         if sharding.multiprocess():
             # Free memory differs between processes, the compiled program must
             # not: every process takes the smallest block (0 = all agents).

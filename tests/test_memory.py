@@ -44,3 +44,10 @@ def test_forced_block_matches_unblocked_run(tmp_path):
         for k, v in ra.items():
             if isinstance(v, float):
                 assert v == pytest.approx(rb[k], abs=1e-5), k
+
+
+def test_cache_block_size_hand_computed():
+    mlp = (784 * 100 + 100 + 100 * 10 + 10) * 4  # 318,040 bytes
+    assert memory.cache_block_size(mlp) == 8 * 2**20 // 318_040 == 26
+    assert memory.cache_block_size(10 * 2**20) == 1  # one agent over the target
+    assert memory.cache_block_size(1000, target=4000) == 4
