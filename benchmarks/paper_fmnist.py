@@ -109,18 +109,20 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   this without the authors' environment. The MLP ablation shows the same sign
   (amplify lowered Global by 6.9 points and C-SPE by 6.6, `ablations_fmnist.md`).
   Amplify stays off by default, as the spec asks.
-- **Wall time: 853 s for the 100-round DemLearn-P run on an idle 2-core AVX-512
+- **Wall time: 670 s for the 100-round DemLearn-P run on an idle 2-core AVX-512
   Xeon (session 5), within the 1,200 s target** (`--timing --only=demlearn_p
-  --eval_every=10`, the `demlearn_p` timing row): median round 7.5 s, of which local
-  training 7.1 s; an evaluation at both points 6.5 s every 10 rounds; round 0 33.5 s
-  (compilation). The target depends on the CPU's vector width: local training is
-  GEMM-bound (im2col convolutions, ~730 GFLOP per round, ~100 GFLOP/s on the Xeon).
-  On an idle 2-core AMD EPYC without AVX-512 (session 4, `demlearn_p_epyc_session4`
-  row) rounds 0-85 took 1,486 s (local training 13.8 s per round, ~50 GFLOP/s);
-  rounds 86-99 then shared the cores with test runs (2,263 s in all); the idle estimate
-  for the whole run there is ~1,740 s, 1.45x the target. `cpu_model` is stored with
-  every timing. The `runs` rows (1,947-2,564 s) were measured with other jobs on the
-  2 cores, with an evaluation every round.
+  --eval_every=10`, the `demlearn_p` timing row): median round 5.7 s, of which local
+  training 5.4 s; an evaluation at both points 6.5 s every 10 rounds; round 0 22 s
+  (compilation). Local training runs in cache-sized blocks of 2 agents (the automatic
+  `agent_block` on CPU); with all 50 agents at once the same run took 853 s (local
+  training 7.1 s per round, the `demlearn_p_all_agents_at_once` row). The time
+  depends on the CPU's vector width: local training is GEMM-bound (im2col
+  convolutions, ~730 GFLOP per round). On an idle 2-core AMD EPYC without AVX-512
+  (session 4, all agents at once, `demlearn_p_epyc_session4` row) rounds 0-85 took
+  1,486 s (local training 13.8 s per round); rounds 86-99 then shared the cores with
+  test runs (2,263 s in all); the idle estimate there is ~1,740 s, 1.45x the target.
+  `cpu_model` is stored with every timing. The `runs` rows (1,947-2,564 s) were
+  measured with other jobs on the 2 cores, with an evaluation every round.
 """
 
 
