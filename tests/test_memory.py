@@ -3,6 +3,7 @@
 import os
 import sys
 
+import jax
 import pytest
 
 from demjax import memory, train
@@ -51,3 +52,15 @@ def test_cache_block_size_hand_computed():
     assert memory.cache_block_size(mlp) == 8 * 2**20 // 318_040 == 26
     assert memory.cache_block_size(10 * 2**20) == 1  # one agent over the target
     assert memory.cache_block_size(1000, target=4000) == 4
+
+
+def test_engine_picks_cache_sized_blocks_on_cpu(tmp_path):
+    """Digits MLP 64-2000-10: 150,010 float32 weights (600,040 bytes) per agent, so
+    8 MiB hold 13 agents; 20 agents train in blocks of 13 on CPU."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the cache-sized block is a CPU rule")
+    c = default.get_config()
+    c.num_agents, c.num_rounds, c.model, c.hidden = 20, 1, "mlp", (2000,)
+    c.progress, c.local_epochs, c.num_levels = False, 1, 2
+    assert memory.cache_block_size(4 * (64 * 2000 + 2000 + 2000 * 10 + 10)) == 13
+    assert train.run(c, str(tmp_path))["agent_block"] == 13
