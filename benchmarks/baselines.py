@@ -132,12 +132,18 @@ def bench_jax_loop(x, y, steps, batch, repeats):
 
 
 def bench_demjax(x, y, steps, batch, repeats, agent_block):
+    """``agent_block``: agents trained at once, 0 = all, ``"auto"`` = the engine's
+    CPU choice for this model (``memory.cache_block_size``)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from demjax import memory
+
     a, n = x.shape[:2]
     local, apply_fn, tx, params, opt = _jax_parts(a, steps, batch)
+    if agent_block == "auto":
+        agent_block = memory.cache_block_size(memory.tree_bytes(params) // a)
     counts = np.full((a,), n, np.int32)
     train = jax.jit(
         local.make_train_population(
@@ -178,22 +184,13 @@ def main() -> None:
     )
     p.add_argument("--out", default=os.path.join(RESULTS, "baselines.json"))
     args = p.parse_args()
-    from demjax import memory
-
-    mlp_bytes = 4 * (784 * 100 + 100 + 100 * 10 + 10)
-    try:
-        blocks = [
-            memory.cache_block_size(mlp_bytes) if b == "auto" else int(b)
-            for b in args.agent_block.split(",")
-            if b
-        ]
-    except ValueError:
-        blocks = [-1]
-    if not blocks or min(blocks) < 0:
+    blocks = [b for b in args.agent_block.split(",") if b]
+    if not blocks or not all(b == "auto" or b.isdigit() for b in blocks):
         sys.exit(
             f"error: --agent_block={args.agent_block!r}: accepted: a comma list "
             "of 'auto' and ints >= 0"
         )
+    blocks = [b if b == "auto" else int(b) for b in blocks]
     from benchmarks.common import cpu_model
     from benchmarks.scaling import flops_per_agent_step, gemm_gflops
 

@@ -240,15 +240,14 @@ def plot(records: list[dict], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _default_backend() -> str:
-    try:
-        import fastcluster  # noqa: F401
-    except ImportError:
-        return "scipy"
-    return "fastcluster"
+def record_key(r: dict) -> tuple:
+    """A stored record's identity: a rerun of the same size and tag replaces it."""
+    return (r["model"], r["num_agents"], r.get("tag", ""))
 
 
 def main() -> None:
+    from demjax.cluster import fastcluster_available
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--agents", default="100,1000,5000,10000")
     p.add_argument("--models", default="mlp,mlr")
@@ -274,7 +273,7 @@ def main() -> None:
     )
     p.add_argument(
         "--linkage_backend",
-        default=_default_backend(),
+        default="fastcluster" if fastcluster_available() else "scipy",
         choices=("scipy", "fastcluster"),
         help="config linkage_backend (default: fastcluster when installed)",
     )
@@ -328,12 +327,8 @@ def main() -> None:
             if args.tag:
                 rec["tag"] = args.tag
             print(json.dumps(rec), flush=True)
-
-            def key(r):
-                return (r["model"], r["num_agents"], r.get("tag", ""))
-
-            records = [r for r in records if key(r) != key(rec)] + [rec]
-            records.sort(key=key)
+            records = [r for r in records if record_key(r) != record_key(rec)]
+            records = sorted(records + [rec], key=record_key)
             os.makedirs(os.path.dirname(args.out), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump(records, f, indent=1)

@@ -48,6 +48,15 @@ FEATURE_KINDS = ("weights", "updates")
 METRICS = ("euclidean", "cosine")
 LINKAGE_METHODS = ("single", "complete", "average", "weighted", "ward")
 LINKAGE_BACKENDS = ("scipy", "fastcluster")
+
+
+def fastcluster_available() -> bool:
+    """True when the optional ``fastcluster`` linkage backend is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("fastcluster") is not None
+
+
 TREE_MODES = ("binary", "maxclust")
 
 _HIGHEST = jax.lax.Precision.HIGHEST

@@ -182,14 +182,14 @@ def validate(config) -> None:
                     "accepted: non-increasing positive integers, level 1 first, the "
                     f"first at most num_agents={config.num_agents}, e.g. (16, 4, 2)"
                 )
-        if config.linkage_backend == "fastcluster":
-            try:
-                import fastcluster  # noqa: F401
-            except ImportError as e:
-                raise ConfigError(
-                    "linkage_backend='fastcluster' needs the fastcluster package; "
-                    "accepted: scipy, or `pip install 'demjax[fastcluster]'`"
-                ) from e
+        if (
+            config.linkage_backend == "fastcluster"
+            and not cluster.fastcluster_available()
+        ):
+            raise ConfigError(
+                "linkage_backend='fastcluster' needs the fastcluster package; "
+                "accepted: scipy, or `pip install 'demjax[fastcluster]'`"
+            )
 
 
 def _validate_plugin_hparams(config) -> None:

@@ -172,16 +172,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_agents(tree, mesh: Mesh):
     """Places every leaf of a stacked pytree (leaves ``[A, ...]``) on the mesh,
     split along the leading axis (:func:`place`)."""
-    if not multiprocess():
-        return jax.device_put(tree, agent_sharding(mesh))
     s = agent_sharding(mesh)
     return jax.tree.map(lambda x: place(x, s), tree)
 
 
 def replicate(tree, mesh: Mesh):
     """Every leaf of ``tree`` whole on every device of the mesh (:func:`place`)."""
-    if not multiprocess():
-        return jax.device_put(tree, replicated(mesh))
     s = replicated(mesh)
     return jax.tree.map(lambda x: place(x, s), tree)
 

@@ -278,12 +278,11 @@ def prepare_run(config, workdir: str, overwrite: bool) -> RunSetup:
     part_np = data.make_partition(config)
     t_start = time.perf_counter()
     mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)
-    if sharding.multiprocess():  # global arrays straight from the host data
+    # Sharded: global arrays straight from the host data (one copy per device).
+    if mesh is not None:
         part = sharding.shard_partition(part_np, mesh)
     else:
         part = jax.tree.map(jnp.asarray, part_np)
-        if mesh is not None:
-            part = sharding.shard_partition(part, mesh)
     eval_idx = data.eval_subsample(part_np, int(config.eval_samples), int(config.seed))
     num_pooled = int(part_np.y_all.shape[0])
     subsampled = len(eval_idx) < num_pooled

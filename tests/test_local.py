@@ -121,10 +121,10 @@ def test_plan_buckets_is_optimal_on_a_small_case():
     assert len(local.plan_buckets(steps, 1)) == 1
 
 
-def test_bucketed_population_training_equals_one_vmap():
-    num_agents, batch_size, epochs = 7, 3, 2
-    n = np.array([2, 14, 5, 1, 9, 14, 3], np.int32)
-    n_max = int(n.max())
+def _tiny_population(n):
+    """Random 2x2 inputs (3 classes) for ``len(n)`` agents with ``n`` real samples
+    each, a tiny MLP population, SGD(0.1), its optimizer state and keys."""
+    num_agents, n_max = len(n), int(np.max(n))
     rng = np.random.default_rng(3)
     x = rng.normal(size=(num_agents, n_max, 2, 2, 1)).astype(np.float32)
     y = rng.integers(0, 3, size=(num_agents, n_max)).astype(np.int32)
@@ -134,6 +134,14 @@ def test_bucketed_population_training_equals_one_vmap():
     tx = optax.sgd(0.1)
     opt = jax.vmap(tx.init)(params)
     keys = jax.random.split(jax.random.PRNGKey(1), num_agents)
+    return x, y, model, params, apply_fn, tx, opt, keys
+
+
+def test_bucketed_population_training_equals_one_vmap():
+    batch_size, epochs = 3, 2
+    n = np.array([2, 14, 5, 1, 9, 14, 3], np.int32)
+    n_max = int(n.max())
+    x, y, model, params, apply_fn, tx, opt, keys = _tiny_population(n)
     anchor = jax.tree.map(lambda p: p + 0.1, params)
     args = (keys, params, opt, x, y, n, anchor, jnp.float32(0.05))
     one = local.make_train_one(
@@ -172,17 +180,9 @@ def test_blocked_in_place_with_anchor_fn_and_finish():
     trained agents), per-block anchors from a function and a ``finish`` hook
     give the unblocked result."""
     num_agents, batch_size, epochs = 7, 2, 2
-    rng = np.random.default_rng(3)
     n = np.array([5, 1, 3, 6, 2, 4, 6], np.int32)
     n_max = int(n.max())
-    x = rng.normal(size=(num_agents, n_max, 2, 2, 1)).astype(np.float32)
-    y = rng.integers(0, 3, size=(num_agents, n_max)).astype(np.int32)
-    model = models.make_model("mlp", 3, (5,))
-    params = models.init_population(jax.random.PRNGKey(0), model, (2, 2, 1), num_agents)
-    apply_fn = lambda p, xb, train=False, key=None: model.apply({"params": p}, xb)  # noqa: E731
-    tx = optax.sgd(0.1)
-    opt = jax.vmap(tx.init)(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), num_agents)
+    x, y, model, params, apply_fn, tx, opt, keys = _tiny_population(n)
     groups = models.init_population(jax.random.PRNGKey(2), model, (2, 2, 1), 3)
     parent = jnp.array([0, 1, 2, 0, 1, 2, 0], jnp.int32)
     anchor = jax.tree.map(lambda g: g[parent], groups)
