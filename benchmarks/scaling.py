@@ -104,7 +104,7 @@ def one_size(args) -> dict:
     )
     c.num_levels, c.sketch_dim = len(c.level_groups), args.sketch_dim
     c.linkage_sample = args.linkage_sample if 0 < args.linkage_sample < a else 0
-    c.local_buckets, c.agent_block = 1, args.agent_block
+    c.local_buckets, c.local_plan = 1, args.local_plan
     c.linkage_backend = args.linkage_backend
     c.num_devices = 1
     part = jax.tree.map(jnp.asarray, part)
@@ -177,6 +177,9 @@ def one_size(args) -> dict:
         "batch": batch,
         "samples_per_agent": n,
         "agent_block": sim.block_size,
+        "local_plan": sim.plan_info["plan"],
+        "conv_impl": sim.plan_info["conv_impl"],
+        "plan_source": sim.plan_info["source"],
         "compile_s": round(first - local_s, 3),
         "local_s": round(local_s, 4),
         "agent_steps_per_s": round(agent_steps / local_s, 1),
@@ -264,7 +267,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eval_samples", type=int, default=2000)
     p.add_argument("--sketch_dim", type=int, default=0)
-    p.add_argument("--agent_block", type=int, default=0)
+    p.add_argument(
+        "--local_plan", default="auto",
+        help="auto (measured), all, sequential or block:K",
+    )  # fmt: skip
     p.add_argument(
         "--linkage_sample",
         type=int,
@@ -307,7 +313,7 @@ def main() -> None:
                 sys.executable, __file__, "--one", f"--num_agents={a}",
                 f"--model={model}", f"--steps={args.steps}", f"--batch={args.batch}",
                 f"--repeats={args.repeats}", f"--eval_samples={args.eval_samples}",
-                f"--sketch_dim={args.sketch_dim}", f"--agent_block={args.agent_block}",
+                f"--sketch_dim={args.sketch_dim}", f"--local_plan={args.local_plan}",
                 f"--samples={args.samples}", f"--linkage_sample={args.linkage_sample}",
                 f"--linkage_backend={args.linkage_backend}",
             ]  # fmt: skip

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 
-from demjax import cluster, network, robust
+from demjax import cluster, network, plan, robust
 from demjax.algorithms import ALGORITHMS, PLUGINS, get_algorithm, is_plugin
 from demjax.data import PARTITIONS, SOURCES
 from demjax.errors import ConfigError, check_choice
 from demjax.local import make_optimizer
-from demjax.models import CONV_IMPLS, MODELS
+from demjax.models import MODELS
 
 # Accepted values, each defined once by the module that implements them.
 DATASETS = SOURCES
@@ -69,7 +69,7 @@ def validate(config) -> None:
     check_choice("weighting", config.weighting, WEIGHTINGS)
     check_choice("linkage_backend", config.linkage_backend, BACKENDS)
     check_choice("model", config.model, MODELS)
-    check_choice("conv_impl", config.conv_impl, CONV_IMPLS)
+    plan.check_config(config)  # local_plan, conv_impl
     make_optimizer(config.optimizer, config.lr)  # checks optimizer and lr
     if config.linkage == "ward" and config.distance != "euclidean":
         raise ConfigError(
@@ -96,7 +96,6 @@ def validate(config) -> None:
         )
     _int_at_least(config, "distance_block", 0)
     _int_at_least(config, "num_devices", 0)
-    _int_at_least(config, "agent_block", 0)
     _int_at_least(config, "checkpoint_every", 0)
     _int_at_least(config, "tree_snapshot_every", 0)
     _int_at_least(config, "samples_per_agent", 0)
@@ -253,14 +252,15 @@ FIELD_DOCS = {
     "num_agents": "A, number of agents (>= 2)",
     "model": "mlr, mlp, cnn (paper), cnn4 (FedAvg paper CNN), cnn_cifar",
     "hidden": "MLP hidden widths, e.g. (100,)",
-    "conv_impl": "patches (im2col, fast vmapped on CPU) or xla (lax.conv)",
+    "conv_impl": "CNN convolutions in training: auto (measured), patches (im2col), "
+    "xla (lax.conv)",
     "optimizer": "sgd (reference), momentum, or any optax optimizer name",
     "lr": "local learning rate (> 0)",
     "local_epochs": "passes over the agent's data per round (>= 1)",
     "batch_size": "minibatch size B (>= 1)",
     "local_buckets": "buckets of similar step counts, each a vmap (>= 1)",
-    "agent_block": "agents trained at once; 0 = auto (CPU: ~8 MiB of weights, "
-    "capped by free memory)",
+    "local_plan": "local training plan: auto (measured, cached), all, sequential, "
+    "block:K; capped by free memory",
     "algorithm": "tree engine: demlearn, demlearn_p, fedavg, fedprox, local; "
     "plug-ins: see README 'Algorithms'",
     "aggregator": "server averaging: mean, median, trimmed_mean, noisy_median",

@@ -29,8 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Model and local training (demjax.models, demjax.local).
     c.model = "mlp"  # mlr | mlp | cnn | cnn4 | cnn_cifar
     c.hidden = (100,)
-    # CNN convolutions: patches (im2col GEMM; fast for vmapped agents on CPU) | xla
-    c.conv_impl = "patches"
+    # CNN convolutions in local training: auto (measured, see local_plan) |
+    # patches (im2col GEMMs) | xla (lax.conv); parameters are interchangeable.
+    c.conv_impl = "auto"
     c.optimizer = "sgd"  # sgd | momentum | adam
     c.lr = 0.05
     c.local_epochs = 2
@@ -38,9 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Agents grouped into at most this many buckets of similar local step counts,
     # each a vmap with its own step count (1 = one vmap; same results either way).
     c.local_buckets = 4
-    # Agents trained at once (lax.map over blocks of a vmap): 0 = auto, the whole
-    # population unless a memory estimate says it does not fit; N > 0 forces N.
-    c.agent_block = 0
+    # Execution plan of local training (same results, different speed; see
+    # demjax/plan.py): auto (time the candidates on real local steps before
+    # round 0, cache the choice) | all (one vmap) | sequential (one agent after
+    # another in one jitted loop) | block:K (vmapped blocks of K agents).
+    # Capped by a free-memory estimate.
+    c.local_plan = "auto"
 
     # Algorithm (demjax.algorithms).
     c.algorithm = "demlearn"  # demlearn | demlearn_p | fedavg | fedprox | local

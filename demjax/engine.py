@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from demjax import cluster, hierarchy, local, memory, metrics, models, sharding
+from demjax import plan as plan_lib
 from demjax.algorithms import get_algorithm
 from demjax.config import resolved_mu
 from demjax.types import GroupTree, Partition
@@ -118,6 +119,228 @@ def make_round_masks(config, num_agents: int):
     return round_masks
 
 
+def memory_cap(config, partition: Partition, model, tx, *, donate: bool,
+               num_group_models: int) -> tuple[int, dict]:  # fmt: skip
+    """Most agents trained at once so a round fits in half the free memory
+    (A when all fit); in a multi-process job the smallest over processes.
+
+    Counts the stacked population (params and optimizer state: one copy with
+    ``donate``, else three and two), the data, ``num_group_models`` group
+    models (three copies), and per training agent twice one step's XLA
+    temporaries plus its block's copies of params, optimizer state and data.
+
+    Returns:
+      ``(cap, probe)``: ``cap`` in ``[1, A]``; ``probe`` the compile time and
+      wall time of one agent's gradient step (``memory.probe_step``), which
+      size the plan search's budget (``demjax.plan``).
+
+    Raises:
+      ConfigError: not even one agent's training fits.
+    """
+    c = config
+    shape = tuple(partition.input_shape)
+    params = jax.eval_shape(
+        lambda k: models.init_params(k, model, shape), jax.random.PRNGKey(0)
+    )
+    opt = jax.eval_shape(tx.init, params)
+
+    def row_bytes(*fields):  # bytes of one agent's rows of these fields
+        return sum(
+            int(np.prod(getattr(partition, k).shape[1:]))
+            * getattr(partition, k).dtype.itemsize
+            for k in fields
+        )
+
+    data = row_bytes("x_train", "y_train", "x_test", "y_test")
+    # Resident for the whole round: the agents' params and optimizer state
+    # (trained and mixed in place with donation; without it the local and
+    # the mixed results are new copies next to the inputs) and their data.
+    # Anchors are gathered per block, never stacked [A, ...].
+    copies = 1 if donate else 3
+    state = (
+        copies * memory.tree_bytes(params)
+        + (1 if donate else 2) * memory.tree_bytes(opt)
+        + data
+    )
+    # Group models: this round's, the previous round's and the mixed ones.
+    groups = 3 * num_group_models * memory.tree_bytes(params)
+    x = jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.float32)
+    y = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
+
+    def step(p, xb, yb, key):
+        def loss(p):
+            logits = model.apply(
+                {"params": p}, xb, train=True, rngs={"dropout": key}
+            )
+            return local.masked_cross_entropy(logits, yb, jnp.ones_like(yb, bool))
+
+        return jax.grad(loss)(p)
+
+    # Per training agent: twice one step's XLA temporaries, the block's
+    # copies of its params (input, anchor, start, scan carry x2, trained,
+    # picked) and optimizer state (input, scan carry x2, picked), and its
+    # training data sliced out for the block.
+    train_data = row_bytes("x_train", "y_train")
+    concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (params, x, y))
+    probe = memory.probe_step(step, *concrete, jax.random.PRNGKey(0), run=True)
+    step_bytes = (
+        2 * probe["temp_bytes"]
+        + 7 * memory.tree_bytes(params)
+        + 4 * memory.tree_bytes(opt)
+        + train_data
+    )
+    block = memory.choose_block_size(
+        num_agents=partition.num_agents,
+        state_bytes_per_agent=state,
+        step_bytes_per_agent=step_bytes,
+        fixed_bytes=groups,
+    )
+    if sharding.multiprocess():
+        # Free memory differs between processes, the compiled program must
+        # not: every process takes the smallest block (0 = all agents).
+        from jax.experimental import multihost_utils
+
+        sizes = multihost_utils.process_allgather(
+            np.int32(block or partition.num_agents)
+        )
+        block = int(np.min(sizes))
+    return block or partition.num_agents, probe
+
+
+def choose_plan(config, partition: Partition, tx, mu: float, *,
+                cap_probe: tuple[int, dict], algorithm: str,
+                grad_fn=None):  # fmt: skip
+    """The local-training execution plan of a run (``demjax.plan``).
+
+    Times the candidate plans on the run's own model, optimizer, data shapes
+    and (with ``grad_fn``) gradient, or takes them from ``config.local_plan`` /
+    ``config.conv_impl`` or from the plan cache.
+
+    Args:
+      config: validated run config.
+      partition: the agents' data (host or device arrays).
+      tx: the agents' optax optimizer; mu: proximal coefficient of the run.
+      cap_probe: ``memory_cap``'s result: the most agents whose training fits
+        in memory at once, and the probe of one agent's gradient step.
+      algorithm: name (part of the cache key: a plug-in's gradient differs).
+      grad_fn: custom local gradient (``local.make_train_one``).
+
+    Returns:
+      ``(plan.LocalPlan, info dict)`` as ``demjax.plan.resolve``.
+    """
+    has_conv = config.model.startswith("cnn")
+    n_train = sharding.to_host(partition.n_train)
+    shape = tuple(partition.input_shape)
+    num_classes = partition.num_classes
+    batch_size, epochs = int(config.batch_size), int(config.local_epochs)
+
+    def model_of(impl):
+        return models.make_model(config.model, num_classes, config.hidden, impl)
+
+    def make_trainer(block, impl, n):
+        model = model_of(impl)
+
+        def apply_fn(params, x, train, key):
+            rngs = {"dropout": key} if (train and key is not None) else {}
+            return model.apply({"params": params}, x, train=train, rngs=rngs)
+
+        return local.make_train_population(
+            apply_fn, tx, batch_size=batch_size, local_epochs=1, n_train=n,
+            num_buckets=1, block_size=block, grad_fn=grad_fn,
+        )  # fmt: skip
+
+    # Parameters are interchangeable between conv implementations: init once.
+    one = jax.device_get(
+        models.init_params(jax.random.PRNGKey(0), model_of("patches"), shape)
+    )
+
+    def init_params(impl):
+        return one
+
+    # A few agents' real rows are enough: the timed steps reuse them.
+    few = min(partition.num_agents, 16)
+    x = sharding.to_host(partition.x_train[:few])
+    y = sharding.to_host(partition.y_train[:few])
+    n_dev = len(jax.tree.leaves(partition.x_train)[0].sharding.device_set) if (
+        isinstance(partition.x_train, jax.Array)) else 1  # fmt: skip
+    cap, probe = cap_probe
+    return plan_lib.resolve(
+        config,
+        num_agents=partition.num_agents,
+        cap=cap,
+        probe=probe,
+        has_conv=has_conv,
+        make_trainer=make_trainer,
+        init_params=init_params,
+        tx=tx,
+        mu=float(mu),
+        x=x,
+        y=y,
+        n_train=n_train,
+        key_fields={
+            "algorithm": algorithm,
+            "model": config.model,
+            "hidden": list(config.hidden),
+            "input_shape": list(shape),
+            "num_classes": int(num_classes),
+            "optimizer": config.optimizer,
+            "local_epochs": epochs,
+            "n_max": int(np.max(n_train)),
+            "mu_positive": float(mu) > 0,
+        },
+        multi_device=n_dev > 1,
+    )
+
+
+def choose_eval_plan(config, partition: Partition, *, probe: dict, points: int):
+    """The evaluation plan (models at once, conv implementation) of a run:
+    ``config.eval_batch`` or measured on the run's own C-GEN set
+    (``demjax.plan.resolve_eval``).
+
+    Args:
+      points: measurement points per evaluated round (2 for the tree
+        algorithms, 1 for plug-ins).
+
+    Returns:
+      ``(eval_batch, conv_impl, info)``.
+    """
+    shape = tuple(partition.input_shape)
+    num_classes = partition.num_classes
+    m = int(partition.x_all.shape[0])
+    s = min(m, int(config.eval_samples) or m)
+    x = sharding.to_host(partition.x_all[:s])
+    y = sharding.to_host(partition.y_all[:s])
+
+    def make_eval(k, impl):
+        model = models.make_model(config.model, num_classes, config.hidden, impl)
+
+        def apply(params, xb, train, key):
+            return model.apply({"params": params}, xb, train=False)
+
+        return lambda ms, xs, ys: metrics.correct_matrix(apply, ms, xs, ys, k)
+
+    one = jax.device_get(models.init_params(
+        jax.random.PRNGKey(0),
+        models.make_model(config.model, num_classes, config.hidden), shape,
+    ))  # fmt: skip
+    rounds = int(config.num_rounds)
+    num_evals = points * (-(-rounds // int(config.eval_every)) + 1)
+    return plan_lib.resolve_eval(
+        config,
+        num_agents=partition.num_agents,
+        has_conv=config.model.startswith("cnn"),
+        make_eval=make_eval,
+        one_params=one,
+        x=x,
+        y=y,
+        num_evals=num_evals,
+        key_fields={"model": config.model, "hidden": list(config.hidden),
+                    "input_shape": list(shape), "num_classes": int(num_classes)},
+        probe=probe,
+        batch_size=int(config.batch_size),
+    )  # fmt: skip
+
+
 class Simulator:
     """Holds the jitted phases of one algorithm for one partition's shapes.
 
@@ -134,47 +357,55 @@ class Simulator:
         self.config = config
         self.algo = get_algorithm(config.algorithm)
         self.num_agents = partition.num_agents
-        self.model = models.make_model(
-            config.model, partition.num_classes, config.hidden
-        )
         self.tx = local.make_optimizer(config.optimizer, config.lr)
         self.mu = resolved_mu(config)
         self.level_sizes = tree_capacity(config)
         self.donate = bool(donate)
+        n_train = sharding.to_host(partition.n_train)
+        self.model = models.make_model(
+            config.model, partition.num_classes, config.hidden
+        )
+        cap_probe = self._memory_cap(partition)
+        self.plan, self.plan_info = choose_plan(
+            config,
+            partition,
+            self.tx,
+            self.mu,
+            cap_probe=cap_probe,
+            algorithm=config.algorithm,
+        )
+        eval_batch, eval_conv, self.plan_info["eval"] = choose_eval_plan(
+            config, partition, probe=cap_probe[1], points=2
+        )
+        self.model = models.make_model(
+            config.model, partition.num_classes, config.hidden, self.plan.conv_impl
+        )
         model = self.model
 
         def apply_fn(params, x, train, key):
             rngs = {"dropout": key} if train else {}
             return model.apply({"params": params}, x, train=train, rngs=rngs)
 
-        # Evaluation runs forward passes only, one model at a time inside lax.map:
-        # there lax.conv is fast on XLA:CPU (50 CNNs x 969 samples: 3.1 s) while
-        # im2col patches of a large batch are memory-bound (10 s). Parameters are
-        # interchangeable between the two conv implementations.
+        # Evaluation runs forward passes only, ``eval_batch`` models at a time
+        # inside lax.map, with its own measured conv implementation (parameters
+        # are interchangeable between the two).
         eval_model = models.make_model(
-            config.model, partition.num_classes, config.hidden, "xla"
+            config.model, partition.num_classes, config.hidden, eval_conv
         )
 
         def eval_apply_fn(params, x, train, key):
             return eval_model.apply({"params": params}, x, train=False)
 
         self.apply_fn = apply_fn
-        self.block_size = (
-            int(config.agent_block)
-            if int(config.agent_block) > 0
-            else self._auto_block_size(partition)
-        )
+        self.block_size = self.plan.block_size
         train_all = local.make_train_population(
             apply_fn,
             self.tx,
             batch_size=config.batch_size,
             local_epochs=config.local_epochs,
-            n_train=sharding.to_host(partition.n_train),
+            n_train=n_train,
             num_buckets=int(config.local_buckets),
             block_size=self.block_size,
-        )
-        eval_batch = int(config.eval_batch) or (
-            1 if config.model.startswith("cnn") else 8
         )
         communicates = self.algo.communicates
 
@@ -298,6 +529,21 @@ class Simulator:
                 )
             return out
 
+        def evaluate_root(node_params, part, x_gen, y_gen):
+            """Metrics when every agent holds the root model (broadcast
+            algorithms at ``sync`` with all agents active): the root is
+            evaluated once instead of A times. C-SPE is the root on the pooled
+            test set (the union of the agents' own test sets), C-GEN the root
+            on the evaluation set, Global the root on the pooled test set:
+            the values ``evaluate`` gives for A copies of the root."""
+            root = jax.tree.map(lambda p: p[-1:], node_params)
+            on_all = metrics.correct_matrix(
+                eval_apply_fn, root, part.x_all, part.y_all, 1
+            )[0]
+            on_gen = metrics.correct_matrix(eval_apply_fn, root, x_gen, y_gen, 1)[0]
+            acc = jnp.mean(on_all)
+            return {"c_spe": acc, "c_gen": jnp.mean(on_gen), "global_acc": acc}
+
         # With ``donate`` the round updates the population in place: local
         # training consumes the agents' params/optimizer state and mixing consumes
         # the locally trained params, so a round holds about one copy of the
@@ -310,7 +556,9 @@ class Simulator:
             "aggregate_phase": jax.jit(aggregate_phase),
             "mix_phase": jax.jit(mix_phase, donate_argnums=(1,) if donate else ()),
             "evaluate": jax.jit(evaluate),
+            "evaluate_root": jax.jit(evaluate_root),
         }
+        self.evaluate_root = self.jitted["evaluate_root"]
         self.aggregate_phase = self.jitted["aggregate_phase"]
         self.mix_phase = self.jitted["mix_phase"]
         self.evaluate = self.jitted["evaluate"]
@@ -335,88 +583,11 @@ class Simulator:
         mixed_nodes, mixed = self.mix_phase(nodes, params, tree, alpha, active)
         return nodes, size, mixed_nodes, mixed
 
-    def _auto_block_size(self, partition: Partition) -> int:
-        """Agents trained at once so a round fits in half the free memory (0: all),
-        and on CPU at most a cache-sized block (``memory.cache_block_size``).
-
-        Raises:
-          ConfigError: not even one agent's training fits.
-        """
-        c = self.config
-        shape = tuple(partition.input_shape)
-        params = jax.eval_shape(
-            lambda k: models.init_params(k, self.model, shape), jax.random.PRNGKey(0)
-        )
-        opt = jax.eval_shape(self.tx.init, params)
-
-        def row_bytes(*fields):  # bytes of one agent's rows of these fields
-            return sum(
-                int(np.prod(getattr(partition, k).shape[1:]))
-                * getattr(partition, k).dtype.itemsize
-                for k in fields
-            )
-
-        data = row_bytes("x_train", "y_train", "x_test", "y_test")
-        # Resident for the whole round: the agents' params and optimizer state
-        # (trained and mixed in place with donation; without it the local and
-        # the mixed results are new copies next to the inputs) and their data.
-        # Anchors are gathered per block, never stacked [A, ...].
-        copies = 1 if self.donate else 3
-        state = (
-            copies * memory.tree_bytes(params)
-            + (1 if self.donate else 2) * memory.tree_bytes(opt)
-            + data
-        )
-        # Group models: this round's, the previous round's and the mixed ones.
-        groups = 3 * sum(self.level_sizes) * memory.tree_bytes(params)
-        x = jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.float32)
-        y = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
-        model = self.model
-
-        def step(p, xb, yb, key):
-            def loss(p):
-                logits = model.apply(
-                    {"params": p}, xb, train=True, rngs={"dropout": key}
-                )
-                return local.masked_cross_entropy(logits, yb, jnp.ones_like(yb, bool))
-
-            return jax.grad(loss)(p)
-
-        # Per training agent: twice one step's XLA temporaries, the block's
-        # copies of its params (input, anchor, start, scan carry x2, trained,
-        # picked) and optimizer state (input, scan carry x2, picked), and its
-        # training data sliced out for the block.
-        train_data = row_bytes("x_train", "y_train")
-        step_bytes = (
-            2 * memory.step_temp_bytes(step, params, x, y, jax.random.PRNGKey(0))
-            + 7 * memory.tree_bytes(params)
-            + 4 * memory.tree_bytes(opt)
-            + train_data
-        )
-        block = memory.choose_block_size(
-            num_agents=self.num_agents,
-            state_bytes_per_agent=state,
-            step_bytes_per_agent=step_bytes,
-            fixed_bytes=groups,
-        )
-        if jax.default_backend() == "cpu":
-            # Cache-sized blocks: a block runs all its local steps with its
-            # agents' weights hot in cache instead of streaming the whole
-            # population's weights from memory at every step.
-            cache = memory.cache_block_size(memory.tree_bytes(params))
-            if cache < self.num_agents:
-                block = cache if block == 0 else min(block, cache)
-        if sharding.multiprocess():
-            # Free memory differs between processes, the compiled program must
-            # not: every process takes the smallest block (0 = all agents).
-            from jax.experimental import multihost_utils
-
-            sizes = multihost_utils.process_allgather(
-                np.int32(block or self.num_agents)
-            )
-            smallest = int(np.min(sizes))
-            block = 0 if smallest >= self.num_agents else smallest
-        return block
+    def _memory_cap(self, partition: Partition) -> tuple[int, dict]:
+        return memory_cap(
+            self.config, partition, self.model, self.tx,
+            donate=self.donate, num_group_models=int(sum(self.level_sizes)),
+        )  # fmt: skip
 
     def init(self, key: jax.Array, partition: Partition) -> SimState:
         """All agents (and all group models) start from one shared initialization."""

@@ -113,6 +113,7 @@ def make_train_one(
     n_max: int,
     perm_size: int | None = None,
     grad_fn: Callable | None = None,
+    exact_steps: bool = False,
 ) -> Callable:
     """Builds one agent's local training function.
 
@@ -130,6 +131,12 @@ def make_train_one(
         ``grad_fn(params, xb [B, ...], yb [B], mask bool [B], anchor, mu, key)
         -> (grads, ce)``, ``anchor`` any per-agent pytree the algorithm needs.
         Default: the gradient of ``CE + mu / 2 * ||w - anchor||^2``.
+      exact_steps: run exactly the agent's own steps in a loop whose trip count
+        is the agent's (``min(local_epochs * ceil(n / B), max_steps)``) instead
+        of a scan over all ``local_epochs * ceil(N_max / B)`` step slots with the
+        surplus masked. Same results (same steps, shuffles and dropout keys);
+        for one agent at a time (the ``sequential`` plan), where it skips the
+        padded steps; under ``vmap`` the loop runs to the slowest agent anyway.
 
     Returns:
       ``train_one(key, params, opt_state, x [N_max, ...], y [N_max], n, anchor, mu)
@@ -188,9 +195,23 @@ def make_train_one(
             return (params, opt_state, loss_sum, n_active + active), None
 
         init = (params, opt_state, jnp.float32(0.0), jnp.int32(0))
-        (params, opt_state, loss_sum, n_active), _ = jax.lax.scan(
-            step, init, jnp.arange(total_steps)
-        )
+        if exact_steps:
+            # Step i of the agent's own steps is slot (e, j) = divmod(i, k).
+            k = jnp.maximum((n + batch_size - 1) // batch_size, 1)
+            count = jnp.where(n > 0, local_epochs * k, 0)
+            if max_steps is not None:
+                count = jnp.minimum(count, max_steps)
+
+            def body(i, carry):
+                return step(carry, (i // k) * spe + i % k)[0]
+
+            params, opt_state, loss_sum, n_active = jax.lax.fori_loop(
+                0, count, body, init
+            )
+        else:
+            (params, opt_state, loss_sum, n_active), _ = jax.lax.scan(
+                step, init, jnp.arange(total_steps)
+            )
         return params, opt_state, loss_sum / jnp.maximum(n_active, 1)
 
     return train_one
@@ -292,7 +313,9 @@ def make_train_population(
       block_size: if > 0, agents are trained ``block_size`` at a time, bounding
         the memory of the step temporaries (and of the per-block anchors) to one
         block and running all local steps of a block while its weights are hot
-        in cache; 0 = the whole bucket at once.
+        in cache; 0 = the whole bucket at once. 1 is the ``sequential`` plan:
+        agents one after another, unvmapped, each running exactly its own
+        steps (``exact_steps``), so buckets are not needed (one is used).
       grad_fn: custom gradient of the local objective (``make_train_one``).
 
     Returns:
@@ -313,7 +336,8 @@ def make_train_population(
     num_agents = len(n_train)
     n_max = int(n_train.max())
     steps = local_epochs * np.ceil(n_train / batch_size).astype(np.int64)
-    buckets = plan_buckets(steps, num_buckets)
+    sequential = block_size == 1
+    buckets = plan_buckets(steps, 1 if sequential else num_buckets)
     fns = []
     for idx in buckets:
         cap = int(n_train[idx].max())
@@ -325,8 +349,10 @@ def make_train_population(
             n_max=cap,
             perm_size=n_max,
             grad_fn=grad_fn,
+            exact_steps=sequential,
         )
-        fns.append((idx, cap, make_train_all(one)))
+        train_block = _one_at_a_time(one) if sequential else make_train_all(one)
+        fns.append((idx, cap, train_block))
 
     def train(
         keys, params, opt_state, x, y, n, anchor, mu, max_steps=None, *,
@@ -346,6 +372,22 @@ def make_train_population(
 
     train.buckets = buckets
     return train
+
+
+def _one_at_a_time(train_one: Callable) -> Callable:
+    """``train_all``'s signature for a block of ONE agent, without ``vmap``:
+    the leading axis of size 1 is dropped before ``train_one`` and restored
+    after, so the agent's matmuls are plain 2-D GEMMs."""
+
+    def train_block(keys, params, opt_state, x, y, n, anchor, mu, max_steps):
+        first = lambda t: jax.tree.map(lambda v: v[0], t)  # noqa: E731
+        out = train_one(
+            keys[0], first(params), first(opt_state), x[0], y[0], n[0],
+            first(anchor), mu, max_steps[0],
+        )  # fmt: skip
+        return jax.tree.map(lambda v: v[None], out)
+
+    return train_block
 
 
 def _rows(tree, ids, offset):

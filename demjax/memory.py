@@ -12,6 +12,7 @@ and picks the largest block of agents that fits in half the free memory.
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import numpy as np
@@ -45,11 +46,31 @@ def tree_bytes(tree) -> int:
 
 def step_temp_bytes(step_fn, *args) -> int:
     """Temporary bytes XLA allocates for one call of ``step_fn(*args)``."""
+    return probe_step(step_fn, *args)["temp_bytes"]
+
+
+def probe_step(step_fn, *args, run: bool = False) -> dict:
+    """Compiles ``step_fn(*args)`` (``args`` may be abstract) and reports its
+    temporary bytes (XLA's ``memory_analysis``) and compile time; with ``run``
+    (concrete ``args``) also the best of two calls' wall time.
+
+    Returns:
+      dict with ``temp_bytes`` (int), ``compile_s`` and, with ``run``, ``run_s``
+      (float seconds).
+    """
+    t0 = time.perf_counter()
     compiled = jax.jit(step_fn).lower(*args).compile()
+    out = {"compile_s": time.perf_counter() - t0}
     analysis = compiled.memory_analysis()
-    if analysis is None:
-        return 0
-    return int(getattr(analysis, "temp_size_in_bytes", 0))
+    out["temp_bytes"] = (
+        0 if analysis is None else int(getattr(analysis, "temp_size_in_bytes", 0))
+    )
+    if run:
+        from demjax.plan import best_time
+
+        jax.block_until_ready(compiled(*args))
+        out["run_s"] = best_time(compiled, *args, min_total_s=0.05)
+    return out
 
 
 def choose_block_size(
@@ -95,31 +116,3 @@ def choose_block_size(
         )
     block = room // max(step_bytes_per_agent, 1)
     return 0 if block >= num_agents else int(block)
-
-
-CACHE_BLOCK_BYTES = 8 * 2**20
-"""Parameter bytes of the agents trained at once on CPU (see ``cache_block_size``)."""
-
-
-def cache_block_size(
-    param_bytes_per_agent: int, target: int = CACHE_BLOCK_BYTES
-) -> int:
-    """Agents per block whose parameters total about ``target`` bytes (at least 1).
-
-    On CPU a block trains all its local steps while its agents' weights stay in
-    cache; with the whole population at once every step streams every agent's
-    weights from memory. Measured on a 2-core AVX-512 Xeon (one round of local
-    training, session 5): MLP 784-100-10 (318 KB per agent), 2,000 agents: all at
-    once 6.1 s, blocks of 24 4.6 s; the paper's CNN (3.3 MB), 50 agents: 8.0 s vs
-    4.0 s in blocks of 2; MLR (31 KB), 2,000 agents: 2.4 s vs 1.6-2.0 s. 8 MiB is
-    near the best block of all three. Not used on accelerators, which want the
-    largest batch.
-
-    Args:
-      param_bytes_per_agent: bytes of one agent's parameters.
-      target: bytes of parameters per block.
-
-    Returns:
-      int >= 1.
-    """
-    return max(1, int(target) // max(1, int(param_bytes_per_agent)))

@@ -25,16 +25,30 @@ from demjax import checkpoint, local, metrics, models
 from demjax.algorithms import get_plugin
 from demjax.algorithms.plugin import Context
 from demjax.config import plugin_hparams
-from demjax.engine import make_round_masks
+from demjax.engine import choose_eval_plan, choose_plan, make_round_masks, memory_cap
 
 
 def build(config, part):
     """``(plugin, ctx, rounds)`` for a validated config and a device partition."""
     plugin = get_plugin(config.algorithm)
+    tx = local.make_optimizer(config.optimizer, config.lr)
+    # The execution plan of local training, as for the tree algorithms (timed
+    # with the standard local objective's step on the run's model and shapes).
+    plain = models.make_model(config.model, part.num_classes, config.hidden)
+    cap_probe = memory_cap(config, part, plain, tx, donate=False, num_group_models=1)
+    plan, plan_info = choose_plan(
+        config, part, tx, float(config.mu or 0.0), cap_probe=cap_probe,
+        algorithm=config.algorithm,
+    )  # fmt: skip
     model = models.make_model(
-        config.model, part.num_classes, config.hidden, config.conv_impl
+        config.model, part.num_classes, config.hidden, plan.conv_impl
     )
-    eval_model = models.make_model(config.model, part.num_classes, config.hidden, "xla")
+    eval_batch, eval_conv, plan_info["eval"] = choose_eval_plan(
+        config, part, probe=cap_probe[1], points=1
+    )
+    eval_model = models.make_model(
+        config.model, part.num_classes, config.hidden, eval_conv
+    )
 
     def apply_fn(params, x, train, key):
         rngs = {"dropout": key} if (train and key is not None) else {}
@@ -52,10 +66,11 @@ def build(config, part):
         model=model,
         apply_fn=apply_fn,
         eval_apply_fn=eval_apply_fn,
-        tx=local.make_optimizer(config.optimizer, config.lr),
+        tx=tx,
         n_train=np.asarray(part.n_train),
         round_masks=make_round_masks(config, part.num_agents),
-        block_size=int(config.agent_block),
+        block_size=plan.block_size,
+        plan_info=plan_info,
     )
     return plugin, ctx, plugin.build(ctx)
 
@@ -109,6 +124,8 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
         RunWriter,
         _GracefulStop,
         _rounded,
+        log_plan,
+        plan_record,
         prepare_run,
     )
 
@@ -117,7 +134,7 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
     x_gen, y_gen, t_start = setup.x_gen, setup.y_gen, setup.t_start
 
     plugin, ctx, rounds = build(config, part_np)
-    eval_batch = int(config.eval_batch) or (1 if config.model.startswith("cnn") else 8)
+    eval_batch = ctx.plan_info["eval"]["eval_batch"]
     round_fn = jax.jit(rounds.round)
     evaluate = make_evaluate(plugin, ctx, rounds, eval_batch)
 
@@ -132,6 +149,8 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
         logging.info("resuming %s after round %d", workdir, start - 1)
     writer = RunWriter(workdir, keep_rounds_below=start if resume else None)
     writer.json("config.json", setup.config_json)
+    log_plan(ctx.plan_info)
+    writer.timing(plan_record(ctx.plan_info))
     if config.tensorboard:
         writer.tensorboard()
     records: list[dict] = list(writer.kept)
@@ -215,6 +234,8 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
         "records": records,
         "wall_s": time.perf_counter() - t_start,
         "eval_samples": len(setup.eval_idx) if setup.subsampled else None,
+        "agent_block": ctx.block_size,
+        "local_plan": ctx.plan_info,
         "compilations": {
             "round": round_fn._cache_size(),
             "evaluate": evaluate._cache_size(),

@@ -53,6 +53,50 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def plan_record(info: dict) -> dict:
+    """The ``timing.jsonl`` record of the local-training plan (``round`` -1,
+    written first): the plan, how it was chosen and the candidates' timings."""
+    return {
+        "round": -1,
+        "local_plan": info["plan"],
+        "conv_impl": info["conv_impl"],
+        "plan_source": info["source"],
+        "plan_cap": info["cap"],
+        "plan_search_s": info.get("search_s", 0.0),
+        "plan_table": info.get("table", []),
+        "eval_batch": info["eval"]["eval_batch"],
+        "eval_conv_impl": info["eval"]["conv_impl"],
+        "eval_plan_source": info["eval"]["source"],
+        "eval_plan_search_s": info["eval"].get("search_s", 0.0),
+        "eval_plan_table": info["eval"].get("table", []),
+    }
+
+
+def log_plan(info: dict) -> None:
+    """Logs the chosen local-training plan and, when measured, its timing table."""
+    logging.info(
+        "local training plan: %s (conv_impl=%s; %s; at most %d agents fit at once)",
+        info["plan"], info["conv_impl"], info["source"], info["cap"],
+    )  # fmt: skip
+    for r in info.get("table", []):
+        logging.info(
+            "  plan %-12s conv %-7s %9.1f agent-steps/s (%d agents x %d steps, "
+            "compile %.1f s)",
+            r["plan"], r["conv_impl"], r["agent_steps_per_s"], r["agents"],
+            r["steps"], r["compile_s"],
+        )  # fmt: skip
+    ev = info["eval"]
+    logging.info(
+        "evaluation plan: %d models at once (conv_impl=%s; %s)",
+        ev["eval_batch"], ev["conv_impl"], ev["source"],
+    )  # fmt: skip
+    for r in ev.get("table", []):
+        logging.info(
+            "  eval_batch %-3d conv %-7s %9.1f models/s (compile %.1f s)",
+            r["eval_batch"], r["conv_impl"], r["models_per_s"], r["compile_s"],
+        )  # fmt: skip
+
+
 class RunWriter:
     """Appends per-round records to JSONL/CSV files and flushes each write."""
 
@@ -73,10 +117,10 @@ class RunWriter:
                 for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
                 if r["round"] < keep_rounds_below
             ]
-            old_timing = [
+            old_timing = [  # the plan record (round -1) is written anew
                 r
                 for r in _read_jsonl(os.path.join(workdir, "timing.jsonl"))
-                if r["round"] < keep_rounds_below
+                if 0 <= r["round"] < keep_rounds_below
             ]
         if self.write:
             os.makedirs(workdir, exist_ok=True)
@@ -366,13 +410,7 @@ def run(
     # In-place rounds (buffer donation) unless the clustering features need the
     # round's starting parameters (cluster_features='updates').
     sim = Simulator(config, part, donate=config.cluster_features == "weights")
-    if sim.block_size:
-        logging.info(
-            "local training runs %d agents at a time (agent_block=%d; 0 = chosen "
-            "from free memory)",
-            sim.block_size,
-            config.agent_block,
-        )
+    log_plan(sim.plan_info)
     key = jax.random.PRNGKey(int(config.seed))
     init_key, run_key = jax.random.split(key)
     state = sim.init(init_key, part)
@@ -403,6 +441,7 @@ def run(
         write=multihost.is_primary(),
     )
     writer.json("config.json", config_json)
+    writer.timing(plan_record(sim.plan_info))
     if config.tensorboard:
         writer.tensorboard()
     num_levels = len(sim.level_sizes) - 1
@@ -516,9 +555,14 @@ def run(
             timing["sync_s"] += time.perf_counter() - t1
             if evaluating:
                 t2 = time.perf_counter()
-                m_sync = sim.evaluate(
-                    params_sync, node_sync, node_weight, tree_dev, part, x_gen, y_gen
-                )
+                if sim.algo.broadcast and counts["num_active"] == sim.num_agents:
+                    # Every agent holds the global model: evaluate it once.
+                    m_sync = sim.evaluate_root(node_sync, part, x_gen, y_gen)
+                else:
+                    m_sync = sim.evaluate(
+                        params_sync, node_sync, node_weight, tree_dev, part,
+                        x_gen, y_gen,
+                    )  # fmt: skip
                 ok = (active & ~diverged).astype(jnp.float32) * agent_weight
                 m_local, m_sync, loss_mean = sharding.to_host(
                     (
@@ -605,6 +649,7 @@ def run(
         "tree": tree,
         "num_devices": 1 if mesh is None else int(mesh.devices.size),
         "agent_block": sim.block_size,
+        "local_plan": sim.plan_info,
         "params_devices": len(jax.tree.leaves(state.params)[0].sharding.device_set),
         # Compiled variants per jitted phase: stays 1 however often the tree changes.
         "compilations": {name: fn._cache_size() for name, fn in sim.jitted.items()},

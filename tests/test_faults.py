@@ -228,10 +228,10 @@ BAD = {
     "dirichlet_alpha": st.floats(max_value=0.0, min_value=-1e9),
     "samples_per_agent": st.integers(max_value=-1),
     "num_devices": st.integers(max_value=-1),
-    "agent_block": st.integers(max_value=-1),
+    "local_plan": st.sampled_from(["fast", "block:0", "block:x", "blocks:2", ""]),
     "distance_block": st.integers(max_value=-1),
     "eval_batch": st.integers(max_value=-1),
-    "conv_impl": st.sampled_from(["cudnn", ""]),
+    "conv_impl": st.sampled_from(["cudnn", "", "Auto"]),
     "linkage_backend": st.sampled_from(["sklearn", ""]),
 }  # fmt: skip
 

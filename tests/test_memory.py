@@ -32,35 +32,16 @@ def test_available_bytes_is_positive():
 
 
 def test_forced_block_matches_unblocked_run(tmp_path):
-    def cfg(block):
+    def cfg(plan):
         c = default.get_config()
         c.num_agents, c.num_rounds, c.model, c.num_levels = 10, 2, "mlr", 2
-        c.progress, c.local_epochs, c.agent_block = False, 1, block
+        c.progress, c.local_epochs, c.local_plan = False, 1, plan
         return c
 
-    a = train.run(cfg(0), str(tmp_path / "a"))
-    b = train.run(cfg(3), str(tmp_path / "b"))
+    a = train.run(cfg("all"), str(tmp_path / "a"))
+    b = train.run(cfg("block:3"), str(tmp_path / "b"))
     assert a["agent_block"] == 0 and b["agent_block"] == 3
     for ra, rb in zip(a["records"], b["records"], strict=True):
         for k, v in ra.items():
             if isinstance(v, float):
                 assert v == pytest.approx(rb[k], abs=1e-5), k
-
-
-def test_cache_block_size_hand_computed():
-    mlp = (784 * 100 + 100 + 100 * 10 + 10) * 4  # 318,040 bytes
-    assert memory.cache_block_size(mlp) == 8 * 2**20 // 318_040 == 26
-    assert memory.cache_block_size(10 * 2**20) == 1  # one agent over the target
-    assert memory.cache_block_size(1000, target=4000) == 4
-
-
-def test_engine_picks_cache_sized_blocks_on_cpu(tmp_path):
-    """Digits MLP 64-2000-10: 150,010 float32 weights (600,040 bytes) per agent, so
-    8 MiB hold 13 agents; 20 agents train in blocks of 13 on CPU."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("the cache-sized block is a CPU rule")
-    c = default.get_config()
-    c.num_agents, c.num_rounds, c.model, c.hidden = 20, 1, "mlp", (2000,)
-    c.progress, c.local_epochs, c.num_levels = False, 1, 2
-    assert memory.cache_block_size(4 * (64 * 2000 + 2000 + 2000 * 10 + 10)) == 13
-    assert train.run(c, str(tmp_path))["agent_block"] == 13

@@ -148,7 +148,9 @@ class Context:
       n_train: host int ``[A]`` training samples per agent.
       round_masks: ``round_masks(key, n_train) -> (active bool [A], max_steps
         int32 [A])`` from participation / dropout / stragglers.
-      block_size: agents trained at once (0 = all).
+      block_size: agents trained at once (0 = all, 1 = one after another),
+        the run's execution plan (``demjax.plan``).
+      plan_info: how the plan was chosen and its timing table.
     """
 
     config: Any
@@ -163,6 +165,7 @@ class Context:
     n_train: np.ndarray
     round_masks: Callable
     block_size: int = 0
+    plan_info: dict | None = None
 
     def trainer(
         self,

@@ -1,0 +1,609 @@
+"""Execution plans of local training, chosen by measurement.
+
+Local training of ``A`` agents has several correct plans that give the same
+results to float tolerance and differ only in speed:
+
+- ``all``: one ``vmap`` over every agent (capped by memory);
+- ``block:K``: a ``lax.fori_loop`` over blocks of ``K`` agents, each block a
+  ``vmap`` that runs all its local steps while its weights are hot in cache;
+- ``sequential``: a ``lax.fori_loop`` over agents, one agent after another inside
+  one jitted program (no ``vmap``: plain 2-D matmuls, each agent running exactly
+  its own number of steps).
+
+For convolutional models each plan also has two convolution implementations,
+``patches`` (im2col GEMMs) and ``xla`` (``lax.conv``), with interchangeable
+parameters.
+
+Which plan is fastest depends on the model, the shapes and the machine: on
+XLA:CPU a vmapped dense layer becomes a batched dot that runs several times
+below a plain GEMM on some CPUs and not on others; on an accelerator the largest
+batch wins. No rule carries over, so ``config.local_plan = "auto"`` times every
+candidate on real local steps of the run's own model, optimizer, data shapes and
+gradient before round 0, keeps the fastest, and caches the choice in a JSON file
+keyed by the model, shapes, device kind, CPU model and library versions, so the
+next run with the same key starts at once.
+
+The search's cost is bounded: the first candidate timed (all agents at once,
+capped by memory) gives an estimate of the run's local training time; the
+search stops once it has spent 10% of that estimate (``SEARCH_FRACTION``), or
+when growing the block only makes it slower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from demjax.errors import ConfigError
+
+PLAN_KINDS = ("auto", "all", "sequential", "block:K")
+"""Accepted values of ``config.local_plan`` (K an integer >= 1)."""
+
+CONV_CHOICES = ("auto", "patches", "xla")
+"""Accepted values of ``config.conv_impl``."""
+
+SEARCH_FRACTION = 0.10
+"""Largest share of the run's estimated local training time the search spends."""
+
+_BLOCK_RE = re.compile(r"^block:(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalPlan:
+    """One execution plan of local training.
+
+    Attributes:
+      block_size: agents trained at once; 0 = all agents, 1 = sequential.
+      conv_impl: ``patches`` or ``xla`` (only matters for convolutional models).
+    """
+
+    block_size: int
+    conv_impl: str = "patches"
+
+    @property
+    def name(self) -> str:
+        if self.block_size == 0:
+            return "all"
+        if self.block_size == 1:
+            return "sequential"
+        return f"block:{self.block_size}"
+
+
+def parse_plan(value) -> int | None:
+    """Block size of a ``config.local_plan`` value (None for ``auto``).
+
+    Returns:
+      None for ``auto``; 0 for ``all``; 1 for ``sequential``; K for ``block:K``.
+
+    Raises:
+      ConfigError: any other value (the message names ``local_plan``).
+    """
+    if isinstance(value, str):
+        if value == "auto":
+            return None
+        if value == "all":
+            return 0
+        if value == "sequential":
+            return 1
+        m = _BLOCK_RE.match(value)
+        if m and int(m.group(1)) >= 1:
+            return int(m.group(1))
+    raise ConfigError(
+        f"local_plan={value!r} is not valid; accepted: auto, all, sequential, "
+        "block:K (K an integer >= 1)"
+    )
+
+
+def check_config(config) -> None:
+    """Checks ``local_plan`` and ``conv_impl``.
+
+    Raises:
+      ConfigError: naming the field and the accepted values.
+    """
+    parse_plan(config.local_plan)
+    if config.conv_impl not in CONV_CHOICES:
+        raise ConfigError(
+            f"conv_impl={config.conv_impl!r} is not valid; accepted: "
+            + ", ".join(CONV_CHOICES)
+        )
+
+
+def block_candidates(num_agents: int, cap: int) -> list[int]:
+    """Block sizes tried by the search, ascending: 1, 2, 4, ... below ``cap``,
+    then ``cap`` itself (``cap`` = the most agents that fit at once, <= A)."""
+    out, k = [], 1
+    while k < cap:
+        out.append(k)
+        k *= 2
+    out.append(cap)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Cache
+
+
+def cache_path() -> str:
+    """The plan cache file: ``$DEMJAX_CACHE_DIR/plans.json`` (default
+    ``~/.cache/demjax``)."""
+    root = os.environ.get("DEMJAX_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "demjax"
+    )
+    return os.path.join(root, "plans.json")
+
+
+def cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo`` ('' if unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cache_key(fields: dict) -> str:
+    """A stable key of the plan-relevant description ``fields`` plus the device
+    kind, CPU model and library versions."""
+    dev = jax.local_devices()[0]
+    full = dict(
+        fields,
+        backend=jax.default_backend(),
+        device_kind=str(getattr(dev, "device_kind", "")),
+        local_devices=jax.local_device_count(),
+        cpu=cpu_model(),
+        jax=jax.__version__,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
+    text = json.dumps(full, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _read_cache() -> dict:
+    try:
+        with open(cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cache_get(key: str) -> dict | None:
+    """The cached entry for ``key`` (``{"plan": {...}, "table": [...]}``) or None.
+    An unreadable cache file counts as empty."""
+    entry = _read_cache().get(key)
+    if not isinstance(entry, dict) or "plan" not in entry:
+        return None
+    return entry
+
+
+def cache_put(key: str, entry: dict) -> None:
+    """Stores ``entry`` under ``key`` (atomic replace; failures only logged: the
+    cache is an optimisation)."""
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = _read_cache()
+        data[key] = entry
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:  # read-only home, full disk: run without the cache
+        logging.warning("could not write the plan cache %s: %s", path, e)
+
+
+# ---------------------------------------------------------------------------
+# Measurement
+
+
+def best_time(fn, *args, min_total_s: float = 0.25, max_calls: int = 20) -> float:
+    """Best wall time of calls of ``fn(*args)`` (compiled and called once
+    before): at least two calls, more until ``min_total_s`` seconds have been
+    spent (at most ``max_calls``). The minimum is the estimate least disturbed
+    by other work on a shared machine."""
+    best, total, calls = float("inf"), 0.0, 0
+    while calls < 2 or (total < min_total_s and calls < max_calls):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        dt = time.perf_counter() - t0
+        best, total, calls = min(best, dt), total + dt, calls + 1
+    return best
+
+
+def measure_local(
+    make_trainer: Callable[[int, str, np.ndarray], Callable],
+    init_params: Callable[[str], object],
+    tx,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    block_size: int,
+    conv_impl: str,
+    num_agents: int,
+    batch_size: int,
+    steps: int,
+    mu: float,
+) -> dict:
+    """Times one plan on ``steps`` real local steps per agent.
+
+    The timed program is the engine's own local training
+    (``make_trainer(block_size, conv_impl, n_train)``) for ``m`` agents, each
+    with ``steps * batch_size`` samples and one epoch: ``m = num_agents`` for
+    all agents at once, else two blocks' worth (at least 8 agents, at most A).
+
+    Args:
+      make_trainer: ``(block_size, conv_impl, n_train int [m]) -> train`` with
+        the signature of ``local.make_train_population``'s result.
+      init_params: ``conv_impl -> one agent's params`` (unstacked).
+      tx: the agents' optax optimizer.
+      x, y: real training rows ``[A', N', ...]`` / ``[A', N']`` to draw from
+        (agents and rows are reused cyclically).
+
+    Returns:
+      dict with ``plan``, ``agents``, ``steps``, ``compile_s``, ``run_s`` and
+      ``agent_steps_per_s``.
+    """
+    a = num_agents if block_size == 0 else min(num_agents, max(2 * block_size, 8))
+    n = steps * batch_size
+    rows = np.arange(a) % x.shape[0]
+    cols = np.arange(n) % x.shape[1]
+    xs, ys = x[rows][:, cols], y[rows][:, cols]
+    one = init_params(conv_impl)
+    train = make_trainer(block_size, conv_impl, np.full(a, n))
+
+    def run(one, xs, ys):
+        # Population, optimizer state and keys are built inside the one
+        # compiled program (no eager op compiles per candidate).
+        params = jax.tree.map(lambda v: jnp.broadcast_to(v, (a,) + v.shape), one)
+        opt = jax.vmap(tx.init)(params)
+        keys = jax.random.split(jax.random.PRNGKey(0), a)
+        ns = jnp.full((a,), n, jnp.int32)
+        return train(keys, params, opt, xs, ys, ns, params, jnp.float32(mu))
+
+    t0 = time.perf_counter()
+    args = (one, xs, ys)
+    compiled = jax.jit(run).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(*args))  # first call: allocation, page faults
+    run_s = best_time(compiled, *args)
+    plan = LocalPlan(block_size if block_size < num_agents else 0, conv_impl)
+    return {
+        "plan": plan.name,
+        "conv_impl": conv_impl,
+        "agents": int(a),
+        "steps": int(steps),
+        "compile_s": round(compile_s, 4),
+        "run_s": round(run_s, 5),
+        "agent_steps_per_s": round(a * steps / max(run_s, 1e-9), 2),
+    }
+
+
+def search(
+    measure: Callable[[int, str], dict],
+    *,
+    num_agents: int,
+    cap: int,
+    conv_impls: tuple[str, ...],
+    budget_s: float,
+) -> tuple[LocalPlan, list[dict]]:
+    """Measures candidate plans and returns the fastest.
+
+    Order: all agents at once (capped by memory: ``cap`` agents, which then
+    is ``block:cap``) first; then, per conv implementation, blocks of 1, 2,
+    4, ... agents in ascending order, stopping when two sizes in a row are
+    slower than the best of that implementation by more than 15% (speed has
+    been unimodal in the block size in every case measured), or before a
+    measurement that would take the search past ``budget_s`` (predicted from
+    the previous measurement's cost).
+
+    Args:
+      measure: ``(block_size, conv_impl) -> record`` (``measure_local``).
+      num_agents: A.
+      cap: most agents that fit at once (``<= A``).
+      conv_impls: implementations to try (one for models without convolutions).
+      budget_s: seconds the search may spend.
+
+    Returns:
+      ``(plan, table)``: the fastest plan and every measured record (with
+      ``search_s``, the time spent so far, appended to each).
+    """
+    t_start = time.perf_counter()
+    table: list[dict] = []
+    last_cost = [0.0]
+
+    def timed(k, impl):
+        t0 = time.perf_counter()
+        rec = measure(k, impl)
+        last_cost[0] = time.perf_counter() - t0
+        table.append(dict(rec, search_s=round(time.perf_counter() - t_start, 3)))
+        return rec["agent_steps_per_s"]
+
+    def affordable():
+        return time.perf_counter() - t_start + last_cost[0] <= budget_s
+
+    first = timed(cap, conv_impls[0])
+    for impl in conv_impls:
+        best, worse = (first if impl == conv_impls[0] else 0.0), 0
+        for k in block_candidates(num_agents, cap):
+            if k == cap and impl == conv_impls[0]:
+                continue  # measured first
+            if not affordable():
+                break
+            speed = timed(k, impl)
+            if speed > best:
+                best, worse = speed, 0
+            elif speed < 0.85 * best:
+                worse += 1
+                if worse >= 2:
+                    break
+    top = max(table, key=lambda r: r["agent_steps_per_s"])
+    return LocalPlan(parse_plan(top["plan"]), top["conv_impl"]), table
+
+
+def resolve(
+    config,
+    *,
+    num_agents: int,
+    cap: int,
+    probe: dict,
+    has_conv: bool,
+    make_trainer: Callable[[int, str, np.ndarray], Callable],
+    init_params: Callable[[str], object],
+    tx,
+    mu: float,
+    x: np.ndarray,
+    y: np.ndarray,
+    n_train: np.ndarray,
+    key_fields: dict,
+    multi_device: bool = False,
+) -> tuple[LocalPlan, dict]:
+    """The local-training plan of a run: explicit, cached or measured.
+
+    Args:
+      config: validated run config (``local_plan``, ``conv_impl``,
+        ``batch_size``, ``local_epochs``, ``num_rounds``).
+      num_agents: A.
+      cap: most agents whose training fits in memory at once (``<= A``).
+      probe: ``compile_s`` and ``run_s`` of one agent's compiled gradient step
+        (``memory.probe_step``): the run's local training is estimated as
+        ``run_s`` x its agent-steps, and the search may spend
+        ``SEARCH_FRACTION`` of that; when even one candidate (about two such
+        compilations) would cost more, the plan is all agents at once
+        (capped by memory) without a search (``source='prior'``).
+      has_conv: the model has convolutions (``conv_impl`` matters).
+      make_trainer, init_params, tx, mu: see ``measure_local``.
+      x, y: host training rows of (some of) the agents, ``[A', N_max, ...]``.
+      n_train: host int ``[A]`` training samples per agent.
+      key_fields: what else identifies the workload in the cache key (model,
+        shapes, optimizer, algorithm's gradient, ...).
+      multi_device: the population is sharded over several devices; ``auto``
+        then trains each device's agents at once (blocks would slice across
+        devices) without a search.
+
+    Returns:
+      ``(plan, info)``; ``info`` has ``plan``, ``conv_impl``, ``source``
+      (``config``, ``cache``, ``measured``, ``prior`` or ``multi_device``),
+      ``cap``, ``budget_s`` and the timing ``table`` (list of records, empty
+      unless measured or cached).
+    """
+    from demjax import sharding
+
+    block = parse_plan(config.local_plan)
+    impls = (
+        (config.conv_impl,)
+        if config.conv_impl != "auto"
+        else (("patches", "xla") if has_conv else ("patches",))
+    )
+    cap = max(1, min(int(cap), num_agents))
+    info = {"cap": cap, "table": []}
+    if block is not None:
+        want = num_agents if block == 0 else min(block, num_agents)
+        if want > cap:
+            logging.warning(
+                "local_plan=%r trains %d agents at once but only %d fit in free "
+                "memory: using block:%d",
+                config.local_plan, want, cap, cap,
+            )  # fmt: skip
+            want = cap
+        block = 0 if want >= num_agents else want
+    source = "config"
+    if block is None and (multi_device or sharding.multiprocess()):
+        # Blocks would slice across devices: each device trains its agents at
+        # once. Timings differ between processes and every process must
+        # compile the same program: no measurement in a multi-process job.
+        block = 0 if cap >= num_agents else cap
+        source = "multi_device"
+    if sharding.multiprocess():
+        impls = impls[:1]
+    if len(impls) == 1 and block is not None:
+        plan = LocalPlan(block, impls[0])
+        return plan, dict(info, plan=plan.name, conv_impl=plan.conv_impl,
+                          source=source)  # fmt: skip
+    batch_size = int(config.batch_size)
+    epochs = int(config.local_epochs)
+    per_round = epochs * np.ceil(np.asarray(n_train) / batch_size).astype(np.int64)
+    steps = int(max(1, min(8, int(per_round.max()))))
+    fields = dict(
+        key_fields,
+        num_agents=num_agents,
+        cap=cap,
+        batch_size=batch_size,
+        impls=list(impls),
+        block=block,
+        steps=steps,
+        multi_device=multi_device,
+    )
+    key = cache_key(fields)
+    entry = cache_get(key)
+    if entry is not None:
+        p = entry["plan"]
+        plan = LocalPlan(int(p["block_size"]), str(p["conv_impl"]))
+        return plan, dict(info, plan=plan.name, conv_impl=plan.conv_impl,
+                          source="cache", table=entry.get("table", []))  # fmt: skip
+
+    budget = (
+        SEARCH_FRACTION
+        * float(per_round.sum())
+        * int(config.num_rounds)
+        * float(probe["run_s"])
+    )
+    info["budget_s"] = round(budget, 3)
+    if budget < 2.0 * float(probe["compile_s"]) * len(impls):
+        # Too short a run to pay for a search: the simplest plan.
+        plan = LocalPlan(
+            (block or 0) if block is not None else (0 if cap >= num_agents else cap),
+            impls[0],
+        )
+        return plan, dict(info, plan=plan.name, conv_impl=plan.conv_impl,
+                          source="prior")  # fmt: skip
+    def measure(k, impl):
+        return measure_local(
+            make_trainer, init_params, tx, x, y,
+            block_size=0 if k >= num_agents else k, conv_impl=impl,
+            num_agents=num_agents, batch_size=batch_size, steps=steps, mu=mu,
+        )  # fmt: skip
+
+    t0 = time.perf_counter()
+    if block is not None:  # explicit plan, conv implementation measured
+        table = [dict(measure(block or num_agents, i)) for i in impls]
+        top = max(table, key=lambda r: r["agent_steps_per_s"])
+        plan = LocalPlan(block, top["conv_impl"])
+    else:
+        plan, table = search(
+            measure, num_agents=num_agents, cap=cap, conv_impls=impls,
+            budget_s=budget,
+        )  # fmt: skip
+    search_s = time.perf_counter() - t0
+    if table:
+        cache_put(
+            key,
+            {"plan": dataclasses.asdict(plan), "table": table, "fields": fields,
+             "search_s": round(search_s, 3)},
+        )  # fmt: skip
+    return plan, dict(info, plan=plan.name, conv_impl=plan.conv_impl,
+                      source="measured", table=table,
+                      search_s=round(search_s, 3))  # fmt: skip
+
+
+EVAL_BATCHES = (1, 2, 4, 8, 16, 32)
+"""Models evaluated at once (``lax.map`` ``batch_size``) tried by the search."""
+
+
+def resolve_eval(
+    config,
+    *,
+    num_agents: int,
+    has_conv: bool,
+    make_eval: Callable[[int, str], Callable],
+    one_params,
+    x: np.ndarray,
+    y: np.ndarray,
+    num_evals: int,
+    key_fields: dict,
+    probe: dict,
+    batch_size: int,
+) -> tuple[int, str, dict]:
+    """The evaluation plan: models evaluated at once and conv implementation.
+
+    ``config.eval_batch > 0`` fixes the batch; 0 (default) measures: for each
+    candidate batch ``k`` (``EVAL_BATCHES``, at most A) and, for CNNs, each
+    conv implementation, ``make_eval(k, impl)(models [m, ...], x, y)`` is timed
+    on ``m = min(A, 2k)`` copies of ``one_params`` and the evaluation set
+    (``x, y``: the run's own C-GEN set), keeping the most models per second.
+    The search stops after two sizes slower than the best by > 15%, or once it
+    spent ``SEARCH_FRACTION`` of the run's estimated evaluation time
+    (``num_evals`` evaluations of A models, from the first candidate's speed),
+    and its result is cached like the local plan's. When the whole run's
+    evaluation, estimated from ``probe`` (one agent's gradient step on
+    ``batch_size`` samples, about three forward passes), is too short to pay
+    for two compilations, the prior is used without a search: 1 model at a
+    time for CNNs (whose activations are large), else 8.
+
+    Returns:
+      ``(eval_batch, conv_impl, info)``.
+    """
+    impls = ("xla", "patches") if has_conv else ("xla",)
+    fixed = int(config.eval_batch)
+    cands = [k for k in EVAL_BATCHES if k < num_agents] + (
+        [num_agents] if num_agents <= EVAL_BATCHES[-1] else []
+    )
+    if fixed > 0:
+        cands = [fixed]
+    if len(cands) == 1 and len(impls) == 1:
+        return cands[0], impls[0], {"eval_batch": cands[0], "conv_impl": impls[0],
+                                    "source": "config"}  # fmt: skip
+    from demjax import sharding
+
+    est = num_evals * num_agents * x.shape[0] * probe["run_s"] / (3 * batch_size)
+    if sharding.multiprocess() or SEARCH_FRACTION * est < 2 * probe["compile_s"]:
+        k = cands[0] if fixed > 0 else min(1 if has_conv else 8, num_agents)
+        return k, impls[0], {"eval_batch": k, "conv_impl": impls[0],
+                             "source": "prior"}  # fmt: skip
+    fields = dict(key_fields, what="eval", num_agents=num_agents, cands=cands,
+                  impls=list(impls), samples=int(x.shape[0]))  # fmt: skip
+    key = cache_key(fields)
+    entry = cache_get(key)
+    if entry is not None:
+        p = entry["plan"]
+        return int(p["eval_batch"]), str(p["conv_impl"]), {
+            "eval_batch": int(p["eval_batch"]), "conv_impl": str(p["conv_impl"]),
+            "source": "cache", "table": entry.get("table", []),
+        }  # fmt: skip
+    t_start = time.perf_counter()
+    table: list[dict] = []
+    budget = None
+    xs, ys = jnp.asarray(x), jnp.asarray(y)
+    for impl in impls:
+        best, worse = 0.0, 0
+        for k in cands:
+            if budget is not None and time.perf_counter() - t_start > budget:
+                break
+            m = min(num_agents, 2 * k)
+            fn = make_eval(k, impl)
+            models_m = jax.tree.map(
+                lambda v, m=m: jnp.broadcast_to(v, (m,) + v.shape), one_params
+            )
+            t0 = time.perf_counter()
+            compiled = jax.jit(fn).lower(models_m, xs, ys).compile()
+            compile_s = time.perf_counter() - t0
+            jax.block_until_ready(compiled(models_m, xs, ys))
+            run_s = best_time(compiled, models_m, xs, ys, min_total_s=0.1)
+            speed = m / max(run_s, 1e-9)
+            table.append({
+                "eval_batch": k, "conv_impl": impl, "models": m,
+                "compile_s": round(compile_s, 4), "run_s": round(run_s, 5),
+                "models_per_s": round(speed, 2),
+                "search_s": round(time.perf_counter() - t_start, 3),
+            })  # fmt: skip
+            if budget is None:
+                budget = SEARCH_FRACTION * num_evals * num_agents / speed
+            if speed > best:
+                best, worse = speed, 0
+            elif speed < 0.85 * best:
+                worse += 1
+                if worse >= 2:
+                    break
+        if budget is not None and time.perf_counter() - t_start > budget:
+            break
+    top = max(table, key=lambda r: r["models_per_s"])
+    chosen = {"eval_batch": top["eval_batch"], "conv_impl": top["conv_impl"]}
+    search_s = round(time.perf_counter() - t_start, 3)
+    if len(table) > 1:
+        cache_put(key, {"plan": chosen, "table": table, "fields": fields,
+                        "search_s": search_s})  # fmt: skip
+    return top["eval_batch"], top["conv_impl"], dict(
+        chosen, source="measured", table=table, search_s=search_s
+    )

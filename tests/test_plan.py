@@ -1,0 +1,309 @@
+"""Execution plans of local training: every plan gives the same results, the
+search keeps the fastest within its budget, the choice is cached, recorded and
+validated."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import tiny_config as base_config
+from test_local import per_agent_reference
+
+from demjax import config as config_lib
+from demjax import local, models, plan, train
+from demjax.errors import ConfigError
+
+tiny_config = functools.partial(base_config, num_agents=6, num_rounds=2, num_levels=2)
+
+
+@pytest.fixture(autouse=True)
+def _plan_cache(tmp_path, monkeypatch):
+    """Each test gets an empty plan cache of its own."""
+    monkeypatch.setenv("DEMJAX_CACHE_DIR", str(tmp_path / "plan_cache"))
+
+
+def _population(model_name, n, shape, num_classes=3, hidden=(5,), impl="patches"):
+    num_agents, n_max = len(n), int(np.max(n))
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(num_agents, n_max, *shape)).astype(np.float32)
+    y = rng.integers(0, num_classes, size=(num_agents, n_max)).astype(np.int32)
+    for a in range(num_agents):  # garbage padding must never reach a gradient
+        x[a, n[a] :] = 1e3
+    model = models.make_model(model_name, num_classes, hidden, impl)
+    params = models.init_population(jax.random.PRNGKey(0), model, shape, num_agents)
+    params = jax.tree.map(
+        lambda p: p + 0.05 * jnp.arange(num_agents, dtype=p.dtype).reshape(
+            (-1,) + (1,) * (p.ndim - 1)
+        ),
+        params,
+    )
+    return x, y, model, params
+
+
+@pytest.mark.parametrize("block", [0, 1, 2, 4])
+@pytest.mark.parametrize("mu", [0.0, 0.2])
+def test_every_plan_equals_the_per_agent_reference(block, mu):
+    """all / sequential / block:2 / block:4 (last block shifted back) with four
+    buckets of step counts, against one agent at a time on unpadded data."""
+    n = np.array([9, 1, 4, 7, 3], np.int32)
+    batch_size, epochs, lr = 2, 2, 0.1
+    x, y, model, params = _population("mlp", n, (2, 2, 1))
+    apply_fn = lambda p, xb, train=False, key=None: model.apply({"params": p}, xb)  # noqa: E731
+    tx = optax.sgd(lr)
+    opt = jax.vmap(tx.init)(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(n))
+    anchor = jax.tree.map(lambda p: 0.5 * p, params)
+    pop = local.make_train_population(
+        apply_fn, tx, batch_size=batch_size, local_epochs=epochs, n_train=n,
+        num_buckets=4, block_size=block,
+    )  # fmt: skip
+    got, _, loss = jax.jit(pop)(keys, params, opt, x, y, n, anchor, jnp.float32(mu))
+    assert loss.shape == (len(n),) and np.all(np.isfinite(loss))
+    for a in range(len(n)):
+        row = lambda t, a=a: jax.tree.map(lambda p: p[a], t)  # noqa: E731
+        ref = per_agent_reference(
+            apply_fn,
+            row(params),
+            x[a], y[a], int(n[a]),
+            row(anchor),
+            mu, keys[a], lr, batch_size, epochs,
+        )  # fmt: skip
+        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(g[a], r, rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_plan_runs_exact_steps_with_stragglers_and_empty_agents():
+    """The sequential plan's own-length loop equals the masked scan, including an
+    agent with no data and stragglers capped at a few steps."""
+    n = np.array([6, 0, 3, 5], np.int32)
+    x, y, model, params = _population("mlp", n, (2, 2, 1))
+    apply_fn = lambda p, xb, train=False, key=None: model.apply({"params": p}, xb)  # noqa: E731
+    tx = optax.sgd(0.1)
+    opt = jax.vmap(tx.init)(params)
+    keys = jax.random.split(jax.random.PRNGKey(4), len(n))
+    max_steps = jnp.array([2, 5, 100, 1], jnp.int32)
+    out = {}
+    for block in (0, 1):
+        pop = local.make_train_population(
+            apply_fn, tx, batch_size=2, local_epochs=3, n_train=n, num_buckets=1,
+            block_size=block,
+        )  # fmt: skip
+        out[block] = jax.jit(pop)(
+            keys, params, opt, x, y, n, params, jnp.float32(0.0), max_steps
+        )
+    for g, r in zip(jax.tree.leaves(out[1]), jax.tree.leaves(out[0]), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    # The empty agent is untouched; a capped straggler moved.
+    for p0, p1 in zip(jax.tree.leaves(params), jax.tree.leaves(out[1][0]), strict=True):
+        np.testing.assert_array_equal(p1[1], p0[1])
+        assert not np.allclose(p1[3], p0[3])
+
+
+def _dot_batch_dims(jaxpr):
+    """Batch dimensions of every dot_general in a (closed) jaxpr, recursively."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (_, _), (lb, rb) = eqn.params["dimension_numbers"]
+            out.append((tuple(lb), tuple(rb)))
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    out += _dot_batch_dims(sub.jaxpr)
+                elif hasattr(sub, "eqns"):
+                    out += _dot_batch_dims(sub)
+    return out
+
+
+def test_sequential_plan_has_no_batched_matmul():
+    """One agent at a time means plain 2-D dots: no dot_general with a batch
+    dimension in the program (vmap's batched dots are what it avoids)."""
+    n = np.array([4, 4, 4], np.int32)
+    x, y, model, params = _population("mlp", n, (2, 2, 1))
+    apply_fn = lambda p, xb, train=False, key=None: model.apply({"params": p}, xb)  # noqa: E731
+    tx = optax.sgd(0.1)
+    opt = jax.vmap(tx.init)(params)
+    keys = jax.random.split(jax.random.PRNGKey(4), len(n))
+
+    def dots(block):
+        pop = local.make_train_population(
+            apply_fn, tx, batch_size=2, local_epochs=1, n_train=n, block_size=block
+        )
+        jaxpr = jax.make_jaxpr(pop)(keys, params, opt, x, y, n, params, 0.0)
+        return _dot_batch_dims(jaxpr.jaxpr)
+
+    seq, vm = dots(1), dots(0)
+    assert len(seq) >= 3 and all(d == ((), ()) for d in seq), seq
+    assert any(d != ((), ()) for d in vm), vm
+
+
+@pytest.mark.parametrize("impl", ["patches", "xla"])
+def test_cnn_plans_and_conv_impls_agree(impl):
+    """The paper CNN: sequential and block:2 with either conv implementation
+    equal all agents at once with im2col patches."""
+    n = np.array([3, 2, 4], np.int32)
+    x, y, _, params = _population("cnn", n, (28, 28, 1), num_classes=10)
+    tx = optax.sgd(0.05)
+    opt = jax.vmap(tx.init)(params)
+    keys = jax.random.split(jax.random.PRNGKey(2), len(n))
+
+    def run(block, conv):
+        model = models.make_model("cnn", 10, (), conv)
+
+        def apply_fn(p, xb, train=False, key=None):
+            return model.apply({"params": p}, xb)
+
+        pop = local.make_train_population(
+            apply_fn, tx, batch_size=2, local_epochs=1, n_train=n, block_size=block
+        )
+        return jax.jit(pop)(keys, params, opt, x, y, n, params, jnp.float32(0.0))
+
+    ref = run(0, "patches")
+    for block in (1, 2):
+        got = run(block, impl)
+        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "value, block",
+    [("auto", None), ("all", 0), ("sequential", 1), ("block:1", 1), ("block:37", 37)],
+)
+def test_parse_plan(value, block):
+    assert plan.parse_plan(value) == block
+
+
+@pytest.mark.parametrize("value", ["block:0", "block:-2", "blocks:4", "fast", ""])
+def test_bad_plan_names_the_field(value):
+    with pytest.raises(ConfigError, match=r"local_plan=.*accepted: auto, all, sequential, block:K"):
+        config_lib.validate(tiny_config(local_plan=value))
+
+
+def test_bad_conv_impl_names_the_field():
+    with pytest.raises(ConfigError, match=r"conv_impl='cudnn'.*accepted: auto, patches, xla"):
+        config_lib.validate(tiny_config(conv_impl="cudnn"))
+
+
+def test_block_candidates():
+    assert plan.block_candidates(50, 50) == [1, 2, 4, 8, 16, 32, 50]
+    assert plan.block_candidates(1000, 100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert plan.block_candidates(5, 1) == [1]
+
+
+def _fake_measure(speeds, calls, cost=0.0):
+    """``measure`` with given agent-steps/s per (block, impl); records calls."""
+
+    def measure(k, impl):
+        calls.append((k, impl))
+        if cost:
+            import time
+
+            time.sleep(cost)
+        return {"plan": plan.LocalPlan(k if k < 50 else 0).name, "conv_impl": impl,
+                "agents": k, "steps": 1, "compile_s": 0.0, "run_s": 1.0,
+                "agent_steps_per_s": speeds[(k, impl)]}  # fmt: skip
+
+    return measure
+
+
+def test_search_keeps_the_fastest_and_stops_past_the_peak():
+    speeds = {(k, "patches"): s for k, s in
+              [(1, 10), (2, 30), (4, 60), (8, 50), (16, 20), (32, 5), (50, 8)]}  # fmt: skip
+    calls = []
+    best, table = plan.search(
+        _fake_measure(speeds, calls), num_agents=50, cap=50,
+        conv_impls=("patches",), budget_s=100.0,
+    )  # fmt: skip
+    assert best == plan.LocalPlan(4, "patches")
+    # all first, then 1, 2, 4, 8 (slower), 16 (slower by > 15%: stop after 2 worse)
+    assert calls == [(50, "patches"), (1, "patches"), (2, "patches"), (4, "patches"),
+                     (8, "patches"), (16, "patches")]  # fmt: skip
+    assert [r["plan"] for r in table] == ["all", "sequential", "block:2", "block:4",
+                                          "block:8", "block:16"]  # fmt: skip
+
+
+def test_search_over_two_conv_impls():
+    speeds = {(k, i): s for i, f in (("patches", 1.0), ("xla", 3.0))
+              for k, s in [(1, 10 * f), (2, 12 * f), (3, 11 * f)]}  # fmt: skip
+    calls = []
+    best, _ = plan.search(
+        _fake_measure(speeds, calls), num_agents=3, cap=3,
+        conv_impls=("patches", "xla"), budget_s=100.0,
+    )  # fmt: skip
+    assert best == plan.LocalPlan(2, "xla")
+    assert len(calls) == 6
+
+
+def test_search_respects_its_budget():
+    speeds = {(k, "patches"): float(k) for k in (1, 2, 4, 8, 16, 32, 50)}
+    calls = []
+    plan.search(
+        _fake_measure(speeds, calls, cost=0.05), num_agents=50, cap=50,
+        conv_impls=("patches",), budget_s=0.12,
+    )  # fmt: skip
+    # each measurement costs 0.05 s: the first two fit, a third would not
+    assert len(calls) == 2
+
+
+def test_run_records_the_plan_and_reuses_the_cache(tmp_path, monkeypatch):
+    """A run long enough to search measures candidates, writes the plan and
+    its table as timing.jsonl's first record, and caches it; the next run with
+    the same shapes takes the plan from the cache without measuring."""
+    monkeypatch.setattr(plan, "SEARCH_FRACTION", 1e6)  # search whatever it costs
+    calls = []
+    real = plan.measure_local
+
+    def counting(*a, **k):
+        calls.append(k["block_size"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(plan, "measure_local", counting)
+    a = train.run(tiny_config(num_agents=3), str(tmp_path / "a"))
+    first = json.loads((tmp_path / "a" / "timing.jsonl").read_text().splitlines()[0])
+    assert first["round"] == -1 and first["plan_source"] == "measured"
+    assert first["local_plan"] == a["local_plan"]["plan"]
+    names = [r["plan"] for r in first["plan_table"]]
+    assert names[0] == "all" and "sequential" in names and len(calls) == len(names)
+    best = max(first["plan_table"], key=lambda r: r["agent_steps_per_s"])["plan"]
+    assert first["local_plan"] == best
+    calls.clear()
+    b = train.run(tiny_config(num_agents=3), str(tmp_path / "b"))
+    assert calls == [] and b["local_plan"]["source"] == "cache"
+    assert b["local_plan"]["plan"] == a["local_plan"]["plan"]
+
+
+def test_short_run_skips_the_search(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan, "SEARCH_FRACTION", 0.0)
+    monkeypatch.setattr(plan, "measure_local", None)  # must not be called
+    r = train.run(tiny_config(), str(tmp_path))
+    assert r["local_plan"]["source"] == "prior" and r["local_plan"]["plan"] == "all"
+
+
+@pytest.mark.parametrize("algorithm", ["demlearn_p", "ditto"])
+def test_explicit_plans_give_the_same_run(algorithm, tmp_path):
+    """A tree algorithm and a plug-in: all / sequential / block:4 (6 agents)
+    give the same metrics to float tolerance, and each run reports its plan."""
+    runs = {}
+    for p in ("all", "sequential", "block:4"):
+        runs[p] = train.run(
+            tiny_config(algorithm=algorithm, local_plan=p), str(tmp_path / p.replace(":", "_"))
+        )
+        assert runs[p]["local_plan"]["plan"] == p
+        assert runs[p]["local_plan"]["source"] == "config"
+    for p in ("sequential", "block:4"):
+        for ra, rb in zip(runs["all"]["records"], runs[p]["records"], strict=True):
+            for k, v in ra.items():
+                if isinstance(v, float):
+                    assert rb[k] == pytest.approx(v, abs=2e-5), (p, k)
+
+
+def test_plan_cache_survives_a_corrupt_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEMJAX_CACHE_DIR", str(tmp_path))
+    (tmp_path / "plans.json").write_text("{not json")
+    assert plan.cache_get("k") is None
+    plan.cache_put("k", {"plan": {"block_size": 3, "conv_impl": "xla"}})
+    assert plan.cache_get("k")["plan"] == {"block_size": 3, "conv_impl": "xla"}
