@@ -54,12 +54,14 @@ def test_new_trees_do_not_recompile(tmp_path):
         json.loads(line)
         for line in (tmp_path / "timing.jsonl").read_text().splitlines()
     ]
-    assert all("linkage_s" in t for t in trees)  # regrouped every round
+    assert trees[0]["round"] == -1 and "local_plan" in trees[0]  # the plan record
+    assert all("linkage_s" in t for t in trees[1:])  # regrouped every round
     assert result["compilations"] == {
         "local_phase": 1,
         "aggregate_phase": 1,
         "mix_phase": 1,
         "evaluate": 1,
+        "evaluate_root": 0,  # DemLearn's agents never all hold the root model
     }
 
 
@@ -176,4 +178,4 @@ def test_eval_every_skips_rounds_but_keeps_the_last(tmp_path):
     ]
     assert [r["round"] for r in recs] == [0, 0, 2, 2]
     timing = (tmp_path / "timing.jsonl").read_text().splitlines()
-    assert len(timing) == 3
+    assert len(timing) == 1 + 3  # the plan record, then one per round

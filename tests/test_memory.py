@@ -3,7 +3,6 @@
 import os
 import sys
 
-import jax
 import pytest
 
 from demjax import memory, train

@@ -262,7 +262,7 @@ def test_run_records_the_plan_and_reuses_the_cache(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(plan, "measure_local", counting)
-    a = train.run(tiny_config(num_agents=3), str(tmp_path / "a"))
+    a = train.run(tiny_config(num_agents=3, eval_batch=8), str(tmp_path / "a"))
     first = json.loads((tmp_path / "a" / "timing.jsonl").read_text().splitlines()[0])
     assert first["round"] == -1 and first["plan_source"] == "measured"
     assert first["local_plan"] == a["local_plan"]["plan"]
@@ -271,7 +271,7 @@ def test_run_records_the_plan_and_reuses_the_cache(tmp_path, monkeypatch):
     best = max(first["plan_table"], key=lambda r: r["agent_steps_per_s"])["plan"]
     assert first["local_plan"] == best
     calls.clear()
-    b = train.run(tiny_config(num_agents=3), str(tmp_path / "b"))
+    b = train.run(tiny_config(num_agents=3, eval_batch=8), str(tmp_path / "b"))
     assert calls == [] and b["local_plan"]["source"] == "cache"
     assert b["local_plan"]["plan"] == a["local_plan"]["plan"]
 
@@ -285,16 +285,16 @@ def test_short_run_skips_the_search(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("algorithm", ["demlearn_p", "ditto"])
 def test_explicit_plans_give_the_same_run(algorithm, tmp_path):
-    """A tree algorithm and a plug-in: all / sequential / block:4 (6 agents)
-    give the same metrics to float tolerance, and each run reports its plan."""
+    """A tree algorithm and a plug-in: all and sequential give the same metrics
+    to float tolerance, and each run reports its plan (blocks: test_memory)."""
     runs = {}
-    for p in ("all", "sequential", "block:4"):
+    for p in ("all", "sequential"):
         runs[p] = train.run(
             tiny_config(algorithm=algorithm, local_plan=p), str(tmp_path / p.replace(":", "_"))
         )
         assert runs[p]["local_plan"]["plan"] == p
         assert runs[p]["local_plan"]["source"] == "config"
-    for p in ("sequential", "block:4"):
+    for p in ("sequential",):
         for ra, rb in zip(runs["all"]["records"], runs[p]["records"], strict=True):
             for k, v in ra.items():
                 if isinstance(v, float):
@@ -307,3 +307,50 @@ def test_plan_cache_survives_a_corrupt_file(tmp_path, monkeypatch):
     assert plan.cache_get("k") is None
     plan.cache_put("k", {"plan": {"block_size": 3, "conv_impl": "xla"}})
     assert plan.cache_get("k")["plan"] == {"block_size": 3, "conv_impl": "xla"}
+
+
+def test_root_only_sync_evaluation_equals_evaluating_every_agent():
+    """When every agent holds the root model, evaluating the root once gives
+    the C-SPE / C-GEN / Global of evaluating the A copies."""
+    from demjax import data, engine
+
+    c = tiny_config(algorithm="fedavg", num_agents=5, eval_samples=40)
+    config_lib.validate(c)
+    part = jax.tree.map(jnp.asarray, data.make_partition(c))
+    sim = engine.Simulator(c, part)
+    state = sim.init(jax.random.PRNGKey(3), part)
+    root = jax.tree.map(
+        lambda p: p[-1] + 0.3 * jax.random.normal(jax.random.PRNGKey(5), p[-1].shape),
+        state.node_params,
+    )
+    nodes = jax.tree.map(lambda p: p[None], root)
+    agents = jax.tree.map(lambda p: jnp.broadcast_to(p, (5,) + p.shape), root)
+    tree = engine.placeholder_tree(5, sim.level_sizes)
+    x_gen, y_gen = part.x_all[:40], part.y_all[:40]
+    full = sim.evaluate(agents, nodes, jnp.ones((1,)), jax.tree.map(jnp.asarray, tree),
+                        part, x_gen, y_gen)  # fmt: skip
+    once = sim.evaluate_root(nodes, part, x_gen, y_gen)
+    for k in ("c_spe", "c_gen", "global_acc"):
+        assert float(once[k]) == pytest.approx(float(full[k]), abs=1e-6), k
+    assert 0.0 < float(once["c_gen"]) < 1.0
+
+
+def test_eval_plan_search_and_cache(tmp_path, monkeypatch):
+    """eval_batch=0 on a run long enough measures candidate batches, records
+    them, and the next run reads the cache; eval_batch > 0 is taken as given."""
+    monkeypatch.setattr(plan, "SEARCH_FRACTION", 1e6)
+    monkeypatch.setattr(plan, "EVAL_BATCHES", (1, 2))
+    a = train.run(tiny_config(num_agents=3, local_plan="all"), str(tmp_path / "a"))
+    ev = a["local_plan"]["eval"]
+    assert ev["source"] == "measured"
+    assert [r["eval_batch"] for r in ev["table"]] == [1, 2]
+    best = max(ev["table"], key=lambda r: r["models_per_s"])["eval_batch"]
+    assert ev["eval_batch"] == best
+    b = train.run(tiny_config(num_agents=3, local_plan="all"), str(tmp_path / "b"))
+    assert b["local_plan"]["eval"]["source"] == "cache"
+    c = train.run(tiny_config(num_agents=3, local_plan="all", eval_batch=2),
+                  str(tmp_path / "c"))  # fmt: skip
+    assert c["local_plan"]["eval"] == {"eval_batch": 2, "conv_impl": "xla",
+                                       "source": "config"}  # fmt: skip
+    for ra, rc in zip(a["records"], c["records"], strict=True):
+        assert ra == rc
