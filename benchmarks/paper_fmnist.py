@@ -22,8 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -218,6 +222,16 @@ def report(results: dict, out_dir: str) -> None:
     fig.savefig(os.path.join(out_dir, "paper_fmnist.png"), dpi=100)
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)), check=False,
+        ).stdout.strip()  # fmt: skip
+    except OSError:
+        return ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="", help=f"comma list of {', '.join(RUNS)}")
@@ -248,16 +262,39 @@ def main() -> None:
             if args.timing:
                 config = config_for(name, args.num_rounds, args.eval_every)
                 config.progress = False
+                # A fresh run: empty plan cache, so the plan search is timed too.
+                os.environ["DEMJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="plans_")
+                workdir = os.path.join(args.workdir, name + "_timing")
                 t0 = time.perf_counter()
-                out = run(config, os.path.join(args.workdir, name + "_timing"),
-                          overwrite=True)  # fmt: skip
+                out = run(config, workdir, overwrite=True)
+                wall = time.perf_counter() - t0
+                with open(os.path.join(workdir, "timing.jsonl")) as f:
+                    rounds = [json.loads(line) for line in f]
+                rounds = [r for r in rounds if r["round"] >= 0]
+                plan = out["local_plan"]
                 results.setdefault("timing", {})[name] = {
-                    "wall_s": round(time.perf_counter() - t0, 1),
+                    "wall_s": round(wall, 1),
                     "num_rounds": args.num_rounds,
                     "eval_every": args.eval_every,
                     "final": out["final"]["sync"],
+                    "local_plan": plan["plan"],
+                    "conv_impl": plan["conv_impl"],
+                    "plan_search_s": plan.get("search_s", 0.0),
+                    "eval_batch": plan["eval"]["eval_batch"],
+                    "eval_conv_impl": plan["eval"]["conv_impl"],
+                    "eval_plan_search_s": plan["eval"].get("search_s", 0.0),
+                    "round0_s": round(rounds[0]["round_s"], 2),
+                    "median_local_s": round(
+                        float(np.median([r["local_s"] for r in rounds[1:]])), 2
+                    ),
+                    "median_eval_s": round(
+                        float(np.median([r["eval_s"] for r in rounds[1:]
+                                         if "eval_s" in r] or [0.0])), 2
+                    ),  # fmt: skip
                     "cpu_count": os.cpu_count(),
                     "cpu_model": cpu_model(),
+                    "date": time.strftime("%Y-%m-%d"),
+                    "commit": _commit(),
                 }
                 save(path, results)
                 print(json.dumps({"timing": name, **results["timing"][name]}))
