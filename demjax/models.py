@@ -34,8 +34,7 @@ class PatchConv(nn.Module):
     convolution inside a ``lax.scan``/``while`` body loses the fast library path;
     both ran 7-20x slower than this form, which XLA lowers to a batched GEMM
     (measured: 50 agents x 36 SGD steps of batch 10, the paper's CNN:
-    5.2 s vs 0.75 s per vmapped step). See ``benchmarks/`` and
-    ``shared/docs/perf-notes.md``.
+    5.2 s vs 0.75 s per vmapped step). See ``docs/benchmarks.md``.
     """
 
     features: int
