@@ -781,13 +781,16 @@ def host_linkage_seconds(s: Setup) -> float:
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(n, 16)).astype(np.float32)
     dist = np.asarray(cluster.pairwise_distances(feats, c.distance))
-    t = time.perf_counter()
-    z = cluster.linkage(dist, c.linkage, c.linkage_backend)
-    if c.tree_mode == "binary":
-        cluster.tree_from_linkage(z, n, int(c.num_levels))
-    else:
-        cluster.tree_from_linkage_maxclust(z, n, tuple(c.level_groups))
-    return time.perf_counter() - t
+    best = float("inf")
+    for _ in range(3 if n <= 2000 else 1):  # best of 3 where it is cheap
+        t = time.perf_counter()
+        z = cluster.linkage(dist, c.linkage, c.linkage_backend)
+        if c.tree_mode == "binary":
+            cluster.tree_from_linkage(z, n, int(c.num_levels))
+        else:
+            cluster.tree_from_linkage_maxclust(z, n, tuple(c.level_groups))
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 # --------------------------------------------------------------------------------------
@@ -919,13 +922,21 @@ def project(s: Setup, measure_host: bool = True) -> tuple[list[dict], dict]:
 
 
 def _commit() -> str:
-    try:
+    """Short hash of HEAD, ``-dirty`` when tracked files other than the results
+    differ from it."""
+
+    def git(*args):
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-            text=True, check=True,
-        ).stdout.strip()  # fmt: skip
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    dirty = [x for x in changed if "benchmarks/results/" not in x]
+    return head + ("-dirty" if dirty else "")
 
 
 def _t(sec: float) -> str:
@@ -971,9 +982,89 @@ ASSUMPTIONS = [
     "single-device times above ignore. 'blocks' = the engine's own agent-block "
     "rule (the round in half the free memory) on that device; '-' = the rule finds "
     "no room.",
-    "One device, no communication; the round's programs run back to back (no "
-    "launch or host-dispatch overhead).",
+    "One device, no communication; the roofline has no kernel-launch or "
+    "host-dispatch overhead (the launch floor column estimates the former).",
 ]
+
+
+def summary_lines(records: list[dict], totals: list[dict]) -> list[str]:
+    """Findings computed from the records (bounds, memory, host, launches)."""
+    out = []
+    local = [r for r in records if r["phase"] == "local"]
+    shares = [
+        r["h100_s"] / t["h100_s"]
+        for r in local
+        for t in totals
+        if (t["model"], t["num_agents"]) == (r["model"], r["num_agents"])
+    ]
+    bounds = {r[f"{k}_bound"] for r in local for k in DEVICES}
+    speed = [t["tpu_v5e_s"] / t["h100_s"] for t in totals]
+    bw = DEVICES["h100"].bandwidth / DEVICES["tpu_v5e"].bandwidth
+    out.append(
+        f"- Local training is {min(shares):.0%}-{max(shares):.0%} of the projected "
+        "H100 round, "
+        + (
+            "memory-bound on both devices"
+            if bounds == {"memory"}
+            else "bound by " + " and ".join(sorted(bounds))
+        )
+        + f" at {min(r['intensity'] for r in local):.1f}-"
+        f"{max(r['intensity'] for r in local):.1f} FLOP per byte accessed (every "
+        "SGD step reads and writes its agents' weights, as XLA:CPU fuses it). A "
+        f"v5e round takes {min(speed):.1f}-{max(speed):.1f}x an H100 round "
+        f"(HBM bandwidth ratio {bw:.1f}x)."
+    )
+    host = [t for t in totals if (t["host_linkage_s"] or 0) > t["h100_s"]]
+    if host:
+        out.append(
+            "- The host-side linkage, measured on this CPU, takes longer than the "
+            "projected H100 round at "
+            + ", ".join(
+                f"{t['model']} x {t['num_agents']:,} ({_t(t['host_linkage_s'])} vs "
+                f"{_t(t['h100_s'])})"
+                for t in host
+            )
+            + ": with exact linkage the accelerator would wait on the host; "
+            "`linkage_sample` bounds it (100,000 MLP agents with 2,000 sampled)."
+        )
+    nofit = [t for t in totals if not t["h100_fits"]]
+    for t in nofit:
+        dist = next(
+            (
+                r for r in records
+                if (r["model"], r["num_agents"]) == (t["model"], t["num_agents"])
+                and r["phase"] == "distance"
+            ),
+            None,
+        )  # fmt: skip
+        extra = ""
+        if dist is not None:
+            extra = (
+                " The exact distances on all weights hold the flattened [A, D] "
+                "features and a centred copy of them "
+                f"({(dist['memory']['argument'] + dist['memory']['temp']) / 1e9:.0f} "
+                "GB) next to the population; `sketch_dim` (features [A, k], "
+                "sketched leaf by leaf) avoids both, `distance_block` (the Gram "
+                "matrix over column blocks) the centred copy."
+            )
+        out.append(
+            f"- {t['model']} x {t['num_agents']:,} peaks at "
+            f"{t['peak_bytes'] / 1e9:.0f} GB, over one H100's 80 GB." + extra
+        )
+    launch = [t for t in totals if t["h100_launch_floor_s"] > t["h100_s"]]
+    if launch:
+        out.append(
+            "- Kernel launches bound the H100 round before the roofline at "
+            + ", ".join(
+                f"{t['model']} x {t['num_agents']:,} ({_t(t['h100_launch_floor_s'])}"
+                f" vs {_t(t['h100_s'])})"
+                for t in launch
+            )
+            + ": per-agent models this small give short kernels, and "
+            "the SGD-step and evaluation loops run them one loop iteration at a "
+            "time."
+        )
+    return out
 
 
 def write_report(records: list[dict], totals: list[dict], env: dict, path: str):
@@ -981,7 +1072,9 @@ def write_report(records: list[dict], totals: list[dict], env: dict, path: str):
         "# Accelerator projection of one DemLearn round (roofline)",
         "",
         f"Generated by `benchmarks/roofline.py` on {env['date']} (commit "
-        f"{env['commit']}, {env['cpu_model']}, jax {env['jax']}). No accelerator "
+        f"{env['commit']}, {env['cpu_model']}, jax {env['jax']}, load average "
+        f"{env.get('loadavg_1min', '?')} from other jobs when it started). No "
+        "accelerator "
         "was used: every phase of a round was lowered with abstract inputs and "
         "compiled for the CPU backend; XLA's FLOPs and bytes accessed (loop bodies "
         "weighted by their trip counts) were turned into times with each device's "
@@ -1037,15 +1130,19 @@ def write_report(records: list[dict], totals: list[dict], env: dict, path: str):
         "the engine's rule trains per round on one device ('-': the rule finds no "
         "room for the resident population in half the memory).",
     ]
-    lines += [
-        "",
-        "## Phases (ideal roofline, one round)",
-        "",
-        "| model | agents | phase | calls | GFLOP (loop-weighted) | GFLOP XLA raw "
-        "| GFLOP analytic | ratio | GB accessed | FLOP/byte | H100 | bound | v5e "
-        "| bound | kernels |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines += (
+        ["", "## Summary", ""]
+        + summary_lines(records, totals)
+        + [
+            "",
+            "## Phases (ideal roofline, one round)",
+            "",
+            "| model | agents | phase | calls | GFLOP (loop-weighted) | GFLOP XLA raw "
+            "| GFLOP analytic | ratio | GB accessed | FLOP/byte | H100 | bound | v5e "
+            "| bound | kernels |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    )
     for r in records:
         ratio = "-" if r["flops_ratio"] is None else f"{r['flops_ratio']:.3f}"
         lines.append(
@@ -1085,7 +1182,11 @@ def write_report(records: list[dict], totals: list[dict], env: dict, path: str):
         "sketching); sketch = 2 A D k; aggregation 2 A D; mixing 3 A D. XLA's "
         "count adds the elementwise work (activations, softmax, SGD and proximal "
         "updates, masks), so ratios a little above 1 are expected for GEMM-heavy "
-        "phases; the elementwise-only phases (aggregation, mixing) differ more.",
+        "phases; the elementwise-only phases (aggregation, mixing) differ more. "
+        "The CNN's evaluation runs `lax.conv` (training runs im2col patches "
+        "and GEMMs), for which XLA counts only the kernel taps inside the image, "
+        "not those on the 'SAME' padding (5x5 kernels: 92% of the taps at 28x28, "
+        "84% at 14x14), hence its ratio of 0.87.",
         "",
         "## Assumptions",
         "",
