@@ -1,4 +1,4 @@
-"""DemLearn ablations on Fashion-MNIST (issue 3, item 3), cheap model (MLP 784-100-10).
+"""DemLearn ablations on Fashion-MNIST, cheap model (MLP 784-100-10).
 
 Rows: alpha in {0.5, 0.6, 0.7, 0.8}; tau in {1, 5, fixed}; 2 vs 3 group levels;
 Euclidean vs cosine; weights vs updates as clustering features; amplify on/off.

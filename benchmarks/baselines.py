@@ -1,4 +1,4 @@
-"""The same local training done three ways, side by side in one process (issue 4).
+"""The same local training done three ways, side by side in one process.
 
 Workload: MLP 784-100-10, every agent does ``--steps`` SGD steps of batch
 ``--batch`` on its own data (random Fashion-MNIST-shaped inputs; speed only).

@@ -1,13 +1,14 @@
-"""Every registered algorithm on Fashion-MNIST, two non-IID splits (issue 5).
+"""Every registered algorithm on Fashion-MNIST, two non-IID splits.
 
-Setup of the issue: 20 agents, all participating, the 4-layer CNN (``cnn4``: conv
-32@5x5, pool, conv 64@5x5, pool, dense 512, dense 10), batch 10, 1 local epoch,
-pathological (2 classes per agent) and Dirichlet(0.1) splits, 200 rounds. Every
-algorithm of ``demjax.algorithms.REGISTRY`` and ``PLUGINS`` (DemLearn variants,
-FedAvg, FedProx, local included) runs on the same engine with its paper's default
-hyper-parameters. Writes ``benchmarks/results/compare_personalized.{json,md,png}``:
-final C-SPE (mean personalized test accuracy), C-GEN, Global where it exists, and
-wall seconds per round.
+Full setup (the default flags): 20 agents, all participating, the 4-layer CNN
+(``cnn4``: conv 32@5x5, pool, conv 64@5x5, pool, dense 512, dense 10), batch 10,
+1 local epoch, pathological (2 classes per agent) and Dirichlet(0.1) splits, 200
+rounds. Every algorithm of ``demjax.algorithms.REGISTRY`` and ``PLUGINS``
+(DemLearn variants, FedAvg, FedProx, local included) runs on the same engine with
+its paper's default hyper-parameters. Writes
+``benchmarks/results/compare_personalized.{json,md,png}``: final C-SPE (mean
+personalized test accuracy), C-GEN, Global where it exists, and wall seconds per
+round.
 
 Resumable: finished runs are stored at once and skipped on rerun (``--force``).
 
@@ -201,7 +202,7 @@ def main() -> None:
                     "final": out["final"]["sync"],
                     "wall_s": round(time.perf_counter() - t0, 1),
                     "num_rounds": args.num_rounds,
-                    # runs are added across sessions, on different CPUs
+                    # runs may be added later, on other CPUs
                     "cpu_model": new_setup.get("cpu_model"),
                     "per_round": out["records"],
                 }

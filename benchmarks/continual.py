@@ -1,4 +1,4 @@
-"""Distributed continual learning benchmark (issue 9, arXiv 2303.15888).
+"""Distributed continual learning benchmark (arXiv 2303.15888).
 
 Runs Split Fashion-MNIST (``configs/continual_fmnist.py``) and Split digits
 (``configs/continual_digits.py``) with DAC, logit-only distillation, model
@@ -92,8 +92,10 @@ ABLATIONS = {
 for _n, (_d, _o, _) in ABLATIONS.items():
     RUNS[_n] = (_d, _o)
 
-# A previous session's Split Fashion-MNIST / digits run (same configs), kept for
-# comparison (its results file was lost; numbers from its notes).
+# Final average accuracies of an earlier Split Fashion-MNIST / digits run with the
+# full settings of the config files (1,000 consolidation steps of 128 on
+# Fashion-MNIST), made before commit 348567e (2026-12-02); only these final
+# accuracies were recorded. Shown for comparison with the stored runs.
 PREVIOUS = {
     "fmnist": {"joint": 0.860, "average": 0.480, "dac": 0.421, "logit": 0.387,
                "finetune": 0.200},
@@ -108,8 +110,9 @@ ANALYSIS = """
 (.4135 vs .480), and is level with logit-only distillation (.4135 vs .413).** On
 Split digits DAC beats averaging (.405 vs .245) and fine-tuning (.195), again level
 with logit-only (.407). Joint training: .860 / .967. The reduced consolidation
-(400 steps of 64 instead of 1,000 of 128) is not the reason: the previous session's
-full-setting run gave DAC .421, averaging .480.
+(400 steps of 64 instead of 1,000 of 128) is not the reason: an earlier run with
+the full settings (column `full settings, earlier run`) gave DAC .421, averaging
+.480.
 
 Why DAC loses to averaging here, isolated by the runs above:
 
@@ -153,8 +156,9 @@ was not tried.
 Forward transfer is ~0 (FMNIST -0.001, digits -0.002): each task is a two-class
 problem the agents solve from scratch in a few epochs (.99 own-task accuracy);
 starting from the consolidated model neither helps nor hurts at this scale.
-Wall times were measured with the 2 cores shared with 10-20 other processes (load
-average 13-21).
+The stored runs are those of commit d35bcd3 (2026-12-02; 2 cores, CPU model not
+recorded); their wall times were measured with the 2 cores shared with 10-20 other
+processes (load average 13-21).
 """
 
 
@@ -184,8 +188,8 @@ def config_for(name: str, extra: dict):
 
 def oracle_proxy(config):
     """The diagnostic in-distribution proxy: every task's agents' training images
-    (scenario rebuilt unstandardized, same seed, so the same split), crops of the
-    whole image without jitter (horizontal flips only). Not data-agnostic."""
+    (the scenario built again unstandardized, same seed, so the same split), crops of
+    the whole image without jitter (horizontal flips only). Not data-agnostic."""
     import numpy as np
 
     from demjax.continual.proxy import ProxySource
@@ -270,7 +274,7 @@ def report(results: dict, out_dir: str) -> None:
     runs = results["runs"]
     s = results.get("settings", {})
     lines = [
-        "# Distributed continual learning: DAC vs baselines (issue 9)",
+        "# Distributed continual learning: DAC vs baselines",
         "",
         "Carta et al., *Projected Latent Distillation for Data-Agnostic "
         "Consolidation in Distributed Continual Learning* (arXiv 2303.15888). "
@@ -308,7 +312,7 @@ def report(results: dict, out_dir: str) -> None:
             "",
             "| method | final avg acc | task-aware final acc | forgetting "
             "| own-task acc from consolidated | from scratch | forward transfer "
-            "| previous session | wall s |",
+            "| full settings, earlier run | wall s |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for n in names:

@@ -1,4 +1,4 @@
-"""Decentralized personalization over stochastic directed networks (issue 8).
+"""Decentralized personalization over stochastic directed networks.
 
 Terashita & Hara (arXiv 2210.02129) setup on Fashion-MNIST: 100 agents,
 Dirichlet(0.4) split, a small model; three communication networks over an
@@ -14,7 +14,7 @@ weighted), C-GEN and seconds per round into
 run on stdout. Resumable: finished runs are stored at once and skipped on rerun
 (``--force`` reruns).
 
-    python benchmarks/decentralized.py                          # full issue setup
+    python benchmarks/decentralized.py                          # full setup
     python benchmarks/decentralized.py --hidden=64 --num_rounds=30 \\
         --samples_per_agent=100                                 # reduced
     python benchmarks/decentralized.py --report_only

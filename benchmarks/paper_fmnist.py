@@ -1,6 +1,6 @@
-"""Reproduce the DemLearn paper's Fashion-MNIST experiments (issue 3).
+"""Reproduce the DemLearn paper's Fashion-MNIST experiments.
 
-Runs the reference setup of ``shared/docs/demlearn.md`` (50 agents, pathological 2
+Runs the reference setup of ``docs/demlearn.md`` (50 agents, pathological 2
 labels per agent, the paper's CNN, 100 rounds, 2 local epochs, batch 10, lr 0.05,
 alpha 0.7, 3 group levels, tau 1) for DemLearn-P (mu 0.002), DemLearn (mu 0),
 FedAvg, FedProx (mu 0.5) and DemLearn-P with the reference's amplify step, and
@@ -8,7 +8,7 @@ writes ``benchmarks/results/paper_fmnist.{json,md,png}``.
 
 Resumable: each finished run is stored in the JSON at once, and runs already there
 are skipped (``--force`` reruns them), so the set can be completed over several
-sessions. Usage::
+invocations. Usage::
 
     python benchmarks/paper_fmnist.py                  # all five runs
     python benchmarks/paper_fmnist.py --only=fedavg,demlearn_p --num_rounds=10
@@ -109,24 +109,25 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   saturating the softmax; SGD at lr 0.05 then needs most of the 100 rounds to recover.
   The reference reached .653 with amplify on, so its network must be less sensitive
   to the scaling than ours (e.g. a different parameter initialisation or a step that
-  undoes part of the scaling that `demlearn.md` does not describe); we cannot check
+  undoes part of the scaling that `docs/demlearn.md` does not describe); we cannot check
   this without the authors' environment. The MLP ablation shows the same sign
   (amplify lowered Global by 6.9 points and C-SPE by 6.6, `ablations_fmnist.md`).
-  Amplify stays off by default, as the spec asks.
+  Amplify stays off by default (`amplify=False`; see `docs/demlearn.md`).
 - **Wall time: 670 s for the 100-round DemLearn-P run on an idle 2-core AVX-512
-  Xeon (session 5), within the 1,200 s target** (`--timing --only=demlearn_p
-  --eval_every=10`, the `demlearn_p` timing row): median round 5.7 s, of which local
-  training 5.4 s; an evaluation at both points 6.5 s every 10 rounds; round 0 22 s
-  (compilation). Local training runs in cache-sized blocks of 2 agents (the automatic
-  `agent_block` on CPU); with all 50 agents at once the same run took 853 s (local
-  training 7.1 s per round, the `demlearn_p_all_agents_at_once` row). The time
+  Xeon (2026-12-02, commit 73b1de7), within the 1,200 s target**
+  (`--timing --only=demlearn_p --eval_every=10`, the `demlearn_p` timing row):
+  median round 5.7 s, of which local training 5.4 s; an evaluation at both points
+  6.5 s every 10 rounds; round 0 22 s (compilation). Local training runs in
+  cache-sized blocks of 2 agents (the automatic `agent_block` on CPU); with all 50
+  agents at once the same run took 853 s (local training 7.1 s per round, the
+  `demlearn_p_all_agents_at_once` row; 2026-12-02, commit 8b19199). The time
   depends on the CPU's vector width: local training is GEMM-bound (im2col
   convolutions, ~730 GFLOP per round). On an idle 2-core AMD EPYC without AVX-512
-  (session 4, all agents at once, `demlearn_p_epyc_session4` row) rounds 0-85 took
-  1,486 s (local training 13.8 s per round); rounds 86-99 then shared the cores with
-  test runs (2,263 s in all); the idle estimate there is ~1,740 s, 1.45x the target.
-  `cpu_model` is stored with every timing. The `runs` rows (1,947-2,564 s) were
-  measured with other jobs on the 2 cores, with an evaluation every round.
+  (2026-12-02, commit 08a9837, all agents at once, `demlearn_p_epyc` row) rounds
+  0-85 took 1,486 s (local training 13.8 s per round); rounds 86-99 then shared the
+  cores with test runs (2,263 s in all); the idle estimate there is ~1,740 s, 1.45x
+  the target. `cpu_model` is stored with every timing. The `runs` rows (1,947-2,564
+  s) were measured with other jobs on the 2 cores, with an evaluation every round.
 """
 
 
@@ -304,7 +305,8 @@ def main() -> None:
                 continue
             config = config_for(name, args.num_rounds, args.eval_every)
             t0 = time.perf_counter()
-            # Resumes from the run's checkpoint if a session stopped it mid-way.
+            # Resumes from the run's checkpoint if an earlier invocation stopped
+            # mid-way.
             out = run(config, os.path.join(args.workdir, name), overwrite=args.force)
             results["runs"][name] = {
                 "final": out["final"]["sync"],

@@ -1,4 +1,4 @@
-"""Scaling benchmark: one DemLearn round at growing ``num_agents`` (issue 4).
+"""Scaling benchmark: one DemLearn round at growing ``num_agents``.
 
 For each (model, num_agents) a fresh subprocess (so peak RSS is per size) builds
 random Fashion-MNIST-shaped data (28x28x1, 10 classes; speed only: every agent

@@ -219,7 +219,7 @@ def _pairwise_distances_jit(
         sq_norm = jnp.diagonal(gram)
         sq = sq_norm[:, None] + sq_norm[None, :] - 2.0 * gram
         d = jnp.sqrt(jnp.maximum(sq, 0.0))
-    else:  # cosine; the Gram matrix is normalised after the matmul (perf-notes).
+    else:  # cosine; Gram normalised after the matmul (docs/benchmarks.md).
         gram = _gram(x, False, block_size)
         norm = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
         denom = norm[:, None] * norm[None, :]

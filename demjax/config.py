@@ -236,9 +236,9 @@ def to_json(config) -> str:
     return json.dumps(d, sort_keys=True, indent=2, default=list)
 
 
-# One line per config field: what it does and the accepted values. README's
-# "All config fields" table is generated from this (`python -m demjax.config`) and a
-# test keeps the two, and the fields of configs/default.py, in sync.
+# One line per config field: what it does and the accepted values. The "All fields"
+# table of docs/config.md is generated from this (`python -m demjax.config --docs`)
+# and a test keeps the two, and the fields of configs/default.py, in sync.
 FIELD_DOCS = {
     "seed": "PRNG seed of data split, init, shuffles, masks (int >= 0)",
     "dataset": "digits, fashion_mnist, fashion_mnist_tfds, mnist, emnist, cifar10",
@@ -262,7 +262,7 @@ FIELD_DOCS = {
     "local_plan": "local training plan: auto (measured, cached), all, sequential, "
     "block:K; capped by free memory",
     "algorithm": "tree engine: demlearn, demlearn_p, fedavg, fedprox, local; "
-    "plug-ins: see README 'Algorithms'",
+    "plug-ins: see docs/algorithms.md",
     "aggregator": "server averaging: mean, median, trimmed_mean, noisy_median",
     "trim_fraction": "trimmed_mean: fraction cut from each end, [0, 0.49]",
     "aggregator_noise": "noisy_median: std of Gaussian noise before the median (>= 0)",
@@ -328,7 +328,7 @@ def flat_fields(config) -> dict:
 
 
 def fields_markdown(config) -> str:
-    """The README table of every config field: name, default, meaning."""
+    """The markdown table of every config field: name, default, meaning."""
     docs = field_docs()
     rows = ["| field | default | meaning |", "|---|---|---|"]
     for key, value in sorted(flat_fields(config).items()):
@@ -337,7 +337,11 @@ def fields_markdown(config) -> str:
     return "\n".join(rows)
 
 
-def write_readme_table(path: str = "README.md") -> None:
+CONFIG_DOC = "docs/config.md"
+"""The file holding the generated table, relative to the repository root."""
+
+
+def write_config_table(path: str = CONFIG_DOC) -> None:
     """Rewrites the table between the ``config-table`` markers of ``path``."""
     from demjax.default_config import get_config
 
@@ -349,12 +353,13 @@ def write_readme_table(path: str = "README.md") -> None:
         f.write(text[:a] + "\n" + fields_markdown(get_config()) + "\n" + text[b:])
 
 
-if __name__ == "__main__":  # python -m demjax.config [--readme]: print / rewrite
+if __name__ == "__main__":  # python -m demjax.config [--docs]: print / rewrite
     import sys
 
     from demjax.default_config import get_config
 
-    if "--readme" in sys.argv[1:]:
-        write_readme_table("README.md")
+    # --readme: the former name of --docs (the table lives in docs/config.md).
+    if {"--docs", "--readme"} & set(sys.argv[1:]):
+        write_config_table(CONFIG_DOC)
     else:
         print(fields_markdown(get_config()))

@@ -99,8 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
     # devices that divide num_agents evenly), 1 = one device.
     c.num_devices = 0
 
-    # Participation and faults (vectorized masks; see README "Faults and
-    # reproducibility"): fraction of agents sampled per round, independent
+    # Participation and faults (vectorized masks; see docs/faults.md):
+    # fraction of agents sampled per round, independent
     # per-round dropout probability, fraction of agents per round that complete
     # only a uniformly random part of their local steps.
     c.participation = 1.0
@@ -124,7 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tensorboard = False  # also write TensorBoard events to <workdir>/tensorboard
 
     # Hyper-parameters of the plug-in algorithms, one group per algorithm with the
-    # paper's defaults, e.g. --config.ditto.lam=0.1 (see README "Algorithms").
+    # paper's defaults, e.g. --config.ditto.lam=0.1 (see docs/algorithms.md).
     add_plugin_hparams(c)
     return c
 

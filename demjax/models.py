@@ -22,6 +22,69 @@ from demjax.errors import check_choice
 
 MODELS = ("mlr", "mlp", "cnn", "cnn4", "cnn_cifar")
 CONV_IMPLS = ("patches", "xla")
+MATMUL_IMPLS = ("xla", "wgrad_t")
+
+
+def _wgrad_t_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _wgrad_t_bwd(res, g):
+    x, w = res
+    # The weight gradient x^T g contracts over the minibatch, the MAJOR dimension
+    # of x: XLA:CPU leaves such a dot to its generic (Eigen) kernel, batched over
+    # agents under vmap. Materializing x^T first (a copy of the small activation,
+    # fenced by an optimization barrier so XLA does not fold the transpose back
+    # into the dot) makes it a plain row-major GEMM that the YNNPACK/XNNPACK
+    # library fusion accepts.
+    xt = jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+    return g @ w.T, xt @ g
+
+
+@jax.custom_vjp
+def _matmul_wgrad_t(x, w):
+    return x @ w
+
+
+_matmul_wgrad_t.defvjp(_wgrad_t_fwd, _wgrad_t_bwd)
+
+
+def matmul(x, w, impl: str = "xla"):
+    """``x [N, K] @ w [K, F]``; ``impl`` picks how its weight gradient is formed.
+
+    ``xla``: JAX's own transpose rule (``dot_general`` contracting ``x`` over its
+    leading dimension). ``wgrad_t``: the same product with the gradient
+    ``dw = (x^T) @ g`` computed from an explicitly transposed ``x`` (see
+    ``docs/performance.md``). Values and gradients agree to float rounding.
+    """
+    if impl == "xla":
+        return x @ w
+    return _matmul_wgrad_t(x, w)
+
+
+class Dense(nn.Module):
+    """``flax.linen.Dense`` (same ``kernel [in, out]``/``bias [out]`` parameters and
+    initializers) whose matmul is ``matmul(..., impl)``."""
+
+    features: int
+    matmul_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features)
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        lead = x.shape[:-1]
+        y = matmul(x.reshape(-1, x.shape[-1]), kernel, self.matmul_impl)
+        return y.reshape(*lead, self.features) + bias
+
+
+def _dense(impl: str, features: int, index: int):
+    """Dense layer ``Dense_{index}`` (the name flax gives the index-th nn.Dense)."""
+    if impl == "xla":
+        return nn.Dense(features, name=f"Dense_{index}")
+    return Dense(features, impl, name=f"Dense_{index}")
 
 
 class PatchConv(nn.Module):
@@ -34,12 +97,12 @@ class PatchConv(nn.Module):
     convolution inside a ``lax.scan``/``while`` body loses the fast library path;
     both ran 7-20x slower than this form, which XLA lowers to a batched GEMM
     (measured: 50 agents x 36 SGD steps of batch 10, the paper's CNN:
-    5.2 s vs 0.75 s per vmapped step). See ``benchmarks/`` and
-    ``shared/docs/perf-notes.md``.
+    5.2 s vs 0.75 s per vmapped step). See ``docs/benchmarks.md``.
     """
 
     features: int
     kernel_size: int = 5
+    matmul_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -55,7 +118,9 @@ class PatchConv(nn.Module):
             "kernel", nn.initializers.lecun_normal(), (k, k, c, self.features)
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        return patches @ kernel.reshape(k * k * c, self.features) + bias
+        flat = patches.reshape(-1, k * k * c)
+        y = matmul(flat, kernel.reshape(k * k * c, self.features), self.matmul_impl)
+        return y.reshape(*patches.shape[:-1], self.features) + bias
 
 
 def max_pool_2x2(x):
@@ -79,9 +144,9 @@ def _pool(impl: str, x):
     return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
 
 
-def _conv(impl: str, features: int, k: int, name: str):
+def _conv(impl: str, features: int, k: int, name: str, matmul_impl: str = "xla"):
     if impl == "patches":
-        return PatchConv(features, k, name=name)
+        return PatchConv(features, k, matmul_impl, name=name)
     return nn.Conv(features, (k, k), padding="SAME", name=name)
 
 
@@ -89,11 +154,12 @@ class MLR(nn.Module):
     """Multinomial logistic regression: one dense layer on the flattened input."""
 
     num_classes: int = 10
+    matmul_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         x = x.reshape((x.shape[0], -1))
-        logits = nn.Dense(self.num_classes)(x)
+        logits = _dense(self.matmul_impl, self.num_classes, 0)(x)
         return (logits, x) if return_features else logits
 
 
@@ -102,13 +168,14 @@ class MLP(nn.Module):
 
     num_classes: int = 10
     hidden: Sequence[int] = (100,)
+    matmul_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         x = x.reshape((x.shape[0], -1))
-        for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
-        logits = nn.Dense(self.num_classes)(x)
+        for i, width in enumerate(self.hidden):
+            x = nn.relu(_dense(self.matmul_impl, width, i)(x))
+        logits = _dense(self.matmul_impl, self.num_classes, len(self.hidden))(x)
         return (logits, x) if return_features else logits
 
 
@@ -124,16 +191,17 @@ class CNN(nn.Module):
     num_classes: int = 10
     dropout: float = 0.4
     conv_impl: str = "patches"
+    matmul_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         for i in range(2):
-            x = nn.relu(_conv(self.conv_impl, 32, 5, f"conv{i}")(x))
+            x = nn.relu(_conv(self.conv_impl, 32, 5, f"conv{i}", self.matmul_impl)(x))
             x = _pool(self.conv_impl, x)
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(512)(x))
-        logits = nn.Dense(self.num_classes)(x)
+        x = nn.relu(_dense(self.matmul_impl, 512, 0)(x))
+        logits = _dense(self.matmul_impl, self.num_classes, 1)(x)
         return (logits, x) if return_features else logits
 
 
@@ -149,15 +217,16 @@ class CNN4(nn.Module):
 
     num_classes: int = 10
     conv_impl: str = "patches"
+    matmul_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         for i, width in enumerate((32, 64)):
-            x = nn.relu(_conv(self.conv_impl, width, 5, f"conv{i}")(x))
+            x = nn.relu(_conv(self.conv_impl, width, 5, f"conv{i}", self.matmul_impl)(x))
             x = _pool(self.conv_impl, x)
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(512)(x))
-        logits = nn.Dense(self.num_classes)(x)
+        x = nn.relu(_dense(self.matmul_impl, 512, 0)(x))
+        logits = _dense(self.matmul_impl, self.num_classes, 1)(x)
         return (logits, x) if return_features else logits
 
 
@@ -166,16 +235,17 @@ class CNNCifar(nn.Module):
 
     num_classes: int = 10
     conv_impl: str = "patches"
+    matmul_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         for i, width in enumerate((16, 32, 64)):
-            x = nn.relu(_conv(self.conv_impl, width, 3, f"conv{i}")(x))
+            x = nn.relu(_conv(self.conv_impl, width, 3, f"conv{i}", self.matmul_impl)(x))
             x = _pool(self.conv_impl, x)
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(512)(x))
-        x = nn.relu(nn.Dense(64)(x))
-        logits = nn.Dense(self.num_classes)(x)
+        x = nn.relu(_dense(self.matmul_impl, 512, 0)(x))
+        x = nn.relu(_dense(self.matmul_impl, 64, 1)(x))
+        logits = _dense(self.matmul_impl, self.num_classes, 2)(x)
         return (logits, x) if return_features else logits
 
 
@@ -184,6 +254,7 @@ def make_model(
     num_classes: int,
     hidden: Sequence[int] = (100,),
     conv_impl: str = "patches",
+    matmul_impl: str = "xla",
 ) -> nn.Module:
     """Builds a model by name.
 
@@ -193,21 +264,24 @@ def make_model(
       hidden: hidden widths of the MLP.
       conv_impl: ``patches`` (im2col GEMM, fast for vmapped agents on CPU) or
         ``xla`` (``lax.conv``); identical results and parameters.
+      matmul_impl: how dense layers and im2col convolutions form their weight
+        gradient (``matmul``); identical results and parameters.
 
     Raises:
       ConfigError: unknown ``model`` or ``conv_impl``.
     """
     check_choice("model", name, MODELS)
     check_choice("conv_impl", conv_impl, CONV_IMPLS)
+    check_choice("matmul_impl", matmul_impl, MATMUL_IMPLS)
     if name == "mlr":
-        return MLR(num_classes)
+        return MLR(num_classes, matmul_impl)
     if name == "mlp":
-        return MLP(num_classes, tuple(hidden))
+        return MLP(num_classes, tuple(hidden), matmul_impl)
     if name == "cnn":
-        return CNN(num_classes, conv_impl=conv_impl)
+        return CNN(num_classes, conv_impl=conv_impl, matmul_impl=matmul_impl)
     if name == "cnn4":
-        return CNN4(num_classes, conv_impl=conv_impl)
-    return CNNCifar(num_classes, conv_impl=conv_impl)
+        return CNN4(num_classes, conv_impl=conv_impl, matmul_impl=matmul_impl)
+    return CNNCifar(num_classes, conv_impl=conv_impl, matmul_impl=matmul_impl)
 
 
 def init_params(key: jax.Array, model: nn.Module, input_shape: Sequence[int]):

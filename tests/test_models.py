@@ -47,3 +47,55 @@ def test_max_pool_2x2_equals_flax_max_pool(h, w):
     x = jax.random.normal(jax.random.PRNGKey(3), (2, h, w, 3))
     ref = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
     np.testing.assert_array_equal(models.max_pool_2x2(x), ref)
+
+
+def test_matmul_wgrad_t_equals_xla_under_vmap():
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(4), 3)
+    x = jax.random.normal(kx, (3, 5, 7))
+    w = jax.random.normal(kw, (3, 7, 4))
+    g = jax.random.normal(kg, (3, 5, 4))
+
+    def vjp(impl):
+        def f(x, w):
+            return jax.vjp(lambda x, w: models.matmul(x, w, impl), x, w)
+
+        y, back = jax.vmap(f)(x, w)
+        return y, jax.vmap(lambda b, g: b(g))(back, g)
+
+    (y0, (dx0, dw0)), (y1, (dx1, dw1)) = vjp("xla"), vjp("wgrad_t")
+    np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw1, dw0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw0[1], x[1].T @ g[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlr", "mlp", "cnn", "cnn4"])
+def test_matmul_impls_same_params_loss_and_grads(name):
+    """``matmul_impl`` changes neither the parameter tree (names, shapes, initial
+    values) nor the loss or its gradient, vmapped over agents."""
+    a = models.make_model(name, 10, (16,), matmul_impl="xla")
+    b = models.make_model(name, 10, (16,), matmul_impl="wgrad_t")
+    pa = models.init_params(jax.random.PRNGKey(5), a, (28, 28, 1))
+    pb = models.init_params(jax.random.PRNGKey(5), b, (28, 28, 1))
+    assert jax.tree.structure(pa) == jax.tree.structure(pb)
+    for u, v in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+        np.testing.assert_array_equal(u, v)
+    pop = models.init_population(jax.random.PRNGKey(5), a, (28, 28, 1), 2)
+    pop = jax.tree.map(
+        lambda p: p + 0.01 * jax.random.normal(jax.random.PRNGKey(6), p.shape), pop
+    )
+    x = jax.random.normal(jax.random.PRNGKey(7), (2, 4, 28, 28, 1))
+    y = jnp.arange(8).reshape(2, 4) % 10
+
+    def loss(model):
+        def f(p, x, y):
+            logits = model.apply({"params": p}, x, train=True,
+                                 rngs={"dropout": jax.random.PRNGKey(8)})  # fmt: skip
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y])
+
+        return jax.vmap(jax.value_and_grad(f))(pop, x, y)
+
+    (la, ga), (lb, gb) = loss(a), loss(b)
+    np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-6)
+    for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+        np.testing.assert_allclose(v, u, rtol=1e-4, atol=1e-6)

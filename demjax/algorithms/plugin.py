@@ -29,7 +29,7 @@ over agents anywhere):
 Hyper-parameters live in the config under the algorithm's name
 (``--config.<name>.<field>=...``, e.g. ``--config.ditto.lam=0.1``), declared as
 ``HParam`` with the paper's defaults, validated and documented from the
-declaration (README's config table).
+declaration (the config table, docs/config.md).
 """
 
 from __future__ import annotations
