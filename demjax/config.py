@@ -259,6 +259,8 @@ FIELD_DOCS = {
     "local_epochs": "passes over the agent's data per round (>= 1)",
     "batch_size": "minibatch size B (>= 1)",
     "local_buckets": "buckets of similar step counts, each a vmap (>= 1)",
+    "matmul_impl": "dense weight gradient in training: auto (measured), xla, "
+    "wgrad_t",
     "local_plan": "local training plan: auto (measured, cached), all, sequential, "
     "block:K; capped by free memory",
     "algorithm": "tree engine: demlearn, demlearn_p, fedavg, fedprox, local; "

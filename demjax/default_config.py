@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     # CNN convolutions in local training: auto (measured, see local_plan) |
     # patches (im2col GEMMs) | xla (lax.conv); parameters are interchangeable.
     c.conv_impl = "auto"
+    # Dense weight gradients: auto (measured, see local_plan) | xla | wgrad_t
+    # (explicit transpose; see docs/performance.md). Same results either way.
+    c.matmul_impl = "auto"
     c.optimizer = "sgd"  # sgd | momentum | adam
     c.lr = 0.05
     c.local_epochs = 2

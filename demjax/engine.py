@@ -234,11 +234,9 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
     num_classes = partition.num_classes
     batch_size, epochs = int(config.batch_size), int(config.local_epochs)
 
-    def model_of(impl):
-        return models.make_model(config.model, num_classes, config.hidden, impl)
-
-    def make_trainer(block, impl, n):
-        model = model_of(impl)
+    def make_trainer(block, conv, matmul, n):
+        model = models.make_model(config.model, num_classes, config.hidden, conv,
+                                  matmul)  # fmt: skip
 
         def apply_fn(params, x, train, key):
             rngs = {"dropout": key} if (train and key is not None) else {}
@@ -251,7 +249,11 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
 
     # Parameters are interchangeable between conv implementations: init once.
     one = jax.device_get(
-        models.init_params(jax.random.PRNGKey(0), model_of("patches"), shape)
+        models.init_params(
+            jax.random.PRNGKey(0),
+            models.make_model(config.model, num_classes, config.hidden),
+            shape,
+        )
     )
 
     def init_params(impl):
@@ -378,8 +380,9 @@ class Simulator:
             config, partition, probe=cap_probe[1], points=2
         )
         self.model = models.make_model(
-            config.model, partition.num_classes, config.hidden, self.plan.conv_impl
-        )
+            config.model, partition.num_classes, config.hidden,
+            self.plan.conv_impl, self.plan.matmul_impl,
+        )  # fmt: skip
         model = self.model
 
         def apply_fn(params, x, train, key):

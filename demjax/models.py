@@ -222,7 +222,8 @@ class CNN4(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         for i, width in enumerate((32, 64)):
-            x = nn.relu(_conv(self.conv_impl, width, 5, f"conv{i}", self.matmul_impl)(x))
+            conv = _conv(self.conv_impl, width, 5, f"conv{i}", self.matmul_impl)
+            x = nn.relu(conv(x))
             x = _pool(self.conv_impl, x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(_dense(self.matmul_impl, 512, 0)(x))
@@ -240,7 +241,8 @@ class CNNCifar(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         for i, width in enumerate((16, 32, 64)):
-            x = nn.relu(_conv(self.conv_impl, width, 3, f"conv{i}", self.matmul_impl)(x))
+            conv = _conv(self.conv_impl, width, 3, f"conv{i}", self.matmul_impl)
+            x = nn.relu(conv(x))
             x = _pool(self.conv_impl, x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(_dense(self.matmul_impl, 512, 0)(x))

@@ -10,9 +10,12 @@ results to float tolerance and differ only in speed:
   one jitted program (no ``vmap``: plain 2-D matmuls, each agent running exactly
   its own number of steps).
 
-For convolutional models each plan also has two convolution implementations,
-``patches`` (im2col GEMMs) and ``xla`` (``lax.conv``), with interchangeable
-parameters.
+Each plan also has variants of the model's kernels with interchangeable
+parameters: for convolutional models two convolution implementations,
+``patches`` (im2col GEMMs) and ``xla`` (``lax.conv``); for every model two forms
+of the dense weight gradient, ``xla`` and ``wgrad_t`` (``models.matmul``: an
+explicit transpose that lets XLA:CPU's GEMM library take the weight-gradient
+dot, see ``docs/performance.md``).
 
 Which plan is fastest depends on the model, the shapes and the machine: on
 XLA:CPU a vmapped dense layer becomes a batched dot that runs several times
@@ -52,6 +55,9 @@ PLAN_KINDS = ("auto", "all", "sequential", "block:K")
 CONV_CHOICES = ("auto", "patches", "xla")
 """Accepted values of ``config.conv_impl``."""
 
+MATMUL_CHOICES = ("auto", "xla", "wgrad_t")
+"""Accepted values of ``config.matmul_impl``."""
+
 SEARCH_FRACTION = 0.10
 """Largest share of the run's estimated local training time the search spends."""
 
@@ -65,10 +71,12 @@ class LocalPlan:
     Attributes:
       block_size: agents trained at once; 0 = all agents, 1 = sequential.
       conv_impl: ``patches`` or ``xla`` (only matters for convolutional models).
+      matmul_impl: ``xla`` or ``wgrad_t`` (``models.matmul``).
     """
 
     block_size: int
     conv_impl: str = "patches"
+    matmul_impl: str = "xla"
 
     @property
     def name(self) -> str:
@@ -105,7 +113,7 @@ def parse_plan(value) -> int | None:
 
 
 def check_config(config) -> None:
-    """Checks ``local_plan`` and ``conv_impl``.
+    """Checks ``local_plan``, ``conv_impl`` and ``matmul_impl``.
 
     Raises:
       ConfigError: naming the field and the accepted values.
@@ -115,6 +123,11 @@ def check_config(config) -> None:
         raise ConfigError(
             f"conv_impl={config.conv_impl!r} is not valid; accepted: "
             + ", ".join(CONV_CHOICES)
+        )
+    if config.matmul_impl not in MATMUL_CHOICES:
+        raise ConfigError(
+            f"matmul_impl={config.matmul_impl!r} is not valid; accepted: "
+            + ", ".join(MATMUL_CHOICES)
         )
 
 
@@ -232,6 +245,7 @@ def measure_local(
     *,
     block_size: int,
     conv_impl: str,
+    matmul_impl: str = "xla",
     num_agents: int,
     batch_size: int,
     steps: int,
@@ -240,12 +254,14 @@ def measure_local(
     """Times one plan on ``steps`` real local steps per agent.
 
     The timed program is the engine's own local training
-    (``make_trainer(block_size, conv_impl, n_train)``) for ``m`` agents, each
+    (``make_trainer(block_size, conv_impl, matmul_impl, n_train)``) for ``m``
+    agents, each
     with ``steps * batch_size`` samples and one epoch: ``m = num_agents`` for
     all agents at once, else two blocks' worth (at least 8 agents, at most A).
 
     Args:
-      make_trainer: ``(block_size, conv_impl, n_train int [m]) -> train`` with
+      make_trainer: ``(block_size, conv_impl, matmul_impl, n_train int [m]) ->
+        train`` with
         the signature of ``local.make_train_population``'s result.
       init_params: ``conv_impl -> one agent's params`` (unstacked).
       tx: the agents' optax optimizer.
@@ -262,7 +278,7 @@ def measure_local(
     cols = np.arange(n) % x.shape[1]
     xs, ys = x[rows][:, cols], y[rows][:, cols]
     one = init_params(conv_impl)
-    train = make_trainer(block_size, conv_impl, np.full(a, n))
+    train = make_trainer(block_size, conv_impl, matmul_impl, np.full(a, n))
 
     def run(one, xs, ys):
         # Population, optimizer state and keys are built inside the one
@@ -279,10 +295,13 @@ def measure_local(
     compile_s = time.perf_counter() - t0
     jax.block_until_ready(compiled(*args))  # first call: allocation, page faults
     run_s = best_time(compiled, *args)
-    plan = LocalPlan(block_size if block_size < num_agents else 0, conv_impl)
+    plan = LocalPlan(
+        block_size if block_size < num_agents else 0, conv_impl, matmul_impl
+    )
     return {
         "plan": plan.name,
         "conv_impl": conv_impl,
+        "matmul_impl": matmul_impl,
         "agents": int(a),
         "steps": int(steps),
         "compile_s": round(compile_s, 4),
@@ -296,24 +315,26 @@ def search(
     *,
     num_agents: int,
     cap: int,
-    conv_impls: tuple[str, ...],
+    variants: tuple[tuple[str, str], ...],
     budget_s: float,
 ) -> tuple[LocalPlan, list[dict]]:
     """Measures candidate plans and returns the fastest.
 
     Order: all agents at once (capped by memory: ``cap`` agents, which then
-    is ``block:cap``) first; then, per conv implementation, blocks of 1, 2,
+    is ``block:cap``) first; then, per kernel variant, blocks of 1, 2,
     4, ... agents in ascending order, stopping when two sizes in a row are
-    slower than the best of that implementation by more than 15% (speed has
+    slower than the best of that variant by more than 15% (speed has
     been unimodal in the block size in every case measured), or before a
     measurement that would take the search past ``budget_s`` (predicted from
     the previous measurement's cost).
 
     Args:
-      measure: ``(block_size, conv_impl) -> record`` (``measure_local``).
+      measure: ``(block_size, (conv_impl, matmul_impl)) -> record``
+        (``measure_local``).
       num_agents: A.
       cap: most agents that fit at once (``<= A``).
-      conv_impls: implementations to try (one for models without convolutions).
+      variants: ``(conv_impl, matmul_impl)`` pairs to try, the first one the
+        default.
       budget_s: seconds the search may spend.
 
     Returns:
@@ -334,11 +355,11 @@ def search(
     def affordable():
         return time.perf_counter() - t_start + last_cost[0] <= budget_s
 
-    first = timed(cap, conv_impls[0])
-    for impl in conv_impls:
-        best, worse = (first if impl == conv_impls[0] else 0.0), 0
+    first = timed(cap, variants[0])
+    for impl in variants:
+        best, worse = (first if impl == variants[0] else 0.0), 0
         for k in block_candidates(num_agents, cap):
-            if k == cap and impl == conv_impls[0]:
+            if k == cap and impl == variants[0]:
                 continue  # measured first
             if not affordable():
                 break
@@ -350,7 +371,18 @@ def search(
                 if worse >= 2:
                     break
     top = max(table, key=lambda r: r["agent_steps_per_s"])
-    return LocalPlan(parse_plan(top["plan"]), top["conv_impl"]), table
+    return (
+        LocalPlan(parse_plan(top["plan"]), top["conv_impl"], top["matmul_impl"]),
+        table,
+    )
+
+
+def _names(plan: LocalPlan) -> dict:
+    return {
+        "plan": plan.name,
+        "conv_impl": plan.conv_impl,
+        "matmul_impl": plan.matmul_impl,
+    }
 
 
 def resolve(
@@ -402,11 +434,15 @@ def resolve(
     from demjax import sharding
 
     block = parse_plan(config.local_plan)
-    impls = (
+    convs = (
         (config.conv_impl,)
         if config.conv_impl != "auto"
         else (("patches", "xla") if has_conv else ("patches",))
     )
+    matmuls = (
+        (config.matmul_impl,) if config.matmul_impl != "auto" else ("xla", "wgrad_t")
+    )
+    impls = tuple((c, m) for c in convs for m in matmuls)
     cap = max(1, min(int(cap), num_agents))
     info = {"cap": cap, "table": []}
     if block is not None:
@@ -429,9 +465,8 @@ def resolve(
     if sharding.multiprocess():
         impls = impls[:1]
     if len(impls) == 1 and block is not None:
-        plan = LocalPlan(block, impls[0])
-        return plan, dict(info, plan=plan.name, conv_impl=plan.conv_impl,
-                          source=source)  # fmt: skip
+        plan = LocalPlan(block, *impls[0])
+        return plan, dict(info, **_names(plan), source=source)
     batch_size = int(config.batch_size)
     epochs = int(config.local_epochs)
     per_round = epochs * np.ceil(np.asarray(n_train) / batch_size).astype(np.int64)
@@ -441,7 +476,7 @@ def resolve(
         num_agents=num_agents,
         cap=cap,
         batch_size=batch_size,
-        impls=list(impls),
+        impls=[list(v) for v in impls],
         block=block,
         steps=steps,
         multi_device=multi_device,
@@ -450,9 +485,11 @@ def resolve(
     entry = cache_get(key)
     if entry is not None:
         p = entry["plan"]
-        plan = LocalPlan(int(p["block_size"]), str(p["conv_impl"]))
-        return plan, dict(info, plan=plan.name, conv_impl=plan.conv_impl,
-                          source="cache", table=entry.get("table", []))  # fmt: skip
+        plan = LocalPlan(
+            int(p["block_size"]), str(p["conv_impl"]), str(p.get("matmul_impl", "xla"))
+        )
+        return plan, dict(info, **_names(plan), source="cache",
+                          table=entry.get("table", []))  # fmt: skip
 
     budget = (
         SEARCH_FRACTION
@@ -465,14 +502,14 @@ def resolve(
         # Too short a run to pay for a search: the simplest plan.
         plan = LocalPlan(
             (block or 0) if block is not None else (0 if cap >= num_agents else cap),
-            impls[0],
+            *impls[0],
         )
-        return plan, dict(info, plan=plan.name, conv_impl=plan.conv_impl,
-                          source="prior")  # fmt: skip
+        return plan, dict(info, **_names(plan), source="prior")
     def measure(k, impl):
         return measure_local(
             make_trainer, init_params, tx, x, y,
-            block_size=0 if k >= num_agents else k, conv_impl=impl,
+            block_size=0 if k >= num_agents else k, conv_impl=impl[0],
+            matmul_impl=impl[1],
             num_agents=num_agents, batch_size=batch_size, steps=steps, mu=mu,
         )  # fmt: skip
 
@@ -480,10 +517,10 @@ def resolve(
     if block is not None:  # explicit plan, conv implementation measured
         table = [dict(measure(block or num_agents, i)) for i in impls]
         top = max(table, key=lambda r: r["agent_steps_per_s"])
-        plan = LocalPlan(block, top["conv_impl"])
+        plan = LocalPlan(block, top["conv_impl"], top["matmul_impl"])
     else:
         plan, table = search(
-            measure, num_agents=num_agents, cap=cap, conv_impls=impls,
+            measure, num_agents=num_agents, cap=cap, variants=impls,
             budget_s=budget,
         )  # fmt: skip
     search_s = time.perf_counter() - t0
@@ -493,8 +530,7 @@ def resolve(
             {"plan": dataclasses.asdict(plan), "table": table, "fields": fields,
              "search_s": round(search_s, 3)},
         )  # fmt: skip
-    return plan, dict(info, plan=plan.name, conv_impl=plan.conv_impl,
-                      source="measured", table=table,
+    return plan, dict(info, **_names(plan), source="measured", table=table,
                       search_s=round(search_s, 3))  # fmt: skip
 
 

@@ -41,8 +41,9 @@ def build(config, part):
         algorithm=config.algorithm,
     )  # fmt: skip
     model = models.make_model(
-        config.model, part.num_classes, config.hidden, plan.conv_impl
-    )
+        config.model, part.num_classes, config.hidden, plan.conv_impl,
+        plan.matmul_impl,
+    )  # fmt: skip
     eval_batch, eval_conv, plan_info["eval"] = choose_eval_plan(
         config, part, probe=cap_probe[1], points=1
     )

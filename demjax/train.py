@@ -60,6 +60,7 @@ def plan_record(info: dict) -> dict:
         "round": -1,
         "local_plan": info["plan"],
         "conv_impl": info["conv_impl"],
+        "matmul_impl": info["matmul_impl"],
         "plan_source": info["source"],
         "plan_cap": info["cap"],
         "plan_search_s": info.get("search_s", 0.0),
@@ -75,14 +76,17 @@ def plan_record(info: dict) -> dict:
 def log_plan(info: dict) -> None:
     """Logs the chosen local-training plan and, when measured, its timing table."""
     logging.info(
-        "local training plan: %s (conv_impl=%s; %s; at most %d agents fit at once)",
-        info["plan"], info["conv_impl"], info["source"], info["cap"],
+        "local training plan: %s (conv_impl=%s, matmul_impl=%s; %s; at most %d "
+        "agents fit at once)",
+        info["plan"], info["conv_impl"], info["matmul_impl"], info["source"],
+        info["cap"],
     )  # fmt: skip
     for r in info.get("table", []):
         logging.info(
-            "  plan %-12s conv %-7s %9.1f agent-steps/s (%d agents x %d steps, "
-            "compile %.1f s)",
-            r["plan"], r["conv_impl"], r["agent_steps_per_s"], r["agents"],
+            "  plan %-12s conv %-7s matmul %-7s %9.1f agent-steps/s (%d agents x "
+            "%d steps, compile %.1f s)",
+            r["plan"], r["conv_impl"], r.get("matmul_impl", "xla"),
+            r["agent_steps_per_s"], r["agents"],
             r["steps"], r["compile_s"],
         )  # fmt: skip
     ev = info["eval"]

@@ -232,6 +232,7 @@ BAD = {
     "distance_block": st.integers(max_value=-1),
     "eval_batch": st.integers(max_value=-1),
     "conv_impl": st.sampled_from(["cudnn", "", "Auto"]),
+    "matmul_impl": st.sampled_from(["onednn", "", "XLA"]),
     "linkage_backend": st.sampled_from(["sklearn", ""]),
 }  # fmt: skip
 

@@ -143,16 +143,17 @@ def test_sequential_plan_has_no_batched_matmul():
 
 @pytest.mark.parametrize("impl", ["patches", "xla"])
 def test_cnn_plans_and_conv_impls_agree(impl):
-    """The paper CNN: sequential and block:2 with either conv implementation
-    equal all agents at once with im2col patches."""
+    """The paper CNN: sequential, and block:2 with the transposed weight
+    gradient, with either conv implementation, equal all agents at once with
+    im2col patches."""
     n = np.array([3, 2, 4], np.int32)
     x, y, _, params = _population("cnn", n, (28, 28, 1), num_classes=10)
     tx = optax.sgd(0.05)
     opt = jax.vmap(tx.init)(params)
     keys = jax.random.split(jax.random.PRNGKey(2), len(n))
 
-    def run(block, conv):
-        model = models.make_model("cnn", 10, (), conv)
+    def run(block, conv, matmul="xla"):
+        model = models.make_model("cnn", 10, (), conv, matmul)
 
         def apply_fn(p, xb, train=False, key=None):
             return model.apply({"params": p}, xb)
@@ -163,8 +164,8 @@ def test_cnn_plans_and_conv_impls_agree(impl):
         return jax.jit(pop)(keys, params, opt, x, y, n, params, jnp.float32(0.0))
 
     ref = run(0, "patches")
-    for block in (1, 2):
-        got = run(block, impl)
+    for block, matmul in ((1, "xla"), (2, "wgrad_t")):
+        got = run(block, impl, matmul)
         for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
             np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-5)
 
@@ -186,6 +187,8 @@ def test_bad_plan_names_the_field(value):
 def test_bad_conv_impl_names_the_field():
     with pytest.raises(ConfigError, match=r"conv_impl='cudnn'.*accepted: auto, patches, xla"):
         config_lib.validate(tiny_config(conv_impl="cudnn"))
+    with pytest.raises(ConfigError, match=r"matmul_impl='fast'.*accepted: auto, xla, wgrad_t"):
+        config_lib.validate(tiny_config(matmul_impl="fast"))
 
 
 def test_block_candidates():
@@ -203,7 +206,8 @@ def _fake_measure(speeds, calls, cost=0.0):
             import time
 
             time.sleep(cost)
-        return {"plan": plan.LocalPlan(k if k < 50 else 0).name, "conv_impl": impl,
+        return {"plan": plan.LocalPlan(k if k < 50 else 0).name,
+                "conv_impl": impl[0], "matmul_impl": impl[1],
                 "agents": k, "steps": 1, "compile_s": 0.0, "run_s": 1.0,
                 "agent_steps_per_s": speeds[(k, impl)]}  # fmt: skip
 
@@ -211,39 +215,41 @@ def _fake_measure(speeds, calls, cost=0.0):
 
 
 def test_search_keeps_the_fastest_and_stops_past_the_peak():
-    speeds = {(k, "patches"): s for k, s in
+    v = ("patches", "xla")
+    speeds = {(k, v): s for k, s in
               [(1, 10), (2, 30), (4, 60), (8, 50), (16, 20), (32, 5), (50, 8)]}  # fmt: skip
     calls = []
     best, table = plan.search(
         _fake_measure(speeds, calls), num_agents=50, cap=50,
-        conv_impls=("patches",), budget_s=100.0,
+        variants=(v,), budget_s=100.0,
     )  # fmt: skip
-    assert best == plan.LocalPlan(4, "patches")
+    assert best == plan.LocalPlan(4, "patches", "xla")
     # all first, then 1, 2, 4, 8 (slower), 16 (slower by > 15%: stop after 2 worse)
-    assert calls == [(50, "patches"), (1, "patches"), (2, "patches"), (4, "patches"),
-                     (8, "patches"), (16, "patches")]  # fmt: skip
+    assert calls == [(50, v), (1, v), (2, v), (4, v), (8, v), (16, v)]
     assert [r["plan"] for r in table] == ["all", "sequential", "block:2", "block:4",
                                           "block:8", "block:16"]  # fmt: skip
 
 
-def test_search_over_two_conv_impls():
-    speeds = {(k, i): s for i, f in (("patches", 1.0), ("xla", 3.0))
+def test_search_over_kernel_variants():
+    variants = (("patches", "xla"), ("xla", "xla"), ("patches", "wgrad_t"))
+    speeds = {(k, v): s for v, f in zip(variants, (1.0, 3.0, 2.0), strict=True)
               for k, s in [(1, 10 * f), (2, 12 * f), (3, 11 * f)]}  # fmt: skip
     calls = []
     best, _ = plan.search(
         _fake_measure(speeds, calls), num_agents=3, cap=3,
-        conv_impls=("patches", "xla"), budget_s=100.0,
+        variants=variants, budget_s=100.0,
     )  # fmt: skip
-    assert best == plan.LocalPlan(2, "xla")
-    assert len(calls) == 6
+    assert best == plan.LocalPlan(2, "xla", "xla")
+    assert len(calls) == 9
 
 
 def test_search_respects_its_budget():
-    speeds = {(k, "patches"): float(k) for k in (1, 2, 4, 8, 16, 32, 50)}
+    v = ("patches", "xla")
+    speeds = {(k, v): float(k) for k in (1, 2, 4, 8, 16, 32, 50)}
     calls = []
     plan.search(
         _fake_measure(speeds, calls, cost=0.05), num_agents=50, cap=50,
-        conv_impls=("patches",), budget_s=0.12,
+        variants=(v,), budget_s=0.12,
     )  # fmt: skip
     # each measurement costs 0.05 s: the first two fit, a third would not
     assert len(calls) == 2
@@ -262,7 +268,8 @@ def test_run_records_the_plan_and_reuses_the_cache(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(plan, "measure_local", counting)
-    a = train.run(tiny_config(num_agents=3, eval_batch=8), str(tmp_path / "a"))
+    a = train.run(tiny_config(num_agents=3, eval_batch=8, matmul_impl="xla"),
+                  str(tmp_path / "a"))  # fmt: skip
     first = json.loads((tmp_path / "a" / "timing.jsonl").read_text().splitlines()[0])
     assert first["round"] == -1 and first["plan_source"] == "measured"
     assert first["local_plan"] == a["local_plan"]["plan"]
@@ -271,7 +278,8 @@ def test_run_records_the_plan_and_reuses_the_cache(tmp_path, monkeypatch):
     best = max(first["plan_table"], key=lambda r: r["agent_steps_per_s"])["plan"]
     assert first["local_plan"] == best
     calls.clear()
-    b = train.run(tiny_config(num_agents=3, eval_batch=8), str(tmp_path / "b"))
+    b = train.run(tiny_config(num_agents=3, eval_batch=8, matmul_impl="xla"),
+                  str(tmp_path / "b"))  # fmt: skip
     assert calls == [] and b["local_plan"]["source"] == "cache"
     assert b["local_plan"]["plan"] == a["local_plan"]["plan"]
 
@@ -281,6 +289,7 @@ def test_short_run_skips_the_search(tmp_path, monkeypatch):
     monkeypatch.setattr(plan, "measure_local", None)  # must not be called
     r = train.run(tiny_config(), str(tmp_path))
     assert r["local_plan"]["source"] == "prior" and r["local_plan"]["plan"] == "all"
+    assert r["local_plan"]["matmul_impl"] == "xla"
 
 
 @pytest.mark.parametrize("algorithm", ["demlearn_p", "ditto"])
@@ -290,7 +299,8 @@ def test_explicit_plans_give_the_same_run(algorithm, tmp_path):
     runs = {}
     for p in ("all", "sequential"):
         runs[p] = train.run(
-            tiny_config(algorithm=algorithm, local_plan=p), str(tmp_path / p.replace(":", "_"))
+            tiny_config(algorithm=algorithm, local_plan=p, matmul_impl="xla"),
+            str(tmp_path / p.replace(":", "_")),
         )
         assert runs[p]["local_plan"]["plan"] == p
         assert runs[p]["local_plan"]["source"] == "config"
@@ -340,16 +350,16 @@ def test_eval_plan_search_and_cache(tmp_path, monkeypatch):
     them, and the next run reads the cache; eval_batch > 0 is taken as given."""
     monkeypatch.setattr(plan, "SEARCH_FRACTION", 1e6)
     monkeypatch.setattr(plan, "EVAL_BATCHES", (1, 2))
-    a = train.run(tiny_config(num_agents=3, local_plan="all"), str(tmp_path / "a"))
+    fixed = dict(num_agents=3, local_plan="all", matmul_impl="xla")
+    a = train.run(tiny_config(**fixed), str(tmp_path / "a"))
     ev = a["local_plan"]["eval"]
     assert ev["source"] == "measured"
     assert [r["eval_batch"] for r in ev["table"]] == [1, 2]
     best = max(ev["table"], key=lambda r: r["models_per_s"])["eval_batch"]
     assert ev["eval_batch"] == best
-    b = train.run(tiny_config(num_agents=3, local_plan="all"), str(tmp_path / "b"))
+    b = train.run(tiny_config(**fixed), str(tmp_path / "b"))
     assert b["local_plan"]["eval"]["source"] == "cache"
-    c = train.run(tiny_config(num_agents=3, local_plan="all", eval_batch=2),
-                  str(tmp_path / "c"))  # fmt: skip
+    c = train.run(tiny_config(**fixed, eval_batch=2), str(tmp_path / "c"))
     assert c["local_plan"]["eval"] == {"eval_batch": 2, "conv_impl": "xla",
                                        "source": "config"}  # fmt: skip
     for ra, rc in zip(a["records"], c["records"], strict=True):
