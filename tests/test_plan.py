@@ -141,11 +141,9 @@ def test_sequential_plan_has_no_batched_matmul():
     assert any(d != ((), ()) for d in vm), vm
 
 
-@pytest.mark.parametrize("impl", ["patches", "xla"])
-def test_cnn_plans_and_conv_impls_agree(impl):
-    """The paper CNN: sequential, and block:2 with the transposed weight
-    gradient, with either conv implementation, equal all agents at once with
-    im2col patches."""
+def test_cnn_plans_and_kernel_variants_agree():
+    """The paper CNN: sequential with lax.conv, and block:2 with im2col and the
+    transposed weight gradient, equal all agents at once with im2col patches."""
     n = np.array([3, 2, 4], np.int32)
     x, y, _, params = _population("cnn", n, (28, 28, 1), num_classes=10)
     tx = optax.sgd(0.05)
@@ -164,7 +162,7 @@ def test_cnn_plans_and_conv_impls_agree(impl):
         return jax.jit(pop)(keys, params, opt, x, y, n, params, jnp.float32(0.0))
 
     ref = run(0, "patches")
-    for block, matmul in ((1, "xla"), (2, "wgrad_t")):
+    for block, impl, matmul in ((1, "xla", "xla"), (2, "patches", "wgrad_t")):
         got = run(block, impl, matmul)
         for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
             np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-5)
