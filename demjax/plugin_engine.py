@@ -26,6 +26,15 @@ from demjax.algorithms import get_plugin
 from demjax.algorithms.plugin import Context
 from demjax.config import plugin_hparams
 from demjax.engine import choose_eval_plan, choose_plan, make_round_masks, memory_cap
+from demjax.run_output import (
+    GracefulStop,
+    Interrupted,
+    RunWriter,
+    log_plan,
+    plan_record,
+    prepare_run,
+    rounded,
+)
 
 
 def build(config, part):
@@ -120,16 +129,6 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
       ConfigError, DataNotFoundError: as ``demjax.train.run``.
     """
 
-    from demjax.train import (
-        Interrupted,
-        RunWriter,
-        _GracefulStop,
-        _rounded,
-        log_plan,
-        plan_record,
-        prepare_run,
-    )
-
     setup = prepare_run(config, workdir, overwrite)
     part_np, part, resume = setup.part_np, setup.part, setup.resume
     x_gen, y_gen, t_start = setup.x_gen, setup.y_gen, setup.t_start
@@ -171,7 +170,7 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
             total=num_rounds,
         )
         steps = bar
-    stop = _GracefulStop()
+    stop = GracefulStop()
     done = start
     try:
         for t in steps:
@@ -206,7 +205,7 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
             if every and (done % every == 0 or last):
                 _save(mngr, state, done)
             timing["round_s"] = time.perf_counter() - t0
-            writer.timing(_rounded(timing))
+            writer.timing(rounded(timing))
             if stop.requested:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:

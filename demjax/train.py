@@ -22,14 +22,9 @@ must then be one shared path).
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 
 import jax
@@ -37,327 +32,25 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from demjax import checkpoint, cluster, data, multihost, sharding
+from demjax import checkpoint, multihost, plugin_engine, sharding
 from demjax.algorithms import REGISTRY, is_plugin
-from demjax.config import default_config_json, to_json, validate
+from demjax.config import validate
 from demjax.engine import Simulator, placeholder_tree
 from demjax.errors import ConfigError
-
-POINTS = ("local", "sync")
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plan_record(info: dict) -> dict:
-    """The ``timing.jsonl`` record of the local-training plan (``round`` -1,
-    written first): the plan, how it was chosen and the candidates' timings."""
-    return {
-        "round": -1,
-        "local_plan": info["plan"],
-        "conv_impl": info["conv_impl"],
-        "matmul_impl": info["matmul_impl"],
-        "plan_source": info["source"],
-        "plan_cap": info["cap"],
-        "plan_search_s": info.get("search_s", 0.0),
-        "plan_table": info.get("table", []),
-        "eval_batch": info["eval"]["eval_batch"],
-        "eval_conv_impl": info["eval"]["conv_impl"],
-        "eval_plan_source": info["eval"]["source"],
-        "eval_plan_search_s": info["eval"].get("search_s", 0.0),
-        "eval_plan_table": info["eval"].get("table", []),
-    }
-
-
-def log_plan(info: dict) -> None:
-    """Logs the chosen local-training plan and, when measured, its timing table."""
-    logging.info(
-        "local training plan: %s (conv_impl=%s, matmul_impl=%s; %s; at most %d "
-        "agents fit at once)",
-        info["plan"], info["conv_impl"], info["matmul_impl"], info["source"],
-        info["cap"],
-    )  # fmt: skip
-    for r in info.get("table", []):
-        logging.info(
-            "  plan %-12s conv %-7s matmul %-7s %9.1f agent-steps/s (%d agents x "
-            "%d steps, compile %.1f s)",
-            r["plan"], r["conv_impl"], r.get("matmul_impl", "xla"),
-            r["agent_steps_per_s"], r["agents"],
-            r["steps"], r["compile_s"],
-        )  # fmt: skip
-    ev = info["eval"]
-    logging.info(
-        "evaluation plan: %d models at once (conv_impl=%s; %s)",
-        ev["eval_batch"], ev["conv_impl"], ev["source"],
-    )  # fmt: skip
-    for r in ev.get("table", []):
-        logging.info(
-            "  eval_batch %-3d conv %-7s %9.1f models/s (compile %.1f s)",
-            r["eval_batch"], r["conv_impl"], r["models_per_s"], r["compile_s"],
-        )  # fmt: skip
-
-
-class RunWriter:
-    """Appends per-round records to JSONL/CSV files and flushes each write."""
-
-    def __init__(
-        self, workdir: str, keep_rounds_below: int | None = None, write: bool = True
-    ):
-        """Opens the files; with ``keep_rounds_below`` (resume) the records of
-        earlier rounds are kept (in ``self.kept``) and later ones dropped.
-        ``write=False`` (processes other than 0 of a multi-process job) reads
-        the kept records but writes nothing."""
-        self.workdir = workdir
-        self.write = bool(write)
-        self.kept: list[dict] = []
-        old_timing: list[dict] = []
-        if keep_rounds_below is not None:
-            self.kept = [
-                r
-                for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-                if r["round"] < keep_rounds_below
-            ]
-            old_timing = [  # the plan record (round -1) is written anew
-                r
-                for r in _read_jsonl(os.path.join(workdir, "timing.jsonl"))
-                if 0 <= r["round"] < keep_rounds_below
-            ]
-        if self.write:
-            os.makedirs(workdir, exist_ok=True)
-        path = (
-            (lambda name: os.path.join(workdir, name))
-            if self.write
-            else (lambda name: os.devnull)
-        )
-        self._metrics = open(path("metrics.jsonl"), "w")
-        self._timing = open(path("timing.jsonl"), "w")
-        self._csv_file = open(path("metrics.csv"), "w", newline="")
-        self._csv = None
-        self._tb = None
-        for r in self.kept:
-            self.metrics(r)
-        for r in old_timing:
-            self.timing(r)
-
-    def tensorboard(self) -> None:
-        """Also write TensorBoard event files (``<workdir>/tensorboard``).
-
-        One scalar series per metric, level and measurement point, tagged
-        ``<point>/<metric>`` (e.g. ``sync/c_gen``, ``local/g_spe_l2``), step = round.
-        Written with tensorboardX (a maintained event writer without TensorFlow).
-        """
-        if not self.write:
-            return
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
-        for r in self.kept:
-            self._tb_write(r)
-
-    def _tb_write(self, record: dict) -> None:
-        for k, v in record.items():
-            if k not in ("round", "point") and isinstance(v, (int, float)):
-                self._tb.add_scalar(f"{record['point']}/{k}", v, record["round"])
-        self._tb.flush()
-
-    def metrics(self, record: dict) -> None:
-        if self._tb is not None:
-            self._tb_write(record)
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
-        if self._csv is None:
-            self._csv = csv.DictWriter(self._csv_file, fieldnames=list(record))
-            self._csv.writeheader()
-        self._csv.writerow({k: "" if v is None else v for k, v in record.items()})
-        self._csv_file.flush()
-
-    def timing(self, record: dict) -> None:
-        self._timing.write(json.dumps(record) + "\n")
-        self._timing.flush()
-
-    def json(self, name: str, obj) -> None:
-        if not self.write:
-            return
-        path = os.path.join(self.workdir, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(path + ".tmp", path)
-
-    def close(self) -> None:
-        for f in (self._metrics, self._timing, self._csv_file):
-            f.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _record(t: int, point: str, values: dict, level_names: list[str]) -> dict:
-    rec = {"round": t, "point": point}
-    for k in ["c_spe", "c_gen", *level_names, "global_acc", "train_loss"]:
-        v = values.get(k)
-        rec[k] = None if v is None else round(float(v), 6)
-    return rec
-
-
-def _rounded(d: dict) -> dict:
-    return {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
-
-
-def format_table(records: list[dict]) -> str:
-    """A plain-text table of metric records (one row per record)."""
-    keys = [k for k in records[0] if k not in ("round",)]
-    head = ["round", *keys]
-    rows = [[str(r["round"])] + [_fmt(r[k]) for k in keys] for r in records]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(
-        c.rjust(w) for c, w in zip(cells, widths, strict=True)
-    )  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
-
-def check_workdir(workdir: str) -> None:
-    """Refuses a workdir that cannot be created or written, before any training.
-
-    Raises:
-      ConfigError: naming ``workdir`` and the reason.
-    """
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        # One probe per process: the processes of a multi-process job share it.
-        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(
-            f"workdir={workdir!r} is not writable ({e.strerror or e}); accepted: a "
-            "directory path that can be created and written"
-        ) from e
-
-
-def _majority_labels(part) -> list[int]:
-    """Each agent's most frequent training label (for plots)."""
-    y, n = np.asarray(part.y_train), np.asarray(part.n_train)
-    return [int(np.bincount(y[a, : n[a]]).argmax()) for a in range(len(n))]
-
-
-def _tree_snapshot(tree, z, t: int, majority: list[int], linkage_agents=None) -> dict:
-    out = cluster.tree_to_json(tree)
-    out["round"] = int(t)
-    out["linkage"] = None if z is None else np.asarray(z).tolist()
-    if linkage_agents is not None:  # linkage_sample: Z is over these agents
-        out["linkage_agents"] = linkage_agents
-    out["agent_majority_label"] = majority
-    return out
-
-
-class _GracefulStop:
-    """SIGINT ends the run at the end of the current round (never mid-checkpoint);
-    a second SIGINT interrupts at once. Only in the main thread."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            "\nSIGINT: stopping after the current round (again to stop now)",
-            file=sys.stderr,
-        )
-
-    def restore(self):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
-
-
-@dataclasses.dataclass
-class RunSetup:
-    """What every engine needs before its first round (``prepare_run``)."""
-
-    config_json: dict
-    resume: bool
-    part_np: object  # host Partition
-    part: object  # device Partition (sharded over `agents` when mesh is set)
-    mesh: object
-    eval_idx: np.ndarray
-    subsampled: bool
-    x_gen: jax.Array
-    y_gen: jax.Array
-    t_start: float
-
-
-def prepare_run(config, workdir: str, overwrite: bool) -> RunSetup:
-    """Workdir checks and resume convention, the partition on devices, and the
-    C-GEN evaluation set (shared by the tree engine and the plug-in engine).
-
-    Raises:
-      ConfigError: unwritable workdir, results that would be lost, bad input.
-      DataNotFoundError: the data set is not available offline.
-    """
-    check_workdir(workdir)
-    config_json = json.loads(to_json(config))
-    resume = checkpoint.prepare_workdir(
-        workdir,
-        config_json,
-        overwrite,
-        defaults=default_config_json(),
-        delete=multihost.is_primary(),
-    )
-    # Every process decided on the workdir before process 0 writes to it.
-    multihost.barrier("demjax.prepare_workdir")
-    part_np = data.make_partition(config)
-    t_start = time.perf_counter()
-    mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)
-    # Sharded: global arrays straight from the host data (one copy per device).
-    if mesh is not None:
-        part = sharding.shard_partition(part_np, mesh)
-    else:
-        part = jax.tree.map(jnp.asarray, part_np)
-    eval_idx = data.eval_subsample(part_np, int(config.eval_samples), int(config.seed))
-    num_pooled = int(part_np.y_all.shape[0])
-    subsampled = len(eval_idx) < num_pooled
-    if subsampled:
-        logging.info(
-            "C-GEN is measured on a seeded evaluation subsample of %d of %d pooled "
-            "test samples (eval_samples=%d).",
-            len(eval_idx),
-            num_pooled,
-            config.eval_samples,
-        )
-    return RunSetup(
-        config_json=config_json,
-        resume=resume,
-        part_np=part_np,
-        part=part,
-        mesh=mesh,
-        eval_idx=eval_idx,
-        subsampled=subsampled,
-        x_gen=part.x_all[eval_idx],
-        y_gen=part.y_all[eval_idx],
-        t_start=t_start,
-    )
-
-
-class Interrupted(Exception):
-    """Raised by ``run`` when SIGINT stops a run; results so far are on disk."""
+from demjax.run_output import (
+    POINTS,
+    GracefulStop,
+    Interrupted,
+    RunWriter,
+    format_table,
+    log_plan,
+    majority_labels,
+    make_record,
+    plan_record,
+    prepare_run,
+    rounded,
+    tree_snapshot,
+)
 
 
 def run(
@@ -390,8 +83,6 @@ def run(
                 + ", ".join(REGISTRY)
                 + ")"
             )
-        from demjax import plugin_engine
-
         return plugin_engine.run(config, workdir, progress, overwrite)
     setup = prepare_run(config, workdir, overwrite)
     config_json, resume, part_np, part, mesh = (
@@ -454,7 +145,7 @@ def run(
     ]
 
     records: list[dict] = list(writer.kept)
-    majority = _majority_labels(part_np)
+    majority = majority_labels(part_np)
     z, tree_round, linkage_agents = None, max(start - 1, 0), None
 
     def write_final_tree():
@@ -462,7 +153,7 @@ def run(
         # host work on the hot path; per-round trees are the snapshots above.
         last = tree_round if sim.algo.self_organizing else num_rounds - 1
         writer.json(
-            "tree_final.json", _tree_snapshot(tree, z, last, majority, linkage_agents)
+            "tree_final.json", tree_snapshot(tree, z, last, majority, linkage_agents)
         )
 
     num_rounds = int(config.num_rounds)
@@ -481,7 +172,7 @@ def run(
         )
         rounds = bar
     state_tree = tree  # the tree that belongs to `state` (for checkpoints)
-    stop = _GracefulStop()
+    stop = GracefulStop()
 
     try:
         for t in rounds:
@@ -507,7 +198,7 @@ def run(
                 if snap and (t % snap == 0 or t == num_rounds - 1):
                     writer.json(
                         os.path.join("trees", f"round_{t:05d}.json"),
-                        _tree_snapshot(tree, z, t, majority, linkage_agents),
+                        tree_snapshot(tree, z, t, majority, linkage_agents),
                     )
 
             t1 = time.perf_counter()
@@ -578,7 +269,7 @@ def run(
                 timing["eval_s"] = eval_s + time.perf_counter() - t2
                 m_local["train_loss"] = loss_mean
                 for point, values in (("local", m_local), ("sync", m_sync)):
-                    rec = _record(t, point, values, level_names)
+                    rec = make_record(t, point, values, level_names)
                     rec.update(counts)
                     records.append(rec)
                     writer.metrics(rec)
@@ -596,7 +287,7 @@ def run(
                 checkpoint.save(mngr, state, state_tree)
                 timing["checkpoint_s"] = time.perf_counter() - t3
             timing["round_s"] = time.perf_counter() - t0
-            writer.timing(_rounded(timing))
+            writer.timing(rounded(timing))
             if bar is not None and records:
                 last = records[-1]
                 bar.set_postfix(
@@ -660,3 +351,6 @@ def run(
         # Final state (agent models ``state.params [A, ...]``), as the plug-in engine.
         "state": state,
     }
+
+
+__all__ = ["Interrupted", "format_table", "run"]

@@ -108,7 +108,8 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from demjax.train import Interrupted, format_table, run
+    from demjax.run_output import Interrupted, format_table
+    from demjax.train import run
 
     config = _CONFIG.value
     if config.get("scenario") == "continual":

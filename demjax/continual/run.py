@@ -166,7 +166,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
     Raises:
       ConfigError: bad config field or workdir. DataNotFoundError: data missing.
     """
-    from demjax.train import check_workdir
+    from demjax.run_output import check_workdir
 
     validate(config)
     check_workdir(workdir)
