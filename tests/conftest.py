@@ -1,18 +1,25 @@
-"""Suite-wide fixtures.
+"""Suite-wide fixtures and markers.
 
-Speed only: one persistent JAX compilation cache for the whole test session, in a
-fresh temporary directory, also exported through the environment so that the
-``scripts/run.py`` subprocesses of the CLI tests read and fill the same cache. Many
-tests build the same tiny configs in new closures (and the CLI tests re-run in a new
-process what an in-process test already compiled), so XLA compiles each program
-once per session instead of once per test. The cache starts empty on every run, so
-no result can depend on an earlier session.
+Speed only, no test's claim depends on them:
+
+- One persistent JAX compilation cache for the whole session, in a fresh temporary
+  directory, also exported through the environment so that the ``scripts/run.py``
+  subprocesses of the CLI tests read and fill the same cache. Many tests build the
+  same tiny configs in new closures, so XLA compiles each program once per session
+  instead of once per test. The cache starts empty on every run, so no result can
+  depend on an earlier session.
+- ``@pytest.mark.cli(NAME=ARGS, ...)`` with the ``cli`` fixture: the test reads the
+  ``scripts/run.py ARGS`` process ``NAME`` (``helpers.CliResult``). The cases of
+  all collected tests run once per session, each in its own process, forked from
+  one interpreter that imported the libraries once (``helpers.run_cli_batch``); a
+  NAME used by two tests is one run.
 """
 
 import os
 
 import jax
 import pytest
+from helpers import run_cli_batch
 
 _CACHE_FLAGS = {
     "jax_compilation_cache_dir": None,  # the session's temporary directory
@@ -47,3 +54,30 @@ def compilation_cache(tmp_path_factory):
         else:
             os.environ[name] = value
     cc.reset_cache()
+
+
+# ------------------------------------------------------------------ CLI processes
+
+
+@pytest.fixture(scope="session")
+def _cli_batch(request, tmp_path_factory, compilation_cache):
+    cases = {}
+    for item in request.session.items:
+        for mark in item.iter_markers("cli"):
+            for name, args in mark.kwargs.items():
+                if cases.setdefault(name, list(args)) != list(args):
+                    raise ValueError(f"cli case {name!r} has two argument lists")
+    return run_cli_batch(cases, tmp_path_factory.mktemp("cli"))
+
+
+@pytest.fixture
+def cli(request, _cli_batch):
+    """``{NAME: helpers.CliResult}`` of the test's ``@pytest.mark.cli`` cases."""
+    names = [n for mark in request.node.iter_markers("cli") for n in mark.kwargs]
+    return {name: _cli_batch[name] for name in names}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cli(NAME=ARGS): scripts/run.py processes read by the `cli` fixture"
+    )
