@@ -1,40 +1,56 @@
-"""Suite-wide fixtures.
+"""Suite-wide fixtures and markers.
 
-Speed only: one persistent JAX compilation cache for the whole test session, in a
-fresh temporary directory, also exported through the environment so that the
-``scripts/run.py`` subprocesses of the CLI tests read and fill the same cache. Many
-tests build the same tiny configs in new closures (and the CLI tests re-run in a new
-process what an in-process test already compiled), so XLA compiles each program
-once per session instead of once per test. The cache starts empty on every run, so
-no result can depend on an earlier session.
+Speed only, no test's claim depends on them:
+
+- One persistent JAX compilation cache for the whole session, in a fresh temporary
+  directory, also exported through the environment so that the ``scripts/run.py``
+  subprocesses of the CLI tests read and fill the same cache. Many tests build the
+  same tiny configs in new closures, so XLA compiles each program once per session
+  instead of once per test. The cache starts empty on every run, so no result can
+  depend on an earlier session.
+- XLA's expensive LLVM passes are off (``jax_disable_most_optimizations``, also
+  exported to the subprocesses): compiling the tiny programs of the tests costs
+  more than running them, and this cuts the suite's CPU time by about a third.
+  The HLO passes (fusion, buffer assignment, donation) still run; results may
+  differ from an optimized build in the last bits (as they do between CPU kinds);
+  the suite compares within a session, or to references with a tolerance.
+- ``@pytest.mark.cli(NAME=ARGS, ...)`` with the ``cli`` fixture: the test reads the
+  ``scripts/run.py ARGS`` process ``NAME`` (``helpers.CliResult``). The cases of
+  all collected tests run once per session, each in its own process, forked from
+  one interpreter that imported the libraries once (``helpers.run_cli_batch``); a
+  NAME used by two tests is one run.
 """
 
 import os
 
 import jax
 import pytest
+from helpers import run_cli_batch
 
-_CACHE_FLAGS = {
+_JAX_FLAGS = {
     "jax_compilation_cache_dir": None,  # the session's temporary directory
     "jax_persistent_cache_min_compile_time_secs": 0.0,
     "jax_persistent_cache_min_entry_size_bytes": 0,
+    "jax_disable_most_optimizations": True,
 }
-_CACHE_ENV = {
+_JAX_ENV = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
 }
 
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """The session's compilation-cache directory (a ``str``)."""
+    """The session's compilation-cache directory (a ``str``); XLA's expensive
+    passes off."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
     path = str(tmp_path_factory.mktemp("jax_cache"))
-    saved_flags = {name: getattr(jax.config, name) for name in _CACHE_FLAGS}
-    env = dict(_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=path)
+    saved_flags = {name: jax.config._read(name) for name in _JAX_FLAGS}
+    env = dict(_JAX_ENV, JAX_COMPILATION_CACHE_DIR=path)
     saved_env = {name: os.environ.get(name) for name in env}
-    for name, value in _CACHE_FLAGS.items():
+    for name, value in _JAX_FLAGS.items():
         jax.config.update(name, path if value is None else value)
     os.environ.update(env)
     cc.reset_cache()
@@ -47,3 +63,30 @@ def compilation_cache(tmp_path_factory):
         else:
             os.environ[name] = value
     cc.reset_cache()
+
+
+# ------------------------------------------------------------------ CLI processes
+
+
+@pytest.fixture(scope="session")
+def _cli_batch(request, tmp_path_factory, compilation_cache):
+    cases = {}
+    for item in request.session.items:
+        for mark in item.iter_markers("cli"):
+            for name, args in mark.kwargs.items():
+                if cases.setdefault(name, list(args)) != list(args):
+                    raise ValueError(f"cli case {name!r} has two argument lists")
+    return run_cli_batch(cases, tmp_path_factory.mktemp("cli"))
+
+
+@pytest.fixture
+def cli(request, _cli_batch):
+    """``{NAME: helpers.CliResult}`` of the test's ``@pytest.mark.cli`` cases."""
+    names = [n for mark in request.node.iter_markers("cli") for n in mark.kwargs]
+    return {name: _cli_batch[name] for name in names}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cli(NAME=ARGS): scripts/run.py processes read by the `cli` fixture"
+    )

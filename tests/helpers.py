@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -56,3 +60,95 @@ def mlr_numpy(params, i=None):
     d = params["Dense_0"]
     k, b = np.asarray(d["kernel"], np.float64), np.asarray(d["bias"], np.float64)
     return (k, b) if i is None else (k[i], b[i])
+
+
+RUN_PY = os.path.join(REPO, "scripts", "run.py")
+# One small digits run of scripts/run.py read by two tests: its TensorBoard events
+# (test_tensorboard) and its stderr (test_engine: the evaluation subsample is
+# reported, JAX's and orbax's INFO chatter is not).
+DIGITS_CLI = [
+    "--tensorboard", "--quiet", "--config.num_rounds=3", "--config.num_agents=10",
+    "--config.model=mlr", "--config.num_levels=2", "--config.eval_samples=20",
+]  # fmt: skip
+
+# The batch driver: one interpreter imports what every scripts/run.py process
+# imports (JAX, flax, orbax, demjax; nothing that initializes a backend or defines
+# a flag), then forks once per case, at most ``parallel`` at a time. Each child is
+# a process of its own running scripts/run.py as ``__main__``: its own absl flags,
+# backend, exit status, stdout and stderr (fds 1 and 2, so native logs too); an
+# exception the script does not handle prints its traceback and exits 1, as in a
+# fresh interpreter. Only the import of the libraries is shared.
+_BATCH_DRIVER = r"""
+import json, os, runpy, signal, sys, time
+spec = json.loads(sys.argv[1])
+import absl.app, ml_collections.config_flags  # noqa: E401
+import demjax.train, demjax.continual.run  # noqa: E401
+sys.stdout.flush(); sys.stderr.flush()
+pending, running, codes = list(spec["cases"]), {}, {}
+while pending or running:
+    while pending and len(running) < spec["parallel"]:
+        name, argv, out, err = pending.pop(0)
+        pid = os.fork()
+        if pid == 0:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            for fd, path in ((1, out), (2, err)):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            sys.argv = [spec["run"], *argv]
+            runpy.run_path(spec["run"], run_name="__main__")
+            raise SystemExit(0)  # an exception or SystemExit above ends the child too
+        running[pid] = (name, time.monotonic() + spec["timeout"])
+    pid, status = os.waitpid(-1, os.WNOHANG)
+    if pid:
+        codes[running.pop(pid)[0]] = os.waitstatus_to_exitcode(status)
+        continue
+    for pid, (name, deadline) in running.items():
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(0.05)
+print(json.dumps(codes))
+"""
+
+
+@dataclasses.dataclass
+class CliResult:
+    """One ``scripts/run.py`` process of :func:`run_cli_batch`."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    workdir: pathlib.Path
+
+
+def run_cli_batch(
+    cases: dict[str, list[str]], root: pathlib.Path, *, timeout: float = 600
+) -> dict[str, CliResult]:
+    """``scripts/run.py ARGS --workdir=root/NAME`` for every ``NAME: ARGS`` of
+    ``cases``, each in its own process, forked from one interpreter that paid the
+    library imports once (see ``_BATCH_DRIVER``): a CLI case costs its own flags,
+    compilation and run, not another JAX import. A case still running after
+    ``timeout`` seconds is killed (return code -9)."""
+    spec = dict(run=RUN_PY, timeout=timeout, parallel=min(2, os.cpu_count() or 1))
+    spec["cases"] = [
+        (name, [*args, f"--workdir={root / name}"], str(root / f"{name}.out"),
+         str(root / f"{name}.err"))
+        for name, args in cases.items()
+    ]  # fmt: skip
+    path = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BATCH_DRIVER, json.dumps(spec)],
+        capture_output=True, text=True, env=env,
+        timeout=timeout * len(cases) + 120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        name: CliResult(
+            codes[name],
+            (root / f"{name}.out").read_text(),
+            (root / f"{name}.err").read_text(),
+            root / name,
+        )
+        for name in cases
+    }

@@ -4,8 +4,6 @@ baselines, config errors and the ``scripts/run.py`` entry point."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -189,29 +187,14 @@ def test_every_consolidation_forward_pass_gets_proxy_samples(monkeypatch):
 
 
 TINY_FLAGS = [
+    "--config=" + os.path.join(REPO, "configs", "continual_digits.py"),
     "--config.num_tasks=2", "--config.test_per_class=20", "--config.hidden=(32,)",
     "--config.local_epochs=1", "--config.consolidation_steps=20",
     "--config.proxy_batch=32", "--config.proxy=noise",
 ]  # fmt: skip
-"""``tiny(num_tasks=2)`` as ``scripts/run.py`` flags on configs/continual_digits.py."""
-
-
-def _cli(args, workdir):
-    """``scripts/run.py`` in its own process (it shares the session's compilation
-    cache through the environment, see conftest.py)."""
-    cmd = [sys.executable, os.path.join(REPO, "scripts", "run.py")]
-    cmd += ["--config=" + os.path.join(REPO, "configs", "continual_digits.py")]
-    return subprocess.run(
-        cmd + args + [f"--workdir={workdir}"], capture_output=True, text=True
-    )
-
-
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
-    """A DAC run of ``scripts/run.py`` in its own process: the CLI's output and
-    the clean reference of the poisoning test."""
-    workdir = tmp_path_factory.mktemp("cli") / "dac"
-    return _cli(TINY_FLAGS, workdir), workdir
+"""``tiny(num_tasks=2)`` as ``scripts/run.py`` flags on configs/continual_digits.py:
+a DAC run in its own process, the CLI's output and the clean reference of the
+poisoning test."""
 
 
 def _poisoned_run(config, workdir, monkeypatch):
@@ -250,17 +233,18 @@ def _poisoned_run(config, workdir, monkeypatch):
     return out, calls
 
 
+@pytest.mark.cli(continual=TINY_FLAGS)
 def test_consolidated_model_is_unaffected_by_poisoned_agent_data(
-    cli_run, tmp_path, monkeypatch
+    cli, tmp_path, monkeypatch
 ):
     """DAC end to end: with the agent data poisoned everywhere but inside the
     agents' trainer, every consolidation (losses, accuracies) equals the clean
     run's (the CLI run, same config, another process), so nothing but the agents'
     own training read agent data."""
-    proc, clean_dir = cli_run
+    proc = cli["continual"]
     assert proc.returncode == 0, proc.stderr
     clean = [
-        json.loads(x) for x in (clean_dir / "metrics.jsonl").read_text().splitlines()
+        json.loads(x) for x in (proc.workdir / "metrics.jsonl").read_text().splitlines()
     ]
     dirty, calls = _poisoned_run(tiny(num_tasks=2), str(tmp_path), monkeypatch)
     assert calls == [True, True]  # the trainer was handed the poisoned arrays
@@ -382,16 +366,18 @@ def test_bad_combinations_are_refused(tmp_path):
 # --- entry point ---------------------------------------------------------------------
 
 
-def test_scripts_run_continual_config(cli_run, tmp_path):
-    ok, workdir = cli_run
+@pytest.mark.cli(
+    continual=TINY_FLAGS, continual_bad=[TINY_FLAGS[0], "--config.method=ewc"]
+)
+def test_scripts_run_continual_config(cli):
+    ok, bad = cli["continual"], cli["continual_bad"]
     assert ok.returncode == 0, ok.stderr
     assert "continual dac on Split digits: 2 tasks" in ok.stdout
     assert "final average accuracy" in ok.stdout
-    summary = json.loads((workdir / "summary.json").read_text())
+    summary = json.loads((ok.workdir / "summary.json").read_text())
     assert len(summary["acc_matrix"]) == 2 and summary["method"] == "dac"
-    cfg = json.loads((workdir / "config.json").read_text())
+    cfg = json.loads((ok.workdir / "config.json").read_text())
     assert cfg["consolidation_steps"] == 20 and cfg["scenario"] == "continual"
-    bad = _cli(["--config.method=ewc"], tmp_path / "b")
     assert bad.returncode == 2
     assert "error: method='ewc' is not valid; accepted: dac, logit" in bad.stderr
 

@@ -3,10 +3,10 @@
 import functools
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from helpers import DIGITS_CLI
 from helpers import tiny_config as base_config
 
 from demjax import train
@@ -103,15 +103,11 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     ).read_bytes()
 
 
-def test_eval_subsample_is_reported(tmp_path):
+@pytest.mark.cli(digits=DIGITS_CLI)
+def test_eval_subsample_is_reported(tmp_path, cli):
     result = train.run(tiny_config(num_rounds=1, eval_samples=20), str(tmp_path / "a"))
     assert result["eval_samples"] == 20
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "run.py"), "--quiet",
-         "--config.num_rounds=1", "--config.eval_samples=20", "--config.model=mlr",
-         f"--workdir={tmp_path / 'b'}"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = cli["digits"]  # scripts/run.py --config.eval_samples=20
     assert proc.returncode == 0, proc.stderr
     assert "evaluation subsample of 20" in proc.stderr  # an absl INFO line
     assert "orbax" not in proc.stderr and "xla_bridge" not in proc.stderr
@@ -148,20 +144,16 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("args,field", BAD_INPUTS)
-def test_cli_bad_input_is_one_line_exit_2(args, field, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "scripts", "run.py"),
-            *args,
-            f"--workdir={tmp_path}",
-            "--config.num_rounds=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+BAD_CLI = {
+    f"bad_{i}_{field}": [*args, "--config.num_rounds=1"]
+    for i, (args, field) in enumerate(BAD_INPUTS)
+}
+
+
+@pytest.mark.parametrize("case", BAD_CLI)
+@pytest.mark.cli(**BAD_CLI)
+def test_cli_bad_input_is_one_line_exit_2(case, cli):
+    proc, field = cli[case], case.split("_", 2)[2]
     assert proc.returncode == 2, proc.stderr
     err_lines = [s for s in proc.stderr.splitlines() if s.startswith("error:")]
     assert len(err_lines) == 1 and field in err_lines[0], proc.stderr

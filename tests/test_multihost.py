@@ -136,21 +136,13 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path, args, match):
         )
 
 
-def test_bad_flag_from_the_script_is_one_line(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            RUN,
-            "--num_processes=2",
-            "--process_id=5",
-            "--coordinator_address=localhost:1",
-            f"--workdir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO),
-    )
+@pytest.mark.cli(
+    bad_process_id=[
+        "--num_processes=2", "--process_id=5", "--coordinator_address=localhost:1"
+    ]
+)  # fmt: skip
+def test_bad_flag_from_the_script_is_one_line(cli):
+    proc = cli["bad_process_id"]
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()

@@ -9,8 +9,6 @@ hand in NumPy.
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -478,23 +476,24 @@ def test_sgp_agents_reach_consensus_on_static_complete_graph():
     assert np.isfinite(float(info["train_loss"]))
 
 
-def test_cli_runs_pdbo_on_a_stochastic_directed_network(tmp_path):
-    cmd = [sys.executable, os.path.join(REPO, "scripts", "run.py"), "--quiet"]
-    cmd += ["--config.algorithm=pdbo", "--config.num_agents=6", "--config.model=mlr"]
-    cmd += ["--config.num_rounds=2", "--config.local_epochs=1"]
-    cmd += ["--config.network=erdos_renyi", "--config.network_mode=directed"]
-    cmd += ["--config.network_edge_prob=0.5", "--config.network_impl=sparse"]
-    cmd += ["--config.pdbo.hgp_steps=1", "--config.pdbo.num_learners=2"]
-    cmd += ["--config.checkpoint_every=0", f"--workdir={tmp_path}"]
-    # Compilation dominates this tiny run: skip XLA's expensive passes.
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+@pytest.mark.cli(
+    pdbo=[
+        "--quiet", "--config.algorithm=pdbo", "--config.num_agents=6",
+        "--config.model=mlr", "--config.num_rounds=2", "--config.local_epochs=1",
+        "--config.network=erdos_renyi", "--config.network_mode=directed",
+        "--config.network_edge_prob=0.5", "--config.network_impl=sparse",
+        "--config.pdbo.hgp_steps=1", "--config.pdbo.num_learners=2",
+        "--config.checkpoint_every=0",
+    ]
+)  # fmt: skip
+def test_cli_runs_pdbo_on_a_stochastic_directed_network(cli):
+    out = cli["pdbo"]
     assert out.returncode == 0, out.stderr
     assert "pdbo on digits" in out.stdout
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg = json.loads((out.workdir / "config.json").read_text())
     assert cfg["network_mode"] == "directed" and cfg["pdbo"]["hgp_steps"] == 1
     recs = [
-        json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        json.loads(x) for x in (out.workdir / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["round"] for r in recs] == [0, 1]
     for r in recs:

@@ -13,8 +13,6 @@ import functools
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -572,23 +570,25 @@ def test_bad_hparams_name_the_field(alg, field, value, match):
 # ----------------------------------------------------------------- end to end
 
 
-def test_cli_runs_cfl_and_splits(tmp_path):
+@pytest.mark.cli(
+    cfl=[
+        "--quiet", "--config.algorithm=cfl", "--config.num_agents=6",
+        "--config.model=mlr", "--config.num_rounds=3", "--config.cfl.warmup=0",
+        "--config.local_epochs=1", "--config.local_buckets=1",
+        "--config.checkpoint_every=0", "--config.cfl.eps1=1000.0",
+        "--config.cfl.eps2=1e-6",
+    ]
+)  # fmt: skip
+def test_cli_runs_cfl_and_splits(cli):
     """scripts/run.py with CFL thresholds that split at the first round: the
     host-side split shows in the next round's ``num_clusters``."""
-    cmd = [sys.executable, os.path.join(REPO, "scripts", "run.py"), "--quiet"]
-    cmd += ["--config.algorithm=cfl", "--config.num_agents=6", "--config.model=mlr"]
-    cmd += ["--config.num_rounds=3", "--config.cfl.warmup=0"]
-    cmd += ["--config.local_epochs=1", "--config.local_buckets=1"]
-    cmd += ["--config.checkpoint_every=0"]
-    cmd += ["--config.cfl.eps1=1000.0", "--config.cfl.eps2=1e-6"]
-    cmd += [f"--workdir={tmp_path}"]
-    ok = subprocess.run(cmd, capture_output=True, text=True)
+    ok = cli["cfl"]
     assert ok.returncode == 0, ok.stderr
     assert "cfl on digits" in ok.stdout
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg = json.loads((ok.workdir / "config.json").read_text())
     assert cfg["cfl"]["eps1"] == 1000.0 and cfg["cfl"]["warmup"] == 0
     recs = [
-        json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        json.loads(x) for x in (ok.workdir / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["round"] for r in recs] == [0, 1, 2]
     clusters = [r["num_clusters"] for r in recs]

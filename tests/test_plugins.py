@@ -3,8 +3,6 @@
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -55,22 +53,19 @@ def test_bad_plugin_hparam_names_the_field(tmp_path):
         train.run(c, str(tmp_path))
 
 
-def test_cli_runs_plugin_and_rejects_bad_hparam(tmp_path):
-    cmd = [sys.executable, os.path.join(REPO, "scripts", "run.py"), "--quiet"]
-    cmd += ["--config.algorithm=ditto", "--config.num_agents=6"]
-    cmd += ["--config.num_rounds=2", "--config.model=mlr", "--config.ditto.lam=0.5"]
-    ok = subprocess.run(
-        cmd + [f"--workdir={tmp_path / 'a'}"], capture_output=True, text=True
-    )
+DITTO_CLI = ["--quiet", "--config.algorithm=ditto", "--config.num_agents=6",
+             "--config.num_rounds=2", "--config.model=mlr", "--config.ditto.lam=0.5"]  # fmt: skip
+
+
+@pytest.mark.cli(
+    ditto=DITTO_CLI, ditto_bad=[*DITTO_CLI, "--config.ditto.personal_epochs=-2"]
+)
+def test_cli_runs_plugin_and_rejects_bad_hparam(cli):
+    ok, bad = cli["ditto"], cli["ditto_bad"]
     assert ok.returncode == 0, ok.stderr
     assert "ditto on digits" in ok.stdout
-    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg = json.loads((ok.workdir / "config.json").read_text())
     assert cfg["ditto"]["lam"] == 0.5
-    bad = subprocess.run(
-        cmd + ["--config.ditto.personal_epochs=-2", f"--workdir={tmp_path / 'b'}"],
-        capture_output=True,
-        text=True,
-    )
     assert bad.returncode == 2
     assert "ditto.personal_epochs=-2 is not valid" in bad.stderr
 

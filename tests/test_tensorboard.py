@@ -1,26 +1,18 @@
 """TensorBoard event files load with TensorFlow's event reader and hold the tags."""
 
 import glob
-import os
-import subprocess
-import sys
 
 import pytest
+from helpers import DIGITS_CLI
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def test_tensorboard_events_have_expected_tags(tmp_path):
+@pytest.mark.cli(digits=DIGITS_CLI)
+def test_tensorboard_events_have_expected_tags(cli):
     tf = pytest.importorskip("tensorflow")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "run.py"), "--tensorboard",
-         "--quiet", f"--workdir={tmp_path}", "--config.num_rounds=3",
-         "--config.num_agents=10", "--config.model=mlr", "--config.num_levels=2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = cli["digits"]  # scripts/run.py --tensorboard --quiet, 3 rounds
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "demlearn:" not in proc.stderr  # --quiet: no progress bar
-    files = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+    files = glob.glob(str(proc.workdir / "tensorboard" / "events.out.tfevents.*"))
     assert len(files) == 1
     seen = {}
     for event in tf.compat.v1.train.summary_iterator(files[0]):
