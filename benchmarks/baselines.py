@@ -3,12 +3,14 @@
 For one workload and each ``--agents`` size, every implementation below trains
 every agent for its own number of SGD steps (``local_epochs`` passes over its
 samples in shuffled minibatches of ``batch``, the last one of an epoch smaller),
-the same model, optimizer (SGD) and data; after one warm-up call each, the
-implementations are timed in interleaved repeats (each repeat runs every
-implementation once, in a rotated order), so load that other processes put on a
-shared machine hits them alike. A record's ``agent_steps_per_s`` is the agents'
-real SGD steps (padding slots are not counted) over the fastest repeat (the one
-least disturbed by other load); the median is stored too.
+the same model, optimizer (SGD) and data. The JAX programs are compiled ahead of
+time (``prepare_s``), then the implementations are timed in interleaved repeats
+(each repeat runs every implementation once, in a rotated order), so load that
+other processes put on a shared machine hits them alike; one slower than
+``--slow_s`` in the first repeat is timed only once. A record's
+``agent_steps_per_s`` is the agents' real SGD steps (padding slots are not
+counted) over the fastest repeat (the one least disturbed by other load); the
+median is stored too.
 
 Workloads (``--model``):
 
@@ -43,8 +45,12 @@ Implementations (``impl`` of a record):
 - ``torch_sequential``: a Python loop over agents, each a ``torch.nn`` model of
   the same architecture (dropout included) with ``optim.SGD``, the same data
   (shared with JAX, no copy), steps and shuffled minibatches,
-  ``torch.set_num_threads(os.cpu_count())``. Needs torch (``pip install
-  'demjax[bench]'``); skipped with a note when absent.
+  ``torch.set_num_threads(os.cpu_count())``; ``torch_sequential/1thread`` the
+  same with one thread (``--torch_threads``: on a loaded machine PyTorch's
+  OpenMP threads wait for each other, and one thread can be many times faster;
+  the ratios are against the faster). ``--torch_agents=N`` times them on the
+  first N agents only. Needs torch (``pip install 'demjax[bench]'``); skipped
+  with a note when absent.
 
 Prints one JSON line per record and per size the ratios (``over_jax_loop``,
 ``over_torch``); stores them under ``<model>/<agents>`` with the date, commit
@@ -76,7 +82,7 @@ RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 DEFAULT_PLANS = {
     "mlp": "auto,all,sequential,block:8,block:32,block:128",
-    "cnn": "auto,all,sequential,block:4,block:16",
+    "cnn": "auto,all,sequential,block:4",
 }
 LOOP = "jax_per_agent_loop"
 TORCH = "torch_sequential"
@@ -305,14 +311,16 @@ def demjax_runner(sh: Shared, block: int, conv_impl: str):
         params, opt, _ = train(keys, params, opt, x, y, n, anchor, mu)
         return params, opt
 
-    fn = jax.jit(step, donate_argnums=(0, 1))
+    jitted, fn = jax.jit(step, donate_argnums=(0, 1)), []
+
+    def args():
+        return (sh.params, sh.opt, sh.keys, sh.x, sh.y, sh.n, sh.one, sh.mu)
 
     def run():
-        sh.params, sh.opt = fn(
-            sh.params, sh.opt, sh.keys, sh.x, sh.y, sh.n, sh.one, sh.mu
-        )
+        sh.params, sh.opt = fn[0](*args())
         jax.block_until_ready(sh.params)
 
+    run.prepare = lambda: fn.append(jitted.lower(*args()).compile())
     return run
 
 
@@ -342,16 +350,24 @@ def jax_loop_runner(sh: Shared, conv_impl: str):
         )
         return put(params, p), put(opt, o)
 
-    fn = jax.jit(train_agent, donate_argnums=(0, 1))
+    jitted, fn = jax.jit(train_agent, donate_argnums=(0, 1)), []
     ids = [np.int32(i) for i in range(sh.a)]
 
     def run():
-        params, opt = sh.params, sh.opt
+        params, opt, f = sh.params, sh.opt, fn[0]
         for i in ids:
-            params, opt = fn(params, opt, i, sh.keys, sh.x, sh.y, sh.n, sh.one, sh.mu)
+            params, opt = f(params, opt, i, sh.keys, sh.x, sh.y, sh.n, sh.one, sh.mu)
         sh.params, sh.opt = params, opt
         jax.block_until_ready(sh.params)
 
+    def prepare():
+        fn.append(
+            jitted.lower(
+                sh.params, sh.opt, ids[0], sh.keys, sh.x, sh.y, sh.n, sh.one, sh.mu
+            ).compile()
+        )
+
+    run.prepare = prepare
     return run
 
 
@@ -412,9 +428,9 @@ def torch_runner(sh: Shared, threads: int, max_agents: int = 0):
     ns = [int(v) for v in sh.n_host]
     b, epochs = sh.batch, sh.epochs
 
-    def run():
+    def run(agents=m_agents):
         torch.set_num_threads(threads)
-        for i in range(m_agents):
+        for i in range(agents):
             m, opt, n = nets[i], opts[i], ns[i]
             xi, yi = xs[i], ys[i]
             for _ in range(epochs):
@@ -426,6 +442,7 @@ def torch_runner(sh: Shared, threads: int, max_agents: int = 0):
                     opt.step()
             opt.zero_grad()  # frees the agent's gradients (set_to_none)
 
+    run.prepare = lambda: run(1)  # lazy initialisations: train agent 0 once
     return run, m_agents
 
 
@@ -433,29 +450,34 @@ def torch_runner(sh: Shared, threads: int, max_agents: int = 0):
 # Timing
 
 
-def time_interleaved(runners: dict, repeats: int, log=print) -> dict:
-    """Warm-up call of each runner (``first_s``: compilation + first run), then
-    ``repeats`` rounds, each calling every runner once in a rotated order.
+def time_interleaved(runners: dict, repeats: int, slow_s: float, log=print) -> dict:
+    """Prepares each runner (``prepare_s``: the JAX programs compiled ahead of
+    time, PyTorch's lazy initialisation), then ``repeats`` rounds, each calling
+    every runner once in a rotated order. A runner that took more than
+    ``slow_s`` seconds in the first round is not repeated.
 
     Returns:
-      ``{name: {"first_s", "times": [...]}}``.
+      ``{name: {"prepare_s", "times": [...]}}``.
     """
     out = {}
     for name, run in runners.items():
         t0 = time.perf_counter()
-        run()
-        out[name] = {"first_s": time.perf_counter() - t0, "times": []}
-        log(f"  warm-up {name}: {out[name]['first_s']:.2f} s")
+        run.prepare()
+        out[name] = {"prepare_s": time.perf_counter() - t0, "times": []}
+        log(f"  prepared {name}: {out[name]['prepare_s']:.2f} s")
     names = list(runners)
     for r in range(repeats):
         k = r % len(names)
-        for name in names[k:] + names[:k]:
+        todo = [
+            n for n in names[k:] + names[:k] if r == 0 or out[n]["times"][0] <= slow_s
+        ]
+        for name in todo:
             t0 = time.perf_counter()
             runners[name]()
             out[name]["times"].append(time.perf_counter() - t0)
         log(
             f"  repeat {r + 1}/{repeats}: "
-            + ", ".join(f"{n} {out[n]['times'][-1]:.2f}" for n in names)
+            + ", ".join(f"{n} {out[n]['times'][-1]:.2f}" for n in names if n in todo)
         )
     return out
 
@@ -611,7 +633,7 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         f"{args.model} {a} agents ({total} agent-steps per run): "
         f"{len(runners)} implementations, {args.repeats} interleaved repeats"
     )
-    timed = time_interleaved(runners, args.repeats, log)
+    timed = time_interleaved(runners, args.repeats, args.slow_s, log)
 
     env = environment()
     records = {}
@@ -627,7 +649,8 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
             "agent_steps": done,
             "best_s": round(best, 4),
             "median_s": round(med, 4),
-            "first_s": round(t["first_s"], 3),
+            "prepare_s": round(t["prepare_s"], 3),
+            "repeats": len(t["times"]),
             "agent_steps_per_s": round(rate, 1),
             "agent_steps_per_s_median": round(done / med, 1),
             "gflops": round(rate * flops * batch / 1e9, 2),
@@ -765,8 +788,8 @@ def report(results: dict, path: str) -> None:
             ]
         lines += [
             "| implementation | agent-steps/s | GFLOP/s | vs JAX loop | vs PyTorch "
-            "| first call s |",
-            "|---|---|---|---|---|---|",
+            "| repeats | prepare s |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in e["records"]:
             name = r["impl"] + (f" (= {r['same_as']})" if r.get("same_as") else "")
@@ -774,7 +797,7 @@ def report(results: dict, path: str) -> None:
                 f"| {name} | {r['agent_steps_per_s']:,.0f} "
                 f"({r['agent_steps_per_s_median']:,.0f}) | {_fmt(r['gflops'], 1)} "
                 f"| {_fmt(r.get('over_jax_loop'))} | {_fmt(r.get('over_torch'))} "
-                f"| {_fmt(r['first_s'], 1)} |"
+                f"| {r['repeats']} | {_fmt(r['prepare_s'], 1)} |"
             )
         if a and a.get("table"):
             lines += [
@@ -823,6 +846,12 @@ def main(argv=None) -> None:
         type=int,
         default=100,
         help="num_rounds of the config the auto search sizes its budget by",
+    )
+    p.add_argument(
+        "--slow_s",
+        type=float,
+        default=120.0,
+        help="an implementation slower than this (s) in the first repeat is timed once",
     )
     p.add_argument("--no_torch", action="store_true")
     p.add_argument(
