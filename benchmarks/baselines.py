@@ -257,11 +257,15 @@ class Shared:
         self.tx = local.make_optimizer(c.optimizer, c.lr)
         self.shape = tuple(work["x"].shape[2:])
         model = models.make_model(c.model, work["num_classes"], c.hidden)
-        self.one = models.init_params(jax.random.PRNGKey(0), model, self.shape)
-        self.params = jax.tree.map(
-            lambda v: jnp.array(jnp.broadcast_to(v, (self.a,) + v.shape)), self.one
-        )
-        self.opt = jax.vmap(self.tx.init)(self.params)
+
+        def build(key):  # one compiled program (no eager op compiles per leaf)
+            one = models.init_params(key, model, self.shape)
+            params = jax.tree.map(
+                lambda v: jnp.broadcast_to(v, (self.a,) + v.shape), one
+            )
+            return one, params, jax.vmap(self.tx.init)(params)
+
+        self.one, self.params, self.opt = jax.jit(build)(jax.random.PRNGKey(0))
         self.x = jnp.asarray(work["x"])
         self.y = jnp.asarray(work["y"])
         self.n = jnp.asarray(self.n_host, jnp.int32)
