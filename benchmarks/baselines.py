@@ -1,263 +1,900 @@
-"""The same local training done three ways, side by side in one process.
+"""One workload's local training done every way, side by side in one process.
 
-Workload: MLP 784-100-10, every agent does ``--steps`` SGD steps of batch
-``--batch`` on its own data (random Fashion-MNIST-shaped inputs; speed only).
+For one workload and each ``--agents`` size, every implementation below trains
+every agent for its own number of SGD steps (``local_epochs`` passes over its
+samples in shuffled minibatches of ``batch``, the last one of an epoch smaller),
+the same model, optimizer (SGD) and data. The JAX programs are compiled ahead of
+time (``prepare_s``), then the implementations are timed in interleaved repeats
+(each repeat runs every implementation once, in a rotated order), so load that
+other processes put on a shared machine hits them alike; one slower than
+``--slow_s`` in the first repeat is timed only once. A record's
+``agent_steps_per_s`` is the agents' real SGD steps (padding slots are not
+counted) over the fastest repeat (the one least disturbed by other load); the
+median is stored too.
 
-- ``torch_sequential``: a Python loop over agents, each a ``torch.nn`` model with
-  ``optim.SGD`` (what the DemLearn authors' code and PFLlib do). Needs torch
-  (``pip install 'demjax[bench]'``); skipped with a note when absent.
-- ``jax_per_agent_loop``: a Python loop over agents of one jitted per-agent
-  training function (``lax.scan`` over the steps).
-- ``demjax``: the whole population in one jitted vmap (``local.make_train_population``).
+Workloads (``--model``):
 
-``--agent_block=auto,0`` (default) times demjax twice: with the block the engine
-chooses on CPU (``auto``: ``memory.cache_block_size``, agents whose weights total
-~8 MiB, each block trained for all its steps while its weights stay in cache; the
-``demjax`` record) and with the whole population at once (``demjax_block0``).
-Every record carries its GFLOP/s (dense layers, forward + backward) and the
-fraction of a float32 4096x4096 GEMM measured in the same process.
+- ``mlp``: MLP 784-100-10 on random Fashion-MNIST-shaped inputs (speed only),
+  every agent ``--steps`` steps of batch ``--batch`` over ``--samples`` samples
+  (``steps * batch / samples`` epochs; default 20 steps of 20 over 100 samples).
+- ``cnn``: the paper's CNN (``configs/fmnist_paper.py``: 28x28x1, batch 10,
+  2 local epochs, lr 0.05) on the real pathological Fashion-MNIST split of that
+  config (``demjax.data.make_partition``; 50 agents hold 22 to 176 training
+  samples, 804 SGD steps in all).
 
-Prints one JSON line per implementation and size, then the ratios; writes
-``benchmarks/results/baselines.json``::
+Implementations (``impl`` of a record):
 
-    python benchmarks/baselines.py --agents=1000
+- ``auto``: the plan the engine picks (``engine.memory_cap`` then
+  ``engine.choose_plan``, the real search, with an empty temporary
+  ``DEMJAX_CACHE_DIR`` and a 100-round config, ``--search_rounds``). Its record
+  repeats the timings of the explicit plan it chose, and carries the search's
+  cost: ``search_s`` (candidates timed) and ``plan_s`` (the whole choice:
+  memory probe, search, compilations).
+- ``demjax:<plan>[/<conv>]``: every plan of ``--plans`` (``all``, ``sequential``,
+  ``block:K``, plus the auto choice) with the engine's trainer
+  (``local.make_train_population``, ``local_buckets`` buckets, the population
+  donated and updated in place); for CNNs each with both convolutions
+  (``patches``, ``xla``). A plan that trains more agents at once than
+  ``engine.memory_cap`` allows is capped as the engine caps it.
+- ``jax_per_agent_loop``: a Python loop over agents, each call one jitted
+  per-agent training function (``local.make_train_one`` running exactly the
+  agent's steps; it reads its agent's rows of the stacked data and
+  parameters and writes its parameters back in place). The CNN loop uses
+  ``lax.conv`` (``flax.linen.Conv``, what a per-agent loop is written with);
+  ``jax_per_agent_loop/patches`` the im2col form.
+- ``torch_sequential``: a Python loop over agents, each a ``torch.nn`` model of
+  the same architecture (dropout included) with ``optim.SGD``, the same data
+  (shared with JAX, no copy), steps and shuffled minibatches,
+  ``torch.set_num_threads(os.cpu_count())``; ``torch_sequential/1thread`` the
+  same with one thread (``--torch_threads``: on a loaded machine PyTorch's
+  OpenMP threads wait for each other, and one thread can be many times faster;
+  the ratios are against the faster). ``--torch_agents=N`` times them on the
+  first N agents only. Needs torch (``pip install 'demjax[bench]'``); skipped
+  with a note when absent.
+
+Prints one JSON line per record and per size the ratios (``over_jax_loop``,
+``over_torch``); stores them under ``<model>/<agents>`` with the date, commit
+and CPU in ``benchmarks/results/baselines.json`` and regenerates
+``benchmarks/results/baselines.md``::
+
+    python benchmarks/baselines.py --model=cnn --agents=50
+    python benchmarks/baselines.py --model=mlp --agents=100,1000
+    python benchmarks/baselines.py --model=mlp --agents=10000 --repeats=3
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
+DEFAULT_PLANS = {
+    "mlp": "auto,all,sequential,block:8,block:32,block:128",
+    "cnn": "auto,all,sequential,block:4",
+}
+LOOP = "jax_per_agent_loop"
+TORCH = "torch_sequential"
 
-def make_data(num_agents: int, n: int):
+
+# ---------------------------------------------------------------------------
+# Workloads
+
+
+def mlp_workload(num_agents: int, steps: int, batch: int, samples: int) -> dict:
+    """Random Fashion-MNIST-shaped data; every agent ``steps`` steps of ``batch``."""
     import numpy as np
 
+    from configs import default
+
+    if samples <= 0 or (steps * batch) % samples or samples % batch:
+        raise SystemExit(
+            f"--samples={samples} must be a multiple of --batch={batch} dividing "
+            f"steps * batch = {steps * batch}"
+        )
+    c = default.get_config()
+    c.model, c.hidden, c.batch_size = "mlp", (100,), batch
+    c.local_epochs = steps * batch // samples
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(num_agents, n, 28, 28, 1)).astype(np.float32)
-    y = rng.integers(0, 10, size=(num_agents, n)).astype(np.int32)
-    return x, y
+    x = rng.normal(size=(num_agents, samples, 28, 28, 1)).astype(np.float32)
+    y = rng.integers(0, 10, size=(num_agents, samples)).astype(np.int32)
+    n = np.full((num_agents,), samples, np.int32)
+    return {
+        "config": c,
+        "x": x,
+        "y": y,
+        "n_train": n,
+        "num_classes": 10,
+        "data": f"random 28x28x1, {samples} samples per agent",
+    }
 
 
-def bench_torch(x, y, steps, batch, repeats):
+def cnn_workload(num_agents: int) -> dict:
+    """The paper's Fashion-MNIST split (``configs/fmnist_paper.py``)."""
+    from configs import fmnist_paper
+    from demjax import data
+
+    c = fmnist_paper.get_config()
+    c.num_agents = num_agents
+    part = data.make_partition(c)
+    return {
+        "config": c,
+        "x": part.x_train,
+        "y": part.y_train,
+        "n_train": part.n_train,
+        "num_classes": part.num_classes,
+        "data": "Fashion-MNIST, configs/fmnist_paper.py partition",
+    }
+
+
+def agent_steps(n_train, batch: int, epochs: int):
+    """Real SGD steps of each agent: ``epochs * ceil(n / batch)``."""
+    import numpy as np
+
+    return epochs * np.ceil(np.asarray(n_train) / batch).astype(np.int64)
+
+
+def flops_per_sample(model: str, hidden: int = 100) -> int:
+    """Forward + backward (3x forward) flops of one training sample: the dense
+    layers and the convolutions (pooling, activations and the optimizer not
+    counted)."""
+    if model == "mlp":
+        macs = 784 * hidden + hidden * 10
+    else:  # the paper CNN: conv 32@5x5 on 28x28x1, conv 32@5x5 on 14x14x32
+        macs = 28 * 28 * 25 * 32 + 14 * 14 * 25 * 32 * 32 + 7 * 7 * 32 * 512 + 5120
+    return 3 * 2 * macs
+
+
+def _partition(work):
+    """A host ``Partition`` of the workload (the test rows only size memory)."""
+    import numpy as np
+
+    from demjax.types import Partition
+
+    a = len(work["n_train"])
+    x1 = np.zeros((a, 1) + work["x"].shape[2:], np.float32)
+    y1 = np.zeros((a, 1), np.int32)
+    return Partition(
+        x_train=work["x"],
+        y_train=work["y"],
+        n_train=np.asarray(work["n_train"]),
+        x_test=x1,
+        y_test=y1,
+        n_test=np.ones((a,), np.int32),
+        x_all=x1[:, 0],
+        y_all=y1[:, 0],
+        owner_all=np.arange(a, dtype=np.int32),
+        num_classes=work["num_classes"],
+    )
+
+
+def choose_auto(work, rounds: int) -> dict:
+    """The engine's plan choice, measured from an empty plan cache.
+
+    Returns:
+      dict with ``plan``, ``conv_impl``, ``cap``, ``source``, ``budget_s``,
+      ``search_s`` (candidates timed), ``plan_s`` (memory probe + search) and
+      the search's ``table``.
+    """
+    from demjax import engine, local, models
+    from demjax.config import validate
+
+    c = work["config"].copy_and_resolve_references()
+    c.num_rounds, c.local_plan, c.conv_impl = rounds, "auto", "auto"
+    c.progress = False
+    validate(c)
+    part = _partition(work)
+    tx = local.make_optimizer(c.optimizer, c.lr)
+    model = models.make_model(c.model, part.num_classes, c.hidden)
+    saved = os.environ.get("DEMJAX_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="baselines_plans_") as tmp:
+        os.environ["DEMJAX_CACHE_DIR"] = tmp
+        try:
+            t0 = time.perf_counter()
+            cap_probe = engine.memory_cap(
+                c,
+                part,
+                model,
+                tx,
+                donate=True,
+                num_group_models=int(sum(engine.tree_capacity(c))),
+            )
+            plan, info = engine.choose_plan(
+                c, part, tx, 0.0, cap_probe=cap_probe, algorithm=c.algorithm
+            )
+            plan_s = time.perf_counter() - t0
+        finally:
+            if saved is None:
+                os.environ.pop("DEMJAX_CACHE_DIR", None)
+            else:
+                os.environ["DEMJAX_CACHE_DIR"] = saved
+    return {
+        "plan": plan.name,
+        "block_size": plan.block_size,
+        "conv_impl": plan.conv_impl,
+        "cap": int(info["cap"]),
+        "source": info["source"],
+        "budget_s": info.get("budget_s"),
+        "search_s": info.get("search_s"),
+        "plan_s": round(plan_s, 3),
+        "probe_run_s": round(float(cap_probe[1]["run_s"]), 6),
+        "table": info.get("table", []),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Implementations: each ``run()`` trains every agent once (all its steps).
+
+
+class Shared:
+    """The JAX implementations' state: one stacked population (params and
+    optimizer state) threaded through every call, updated in place (donated),
+    the data on the device, and one agent's initial params as the anchor."""
+
+    def __init__(self, work):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from demjax import local, models
+
+        c = work["config"]
+        self.work, self.config = work, c
+        self.a = len(work["n_train"])
+        self.batch, self.epochs = int(c.batch_size), int(c.local_epochs)
+        self.n_host = np.asarray(work["n_train"])
+        self.tx = local.make_optimizer(c.optimizer, c.lr)
+        self.shape = tuple(work["x"].shape[2:])
+        model = models.make_model(c.model, work["num_classes"], c.hidden)
+
+        def build(key):  # one compiled program (no eager op compiles per leaf)
+            one = models.init_params(key, model, self.shape)
+            params = jax.tree.map(
+                lambda v: jnp.broadcast_to(v, (self.a,) + v.shape), one
+            )
+            return one, params, jax.vmap(self.tx.init)(params)
+
+        self.one, self.params, self.opt = jax.jit(build)(jax.random.PRNGKey(0))
+        self.x = jnp.asarray(work["x"])
+        self.y = jnp.asarray(work["y"])
+        self.n = jnp.asarray(self.n_host, jnp.int32)
+        self.keys = jax.random.split(jax.random.PRNGKey(1), self.a)
+        self.mu = jnp.float32(0.0)
+
+    def apply_fn(self, conv_impl: str):
+        from demjax import models
+
+        c = self.config
+        model = models.make_model(
+            c.model, self.work["num_classes"], c.hidden, conv_impl
+        )
+
+        def apply_fn(params, x, train, key):  # the engine's (Simulator)
+            rngs = {"dropout": key} if train else {}
+            return model.apply({"params": params}, x, train=train, rngs=rngs)
+
+        return apply_fn
+
+
+def demjax_runner(sh: Shared, block: int, conv_impl: str):
+    """The engine's trainer for plan ``block`` (0 all, 1 sequential, K)."""
+    import jax
+    import jax.numpy as jnp
+
+    from demjax import local
+
+    train = local.make_train_population(
+        sh.apply_fn(conv_impl),
+        sh.tx,
+        batch_size=sh.batch,
+        local_epochs=sh.epochs,
+        n_train=sh.n_host,
+        num_buckets=int(sh.config.local_buckets),
+        block_size=block,
+    )
+
+    def step(params, opt, keys, x, y, n, one, mu):
+        # The anchor of every agent: one shared model (a root-only tree),
+        # given per block as the engine gives its parent models.
+        def anchor(ids):
+            return jax.tree.map(
+                lambda v: jnp.broadcast_to(v, (ids.shape[0],) + v.shape), one
+            )
+
+        params, opt, _ = train(keys, params, opt, x, y, n, anchor, mu)
+        return params, opt
+
+    jitted, fn = jax.jit(step, donate_argnums=(0, 1)), []
+
+    def args():
+        return (sh.params, sh.opt, sh.keys, sh.x, sh.y, sh.n, sh.one, sh.mu)
+
+    def run():
+        sh.params, sh.opt = fn[0](*args())
+        jax.block_until_ready(sh.params)
+
+    run.prepare = lambda: fn.append(jitted.lower(*args()).compile())
+    return run
+
+
+def jax_loop_runner(sh: Shared, conv_impl: str):
+    """A Python loop over agents of one jitted per-agent training function."""
+    import jax
+    import numpy as np
+
+    from demjax import local
+
+    one = local.make_train_one(
+        sh.apply_fn(conv_impl),
+        sh.tx,
+        batch_size=sh.batch,
+        local_epochs=sh.epochs,
+        n_max=int(sh.x.shape[1]),
+        exact_steps=True,
+    )
+
+    def train_agent(params, opt, i, keys, x, y, n, anchor, mu):
+        row = lambda t: jax.tree.map(  # noqa: E731
+            lambda v: jax.lax.dynamic_index_in_dim(v, i, keepdims=False), t
+        )
+        p, o, _ = one(keys[i], row(params), row(opt), x[i], y[i], n[i], anchor, mu)
+        put = lambda t, r: jax.tree.map(  # noqa: E731
+            lambda v, u: jax.lax.dynamic_update_index_in_dim(v, u, i, 0), t, r
+        )
+        return put(params, p), put(opt, o)
+
+    jitted, fn = jax.jit(train_agent, donate_argnums=(0, 1)), []
+    ids = [np.int32(i) for i in range(sh.a)]
+
+    def run():
+        params, opt, f = sh.params, sh.opt, fn[0]
+        for i in ids:
+            params, opt = f(params, opt, i, sh.keys, sh.x, sh.y, sh.n, sh.one, sh.mu)
+        sh.params, sh.opt = params, opt
+        jax.block_until_ready(sh.params)
+
+    def prepare():
+        fn.append(
+            jitted.lower(
+                sh.params, sh.opt, ids[0], sh.keys, sh.x, sh.y, sh.n, sh.one, sh.mu
+            ).compile()
+        )
+
+    run.prepare = prepare
+    return run
+
+
+def torch_models(model: str, num_classes: int, hidden: int = 100):
+    """The same architecture in torch.nn (``demjax.models`` MLP / paper CNN)."""
+    import torch.nn as nn
+
+    if model == "mlp":
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.4),
+        nn.Conv2d(32, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.4),
+        nn.Flatten(),
+        nn.Linear(7 * 7 * 32, 512),
+        nn.ReLU(),
+        nn.Linear(512, num_classes),
+    )
+
+
+def torch_runner(sh: Shared, threads: int, max_agents: int = 0):
+    """Per-agent PyTorch loop on the JAX data buffers (DLPack, no copy) with
+    ``threads`` intra-op threads, over the first ``max_agents`` agents (0: all).
+
+    Returns:
+      ``(run, agents timed)``.
+    """
     import torch
 
     torch.manual_seed(0)
-    a = x.shape[0]
-    xs = torch.from_numpy(x.reshape(a, x.shape[1], -1))
-    ys = torch.from_numpy(y.astype("int64"))
-    models = [
-        torch.nn.Sequential(
-            torch.nn.Linear(784, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10)
-        )
-        for _ in range(a)
+    c = sh.config
+    xs = torch.from_dlpack(sh.x)  # [A, N, H, W, C]
+    if xs.shape[-1] == 1:
+        xs = xs.reshape(xs.shape[:2] + (1,) + xs.shape[2:4])  # NCHW, a view
+    else:
+        xs = xs.permute(0, 1, 4, 2, 3)
+    ys = torch.from_dlpack(sh.y).long()
+    m_agents = sh.a if max_agents <= 0 else min(max_agents, sh.a)
+    hidden = int(c.hidden[0]) if c.model == "mlp" else 0
+    nets = [
+        torch_models(c.model, sh.work["num_classes"], hidden) for _ in range(m_agents)
     ]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+    for m in nets:
+        m.train()
+    opts = [torch.optim.SGD(m.parameters(), lr=float(c.lr)) for m in nets]
     loss_fn = torch.nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(0)
+    ns = [int(v) for v in sh.n_host]
+    b, epochs = sh.batch, sh.epochs
 
-    def run():
-        for i in range(a):
-            m, opt = models[i], opts[i]
-            for s in range(steps):
-                xb = xs[i, s * batch : (s + 1) * batch]
-                yb = ys[i, s * batch : (s + 1) * batch]
-                opt.zero_grad()
-                loss_fn(m(xb), yb).backward()
-                opt.step()
+    def run(agents=m_agents):
+        torch.set_num_threads(threads)
+        for i in range(agents):
+            m, opt, n = nets[i], opts[i], ns[i]
+            xi, yi = xs[i], ys[i]
+            for _ in range(epochs):
+                perm = torch.randperm(n, generator=gen)
+                for s in range(0, n, b):
+                    idx = perm[s : s + b]
+                    opt.zero_grad()
+                    loss_fn(m(xi[idx]), yi[idx]).backward()
+                    opt.step()
+            opt.zero_grad()  # frees the agent's gradients (set_to_none)
 
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return statistics.median(
-        times
-    ), f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def _jax_parts(a, steps, batch):
-    import jax
-    import optax
-
-    from demjax import local, models
-
-    model = models.make_model("mlp", 10, (100,))
-
-    def apply_fn(p, xb, train, key):
-        return model.apply({"params": p}, xb)
-
-    tx = optax.sgd(0.05)
-    params = models.init_population(jax.random.PRNGKey(0), model, (28, 28, 1), a)
-    opt = jax.vmap(tx.init)(params)
-    return local, apply_fn, tx, params, opt
+    run.prepare = lambda: run(1)  # lazy initialisations: train agent 0 once
+    return run, m_agents
 
 
-def bench_jax_loop(x, y, steps, batch, repeats):
-    import jax
-    import jax.numpy as jnp
+# ---------------------------------------------------------------------------
+# Timing
 
-    a, n = x.shape[:2]
-    local, apply_fn, tx, params, opt = _jax_parts(a, steps, batch)
-    one = jax.jit(
-        local.make_train_one(apply_fn, tx, batch_size=batch, local_epochs=1, n_max=n)
-    )
-    xs, ys = jnp.asarray(x), jnp.asarray(y)
-    plist = [jax.tree.map(lambda v, i=i: v[i], params) for i in range(a)]
-    olist = [jax.tree.map(lambda v, i=i: v[i], opt) for i in range(a)]
-    keys = jax.random.split(jax.random.PRNGKey(1), a)
-    nn = jnp.int32(n)
 
-    def run():
-        out = [
-            one(keys[i], plist[i], olist[i], xs[i], ys[i], nn, plist[i], jnp.float32(0))
-            for i in range(a)
+def time_interleaved(runners: dict, repeats: int, slow_s: float, log=print) -> dict:
+    """Prepares each runner (``prepare_s``: the JAX programs compiled ahead of
+    time, PyTorch's lazy initialisation), then ``repeats`` rounds, each calling
+    every runner once in a rotated order. A runner that took more than
+    ``slow_s`` seconds in the first round is not repeated.
+
+    Returns:
+      ``{name: {"prepare_s", "times": [...]}}``.
+    """
+    out = {}
+    for name, run in runners.items():
+        t0 = time.perf_counter()
+        run.prepare()
+        out[name] = {"prepare_s": time.perf_counter() - t0, "times": []}
+        log(f"  prepared {name}: {out[name]['prepare_s']:.2f} s")
+    names = list(runners)
+    for r in range(repeats):
+        k = r % len(names)
+        todo = [
+            n for n in names[k:] + names[:k] if r == 0 or out[n]["times"][0] <= slow_s
         ]
-        jax.block_until_ready(out)
-
-    run()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), f"jax {jax.__version__}"
-
-
-def bench_demjax(x, y, steps, batch, repeats, agent_block):
-    """``agent_block``: agents trained at once, 0 = all, ``"auto"`` = the engine's
-    CPU choice for this model (``memory.cache_block_size``)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from demjax import memory
-
-    a, n = x.shape[:2]
-    local, apply_fn, tx, params, opt = _jax_parts(a, steps, batch)
-    if agent_block == "auto":
-        agent_block = memory.cache_block_size(memory.tree_bytes(params) // a)
-    counts = np.full((a,), n, np.int32)
-    train = jax.jit(
-        local.make_train_population(
-            apply_fn, tx, batch_size=batch, local_epochs=1, n_train=counts,
-            num_buckets=1, block_size=agent_block,
+        for name in todo:
+            t0 = time.perf_counter()
+            runners[name]()
+            out[name]["times"].append(time.perf_counter() - t0)
+        log(
+            f"  repeat {r + 1}/{repeats}: "
+            + ", ".join(f"{n} {out[n]['times'][-1]:.2f}" for n in names if n in todo)
         )
-    )  # fmt: skip
-    xs, ys = jnp.asarray(x), jnp.asarray(y)
-    keys = jax.random.split(jax.random.PRNGKey(1), a)
-    args = (keys, params, opt, xs, ys, jnp.asarray(counts), params, jnp.float32(0))
-    t = time.perf_counter()
-    jax.block_until_ready(train(*args))
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(train(*args))
-        times.append(time.perf_counter() - t)
-    med = statistics.median(times)
-    return (
-        med,
-        f"jax {jax.__version__}, compile {first - med:.1f} s, block {agent_block}",
-    )
+    return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--agents", default="1000")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument(
-        "--agent_block",
-        default="auto,0",
-        help="comma list of demjax agent blocks (auto = the engine's CPU choice, "
-        "0 = all agents at once, N): the first is the 'demjax' record, the others "
-        "'demjax_block<N>' records",
-    )
-    p.add_argument("--out", default=os.path.join(RESULTS, "baselines.json"))
-    args = p.parse_args()
-    blocks = [b for b in args.agent_block.split(",") if b]
-    if not blocks or not all(b == "auto" or b.isdigit() for b in blocks):
-        sys.exit(
-            f"error: --agent_block={args.agent_block!r}: accepted: a comma list "
-            "of 'auto' and ints >= 0"
+def effective_block(block: int, a: int, cap: int) -> int:
+    """The block a plan trains with for ``a`` agents of which ``cap`` fit at
+    once (0 = all), as ``plan.resolve`` caps an explicit plan."""
+    want = a if block == 0 else min(block, a)
+    want = min(want, cap)
+    return 0 if want >= a else want
+
+
+def parse_plans(text: str) -> list[str]:
+    """``--plans``: a comma list of auto, all, sequential, block:K."""
+    from demjax import plan as plan_lib
+    from demjax.errors import ConfigError
+
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        for p in out:
+            plan_lib.parse_plan(p)
+    except ConfigError as e:
+        raise SystemExit(f"error: --plans={text!r}: {e}") from None
+    if not out:
+        raise SystemExit("error: --plans is empty")
+    return out
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                REPO,
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "demjax",
+                "benchmarks/baselines.py",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def peak_rss_gb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+def one_size(args, a: int, plans: list[str], log=print) -> dict:
+    """Every implementation for ``a`` agents; the stored entry."""
+
+    from benchmarks.common import environment
+    from demjax import engine
+    from demjax import plan as plan_lib
+
+    if args.model == "cnn":
+        work = cnn_workload(a)
+    else:
+        work = mlp_workload(a, args.steps, args.batch, args.samples)
+    c = work["config"]
+    batch, epochs = int(c.batch_size), int(c.local_epochs)
+    steps = agent_steps(work["n_train"], batch, epochs)
+    total = int(steps.sum())
+    flops = flops_per_sample(c.model, int(c.hidden[0]))
+    conv_impls = ("patches", "xla") if c.model.startswith("cnn") else ("patches",)
+
+    auto = None
+    if "auto" in plans:
+        log(
+            f"{args.model} {a} agents: engine.choose_plan (empty cache, "
+            f"{args.search_rounds} rounds)"
         )
-    blocks = [b if b == "auto" else int(b) for b in blocks]
-    from benchmarks.common import cpu_model
-    from benchmarks.scaling import flops_per_agent_step, gemm_gflops
+        auto = choose_auto(work, args.search_rounds)
+        log("  auto: " + json.dumps({k: v for k, v in auto.items() if k != "table"}))
+        cap = auto["cap"]
+    else:
+        from demjax import local, models
 
-    step_flops = flops_per_agent_step("mlp", args.batch)
-    records = []
-    for a in (int(s) for s in args.agents.split(",")):
-        x, y = make_data(a, args.steps * args.batch)
-        runs = {
-            ("demjax" if i == 0 else f"demjax_block{b}"): (
-                lambda x=x, y=y, b=b: bench_demjax(
-                    x, y, args.steps, args.batch, args.repeats, b
-                )
+        tx = local.make_optimizer(c.optimizer, c.lr)
+        model = models.make_model(c.model, work["num_classes"], c.hidden)
+        cap = engine.memory_cap(
+            c,
+            _partition(work),
+            model,
+            tx,
+            donate=True,
+            num_group_models=int(sum(engine.tree_capacity(c))),
+        )[0]
+
+    # Explicit plans (capped by memory as the engine caps them), each conv impl.
+    blocks = []
+    for p in plans + ([auto["plan"]] if auto else []):
+        if p == "auto":
+            continue
+        k = effective_block(plan_lib.parse_plan(p), a, cap)
+        if k not in blocks:
+            blocks.append(k)
+    blocks.sort(key=lambda k: (k == 0, k))
+
+    sh = Shared(work)
+    del work["x"], work["y"]  # on the device now (the torch loop shares it)
+    gc.collect()
+    runners, notes = {}, {}
+    for k in blocks:
+        for impl in conv_impls:
+            name = f"demjax:{plan_lib.LocalPlan(k, impl).name}" + (
+                f"/{impl}" if len(conv_impls) > 1 else ""
             )
-            for i, b in enumerate(blocks)
+            runners[name] = demjax_runner(sh, k, impl)
+            notes[name] = {"plan": plan_lib.LocalPlan(k, impl).name, "conv_impl": impl}
+    loop_impls = ("xla", "patches") if len(conv_impls) > 1 else ("patches",)
+    for i, impl in enumerate(loop_impls):
+        name = LOOP if i == 0 else f"{LOOP}/{impl}"
+        runners[name] = jax_loop_runner(sh, impl)
+        notes[name] = {"conv_impl": impl} if len(conv_impls) > 1 else {}
+    torch_note, timed_steps = None, {}
+    threads = sorted(
+        {
+            (os.cpu_count() or 1) if t == "cores" else int(t)
+            for t in args.torch_threads.split(",")
+            if t
+        },
+        reverse=True,
+    )
+    if threads and not args.no_torch:
+        try:
+            import torch
+
+            torch_note = f"torch {torch.__version__}"
+            for t in threads:
+                name = TORCH if t == (os.cpu_count() or 1) else f"{TORCH}/{t}thread"
+                runners[name], m = torch_runner(sh, t, args.torch_agents)
+                timed_steps[name] = int(steps[:m].sum())
+                notes[name] = {"threads": t, "agents_timed": m}
+        except ImportError as e:
+            print(
+                f"skipping {TORCH}: {e} (pip install 'demjax[bench]')", file=sys.stderr
+            )
+    log(
+        f"{args.model} {a} agents ({total} agent-steps per run): "
+        f"{len(runners)} implementations, {args.repeats} interleaved repeats"
+    )
+    timed = time_interleaved(runners, args.repeats, args.slow_s, log)
+
+    env = environment()
+    records = {}
+    for name, t in timed.items():
+        best, med = min(t["times"]), statistics.median(t["times"])
+        done = timed_steps.get(name, total)
+        rate = done / best
+        records[name] = {
+            "impl": name,
+            "model": c.model,
+            "num_agents": a,
+            **notes[name],
+            "agent_steps": done,
+            "best_s": round(best, 4),
+            "median_s": round(med, 4),
+            "prepare_s": round(t["prepare_s"], 3),
+            "repeats": len(t["times"]),
+            "agent_steps_per_s": round(rate, 1),
+            "agent_steps_per_s_median": round(done / med, 1),
+            "gflops": round(rate * flops * batch / 1e9, 2),
+            "cpu_model": env["cpu_model"],
         }
-        runs |= {
-            "jax_per_agent_loop": lambda x=x, y=y: bench_jax_loop(
-                x, y, args.steps, args.batch, args.repeats
-            ),
-            "torch_sequential": lambda x=x, y=y: bench_torch(
-                x, y, args.steps, args.batch, args.repeats
-            ),
-        }
-        per = {}
-        for impl, fn in runs.items():
-            try:
-                sec, note = fn()
-            except ImportError as e:
-                print(
-                    f"skipping {impl}: {e} (pip install 'demjax[bench]')",
-                    file=sys.stderr,
+    if auto is not None:
+        k = effective_block(auto["block_size"], a, cap)
+        src = f"demjax:{plan_lib.LocalPlan(k, auto['conv_impl']).name}" + (
+            f"/{auto['conv_impl']}" if len(conv_impls) > 1 else ""
+        )
+        rec = dict(records[src], impl="auto", same_as=src)
+        rec.update(
+            {
+                k2: auto[k2]
+                for k2 in (
+                    "plan",
+                    "conv_impl",
+                    "source",
+                    "search_s",
+                    "plan_s",
+                    "budget_s",
+                    "cap",
                 )
-                continue
-            rate = a * args.steps / sec
-            rec = {
-                "impl": impl,
-                "num_agents": a,
-                "steps": args.steps,
-                "batch": args.batch,
-                "local_s": round(sec, 4),
-                "agent_steps_per_s": round(rate, 1),
-                "gflops": round(rate * step_flops / 1e9, 2),
-                "note": note,
             }
-            per[impl] = rec
-            records.append(rec)
-            print(json.dumps(rec), flush=True)
-        # The float32 GEMM peak of this process, measured right after the runs.
-        peak = gemm_gflops()
-        for rec in per.values():
-            rec["gemm_gflops"] = round(peak, 1)
-            rec["gemm_fraction"] = round(rec["gflops"] / peak, 4)
-            rec["cpu_model"] = cpu_model()
-        ratios = {
-            f"{d}_over_{k}": round(
-                per[d]["agent_steps_per_s"] / v["agent_steps_per_s"], 2
+        )
+        others = [r for n, r in records.items() if n.startswith("demjax:") and n != src]
+        if others:
+            top = max(others, key=lambda r: r["agent_steps_per_s"])
+            rec["best_other_plan"] = top["impl"]
+            rec["over_best_other_plan"] = round(
+                rec["agent_steps_per_s"] / top["agent_steps_per_s"], 3
             )
-            for d in per
-            if d.startswith("demjax")
-            for k, v in per.items()
-            if not k.startswith("demjax")
-        }
-        print(json.dumps({"num_agents": a, **ratios}), flush=True)
-        records.append({"impl": "ratios", "num_agents": a, **ratios})
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=1)
+        records = {"auto": rec, **records}
+    # References: the fastest per-agent JAX loop and the fastest PyTorch loop.
+    refs = {}
+    for key, prefix in (("over_jax_loop", LOOP), ("over_torch", TORCH)):
+        cands = [r for n, r in records.items() if n.split("/")[0] == prefix]
+        if cands:
+            refs[key] = max(cands, key=lambda r: r["agent_steps_per_s"])
+    for rec in records.values():
+        for key, ref in refs.items():
+            rec[key] = round(rec["agent_steps_per_s"] / ref["agent_steps_per_s"], 3)
+        log(json.dumps(rec))
+    best_plan = max(
+        (r for n, r in records.items() if n.startswith("demjax:")),
+        key=lambda r: r["agent_steps_per_s"],
+    )
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "commit": git_commit(),
+        "environment": dict(env, torch=torch_note),
+        "workload": {
+            "model": c.model,
+            "num_agents": a,
+            "batch": batch,
+            "local_epochs": epochs,
+            "lr": float(c.lr),
+            "data": work["data"],
+            "samples_min": int(sh.n_host.min()),
+            "samples_max": int(sh.n_host.max()),
+            "agent_steps": total,
+            "steps_min": int(steps.min()),
+            "steps_max": int(steps.max()),
+            "local_buckets": int(c.local_buckets),
+            "memory_cap": int(cap),
+            "repeats": args.repeats,
+            "search_rounds": args.search_rounds,
+        },
+        "auto": auto,
+        "best_plan": best_plan["impl"],
+        "references": {k: r["impl"] for k, r in refs.items()},
+        "records": list(records.values()),
+        "peak_rss_gb": peak_rss_gb(),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def _fmt(v, nd=2):
+    return "-" if v is None else f"{v:,.{nd}f}"
+
+
+def report(results: dict, path: str) -> None:
+    """``baselines.md``: one table per workload and size, newest first."""
+    lines = [
+        "# Local training side by side: demjax plans, a per-agent JAX loop, PyTorch",
+        "",
+        "Generated by `benchmarks/baselines.py` from `baselines.json`. Agent-steps/s "
+        "from the fastest of the interleaved repeats (median in brackets); ratios "
+        "against the fastest per-agent jitted JAX loop (`jax_per_agent_loop*`) and "
+        "the fastest sequential PyTorch loop (`torch_sequential*`, with as many "
+        "threads as cores or one) of the same run.",
+        "",
+    ]
+    for key in sorted(
+        results["runs"], key=lambda k: (k.split("/")[0], int(k.split("/")[1]))
+    ):
+        e = results["runs"][key]
+        w, env = e["workload"], e["environment"]
+        lines += [
+            f"## {w['model']}, {w['num_agents']:,} agents",
+            "",
+            f"{e['date']}, commit {e['commit']}, {env['cpu_model']}, "
+            f"{env['cpu_count']} cores, JAX {env['jax']}"
+            + (f", {env['torch']}" if env.get("torch") else "")
+            + ". "
+            f"{w['data']}; batch {w['batch']}, {w['local_epochs']} local epochs, "
+            f"{w['samples_min']}-{w['samples_max']} samples and "
+            f"{w['steps_min']}-{w['steps_max']} steps per agent, "
+            f"{w['agent_steps']:,} agent-steps per run; {w['repeats']} repeats; "
+            f"memory cap {w['memory_cap']:,} agents at once; "
+            f"peak RSS {e.get('peak_rss_gb', '-')} GB.",
+            "",
+        ]
+        a = e.get("auto")
+        if a:
+            rec = next(r for r in e["records"] if r["impl"] == "auto")
+            lines += [
+                f"Auto plan: `{a['plan']}`"
+                + (f" / `{a['conv_impl']}`" if w["model"] != "mlp" else "")
+                + f" ({a['source']}; search {_fmt(a['search_s'])} s of a "
+                f"{_fmt(a['budget_s'])} s budget, whole choice {_fmt(a['plan_s'])} s "
+                f"for {w['search_rounds']} rounds); fastest plan measured here: "
+                f"`{e['best_plan']}`"
+                + (
+                    f"; auto over the best other plan "
+                    f"{rec['over_best_other_plan']:.2f}x"
+                    if "over_best_other_plan" in rec
+                    else ""
+                )
+                + ".",
+                "",
+            ]
+        lines += [
+            "| implementation | agent-steps/s | GFLOP/s | vs JAX loop | vs PyTorch "
+            "| repeats | prepare s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in e["records"]:
+            name = r["impl"] + (f" (= {r['same_as']})" if r.get("same_as") else "")
+            lines.append(
+                f"| {name} | {r['agent_steps_per_s']:,.0f} "
+                f"({r['agent_steps_per_s_median']:,.0f}) | {_fmt(r['gflops'], 1)} "
+                f"| {_fmt(r.get('over_jax_loop'))} | {_fmt(r.get('over_torch'))} "
+                f"| {r['repeats']} | {_fmt(r['prepare_s'], 1)} |"
+            )
+        if a and a.get("table"):
+            lines += [
+                "",
+                "Search table (candidates in the order timed):",
+                "",
+                "| plan | conv | agents | steps | compile s | agent-steps/s "
+                "| search s so far |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for t in a["table"]:
+                lines.append(
+                    f"| {t['plan']} | {t['conv_impl']} | {t['agents']} | {t['steps']} "
+                    f"| {t['compile_s']:.2f} | {t['agent_steps_per_s']:,.0f} "
+                    f"| {t['search_s']:.1f} |"
+                )
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
+    p.add_argument(
+        "--agents", default=None, help="comma list (default: mlp 1000, cnn 50)"
+    )
+    p.add_argument("--steps", type=int, default=20, help="mlp: steps per agent")
+    p.add_argument("--batch", type=int, default=20, help="mlp: batch size")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=100,
+        help="mlp: samples per agent (steps * batch / samples epochs)",
+    )
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--plans",
+        default=None,
+        help="comma list of auto, all, sequential, block:K (default: "
+        + "; ".join(f"{k} {v}" for k, v in DEFAULT_PLANS.items())
+        + ")",
+    )
+    p.add_argument(
+        "--search_rounds",
+        type=int,
+        default=100,
+        help="num_rounds of the config the auto search sizes its budget by",
+    )
+    p.add_argument(
+        "--slow_s",
+        type=float,
+        default=120.0,
+        help="an implementation slower than this (s) in the first repeat is timed once",
+    )
+    p.add_argument("--no_torch", action="store_true")
+    p.add_argument(
+        "--torch_threads",
+        default="cores,1",
+        help="comma list of PyTorch intra-op thread counts, one record each "
+        "(cores = os.cpu_count()); ratios are against the fastest",
+    )
+    p.add_argument(
+        "--torch_agents",
+        type=int,
+        default=0,
+        help="time the PyTorch loops on the first N agents only (0: all)",
+    )
+    p.add_argument("--report_only", action="store_true")
+    p.add_argument("--out", default=os.path.join(RESULTS, "baselines.json"))
+    args = p.parse_args(argv)
+
+    from benchmarks.common import load_results, save_results
+
+    results = load_results(args.out)
+    if "runs" not in results:  # an older flat list of records
+        results = {"runs": {}}
+    md = os.path.splitext(args.out)[0] + ".md"
+    if args.report_only:
+        report(results, md)
+        return
+    plans = parse_plans(args.plans or DEFAULT_PLANS[args.model])
+    sizes = [
+        int(s)
+        for s in (args.agents or ("50" if args.model == "cnn" else "1000")).split(",")
+    ]
+    for a in sizes:
+        entry = one_size(args, a, plans, log=lambda s: print(s, flush=True))
+        results["runs"][f"{args.model}/{a}"] = entry
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        save_results(args.out, results)
+        report(results, md)
+        gc.collect()
 
 
 if __name__ == "__main__":

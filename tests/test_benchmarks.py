@@ -77,3 +77,58 @@ def test_continual_report_states_verdicts_and_matrices(tmp_path):
     assert "| dac_alpha10 | alpha = 10 | 0.450 | +0.030 | - |" in md
     assert "| 1 | 0.200 | 0.420 |" in md
     assert (tmp_path / "continual.png").stat().st_size > 1000
+
+
+def test_baselines_tiny_run_records_every_implementation(tmp_path):
+    """A tiny MLP run end to end (an explicit plan, the per-agent JAX loop and, when
+    torch is installed, the 1-thread PyTorch loop): one record each, the ratios
+    against the references, the stored entry and its Markdown table."""
+    import importlib.util
+    import json
+
+    bench = load("baselines")
+    out = tmp_path / "baselines.json"
+    has_torch = importlib.util.find_spec("torch") is not None
+    bench.main([
+        "--model=mlp", "--agents=3", "--steps=2", "--batch=2", "--samples=2",
+        "--plans=sequential", "--repeats=1", "--torch_threads=1",
+        f"--out={out}",
+    ] + ([] if has_torch else ["--no_torch"]))  # fmt: skip
+    entry = json.loads(out.read_text())["runs"]["mlp/3"]
+    names = [r["impl"] for r in entry["records"]]
+    assert names[:2] == ["demjax:sequential", "jax_per_agent_loop"]
+    assert len(names) == 2 + has_torch
+    assert all(n.startswith("torch_sequential") for n in names[2:])
+    assert entry["workload"]["agent_steps"] == 3 * 2
+    assert entry["workload"]["local_epochs"] == 2
+    for r in entry["records"]:
+        assert r["agent_steps_per_s"] > 0 and r["cpu_model"]
+        rate = r["agent_steps"] / r["best_s"]  # best_s is rounded
+        assert abs(r["agent_steps_per_s"] - rate) <= 0.02 * rate
+    loop = next(r for r in entry["records"] if r["impl"] == "jax_per_agent_loop")
+    assert loop["over_jax_loop"] == 1.0
+    md = (tmp_path / "baselines.md").read_text()
+    assert "## mlp, 3 agents" in md and "| jax_per_agent_loop |" in md
+
+
+def test_baselines_torch_cnn_matches_the_flax_cnn():
+    """The PyTorch CNN has the paper CNN's layers and parameter count."""
+    torch = __import__("pytest").importorskip("torch")
+    import math
+
+    import jax
+
+    from demjax import models
+
+    bench = load("baselines")
+    net = bench.torch_models("cnn", 10)
+    flax_params = jax.eval_shape(
+        lambda k: models.init_params(k, models.make_model("cnn", 10), (28, 28, 1)),
+        jax.random.PRNGKey(0),
+    )
+    n_flax = sum(math.prod(v.shape) for v in jax.tree.leaves(flax_params))
+    assert sum(p.numel() for p in net.parameters()) == n_flax == 834_922
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert bench.effective_block(0, 10, 4) == 4  # all, capped by memory
+    assert bench.effective_block(16, 10, 10) == 0  # a block of all agents
+    assert bench.effective_block(1, 10, 4) == 1
