@@ -26,6 +26,11 @@ gradient before round 0, keeps the fastest, and caches the choice in a JSON file
 keyed by the model, shapes, device kind, CPU model and library versions, so the
 next run with the same key starts at once.
 
+Candidates are timed on equal step counts; a vmapped plan's speed is then
+scaled by the run's share of real steps among its padded step slots (agents of
+a step-count bucket all run the bucket's largest count), which the sequential
+plan does not pay.
+
 The search's cost is bounded: the first candidate timed (all agents at once,
 capped by memory) gives an estimate of the run's local training time; the
 search stops once it has spent 10% of that estimate (``SEARCH_FRACTION``), or
@@ -505,13 +510,28 @@ def resolve(
             *impls[0],
         )
         return plan, dict(info, **_names(plan), source="prior")
+    # Vmapped plans run every agent of a step-count bucket for the bucket's
+    # largest step count; the sequential plan runs each agent's own steps. The
+    # timed programs use equal step counts, so vmapped speeds are scaled by the
+    # run's share of real steps among the padded step slots.
+    from demjax.local import plan_buckets
+
+    buckets = plan_buckets(per_round, int(getattr(config, "local_buckets", 1)))
+    slots = sum(len(b) * int(per_round[b].max()) for b in buckets)
+    fill = float(per_round.sum()) / max(slots, 1)
+
     def measure(k, impl):
-        return measure_local(
+        rec = measure_local(
             make_trainer, init_params, tx, x, y,
             block_size=0 if k >= num_agents else k, conv_impl=impl[0],
             matmul_impl=impl[1],
             num_agents=num_agents, batch_size=batch_size, steps=steps, mu=mu,
         )  # fmt: skip
+        if k != 1 and fill < 1.0:
+            rec["timed_agent_steps_per_s"] = rec["agent_steps_per_s"]
+            rec["step_fill"] = round(fill, 4)
+            rec["agent_steps_per_s"] = round(rec["agent_steps_per_s"] * fill, 2)
+        return rec
 
     t0 = time.perf_counter()
     if block is not None:  # explicit plan, conv implementation measured
