@@ -255,6 +255,7 @@ def measure_local(
     batch_size: int,
     steps: int,
     mu: float,
+    floor: float = 0.0,
 ) -> dict:
     """Times one plan on ``steps`` real local steps per agent.
 
@@ -272,6 +273,8 @@ def measure_local(
       tx: the agents' optax optimizer.
       x, y: real training rows ``[A', N', ...]`` / ``[A', N']`` to draw from
         (agents and rows are reused cyclically).
+      floor: the best speed measured so far (agent-steps/s); a candidate whose
+        first call runs below half of it is not timed again.
 
     Returns:
       dict with ``plan``, ``agents``, ``steps``, ``compile_s``, ``run_s`` and
@@ -298,8 +301,13 @@ def measure_local(
     args = (one, xs, ys)
     compiled = jax.jit(run).lower(*args).compile()
     compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))  # first call: allocation, page faults
-    run_s = best_time(compiled, *args)
+    first_s = time.perf_counter() - t0
+    if a * steps / max(first_s, 1e-9) < 0.5 * floor:
+        run_s = first_s  # far below the best so far: not worth more calls
+    else:
+        run_s = best_time(compiled, *args)
     plan = LocalPlan(
         block_size if block_size < num_agents else 0, conv_impl, matmul_impl
     )
@@ -334,8 +342,8 @@ def search(
     the previous measurement's cost).
 
     Args:
-      measure: ``(block_size, (conv_impl, matmul_impl)) -> record``
-        (``measure_local``).
+      measure: ``(block_size, (conv_impl, matmul_impl), floor) -> record``
+        (``measure_local``; ``floor`` the best speed so far).
       num_agents: A.
       cap: most agents that fit at once (``<= A``).
       variants: ``(conv_impl, matmul_impl)`` pairs to try, the first one the
@@ -352,7 +360,8 @@ def search(
 
     def timed(k, impl):
         t0 = time.perf_counter()
-        rec = measure(k, impl)
+        floor = max((r["agent_steps_per_s"] for r in table), default=0.0)
+        rec = measure(k, impl, floor)
         last_cost[0] = time.perf_counter() - t0
         table.append(dict(rec, search_s=round(time.perf_counter() - t_start, 3)))
         return rec["agent_steps_per_s"]
@@ -520,12 +529,13 @@ def resolve(
     slots = sum(len(b) * int(per_round[b].max()) for b in buckets)
     fill = float(per_round.sum()) / max(slots, 1)
 
-    def measure(k, impl):
+    def measure(k, impl, floor=0.0):
         rec = measure_local(
             make_trainer, init_params, tx, x, y,
             block_size=0 if k >= num_agents else k, conv_impl=impl[0],
             matmul_impl=impl[1],
             num_agents=num_agents, batch_size=batch_size, steps=steps, mu=mu,
+            floor=floor / max(fill, 1e-9) if k != 1 else floor,
         )  # fmt: skip
         if k != 1 and fill < 1.0:
             rec["timed_agent_steps_per_s"] = rec["agent_steps_per_s"]
@@ -635,8 +645,14 @@ def resolve_eval(
             t0 = time.perf_counter()
             compiled = jax.jit(fn).lower(models_m, xs, ys).compile()
             compile_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
             jax.block_until_ready(compiled(models_m, xs, ys))
-            run_s = best_time(compiled, models_m, xs, ys, min_total_s=0.1)
+            first_s = time.perf_counter() - t0
+            top = max((r["models_per_s"] for r in table), default=0.0)
+            if m / max(first_s, 1e-9) < 0.5 * top:
+                run_s = first_s  # far below the best so far: not timed again
+            else:
+                run_s = best_time(compiled, models_m, xs, ys, min_total_s=0.1)
             speed = m / max(run_s, 1e-9)
             table.append({
                 "eval_batch": k, "conv_impl": impl, "models": m,

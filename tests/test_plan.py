@@ -198,7 +198,7 @@ def test_block_candidates():
 def _fake_measure(speeds, calls, cost=0.0):
     """``measure`` with given agent-steps/s per (block, impl); records calls."""
 
-    def measure(k, impl):
+    def measure(k, impl, floor=0.0):
         calls.append((k, impl))
         if cost:
             import time
