@@ -649,7 +649,8 @@ def lower_phases(s: Setup, block: int, only=None) -> tuple[dict, object]:
     from demjax.types import GroupTree
 
     c = s.config
-    c.agent_block = int(block)
+    c.local_plan = "all" if int(block) <= 0 else f"block:{int(block)}"
+    c.conv_impl, c.matmul_impl = "patches", "xla"
     sim = Simulator(c, abstract_partition(s, True), donate=True)
     part = abstract_partition(s, False)
     a = s.num_agents
@@ -806,7 +807,7 @@ def project(s: Setup, measure_host: bool = True) -> tuple[list[dict], dict]:
     from demjax.engine import Simulator
 
     c = s.config
-    c.agent_block = 1
+    c.local_plan, c.conv_impl, c.matmul_impl = "block:1", "patches", "xla"
     probe = Simulator(c, abstract_partition(s, True), donate=True)
     part_h = abstract_partition(s, True)
     blocks = {k: engine_block(probe, part_h, d.memory) for k, d in DEVICES.items()}

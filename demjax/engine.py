@@ -207,6 +207,14 @@ def memory_cap(config, partition: Partition, model, tx, *, donate: bool,
     return block or partition.num_agents, probe
 
 
+def _host_rows(a, k: int) -> np.ndarray:
+    """The first ``k`` rows of ``a`` on the host (zeros for an abstract array,
+    e.g. a ``jax.ShapeDtypeStruct`` partition that is only lowered)."""
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return np.zeros((k, *a.shape[1:]), a.dtype)
+    return sharding.to_host(a[:k])
+
+
 def choose_plan(config, partition: Partition, tx, mu: float, *,
                 cap_probe: tuple[int, dict], algorithm: str,
                 grad_fn=None):  # fmt: skip
@@ -261,8 +269,7 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
 
     # A few agents' real rows are enough: the timed steps reuse them.
     few = min(partition.num_agents, 16)
-    x = sharding.to_host(partition.x_train[:few])
-    y = sharding.to_host(partition.y_train[:few])
+    x, y = _host_rows(partition.x_train, few), _host_rows(partition.y_train, few)
     n_dev = len(jax.tree.leaves(partition.x_train)[0].sharding.device_set) if (
         isinstance(partition.x_train, jax.Array)) else 1  # fmt: skip
     cap, probe = cap_probe
@@ -310,8 +317,7 @@ def choose_eval_plan(config, partition: Partition, *, probe: dict, points: int):
     num_classes = partition.num_classes
     m = int(partition.x_all.shape[0])
     s = min(m, int(config.eval_samples) or m)
-    x = sharding.to_host(partition.x_all[:s])
-    y = sharding.to_host(partition.y_all[:s])
+    x, y = _host_rows(partition.x_all, s), _host_rows(partition.y_all, s)
 
     def make_eval(k, impl):
         model = models.make_model(config.model, num_classes, config.hidden, impl)
