@@ -87,7 +87,7 @@ def test_fmnist_paper_matches_golden(tmp_path):
     # suite's fast-compile setting changes the CNN's float results.
     import jax
 
-    saved = jax.config.jax_disable_most_optimizations
+    saved = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
     try:
         _check(FMNIST_CASE, str(tmp_path))
