@@ -216,13 +216,12 @@ def _host_rows(a, k: int) -> np.ndarray:
 
 
 def choose_plan(config, partition: Partition, tx, mu: float, *,
-                cap_probe: tuple[int, dict], algorithm: str,
-                grad_fn=None):  # fmt: skip
+                cap_probe: tuple[int, dict], algorithm: str):  # fmt: skip
     """The local-training execution plan of a run (``demjax.plan``).
 
-    Times the candidate plans on the run's own model, optimizer, data shapes
-    and (with ``grad_fn``) gradient, or takes them from ``config.local_plan`` /
-    ``config.conv_impl`` or from the plan cache.
+    Times the candidate plans on the run's own model, optimizer and data
+    shapes (the standard local objective's step), or takes them from
+    ``config.local_plan`` / ``conv_impl`` / ``matmul_impl`` or the plan cache.
 
     Args:
       config: validated run config.
@@ -231,7 +230,6 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
       cap_probe: ``memory_cap``'s result: the most agents whose training fits
         in memory at once, and the probe of one agent's gradient step.
       algorithm: name (part of the cache key: a plug-in's gradient differs).
-      grad_fn: custom local gradient (``local.make_train_one``).
 
     Returns:
       ``(plan.LocalPlan, info dict)`` as ``demjax.plan.resolve``.
@@ -245,14 +243,9 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
     def make_trainer(block, conv, matmul, n):
         model = models.make_model(config.model, num_classes, config.hidden, conv,
                                   matmul)  # fmt: skip
-
-        def apply_fn(params, x, train, key):
-            rngs = {"dropout": key} if (train and key is not None) else {}
-            return model.apply({"params": params}, x, train=train, rngs=rngs)
-
         return local.make_train_population(
-            apply_fn, tx, batch_size=batch_size, local_epochs=1, n_train=n,
-            num_buckets=1, block_size=block, grad_fn=grad_fn,
+            models.make_apply(model), tx, batch_size=batch_size, local_epochs=1,
+            n_train=n, num_buckets=1, block_size=block,
         )  # fmt: skip
 
     # Parameters are interchangeable between conv implementations: init once.
@@ -270,8 +263,8 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
     # A few agents' real rows are enough: the timed steps reuse them.
     few = min(partition.num_agents, 16)
     x, y = _host_rows(partition.x_train, few), _host_rows(partition.y_train, few)
-    n_dev = len(jax.tree.leaves(partition.x_train)[0].sharding.device_set) if (
-        isinstance(partition.x_train, jax.Array)) else 1  # fmt: skip
+    x_train = partition.x_train
+    n_dev = len(x_train.sharding.device_set) if isinstance(x_train, jax.Array) else 1
     cap, probe = cap_probe
     return plan_lib.resolve(
         config,
@@ -321,10 +314,7 @@ def choose_eval_plan(config, partition: Partition, *, probe: dict, points: int):
 
     def make_eval(k, impl):
         model = models.make_model(config.model, num_classes, config.hidden, impl)
-
-        def apply(params, xb, train, key):
-            return model.apply({"params": params}, xb, train=False)
-
+        apply = models.make_eval_apply(model)
         return lambda ms, xs, ys: metrics.correct_matrix(apply, ms, xs, ys, k)
 
     one = jax.device_get(models.init_params(
@@ -389,21 +379,16 @@ class Simulator:
             config.model, partition.num_classes, config.hidden,
             self.plan.conv_impl, self.plan.matmul_impl,
         )  # fmt: skip
-        model = self.model
-
-        def apply_fn(params, x, train, key):
-            rngs = {"dropout": key} if train else {}
-            return model.apply({"params": params}, x, train=train, rngs=rngs)
+        apply_fn = models.make_apply(self.model)
 
         # Evaluation runs forward passes only, ``eval_batch`` models at a time
         # inside lax.map, with its own measured conv implementation (parameters
         # are interchangeable between the two).
-        eval_model = models.make_model(
-            config.model, partition.num_classes, config.hidden, eval_conv
+        eval_apply_fn = models.make_eval_apply(
+            models.make_model(
+                config.model, partition.num_classes, config.hidden, eval_conv
+            )
         )
-
-        def eval_apply_fn(params, x, train, key):
-            return eval_model.apply({"params": params}, x, train=False)
 
         self.apply_fn = apply_fn
         self.block_size = self.plan.block_size

@@ -286,6 +286,27 @@ def make_model(
     return CNNCifar(num_classes, conv_impl=conv_impl, matmul_impl=matmul_impl)
 
 
+def make_apply(model: nn.Module):
+    """``apply(params, x [B, ...], train, key) -> logits [B, C]`` of ``model``:
+    dropout (where the model has it) draws from ``key`` when ``train`` and a
+    key is given."""
+
+    def apply(params, x, train, key):
+        rngs = {"dropout": key} if (train and key is not None) else {}
+        return model.apply({"params": params}, x, train=train, rngs=rngs)
+
+    return apply
+
+
+def make_eval_apply(model: nn.Module):
+    """``apply(params, x, train, key) -> logits``, always in evaluation mode."""
+
+    def apply(params, x, train, key):
+        return model.apply({"params": params}, x, train=False)
+
+    return apply
+
+
 def init_params(key: jax.Array, model: nn.Module, input_shape: Sequence[int]):
     """Initializes ONE agent's parameters for inputs of shape ``(H, W, C)``."""
     dummy = jnp.zeros((1, *input_shape), jnp.float32)

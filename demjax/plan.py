@@ -241,6 +241,33 @@ def best_time(fn, *args, min_total_s: float = 0.25, max_calls: int = 20) -> floa
     return best
 
 
+def _run_time(compiled, args, units: float, floor: float, min_total_s: float):
+    """Seconds per call of ``compiled(*args)``, called once already inside:
+    when that first call runs below half of ``floor`` (``units`` per second,
+    the best speed so far) it is the answer, else ``best_time``."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))  # first call: allocation, page faults
+    first_s = time.perf_counter() - t0
+    if units / max(first_s, 1e-9) < 0.5 * floor:
+        return first_s  # far below the best so far: not worth more calls
+    return best_time(compiled, *args, min_total_s=min_total_s)
+
+
+class _PastPeak:
+    """Tracks the best speed of a series of growing candidates: ``done(speed)``
+    is True after two sizes slower than the best by more than 15%."""
+
+    def __init__(self, best: float = 0.0):
+        self.best, self.worse = best, 0
+
+    def done(self, speed: float) -> bool:
+        if speed > self.best:
+            self.best, self.worse = speed, 0
+        elif speed < 0.85 * self.best:
+            self.worse += 1
+        return self.worse >= 2
+
+
 def measure_local(
     make_trainer: Callable[[int, str, np.ndarray], Callable],
     init_params: Callable[[str], object],
@@ -301,13 +328,7 @@ def measure_local(
     args = (one, xs, ys)
     compiled = jax.jit(run).lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))  # first call: allocation, page faults
-    first_s = time.perf_counter() - t0
-    if a * steps / max(first_s, 1e-9) < 0.5 * floor:
-        run_s = first_s  # far below the best so far: not worth more calls
-    else:
-        run_s = best_time(compiled, *args)
+    run_s = _run_time(compiled, args, a * steps, floor, min_total_s=0.25)
     plan = LocalPlan(
         block_size if block_size < num_agents else 0, conv_impl, matmul_impl
     )
@@ -371,19 +392,12 @@ def search(
 
     first = timed(cap, variants[0])
     for impl in variants:
-        best, worse = (first if impl == variants[0] else 0.0), 0
+        peak = _PastPeak(first if impl == variants[0] else 0.0)
         for k in block_candidates(num_agents, cap):
             if k == cap and impl == variants[0]:
                 continue  # measured first
-            if not affordable():
+            if not affordable() or peak.done(timed(k, impl)):
                 break
-            speed = timed(k, impl)
-            if speed > best:
-                best, worse = speed, 0
-            elif speed < 0.85 * best:
-                worse += 1
-                if worse >= 2:
-                    break
     top = max(table, key=lambda r: r["agent_steps_per_s"])
     return (
         LocalPlan(parse_plan(top["plan"]), top["conv_impl"], top["matmul_impl"]),
@@ -633,7 +647,7 @@ def resolve_eval(
     budget = None
     xs, ys = jnp.asarray(x), jnp.asarray(y)
     for impl in impls:
-        best, worse = 0.0, 0
+        peak = _PastPeak()
         for k in cands:
             if budget is not None and time.perf_counter() - t_start > budget:
                 break
@@ -645,14 +659,8 @@ def resolve_eval(
             t0 = time.perf_counter()
             compiled = jax.jit(fn).lower(models_m, xs, ys).compile()
             compile_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(models_m, xs, ys))
-            first_s = time.perf_counter() - t0
             top = max((r["models_per_s"] for r in table), default=0.0)
-            if m / max(first_s, 1e-9) < 0.5 * top:
-                run_s = first_s  # far below the best so far: not timed again
-            else:
-                run_s = best_time(compiled, models_m, xs, ys, min_total_s=0.1)
+            run_s = _run_time(compiled, (models_m, xs, ys), m, top, min_total_s=0.1)
             speed = m / max(run_s, 1e-9)
             table.append({
                 "eval_batch": k, "conv_impl": impl, "models": m,
@@ -662,12 +670,8 @@ def resolve_eval(
             })  # fmt: skip
             if budget is None:
                 budget = SEARCH_FRACTION * num_evals * num_agents / speed
-            if speed > best:
-                best, worse = speed, 0
-            elif speed < 0.85 * best:
-                worse += 1
-                if worse >= 2:
-                    break
+            if peak.done(speed):
+                break
         if budget is not None and time.perf_counter() - t_start > budget:
             break
     top = max(table, key=lambda r: r["models_per_s"])

@@ -56,16 +56,10 @@ def build(config, part):
     eval_batch, eval_conv, plan_info["eval"] = choose_eval_plan(
         config, part, probe=cap_probe[1], points=1
     )
-    eval_model = models.make_model(
-        config.model, part.num_classes, config.hidden, eval_conv
+    apply_fn = models.make_apply(model)
+    eval_apply_fn = models.make_eval_apply(
+        models.make_model(config.model, part.num_classes, config.hidden, eval_conv)
     )
-
-    def apply_fn(params, x, train, key):
-        rngs = {"dropout": key} if (train and key is not None) else {}
-        return model.apply({"params": params}, x, train=train, rngs=rngs)
-
-    def eval_apply_fn(params, x, train, key):
-        return eval_model.apply({"params": params}, x, train=False)
 
     ctx = Context(
         config=config,
