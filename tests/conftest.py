@@ -25,7 +25,7 @@ import os
 
 import jax
 import pytest
-from helpers import run_cli_batch
+from helpers import INTERRUPTED_CLI, interrupt_cli, run_cli_batch
 
 _JAX_FLAGS = {
     "jax_compilation_cache_dir": None,  # the session's temporary directory
@@ -84,6 +84,15 @@ def cli(request, _cli_batch):
     """``{NAME: helpers.CliResult}`` of the test's ``@pytest.mark.cli`` cases."""
     names = [n for mark in request.node.iter_markers("cli") for n in mark.kwargs]
     return {name: _cli_batch[name] for name in names}
+
+
+@pytest.fixture(scope="session")
+def interrupted_run(tmp_path_factory, compilation_cache):
+    """``helpers.InterruptedRun``: ``scripts/run.py INTERRUPTED_CLI`` sent SIGINT
+    after 5 rounds (10 metric lines) of 40, read by test_checkpoint (resume) and
+    test_faults (clean exit)."""
+    workdir = tmp_path_factory.mktemp("interrupted") / "run"
+    return interrupt_cli(INTERRUPTED_CLI, workdir, after_lines=10)
 
 
 def pytest_configure(config):

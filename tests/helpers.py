@@ -152,3 +152,46 @@ def run_cli_batch(
         )
         for name in cases
     }
+
+
+# A run of scripts/run.py sent SIGINT mid-run: test_checkpoint resumes it (its
+# ``config()`` is the same config), test_faults checks that it exited cleanly.
+INTERRUPTED_ROUNDS = 40
+INTERRUPTED_CLI = [
+    "--config.model=mlr", "--config.num_agents=12", "--config.num_levels=2",
+    "--config.local_epochs=1", "--config.checkpoint_every=3",
+    "--config.progress=False", f"--config.num_rounds={INTERRUPTED_ROUNDS}",
+]  # fmt: skip
+
+
+@dataclasses.dataclass
+class InterruptedRun:
+    """A ``scripts/run.py`` process sent SIGINT (or finished before it)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    workdir: pathlib.Path
+    metrics: str  # metrics.jsonl as the process left it
+
+
+def interrupt_cli(args, workdir: pathlib.Path, after_lines: int) -> InterruptedRun:
+    """``scripts/run.py ARGS --workdir=WORKDIR`` sent SIGINT once its
+    metrics.jsonl holds ``after_lines`` lines."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, RUN_PY, *args, f"--workdir={workdir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < after_lines
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    text = metrics.read_text() if metrics.exists() else ""
+    return InterruptedRun(proc.returncode, out, err, workdir, text)
