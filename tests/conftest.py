@@ -1,4 +1,4 @@
-"""Suite-wide fixtures and markers.
+"""Suite-wide fixtures, markers and the time budget.
 
 Speed only, no test's claim depends on them:
 
@@ -19,13 +19,26 @@ Speed only, no test's claim depends on them:
   all collected tests run once per session, each in its own process, forked from
   one interpreter that imported the libraries once (``helpers.run_cli_batch``); a
   NAME used by two tests is one run.
+- ``@pytest.mark.slow(seconds=S)``: an end-to-end test that costs about S seconds
+  on an idle 2-core CPU (the slow CI kind). Slow tests run after all others,
+  cheapest first, and each is skipped, with the reason in its skip message and a
+  count at the end of the report, when the time since the session started plus S
+  would exceed the budget ``DEMJAX_TEST_BUDGET_S`` (default 540 s, so that the
+  suite stays under 10 minutes on a slow CI machine; ``inf`` runs them all, ``0``
+  none; ``-m "not slow"`` deselects them).
 """
 
 import os
+import time
 
-import jax
-import pytest
-from helpers import INTERRUPTED_CLI, interrupt_cli, run_cli_batch
+_START = time.monotonic()  # before the JAX import: close to the session's start
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from helpers import INTERRUPTED_CLI, interrupt_cli, run_cli_batch  # noqa: E402
+
+BUDGET_ENV = "DEMJAX_TEST_BUDGET_S"
+DEFAULT_BUDGET_S = 540.0
 
 _JAX_FLAGS = {
     "jax_compilation_cache_dir": None,  # the session's temporary directory
@@ -95,7 +108,58 @@ def interrupted_run(tmp_path_factory, compilation_cache):
     return interrupt_cli(INTERRUPTED_CLI, workdir, after_lines=10)
 
 
+# ------------------------------------------------------------- slow tests, budget
+
+
+_SKIPPED = pytest.StashKey[list]()  # node ids of the slow tests the budget skipped
+
+
+def _budget() -> float:
+    return float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_S))
+
+
+def _cost(item) -> float:
+    mark = item.get_closest_marker("slow")
+    return float(mark.kwargs.get("seconds", 0.0)) if mark else 0.0
+
+
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow(seconds): end-to-end test of about `seconds` on an idle 2-core CPU; "
+        f"run last, skipped past the {BUDGET_ENV} budget (tests/conftest.py)",
+    )
     config.addinivalue_line(
         "markers", "cli(NAME=ARGS): scripts/run.py processes read by the `cli` fixture"
     )
+    config.stash[_SKIPPED] = []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    slow = sorted((i for i in items if i.get_closest_marker("slow")), key=_cost)
+    items[:] = [i for i in items if not i.get_closest_marker("slow")] + slow
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if not item.get_closest_marker("slow"):
+        return
+    elapsed, cost, budget = time.monotonic() - _START, _cost(item), _budget()
+    if elapsed + cost > budget:
+        item.config.stash[_SKIPPED].append(item.nodeid)
+        pytest.skip(
+            f"slow test (~{cost:.0f} s) does not fit the time budget: {elapsed:.0f} s "
+            f"used of {BUDGET_ENV}={budget:g} (tests/conftest.py)"
+        )
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    skipped = config.stash[_SKIPPED]
+    if skipped:
+        budget = _budget()
+        what = "all" if budget == 0 else f"past {budget:g} s"
+        terminalreporter.write_line(
+            f"{len(skipped)} slow test(s) skipped by the time budget ({what}; "
+            f"{BUDGET_ENV}=inf runs them): {', '.join(skipped)}"
+        )
