@@ -71,18 +71,22 @@ DIGITS_CLI = [
     "--config.model=mlr", "--config.num_levels=2", "--config.eval_samples=20",
 ]  # fmt: skip
 
-# The batch driver: one interpreter imports what every scripts/run.py process
-# imports (JAX, flax, orbax, demjax; nothing that initializes a backend or defines
-# a flag), then forks once per case, at most ``parallel`` at a time. Each child is
-# a process of its own running scripts/run.py as ``__main__``: its own absl flags,
-# backend, exit status, stdout and stderr (fds 1 and 2, so native logs too); an
-# exception the script does not handle prints its traceback and exits 1, as in a
-# fresh interpreter. Only the import of the libraries is shared.
+# The batch driver: one interpreter imports what the scripts/run.py processes
+# import (JAX, flax, orbax, scikit-learn, tensorboardX, demjax; nothing that
+# initializes a backend or defines a flag), freezes those objects out of the
+# garbage collector (so the children do not copy them page by page), then forks
+# once per case, at most ``parallel`` at a time. Each child is a process of its
+# own running scripts/run.py as ``__main__``: its own absl flags, backend, exit
+# status, stdout and stderr (fds 1 and 2, so native logs too); an exception the
+# script does not handle prints its traceback and exits 1, as in a fresh
+# interpreter. Only the import of the libraries is shared.
 _BATCH_DRIVER = r"""
 import json, os, runpy, signal, sys, time
 spec = json.loads(sys.argv[1])
-import absl.app, ml_collections.config_flags  # noqa: E401
+import absl.app, ml_collections.config_flags, sklearn.datasets, tensorboardX  # noqa: E401
 import demjax.train, demjax.continual.run  # noqa: E401
+import gc
+gc.freeze()  # the children's collections skip (and so do not copy) these objects
 sys.stdout.flush(); sys.stderr.flush()
 pending, running, codes = list(spec["cases"]), {}, {}
 while pending or running:
