@@ -30,6 +30,7 @@ Speed only, no test's claim depends on them:
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 _START = time.monotonic()  # before the JAX import: close to the session's start
 
@@ -81,31 +82,56 @@ def compilation_cache(tmp_path_factory):
 # ------------------------------------------------------------------ CLI processes
 
 
-@pytest.fixture(scope="session")
-def _cli_batch(request, tmp_path_factory, compilation_cache):
+def _cli_cases(items) -> dict[str, list[str]]:
     cases = {}
-    for item in request.session.items:
+    for item in items:
         for mark in item.iter_markers("cli"):
             for name, args in mark.kwargs.items():
                 if cases.setdefault(name, list(args)) != list(args):
                     raise ValueError(f"cli case {name!r} has two argument lists")
-    return run_cli_batch(cases, tmp_path_factory.mktemp("cli"))
+    return cases
+
+
+def _reads_processes(item) -> bool:
+    return bool(item.get_closest_marker("cli")) or (
+        "interrupted_run" in getattr(item, "fixturenames", ())
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _processes(request, tmp_path_factory, compilation_cache):
+    """Futures of the session's ``scripts/run.py`` processes (the interrupted run,
+    then the ``cli`` cases one at a time), started with the first test in one
+    background thread: they use the core that the in-process tests, which mostly
+    compile on one core, leave idle; the modules reading them run last."""
+    items = request.session.items
+    root = tmp_path_factory.mktemp("cli")
+    futures = {}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        if any("interrupted_run" in getattr(i, "fixturenames", ()) for i in items):
+            futures["interrupted"] = pool.submit(
+                interrupt_cli, INTERRUPTED_CLI, root / "interrupted", after_lines=10
+            )
+        cases = _cli_cases(items)
+        if cases:
+            futures["cli"] = pool.submit(run_cli_batch, cases, root)
+        yield futures
 
 
 @pytest.fixture
-def cli(request, _cli_batch):
+def cli(request, _processes):
     """``{NAME: helpers.CliResult}`` of the test's ``@pytest.mark.cli`` cases."""
+    results = _processes["cli"].result()
     names = [n for mark in request.node.iter_markers("cli") for n in mark.kwargs]
-    return {name: _cli_batch[name] for name in names}
+    return {name: results[name] for name in names}
 
 
-@pytest.fixture(scope="session")
-def interrupted_run(tmp_path_factory, compilation_cache):
+@pytest.fixture
+def interrupted_run(_processes):
     """``helpers.InterruptedRun``: ``scripts/run.py INTERRUPTED_CLI`` sent SIGINT
     after 5 rounds (10 metric lines) of 40, read by test_checkpoint (resume) and
     test_faults (clean exit)."""
-    workdir = tmp_path_factory.mktemp("interrupted") / "run"
-    return interrupt_cli(INTERRUPTED_CLI, workdir, after_lines=10)
+    return _processes["interrupted"].result()
 
 
 # ------------------------------------------------------------- slow tests, budget
@@ -137,8 +163,11 @@ def pytest_configure(config):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    slow = sorted((i for i in items if i.get_closest_marker("slow")), key=_cost)
-    items[:] = [i for i in items if not i.get_closest_marker("slow")] + slow
+    """Modules whose tests read the background processes after the others, the
+    slow tests last, cheapest first (a stable sort: the order is kept otherwise)."""
+    late = {i.module for i in items if _reads_processes(i)}
+    items.sort(key=lambda i: (_cost(i) if i.get_closest_marker("slow") else -1,
+                              i.module in late))  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -125,14 +125,18 @@ class CliResult:
 
 
 def run_cli_batch(
-    cases: dict[str, list[str]], root: pathlib.Path, *, timeout: float = 600
+    cases: dict[str, list[str]],
+    root: pathlib.Path,
+    *,
+    parallel: int = 1,
+    timeout: float = 600,
 ) -> dict[str, CliResult]:
     """``scripts/run.py ARGS --workdir=root/NAME`` for every ``NAME: ARGS`` of
-    ``cases``, each in its own process, forked from one interpreter that paid the
-    library imports once (see ``_BATCH_DRIVER``): a CLI case costs its own flags,
-    compilation and run, not another JAX import. A case still running after
-    ``timeout`` seconds is killed (return code -9)."""
-    spec = dict(run=RUN_PY, timeout=timeout, parallel=min(2, os.cpu_count() or 1))
+    ``cases``, each in its own process, ``parallel`` at a time, forked from one
+    interpreter that paid the library imports once (see ``_BATCH_DRIVER``): a CLI
+    case costs its own flags, compilation and run, not another JAX import. A case
+    still running after ``timeout`` seconds is killed (return code -9)."""
+    spec = dict(run=RUN_PY, timeout=timeout, parallel=parallel)
     spec["cases"] = [
         (name, [*args, f"--workdir={root / name}"], str(root / f"{name}.out"),
          str(root / f"{name}.err"))
