@@ -18,14 +18,18 @@ Speed only, no test's claim depends on them:
   ``scripts/run.py ARGS`` process ``NAME`` (``helpers.CliResult``). The cases of
   all collected tests run once per session, each in its own process, forked from
   one interpreter that imported the libraries once (``helpers.run_cli_batch``); a
-  NAME used by two tests is one run.
-- ``@pytest.mark.slow(seconds=S)``: an end-to-end test that costs about S seconds
-  on an idle 2-core CPU (the slow CI kind). Slow tests run after all others,
-  cheapest first, and each is skipped, with the reason in its skip message and a
-  count at the end of the report, when the time since the session started plus S
-  would exceed the budget ``DEMJAX_TEST_BUDGET_S`` (default 540 s, so that the
-  suite stays under 10 minutes on a slow CI machine; ``inf`` runs them all, ``0``
-  none; ``-m "not slow"`` deselects them).
+  NAME used by two tests is one run. These processes and the ``interrupted_run``
+  start with the first test, in the background: they use the core that the
+  in-process tests (mostly compiling on one core) leave idle, and the modules that
+  read them run after the others.
+- ``@pytest.mark.slow(seconds=S)``: an end-to-end test that takes up to about S
+  seconds on the slow CI kind (an idle 2-core EPYC; S is about 1.5 times what it
+  took there). Slow tests run after all others, cheapest first, and each is
+  skipped, with the reason in its skip message and a list at the end of the
+  report, when the time since the session started plus S would pass the budget
+  ``DEMJAX_TEST_BUDGET_S`` (default 540 s: the suite stays under 10 minutes on a
+  slow machine and runs everything when there is time; ``inf`` runs them all,
+  ``0`` none; ``-m "not slow"`` deselects them).
 """
 
 import os

@@ -134,7 +134,7 @@ def test_eval_subsample_is_reported(eval_run, cli):
     assert "orbax" not in proc.stderr and "xla_bridge" not in proc.stderr
 
 
-@pytest.mark.slow(seconds=15)  # 70,000 images, 50 agents
+@pytest.mark.slow(seconds=20)  # 70,000 images, 50 agents
 def test_fmnist_paper_config_runs_on_real_data(tmp_path):
     if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
         pytest.skip("dataset-fashion-mnist not installed")
