@@ -1,4 +1,4 @@
-"""Suite-wide fixtures and markers.
+"""Suite-wide fixtures, markers and the time budget.
 
 Speed only, no test's claim depends on them:
 
@@ -18,14 +18,32 @@ Speed only, no test's claim depends on them:
   ``scripts/run.py ARGS`` process ``NAME`` (``helpers.CliResult``). The cases of
   all collected tests run once per session, each in its own process, forked from
   one interpreter that imported the libraries once (``helpers.run_cli_batch``); a
-  NAME used by two tests is one run.
+  NAME used by two tests is one run. These processes and the ``interrupted_run``
+  start with the first test, in the background: they use the core that the
+  in-process tests (mostly compiling on one core) leave idle, and the modules that
+  read them run after the others.
+- ``@pytest.mark.slow(seconds=S)``: an end-to-end test that takes up to about S
+  seconds on the slow CI kind (an idle 2-core EPYC; S is about 1.5 times what it
+  took there). Slow tests run after all others, cheapest first, and each is
+  skipped, with the reason in its skip message and a list at the end of the
+  report, when the time since the session started plus S would pass the budget
+  ``DEMJAX_TEST_BUDGET_S`` (default 540 s: the suite stays under 10 minutes on a
+  slow machine and runs everything when there is time; ``inf`` runs them all,
+  ``0`` none; ``-m "not slow"`` deselects them).
 """
 
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-import jax
-import pytest
-from helpers import run_cli_batch
+_START = time.monotonic()  # before the JAX import: close to the session's start
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from helpers import INTERRUPTED_CLI, interrupt_cli, run_cli_batch  # noqa: E402
+
+BUDGET_ENV = "DEMJAX_TEST_BUDGET_S"
+DEFAULT_BUDGET_S = 540.0
 
 _JAX_FLAGS = {
     "jax_compilation_cache_dir": None,  # the session's temporary directory
@@ -68,25 +86,113 @@ def compilation_cache(tmp_path_factory):
 # ------------------------------------------------------------------ CLI processes
 
 
-@pytest.fixture(scope="session")
-def _cli_batch(request, tmp_path_factory, compilation_cache):
+def _cli_cases(items) -> dict[str, list[str]]:
     cases = {}
-    for item in request.session.items:
+    for item in items:
         for mark in item.iter_markers("cli"):
             for name, args in mark.kwargs.items():
                 if cases.setdefault(name, list(args)) != list(args):
                     raise ValueError(f"cli case {name!r} has two argument lists")
-    return run_cli_batch(cases, tmp_path_factory.mktemp("cli"))
+    return cases
+
+
+def _reads_processes(item) -> bool:
+    return bool(item.get_closest_marker("cli")) or (
+        "interrupted_run" in getattr(item, "fixturenames", ())
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _processes(request, tmp_path_factory, compilation_cache):
+    """Futures of the session's ``scripts/run.py`` processes (the interrupted run,
+    then the ``cli`` cases one at a time), started with the first test in one
+    background thread: they use the core that the in-process tests, which mostly
+    compile on one core, leave idle; the modules reading them run last."""
+    items = request.session.items
+    root = tmp_path_factory.mktemp("cli")
+    futures = {}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        if any("interrupted_run" in getattr(i, "fixturenames", ()) for i in items):
+            futures["interrupted"] = pool.submit(
+                interrupt_cli, INTERRUPTED_CLI, root / "interrupted", after_lines=10
+            )
+        cases = _cli_cases(items)
+        if cases:
+            futures["cli"] = pool.submit(run_cli_batch, cases, root)
+        yield futures
 
 
 @pytest.fixture
-def cli(request, _cli_batch):
+def cli(request, _processes):
     """``{NAME: helpers.CliResult}`` of the test's ``@pytest.mark.cli`` cases."""
+    results = _processes["cli"].result()
     names = [n for mark in request.node.iter_markers("cli") for n in mark.kwargs]
-    return {name: _cli_batch[name] for name in names}
+    return {name: results[name] for name in names}
+
+
+@pytest.fixture
+def interrupted_run(_processes):
+    """``helpers.InterruptedRun``: ``scripts/run.py INTERRUPTED_CLI`` sent SIGINT
+    after 5 rounds (10 metric lines) of 40, read by test_checkpoint (resume) and
+    test_faults (clean exit)."""
+    return _processes["interrupted"].result()
+
+
+# ------------------------------------------------------------- slow tests, budget
+
+
+_SKIPPED = pytest.StashKey[list]()  # node ids of the slow tests the budget skipped
+
+
+def _budget() -> float:
+    return float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_S))
+
+
+def _cost(item) -> float:
+    mark = item.get_closest_marker("slow")
+    return float(mark.kwargs.get("seconds", 0.0)) if mark else 0.0
 
 
 def pytest_configure(config):
     config.addinivalue_line(
+        "markers",
+        "slow(seconds): end-to-end test of about `seconds` on an idle 2-core CPU; "
+        f"run last, skipped past the {BUDGET_ENV} budget (tests/conftest.py)",
+    )
+    config.addinivalue_line(
         "markers", "cli(NAME=ARGS): scripts/run.py processes read by the `cli` fixture"
     )
+    config.stash[_SKIPPED] = []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Modules whose tests read the background processes after the others, the
+    slow tests last, cheapest first (a stable sort: the order is kept otherwise)."""
+    late = {i.module for i in items if _reads_processes(i)}
+    items.sort(key=lambda i: (_cost(i) if i.get_closest_marker("slow") else -1,
+                              i.module in late))  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if not item.get_closest_marker("slow"):
+        return
+    elapsed, cost, budget = time.monotonic() - _START, _cost(item), _budget()
+    if elapsed + cost > budget:
+        item.config.stash[_SKIPPED].append(item.nodeid)
+        pytest.skip(
+            f"slow test (~{cost:.0f} s) does not fit the time budget: {elapsed:.0f} s "
+            f"used of {BUDGET_ENV}={budget:g} (tests/conftest.py)"
+        )
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    skipped = config.stash[_SKIPPED]
+    if skipped:
+        budget = _budget()
+        what = "all" if budget == 0 else f"past {budget:g} s"
+        terminalreporter.write_line(
+            f"{len(skipped)} slow test(s) skipped by the time budget ({what}; "
+            f"{BUDGET_ENV}=inf runs them): {', '.join(skipped)}"
+        )

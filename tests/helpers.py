@@ -71,18 +71,22 @@ DIGITS_CLI = [
     "--config.model=mlr", "--config.num_levels=2", "--config.eval_samples=20",
 ]  # fmt: skip
 
-# The batch driver: one interpreter imports what every scripts/run.py process
-# imports (JAX, flax, orbax, demjax; nothing that initializes a backend or defines
-# a flag), then forks once per case, at most ``parallel`` at a time. Each child is
-# a process of its own running scripts/run.py as ``__main__``: its own absl flags,
-# backend, exit status, stdout and stderr (fds 1 and 2, so native logs too); an
-# exception the script does not handle prints its traceback and exits 1, as in a
-# fresh interpreter. Only the import of the libraries is shared.
+# The batch driver: one interpreter imports what the scripts/run.py processes
+# import (JAX, flax, orbax, scikit-learn, tensorboardX, demjax; nothing that
+# initializes a backend or defines a flag), freezes those objects out of the
+# garbage collector (so the children do not copy them page by page), then forks
+# once per case, at most ``parallel`` at a time. Each child is a process of its
+# own running scripts/run.py as ``__main__``: its own absl flags, backend, exit
+# status, stdout and stderr (fds 1 and 2, so native logs too); an exception the
+# script does not handle prints its traceback and exits 1, as in a fresh
+# interpreter. Only the import of the libraries is shared.
 _BATCH_DRIVER = r"""
 import json, os, runpy, signal, sys, time
 spec = json.loads(sys.argv[1])
-import absl.app, ml_collections.config_flags  # noqa: E401
+import absl.app, ml_collections.config_flags, sklearn.datasets, tensorboardX  # noqa: E401
 import demjax.train, demjax.continual.run  # noqa: E401
+import gc
+gc.freeze()  # the children's collections skip (and so do not copy) these objects
 sys.stdout.flush(); sys.stderr.flush()
 pending, running, codes = list(spec["cases"]), {}, {}
 while pending or running:
@@ -121,14 +125,18 @@ class CliResult:
 
 
 def run_cli_batch(
-    cases: dict[str, list[str]], root: pathlib.Path, *, timeout: float = 600
+    cases: dict[str, list[str]],
+    root: pathlib.Path,
+    *,
+    parallel: int = 1,
+    timeout: float = 600,
 ) -> dict[str, CliResult]:
     """``scripts/run.py ARGS --workdir=root/NAME`` for every ``NAME: ARGS`` of
-    ``cases``, each in its own process, forked from one interpreter that paid the
-    library imports once (see ``_BATCH_DRIVER``): a CLI case costs its own flags,
-    compilation and run, not another JAX import. A case still running after
-    ``timeout`` seconds is killed (return code -9)."""
-    spec = dict(run=RUN_PY, timeout=timeout, parallel=min(2, os.cpu_count() or 1))
+    ``cases``, each in its own process, ``parallel`` at a time, forked from one
+    interpreter that paid the library imports once (see ``_BATCH_DRIVER``): a CLI
+    case costs its own flags, compilation and run, not another JAX import. A case
+    still running after ``timeout`` seconds is killed (return code -9)."""
+    spec = dict(run=RUN_PY, timeout=timeout, parallel=parallel)
     spec["cases"] = [
         (name, [*args, f"--workdir={root / name}"], str(root / f"{name}.out"),
          str(root / f"{name}.err"))
@@ -152,3 +160,46 @@ def run_cli_batch(
         )
         for name in cases
     }
+
+
+# A run of scripts/run.py sent SIGINT mid-run: test_checkpoint resumes it (its
+# ``config()`` is the same config), test_faults checks that it exited cleanly.
+INTERRUPTED_ROUNDS = 40
+INTERRUPTED_CLI = [
+    "--config.model=mlr", "--config.num_agents=12", "--config.num_levels=2",
+    "--config.local_epochs=1", "--config.checkpoint_every=3",
+    "--config.progress=False", f"--config.num_rounds={INTERRUPTED_ROUNDS}",
+]  # fmt: skip
+
+
+@dataclasses.dataclass
+class InterruptedRun:
+    """A ``scripts/run.py`` process sent SIGINT (or finished before it)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    workdir: pathlib.Path
+    metrics: str  # metrics.jsonl as the process left it
+
+
+def interrupt_cli(args, workdir: pathlib.Path, after_lines: int) -> InterruptedRun:
+    """``scripts/run.py ARGS --workdir=WORKDIR`` sent SIGINT once its
+    metrics.jsonl holds ``after_lines`` lines."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, RUN_PY, *args, f"--workdir={workdir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < after_lines
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    text = metrics.read_text() if metrics.exists() else ""
+    return InterruptedRun(proc.returncode, out, err, workdir, text)

@@ -2,12 +2,10 @@
 uninterrupted run of the same seed; the workdir convention refuses silent loss."""
 
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
+from helpers import INTERRUPTED_ROUNDS
 
 from demjax import train
 from demjax.errors import ConfigError
@@ -16,48 +14,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configs import default  # noqa: E402
 
-ROUNDS = 40
-ARGS = [
-    "--config.model=mlr",
-    "--config.num_agents=12",
-    "--config.num_levels=2",
-    "--config.local_epochs=1",
-    "--config.checkpoint_every=3",
-    "--config.progress=False",
-]
+ROUNDS = INTERRUPTED_ROUNDS  # 40
 
 
 def config():
+    """``helpers.INTERRUPTED_CLI`` as a config."""
     c = default.get_config()
     c.model, c.num_agents, c.num_levels, c.local_epochs = "mlr", 12, 2, 1
     c.checkpoint_every, c.progress, c.num_rounds = 3, False, ROUNDS
     return c
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, interrupted_run):
+    whole = tmp_path / "whole"
     train.run(config(), str(whole))
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "scripts", "run.py"), *ARGS,
-         f"--config.num_rounds={ROUNDS}", f"--workdir={killed}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (
-        not metrics.exists() or len(metrics.read_text().splitlines()) < 10
-    ):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    if proc.returncode == 0:
+    run = interrupted_run  # scripts/run.py, SIGINT after 5 rounds
+    if run.returncode == 0:
         pytest.skip("the run finished before SIGINT arrived")
-    assert proc.returncode == 130, err
-    assert "checkpoint saved" in err
-    done = len(metrics.read_text().splitlines()) // 2
+    assert run.returncode == 130, run.stderr
+    assert "checkpoint saved" in run.stderr
+    done = len(run.metrics.splitlines()) // 2
     assert 0 < done < ROUNDS
-    train.run(config(), str(killed))  # resumes
-    assert (killed / "metrics.jsonl").read_bytes() == (
+    train.run(config(), str(run.workdir))  # resumes
+    assert (run.workdir / "metrics.jsonl").read_bytes() == (
         whole / "metrics.jsonl"
     ).read_bytes()
 

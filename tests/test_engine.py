@@ -13,21 +13,36 @@ from demjax import train
 from demjax.algorithms import REGISTRY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-tiny_config = functools.partial(base_config, num_agents=10, num_rounds=3, num_levels=2)
+ROUNDS = 4
+tiny_config = functools.partial(
+    base_config, num_agents=10, num_rounds=ROUNDS, num_levels=2, tau=1
+)
+
+
+@pytest.fixture(scope="module")
+def demlearn_run(tmp_path_factory):
+    """``(result, workdir)`` of one DemLearn run of ``tiny_config()`` (regrouping
+    every round), read by several tests."""
+    workdir = tmp_path_factory.mktemp("demlearn")
+    return train.run(tiny_config(), str(workdir)), workdir
 
 
 @pytest.mark.parametrize("algorithm", sorted(REGISTRY))
-def test_every_algorithm_runs_end_to_end(algorithm, tmp_path):
-    result = train.run(tiny_config(algorithm=algorithm), str(tmp_path))
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2 * 3  # two measurement points per round
+def test_every_algorithm_runs_end_to_end(algorithm, tmp_path, request):
+    if algorithm == "demlearn":
+        result, workdir = request.getfixturevalue("demlearn_run")
+    else:
+        workdir = tmp_path
+        result = train.run(tiny_config(algorithm=algorithm), str(workdir))
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * ROUNDS  # two measurement points per round
     recs = [json.loads(line) for line in lines]
     assert [r["point"] for r in recs[:2]] == ["local", "sync"]
     for r in recs:
         assert 0.0 <= r["c_spe"] <= 1.0 and 0.0 <= r["c_gen"] <= 1.0
     for name in ("config.json", "metrics.csv", "timing.jsonl", "tree_final.json"):
-        assert (tmp_path / name).exists(), name
-    assert json.loads((tmp_path / "config.json").read_text())["algorithm"] == algorithm
+        assert (workdir / name).exists(), name
+    assert json.loads((workdir / "config.json").read_text())["algorithm"] == algorithm
     final = result["final"]["sync"]
     if algorithm == "local":
         assert final["global_acc"] is None
@@ -40,19 +55,18 @@ def test_every_algorithm_runs_end_to_end(algorithm, tmp_path):
         assert "g_spe_l2" in final and "g_gen_l1" in final
 
 
-def test_learning_happens_on_digits(tmp_path):
-    # Local training on 2 labels per agent must specialize quickly.
-    result = train.run(tiny_config(num_rounds=4), str(tmp_path))
+def test_learning_happens_on_digits(demlearn_run):
+    # Local training on 2 labels per agent must specialize quickly (4 rounds).
+    result, _ = demlearn_run
     first, last = result["records"][0], result["final"]["local"]
     assert last["c_spe"] > 0.8
     assert result["records"][-2]["train_loss"] < first["train_loss"]
 
 
-def test_new_trees_do_not_recompile(tmp_path):
-    result = train.run(tiny_config(num_rounds=4, tau=1), str(tmp_path))
+def test_new_trees_do_not_recompile(demlearn_run):
+    result, workdir = demlearn_run  # tau=1, 4 rounds
     trees = [
-        json.loads(line)
-        for line in (tmp_path / "timing.jsonl").read_text().splitlines()
+        json.loads(line) for line in (workdir / "timing.jsonl").read_text().splitlines()
     ]
     assert trees[0]["round"] == -1 and "local_plan" in trees[0]  # the plan record
     assert all("linkage_s" in t for t in trees[1:])  # regrouped every round
@@ -92,20 +106,29 @@ def test_in_place_rounds_equal_copying_rounds(algorithm, tmp_path, monkeypatch):
     assert donating["records"] == copying["records"]
 
 
-def test_same_seed_gives_identical_metrics(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    train.run(tiny_config(num_rounds=2), str(a))
-    train.run(tiny_config(num_rounds=2), str(b))
+def test_same_seed_gives_identical_metrics(tmp_path, demlearn_run):
+    _, a = demlearn_run  # tiny_config()
+    b = tmp_path / "b"
+    train.run(tiny_config(), str(b))
     assert (a / "metrics.jsonl").read_bytes() == (b / "metrics.jsonl").read_bytes()
-    train.run(tiny_config(num_rounds=2, seed=1), str(tmp_path / "c"))
+    train.run(tiny_config(seed=1), str(tmp_path / "c"))
     assert (a / "metrics.jsonl").read_bytes() != (
         tmp_path / "c" / "metrics.jsonl"
     ).read_bytes()
 
 
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    """``(result, workdir)``: 3 rounds evaluated every 2nd round (and the last),
+    C-GEN on a subsample of 20."""
+    workdir = tmp_path_factory.mktemp("eval")
+    c = tiny_config(num_rounds=3, eval_every=2, eval_samples=20)
+    return train.run(c, str(workdir)), workdir
+
+
 @pytest.mark.cli(digits=DIGITS_CLI)
-def test_eval_subsample_is_reported(tmp_path, cli):
-    result = train.run(tiny_config(num_rounds=1, eval_samples=20), str(tmp_path / "a"))
+def test_eval_subsample_is_reported(eval_run, cli):
+    result, _ = eval_run
     assert result["eval_samples"] == 20
     proc = cli["digits"]  # scripts/run.py --config.eval_samples=20
     assert proc.returncode == 0, proc.stderr
@@ -113,6 +136,7 @@ def test_eval_subsample_is_reported(tmp_path, cli):
     assert "orbax" not in proc.stderr and "xla_bridge" not in proc.stderr
 
 
+@pytest.mark.slow(seconds=20)  # 70,000 images, 50 agents
 def test_fmnist_paper_config_runs_on_real_data(tmp_path):
     if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
         pytest.skip("dataset-fashion-mnist not installed")
@@ -163,11 +187,9 @@ def test_cli_bad_input_is_one_line_exit_2(case, cli):
     )
 
 
-def test_eval_every_skips_rounds_but_keeps_the_last(tmp_path):
-    train.run(tiny_config(num_rounds=3, eval_every=2), str(tmp_path))
-    recs = [
-        json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
-    ]
+def test_eval_every_skips_rounds_but_keeps_the_last(eval_run):
+    _, workdir = eval_run
+    recs = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in recs] == [0, 0, 2, 2]
-    timing = (tmp_path / "timing.jsonl").read_text().splitlines()
+    timing = (workdir / "timing.jsonl").read_text().splitlines()
     assert len(timing) == 1 + 3  # the plan record, then one per round

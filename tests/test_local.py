@@ -12,7 +12,8 @@ from demjax import local, models
 def per_agent_reference(
     apply_fn, params, x, y, n, anchor, mu, key, lr, batch_size, epochs
 ):
-    """One agent, no padding: real minibatches (last one smaller), plain SGD."""
+    """One agent, no padding: real minibatches (last one smaller), plain SGD (the
+    gradient jitted: one program per minibatch size instead of one per op)."""
     perm_key, _ = jax.random.split(key)
     perms = np.asarray(local.epoch_permutations(perm_key, n, x.shape[0], epochs))
     xs, ys = np.asarray(x[:n]), np.asarray(y[:n])
@@ -26,6 +27,7 @@ def per_agent_reference(
         )
         return ce + 0.5 * mu * prox
 
+    grad = jax.jit(jax.grad(loss))
     for e in range(epochs):
         order = perms[e, :n]
         assert sorted(order.tolist()) == list(
@@ -33,7 +35,7 @@ def per_agent_reference(
         )  # a permutation of the real rows
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            g = jax.grad(loss)(params, xs[idx], ys[idx])
+            g = grad(params, xs[idx], ys[idx])
             params = jax.tree.map(lambda p, gi: p - lr * gi, params, g)
     return params
 

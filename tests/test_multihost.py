@@ -34,6 +34,7 @@ def _records(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow(seconds=30)  # two processes and a reference run
 def test_two_processes_equal_single_device(tmp_path):
     port = _free_port()
     workdir = str(tmp_path / "mh")

@@ -7,6 +7,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow(seconds=35)  # a Jupyter kernel and a 64-agent run
 def test_colab_notebook_runs_on_cpu(monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -31,6 +31,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
+@pytest.mark.slow(seconds=45)  # a subprocess with 8 devices, 4 runs
 def test_sharded_run_equals_single_device(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run(
