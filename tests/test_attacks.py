@@ -76,7 +76,9 @@ def test_gaussian_replaces_the_update_by_noise_of_the_given_std():
     start = {"w": jnp.zeros((4000,))}
     sent = {"w": jnp.ones((3, 4000))}
     bad = jnp.array([False, True, False])
-    out = attacks.corrupt(jax.random.key(1), sent, start, bad, "gaussian", noise_std=2.0)
+    out = attacks.corrupt(
+        jax.random.key(1), sent, start, bad, "gaussian", noise_std=2.0
+    )
     np.testing.assert_array_equal(out["w"][0], 1.0)
     np.testing.assert_array_equal(out["w"][2], 1.0)
     assert np.std(np.asarray(out["w"][1])) == pytest.approx(2.0, rel=0.05)
