@@ -7,6 +7,7 @@ Every error is a ``ConfigError`` whose one-line message names the config field
 from __future__ import annotations
 
 import json
+import math
 
 from demjax import cluster, network, plan, robust
 from demjax.algorithms import ALGORITHMS, PLUGINS, get_algorithm, is_plugin
@@ -33,12 +34,38 @@ def _int_at_least(config, field: str, low: int) -> None:
         )
 
 
-def _float_in(config, field: str, low: float, high: float) -> None:
+def _float_in(config, field: str, low: float, high: float = math.inf) -> None:
+    """A finite number in ``[low, high]`` (``[low, inf)`` without ``high``)."""
     value = config[field]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{field}={value!r} is not valid; accepted: a number")
-    if not low <= value <= high:
-        raise ConfigError(f"{field}={value!r} is not valid; accepted: [{low}, {high}]")
+    if not (math.isfinite(value) and low <= value <= high):
+        span = f"[{low}, {high}]" if math.isfinite(high) else f">= {low}"
+        raise ConfigError(
+            f"{field}={value!r} is not valid; accepted: a finite number {span}"
+        )
+
+
+def _positive(config, field: str) -> None:
+    """A finite number > 0."""
+    value = config[field]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value < math.inf
+    ):
+        raise ConfigError(
+            f"{field}={value!r} is not valid; accepted: a finite float > 0"
+        )
+
+
+def _all_floats_finite(config) -> None:
+    """Every float field, plug-in groups included, is finite (none is +-inf/NaN)."""
+    for field, value in flat_fields(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"{field}={value!r} is not valid; accepted: a finite number"
+            )
 
 
 def resolved_mu(config) -> float:
@@ -123,13 +150,7 @@ def validate(config) -> None:
             f"hidden={hidden!r} is not valid; accepted: a non-empty tuple of positive "
             "integers, e.g. (100,)"
         )
-    if not (
-        isinstance(config.amplify_factor, (int, float)) and config.amplify_factor > 0
-    ):
-        raise ConfigError(
-            f"amplify_factor={config.amplify_factor!r} is not valid; accepted: a "
-            "float > 0"
-        )
+    _positive(config, "amplify_factor")
     _float_in(config, "alpha", 0.0, 1.0)
     _float_in(config, "dropout", 0.0, 1.0)
     _float_in(config, "stragglers", 0.0, 1.0)
@@ -140,18 +161,14 @@ def validate(config) -> None:
             "leave no agent training; accepted: participation in (0, 1], dropout "
             "in [0, 1)"
         )
-    if not (isinstance(config.lr, (int, float)) and config.lr > 0):
-        raise ConfigError(f"lr={config.lr!r} is not valid; accepted: a float > 0")
-    if not config.dirichlet_alpha > 0:
-        raise ConfigError(
-            f"dirichlet_alpha={config.dirichlet_alpha!r} is not valid; "
-            "accepted: a float > 0"
-        )
+    _positive(config, "lr")
+    _positive(config, "dirichlet_alpha")
     _float_in(config, "trim_fraction", 0.0, 0.49)
-    _float_in(config, "aggregator_noise", 0.0, float("inf"))
+    _float_in(config, "aggregator_noise", 0.0)
+    if config.mu is not None:
+        _float_in(config, "mu", 0.0)
     mu = resolved_mu(config)
-    if mu < 0:
-        raise ConfigError(f"mu={mu!r} is not valid; accepted: a float >= 0")
+    _all_floats_finite(config)  # fields without a check of their own
     if is_plugin(config.algorithm):
         return
     algo = get_algorithm(config.algorithm)
