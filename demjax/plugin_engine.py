@@ -12,6 +12,7 @@ model), ``train_loss`` and the algorithm's own ``info`` scalars (e.g.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
@@ -19,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 from demjax import checkpoint, local, metrics, models
 from demjax.algorithms import get_plugin
@@ -35,6 +35,8 @@ from demjax.run_output import (
     prepare_run,
     rounded,
 )
+
+log = logging.getLogger(__name__)
 
 
 def build(config, part):
@@ -140,7 +142,7 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
     start = 0
     if resume:
         state, start = _restore(mngr, state)
-        logging.info("resuming %s after round %d", workdir, start - 1)
+        log.info("resuming %s after round %d", workdir, start - 1)
     writer = RunWriter(workdir, keep_rounds_below=start if resume else None)
     writer.json("config.json", setup.config_json)
     log_plan(ctx.plan_info)

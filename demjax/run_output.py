@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,13 +20,27 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from demjax import checkpoint, cluster, data, multihost, sharding
 from demjax.config import default_config_json, to_json
 from demjax.errors import ConfigError
 
+log = logging.getLogger(__name__)
 POINTS = ("local", "sync")
+
+
+def cli_log_filter(record: logging.LogRecord) -> bool:
+    """The log records ``scripts/run.py`` shows: demjax's own at every level
+    (loggers ``demjax`` and ``demjax.*``; every demjax module logs through
+    ``logging.getLogger(__name__)``) and every library's warnings and errors, not
+    the INFO chatter of JAX, orbax and other libraries. Chosen by logger name, so
+    where the code lives on disk (e.g. a clone in a folder named ``demjax`` with
+    its virtualenv inside) does not matter."""
+    return (
+        record.levelno >= logging.WARNING
+        or record.name == "demjax"
+        or record.name.startswith("demjax.")
+    )
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -57,14 +72,14 @@ def plan_record(info: dict) -> dict:
 
 def log_plan(info: dict) -> None:
     """Logs the chosen local-training plan and, when measured, its timing table."""
-    logging.info(
+    log.info(
         "local training plan: %s (conv_impl=%s, matmul_impl=%s; %s; at most %d "
         "agents fit at once)",
         info["plan"], info["conv_impl"], info["matmul_impl"], info["source"],
         info["cap"],
     )  # fmt: skip
     for r in info.get("table", []):
-        logging.info(
+        log.info(
             "  plan %-12s conv %-7s matmul %-7s %9.1f agent-steps/s (%d agents x "
             "%d steps, compile %.1f s)",
             r["plan"], r["conv_impl"], r.get("matmul_impl", "xla"),
@@ -72,12 +87,12 @@ def log_plan(info: dict) -> None:
             r["steps"], r["compile_s"],
         )  # fmt: skip
     ev = info["eval"]
-    logging.info(
+    log.info(
         "evaluation plan: %d models at once (conv_impl=%s; %s)",
         ev["eval_batch"], ev["conv_impl"], ev["source"],
     )  # fmt: skip
     for r in ev.get("table", []):
-        logging.info(
+        log.info(
             "  eval_batch %-3d conv %-7s %9.1f models/s (compile %.1f s)",
             r["eval_batch"], r["conv_impl"], r["models_per_s"], r["compile_s"],
         )  # fmt: skip
@@ -317,7 +332,7 @@ def prepare_run(config, workdir: str, overwrite: bool) -> RunSetup:
     num_pooled = int(part_np.y_all.shape[0])
     subsampled = len(eval_idx) < num_pooled
     if subsampled:
-        logging.info(
+        log.info(
             "C-GEN is measured on a seeded evaluation subsample of %d of %d pooled "
             "test samples (eval_samples=%d).",
             len(eval_idx),
