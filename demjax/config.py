@@ -124,6 +124,7 @@ def validate(config) -> None:
     _int_at_least(config, "distance_block", 0)
     _int_at_least(config, "num_devices", 0)
     _int_at_least(config, "checkpoint_every", 0)
+    _int_at_least(config, "keep_checkpoints", 1)
     _int_at_least(config, "tree_snapshot_every", 0)
     _int_at_least(config, "samples_per_agent", 0)
     _int_at_least(config, "seed", 0)
@@ -315,6 +316,8 @@ FIELD_DOCS = {
     "dropout": "per-round probability an agent drops out, [0, 1)",
     "stragglers": "fraction of agents doing a random part of their steps, [0, 1]",
     "checkpoint_every": "orbax checkpoint every k rounds and at the end; 0 = off",
+    "keep_checkpoints": "newest checkpoints kept (>= 1); a damaged newest one "
+    "falls back to the next",
     "tree_snapshot_every": "tree + linkage snapshots every k rounds; 0 = final only",
     "eval_samples": "C-GEN on a seeded subsample of this size; 0 = all",
     "eval_batch": "models evaluated at once; 0 = auto (1 for CNNs, else 8)",

@@ -166,12 +166,21 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       The summary dict (also ``<workdir>/summary.json``) plus ``records``.
 
     Raises:
-      ConfigError: bad config field or workdir. DataNotFoundError: data missing.
+      ConfigError: bad config field or workdir, or the workdir is in use by
+        another run (``run_output.lock_workdir``). DataNotFoundError: data missing.
     """
-    from demjax.run_output import check_workdir
+    from demjax.run_output import check_workdir, lock_workdir, unlock_workdir
 
     validate(config)
     check_workdir(workdir)
+    lock_workdir(workdir)
+    try:
+        return _run(config, workdir, overwrite)
+    finally:
+        unlock_workdir(workdir)
+
+
+def _run(config, workdir: str, overwrite: bool) -> dict:
     t_start = time.perf_counter()
     writer = _Writer(workdir, overwrite)
     writer.json("config.json", json.loads(config.to_json()))
