@@ -184,7 +184,7 @@ def test_no_readable_checkpoint_is_one_line_error(short_runs, tmp_path):
 
 
 # A run of short_config(5) in its own process that stops (holding the workdir)
-# after its first metrics record until it reads a line from stdin.
+# after its metrics record number argv[3] until it reads a line from stdin.
 _PAUSED_RUN = """
 import sys
 sys.path.insert(0, sys.argv[2])
@@ -194,13 +194,27 @@ from demjax import run_output, train
 real, seen = run_output.RunWriter.metrics, []
 def metrics(self, record):
     real(self, record)
-    if not seen:
-        seen.append(1)
+    seen.append(record)
+    if len(seen) == int(sys.argv[3]):
         print("paused", flush=True)
         sys.stdin.readline()
 run_output.RunWriter.metrics = metrics
 train.run(short_config(5), sys.argv[1])
 """
+
+
+def paused_run(workdir, after_records: int) -> subprocess.Popen:
+    """``_PAUSED_RUN`` started; returns once it has paused."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED_RUN, str(workdir), os.path.dirname(__file__),
+         str(after_records)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )  # fmt: skip
+    if proc.stdout.readline().strip() != "paused":
+        proc.kill()
+        raise AssertionError(proc.stderr.read()[-3000:])
+    return proc
 
 
 @pytest.mark.slow(seconds=20)  # a second process: JAX import and a 5-round run
@@ -209,13 +223,8 @@ def test_second_run_on_a_workdir_is_refused_and_the_first_unharmed(
 ):
     whole, _ = short_runs
     work = tmp_path / "run"
-    first = subprocess.Popen(
-        [sys.executable, "-c", _PAUSED_RUN, str(work), os.path.dirname(__file__)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
-    )  # fmt: skip
+    first = paused_run(work, after_records=1)
     try:
-        assert first.stdout.readline().strip() == "paused", first.stderr.read()
         before = (work / "metrics.jsonl").read_bytes()
         for overwrite in (False, True):  # --overwrite must not touch it either
             with pytest.raises(ConfigError) as err:
@@ -231,6 +240,26 @@ def test_second_run_on_a_workdir_is_refused_and_the_first_unharmed(
         whole / "metrics.jsonl"
     ).read_bytes()
     assert (work / ".lock").read_text() == ""  # released
+
+
+@pytest.mark.slow(seconds=20)  # a second process: JAX import and a 3-round run
+def test_killed_run_leaves_a_stale_lock_and_resumes_identically(
+    short_runs, tmp_path, caplog
+):
+    """``kill -9`` in round 2 (after the checkpoint of rounds 0-1): the next run takes
+    the lock over with a warning and ends with the uninterrupted run's metrics."""
+    whole, _ = short_runs
+    work = tmp_path / "run"
+    first = paused_run(work, after_records=5)  # round 2's 'local' record
+    first.kill()  # SIGKILL: no cleanup
+    first.communicate(timeout=60)
+    assert json.loads((work / ".lock").read_text())["pid"] == first.pid
+    with caplog.at_level(logging.WARNING, logger="demjax.run_output"):
+        train.run(short_config(5), str(work))
+    warn = [r.getMessage() for r in caplog.records if "stale lock" in r.getMessage()]
+    assert len(warn) == 1 and f"process {first.pid} " in warn[0]
+    for name in ("metrics.jsonl", "metrics.csv"):
+        assert (work / name).read_bytes() == (whole / name).read_bytes(), name
 
 
 def test_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
