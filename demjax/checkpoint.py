@@ -120,8 +120,13 @@ def _read(mngr: ocp.CheckpointManager, step: int, target):
     has_sum = os.path.isdir(os.path.join(step_dir, _SUM))
     if not os.path.isdir(os.path.join(step_dir, _ITEM)) and os.path.isdir(
         os.path.join(step_dir, "default")
-    ):  # written by an older demjax: the state alone, without a checksum
-        payload = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    ):  # written by an older demjax: the state alone, without a checksum. Read
+        # with a manager of its own: ``mngr`` keeps saving both items.
+        old = ocp.CheckpointManager(str(mngr.directory))
+        try:
+            payload = old.restore(step, args=ocp.args.StandardRestore(target))
+        finally:
+            old.close()
         has_sum = False
     else:
         got = mngr.restore(

@@ -276,3 +276,46 @@ def test_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
     warn = [r.getMessage() for r in caplog.records if "stale lock" in r.getMessage()]
     assert len(warn) == 1 and f"process {pid} " in warn[0]
     assert (tmp_path / ".lock").read_text() == ""
+
+
+def test_payload_checkpoints_fall_back_and_read_the_older_format(tmp_path, caplog):
+    """checkpoint.save_payload / restore_payload on a small pytree, no training:
+    the newest readable checkpoint wins, and one written without a checksum (an
+    older demjax: orbax's single unnamed item) is read, then saved over."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from demjax import checkpoint
+
+    like = {"w": np.zeros((3, 4), np.float32), "t": (np.zeros(2, np.int32),)}
+
+    def at(step):
+        return jax.tree.map(lambda x: x + step, like)
+
+    mngr = checkpoint.manager(str(tmp_path / "new"), 3)
+    for step in (1, 2, 3):
+        checkpoint.save_payload(mngr, step, at(step))
+    mngr.close()
+    damage(tmp_path / "new" / "checkpoints" / "3", "checksum")
+    mngr = checkpoint.manager(str(tmp_path / "new"), 3)
+    with caplog.at_level(logging.WARNING, logger="demjax.checkpoint"):
+        got, step = checkpoint.restore_payload(mngr, like)
+    assert step == 2 and isinstance(got["t"], tuple)
+    np.testing.assert_array_equal(got["w"], np.full((3, 4), 2.0, np.float32))
+    assert "checksum mismatch" in caplog.text
+    checkpoint.save_payload(mngr, 3, at(3))  # not skipped: the damaged 3 is gone
+    assert mngr.all_steps() == [1, 2, 3]
+
+    old = ocp.CheckpointManager(str(tmp_path / "old" / "checkpoints"))
+    old.save(7, args=ocp.args.StandardSave(at(7)))
+    old.wait_until_finished()
+    old.close()
+    mngr = checkpoint.manager(str(tmp_path / "old"), 2)
+    got, step = checkpoint.restore_payload(mngr, like)
+    assert step == 7 and got["t"][0].tolist() == [7, 7]
+    checkpoint.save_payload(mngr, 8, at(8))  # with a checksum from now on
+    mngr.close()
+    mngr = checkpoint.manager(str(tmp_path / "old"), 2)
+    got, step = checkpoint.restore_payload(mngr, like)
+    assert step == 8 and got["t"][0].tolist() == [8, 8]
