@@ -137,9 +137,7 @@ def test_eval_subsample_is_reported(eval_run, cli):
     assert "orbax" not in proc.stderr and "xla_bridge" not in proc.stderr
     # Every INFO line (absl format "I<date> <time> <thread> <file>:<line>] ...")
     # comes from a demjax module.
-    demjax_files = {
-        f for _, _, fs in os.walk(os.path.join(REPO, "demjax")) for f in fs
-    }
+    demjax_files = {f for _, _, fs in os.walk(os.path.join(REPO, "demjax")) for f in fs}
     info = re.findall(r"^I\d{4} \S+ +\d+ (\S+?):\d+\]", proc.stderr, re.M)
     assert info and set(info) <= demjax_files, info
 

@@ -219,6 +219,7 @@ BAD = {
     "mu": st.floats(max_value=-1e-9, min_value=-1e9) | NONFINITE,
     "seed": st.integers(max_value=-1),
     "amplify_rounds": st.integers(max_value=-1),
+    "keep_checkpoints": st.integers(max_value=0),
     "amplify_factor": st.floats(max_value=0.0, min_value=-1e9) | NONFINITE,
     "hidden": st.sampled_from([(), (0,), (-3, 4), (1.5,), "100"]),
     "standardize": st.sampled_from(["yes", 1, None]),
