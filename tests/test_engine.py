@@ -200,7 +200,7 @@ def test_cli_bad_input_is_one_line_exit_2(case, cli):
 def test_cli_help_exits_0(cli):
     proc = cli["help"]
     assert proc.returncode == 0, proc.stderr
-    assert "--workdir" in proc.stdout and "--overwrite" in proc.stdout
+    assert "--workdir" in proc.stdout and "--[no]overwrite" in proc.stdout
 
 
 def test_cli_log_filter_selects_by_logger_name():
