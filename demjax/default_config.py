@@ -113,6 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Checkpoints (orbax, in <workdir>/checkpoints) every k rounds and at the end;
     # 0 = off. A rerun on the same workdir resumes from the last one.
     c.checkpoint_every = 10
+    # Checkpoints kept (the newest); on resume a damaged newest checkpoint falls
+    # back to the next older one, so keep at least 2 to survive one bad write.
+    c.keep_checkpoints = 2
     # Group-tree snapshots with their linkage (<workdir>/trees/round_*.json, for
     # scripts/plot.py) every k regrouping rounds and the last; 0 = only tree_final.
     c.tree_snapshot_every = 10

@@ -333,7 +333,10 @@ def test_baselines_run(method, tmp_path):
         ("proxy", "gan", r"proxy='gan' is not valid; accepted: crops, noise, dataset"),
         ("student_init", "x", r"student_init='x' is not valid; accepted: previous, "
          r"agents, average"),
-        ("alpha", -1.0, r"alpha=-1\.0 is not valid; accepted: a number in \[0\.0"),
+        ("alpha", -1.0, r"alpha=-1\.0 is not valid; accepted: a finite number "
+         r"in \[0\.0"),
+        ("alpha", float("inf"), r"alpha=inf is not valid; accepted: a finite"),
+        ("consolidation_lr", float("nan"), r"consolidation_lr=nan is not valid"),
         ("num_tasks", 0, r"num_tasks=0 is not valid; accepted: an integer >= 1"),
         ("crop_min_scale", 0.0, r"crop_min_scale=0\.0 is not valid; accepted"),
         ("hidden", (), r"hidden=\(\) is not valid; accepted: a non-empty tuple"),

@@ -8,6 +8,8 @@ any data is loaded, each error naming the field.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from demjax.continual.consolidate import PROJECTOR_INITS, STUDENT_INITS
@@ -88,11 +90,13 @@ def _int(config, field, low):
 
 def _num(config, field, low, high, low_open=False):
     v = config[field]
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if not ok or not (low < v if low_open else low <= v) or not v <= high:
         lo = "(" if low_open else "["
+        hi = ")" if high == math.inf else "]"
         raise ConfigError(
-            f"{field}={v!r} is not valid; accepted: a number in {lo}{low}, {high}]"
+            f"{field}={v!r} is not valid; accepted: a finite number in "
+            f"{lo}{low}, {high}{hi}"
         )
 
 
