@@ -13,6 +13,7 @@ import pytest
 
 from demjax.data import (
     PARTITIONS,
+    POOL_PARTITIONS,
     SOURCES,
     eval_subsample,
     load_source,
@@ -437,7 +438,7 @@ def test_bad_inputs(kwargs, field):
 
 def test_unknown_partition_lists_accepted():
     x, y = _coded_pool(2, 10)
-    with pytest.raises(ConfigError, match="accepted: " + ", ".join(PARTITIONS)):
+    with pytest.raises(ConfigError, match="accepted: " + ", ".join(POOL_PARTITIONS)):
         partition(x, y, 2, 2, method="nope")
 
 
@@ -493,4 +494,5 @@ def test_eval_subsample():
 
 def test_sources_listed():
     assert set(SOURCES) >= {"digits", "fashion_mnist", "mnist", "emnist", "cifar10"}
-    assert set(PARTITIONS) == {"pathological", "dirichlet", "iid"}
+    assert set(POOL_PARTITIONS) == {"pathological", "dirichlet", "iid"}
+    assert set(PARTITIONS) == {*POOL_PARTITIONS, "natural", "file", "arrays"}

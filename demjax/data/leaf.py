@@ -1,0 +1,261 @@
+"""FEMNIST from LEAF's JSON shards: one agent per writer, 62 classes.
+
+LEAF (Caldas et al., "LEAF: A Benchmark for Federated Settings", arXiv
+1812.01097) stores FEMNIST as JSON shards, each an object::
+
+    {"users": ["f0000_14", ...],
+     "num_samples": [154, ...],
+     "user_data": {"f0000_14": {"x": [[784 floats in [0, 1]], ...],
+                                "y": [label in 0..61, ...]}, ...}}
+
+``data_dir`` holds either LEAF's split output (``train/*.json`` and
+``test/*.json``; a writer's train samples come from the train shards and its
+test samples from the test shards) or the unsplit shards (``all_data_*.json``
+directly in ``data_dir`` or in ``data_dir/all_data``), in which case each
+writer's samples are shuffled (seeded) and split 80/20 like the other
+partitions. A writer found in only one of the train and test shards is split
+80/20 as well. Writers with fewer than 2 samples are left out.
+
+Images are 28x28x1 float32 as stored (LEAF's values, in [0, 1]); labels are
+0-9 digits, 10-35 upper-case and 36-61 lower-case letters.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+from demjax.data.sources import Pool, read_bytes
+from demjax.errors import ConfigError, DataFileError, DataNotFoundError
+
+FEMNIST_CLASSES = 62
+FEMNIST_SHAPE = (28, 28, 1)
+_PIXELS = 28 * 28
+
+
+def femnist_files(data_dir: str | None) -> tuple[list[str], list[str]]:
+    """The train and test shard paths under ``data_dir`` (sorted).
+
+    Returns:
+      ``(train, test)``; ``test`` is empty for unsplit shards (``train`` then
+      holds every shard).
+
+    Raises:
+      DataNotFoundError: no ``data_dir`` or no ``.json`` shard in it.
+    """
+    if not data_dir:
+        raise DataNotFoundError(
+            "dataset=femnist needs data_dir, the folder of LEAF's FEMNIST JSON "
+            "shards (train/ and test/, or all_data_*.json); build them with LEAF's "
+            "data/femnist/preprocess.sh (https://github.com/TalwalkarLab/leaf)"
+        )
+    if not os.path.isdir(data_dir):
+        raise DataNotFoundError(
+            f"dataset=femnist: data_dir={data_dir!r} is not a directory; accepted: "
+            "the folder of LEAF's FEMNIST JSON shards"
+        )
+
+    def shards(d):
+        return sorted(glob.glob(os.path.join(d, "*.json")))
+
+    train, test = (shards(os.path.join(data_dir, s)) for s in ("train", "test"))
+    if train and test:
+        return train, test
+    flat = shards(data_dir) or shards(os.path.join(data_dir, "all_data"))
+    if not flat:
+        raise DataNotFoundError(
+            f"dataset=femnist: no LEAF JSON shard in data_dir={data_dir!r}; accepted: "
+            "train/*.json and test/*.json, or all_data_*.json"
+        )
+    return flat, []
+
+
+def read_leaf_shard(path: str) -> dict[str, tuple[list, list]]:
+    """One LEAF JSON shard as ``{user: (x rows, y labels)}`` (lists, unchecked
+    beyond the structure; ``load_femnist`` checks the values).
+
+    Raises:
+      DataFileError: unreadable, not UTF-8 JSON, or not LEAF's structure
+        (``users`` list of strings, ``user_data`` with ``x`` and ``y`` lists of
+        one length per user); the one-line message names the file.
+    """
+    raw = read_bytes(path)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise DataFileError(f"{path} is not valid JSON: {msg}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("user_data"), dict):
+        raise DataFileError(
+            f"{path} is not a LEAF shard: accepted: a JSON object with 'users' "
+            "and 'user_data'"
+        )
+    users = doc.get("users", list(doc["user_data"]))
+    if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+        raise DataFileError(f"{path}: 'users' is not a list of strings")
+    out = {}
+    for u in users:
+        data = doc["user_data"].get(u)
+        if not isinstance(data, dict):
+            raise DataFileError(f"{path}: user {u!r} has no entry in 'user_data'")
+        xs, ys = data.get("x"), data.get("y")
+        if not (isinstance(xs, list) and isinstance(ys, list) and len(xs) == len(ys)):
+            raise DataFileError(
+                f"{path}: user {u!r} needs 'x' and 'y' lists of the same length"
+            )
+        if u in out:
+            raise DataFileError(f"{path}: user {u!r} is listed twice")
+        out[u] = (xs, ys)
+    return out
+
+
+def _arrays(path: str, user: str, xs: list, ys: list) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``[n, 28, 28, 1]`` and int32 ``[n]`` of one user, checked."""
+    if not xs:
+        return np.zeros((0, *FEMNIST_SHAPE), np.float32), np.zeros(0, np.int32)
+    try:
+        x = np.asarray(xs, dtype=np.float32)
+        y = np.asarray(ys)
+    except (ValueError, TypeError, OverflowError):
+        x = y = None
+    if x is None or x.ndim != 2 or x.shape[1] != _PIXELS:
+        raise DataFileError(
+            f"{path}: user {user!r} 'x' is not a list of {_PIXELS}-number rows"
+        )
+    if not np.isfinite(x).all():
+        raise DataFileError(f"{path}: user {user!r} 'x' has non-finite values")
+    if (
+        y.ndim != 1
+        or y.dtype.kind not in "iu"
+        or (y.size and (y.min() < 0 or y.max() >= FEMNIST_CLASSES))
+    ):
+        raise DataFileError(
+            f"{path}: user {user!r} 'y' is not a list of integer labels in "
+            f"0..{FEMNIST_CLASSES - 1}"
+        )
+    return x.reshape(-1, *FEMNIST_SHAPE), y.astype(np.int32)
+
+
+def load_femnist(
+    data_dir: str | None, num_writers: int | None = None, seed: int = 0
+) -> Pool:
+    """FEMNIST writers from LEAF's JSON shards, as a ``Pool`` with groups.
+
+    Args:
+      data_dir: the shard folder (see the module docstring).
+      num_writers: k, how many writers to keep, drawn uniformly without
+        replacement by ``np.random.default_rng(seed)`` from the eligible writers
+        (at least 2 samples) in sorted name order; None keeps all. Only the
+        chosen writers' samples are converted to arrays.
+      seed: the draw's seed.
+
+    Returns:
+      A ``Pool``: x float32 ``[N, 28, 28, 1]``, y int32 ``[N]``, 62 classes,
+      rows of the train shards first (``num_train`` of them; N when unsplit),
+      ``groups`` int32 ``[N]`` the writer of each row (index into
+      ``group_names``, the chosen writers in sorted order), ``files`` the shards.
+
+    Raises:
+      DataNotFoundError: no shards in ``data_dir``.
+      DataFileError: a malformed shard (names the file and the user).
+      ConfigError: fewer eligible writers than ``num_writers`` (field
+        ``num_agents``).
+    """
+    train_files, test_files = femnist_files(data_dir)
+    counts: dict[str, int] = {}
+    if num_writers is not None:  # First pass: who is there (structure only).
+        for path in train_files + test_files:
+            for u, (_, ys) in read_leaf_shard(path).items():
+                counts[u] = counts.get(u, 0) + len(ys)
+        eligible = sorted(u for u, n in counts.items() if n >= 2)
+        if len(eligible) < num_writers:
+            raise ConfigError(
+                f"num_agents={num_writers} is too many for dataset=femnist in "
+                f"data_dir={data_dir!r}: it has {len(eligible)} writers with at "
+                f"least 2 samples; accepted: at most {len(eligible)}"
+            )
+        rng = np.random.default_rng(seed)
+        chosen = set(rng.choice(len(eligible), num_writers, replace=False).tolist())
+        keep = {eligible[i] for i in chosen}
+    else:
+        keep = None
+    parts = {0: {}, 1: {}}  # split -> user -> list of (x, y)
+    for split, files in ((0, train_files), (1, test_files)):
+        for path in files:
+            for u, (xs, ys) in read_leaf_shard(path).items():
+                if keep is not None and u not in keep:
+                    continue
+                parts[split].setdefault(u, []).append(_arrays(path, u, xs, ys))
+    names = sorted(set(parts[0]) | set(parts[1]))
+    if keep is None:
+        sizes = {
+            u: sum(a[1].shape[0] for s in (0, 1) for a in parts[s].get(u, []))
+            for u in names
+        }
+        names = [u for u in names if sizes[u] >= 2]
+    if len(names) < 2:
+        raise DataFileError(
+            f"dataset=femnist: the shards in {data_dir} hold {len(names)} writers "
+            "with at least 2 samples; accepted: at least 2"
+        )
+    index = {u: i for i, u in enumerate(names)}
+    xs, ys, gs, num_train = [], [], [], 0
+    for split in (0, 1):
+        for u in names:
+            for x, y in parts[split].get(u, []):
+                xs.append(x)
+                ys.append(y)
+                gs.append(np.full(y.shape[0], index[u], np.int32))
+        if split == 0:
+            num_train = sum(y.shape[0] for y in ys)
+    x = np.concatenate(xs)
+    y = np.concatenate(ys)
+    return Pool(
+        x=x,
+        y=y,
+        num_classes=FEMNIST_CLASSES,
+        num_train=num_train if test_files else y.shape[0],
+        files=tuple(train_files + test_files),
+        groups=np.concatenate(gs),
+        group_names=tuple(names),
+    )
+
+
+def natural_splits(
+    pool: Pool, seed: int, train_fraction: float = 0.8, cap: int | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One agent per group (writer): its train and test rows of the pool.
+
+    A group with rows on both sides of ``pool.num_train`` keeps that split;
+    otherwise its rows are shuffled by ``np.random.default_rng(seed)`` (groups
+    in order) and split into the first ``max(1, int(train_fraction * n))`` for
+    training and the rest for testing. ``cap`` keeps each agent's first
+    ``int(train_fraction * cap)`` train and remaining test rows.
+
+    Returns:
+      A pairs ``(train_idx, test_idx)`` of int64 pool indices, groups in order.
+    """
+    if pool.groups is None:
+        raise ConfigError(
+            "partition='natural' needs a dataset with natural owners; accepted: "
+            "dataset='femnist'"
+        )
+    rng = np.random.default_rng(seed)
+    order = np.argsort(pool.groups, kind="stable")
+    bounds = np.searchsorted(pool.groups[order], np.arange(len(pool.group_names) + 1))
+    splits = []
+    for g in range(len(pool.group_names)):
+        rows = order[bounds[g] : bounds[g + 1]].astype(np.int64)
+        tr, te = rows[rows < pool.num_train], rows[rows >= pool.num_train]
+        if tr.size == 0 or te.size == 0:
+            rows = rows[rng.permutation(rows.size)]
+            n_tr = max(1, int(train_fraction * rows.size))
+            tr, te = rows[:n_tr], rows[n_tr:]
+        if cap:
+            n_tr = max(1, int(train_fraction * cap))
+            tr, te = tr[:n_tr], te[: max(1, cap - n_tr)]
+        splits.append((tr, te))
+    return splits
