@@ -12,7 +12,6 @@ train split followed by its test split) and the agent names; rerun it with
 ``num_agents``; see docs/data.md). A bad input prints one line, exit code 2.
 """
 
-import json
 import os
 import sys
 
@@ -21,13 +20,6 @@ sys.path.insert(0, REPO)  # so config files can `from configs import default`
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-
-# Config fields that decide the data (the rest of config.json is not needed).
-DATA_FIELDS = (
-    "dataset", "data_dir", "download", "partition", "partition_file", "seed",
-    "labels_per_agent", "dirichlet_alpha", "samples_per_agent", "standardize",
-    "standardize_mean", "standardize_std", "num_agents",
-)  # fmt: skip
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run config file (instead of --workdir).", lock_config=False
@@ -43,82 +35,39 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-def _config_from_workdir(workdir: str):
-    import ml_collections
-
-    path = os.path.join(workdir, "config.json")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        _fail(f"--workdir={workdir!r}: cannot read {path} ({type(e).__name__})")
-    if not isinstance(saved, dict):
-        _fail(f"--workdir={workdir!r}: {path} is not a JSON object")
-    from configs import default
-
-    base = default.get_config()
-    c = ml_collections.ConfigDict({k: base[k] for k in DATA_FIELDS})
-    with c.ignore_type():
-        for k in DATA_FIELDS:
-            if k in saved:
-                c[k] = saved[k]
-    return c
-
-
 def main(argv) -> None:
     del argv
-    from demjax import data
+    from demjax.data.split import export_split
     from demjax.errors import ConfigError
 
     if not _OUT.value:
         _fail("--out is required; accepted: a .json or .npz path")
     if (_WORKDIR.value is None) == (_CONFIG.value is None):
         _fail("give one of --workdir (a run's split) or --config (a config's split)")
-    config = _config_from_workdir(_WORKDIR.value) if _WORKDIR.value else _CONFIG.value
-    if config.partition == "arrays":
-        _fail(
-            "partition='arrays' runs take their data from Python; accepted: save "
-            "the arrays given to demjax.data.partition_from_arrays"
-        )
     try:
-        split = data.make_split(config)
+        split = export_split(_OUT.value, config=_CONFIG.value, workdir=_WORKDIR.value)
     except ConfigError as e:
         _fail(str(e))
-    if _WORKDIR.value:
-        card_path = os.path.join(_WORKDIR.value, data.card.CARD_FILE)
-        if os.path.exists(card_path):
-            with open(card_path) as f:
-                want = json.load(f).get("partition_sha256")
-            got = data.card.partition_digest(split.partition)
-            if want and want != got:
-                _fail(
-                    f"the data rebuilt from {_WORKDIR.value}/config.json differ from "
-                    f"the run's ({card_path}: partition_sha256 {want[:12]}..., "
-                    f"rebuilt {got[:12]}...); the data files changed?"
-                )
-    try:
-        data.write_split_file(
-            _OUT.value,
-            split.names,
-            [tr for tr, _ in split.indices],
-            [te for _, te in split.indices],
-            index="pool",
-            dataset=config.dataset,
-        )
-    except (ConfigError, OSError) as e:
-        _fail(f"--out={_OUT.value!r}: {e}")
+    except OSError as e:
+        _fail(f"--out={_OUT.value!r}: {type(e).__name__}: {e}")
+    dataset = split.info["dataset"]
     print(
-        f"wrote {_OUT.value}: {split.num_agents} agents of dataset={config.dataset} "
-        f"(partition={config.partition}); rerun with --config.partition=file "
-        f"--config.partition_file={_OUT.value} --config.num_agents={split.num_agents}"
+        f"wrote {_OUT.value}: {split.num_agents} agents of dataset={dataset} "
+        f"(partition={split.info['partition']}); rerun with "
+        f"--config.partition=file --config.partition_file={_OUT.value} "
+        f"--config.num_agents={split.num_agents}"
     )
 
 
-if __name__ == "__main__":
+def parse_flags(argv):
+    """absl flag parsing with bad input reported in one line, exit status 2."""
     try:
-        flags.FLAGS(sys.argv)
+        return flags.FLAGS(argv)
     except flags.Error as e:
         _fail(str(e))
-    except (AttributeError, KeyError) as e:
+    except (AttributeError, KeyError) as e:  # --config.<unknown field>
         _fail(f"unknown config field {e}")
-    app.run(main)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
