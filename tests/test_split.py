@@ -26,6 +26,7 @@ from demjax.data import (
 )
 from demjax.errors import ConfigError, DataFileError
 
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 tiny = functools.partial(tiny_config, num_agents=4, num_levels=1, local_plan="all")
 
 
@@ -406,3 +407,20 @@ def test_export_split_script_and_split_file_from_run_py(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2 and "config.json" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_documented_split_file_example_reads(tmp_path):
+    """The JSON example of docs/data.md is a valid split file of Fashion-MNIST."""
+    text = open(os.path.join(REPO, "docs", "data.md")).read()
+    block = text.split("```json\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "split.json"
+    path.write_text(block)
+    sf = read_split_file(path)
+    assert sf.names == ("alice", "bob", "carol") and sf.index == "files"
+    assert sf.dataset == "fashion_mnist"
+    if not os.path.isdir(FASHION_DIR):
+        pytest.skip(f"{FASHION_DIR} not installed")
+    split = make_split(_fconfig(FASHION_DIR, path))
+    x, y, _ = data.load_source("fashion_mnist", standardize="none")
+    np.testing.assert_array_equal(split.partition.x_train[0, :4], x[[0, 17, 4, 31]])
+    np.testing.assert_array_equal(split.partition.y_test[0, :2], y[[60003, 60009]])
