@@ -7,6 +7,7 @@ import functools
 import gzip
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -174,6 +175,17 @@ def test_split_file_config_errors(tmp_path):
         assert words in msg and "\n" not in msg, msg
     with pytest.raises(ConfigError, match="partition_file"):
         validate(tiny(partition="file"))
+    with pytest.raises(ConfigError, match="partition_file=.*no such file"):
+        validate(tiny(partition="file", partition_file=str(tmp_path / "nope.json")))
+    validate(tiny(partition="file", partition_file=str(good)))  # exists: accepted
+    for field, value in (("partition_file", 3), ("standardize_mean", float("nan")),
+                         ("standardize_std", float("inf")), ("standardize_std", "1"),
+                         ("partition", "natural")):  # fmt: skip
+        c = ml_collections.ConfigDict(tiny().to_dict(), type_safe=False)
+        c[field] = value
+        with pytest.raises(ConfigError) as err:
+            validate(c)
+        assert str(err.value).startswith(field + "="), str(err.value)
 
 
 def test_bad_npz_split_files(tmp_path):
@@ -276,7 +288,16 @@ def test_standardize_modes():
         validate(tiny(standardize="given", standardize_mean=float("inf")))
 
 
-def test_arrays_partition_run_and_dataset_card(tmp_path):
+@pytest.fixture(scope="module")
+def ref_run(tmp_path_factory):
+    """A tiny pathological digits run: (its workdir, its result)."""
+    from demjax.train import run
+
+    workdir = tmp_path_factory.mktemp("ref") / "run"
+    return workdir, run(tiny(), str(workdir))
+
+
+def test_arrays_partition_run_and_dataset_card(tmp_path, ref_run):
     """train.run(partition=...) trains on the given arrays; data.json describes
     them (names, counts, classes, histogram, digest) and config.json records the
     partition and standardize fields."""
@@ -301,10 +322,10 @@ def test_arrays_partition_run_and_dataset_card(tmp_path):
             partition=split,
         )
     out = run(tiny(partition="arrays"), str(tmp_path / "a"), partition=split)
-    ref = run(tiny(), str(tmp_path / "b"))
+    ref_dir, ref = ref_run
     assert out["final"] == ref["final"]  # the same data: the same run
     card = json.loads((tmp_path / "a" / "data.json").read_text())
-    ref_card = json.loads((tmp_path / "b" / "data.json").read_text())
+    ref_card = json.loads((ref_dir / "data.json").read_text())
     assert card["partition_sha256"] == ref_card["partition_sha256"]
     assert [a["name"] for a in card["agents"]] == names
     n_tr, n_te = part.n_train, part.n_test
@@ -344,13 +365,14 @@ def test_dataset_card_checksums_source_files(tmp_path):
     assert card["num_agents"] == 3 and card["input_shape"] == [4, 4, 1]
 
 
-def test_export_split_of_a_run_reruns_identically(tmp_path):
+def test_export_split_of_a_run_reruns_identically(tmp_path, ref_run):
     """Acceptance: a pathological run's split exported (scripts/export_split.py
     logic, in-process), then a run on that file: identical metrics."""
     from demjax.data.split import export_split
     from demjax.train import run
 
-    run(tiny(), str(tmp_path / "a"))
+    ref_dir, _ = ref_run
+    shutil.copytree(ref_dir, tmp_path / "a")
     out = tmp_path / "split.json"
     split = export_split(str(out), workdir=str(tmp_path / "a"))
     assert read_split_file(out).index == "pool" and split.num_agents == 4

@@ -14,6 +14,7 @@ periodic evaluation.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -120,6 +121,11 @@ def check_config(config) -> None:
         raise ConfigError(
             "partition_file='' is not valid with partition='file'; accepted: the "
             "path of a .json or .npz split file (docs/data.md)"
+        )
+    if method == "file" and not os.path.isfile(path):
+        raise ConfigError(
+            f"partition_file={path!r}: no such file; accepted: a .json or .npz "
+            "split file (docs/data.md)"
         )
     if method != "file" and path:
         raise ConfigError(
