@@ -243,7 +243,7 @@ def to_json(config) -> str:
 FIELD_DOCS = {
     "seed": "PRNG seed of data split, init, shuffles, masks (int >= 0)",
     "dataset": "digits, fashion_mnist, fashion_mnist_tfds, mnist, emnist, cifar10, "
-    "cifar100, femnist (LEAF JSON)",
+    "cifar100, femnist, shakespeare (LEAF JSON)",
     "data_dir": "IDX / tfds / LEAF data directory; '' = the source's default",
     "download": "tfds sources: fetch missing data (needs internet)",
     "partition": "pathological (reference), dirichlet, iid, natural (femnist: one "
@@ -257,7 +257,8 @@ FIELD_DOCS = {
     "standardize_mean": "standardize='given': the mean subtracted (finite)",
     "standardize_std": "standardize='given': the std divided by (finite, > 0)",
     "num_agents": "A, number of agents (>= 2)",
-    "model": "mlr, mlp, cnn (paper), cnn4 (FedAvg paper CNN), cnn_cifar",
+    "model": "mlr, mlp, cnn (paper), cnn4 (FedAvg paper CNN), cnn_cifar, char_rnn "
+    "(shakespeare: LSTM widths = hidden)",
     "hidden": "MLP hidden widths, e.g. (100,)",
     "conv_impl": "CNN convolutions in training: auto (measured), patches (im2col), "
     "xla (lax.conv)",

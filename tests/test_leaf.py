@@ -11,7 +11,7 @@ import pytest
 from helpers import REPO, run_cli_batch, tiny_config
 
 from demjax.data import leaf, make_split
-from demjax.errors import ConfigError, DataNotFoundError
+from demjax.errors import ConfigError, DataFileError, DataNotFoundError
 
 tiny = functools.partial(
     tiny_config, num_agents=3, num_levels=1, local_plan="all", dataset="femnist",
@@ -139,19 +139,32 @@ def test_femnist_config_errors(tmp_path):
         assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
-@pytest.mark.slow(seconds=45)
-def test_femnist_config_runs_from_run_py(tmp_path):
-    """configs/femnist.py on generated LEAF shards: 2 rounds from scripts/run.py."""
+@pytest.mark.slow(seconds=75)
+def test_leaf_configs_run_from_run_py(tmp_path):
+    """configs/femnist.py and configs/shakespeare.py on generated LEAF shards:
+    2 rounds each from scripts/run.py."""
     root = write_leaf(tmp_path / "leaf")
+    text_root = write_shakespeare(tmp_path / "shakespeare")
     (tmp_path / "runs").mkdir()
-    res = run_cli_batch(
+    small = ["--config.num_agents=3", "--config.num_rounds=2", "--config.num_levels=1",
+             "--config.local_epochs=1", "--config.local_plan=all",
+             "--config.progress=False"]  # fmt: skip
+    results = run_cli_batch(
         {"femnist": [f"--config={REPO}/configs/femnist.py",
-                     f"--config.data_dir={root}", "--config.num_agents=3",
-                     "--config.model=mlr", "--config.num_rounds=2",
-                     "--config.num_levels=1", "--config.local_epochs=1",
-                     "--config.local_plan=all", "--config.progress=False"]},
+                     f"--config.data_dir={root}", "--config.model=mlr", *small],
+         "shakespeare": [f"--config={REPO}/configs/shakespeare.py",
+                         f"--config.data_dir={text_root}", "--config.hidden=(8,)",
+                         *small]},
         tmp_path / "runs",
-    )["femnist"]  # fmt: skip
+    )  # fmt: skip
+    text = results["shakespeare"]
+    assert text.returncode == 0, text.stderr[-2000:]
+    card = json.loads((text.workdir / "data.json").read_text())
+    assert card["num_classes"] == 81 and card["input_shape"] == [80]
+    assert {a["name"] for a in card["agents"]} <= set(ROLES)
+    rec = json.loads((text.workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= rec["c_gen"] <= 1.0 and rec["round"] == 1
+    res = results["femnist"]
     assert res.returncode == 0, res.stderr[-2000:]
     lines = (res.workdir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s)["round"] for s in lines] == [0, 0, 1, 1]
@@ -160,3 +173,109 @@ def test_femnist_config_runs_from_run_py(tmp_path):
     assert card["dataset"] == "femnist" and card["partition"] == "natural"
     assert {a["name"] for a in card["agents"]} <= set(WRITERS)
     assert len(card["sources"]) == 3  # the three shards, with checksums
+
+
+# role -> (train windows, test windows)
+ROLES = {"HAMLET": (6, 2), "OPHELIA": (5, 2), "GHOST": (4, 1), "YORICK": (3, 0)}
+TEXT = "To be, or not to be~ that is the question: " * 4  # '~' is not in LEAF's set
+
+
+def _windows(role: str, split: int, n: int):
+    start = sum(map(ord, role)) % 20 + 7 * split
+    xs = [TEXT[start + i : start + i + 80] for i in range(n)]
+    ys = [TEXT[start + i + 80] for i in range(n)]
+    return xs, ys
+
+
+def write_shakespeare(root):
+    """LEAF Shakespeare shards (train/ and test/): 80-character windows."""
+    root.mkdir(parents=True)
+    for split, sub in ((0, "train"), (1, "test")):
+        (root / sub).mkdir()
+        roles = {r: n[split] for r, n in ROLES.items() if n[split]}
+        doc = {"users": sorted(roles), "num_samples": [roles[r] for r in sorted(roles)],
+               "user_data": {}}  # fmt: skip
+        for r, n in roles.items():
+            xs, ys = _windows(r, split, n)
+            doc["user_data"][r] = {"x": xs, "y": ys}
+        (root / sub / f"all_data_{split}.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_shakespeare_roles_and_character_ids(tmp_path):
+    root = write_shakespeare(tmp_path / "s")
+    config = tiny(dataset="shakespeare", model="char_rnn", num_agents=4,
+                  data_dir=str(root))  # fmt: skip
+    split = make_split(config)
+    part = split.partition
+    assert split.names == tuple(sorted(ROLES)) and part.num_classes == 81
+    vocab = leaf.SHAKESPEARE_VOCAB
+    assert len(vocab) == 80 and vocab.index("a") == 53
+    for a, role in enumerate(split.names):
+        n_tr, n_te = ROLES[role]
+        if not n_te:
+            continue
+        xs, ys = _windows(role, 0, n_tr)
+        want = [[vocab.find(c) if c in vocab else 80 for c in t] for t in xs]
+        np.testing.assert_array_equal(part.x_train[a, :n_tr], want)
+        np.testing.assert_array_equal(
+            part.y_train[a, :n_tr], [vocab.find(c) if c in vocab else 80 for c in ys]
+        )
+        assert part.n_test[a] == n_te
+    assert (part.x_train == 80).any()  # '~' is out of vocabulary
+    bad = [
+        (dict(model="mlr"), "model='mlr'"),
+        (dict(standardize="global"), "standardize='global'"),
+    ]
+    for kw, words in bad:
+        args = dict(dataset="shakespeare", model="char_rnn", num_agents=4,
+                    data_dir=str(root))  # fmt: skip
+        args.update(kw)
+        with pytest.raises(ConfigError, match=words):
+            make_split(tiny(**args))
+    shard = root / "train" / "all_data_0.json"
+    doc = json.loads(shard.read_text())
+    doc["user_data"]["HAMLET"]["x"][1] = "short"
+    shard.write_text(json.dumps(doc))
+    with pytest.raises(DataFileError, match=f"{shard}: user 'HAMLET'.*80-character"):
+        make_split(config)
+
+
+def test_char_rnn_matches_a_numpy_lstm():
+    """CharRNN = embedding, LSTM (flax's gate layout), last step, dense: against
+    a NumPy LSTM written from the equations."""
+    import jax
+
+    from demjax.models import make_model
+
+    model = make_model("char_rnn", 81, hidden=(5, 4))
+    x = np.random.default_rng(0).integers(0, 81, (3, 7)).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(1), x)["params"]
+    got = np.asarray(model.apply({"params": params}, x))
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+    def sigmoid(z):
+        return 1 / (1 + np.exp(-z))
+
+    h_seq = p["embed"]["embedding"][x.astype(int)]  # [B, L, 8]
+    for layer in (0, 1):
+        cell = p[f"OptimizedLSTMCell_{layer}"]
+        width = cell["hi"]["kernel"].shape[0]
+        h = np.zeros((3, width))
+        c = np.zeros((3, width))
+        outs = []
+        for t in range(h_seq.shape[1]):
+            xt = h_seq[:, t]
+
+            def gate(g, xt=xt, h=h, cell=cell):
+                return (xt @ cell["i" + g]["kernel"] + h @ cell["h" + g]["kernel"]
+                        + cell["h" + g]["bias"])  # fmt: skip
+
+            i, f = sigmoid(gate("i")), sigmoid(gate("f"))
+            g, o = np.tanh(gate("g")), sigmoid(gate("o"))
+            c = f * c + i * g
+            h = o * np.tanh(c)
+            outs.append(h)
+        h_seq = np.stack(outs, axis=1)
+    want = h_seq[:, -1] @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -45,6 +45,7 @@ from demjax.errors import ConfigError, check_choice
 from demjax.types import Partition
 
 PARTITIONS = (*POOL_PARTITIONS, "natural", "file", "arrays")
+LEAF_SOURCES = ("femnist", "shakespeare")
 """Accepted values of ``config.partition``."""
 
 __all__ = [
@@ -132,15 +133,29 @@ def check_config(config) -> None:
             f"partition_file={path!r} is set but partition={method!r}; accepted: "
             "partition='file' with it, or partition_file=''"
         )
-    if method == "natural" and dataset != "femnist":
+    if method == "natural" and dataset not in LEAF_SOURCES:
         raise ConfigError(
             f"partition='natural' is not valid for dataset={dataset!r}; accepted: "
-            "dataset='femnist' (one agent per writer)"
+            "dataset='femnist' (one agent per writer) or 'shakespeare' (per role)"
         )
-    if dataset == "femnist" and method not in ("natural", "file"):
+    if dataset in LEAF_SOURCES and method not in ("natural", "file"):
         raise ConfigError(
-            f"partition={method!r} is not valid for dataset='femnist'; accepted: "
-            "natural (one agent per writer), file"
+            f"partition={method!r} is not valid for dataset={dataset!r}; accepted: "
+            "natural (one agent per writer / role), file"
+        )
+    model = _field(config, "model", None)
+    if (dataset == "shakespeare") != (model == "char_rnn") and model is not None:
+        raise ConfigError(
+            f"model={model!r} is not valid for dataset={dataset!r}; accepted: "
+            "model='char_rnn' with dataset='shakespeare' (character ids), the image "
+            "models with the image data sets"
+        )
+    if dataset == "shakespeare" and standardize_mode(
+        _field(config, "standardize", True)
+    ) not in ("none",):
+        raise ConfigError(
+            f"standardize={_field(config, 'standardize', True)!r} is not valid for "
+            "dataset='shakespeare' (character ids); accepted: none"
         )
     mode = standardize_mode(_field(config, "standardize", True))
     for name in ("standardize_mean", "standardize_std"):
@@ -215,7 +230,8 @@ def make_split(config, partition=None) -> Split:
     data_dir = _field(config, "data_dir", None) or None
     if method == "natural":
         _int_agents(num_agents)
-        pool = leaf.load_femnist(data_dir, num_writers=num_agents, seed=seed)
+        loader = leaf.load_femnist if dataset == "femnist" else leaf.load_shakespeare
+        pool = loader(data_dir, num_writers=num_agents, seed=seed)
     else:
         pool = load_pool(
             dataset, data_dir=data_dir, download=bool(_field(config, "download", True))

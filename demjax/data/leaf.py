@@ -1,4 +1,4 @@
-"""FEMNIST from LEAF's JSON shards: one agent per writer, 62 classes.
+"""FEMNIST and Shakespeare from LEAF's JSON shards: one agent per writer / role.
 
 LEAF (Caldas et al., "LEAF: A Benchmark for Federated Settings", arXiv
 1812.01097) stores FEMNIST as JSON shards, each an object::
@@ -18,6 +18,13 @@ partitions. A writer found in only one of the train and test shards is split
 
 Images are 28x28x1 float32 as stored (LEAF's values, in [0, 1]); labels are
 0-9 digits, 10-35 upper-case and 36-61 lower-case letters.
+
+Shakespeare (LEAF ``data/shakespeare``): the same shard structure, one user per
+speaking role; each sample's ``x`` is an 80-character string and ``y`` the next
+character. Characters map to ids by ``SHAKESPEARE_VOCAB`` (LEAF's 80 letters, id
+= position) and every other character to the id 80 (out of vocabulary): x is
+float32 ``[n, 80]`` of character ids (exact in float32), y int32 ``[n]`` in
+``0..80`` (81 classes); the metric is next-character accuracy.
 """
 
 from __future__ import annotations
@@ -35,8 +42,24 @@ FEMNIST_CLASSES = 62
 FEMNIST_SHAPE = (28, 28, 1)
 _PIXELS = 28 * 28
 
+SHAKESPEARE_VOCAB = (
+    "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
+)
+"""LEAF's Shakespeare characters (``ALL_LETTERS``); id = position, others 80."""
+SHAKESPEARE_CLASSES = len(SHAKESPEARE_VOCAB) + 1
+SHAKESPEARE_SEQ = 80
+_CHAR_ID = {c: i for i, c in enumerate(SHAKESPEARE_VOCAB)}
 
-def femnist_files(data_dir: str | None) -> tuple[list[str], list[str]]:
+
+def char_ids(text: str) -> list[int]:
+    """Character ids of ``text`` (``SHAKESPEARE_VOCAB`` positions, others 80)."""
+    oov = len(SHAKESPEARE_VOCAB)
+    return [_CHAR_ID.get(c, oov) for c in text]
+
+
+def femnist_files(
+    data_dir: str | None, name: str = "femnist"
+) -> tuple[list[str], list[str]]:
     """The train and test shard paths under ``data_dir`` (sorted).
 
     Returns:
@@ -48,14 +71,14 @@ def femnist_files(data_dir: str | None) -> tuple[list[str], list[str]]:
     """
     if not data_dir:
         raise DataNotFoundError(
-            "dataset=femnist needs data_dir, the folder of LEAF's FEMNIST JSON "
+            f"dataset={name} needs data_dir, the folder of LEAF's {name} JSON "
             "shards (train/ and test/, or all_data_*.json); build them with LEAF's "
-            "data/femnist/preprocess.sh (https://github.com/TalwalkarLab/leaf)"
+            f"data/{name}/preprocess.sh (https://github.com/TalwalkarLab/leaf)"
         )
     if not os.path.isdir(data_dir):
         raise DataNotFoundError(
-            f"dataset=femnist: data_dir={data_dir!r} is not a directory; accepted: "
-            "the folder of LEAF's FEMNIST JSON shards"
+            f"dataset={name}: data_dir={data_dir!r} is not a directory; accepted: "
+            f"the folder of LEAF's {name} JSON shards"
         )
 
     def shards(d):
@@ -67,7 +90,7 @@ def femnist_files(data_dir: str | None) -> tuple[list[str], list[str]]:
     flat = shards(data_dir) or shards(os.path.join(data_dir, "all_data"))
     if not flat:
         raise DataNotFoundError(
-            f"dataset=femnist: no LEAF JSON shard in data_dir={data_dir!r}; accepted: "
+            f"dataset={name}: no LEAF JSON shard in data_dir={data_dir!r}; accepted: "
             "train/*.json and test/*.json, or all_data_*.json"
         )
     return flat, []
@@ -139,8 +162,46 @@ def _arrays(path: str, user: str, xs: list, ys: list) -> tuple[np.ndarray, np.nd
     return x.reshape(-1, *FEMNIST_SHAPE), y.astype(np.int32)
 
 
-def load_femnist(
+def _text_arrays(
+    path: str, user: str, xs: list, ys: list
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shakespeare: float32 ``[n, 80]`` and int32 ``[n]`` character ids, checked."""
+    ok = all(isinstance(t, str) and len(t) == SHAKESPEARE_SEQ for t in xs)
+    if not ok:
+        raise DataFileError(
+            f"{path}: user {user!r} 'x' is not a list of {SHAKESPEARE_SEQ}-character "
+            "strings"
+        )
+    if not all(isinstance(t, str) and len(t) == 1 for t in ys):
+        raise DataFileError(f"{path}: user {user!r} 'y' is not a list of characters")
+    if not xs:
+        return np.zeros((0, SHAKESPEARE_SEQ), np.float32), np.zeros(0, np.int32)
+    x = np.array([char_ids(t) for t in xs], dtype=np.float32)
+    y = np.array(char_ids("".join(ys)), dtype=np.int32)
+    return x, y
+
+
+def load_shakespeare(
     data_dir: str | None, num_writers: int | None = None, seed: int = 0
+) -> Pool:
+    """Shakespeare roles from LEAF's JSON shards, as ``load_femnist`` does writers.
+
+    Returns:
+      A ``Pool``: x float32 ``[N, 80]`` character ids, y int32 ``[N]`` the next
+      character's id, 81 classes (``SHAKESPEARE_VOCAB`` and out-of-vocabulary),
+      ``groups`` / ``group_names`` the roles.
+
+    Raises:
+      As ``load_femnist``.
+    """
+    return load_femnist(data_dir, num_writers, seed, _kind="shakespeare")
+
+
+def load_femnist(
+    data_dir: str | None,
+    num_writers: int | None = None,
+    seed: int = 0,
+    _kind: str = "femnist",
 ) -> Pool:
     """FEMNIST writers from LEAF's JSON shards, as a ``Pool`` with groups.
 
@@ -164,7 +225,8 @@ def load_femnist(
       ConfigError: fewer eligible writers than ``num_writers`` (field
         ``num_agents``).
     """
-    train_files, test_files = femnist_files(data_dir)
+    train_files, test_files = femnist_files(data_dir, _kind)
+    convert = _arrays if _kind == "femnist" else _text_arrays
     counts: dict[str, int] = {}
     if num_writers is not None:  # First pass: who is there (structure only).
         for path in train_files + test_files:
@@ -173,7 +235,7 @@ def load_femnist(
         eligible = sorted(u for u, n in counts.items() if n >= 2)
         if len(eligible) < num_writers:
             raise ConfigError(
-                f"num_agents={num_writers} is too many for dataset=femnist in "
+                f"num_agents={num_writers} is too many for dataset={_kind} in "
                 f"data_dir={data_dir!r}: it has {len(eligible)} writers with at "
                 f"least 2 samples; accepted: at most {len(eligible)}"
             )
@@ -188,7 +250,7 @@ def load_femnist(
             for u, (xs, ys) in read_leaf_shard(path).items():
                 if keep is not None and u not in keep:
                     continue
-                parts[split].setdefault(u, []).append(_arrays(path, u, xs, ys))
+                parts[split].setdefault(u, []).append(convert(path, u, xs, ys))
     names = sorted(set(parts[0]) | set(parts[1]))
     if keep is None:
         sizes = {
@@ -198,7 +260,7 @@ def load_femnist(
         names = [u for u in names if sizes[u] >= 2]
     if len(names) < 2:
         raise DataFileError(
-            f"dataset=femnist: the shards in {data_dir} hold {len(names)} writers "
+            f"dataset={_kind}: the shards in {data_dir} hold {len(names)} writers "
             "with at least 2 samples; accepted: at least 2"
         )
     index = {u: i for i, u in enumerate(names)}
@@ -216,7 +278,7 @@ def load_femnist(
     return Pool(
         x=x,
         y=y,
-        num_classes=FEMNIST_CLASSES,
+        num_classes=FEMNIST_CLASSES if _kind == "femnist" else SHAKESPEARE_CLASSES,
         num_train=num_train if test_files else y.shape[0],
         files=tuple(train_files + test_files),
         groups=np.concatenate(gs),
@@ -241,7 +303,7 @@ def natural_splits(
     if pool.groups is None:
         raise ConfigError(
             "partition='natural' needs a dataset with natural owners; accepted: "
-            "dataset='femnist'"
+            "dataset='femnist' or 'shakespeare'"
         )
     rng = np.random.default_rng(seed)
     order = np.argsort(pool.groups, kind="stable")

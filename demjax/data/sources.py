@@ -22,6 +22,9 @@ Sources:
   (60000 samples, 32x32x3, the 100 fine labels).
 - ``femnist``: FEMNIST from LEAF's JSON shards in ``data_dir`` (62 classes,
   one writer per sample group; ``demjax.data.leaf``).
+- ``shakespeare``: LEAF's Shakespeare JSON shards in ``data_dir``: 80-character
+  windows as character ids ``[N, 80]`` and the next character (81 classes),
+  one speaking role per sample group (``demjax.data.leaf``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ SOURCES = (
     "cifar10",
     "cifar100",
     "femnist",
+    "shakespeare",
 )
 """Accepted values of ``config.dataset``."""
 
@@ -127,10 +131,11 @@ def load_pool(name: str, data_dir: str | None = None, download: bool = True) -> 
         return Pool(x, y, num_classes, num_train=y.shape[0])
     if name == "fashion_mnist":
         return _load_fashion_mnist(data_dir)
-    if name == "femnist":
+    if name in ("femnist", "shakespeare"):
         from demjax.data import leaf
 
-        return leaf.load_femnist(data_dir)
+        loader = leaf.load_femnist if name == "femnist" else leaf.load_shakespeare
+        return loader(data_dir)
     return _load_tfds(name, data_dir, download)
 
 
