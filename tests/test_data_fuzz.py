@@ -1,7 +1,7 @@
 """Every data-file reader turns a damaged file into one line naming the file.
 
 Hypothesis damages valid files of each format (IDX, gzipped IDX, split JSON, split
-NPZ, LEAF JSON shard): truncated at any byte, one bit flipped anywhere, or swapped
+NPZ, LEAF JSON shard, TFF HDF5): truncated at any byte, one bit flipped anywhere, or swapped
 for a file of another format. Each read either succeeds (a flipped pixel is still a
 valid file) or raises ``DataFileError`` (a ``ConfigError``, exit 2 from
 scripts/run.py) whose message is one line naming the damaged file; any other
@@ -11,6 +11,7 @@ exception fails the test.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import json
 import struct
@@ -57,6 +58,17 @@ def _leaf_bytes() -> bytes:
     return json.dumps(doc).encode()
 
 
+def _h5_bytes() -> bytes:
+    import h5py
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        for c, n in (("c0", 3), ("c1", 2)):
+            f[f"examples/{c}/pixels"] = np.full((n, 28, 28), 0.5, np.float32)
+            f[f"examples/{c}/label"] = np.arange(n)
+    return buf.getvalue()
+
+
 IMAGES = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4)
 VALID = {
     "idx": _idx(IMAGES),
@@ -65,6 +77,9 @@ VALID = {
     "npz": _split_bytes("npz"),
     "leaf": _leaf_bytes(),
 }
+if importlib.util.find_spec("h5py"):  # TFF's HDF5 layout (h5py comes with tfds)
+    VALID["h5"] = _h5_bytes()
+NAMES = {"idx.gz": "f.gz", "leaf": "all_data_0.json", "h5": "fed_emnist_train.h5"}
 
 
 def _damage(kind: str, how: str, pos: float, bit: int, other: str) -> bytes:
@@ -90,6 +105,8 @@ def _read(kind: str, path, tmp_path):
         return read_idx(path)
     if kind in ("json", "npz"):
         return read_split_file(path)
+    if kind == "h5":
+        return leaf.load_tff_h5(str(tmp_path), "femnist")
     return leaf.load_femnist(str(tmp_path))
 
 
@@ -108,13 +125,13 @@ def _check(kind, raw, tmp_path, name):
 
 @pytest.mark.parametrize("kind", sorted(VALID))
 def test_valid_files_read(kind, tmp_path):
-    name = {"idx.gz": "f.gz", "leaf": "all_data_0.json"}.get(kind, f"f.{kind}")
+    name = NAMES.get(kind, f"f.{kind}")
     (tmp_path / name).write_bytes(VALID[kind])
     out = _read(kind, tmp_path / name, tmp_path)
     if kind.startswith("idx"):
         np.testing.assert_array_equal(out, IMAGES)
-    elif kind == "leaf":
-        assert out.group_names == ("w0", "w1") and out.x.shape == (5, 28, 28, 1)
+    elif kind in ("leaf", "h5"):
+        assert len(out.group_names) == 2 and out.x.shape == (5, 28, 28, 1)
     else:
         assert out.names == ("a", "b")
 
@@ -124,7 +141,7 @@ def test_valid_files_read(kind, tmp_path):
 @given(case=damage)
 def test_damaged_files_give_one_line_errors(kind, case, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("fuzz")
-    name = {"idx.gz": "f.gz", "leaf": "all_data_0.json"}.get(kind, f"f.{kind}")
+    name = NAMES.get(kind, f"f.{kind}")
     _check(kind, _damage(kind, *case), tmp_path, name)
 
 
@@ -132,8 +149,8 @@ def test_damaged_files_give_one_line_errors(kind, case, tmp_path_factory):
 @given(raw=st.binary(max_size=300))
 def test_random_bytes_give_one_line_errors(raw, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bytes")
-    for kind, name in (("idx", "f.idx"), ("idx.gz", "f.gz"), ("json", "f.json"),
-                       ("npz", "f.npz"), ("leaf", "all_data_0.json")):  # fmt: skip
+    for kind in VALID:
+        name = NAMES.get(kind, f"f.{kind}")
         body = (b"\x1f\x8b" + raw) if kind == "idx.gz" else raw
         _check(kind, body, tmp_path, name)
 

@@ -279,3 +279,98 @@ def test_char_rnn_matches_a_numpy_lstm():
         h_seq = np.stack(outs, axis=1)
     want = h_seq[:, -1] @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# ---------------------------------------------------------------- TFF HDF5 files
+
+
+def _write_h5(path, clients, x_key, make_x):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as f:
+        for c, n in clients.items():
+            g = f.create_group(f"examples/{c}")
+            g[x_key] = make_x(c, n)
+            g["label"] = (np.arange(n) + len(c)) % 62
+    return path
+
+
+def _emnist_x(c, n, split=0):
+    x = np.full((n, 28, 28), 0.5, np.float32)
+    x[:, 0, 0] = int(c[1:]) / 10
+    x[:, 0, 1] = np.arange(n) / 100 + split
+    return x
+
+
+def test_tff_h5_femnist_clients_keep_their_split(tmp_path):
+    train = {"c0": 3, "c1": 2, "c2": 4}
+    test = {"c0": 1, "c1": 2, "c2": 1}
+    _write_h5(tmp_path / "fed_emnist_train.h5", train, "pixels", _emnist_x)
+    _write_h5(tmp_path / "fed_emnist_test.h5", test, "pixels",
+              lambda c, n: _emnist_x(c, n, split=1))  # fmt: skip
+    split = make_split(tiny(data_dir=str(tmp_path), num_agents=2, seed=1))
+    pick = np.random.default_rng(1).choice(3, 2, replace=False)
+    assert split.names == tuple(sorted(["c0", "c1", "c2"][i] for i in pick))
+    part = split.partition
+    for a, c in enumerate(split.names):
+        n_tr, n_te = train[c], test[c]
+        assert (part.n_train[a], part.n_test[a]) == (n_tr, n_te)
+        np.testing.assert_array_equal(
+            part.x_train[a, :n_tr, :, :, 0], _emnist_x(c, n_tr)
+        )
+        np.testing.assert_array_equal(
+            part.x_test[a, :n_te, :, :, 0], _emnist_x(c, n_te, split=1)
+        )
+        np.testing.assert_array_equal(
+            part.y_train[a, :n_tr], (np.arange(n_tr) + len(c)) % 62
+        )
+    assert part.num_classes == 62
+
+
+def test_tff_h5_pachinko_cifar100_clients(tmp_path):
+    def image(c, n):
+        x = np.zeros((n, 32, 32, 3), np.uint8)
+        x[:, 0, 0, 0] = int(c)
+        x[:, 0, 0, 1] = np.arange(n)
+        return x
+
+    clients = {str(i): 5 for i in range(4)}
+    _write_h5(tmp_path / "fed_cifar100_train.h5", clients, "image", image)
+    _write_h5(tmp_path / "fed_cifar100_test.h5", {"0": 5}, "image", image)
+    config = tiny(dataset="cifar100", data_dir=str(tmp_path), num_agents=4,
+                  standardize="none")  # fmt: skip
+    split = make_split(config)
+    part = split.partition
+    assert split.names == ("0", "1", "2", "3") and part.num_classes == 100
+    assert part.input_shape == (32, 32, 3)
+    for a, c in enumerate(split.names):
+        assert (part.n_train[a], part.n_test[a]) == (4, 1)  # 80/20 of 5
+        rows = np.concatenate([part.x_train[a, :4], part.x_test[a, :1]])
+        np.testing.assert_allclose(rows[:, 0, 0, 0], int(c) / 255.0, atol=1e-7)
+        assert sorted(np.rint(rows[:, 0, 0, 1] * 255).astype(int)) == [0, 1, 2, 3, 4]
+    with pytest.raises(DataNotFoundError, match="fed_cifar100_train.h5"):
+        make_split(tiny(dataset="cifar100", data_dir=str(tmp_path / "x"),
+                        num_agents=4, standardize="none"))  # fmt: skip
+
+
+def test_tff_h5_malformed_files(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "fed_emnist_train.h5"
+    config = tiny(data_dir=str(tmp_path), num_agents=2)
+    _write_h5(path, {"c0": 3, "c1": 2}, "pixels", _emnist_x)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataFileError, match=str(path)):
+        make_split(config)
+    with h5py.File(path, "w") as f:
+        f["examples/c0/pixels"] = np.zeros((2, 28, 28), np.float32)
+    with pytest.raises(DataFileError, match="label"):
+        make_split(config)
+    with h5py.File(path, "w") as f:
+        for c in ("c0", "c1"):
+            f[f"examples/{c}/pixels"] = np.zeros((2, 27, 28), np.float32)
+            f[f"examples/{c}/label"] = np.zeros(2, np.int64)
+    with pytest.raises(DataFileError, match="'c0' has x"):
+        make_split(config)
+    path.write_bytes(b"not hdf5 at all")
+    with pytest.raises(DataFileError, match="not a TFF HDF5 file"):
+        make_split(config)

@@ -46,6 +46,7 @@ from demjax.types import Partition
 
 PARTITIONS = (*POOL_PARTITIONS, "natural", "file", "arrays")
 LEAF_SOURCES = ("femnist", "shakespeare")
+NATURAL_SOURCES = (*LEAF_SOURCES, "cifar100")
 """Accepted values of ``config.partition``."""
 
 __all__ = [
@@ -133,10 +134,11 @@ def check_config(config) -> None:
             f"partition_file={path!r} is set but partition={method!r}; accepted: "
             "partition='file' with it, or partition_file=''"
         )
-    if method == "natural" and dataset not in LEAF_SOURCES:
+    if method == "natural" and dataset not in NATURAL_SOURCES:
         raise ConfigError(
             f"partition='natural' is not valid for dataset={dataset!r}; accepted: "
-            "dataset='femnist' (one agent per writer) or 'shakespeare' (per role)"
+            "dataset='femnist' (one agent per writer), 'shakespeare' (per role), "
+            "'cifar100' (TFF's Pachinko split, one agent per client)"
         )
     if dataset in LEAF_SOURCES and method not in ("natural", "file"):
         raise ConfigError(
@@ -230,8 +232,14 @@ def make_split(config, partition=None) -> Split:
     data_dir = _field(config, "data_dir", None) or None
     if method == "natural":
         _int_agents(num_agents)
-        loader = leaf.load_femnist if dataset == "femnist" else leaf.load_shakespeare
-        pool = loader(data_dir, num_writers=num_agents, seed=seed)
+        if dataset == "cifar100" or (
+            dataset == "femnist" and leaf.tff_h5_files(data_dir, dataset)
+        ):
+            pool = leaf.load_tff_h5(data_dir, dataset, num_agents, seed)
+        elif dataset == "femnist":
+            pool = leaf.load_femnist(data_dir, num_writers=num_agents, seed=seed)
+        else:
+            pool = leaf.load_shakespeare(data_dir, num_writers=num_agents, seed=seed)
     else:
         pool = load_pool(
             dataset, data_dir=data_dir, download=bool(_field(config, "download", True))

@@ -321,3 +321,158 @@ def natural_splits(
             tr, te = tr[:n_tr], te[: max(1, cap - n_tr)]
         splits.append((tr, te))
     return splits
+
+
+# TFF's HDF5 layouts (tff.simulation.datasets; FedJAX reads the same files):
+# <data_dir>/<stem>_train.h5 (and _test.h5), groups examples/<client id>/<field>.
+TFF_H5 = {
+    "femnist": ("fed_emnist", "pixels", "label", (28, 28), FEMNIST_CLASSES),
+    "cifar100": ("fed_cifar100", "image", "label", (32, 32, 3), 100),
+}
+
+
+def tff_h5_files(data_dir: str | None, dataset: str) -> tuple[str, str | None] | None:
+    """``(train, test or None)`` paths of TFF's HDF5 files in ``data_dir``, or None."""
+    stem = TFF_H5[dataset][0]
+    if not data_dir:
+        return None
+    train = os.path.join(data_dir, f"{stem}_train.h5")
+    test = os.path.join(data_dir, f"{stem}_test.h5")
+    if not os.path.isfile(train):
+        return None
+    return train, (test if os.path.isfile(test) else None)
+
+
+def _h5_clients(path: str, x_key: str, y_key: str):
+    """``(h5 file, {client: (x dataset, y dataset)})``, structure checked."""
+    try:
+        import h5py
+    except ImportError:
+        raise DataNotFoundError(
+            f"{path} needs h5py to be read: pip install h5py"
+        ) from None
+    try:
+        f = h5py.File(path, "r")
+        examples = f["examples"]
+        clients = {}
+        for c in examples:
+            g = examples[c]
+            xd, yd = g[x_key], g[y_key]
+            n = int(yd.shape[0]) if len(yd.shape) == 1 else 0
+            clients[str(c)] = (xd, yd, n)
+    except Exception as e:  # h5py raises OSError, KeyError, ValueError, ...
+        msg = " ".join(str(e).split())[:160]
+        raise DataFileError(
+            f"{path} is not a TFF HDF5 file with examples/<client>/{x_key} and "
+            f"{y_key}: {type(e).__name__}: {msg}"
+        ) from None
+    return f, clients
+
+
+def _h5_arrays(path, client, xd, yd, shape, num_classes):
+    try:
+        x = np.asarray(xd[()])
+        y = np.asarray(yd[()])
+    except Exception as e:
+        raise DataFileError(
+            f"{path}: client {client!r} cannot be read: {type(e).__name__}"
+        ) from None
+    if x.shape[1:] != shape or y.shape != (x.shape[0],) or y.dtype.kind not in "iu":
+        raise DataFileError(
+            f"{path}: client {client!r} has x {x.shape} {x.dtype}, y {y.shape} "
+            f"{y.dtype}; accepted: x [n, {', '.join(map(str, shape))}], integer y [n]"
+        )
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise DataFileError(
+            f"{path}: client {client!r} has labels outside 0..{num_classes - 1}"
+        )
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / np.float32(255.0)
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataFileError(f"{path}: client {client!r} has non-finite inputs")
+    return x.reshape(x.shape[0], *shape, 1) if len(shape) == 2 else x, y.astype(
+        np.int32
+    )
+
+
+def load_tff_h5(
+    data_dir: str | None, dataset: str, num_clients: int | None = None, seed: int = 0
+) -> Pool:
+    """Clients of TFF's HDF5 files (``fed_emnist_*.h5`` for ``femnist``, 62
+    classes; ``fed_cifar100_*.h5``, the Pachinko split, for ``cifar100``), as a
+    ``Pool`` with one group per client.
+
+    A client found in both files (EMNIST) keeps the files' train / test split.
+    The Pachinko split's test clients are other people than its train clients, so
+    for ``cifar100`` only the train file's 500 clients are agents (each split
+    80/20 by ``natural_splits``). Clients with fewer than 2 samples are left out;
+    ``num_clients`` of the rest are drawn as ``load_femnist`` draws writers, and
+    only their samples are read.
+
+    Raises:
+      DataNotFoundError: h5py missing or no ``<stem>_train.h5`` in ``data_dir``.
+      DataFileError: a malformed file (names it, and the client).
+      ConfigError: fewer eligible clients than ``num_clients`` (``num_agents``).
+    """
+    stem, x_key, y_key, shape, num_classes = TFF_H5[dataset]
+    files = tff_h5_files(data_dir, dataset)
+    if files is None:
+        raise DataNotFoundError(
+            f"dataset={dataset} partition='natural': no {stem}_train.h5 in "
+            f"data_dir={data_dir!r}; accepted: TFF's HDF5 files there"
+        )
+    train_path, test_path = files
+    if dataset == "cifar100":
+        test_path = None
+    opened = [_h5_clients(train_path, x_key, y_key)]
+    if test_path:
+        opened.append(_h5_clients(test_path, x_key, y_key))
+    try:
+        counts: dict[str, int] = {}
+        for _, clients in opened:
+            for c, (_, _, n) in clients.items():
+                counts[c] = counts.get(c, 0) + n
+        eligible = sorted(c for c, n in counts.items() if n >= 2)
+        if num_clients is not None:
+            if len(eligible) < num_clients:
+                raise ConfigError(
+                    f"num_agents={num_clients} is too many for dataset={dataset} in "
+                    f"data_dir={data_dir!r}: it has {len(eligible)} clients with at "
+                    f"least 2 samples; accepted: at most {len(eligible)}"
+                )
+            rng = np.random.default_rng(seed)
+            pick = rng.choice(len(eligible), num_clients, replace=False)
+            eligible = sorted(eligible[i] for i in pick)
+        if len(eligible) < 2:
+            raise DataFileError(
+                f"{train_path} holds {len(eligible)} clients with at least 2 "
+                "samples; accepted: at least 2"
+            )
+        index = {c: i for i, c in enumerate(eligible)}
+        xs, ys, gs, num_train = [], [], [], 0
+        for k, ((_, clients), path) in enumerate(
+            zip(opened, (train_path, test_path), strict=False)
+        ):
+            for c in eligible:
+                if c in clients:
+                    xd, yd, _ = clients[c]
+                    x, y = _h5_arrays(path, c, xd, yd, shape, num_classes)
+                    xs.append(x)
+                    ys.append(y)
+                    gs.append(np.full(y.shape[0], index[c], np.int32))
+            if k == 0:
+                num_train = sum(y.shape[0] for y in ys)
+    finally:
+        for f, _ in opened:
+            f.close()
+    y = np.concatenate(ys)
+    return Pool(
+        x=np.concatenate(xs),
+        y=y,
+        num_classes=num_classes,
+        num_train=num_train if test_path else y.shape[0],
+        files=tuple(p for p in (train_path, test_path) if p),
+        groups=np.concatenate(gs),
+        group_names=tuple(eligible),
+    )
