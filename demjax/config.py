@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 
-from demjax import cluster, network, plan, robust
+from demjax import cluster, data, network, plan, robust
 from demjax.algorithms import ALGORITHMS, PLUGINS, get_algorithm, is_plugin
 from demjax.data import PARTITIONS, SOURCES
 from demjax.errors import ConfigError, check_choice
@@ -89,6 +89,7 @@ def validate(config) -> None:
     network.validate_config(config)
     check_choice("dataset", config.dataset, DATASETS)
     check_choice("partition", config.partition, PARTITIONS)
+    data.check_config(config)  # partition_file, standardize (demjax.data)
     check_choice("distance", config.distance, DISTANCES)
     check_choice("linkage", config.linkage, LINKAGES)
     check_choice("tree_mode", config.tree_mode, TREE_MODES)
@@ -129,7 +130,7 @@ def validate(config) -> None:
     _int_at_least(config, "samples_per_agent", 0)
     _int_at_least(config, "seed", 0)
     _int_at_least(config, "amplify_rounds", 0)
-    for field in ("standardize", "progress", "amplify", "download", "tensorboard"):
+    for field in ("progress", "amplify", "download", "tensorboard"):
         if not isinstance(config[field], bool):
             raise ConfigError(
                 f"{field}={config[field]!r} is not valid; accepted: True or False"
@@ -259,16 +260,23 @@ def to_json(config) -> str:
 # and a test keeps the two, and the fields of configs/default.py, in sync.
 FIELD_DOCS = {
     "seed": "PRNG seed of data split, init, shuffles, masks (int >= 0)",
-    "dataset": "digits, fashion_mnist, fashion_mnist_tfds, mnist, emnist, cifar10",
-    "data_dir": "IDX / tfds data directory; '' = the source's default",
+    "dataset": "digits, fashion_mnist, fashion_mnist_tfds, mnist, emnist, cifar10, "
+    "cifar100, femnist, shakespeare (LEAF JSON)",
+    "data_dir": "IDX / tfds / LEAF data directory; '' = the source's default",
     "download": "tfds sources: fetch missing data (needs internet)",
-    "partition": "pathological (reference), dirichlet, iid",
+    "partition": "pathological (reference), dirichlet, iid, natural (femnist: one "
+    "agent per writer), file (partition_file), arrays (train.run(partition=...))",
+    "partition_file": "partition='file': .json / .npz split file (docs/data.md)",
     "labels_per_agent": "pathological: labels per agent (1..C)",
     "dirichlet_alpha": "dirichlet: concentration (> 0)",
     "samples_per_agent": "cap on samples per agent; 0 = none",
-    "standardize": "global (x - mean) / (std + 0.001) as the reference; else [0, 1]",
+    "standardize": "global ((x - mean) / (std + 0.001), the reference), per_pixel, "
+    "given (standardize_mean/std), none ([0, 1]); True = global, False = none",
+    "standardize_mean": "standardize='given': the mean subtracted (finite)",
+    "standardize_std": "standardize='given': the std divided by (finite, > 0)",
     "num_agents": "A, number of agents (>= 2)",
-    "model": "mlr, mlp, cnn (paper), cnn4 (FedAvg paper CNN), cnn_cifar",
+    "model": "mlr, mlp, cnn (paper), cnn4 (FedAvg paper CNN), cnn_cifar, char_rnn "
+    "(shakespeare: LSTM widths = hidden)",
     "hidden": "MLP hidden widths, e.g. (100,)",
     "conv_impl": "CNN convolutions in training: auto (measured), patches (im2col), "
     "xla (lax.conv)",
@@ -277,8 +285,7 @@ FIELD_DOCS = {
     "local_epochs": "passes over the agent's data per round (>= 1)",
     "batch_size": "minibatch size B (>= 1)",
     "local_buckets": "buckets of similar step counts, each a vmap (>= 1)",
-    "matmul_impl": "dense weight gradient in training: auto (measured), xla, "
-    "wgrad_t",
+    "matmul_impl": "dense weight gradient in training: auto (measured), xla, wgrad_t",
     "local_plan": "local training plan: auto (measured, cached), all, sequential, "
     "block:K; capped by free memory",
     "algorithm": "tree engine: demlearn, demlearn_p, fedavg, fedprox, local; "

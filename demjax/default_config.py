@@ -12,15 +12,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     # Data (demjax.data).
-    # dataset: digits | fashion_mnist | fashion_mnist_tfds | mnist | emnist | cifar10
+    # dataset: digits | fashion_mnist | fashion_mnist_tfds | mnist | emnist |
+    # cifar10 | cifar100 | femnist (LEAF JSON shards in data_dir)
     c.dataset = "digits"
     # data_dir "": the default (fashion_mnist: /usr/share/datasets/fashion-mnist)
     c.data_dir = ""
-    c.partition = "pathological"  # pathological | dirichlet | iid
+    # pathological | dirichlet | iid | natural (femnist: one agent per writer,
+    # num_agents writers sampled) | file (partition_file) | arrays (a ready
+    # partition passed to demjax.train.run; see docs/data.md)
+    c.partition = "pathological"
+    c.partition_file = ""  # partition='file': a .json / .npz split file
     c.labels_per_agent = 2
     c.dirichlet_alpha = 0.5
     c.samples_per_agent = 0  # 0 = no cap on samples per agent
-    c.standardize = True
+    # global (reference: (x - mean) / (std + 0.001) over the pool) | per_pixel |
+    # given (standardize_mean, standardize_std) | none (pixels in [0, 1])
+    c.standardize = "global"
+    c.standardize_mean = 0.0
+    c.standardize_std = 1.0
     # tfds sources only: let tensorflow-datasets fetch missing data (needs internet;
     # offline it retries for minutes before the clear error).
     c.download = True

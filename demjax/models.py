@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from demjax.errors import check_choice
 
-MODELS = ("mlr", "mlp", "cnn", "cnn4", "cnn_cifar")
+MODELS = ("mlr", "mlp", "cnn", "cnn4", "cnn_cifar", "char_rnn")
 CONV_IMPLS = ("patches", "xla")
 MATMUL_IMPLS = ("xla", "wgrad_t")
 
@@ -251,6 +251,33 @@ class CNNCifar(nn.Module):
         return (logits, x) if return_features else logits
 
 
+class CharRNN(nn.Module):
+    """Next-character model: embedding 8, stacked LSTMs, dense over the vocabulary.
+
+    The LEAF Shakespeare model (Caldas et al., "LEAF: A Benchmark for Federated
+    Settings", arXiv 1812.01097, Sec. 4; also McMahan et al., AISTATS 2017,
+    Sec. 3): characters embedded in 8 dimensions, LSTM layers (``hidden`` widths;
+    LEAF uses (256, 256)), the last step's output through a dense layer of
+    ``num_classes`` logits. Input: float32 ``[B, L]`` character ids (exact
+    integers, cast to int32), vocabulary size ``num_classes``.
+    """
+
+    num_classes: int = 81
+    hidden: Sequence[int] = (256, 256)
+    embed_dim: int = 8
+    matmul_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_features: bool = False):
+        ids = x.reshape((x.shape[0], -1)).astype(jnp.int32)
+        h = nn.Embed(self.num_classes, self.embed_dim, name="embed")(ids)
+        for i, width in enumerate(self.hidden):
+            h = nn.RNN(nn.OptimizedLSTMCell(width), name=f"lstm{i}")(h)
+        h = h[:, -1]
+        logits = _dense(self.matmul_impl, self.num_classes, 0)(h)
+        return (logits, h) if return_features else logits
+
+
 def make_model(
     name: str,
     num_classes: int,
@@ -261,9 +288,10 @@ def make_model(
     """Builds a model by name.
 
     Args:
-      name: one of ``mlr``, ``mlp``, ``cnn``, ``cnn4``, ``cnn_cifar``.
-      num_classes: number of output classes C.
-      hidden: hidden widths of the MLP.
+      name: one of ``mlr``, ``mlp``, ``cnn``, ``cnn4``, ``cnn_cifar``,
+        ``char_rnn``.
+      num_classes: number of output classes C (``char_rnn``: the vocabulary).
+      hidden: hidden widths of the MLP, LSTM widths of ``char_rnn``.
       conv_impl: ``patches`` (im2col GEMM, fast for vmapped agents on CPU) or
         ``xla`` (``lax.conv``); identical results and parameters.
       matmul_impl: how dense layers and im2col convolutions form their weight
@@ -283,6 +311,8 @@ def make_model(
         return CNN(num_classes, conv_impl=conv_impl, matmul_impl=matmul_impl)
     if name == "cnn4":
         return CNN4(num_classes, conv_impl=conv_impl, matmul_impl=matmul_impl)
+    if name == "char_rnn":
+        return CharRNN(num_classes, tuple(hidden), matmul_impl=matmul_impl)
     return CNNCifar(num_classes, conv_impl=conv_impl, matmul_impl=matmul_impl)
 
 

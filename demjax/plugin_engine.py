@@ -106,8 +106,15 @@ def _restore(mngr, state):
     return got["state"], step
 
 
-def run(config, workdir: str, progress: bool | None = None, overwrite: bool = False):
-    """Runs ``config.algorithm`` (a plug-in); outputs as ``demjax.train.run``.
+def run(
+    config,
+    workdir: str,
+    progress: bool | None = None,
+    overwrite: bool = False,
+    partition=None,
+):
+    """Runs ``config.algorithm`` (a plug-in); outputs and ``partition`` as
+    ``demjax.train.run``.
 
     Returns:
       ``{"final": {"sync": record}, "records": [...], "wall_s": float,
@@ -117,7 +124,7 @@ def run(config, workdir: str, progress: bool | None = None, overwrite: bool = Fa
       ConfigError, DataNotFoundError: as ``demjax.train.run``.
     """
 
-    setup = prepare_run(config, workdir, overwrite)
+    setup = prepare_run(config, workdir, overwrite, partition)
     part_np, part, resume = setup.part_np, setup.part, setup.resume
     x_gen, y_gen, t_start = setup.x_gen, setup.y_gen, setup.t_start
 

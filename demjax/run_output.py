@@ -440,9 +440,11 @@ class RunSetup:
     t_start: float
 
 
-def prepare_run(config, workdir: str, overwrite: bool) -> RunSetup:
+def prepare_run(config, workdir: str, overwrite: bool, partition=None) -> RunSetup:
     """Workdir checks and resume convention, the partition on devices, and the
     C-GEN evaluation set (shared by the tree engine and the plug-in engine).
+    ``partition``: a ready ``demjax.data.Split`` / ``Partition`` for
+    ``config.partition="arrays"``. Writes the dataset card ``data.json``.
 
     Takes the workdir lock (``lock_workdir``; the engine's ``RunWriter.close``
     releases it).
@@ -473,7 +475,10 @@ def _prepare_locked(config, workdir: str, overwrite: bool, config_json: dict):
     )
     # Every process decided on the workdir before process 0 writes to it.
     multihost.barrier("demjax.prepare_workdir")
-    part_np = data.make_partition(config)
+    split = data.make_split(config, partition)
+    part_np = split.partition
+    if multihost.is_primary():
+        data.write_card(workdir, split)
     t_start = time.perf_counter()
     mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)
     # Sharded: global arrays straight from the host data (one copy per device).

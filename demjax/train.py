@@ -56,7 +56,11 @@ log = logging.getLogger(__name__)
 
 
 def run(
-    config, workdir: str, progress: bool | None = None, overwrite: bool = False
+    config,
+    workdir: str,
+    progress: bool | None = None,
+    overwrite: bool = False,
+    partition=None,
 ) -> dict:
     """Runs one simulation and writes its results to ``workdir``.
 
@@ -66,6 +70,9 @@ def run(
       progress: show a tqdm bar (default ``config.progress``).
       overwrite: replace results already in ``workdir`` instead of resuming from
         its checkpoint or refusing (see ``demjax.checkpoint``).
+      partition: with ``config.partition="arrays"``, the agents' data: a
+        ``demjax.data.Split`` (``demjax.data.partition_from_arrays``) or a
+        ``Partition``; None loads ``config.dataset`` (``demjax.data.make_split``).
 
     Returns:
       ``{"final": {point: record}, "records": [...], "wall_s": float,
@@ -85,8 +92,8 @@ def run(
                 + ", ".join(REGISTRY)
                 + ")"
             )
-        return plugin_engine.run(config, workdir, progress, overwrite)
-    setup = prepare_run(config, workdir, overwrite)
+        return plugin_engine.run(config, workdir, progress, overwrite, partition)
+    setup = prepare_run(config, workdir, overwrite, partition)
     config_json, resume, part_np, part, mesh = (
         setup.config_json,
         setup.resume,

@@ -143,17 +143,14 @@ def test_divergence_guard_resets_and_keeps_nan_out_of_groups():
         assert np.all(np.isfinite(leaf))
 
 
-def test_diverged_agents_are_counted_in_metrics(tmp_path, monkeypatch):
-    real = data.make_partition
-
-    def poisoned(config):
-        part = real(config)
-        x = np.array(part.x_train)
-        x[[0, 3]] *= 1e30
-        return part.replace(x_train=x)
-
-    monkeypatch.setattr(data, "make_partition", poisoned)
-    res = train.run(small(lr=0.5), str(tmp_path))
+def test_diverged_agents_are_counted_in_metrics(tmp_path):
+    part = data.make_partition(small())
+    x = np.array(part.x_train)
+    x[[0, 3]] *= 1e30  # poisoned data, given as a ready partition
+    poisoned = part.replace(x_train=x)
+    res = train.run(
+        small(lr=0.5, partition="arrays"), str(tmp_path), partition=poisoned
+    )
     assert res["records"][0]["num_diverged"] == 2
     assert all(np.isfinite(r["global_acc"]) for r in res["records"])
 
