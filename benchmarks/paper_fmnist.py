@@ -46,12 +46,16 @@ RUNS = {
     "fedavg": {"algorithm": "fedavg", "mu": None},
     "fedprox": {"algorithm": "fedprox", "mu": 0.5},
     "demlearn_p_amplify": {"algorithm": "demlearn_p", "mu": 0.002, "amplify": True},
+    "demlearn_p_amplify_torch_init": {
+        "algorithm": "demlearn_p", "mu": 0.002, "amplify": True, "init": "torch",
+    },
 }
 
 # Reference figures (authors' logged runs, final round): C-SPE, C-GEN, Global.
 REFERENCE = {
     "demlearn_p": (0.974, 0.653, 0.755),
     "demlearn_p_amplify": (0.974, 0.653, 0.755),
+    "demlearn_p_amplify_torch_init": (0.974, 0.653, 0.755),
     "fedavg": (0.988, 0.463, 0.781),
     "fedprox": (0.988, 0.462, 0.780),
 }
