@@ -14,7 +14,7 @@ from demjax.algorithms import ALGORITHMS, PLUGINS, get_algorithm, is_plugin
 from demjax.data import PARTITIONS, SOURCES
 from demjax.errors import ConfigError, check_choice
 from demjax.local import make_optimizer
-from demjax.models import MODELS
+from demjax.models import INITS, MODELS
 
 # Accepted values, each defined once by the module that implements them.
 DATASETS = SOURCES
@@ -97,6 +97,7 @@ def validate(config) -> None:
     check_choice("weighting", config.weighting, WEIGHTINGS)
     check_choice("linkage_backend", config.linkage_backend, BACKENDS)
     check_choice("model", config.model, MODELS)
+    check_choice("init", config.init, INITS)
     plan.check_config(config)  # local_plan, conv_impl
     make_optimizer(config.optimizer, config.lr)  # checks optimizer and lr
     if config.linkage == "ward" and config.distance != "euclidean":
@@ -278,6 +279,8 @@ FIELD_DOCS = {
     "model": "mlr, mlp, cnn (paper), cnn4 (FedAvg paper CNN), cnn_cifar, char_rnn "
     "(shakespeare: LSTM widths = hidden)",
     "hidden": "MLP hidden widths, e.g. (100,)",
+    "init": "layer init: flax (LeCun normal, zero bias) or torch (PyTorch default: "
+    "U(+-1/sqrt(fan_in)) weights and biases)",
     "conv_impl": "CNN convolutions in training: auto (measured), patches (im2col), "
     "xla (lax.conv)",
     "optimizer": "sgd (reference), momentum, or any optax optimizer name",

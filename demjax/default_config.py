@@ -38,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Model and local training (demjax.models, demjax.local).
     c.model = "mlp"  # mlr | mlp | cnn | cnn4 | cnn_cifar
     c.hidden = (100,)
+    # Layer initialisation: flax (LeCun normal kernels, zero biases) | torch
+    # (PyTorch's nn.Linear/nn.Conv2d default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    # kernels and biases).
+    c.init = "flax"
     # CNN convolutions in local training: auto (measured, see local_plan) |
     # patches (im2col GEMMs) | xla (lax.conv); parameters are interchangeable.
     c.conv_impl = "auto"

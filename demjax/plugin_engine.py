@@ -52,7 +52,7 @@ def build(config, part):
     )  # fmt: skip
     model = models.make_model(
         config.model, part.num_classes, config.hidden, plan.conv_impl,
-        plan.matmul_impl,
+        plan.matmul_impl, init=config.init,
     )  # fmt: skip
     eval_batch, eval_conv, plan_info["eval"] = choose_eval_plan(
         config, part, probe=cap_probe[1], points=1

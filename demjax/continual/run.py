@@ -186,7 +186,9 @@ def _run(config, workdir: str, overwrite: bool) -> dict:
     writer.json("config.json", json.loads(config.to_json()))
     scenario = make_scenario(config)
     c, num_tasks, a = scenario.num_classes, scenario.num_tasks, scenario.agents_per_task
-    model = make_model(config.model, c, tuple(config.hidden), config.conv_impl)
+    model = make_model(
+        config.model, c, tuple(config.hidden), config.conv_impl, init=config.init
+    )
     key = jax.random.PRNGKey(int(config.seed))
     k_init, k_run = jax.random.split(key)
     shape = scenario.input_shape
@@ -207,6 +209,7 @@ def _run(config, workdir: str, overwrite: bool) -> dict:
             alpha=0.0 if method == "logit" else float(config.alpha),
             student_init=config.student_init,
             projector_init=config.projector_init,
+            student_logits=config.student_logits,
         )
     r = np.full((num_tasks, num_tasks), np.nan)
     r_task = np.full((num_tasks, num_tasks), np.nan)  # argmax within task j's classes
