@@ -459,13 +459,15 @@ def prepare_run(config, workdir: str, overwrite: bool, partition=None) -> RunSet
     if multihost.is_primary():  # one run per workdir; RunWriter.close releases it
         lock_workdir(workdir)
     try:
-        return _prepare_locked(config, workdir, overwrite, config_json)
+        return _prepare_locked(config, workdir, overwrite, config_json, partition)
     except BaseException:
         unlock_workdir(workdir)
         raise
 
 
-def _prepare_locked(config, workdir: str, overwrite: bool, config_json: dict):
+def _prepare_locked(
+    config, workdir: str, overwrite: bool, config_json: dict, partition=None
+):
     resume = checkpoint.prepare_workdir(
         workdir,
         config_json,
