@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Model and local training (demjax.models, demjax.local).
     c.model = "mlp"  # mlr | mlp | cnn | cnn4 | cnn_cifar
     c.hidden = (100,)
+    # Layer initialisation: flax (LeCun normal kernels, zero biases) | torch
+    # (PyTorch's nn.Linear/nn.Conv2d default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    # kernels and biases).
+    c.init = "flax"
     # CNN convolutions in local training: auto (measured, see local_plan) |
     # patches (im2col GEMMs) | xla (lax.conv); parameters are interchangeable.
     c.conv_impl = "auto"
@@ -124,6 +128,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Checkpoints (orbax, in <workdir>/checkpoints) every k rounds and at the end;
     # 0 = off. A rerun on the same workdir resumes from the last one.
     c.checkpoint_every = 10
+    # Checkpoints kept (the newest); on resume a damaged newest checkpoint falls
+    # back to the next older one, so keep at least 2 to survive one bad write.
+    c.keep_checkpoints = 2
     # Group-tree snapshots with their linkage (<workdir>/trees/round_*.json, for
     # scripts/plot.py) every k regrouping rounds and the last; 0 = only tree_final.
     c.tree_snapshot_every = 10

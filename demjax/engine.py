@@ -377,7 +377,7 @@ class Simulator:
         )
         self.model = models.make_model(
             config.model, partition.num_classes, config.hidden,
-            self.plan.conv_impl, self.plan.matmul_impl,
+            self.plan.conv_impl, self.plan.matmul_impl, init=config.init,
         )  # fmt: skip
         apply_fn = models.make_apply(self.model)
 

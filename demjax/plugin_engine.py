@@ -12,14 +12,13 @@ model), ``train_loss`` and the algorithm's own ``info`` scalars (e.g.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from absl import logging
 
 from demjax import checkpoint, local, metrics, models
 from demjax.algorithms import get_plugin
@@ -36,6 +35,8 @@ from demjax.run_output import (
     rounded,
 )
 
+log = logging.getLogger(__name__)
+
 
 def build(config, part):
     """``(plugin, ctx, rounds)`` for a validated config and a device partition."""
@@ -51,7 +52,7 @@ def build(config, part):
     )  # fmt: skip
     model = models.make_model(
         config.model, part.num_classes, config.hidden, plan.conv_impl,
-        plan.matmul_impl,
+        plan.matmul_impl, init=config.init,
     )  # fmt: skip
     eval_batch, eval_conv, plan_info["eval"] = choose_eval_plan(
         config, part, probe=cap_probe[1], points=1
@@ -97,19 +98,12 @@ def make_evaluate(plugin, ctx, rounds, eval_batch: int):
 
 
 def _save(mngr, state, step: int) -> None:
-    if mngr.latest_step() == step:
-        return
-    mngr.save(step, args=ocp.args.StandardSave({"state": state}))
-    mngr.wait_until_finished()
+    checkpoint.save_payload(mngr, step, {"state": state})
 
 
 def _restore(mngr, state):
-    step = mngr.latest_step()
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state
-    )
-    got = mngr.restore(step, args=ocp.args.StandardRestore({"state": target}))
-    return got["state"], int(step)
+    got, step = checkpoint.restore_payload(mngr, {"state": state})
+    return got["state"], step
 
 
 def run(
@@ -143,11 +137,11 @@ def run(
     init_key, run_key = jax.random.split(key)
     state = rounds.init(init_key, part)
     every = int(config.checkpoint_every)
-    mngr = checkpoint.manager(workdir) if (every or resume) else None
+    keep = int(config.keep_checkpoints)
+    mngr = checkpoint.manager(workdir, keep) if (every or resume) else None
     start = 0
-    if resume:
+    if resume:  # the newest readable checkpoint (damaged ones are set aside)
         state, start = _restore(mngr, state)
-        logging.info("resuming %s after round %d", workdir, start - 1)
     writer = RunWriter(workdir, keep_rounds_below=start if resume else None)
     writer.json("config.json", setup.config_json)
     log_plan(ctx.plan_info)

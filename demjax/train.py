@@ -22,6 +22,7 @@ must then be one shared path).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -30,7 +31,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from demjax import checkpoint, multihost, plugin_engine, sharding
 from demjax.algorithms import REGISTRY, is_plugin
@@ -51,6 +51,8 @@ from demjax.run_output import (
     rounded,
     tree_snapshot,
 )
+
+log = logging.getLogger(__name__)
 
 
 def run(
@@ -126,11 +128,11 @@ def run(
         )
         agent_weight = sharding.shard_agents(agent_weight, mesh)
     every = int(config.checkpoint_every)
-    mngr = checkpoint.manager(workdir) if (every or resume) else None
+    keep = int(config.keep_checkpoints)
+    mngr = checkpoint.manager(workdir, keep) if (every or resume) else None
     start = 0
-    if resume:
+    if resume:  # the newest readable checkpoint (damaged ones are set aside)
         state, tree, start = checkpoint.restore(mngr, state, tree)
-        logging.info("resuming %s after round %d", workdir, start - 1)
     to_device = (
         (lambda t: jax.tree.map(jnp.asarray, t))
         if mesh is None
@@ -227,7 +229,7 @@ def run(
             counts = {k: int(v) for k, v in counts.items()}
             timing.update(counts)
             if counts["num_diverged"]:
-                logging.warning(
+                log.warning(
                     "round %d: %d agent(s) diverged (non-finite loss or parameters); "
                     "reset to parent group models",
                     t,
@@ -281,7 +283,7 @@ def run(
                     records.append(rec)
                     writer.metrics(rec)
                 if not math.isfinite(float(loss_mean)):
-                    logging.warning("training loss is %s at round %d", loss_mean, t)
+                    log.warning("training loss is %s at round %d", loss_mean, t)
             state = state.replace(
                 params=params_sync,
                 opt_state=opt_state,
