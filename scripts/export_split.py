@@ -37,7 +37,7 @@ def _fail(msg: str) -> None:
 
 def main(argv) -> None:
     del argv
-    from demjax.data.split import export_split
+    from demjax.data.export import export_split
     from demjax.errors import ConfigError
 
     if not _OUT.value:

@@ -338,11 +338,11 @@ def test_hgp_matches_grad_through_unrolled_inner_loop():
         ("network_edge_prob", 1.5, r"network_edge_prob=1.5 is not valid"),
         ("network", "file", r"network_file='' is not valid for network='file'"),
         ("pdbo.mode", "personal", r"pdbo.mode='personal' is not valid; accepted: da"),
-        ("pdbo.hgp_steps", 0, r"pdbo.hgp_steps=0 is not valid; accepted: \[1"),
-        ("pdbo.outer_lr", 0.0, r"pdbo.outer_lr=0.0 is not valid; accepted: \(0"),
+        ("pdbo.hgp_steps", 0, r"pdbo.hgp_steps=0 is not valid; accepted: an integer in \[1"),
+        ("pdbo.outer_lr", 0.0, r"pdbo.outer_lr=0.0 is not valid; accepted: a finite number in \(0"),
         ("pdbo.val_fraction", 0.95, r"pdbo.val_fraction=0.95 is not valid"),
         ("pdbo.num_learners", 0, r"pdbo.num_learners=0 is not valid"),
-        ("sgp.mix_every", 0, r"sgp.mix_every=0 is not valid; accepted: \[1"),
+        ("sgp.mix_every", 0, r"sgp.mix_every=0 is not valid; accepted: an integer in \[1"),
     ],
 )
 def test_bad_network_and_pdbo_config_names_the_field(field, value, message):

@@ -548,15 +548,15 @@ def test_round_has_no_python_loop_over_agents(algorithm):
 @pytest.mark.parametrize(
     "alg,field,value,match",
     [
-        ("fedamp", "alpha_k", 0.0, r"fedamp\.alpha_k=0\.0 is not valid; accepted: \("),
+        ("fedamp", "alpha_k", 0.0, r"fedamp\.alpha_k=0\.0 is not valid; accepted: a finite number in \("),
         ("fedamp", "sigma", -1.0, r"fedamp\.sigma=-1\.0 is not valid"),
-        ("fedamp", "lam", -0.1, r"fedamp\.lam=-0\.1 is not valid; accepted: \[0"),
+        ("fedamp", "lam", -0.1, r"fedamp\.lam=-0\.1 is not valid; accepted: a finite number in \[0"),
         ("fedamp", "attention", "l1", r"fedamp\.attention='l1' .*euclidean, cosine"),
-        ("ifca", "k", 0, r"ifca\.k=0 is not valid; accepted: \[1, inf\]"),
+        ("ifca", "k", 0, r"ifca\.k=0 is not valid; accepted: an integer in \[1, inf\)"),
         ("ifca", "init", "zeros", r"ifca\.init='zeros' .*accepted: random, shared"),
-        ("cfl", "eps1", 0.0, r"cfl\.eps1=0\.0 is not valid; accepted: \(0\.0, inf\]"),
+        ("cfl", "eps1", 0.0, r"cfl\.eps1=0\.0 is not valid; accepted: a finite number in \(0\.0, inf\)"),
         ("cfl", "eps2", -1.0, r"cfl\.eps2=-1\.0 is not valid"),
-        ("cfl", "warmup", -1, r"cfl\.warmup=-1 is not valid; accepted: \[0, inf\]"),
+        ("cfl", "warmup", -1, r"cfl\.warmup=-1 is not valid; accepted: an integer in \[0, inf\)"),
         ("cfl", "linkage", "ward", r"cfl\.linkage='ward' .*complete, single, average"),
     ],
 )

@@ -368,7 +368,7 @@ def test_dataset_card_checksums_source_files(tmp_path):
 def test_export_split_of_a_run_reruns_identically(tmp_path, ref_run):
     """Acceptance: a pathological run's split exported (scripts/export_split.py
     logic, in-process), then a run on that file: identical metrics."""
-    from demjax.data.split import export_split
+    from demjax.data.export import export_split
     from demjax.train import run
 
     ref_dir, _ = ref_run

@@ -35,7 +35,7 @@ import os
 
 import numpy as np
 
-from demjax.data.sources import Pool, read_bytes
+from demjax.data.files import Pool, read_bytes
 from demjax.errors import ConfigError, DataFileError, DataNotFoundError
 
 FEMNIST_CLASSES = 62

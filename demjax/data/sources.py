@@ -29,7 +29,6 @@ Sources:
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import importlib.util
 import math
@@ -38,6 +37,7 @@ import zlib
 
 import numpy as np
 
+from demjax.data.files import Pool, one_line, read_bytes
 from demjax.errors import ConfigError, DataFileError, DataNotFoundError, check_choice
 
 SOURCES = (
@@ -87,31 +87,6 @@ _TFDS_BATCH = 8192
 
 STANDARDIZE = ("global", "per_pixel", "given", "none")
 """Accepted string values of ``config.standardize`` (True = global, False = none)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Pool:
-    """A whole data set as one pool, before standardization.
-
-    Attributes:
-      x: float32 ``[N, *F]`` inputs scaled to [0, 1].
-      y: int32 ``[N]`` labels in ``[0, num_classes)``.
-      num_classes: C.
-      num_train: rows ``[0, num_train)`` come from the data set's train split,
-        the rest from its test split; ``N`` when it has no test split (digits).
-      files: the files read (for the dataset card's checksums); empty for
-        data held by a library (digits, tfds).
-      groups: int32 ``[N]`` natural owner (writer) of each sample, or None.
-      group_names: the owner names, ``group_names[groups[i]]``, or None.
-    """
-
-    x: np.ndarray
-    y: np.ndarray
-    num_classes: int
-    num_train: int
-    files: tuple[str, ...] = ()
-    groups: np.ndarray | None = None
-    group_names: tuple[str, ...] | None = None
 
 
 def load_pool(name: str, data_dir: str | None = None, download: bool = True) -> Pool:
@@ -318,20 +293,6 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return data.reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """The bytes of ``path``.
-
-    Raises:
-      DataFileError: the file cannot be read (missing, a directory, no
-        permission); the one-line message names the file.
-    """
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise DataFileError(f"{path} cannot be read: {_one_line(e)}") from None
-
-
 def gunzip(path: str | os.PathLike, raw: bytes) -> bytes:
     """Decompresses the gzip bytes ``raw`` read from ``path``.
 
@@ -343,7 +304,7 @@ def gunzip(path: str | os.PathLike, raw: bytes) -> bytes:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error, ValueError) as e:
         raise DataFileError(
-            f"{path} is not a valid gzip file (truncated or corrupt): {_one_line(e)}"
+            f"{path} is not a valid gzip file (truncated or corrupt): {one_line(e)}"
         ) from None
 
 
@@ -401,13 +362,6 @@ def _load_fashion_mnist(data_dir: str | None) -> Pool:
     return Pool(x[..., None], y, 10, num_train=int(y_tr.shape[0]), files=files)
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def _tensorflow_available() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
@@ -419,7 +373,7 @@ def _load_tfds(name: str, data_dir: str | None, download: bool) -> Pool:
     except ImportError as e:
         raise DataNotFoundError(
             f"dataset={name} needs tensorflow-datasets, which is not installed: "
-            f"pip install 'demjax[tfds]' ({_one_line(e)})"
+            f"pip install 'demjax[tfds]' ({one_line(e)})"
         ) from e
     if not _tensorflow_available():
         raise DataNotFoundError(
@@ -447,7 +401,7 @@ def _load_tfds(name: str, data_dir: str | None, download: bool) -> Pool:
         how = "could not be downloaded" if download else "download=False"
         raise DataNotFoundError(
             f"dataset={name} (tfds {tfds_name!r}) is not available in {where} and "
-            f"{how}; prepare it there with tfds or pass data_dir: {_one_line(e)}"
+            f"{how}; prepare it there with tfds or pass data_dir: {one_line(e)}"
         ) from e
     x = np.concatenate(xs).astype(np.float32) / np.float32(255.0)
     y = np.concatenate(ys).astype(np.int32)
