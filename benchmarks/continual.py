@@ -101,8 +101,25 @@ ABLATIONS = {
         "logit-only distillation with the student's logits mean-centred per subset",
     ),
 }
+ABLATIONS["digits/dac_centred_student"] = (
+    "digits",
+    {"method": "dac", "student_logits": "centred", "forward_transfer": False},
+    "Split digits: student's logits also mean-centred per class subset",
+)
 for _n, (_d, _o, _) in ABLATIONS.items():
     RUNS[_n] = (_d, _o)
+# DAC with the published and the centred-student loss on two more seeds (data
+# split, init, proxy samples): seed-to-seed spread of the two variants.
+SEEDS = (1, 2)
+VARIANTS = {"dac": {}, "dac_centred_student": {"student_logits": "centred"}}
+SEED_RUNS = {
+    f"{d}/{v}_seed{s}": (d, {"method": "dac", **o, "seed": s,
+                             "forward_transfer": False})  # fmt: skip
+    for d in DATASETS
+    for v, o in VARIANTS.items()
+    for s in SEEDS
+}
+RUNS.update(SEED_RUNS)
 
 # Final average accuracies of an earlier Split Fashion-MNIST / digits run with the
 # full settings of the config files (1,000 consolidation steps of 128 on
@@ -291,6 +308,57 @@ def verdict(runs: dict, d: str) -> list[str]:
     return out
 
 
+def seed_table(runs: dict) -> list[str]:
+    """Final average accuracy of DAC (published loss) and its centred-student
+    variant over seed 0 (the rows above) and ``SEEDS``: per seed, mean +/- std
+    (sample std, ddof 1) over the seeds stored, and the paired difference."""
+    import numpy as np
+
+    out = []
+    for d in DATASETS:
+        base = {"dac": f"{d}/dac", "dac_centred_student": f"{d}/dac_centred_student"}
+        acc = {}
+        for v in VARIANTS:
+            names = [base[v]] + [f"{d}/{v}_seed{s}" for s in SEEDS]
+            acc[v] = [runs[n]["final_avg_acc"] if n in runs else None for n in names]
+        if sum(a is not None for a in acc["dac"]) < 2:
+            continue
+        if not out:
+            out = [
+                "## DAC: published loss vs centred student, over seeds",
+                "",
+                "Final average accuracy per seed (seed 0: the rows above; seeds "
+                "1-2 without the forward-transfer measurement, like the "
+                "ablations); mean +/- std (ddof 1) over the seeds; difference "
+                "published - centred, paired by seed.",
+                "",
+                "| data set | variant | seed 0 | seed 1 | seed 2 | mean +/- std |",
+                "|---|---|---|---|---|---|",
+            ]
+        for v in VARIANTS:
+            vals = [a for a in acc[v] if a is not None]
+            ms = (
+                f"{np.mean(vals):.3f} +/- {np.std(vals, ddof=1):.3f}"
+                if len(vals) > 1 else "-"
+            )  # fmt: skip
+            out.append(f"| {LABELS[d]} | {v} | " + " | ".join(
+                _f(a) for a in acc[v]) + f" | {ms} |")  # fmt: skip
+        diff = [a - b for a, b in zip(acc["dac"], acc["dac_centred_student"],
+                                      strict=True)
+                if a is not None and b is not None]  # fmt: skip
+        if len(diff) > 1:
+            out.append(
+                f"| {LABELS[d]} | published - centred | "
+                + " | ".join(
+                    _f(None if a is None or b is None else a - b, "+.3f")
+                    for a, b in zip(acc["dac"], acc["dac_centred_student"],
+                                    strict=True)
+                )  # fmt: skip
+                + f" | {np.mean(diff):+.3f} +/- {np.std(diff, ddof=1):.3f} |"
+            )
+    return out + ([""] if out else [])
+
+
 def report(results: dict, out_dir: str) -> None:
     """Writes ``continual.md`` (tables, verdicts, matrices) and ``continual.png``."""
     runs = results["runs"]
@@ -351,7 +419,6 @@ def report(results: dict, out_dir: str) -> None:
         lines += [""] + verdict(runs, d) + [""]
     abl = [n for n in ABLATIONS if n in runs]
     if abl:
-        base = runs.get("fmnist/dac", {}).get("final_avg_acc")
         lines += [
             "## Split Fashion-MNIST: what limits DAC (ablations)",
             "",
@@ -363,14 +430,18 @@ def report(results: dict, out_dir: str) -> None:
         ]
         for n in abl:
             r = runs[n]
+            d = RUNS[n][0]
+            base = runs.get(f"{d}/dac", {}).get("final_avg_acc")
             delta = None if base is None else r["final_avg_acc"] - base
+            label = n.split("/")[1] if d == "fmnist" else n
             lines.append(
-                f"| {n.split('/')[1]} | {ABLATIONS[n][2]} | "
+                f"| {label} | {ABLATIONS[n][2]} | "
                 f"{r['final_avg_acc']:.3f} | {_f(delta, '+.3f')} | "
                 f"{_f(r.get('task_aware_final_avg_acc'))} | "
                 f"{_f(r['forgetting'])} | {r['wall_s']:.0f} |"
             )
         lines.append("")
+    lines += seed_table(runs)
     lines += [ANALYSIS.strip(), "", "## Accuracy matrices", ""]
     lines += [
         "Row i: after consolidating task i; column j: accuracy on task j's test "
