@@ -115,10 +115,32 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   saturating the softmax; SGD at lr 0.05 then needs most of the 100 rounds to recover.
   The reference reached .653 with amplify on, so its network must be less sensitive
   to the scaling than ours (e.g. a different parameter initialisation or a step that
-  undoes part of the scaling that `docs/demlearn.md` does not describe); we cannot check
-  this without the authors' environment. The MLP ablation shows the same sign
-  (amplify lowered Global by 6.9 points and C-SPE by 6.6, `ablations_fmnist.md`).
-  Amplify stays off by default (`amplify=False`; see `docs/demlearn.md`).
+  undoes part of the scaling that `docs/demlearn.md` does not describe). The MLP
+  ablation shows the same sign (amplify lowered Global by 7.3 points and C-SPE by
+  7.1, `ablations_fmnist.md`). Amplify stays off by default (`amplify=False`; see
+  `docs/demlearn.md`).
+- **Amplify with PyTorch's default initialisation (`demlearn_p_amplify_torch_init`,
+  `init="torch"`, the reference's framework's layer init): it does not close the gap
+  on the CNN; the run stops in round 5.** Round 0 after synchronization: C-SPE .870,
+  C-GEN .160, Global .299 (flax init with amplify: .811 / .149 / .153). One agent's
+  local training diverged (non-finite loss or parameters) in round 4, one round
+  earlier than with flax's init (the `demlearn_p_amplify` run had one diverged agent
+  in round 5 and continued). In round 5 the run stopped with an error: the
+  self-organizing step clusters the agents' locally trained parameters before
+  diverged agents are reset (`demjax/train.py` calls `build_tree` on `params_local`),
+  and the linkage refuses non-finite distances. So at this commit the reference's
+  configuration with PyTorch's init cannot run its 100 rounds, and its five rounds
+  show the same instability as flax's init, one round earlier (code of commit
+  5af922d, 2026-12-04, 2-core AMD EPYC without AVX-512 shared with other jobs). On
+  the MLP (`ablations_fmnist.md`, all four rows rerun on 2026-12-04 at commit
+  6e17619, no agent diverged) PyTorch's init roughly halves amplify's cost: Global
+  .763 with amplify vs .801 without (-3.8), against .727 vs .800 (-7.3) with
+  flax's init; C-SPE .929 vs .958 (-2.9) against .886 vs .957 (-7.1); C-GEN .722
+  vs .715 (+0.7) against .704 vs .730 (-2.6). Without amplify the two inits end
+  level on Global and C-SPE (.801 / .958 vs .800 / .957; C-GEN .715 vs .730). One
+  seed each: seed-to-seed spread was not measured, so differences of 1-2 points may
+  be noise; the 3.5-point smaller amplify cost on Global is the only effect of
+  several points.
 - **Wall time: 670 s for the 100-round DemLearn-P run on an idle 2-core AVX-512
   Xeon (2026-12-02, commit 73b1de7), within the 1,200 s target**
   (`--timing --only=demlearn_p --eval_every=10`, the `demlearn_p` timing row):
