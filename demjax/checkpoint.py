@@ -1,11 +1,11 @@
 """Checkpoint and resume with orbax.
 
-A checkpoint holds the full simulation state after a completed round: every
-agent's parameters and optimizer state, the group models, the group tree, and
-the round count (the PRNG stream is ``fold_in(key(seed), round)``, so the seed
-and the round fully determine it). orbax writes each checkpoint to a temporary
-directory and renames it when complete, so a crash never leaves a half-written
-checkpoint behind.
+A checkpoint holds an algorithm's whole state pytree after a completed round
+(every agent's parameters and optimizer state, group/global models, group tree
+or clusters), at the step of the round count (the PRNG stream is
+``fold_in(key(seed), round)``, so the seed and the round fully determine it).
+orbax writes each checkpoint to a temporary directory and renames it when
+complete, so a crash never leaves a half-written checkpoint behind.
 
 Convention (``scripts/run.py --workdir=W``): if ``W`` holds checkpoints of a
 run with the same config (``num_rounds``, ``progress`` and ``checkpoint_every``
@@ -24,7 +24,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from demjax.errors import ConfigError
-from demjax.types import GroupTree
 
 # Fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("num_rounds", "progress", "checkpoint_every", "eval_every")
@@ -47,58 +46,33 @@ def has_checkpoint(workdir: str) -> bool:
     return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
 
-def _payload(state, tree: GroupTree) -> dict:
-    return {
-        "params": state.params,
-        "opt_state": state.opt_state,
-        "node_params": state.node_params,
-        "tree": {
-            "agent_parent": np.asarray(tree.agent_parent),
-            "node_parent": np.asarray(tree.node_parent),
-            "agent_ancestor": np.asarray(tree.agent_ancestor),
-        },
-    }
-
-
-def save(mngr: ocp.CheckpointManager, state, tree: GroupTree) -> None:
-    """Saves the state after ``state.round`` completed rounds (blocks until done)."""
-    step = int(state.round)
+def save(mngr: ocp.CheckpointManager, state, step: int) -> None:
+    """Saves an algorithm's whole state after ``step`` completed rounds (blocks
+    until written; a step already saved is kept)."""
     if mngr.latest_step() == step:
         return
-    mngr.save(step, args=ocp.args.StandardSave(_payload(state, tree)))
+    mngr.save(step, args=ocp.args.StandardSave({"state": state}))
     mngr.wait_until_finished()
 
 
-def restore(mngr: ocp.CheckpointManager, state, tree: GroupTree):
-    """Restores the latest checkpoint into the structure of ``(state, tree)``.
+def restore(mngr: ocp.CheckpointManager, state):
+    """Restores the latest checkpoint into the structure, shapes, dtypes and
+    shardings of ``state``.
 
     Returns:
-      ``(state, tree, rounds_done)``.
+      ``(state, rounds_done)``.
     """
     step = mngr.latest_step()
     target = jax.tree.map(
         lambda x: (
-            jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-            if not isinstance(x, jax.Array)
-            else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            if isinstance(x, jax.Array)
+            else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
         ),
-        _payload(state, tree),
+        {"state": state},
     )
     got = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    state = state.replace(
-        params=got["params"],
-        opt_state=got["opt_state"],
-        node_params=got["node_params"],
-        round=jax.numpy.int32(step),
-    )
-    t = got["tree"]
-    tree = GroupTree(
-        agent_parent=np.asarray(t["agent_parent"], np.int32),
-        node_parent=np.asarray(t["node_parent"], np.int32),
-        agent_ancestor=np.asarray(t["agent_ancestor"], np.int32),
-        level_sizes=tree.level_sizes,
-    )
-    return state, tree, int(step)
+    return got["state"], int(step)
 
 
 def prepare_workdir(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from demjax import cluster, network, plan, robust
-from demjax.algorithms import ALGORITHMS, PLUGINS, get_algorithm, is_plugin
+from demjax.algorithms import ALGORITHMS, REGISTRY
 from demjax.data import PARTITIONS, SOURCES
 from demjax.errors import ConfigError, check_choice
 from demjax.local import make_optimizer
@@ -43,9 +43,7 @@ def _float_in(config, field: str, low: float, high: float) -> None:
 
 def resolved_mu(config) -> float:
     """``config.mu``, or the algorithm's default when it is None."""
-    if is_plugin(config.algorithm):
-        return float(config.mu or 0.0)
-    algo = get_algorithm(config.algorithm)
+    algo = REGISTRY[config.algorithm]
     return float(algo.default_mu if config.mu is None else config.mu)
 
 
@@ -58,7 +56,7 @@ def validate(config) -> None:
     """
     check_choice("algorithm", config.algorithm, ALGORITHMS)
     check_choice("aggregator", config.aggregator, robust.AGGREGATORS)
-    _validate_plugin_hparams(config)
+    _validate_hparams(config)
     network.validate_config(config)
     check_choice("dataset", config.dataset, DATASETS)
     check_choice("partition", config.partition, PARTITIONS)
@@ -152,48 +150,14 @@ def validate(config) -> None:
     mu = resolved_mu(config)
     if mu < 0:
         raise ConfigError(f"mu={mu!r} is not valid; accepted: a float >= 0")
-    if is_plugin(config.algorithm):
-        return
-    algo = get_algorithm(config.algorithm)
-    if algo.requires_mu_positive and mu == 0:
-        plain = "demlearn" if algo.self_organizing else "fedavg"
-        raise ConfigError(
-            f"mu=0 is not valid for algorithm={algo.name!r}; accepted: mu > 0 "
-            f"(use algorithm={plain!r} for mu=0)"
-        )
-    if algo.self_organizing:
-        if config.tree_mode == "binary" and config.num_levels < 1:
-            raise ConfigError(
-                f"num_levels={config.num_levels!r} is not valid for algorithm="
-                f"{algo.name!r}; accepted: an integer >= 1"
-            )
-        if config.tree_mode == "maxclust":
-            groups = tuple(config.level_groups)
-            ok = (
-                len(groups) >= 1
-                and all(isinstance(g, int) and g >= 1 for g in groups)
-                and all(a >= b for a, b in zip(groups, groups[1:], strict=False))
-                and groups[0] <= config.num_agents
-            )
-            if not ok:
-                raise ConfigError(
-                    f"level_groups={groups!r} is not valid for tree_mode='maxclust'; "
-                    "accepted: non-increasing positive integers, level 1 first, the "
-                    f"first at most num_agents={config.num_agents}, e.g. (16, 4, 2)"
-                )
-        if (
-            config.linkage_backend == "fastcluster"
-            and not cluster.fastcluster_available()
-        ):
-            raise ConfigError(
-                "linkage_backend='fastcluster' needs the fastcluster package; "
-                "accepted: scipy, or `pip install 'demjax[fastcluster]'`"
-            )
+    algo = REGISTRY[config.algorithm]
+    if algo.check is not None:
+        algo.check(config)
 
 
-def _validate_plugin_hparams(config) -> None:
-    """Every plug-in's hyper-parameter group (``--config.<algorithm>.<field>``)."""
-    for name, plugin in PLUGINS.items():
+def _validate_hparams(config) -> None:
+    """Every algorithm's hyper-parameter group (``--config.<algorithm>.<field>``)."""
+    for name, plugin in REGISTRY.items():
         if not plugin.hparams:
             continue
         group = config.get(name)
@@ -213,9 +177,9 @@ def _validate_plugin_hparams(config) -> None:
             hparam.check(f"{name}.{key}", group.get(key, hparam.default))
 
 
-def plugin_hparams(config) -> dict:
-    """The resolved hyper-parameters of ``config.algorithm`` (a plug-in)."""
-    plugin = PLUGINS[config.algorithm]
+def hparams(config) -> dict:
+    """The resolved hyper-parameters of ``config.algorithm``."""
+    plugin = REGISTRY[config.algorithm]
     group = config.get(config.algorithm) or {}
     return {k: group.get(k, h.default) for k, h in plugin.hparams.items()}
 
@@ -310,7 +274,7 @@ FIELD_DOCS = {
 def field_docs() -> dict[str, str]:
     """Docs of every config field, plug-in groups as ``<algorithm>.<field>``."""
     docs = dict(FIELD_DOCS)
-    for name, plugin in PLUGINS.items():
+    for name, plugin in REGISTRY.items():
         for key, hparam in plugin.hparams.items():
             docs[f"{name}.{key}"] = hparam.doc
     return docs

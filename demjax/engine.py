@@ -25,10 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax import cluster, hierarchy, local, memory, metrics, models, sharding
+from demjax import (
+    cluster,
+    faults,
+    hierarchy,
+    local,
+    memory,
+    metrics,
+    models,
+    sharding,
+)
 from demjax import plan as plan_lib
-from demjax.algorithms import get_algorithm
-from demjax.config import resolved_mu
 from demjax.types import GroupTree, Partition
 
 
@@ -68,55 +75,15 @@ def placeholder_tree(num_agents: int, level_sizes: tuple[int, ...]) -> GroupTree
     )
 
 
-def tree_capacity(config) -> tuple[int, ...]:
-    """Static ``level_sizes`` of the trees a config will build."""
-    algo = get_algorithm(config.algorithm)
-    if not algo.self_organizing:
+def tree_capacity(config, self_organizing: bool = True) -> tuple[int, ...]:
+    """Static ``level_sizes`` of the trees a config will build (``(1,)``: every
+    agent under the root, for algorithms that build no group tree)."""
+    if not self_organizing:
         return (1,)
     if config.tree_mode == "maxclust":
         return tuple(int(g) for g in config.level_groups) + (1,)
     levels = int(config.num_levels)
     return tuple(2 ** (levels - k) for k in range(levels)) + (1,)
-
-
-def make_round_masks(config, num_agents: int):
-    """Builds ``round_masks(key, n_train) -> (active bool [A], max_steps int32 [A])``.
-
-    Participation (a uniformly random subset of ``round(participation * A)``
-    agents), independent per-round ``dropout``, and ``stragglers`` (agents that
-    complete only a uniformly random part of their local steps), all drawn from
-    the round key, vectorized over agents. Shared by the tree engine and the
-    plug-in algorithms.
-    """
-    participation = float(config.participation)
-    dropout, stragglers = float(config.dropout), float(config.stragglers)
-    num_selected = max(1, int(round(participation * num_agents)))
-    batch_size, local_epochs = int(config.batch_size), int(config.local_epochs)
-
-    def round_masks(key, n_train):
-        """Participation, dropout and straggler budgets of one round.
-
-        Returns ``(active bool [A], max_steps int32 [A])``.
-        """
-        k_sel, k_drop, k_str, k_frac = (
-            jax.random.fold_in(key, 1_000_003 + i) for i in range(4)
-        )
-        active = jnp.ones((num_agents,), bool)
-        if num_selected < num_agents:
-            ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k_sel, (num_agents,))))
-            active = ranks < num_selected
-        if dropout > 0:
-            active = active & (jax.random.uniform(k_drop, (num_agents,)) >= dropout)
-        max_steps = jnp.full((num_agents,), local._NO_LIMIT, jnp.int32)
-        if stragglers > 0:
-            steps = local_epochs * ((n_train + batch_size - 1) // batch_size)
-            frac = jax.random.uniform(k_frac, (num_agents,))
-            budget = jnp.maximum(1, jnp.floor(frac * steps)).astype(jnp.int32)
-            slow = jax.random.uniform(k_str, (num_agents,)) < stragglers
-            max_steps = jnp.where(slow, budget, max_steps)
-        return active, max_steps
-
-    return round_masks
 
 
 def memory_cap(config, partition: Partition, model, tx, *, donate: bool,
@@ -349,32 +316,42 @@ class Simulator:
       donate: update the population in place (XLA buffer donation): inputs
         passed as ``state.params`` / ``state.opt_state`` to ``local_phase`` and
         ``params`` to ``mix_phase`` are consumed.
+      options: the algorithm's ``demjax.algorithms.hierarchical.Hierarchy``.
+      mu: the proximal coefficient (``config.mu`` resolved).
+      prepared: ``(plan.LocalPlan, plan_info)`` already chosen for this run
+        (``plan_info["eval"]`` holding the evaluation plan); None: chosen here.
     """
 
-    def __init__(self, config, partition: Partition, donate: bool = False):
+    def __init__(self, config, partition: Partition, donate: bool = False, *,
+                 options, mu: float, prepared: tuple | None = None):  # fmt: skip
         self.config = config
-        self.algo = get_algorithm(config.algorithm)
+        self.algo = options
         self.num_agents = partition.num_agents
         self.tx = local.make_optimizer(config.optimizer, config.lr)
-        self.mu = resolved_mu(config)
-        self.level_sizes = tree_capacity(config)
+        self.mu = float(mu)
+        self.level_sizes = tree_capacity(config, options.self_organizing)
         self.donate = bool(donate)
         n_train = sharding.to_host(partition.n_train)
         self.model = models.make_model(
             config.model, partition.num_classes, config.hidden
         )
-        cap_probe = self._memory_cap(partition)
-        self.plan, self.plan_info = choose_plan(
-            config,
-            partition,
-            self.tx,
-            self.mu,
-            cap_probe=cap_probe,
-            algorithm=config.algorithm,
-        )
-        eval_batch, eval_conv, self.plan_info["eval"] = choose_eval_plan(
-            config, partition, probe=cap_probe[1], points=2
-        )
+        if prepared is None:
+            cap_probe = self._memory_cap(partition)
+            self.plan, self.plan_info = choose_plan(
+                config,
+                partition,
+                self.tx,
+                self.mu,
+                cap_probe=cap_probe,
+                algorithm=config.algorithm,
+            )
+            eval_batch, eval_conv, self.plan_info["eval"] = choose_eval_plan(
+                config, partition, probe=cap_probe[1], points=2
+            )
+        else:
+            self.plan, self.plan_info = prepared
+            eval_batch = int(self.plan_info["eval"]["eval_batch"])
+            eval_conv = self.plan_info["eval"]["conv_impl"]
         self.model = models.make_model(
             config.model, partition.num_classes, config.hidden,
             self.plan.conv_impl, self.plan.matmul_impl,
@@ -406,7 +383,7 @@ class Simulator:
         num_agents = self.num_agents
         broadcast = self.algo.broadcast
 
-        round_masks = make_round_masks(config, num_agents)
+        round_masks = faults.make_round_masks(config, num_agents)
 
         def local_phase(params_in, opt_in, node_params, part, anchor_tree, mu, key):
             """Local training of the round's active agents.
@@ -543,6 +520,15 @@ class Simulator:
         # the locally trained params, so a round holds about one copy of the
         # stacked population instead of three or four (10,000 MLP agents: 3.2 GB
         # a copy). The caller must not touch a donated input again.
+        # The phases as pure functions (``demjax.algorithms.hierarchical`` runs
+        # them inside the round loop's jitted phases) and jitted on their own.
+        self.raw = {
+            "local_phase": local_phase,
+            "aggregate_phase": aggregate_phase,
+            "mix_phase": mix_phase,
+            "evaluate": evaluate,
+            "evaluate_root": evaluate_root,
+        }
         self.jitted = {
             "local_phase": jax.jit(
                 local_phase, donate_argnums=(0, 1) if donate else ()
