@@ -227,8 +227,8 @@ FIELD_DOCS = {
     "wgrad_t",
     "local_plan": "local training plan: auto (measured, cached), all, sequential, "
     "block:K; capped by free memory",
-    "algorithm": "tree engine: demlearn, demlearn_p, fedavg, fedprox, local; "
-    "plug-ins: see docs/algorithms.md",
+    "algorithm": "demlearn, demlearn_p, fedavg, fedprox, local, and the others in "
+    "docs/algorithms.md",
     "aggregator": "server averaging: mean, median, trimmed_mean, noisy_median",
     "trim_fraction": "trimmed_mean: fraction cut from each end, [0, 0.49]",
     "aggregator_noise": "noisy_median: std of Gaussian noise before the median (>= 0)",

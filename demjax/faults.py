@@ -21,8 +21,8 @@ def make_round_masks(config, num_agents: int):
     Participation (a uniformly random subset of ``round(participation * A)``
     agents), independent per-round ``dropout``, and ``stragglers`` (agents that
     complete only a uniformly random part of their local steps), all drawn from
-    the round key, vectorized over agents. Shared by the tree engine and the
-    plug-in algorithms.
+    the round key, vectorized over agents. Shared by every algorithm
+    (``Context.round_masks``).
     """
     participation = float(config.participation)
     dropout, stragglers = float(config.dropout), float(config.stragglers)

@@ -288,7 +288,7 @@ class RunSetup:
 
 def prepare_run(config, workdir: str, overwrite: bool) -> RunSetup:
     """Workdir checks and resume convention, the partition on devices, and the
-    C-GEN evaluation set (shared by the tree engine and the plug-in engine).
+    C-GEN evaluation set.
 
     Raises:
       ConfigError: unwritable workdir, results that would be lost, bad input.

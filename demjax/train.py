@@ -258,7 +258,8 @@ def run(
                         phase.point, state, part, x_gen, y_gen, eval_key,
                         sharding.to_host(info),
                     )  # fmt: skip
-                    rec = _record(t, phase.point, sharding.to_host(values))
+                    host = sharding.to_host(values)  # (sorts dict keys)
+                    rec = _record(t, phase.point, {k: host[k] for k in values})
                     records.append(rec)
                     writer.metrics(rec)
                     eval_s += time.perf_counter() - t2
