@@ -44,10 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from demjax import algorithms, checkpoint, local, models, multihost, sharding
+from demjax import algorithms, checkpoint, local, memory, models, multihost, sharding
 from demjax.algorithms.protocol import Context
 from demjax.config import hparams, resolved_mu, validate
-from demjax.engine import choose_eval_plan, choose_plan, memory_cap
+from demjax.engine import choose_eval_plan, choose_plan
 from demjax.faults import make_round_masks
 from demjax.run_output import (
     GracefulStop,
@@ -79,7 +79,7 @@ def build(config, part):
     tx = local.make_optimizer(config.optimizer, config.lr)
     mu = resolved_mu(config)
     plain = models.make_model(config.model, part.num_classes, config.hidden)
-    cap_probe = memory_cap(
+    cap_probe = memory.memory_cap(
         config, part, plain, tx, donate=bool(res["donate"]),
         num_group_models=int(res["num_group_models"]),
     )  # fmt: skip

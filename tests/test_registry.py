@@ -1,13 +1,16 @@
 """Every registered algorithm gets the round loop's machinery: the state sharded
-over 8 forced CPU devices equals one device; agents trained in blocks equal all
-agents at once; SIGINT after a checkpoint, then resume, equals an uninterrupted
-run byte for byte; no jitted phase compiles more than once. One subprocess
-(``tests/registry_check.py``) runs all algorithms, 2 rounds each."""
+over 8 forced CPU devices, all agents of a device trained at once, equals one
+device training agents in blocks; SIGINT after a checkpoint, then resume, equals an uninterrupted
+run byte for byte; no jitted phase compiles more than once; a 2-process job
+equals one process. One subprocess (``tests/registry_check.py``), and one pair of
+processes, run all algorithms, 2 rounds each."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -56,14 +59,69 @@ def _close(got: list[dict], want: list[dict]) -> list[str]:
     return bad
 
 
-@pytest.mark.slow(seconds=420)
+@pytest.mark.slow(seconds=300)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_gets_the_loop_machinery(lines, algorithm):
     r = lines[algorithm]
     assert r["sharded_devices"] == 8  # the per-agent state is spread over the mesh
-    assert _close(r["sharded"], r["ref"]) == []  # 8 devices == 1 device
-    assert _close(r["all"], r["ref"]) == []  # blocks of 3 == all agents at once
+    # 8 devices, each device's agents at once == 1 device, agents in blocks of 3
+    assert _close(r["sharded"], r["ref"]) == []
     assert r["resumed_equal"]  # SIGINT + resume == uninterrupted, byte for byte
     for compiled in r["compilations"]:  # no recompilation after round 0
         assert set(compiled.values()) <= {0, 1}, compiled
         assert max(compiled.values()) == 1
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Process 0's records of every algorithm in a 2-process job (4 forced CPU
+    devices each, the state sharded over all 8)."""
+    out = tmp_path_factory.mktemp("registry_mp")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=REPO,
+        DEMJAX_CACHE_DIR=str(out / "cache"),
+    )
+    script = os.path.join(HERE, "registry_check.py")
+    procs = []
+    try:
+        for i in range(2):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, script, "--process", f"localhost:{port}",
+                     str(i), str(out)],
+                    stdout=open(out / f"p{i}.out", "w"),
+                    stderr=open(out / f"p{i}.err", "w"),
+                    env=env,
+                )
+            )  # fmt: skip
+        # One failing process ends the wait at once (its peer would hang).
+        deadline = time.monotonic() + 1200
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.5)
+    finally:
+        for p in procs:  # never leave a process behind
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, (out / f"p{i}.err").read_text()[-4000:]
+    got = [
+        json.loads(x)
+        for x in (out / "p0.out").read_text().splitlines()
+        if x.startswith("{")
+    ]
+    return {g["algorithm"]: g["records"] for g in got}
+
+
+@pytest.mark.slow(seconds=240)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_two_processes_equal_one_process(lines, two_processes, algorithm):
+    assert _close(two_processes[algorithm], lines[algorithm]["ref"]) == []
