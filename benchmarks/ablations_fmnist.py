@@ -1,7 +1,8 @@
 """DemLearn ablations on Fashion-MNIST, cheap model (MLP 784-100-10).
 
 Rows: alpha in {0.5, 0.6, 0.7, 0.8}; tau in {1, 5, fixed}; 2 vs 3 group levels;
-Euclidean vs cosine; weights vs updates as clustering features; amplify on/off.
+Euclidean vs cosine; weights vs updates as clustering features; amplify on/off;
+PyTorch's default layer initialization (``init="torch"``) with amplify off and on.
 Every row is DemLearn-P (mu 0.002) on the reference split with one field changed
 from the base (alpha 0.7, tau 1, 3 levels, euclidean, weights, amplify off).
 
@@ -37,6 +38,8 @@ ROWS = {
     "cosine": {"distance": "cosine"},
     "updates": {"cluster_features": "updates"},
     "amplify": {"amplify": True},
+    "torch_init": {"init": "torch"},
+    "amplify_torch_init": {"amplify": True, "init": "torch"},
 }
 
 
@@ -110,6 +113,8 @@ def main() -> None:
             "final": out["final"]["sync"],
             "final_local": out["final"]["local"],
             "wall_s": round(time.perf_counter() - t0, 1),
+            "date": time.strftime("%Y-%m-%d"),
+            "per_round": out["records"],
         }
         with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)

@@ -43,7 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 FLAG_SETS = {
     "default": "",
     "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",
-    "onednn_dot": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot"
+    "onednn_dot": "--xla_cpu_use_onednn=true"
+    " --xla_cpu_experimental_onednn_fusion_type=dot"
     " --xla_cpu_experimental_ynn_fusion_type=",
 }
 
@@ -110,7 +111,6 @@ def model_setup(name: str, conv_impl: str = "patches", matmul_impl: str = "xla")
 
 def stacked_inputs(params, k: int, batch: int, seed: int = 0):
     import jax
-    import jax.numpy as jnp
 
     key = jax.random.PRNGKey(seed)
     kp, kx, ky, kd = jax.random.split(key, 4)
@@ -118,7 +118,7 @@ def stacked_inputs(params, k: int, batch: int, seed: int = 0):
     noise = jax.random.split(kp, len(leaves))
     stacked = [
         leaf[None] + 0.01 * jax.random.normal(n, (k, *leaf.shape))
-        for leaf, n in zip(leaves, noise)
+        for leaf, n in zip(leaves, noise, strict=True)
     ]
     p = jax.tree.unflatten(tree, stacked)
     x = jax.random.normal(kx, (k, batch, 28, 28, 1))
@@ -137,7 +137,7 @@ def classify_hlo(text: str) -> list[dict]:
         elif cur is not None:
             comps[cur].append(line)
     callers = {}
-    for cname, lines in comps.items():
+    for lines in comps.values():
         for line in lines:
             m = re.search(r"calls=%([\w.\-]+)", line)
             if m:
@@ -206,7 +206,9 @@ def part_dots(args, env):
             "dW kbi,kbo->kio": lambda x, w, g: jnp.einsum("kbi,kbo->kio", x, g),
             "dW kbo,kbi->koi": lambda x, w, g: jnp.einsum("kbo,kbi->koi", g, x),
             "dW (x^T materialized) kib,kbo->kio": lambda x, w, g: jnp.einsum(
-                "kib,kbo->kio", bar(jnp.swapaxes(x, 1, 2)), g
+                "kib,kbo->kio",
+                bar(jnp.swapaxes(x, 1, 2)),  # noqa: B023
+                g,
             ),
             "dW packed [i,kb]x[kb,o]": lambda x, w, g: jnp.einsum(
                 "bi,bo->io", x.reshape(-1, i), g.reshape(-1, o)
@@ -226,8 +228,8 @@ def part_dots(args, env):
         torch.set_num_threads(os.cpu_count() or 1)
         tx, tw, tg = (torch.from_numpy(jax.device_get(a).copy()) for a in (x, w, g))
         tfns = {
-            "torch.bmm fwd": lambda: torch.bmm(tx, tw),
-            "torch.bmm dW": lambda: torch.bmm(tx.transpose(1, 2), tg),
+            "torch.bmm fwd": lambda: torch.bmm(tx, tw),  # noqa: B023
+            "torch.bmm dW": lambda: torch.bmm(tx.transpose(1, 2), tg),  # noqa: B023
         }
         for n, f in tfns.items():
             f()
@@ -270,9 +272,7 @@ def part_step(args, env):
                 )
             one = jax.jit(step)
             slices = [jax.tree.map(lambda v, j=j: v[j], a) for j in range(k)]
-            fns[f"python loop {tag}"] = lambda *_, f=one, sl=slices: [
-                f(*s) for s in sl
-            ]
+            fns[f"python loop {tag}"] = lambda *_, f=one, sl=slices: [f(*s) for s in sl]
             for n in list(fns):
                 fargs.setdefault(n, a)
         ref = fns[f"vmap {_variants(args.model)[0][0]}/xla"](*fargs["vmap patches/xla"])
@@ -283,7 +283,7 @@ def part_step(args, env):
                 out = jax.tree.map(lambda *v: jax.numpy.stack(v), *out)
             err = max(
                 float(abs(u - v).max())
-                for u, v in zip(jax.tree.leaves(out), jax.tree.leaves(ref))
+                for u, v in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True)
             )
             emit({"part": "step", "model": args.model, "k": k, "variant": n,
                   "agent_steps_per_s_median": round(k / med),
@@ -332,7 +332,9 @@ def part_train(args, env):
             out = fns[nm](*fargs[nm])
             err = max(
                 float(abs(u - v).max())
-                for u, v in zip(jax.tree.leaves(out[0]), jax.tree.leaves(ref[0]))
+                for u, v in zip(
+                    jax.tree.leaves(out[0]), jax.tree.leaves(ref[0]), strict=True
+                )
             )
             emit({"part": "train", "model": args.model, "k": k, "variant": nm,
                   "steps_per_agent": steps,

@@ -23,6 +23,7 @@ import argparse
 import ast
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -87,6 +88,17 @@ ABLATIONS = {
         "fmnist",
         {"method": "dac", "agent_head": "full", "forward_transfer": False},
         "agents train with a cross-entropy over all classes",
+    ),
+    "fmnist/dac_centred_student": (
+        "fmnist",
+        {"method": "dac", "student_logits": "centred", "forward_transfer": False},
+        "student's logits also mean-centred per class subset (not the published "
+        "loss; blind to the old-vs-new offset)",
+    ),
+    "fmnist/logit_centred_student": (
+        "fmnist",
+        {"method": "logit", "student_logits": "centred", "forward_transfer": False},
+        "logit-only distillation with the student's logits mean-centred per subset",
     ),
 }
 for _n, (_d, _o, _) in ABLATIONS.items():
@@ -160,6 +172,16 @@ The stored runs are those of commit d35bcd3 (2026-12-02; 2 cores, CPU model not
 recorded); their wall times were measured with the 2 cores shared with 10-20 other
 processes (load average 13-21).
 """
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=REPO, check=False,
+        ).stdout.strip()  # fmt: skip
+    except OSError:
+        return ""
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -451,7 +473,11 @@ def main() -> None:
                 "accepted: the same --set, or --force with a fresh --out_dir"
             )
         results["settings"] = {"set": extra}
-        results["environment"] = environment()
+        results["environment"] = {
+            **environment(),
+            "date": time.strftime("%Y-%m-%d"),
+            "commit": _commit(),
+        }
         print(json.dumps({"environment": results["environment"]}), flush=True)
         for name in names:
             if name in results["runs"] and not args.force:

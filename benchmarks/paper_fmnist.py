@@ -13,6 +13,8 @@ invocations. Usage::
     python benchmarks/paper_fmnist.py                  # all five runs
     python benchmarks/paper_fmnist.py --only=fedavg,demlearn_p --num_rounds=10
     python benchmarks/paper_fmnist.py --report_only    # rebuild .md/.png from JSON
+    # store the rounds a stopped run finished (from its workdir), marked partial:
+    python benchmarks/paper_fmnist.py --store_partial=demlearn_p_amplify_torch_init
     # wall-time check on a quiet machine (stored under "timing", not "runs"):
     python benchmarks/paper_fmnist.py --timing --only=demlearn_p --eval_every=10
 """
@@ -46,12 +48,16 @@ RUNS = {
     "fedavg": {"algorithm": "fedavg", "mu": None},
     "fedprox": {"algorithm": "fedprox", "mu": 0.5},
     "demlearn_p_amplify": {"algorithm": "demlearn_p", "mu": 0.002, "amplify": True},
+    "demlearn_p_amplify_torch_init": {
+        "algorithm": "demlearn_p", "mu": 0.002, "amplify": True, "init": "torch",
+    },
 }
 
 # Reference figures (authors' logged runs, final round): C-SPE, C-GEN, Global.
 REFERENCE = {
     "demlearn_p": (0.974, 0.653, 0.755),
     "demlearn_p_amplify": (0.974, 0.653, 0.755),
+    "demlearn_p_amplify_torch_init": (0.974, 0.653, 0.755),
     "fedavg": (0.988, 0.463, 0.781),
     "fedprox": (0.988, 0.462, 0.780),
 }
@@ -131,6 +137,45 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
 """
 
 
+def best_rounds(per_round: list[dict], point: str = "sync") -> dict:
+    """``{metric: (best value, its round)}`` over the evaluated rounds at
+    ``point`` for C-SPE, C-GEN and Global (the first round on ties)."""
+    recs = [r for r in per_round if r["point"] == point]
+    out = {}
+    for key in ("c_spe", "c_gen", "global_acc"):
+        vals = [(r[key], r["round"]) for r in recs if r.get(key) is not None]
+        if vals:
+            best = max(v for v, _ in vals)
+            out[key] = (best, next(rd for v, rd in vals if v == best))
+    return out
+
+
+def partial_run(name: str, workdir: str, eval_every: int) -> dict:
+    """A run entry from the workdir of a run stopped before its last round:
+    its ``metrics.jsonl`` records up to the last evaluated round, ``num_rounds``
+    the rounds finished by then, ``wall_s`` the sum of their round times, and
+    ``partial: True``."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(workdir, "timing.jsonl")) as f:
+        timing = [json.loads(line) for line in f if line.strip()]
+    last = max(r["round"] for r in records if r["point"] == "sync")
+    records = [r for r in records if r["round"] <= last]
+    final = {p: next(r for r in reversed(records) if r["point"] == p)
+             for p in ("sync", "local")}  # fmt: skip
+    return {
+        "final": final["sync"],
+        "final_local": final["local"],
+        "wall_s": round(sum(t.get("round_s", 0.0) for t in timing
+                            if 0 <= t["round"] <= last), 1),  # fmt: skip
+        "num_rounds": last + 1,
+        "eval_every": eval_every,
+        "config": RUNS[name],
+        "per_round": records,
+        "partial": True,
+    }
+
+
 def config_for(name: str, num_rounds: int, eval_every: int):
     c = fmnist_paper.get_config()
     for k, v in RUNS[name].items():
@@ -169,13 +214,31 @@ def report(results: dict, out_dir: str) -> None:
                 f"{100 * (o - r):+.1f}" for o, r in zip(ours, ref, strict=True)
             )
         glob = "-" if f.get("global_acc") is None else f"{f['global_acc']:.3f}"
+        rounds = f"{run['num_rounds']}" + (" (stopped)" if run.get("partial") else "")
         lines.append(
-            f"| {name} | {run['num_rounds']} | {f['c_spe']:.3f} | {f['c_gen']:.3f} | "
+            f"| {name} | {rounds} | {f['c_spe']:.3f} | {f['c_gen']:.3f} | "
             f"{loc['c_spe']:.3f} | {loc['c_gen']:.3f} | "
             f"{'-' if top is None else format(f[top], '.3f')} | {glob} | {ref_s} | "
             f"{diff_s} | "
             f"{run['wall_s']:.0f} |"
         )
+    lines += [
+        "",
+        "Best evaluated round after synchronization (value and round; the final "
+        "round is the last one of each run):",
+        "",
+        "| run | rounds | C-SPE best (round) | C-GEN best (round) "
+        "| Global best (round) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, run in results["runs"].items():
+        best = best_rounds(run["per_round"])
+        cells = [
+            "-" if k not in best else f"{best[k][0]:.3f} ({best[k][1]})"
+            for k in ("c_spe", "c_gen", "global_acc")
+        ]
+        rounds = f"{run['num_rounds']}" + (" (stopped)" if run.get("partial") else "")
+        lines.append(f"| {name} | {rounds} | " + " | ".join(cells) + " |")
     if results.get("timing"):
         lines += [
             "",
@@ -241,6 +304,11 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="rerun runs already stored")
     p.add_argument("--report_only", action="store_true")
     p.add_argument(
+        "--store_partial",
+        default="",
+        help="store the finished rounds of this run's workdir (a stopped run)",
+    )
+    p.add_argument(
         "--timing",
         action="store_true",
         help="time a fresh run (no resume) and store it under 'timing'",
@@ -258,6 +326,16 @@ def main() -> None:
     for n in names:
         if n not in RUNS:
             sys.exit(f"error: --only={n!r} is not valid; accepted: {', '.join(RUNS)}")
+    if args.store_partial:
+        name = args.store_partial
+        if name not in RUNS:
+            sys.exit(f"error: --store_partial={name!r} is not valid; accepted: "
+                     f"{', '.join(RUNS)}")  # fmt: skip
+        results["runs"][name] = partial_run(
+            name, os.path.join(args.workdir, name), args.eval_every
+        )
+        save(path, results)
+        args.report_only = True
     if not args.report_only:
         for name in names:
             if args.timing:

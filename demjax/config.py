@@ -7,13 +7,14 @@ Every error is a ``ConfigError`` whose one-line message names the config field
 from __future__ import annotations
 
 import json
+import math
 
-from demjax import cluster, network, plan, robust
+from demjax import cluster, data, network, plan, robust
 from demjax.algorithms import ALGORITHMS, REGISTRY
 from demjax.data import PARTITIONS, SOURCES
 from demjax.errors import ConfigError, check_choice
 from demjax.local import make_optimizer
-from demjax.models import MODELS
+from demjax.models import INITS, MODELS
 
 # Accepted values, each defined once by the module that implements them.
 DATASETS = SOURCES
@@ -33,12 +34,38 @@ def _int_at_least(config, field: str, low: int) -> None:
         )
 
 
-def _float_in(config, field: str, low: float, high: float) -> None:
+def _float_in(config, field: str, low: float, high: float = math.inf) -> None:
+    """A finite number in ``[low, high]`` (``[low, inf)`` without ``high``)."""
     value = config[field]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{field}={value!r} is not valid; accepted: a number")
-    if not low <= value <= high:
-        raise ConfigError(f"{field}={value!r} is not valid; accepted: [{low}, {high}]")
+    if not (math.isfinite(value) and low <= value <= high):
+        span = f"[{low}, {high}]" if math.isfinite(high) else f">= {low}"
+        raise ConfigError(
+            f"{field}={value!r} is not valid; accepted: a finite number {span}"
+        )
+
+
+def _positive(config, field: str) -> None:
+    """A finite number > 0."""
+    value = config[field]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value < math.inf
+    ):
+        raise ConfigError(
+            f"{field}={value!r} is not valid; accepted: a finite float > 0"
+        )
+
+
+def _all_floats_finite(config) -> None:
+    """Every float field, plug-in groups included, is finite (none is +-inf/NaN)."""
+    for field, value in flat_fields(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"{field}={value!r} is not valid; accepted: a finite number"
+            )
 
 
 def resolved_mu(config) -> float:
@@ -60,6 +87,7 @@ def validate(config) -> None:
     network.validate_config(config)
     check_choice("dataset", config.dataset, DATASETS)
     check_choice("partition", config.partition, PARTITIONS)
+    data.check_config(config)  # partition_file, standardize (demjax.data)
     check_choice("distance", config.distance, DISTANCES)
     check_choice("linkage", config.linkage, LINKAGES)
     check_choice("tree_mode", config.tree_mode, TREE_MODES)
@@ -67,6 +95,7 @@ def validate(config) -> None:
     check_choice("weighting", config.weighting, WEIGHTINGS)
     check_choice("linkage_backend", config.linkage_backend, BACKENDS)
     check_choice("model", config.model, MODELS)
+    check_choice("init", config.init, INITS)
     plan.check_config(config)  # local_plan, conv_impl
     make_optimizer(config.optimizer, config.lr)  # checks optimizer and lr
     if config.linkage == "ward" and config.distance != "euclidean":
@@ -95,11 +124,12 @@ def validate(config) -> None:
     _int_at_least(config, "distance_block", 0)
     _int_at_least(config, "num_devices", 0)
     _int_at_least(config, "checkpoint_every", 0)
+    _int_at_least(config, "keep_checkpoints", 1)
     _int_at_least(config, "tree_snapshot_every", 0)
     _int_at_least(config, "samples_per_agent", 0)
     _int_at_least(config, "seed", 0)
     _int_at_least(config, "amplify_rounds", 0)
-    for field in ("standardize", "progress", "amplify", "download", "tensorboard"):
+    for field in ("progress", "amplify", "download", "tensorboard"):
         if not isinstance(config[field], bool):
             raise ConfigError(
                 f"{field}={config[field]!r} is not valid; accepted: True or False"
@@ -121,13 +151,7 @@ def validate(config) -> None:
             f"hidden={hidden!r} is not valid; accepted: a non-empty tuple of positive "
             "integers, e.g. (100,)"
         )
-    if not (
-        isinstance(config.amplify_factor, (int, float)) and config.amplify_factor > 0
-    ):
-        raise ConfigError(
-            f"amplify_factor={config.amplify_factor!r} is not valid; accepted: a "
-            "float > 0"
-        )
+    _positive(config, "amplify_factor")
     _float_in(config, "alpha", 0.0, 1.0)
     _float_in(config, "dropout", 0.0, 1.0)
     _float_in(config, "stragglers", 0.0, 1.0)
@@ -138,18 +162,13 @@ def validate(config) -> None:
             "leave no agent training; accepted: participation in (0, 1], dropout "
             "in [0, 1)"
         )
-    if not (isinstance(config.lr, (int, float)) and config.lr > 0):
-        raise ConfigError(f"lr={config.lr!r} is not valid; accepted: a float > 0")
-    if not config.dirichlet_alpha > 0:
-        raise ConfigError(
-            f"dirichlet_alpha={config.dirichlet_alpha!r} is not valid; "
-            "accepted: a float > 0"
-        )
+    _positive(config, "lr")
+    _positive(config, "dirichlet_alpha")
     _float_in(config, "trim_fraction", 0.0, 0.49)
-    _float_in(config, "aggregator_noise", 0.0, float("inf"))
-    mu = resolved_mu(config)
-    if mu < 0:
-        raise ConfigError(f"mu={mu!r} is not valid; accepted: a float >= 0")
+    _float_in(config, "aggregator_noise", 0.0)
+    if config.mu is not None:
+        _float_in(config, "mu", 0.0)
+    _all_floats_finite(config)  # fields without a check of their own
     algo = REGISTRY[config.algorithm]
     if algo.check is not None:
         algo.check(config)
@@ -205,17 +224,26 @@ def to_json(config) -> str:
 # and a test keeps the two, and the fields of configs/default.py, in sync.
 FIELD_DOCS = {
     "seed": "PRNG seed of data split, init, shuffles, masks (int >= 0)",
-    "dataset": "digits, fashion_mnist, fashion_mnist_tfds, mnist, emnist, cifar10",
-    "data_dir": "IDX / tfds data directory; '' = the source's default",
+    "dataset": "digits, fashion_mnist, fashion_mnist_tfds, mnist, emnist, cifar10, "
+    "cifar100, femnist, shakespeare (LEAF JSON)",
+    "data_dir": "IDX / tfds / LEAF data directory; '' = the source's default",
     "download": "tfds sources: fetch missing data (needs internet)",
-    "partition": "pathological (reference), dirichlet, iid",
+    "partition": "pathological (reference), dirichlet, iid, natural (femnist: one "
+    "agent per writer), file (partition_file), arrays (train.run(partition=...))",
+    "partition_file": "partition='file': .json / .npz split file (docs/data.md)",
     "labels_per_agent": "pathological: labels per agent (1..C)",
     "dirichlet_alpha": "dirichlet: concentration (> 0)",
     "samples_per_agent": "cap on samples per agent; 0 = none",
-    "standardize": "global (x - mean) / (std + 0.001) as the reference; else [0, 1]",
+    "standardize": "global ((x - mean) / (std + 0.001), the reference), per_pixel, "
+    "given (standardize_mean/std), none ([0, 1]); True = global, False = none",
+    "standardize_mean": "standardize='given': the mean subtracted (finite)",
+    "standardize_std": "standardize='given': the std divided by (finite, > 0)",
     "num_agents": "A, number of agents (>= 2)",
-    "model": "mlr, mlp, cnn (paper), cnn4 (FedAvg paper CNN), cnn_cifar",
+    "model": "mlr, mlp, cnn (paper), cnn4 (FedAvg paper CNN), cnn_cifar, char_rnn "
+    "(shakespeare: LSTM widths = hidden)",
     "hidden": "MLP hidden widths, e.g. (100,)",
+    "init": "layer init: flax (LeCun normal, zero bias) or torch (PyTorch default: "
+    "U(+-1/sqrt(fan_in)) weights and biases)",
     "conv_impl": "CNN convolutions in training: auto (measured), patches (im2col), "
     "xla (lax.conv)",
     "optimizer": "sgd (reference), momentum, or any optax optimizer name",
@@ -223,8 +251,7 @@ FIELD_DOCS = {
     "local_epochs": "passes over the agent's data per round (>= 1)",
     "batch_size": "minibatch size B (>= 1)",
     "local_buckets": "buckets of similar step counts, each a vmap (>= 1)",
-    "matmul_impl": "dense weight gradient in training: auto (measured), xla, "
-    "wgrad_t",
+    "matmul_impl": "dense weight gradient in training: auto (measured), xla, wgrad_t",
     "local_plan": "local training plan: auto (measured, cached), all, sequential, "
     "block:K; capped by free memory",
     "algorithm": "demlearn, demlearn_p, fedavg, fedprox, local, and the others in "
@@ -262,6 +289,8 @@ FIELD_DOCS = {
     "dropout": "per-round probability an agent drops out, [0, 1)",
     "stragglers": "fraction of agents doing a random part of their steps, [0, 1]",
     "checkpoint_every": "orbax checkpoint every k rounds and at the end; 0 = off",
+    "keep_checkpoints": "newest checkpoints kept (>= 1); a damaged newest one "
+    "falls back to the next",
     "tree_snapshot_every": "tree + linkage snapshots every k rounds; 0 = final only",
     "eval_samples": "C-GEN on a seeded subsample of this size; 0 = all",
     "eval_batch": "models evaluated at once; 0 = auto (1 for CNNs, else 8)",

@@ -12,15 +12,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     # Data (demjax.data).
-    # dataset: digits | fashion_mnist | fashion_mnist_tfds | mnist | emnist | cifar10
+    # dataset: digits | fashion_mnist | fashion_mnist_tfds | mnist | emnist |
+    # cifar10 | cifar100 | femnist (LEAF JSON shards in data_dir)
     c.dataset = "digits"
     # data_dir "": the default (fashion_mnist: /usr/share/datasets/fashion-mnist)
     c.data_dir = ""
-    c.partition = "pathological"  # pathological | dirichlet | iid
+    # pathological | dirichlet | iid | natural (femnist: one agent per writer,
+    # num_agents writers sampled) | file (partition_file) | arrays (a ready
+    # partition passed to demjax.train.run; see docs/data.md)
+    c.partition = "pathological"
+    c.partition_file = ""  # partition='file': a .json / .npz split file
     c.labels_per_agent = 2
     c.dirichlet_alpha = 0.5
     c.samples_per_agent = 0  # 0 = no cap on samples per agent
-    c.standardize = True
+    # global (reference: (x - mean) / (std + 0.001) over the pool) | per_pixel |
+    # given (standardize_mean, standardize_std) | none (pixels in [0, 1])
+    c.standardize = "global"
+    c.standardize_mean = 0.0
+    c.standardize_std = 1.0
     # tfds sources only: let tensorflow-datasets fetch missing data (needs internet;
     # offline it retries for minutes before the clear error).
     c.download = True
@@ -29,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Model and local training (demjax.models, demjax.local).
     c.model = "mlp"  # mlr | mlp | cnn | cnn4 | cnn_cifar
     c.hidden = (100,)
+    # Layer initialisation: flax (LeCun normal kernels, zero biases) | torch
+    # (PyTorch's nn.Linear/nn.Conv2d default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    # kernels and biases).
+    c.init = "flax"
     # CNN convolutions in local training: auto (measured, see local_plan) |
     # patches (im2col GEMMs) | xla (lax.conv); parameters are interchangeable.
     c.conv_impl = "auto"
@@ -113,6 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Checkpoints (orbax, in <workdir>/checkpoints) every k rounds and at the end;
     # 0 = off. A rerun on the same workdir resumes from the last one.
     c.checkpoint_every = 10
+    # Checkpoints kept (the newest); on resume a damaged newest checkpoint falls
+    # back to the next older one, so keep at least 2 to survive one bad write.
+    c.keep_checkpoints = 2
     # Group-tree snapshots with their linkage (<workdir>/trees/round_*.json, for
     # scripts/plot.py) every k regrouping rounds and the last; 0 = only tree_final.
     c.tree_snapshot_every = 10

@@ -269,7 +269,7 @@ class Simulator:
             eval_conv = self.plan_info["eval"]["conv_impl"]
         self.model = models.make_model(
             config.model, partition.num_classes, config.hidden,
-            self.plan.conv_impl, self.plan.matmul_impl,
+            self.plan.conv_impl, self.plan.matmul_impl, init=config.init,
         )  # fmt: skip
         apply_fn = models.make_apply(self.model)
 

@@ -22,3 +22,7 @@ def check_choice(field: str, value, choices) -> None:
     if value not in choices:
         accepted = ", ".join(str(c) for c in choices)
         raise ConfigError(f"{field}={value!r} is not valid; accepted: {accepted}")
+
+
+class DataFileError(ConfigError):
+    """A data file is unreadable, corrupt or malformed; the message names the file."""

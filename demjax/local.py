@@ -66,8 +66,12 @@ def make_optimizer(
             f"optimizer={name!r} is not valid; accepted: "
             f"{', '.join(OPTIMIZERS)} or another optax optimizer name"
         )
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ConfigError(f"lr={lr!r} is not valid; accepted: a float > 0")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        lr_ok = False
+    else:
+        lr_ok = 0 < lr < math.inf
+    if not lr_ok:
+        raise ConfigError(f"lr={lr!r} is not valid; accepted: a finite float > 0")
     if name == "sgd":
         return optax.sgd(lr)
     if name == "momentum":

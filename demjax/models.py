@@ -18,11 +18,43 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from demjax.errors import check_choice
+from demjax.errors import ConfigError, check_choice
 
-MODELS = ("mlr", "mlp", "cnn", "cnn4", "cnn_cifar")
+MODELS = ("mlr", "mlp", "cnn", "cnn4", "cnn_cifar", "char_rnn")
 CONV_IMPLS = ("patches", "xla")
 MATMUL_IMPLS = ("xla", "wgrad_t")
+INITS = ("flax", "torch")
+
+
+def initializers(init: str, fan_in: int):
+    """``(kernel_init, bias_init)`` of a dense or convolution layer.
+
+    ``flax``: flax's defaults, LeCun normal kernel (truncated normal, variance
+    ``1 / fan_in``) and zero bias. ``torch``: PyTorch's default ``nn.Linear`` /
+    ``nn.Conv2d`` initialisation (``reset_parameters``: ``kaiming_uniform_`` with
+    ``a = sqrt(5)``, i.e. kernel ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and bias ~
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in))); the kernel draw is
+    ``variance_scaling(1/3, "fan_in", "uniform")``, whose bound is
+    ``sqrt(3 * (1/3) / fan_in)``.
+
+    Args:
+      init: ``flax`` or ``torch``.
+      fan_in: inputs per output unit: ``in`` for a dense kernel ``[in, out]``,
+        ``kh * kw * in`` for a convolution kernel ``[kh, kw, in, out]``.
+
+    Raises:
+      ConfigError: unknown ``init``.
+    """
+    check_choice("init", init, INITS)
+    if init == "flax":
+        return nn.initializers.lecun_normal(), nn.initializers.zeros
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def bias_init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3, "fan_in", "uniform")
+    return kernel_init, bias_init
 
 
 def _wgrad_t_fwd(x, w):
@@ -64,27 +96,37 @@ def matmul(x, w, impl: str = "xla"):
 
 class Dense(nn.Module):
     """``flax.linen.Dense`` (same ``kernel [in, out]``/``bias [out]`` parameters and
-    initializers) whose matmul is ``matmul(..., impl)``."""
+    initializers, ``initializers(init, in)``) whose matmul is
+    ``matmul(..., impl)``."""
 
     features: int
     matmul_impl: str = "xla"
+    param_init: str = "flax"
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features)
-        )
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        kernel_init, bias_init = initializers(self.param_init, x.shape[-1])
+        kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", bias_init, (self.features,))
         lead = x.shape[:-1]
         y = matmul(x.reshape(-1, x.shape[-1]), kernel, self.matmul_impl)
         return y.reshape(*lead, self.features) + bias
 
 
-def _dense(impl: str, features: int, index: int):
-    """Dense layer ``Dense_{index}`` (the name flax gives the index-th nn.Dense)."""
-    if impl == "xla":
-        return nn.Dense(features, name=f"Dense_{index}")
-    return Dense(features, impl, name=f"Dense_{index}")
+def _dense(impl: str, features: int, index: int, init: str = "flax"):
+    """Dense layer ``Dense_{index}`` (the name flax gives the index-th nn.Dense),
+    initialized as ``initializers(init, in)`` (a function of the input ``x``)."""
+    if impl != "xla":
+        return Dense(features, impl, init, name=f"Dense_{index}")
+
+    def layer(x):
+        kernel_init, bias_init = initializers(init, x.shape[-1])
+        return nn.Dense(
+            features, kernel_init=kernel_init, bias_init=bias_init,
+            name=f"Dense_{index}",
+        )(x)  # fmt: skip
+
+    return layer
 
 
 class PatchConv(nn.Module):
@@ -103,21 +145,21 @@ class PatchConv(nn.Module):
     features: int
     kernel_size: int = 5
     matmul_impl: str = "xla"
+    param_init: str = "flax"
 
     @nn.compact
     def __call__(self, x):
         _, h, w, c = x.shape
         k = self.kernel_size
+        kernel_init, bias_init = initializers(self.param_init, k * k * c)
         lo, hi = (k - 1) // 2, k // 2
         xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
         patches = jnp.concatenate(
             [xp[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)],
             axis=-1,
         )
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (k, k, c, self.features)
-        )
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        kernel = self.param("kernel", kernel_init, (k, k, c, self.features))
+        bias = self.param("bias", bias_init, (self.features,))
         flat = patches.reshape(-1, k * k * c)
         y = matmul(flat, kernel.reshape(k * k * c, self.features), self.matmul_impl)
         return y.reshape(*patches.shape[:-1], self.features) + bias
@@ -144,10 +186,23 @@ def _pool(impl: str, x):
     return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
 
 
-def _conv(impl: str, features: int, k: int, name: str, matmul_impl: str = "xla"):
+def _conv(
+    impl: str, features: int, k: int, name: str, matmul_impl: str = "xla",
+    init: str = "flax",
+):  # fmt: skip
+    """``k x k`` 'SAME' convolution (a function of ``x [B, H, W, C]``),
+    initialized as ``initializers(init, k * k * C)``."""
     if impl == "patches":
-        return PatchConv(features, k, matmul_impl, name=name)
-    return nn.Conv(features, (k, k), padding="SAME", name=name)
+        return PatchConv(features, k, matmul_impl, init, name=name)
+
+    def layer(x):
+        kernel_init, bias_init = initializers(init, k * k * x.shape[-1])
+        return nn.Conv(
+            features, (k, k), padding="SAME", kernel_init=kernel_init,
+            bias_init=bias_init, name=name,
+        )(x)  # fmt: skip
+
+    return layer
 
 
 class MLR(nn.Module):
@@ -155,11 +210,12 @@ class MLR(nn.Module):
 
     num_classes: int = 10
     matmul_impl: str = "xla"
+    param_init: str = "flax"
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         x = x.reshape((x.shape[0], -1))
-        logits = _dense(self.matmul_impl, self.num_classes, 0)(x)
+        logits = _dense(self.matmul_impl, self.num_classes, 0, self.param_init)(x)
         return (logits, x) if return_features else logits
 
 
@@ -169,13 +225,16 @@ class MLP(nn.Module):
     num_classes: int = 10
     hidden: Sequence[int] = (100,)
     matmul_impl: str = "xla"
+    param_init: str = "flax"
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         x = x.reshape((x.shape[0], -1))
         for i, width in enumerate(self.hidden):
-            x = nn.relu(_dense(self.matmul_impl, width, i)(x))
-        logits = _dense(self.matmul_impl, self.num_classes, len(self.hidden))(x)
+            x = nn.relu(_dense(self.matmul_impl, width, i, self.param_init)(x))
+        logits = _dense(
+            self.matmul_impl, self.num_classes, len(self.hidden), self.param_init
+        )(x)
         return (logits, x) if return_features else logits
 
 
@@ -192,16 +251,19 @@ class CNN(nn.Module):
     dropout: float = 0.4
     conv_impl: str = "patches"
     matmul_impl: str = "xla"
+    param_init: str = "flax"
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         for i in range(2):
-            x = nn.relu(_conv(self.conv_impl, 32, 5, f"conv{i}", self.matmul_impl)(x))
+            x = nn.relu(_conv(
+                self.conv_impl, 32, 5, f"conv{i}", self.matmul_impl, self.param_init
+            )(x))
             x = _pool(self.conv_impl, x)
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(_dense(self.matmul_impl, 512, 0)(x))
-        logits = _dense(self.matmul_impl, self.num_classes, 1)(x)
+        x = nn.relu(_dense(self.matmul_impl, 512, 0, self.param_init)(x))
+        logits = _dense(self.matmul_impl, self.num_classes, 1, self.param_init)(x)
         return (logits, x) if return_features else logits
 
 
@@ -218,16 +280,19 @@ class CNN4(nn.Module):
     num_classes: int = 10
     conv_impl: str = "patches"
     matmul_impl: str = "xla"
+    param_init: str = "flax"
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         for i, width in enumerate((32, 64)):
-            conv = _conv(self.conv_impl, width, 5, f"conv{i}", self.matmul_impl)
+            conv = _conv(
+                self.conv_impl, width, 5, f"conv{i}", self.matmul_impl, self.param_init
+            )
             x = nn.relu(conv(x))
             x = _pool(self.conv_impl, x)
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(_dense(self.matmul_impl, 512, 0)(x))
-        logits = _dense(self.matmul_impl, self.num_classes, 1)(x)
+        x = nn.relu(_dense(self.matmul_impl, 512, 0, self.param_init)(x))
+        logits = _dense(self.matmul_impl, self.num_classes, 1, self.param_init)(x)
         return (logits, x) if return_features else logits
 
 
@@ -237,18 +302,48 @@ class CNNCifar(nn.Module):
     num_classes: int = 10
     conv_impl: str = "patches"
     matmul_impl: str = "xla"
+    param_init: str = "flax"
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         for i, width in enumerate((16, 32, 64)):
-            conv = _conv(self.conv_impl, width, 3, f"conv{i}", self.matmul_impl)
+            conv = _conv(
+                self.conv_impl, width, 3, f"conv{i}", self.matmul_impl, self.param_init
+            )
             x = nn.relu(conv(x))
             x = _pool(self.conv_impl, x)
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(_dense(self.matmul_impl, 512, 0)(x))
-        x = nn.relu(_dense(self.matmul_impl, 64, 1)(x))
-        logits = _dense(self.matmul_impl, self.num_classes, 2)(x)
+        x = nn.relu(_dense(self.matmul_impl, 512, 0, self.param_init)(x))
+        x = nn.relu(_dense(self.matmul_impl, 64, 1, self.param_init)(x))
+        logits = _dense(self.matmul_impl, self.num_classes, 2, self.param_init)(x)
         return (logits, x) if return_features else logits
+
+
+class CharRNN(nn.Module):
+    """Next-character model: embedding 8, stacked LSTMs, dense over the vocabulary.
+
+    The LEAF Shakespeare model (Caldas et al., "LEAF: A Benchmark for Federated
+    Settings", arXiv 1812.01097, Sec. 4; also McMahan et al., AISTATS 2017,
+    Sec. 3): characters embedded in 8 dimensions, LSTM layers (``hidden`` widths;
+    LEAF uses (256, 256)), the last step's output through a dense layer of
+    ``num_classes`` logits. Input: float32 ``[B, L]`` character ids (exact
+    integers, cast to int32), vocabulary size ``num_classes``.
+    """
+
+    num_classes: int = 81
+    hidden: Sequence[int] = (256, 256)
+    embed_dim: int = 8
+    matmul_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_features: bool = False):
+        ids = x.reshape((x.shape[0], -1)).astype(jnp.int32)
+        h = nn.Embed(self.num_classes, self.embed_dim, name="embed")(ids)
+        for i, width in enumerate(self.hidden):
+            h = nn.RNN(nn.OptimizedLSTMCell(width), name=f"lstm{i}")(h)
+        h = h[:, -1]
+        logits = _dense(self.matmul_impl, self.num_classes, 0)(h)
+        return (logits, h) if return_features else logits
 
 
 def make_model(
@@ -257,33 +352,46 @@ def make_model(
     hidden: Sequence[int] = (100,),
     conv_impl: str = "patches",
     matmul_impl: str = "xla",
+    init: str = "flax",
 ) -> nn.Module:
     """Builds a model by name.
 
     Args:
-      name: one of ``mlr``, ``mlp``, ``cnn``, ``cnn4``, ``cnn_cifar``.
-      num_classes: number of output classes C.
-      hidden: hidden widths of the MLP.
+      name: one of ``mlr``, ``mlp``, ``cnn``, ``cnn4``, ``cnn_cifar``,
+        ``char_rnn``.
+      num_classes: number of output classes C (``char_rnn``: the vocabulary).
+      hidden: hidden widths of the MLP, LSTM widths of ``char_rnn``.
       conv_impl: ``patches`` (im2col GEMM, fast for vmapped agents on CPU) or
         ``xla`` (``lax.conv``); identical results and parameters.
       matmul_impl: how dense layers and im2col convolutions form their weight
         gradient (``matmul``); identical results and parameters.
+      init: parameter initialisation of every dense and convolution layer,
+        ``flax`` (LeCun normal kernels, zero biases) or ``torch`` (PyTorch's
+        default layer init); see ``initializers``. Only ``init_params`` reads it.
 
     Raises:
-      ConfigError: unknown ``model`` or ``conv_impl``.
+      ConfigError: unknown ``model``, ``conv_impl``, ``matmul_impl`` or ``init``.
     """
     check_choice("model", name, MODELS)
     check_choice("conv_impl", conv_impl, CONV_IMPLS)
     check_choice("matmul_impl", matmul_impl, MATMUL_IMPLS)
+    check_choice("init", init, INITS)
     if name == "mlr":
-        return MLR(num_classes, matmul_impl)
+        return MLR(num_classes, matmul_impl, init)
     if name == "mlp":
-        return MLP(num_classes, tuple(hidden), matmul_impl)
+        return MLP(num_classes, tuple(hidden), matmul_impl, init)
+    kw = {"conv_impl": conv_impl, "matmul_impl": matmul_impl, "param_init": init}
     if name == "cnn":
-        return CNN(num_classes, conv_impl=conv_impl, matmul_impl=matmul_impl)
+        return CNN(num_classes, **kw)
     if name == "cnn4":
-        return CNN4(num_classes, conv_impl=conv_impl, matmul_impl=matmul_impl)
-    return CNNCifar(num_classes, conv_impl=conv_impl, matmul_impl=matmul_impl)
+        return CNN4(num_classes, **kw)
+    if name == "char_rnn":
+        if init != "flax":
+            raise ConfigError(
+                f"init={init!r} is not available for model='char_rnn'; accepted: flax"
+            )
+        return CharRNN(num_classes, tuple(hidden), matmul_impl=matmul_impl)
+    return CNNCifar(num_classes, **kw)
 
 
 def make_apply(model: nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,20 +20,53 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from demjax import checkpoint, cluster, data, multihost, sharding
 from demjax.config import default_config_json, to_json
 from demjax.errors import ConfigError
 
+log = logging.getLogger(__name__)
 POINTS = ("local", "sync")
 
 
+def cli_log_filter(record: logging.LogRecord) -> bool:
+    """The log records ``scripts/run.py`` shows: demjax's own at every level
+    (loggers ``demjax`` and ``demjax.*``; every demjax module logs through
+    ``logging.getLogger(__name__)``) and every library's warnings and errors, not
+    the INFO chatter of JAX, orbax and other libraries. Chosen by logger name, so
+    where the code lives on disk (e.g. a clone in a folder named ``demjax`` with
+    its virtualenv inside) does not matter."""
+    return (
+        record.levelno >= logging.WARNING
+        or record.name == "demjax"
+        or record.name.startswith("demjax.")
+    )
+
+
 def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSONL file ([] if absent). A last line cut short (the
+    process was killed while writing it) is dropped.
+
+    Raises:
+      ConfigError: another line is not JSON (names the file and line).
+    """
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                log.warning("%s: dropped an incomplete last line", path)
+                break
+            raise ConfigError(
+                f"{path}: line {i + 1} is not JSON ({e}); accepted: --overwrite to "
+                "replace the run, or another --workdir"
+            ) from e
+    return out
 
 
 def plan_record(info: dict) -> dict:
@@ -57,14 +91,14 @@ def plan_record(info: dict) -> dict:
 
 def log_plan(info: dict) -> None:
     """Logs the chosen local-training plan and, when measured, its timing table."""
-    logging.info(
+    log.info(
         "local training plan: %s (conv_impl=%s, matmul_impl=%s; %s; at most %d "
         "agents fit at once)",
         info["plan"], info["conv_impl"], info["matmul_impl"], info["source"],
         info["cap"],
     )  # fmt: skip
     for r in info.get("table", []):
-        logging.info(
+        log.info(
             "  plan %-12s conv %-7s matmul %-7s %9.1f agent-steps/s (%d agents x "
             "%d steps, compile %.1f s)",
             r["plan"], r["conv_impl"], r.get("matmul_impl", "xla"),
@@ -72,12 +106,12 @@ def log_plan(info: dict) -> None:
             r["steps"], r["compile_s"],
         )  # fmt: skip
     ev = info["eval"]
-    logging.info(
+    log.info(
         "evaluation plan: %d models at once (conv_impl=%s; %s)",
         ev["eval_batch"], ev["conv_impl"], ev["source"],
     )  # fmt: skip
     for r in ev.get("table", []):
-        logging.info(
+        log.info(
             "  eval_batch %-3d conv %-7s %9.1f models/s (compile %.1f s)",
             r["eval_batch"], r["conv_impl"], r["models_per_s"], r["compile_s"],
         )  # fmt: skip
@@ -136,7 +170,14 @@ class RunWriter:
             return
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+        # Earlier event files are replaced: the kept records (those before the
+        # resumed round) are written anew, so TensorBoard holds no later round.
+        tb_dir = os.path.join(self.workdir, "tensorboard")
+        if os.path.isdir(tb_dir):
+            for name in os.listdir(tb_dir):
+                if name.startswith("events.out.tfevents."):
+                    os.remove(os.path.join(tb_dir, name))
+        self._tb = SummaryWriter(tb_dir)
         for r in self.kept:
             self._tb_write(r)
 
@@ -171,10 +212,12 @@ class RunWriter:
         os.replace(path + ".tmp", path)
 
     def close(self) -> None:
+        """Closes the files and releases the workdir lock (``lock_workdir``)."""
         for f in (self._metrics, self._timing, self._csv_file):
             f.close()
         if self._tb is not None:
             self._tb.close()
+        unlock_workdir(self.workdir)
 
 
 def make_record(t: int, point: str, values: dict, level_names: list[str]) -> dict:
@@ -227,6 +270,117 @@ def check_workdir(workdir: str) -> None:
             f"workdir={workdir!r} is not writable ({e.strerror or e}); accepted: a "
             "directory path that can be created and written"
         ) from e
+
+
+LOCK_FILE = ".lock"
+# Workdir locks this process holds: real path -> (file descriptor, thread id).
+_HELD: dict[str, tuple[int, int]] = {}
+
+
+def _lock_path(workdir: str) -> str:
+    return os.path.join(os.path.realpath(workdir), LOCK_FILE)
+
+
+def _holder(fd: int) -> dict:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 4096).decode(errors="replace").strip()
+    try:
+        out = json.loads(text) if text else {}
+    except ValueError:
+        out = {"pid": text[:40]}
+    return out if isinstance(out, dict) else {}
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def lock_workdir(workdir: str) -> None:
+    """Takes the workdir's lock (``<workdir>/.lock``, an exclusive ``flock`` held
+    until :func:`unlock_workdir` or the end of the process) for one run.
+
+    The file records the holder (``{"pid", "host", "since"}``) and is emptied on
+    release; a non-empty file whose lock is free belongs to a process that ended
+    without releasing it (killed): it is taken over with a warning. A lock left
+    by an earlier run of the same thread (ended by an exception) is taken over
+    silently. On a file system without ``flock`` the recorded PID decides.
+
+    Raises:
+      ConfigError: another process (or thread) holds the lock; names its PID.
+    """
+    import fcntl
+    import socket
+
+    path = _lock_path(workdir)
+    me = threading.get_ident()
+    if path in _HELD:
+        fd, owner = _HELD[path]
+        alive = any(t.ident == owner for t in threading.enumerate())
+        if owner == me or not alive:  # runs of one thread are sequential
+            unlock_workdir(workdir)
+        else:
+            raise ConfigError(
+                f"workdir={workdir!r} is in use by another thread of this process "
+                f"(PID {os.getpid()}); accepted: another workdir, or wait for that "
+                "run to end"
+            )
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            locked = False
+        except OSError:  # no flock on this file system: the recorded PID decides
+            held = _holder(fd)
+            locked = not (
+                held.get("host") == socket.gethostname() and _alive(held.get("pid"))
+            )
+        old = _holder(fd)
+        if not locked:
+            raise ConfigError(
+                f"workdir={workdir!r} is in use by process {old.get('pid', '?')} on "
+                f"{old.get('host', '?')} (since {old.get('since', '?')}; lock file "
+                f"{path}); accepted: another --workdir, or wait for that run to end"
+            )
+        if old:
+            log.warning(
+                "workdir %s: taking over the stale lock of process %s on %s (it "
+                "ended without releasing it)",
+                workdir, old.get("pid", "?"), old.get("host", "?"),
+            )  # fmt: skip
+        me_rec = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(me_rec).encode())
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    _HELD[path] = (fd, me)
+
+
+def unlock_workdir(workdir: str) -> None:
+    """Releases the workdir's lock taken by :func:`lock_workdir` (a no-op if this
+    process does not hold it). The file is emptied, not removed: a process that
+    opened it meanwhile must not lock a deleted file."""
+    held = _HELD.pop(_lock_path(workdir), None)
+    if held is None:
+        return
+    fd = held[0]
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        pass
+    os.close(fd)  # releases the flock
 
 
 def majority_labels(part) -> list[int]:
@@ -286,16 +440,34 @@ class RunSetup:
     t_start: float
 
 
-def prepare_run(config, workdir: str, overwrite: bool) -> RunSetup:
+def prepare_run(config, workdir: str, overwrite: bool, partition=None) -> RunSetup:
     """Workdir checks and resume convention, the partition on devices, and the
-    C-GEN evaluation set.
+    C-GEN evaluation set. ``partition``: a ready ``demjax.data.Split`` /
+    ``Partition`` for ``config.partition="arrays"``. Writes the dataset card
+    ``data.json``.
+
+    Takes the workdir lock (``lock_workdir``; the round loop's ``RunWriter.close``
+    releases it).
 
     Raises:
-      ConfigError: unwritable workdir, results that would be lost, bad input.
+      ConfigError: unwritable workdir, workdir in use by another process,
+        results that would be lost, bad input.
       DataNotFoundError: the data set is not available offline.
     """
     check_workdir(workdir)
     config_json = json.loads(to_json(config))
+    if multihost.is_primary():  # one run per workdir; RunWriter.close releases it
+        lock_workdir(workdir)
+    try:
+        return _prepare_locked(config, workdir, overwrite, config_json, partition)
+    except BaseException:
+        unlock_workdir(workdir)
+        raise
+
+
+def _prepare_locked(
+    config, workdir: str, overwrite: bool, config_json: dict, partition=None
+):
     resume = checkpoint.prepare_workdir(
         workdir,
         config_json,
@@ -305,7 +477,10 @@ def prepare_run(config, workdir: str, overwrite: bool) -> RunSetup:
     )
     # Every process decided on the workdir before process 0 writes to it.
     multihost.barrier("demjax.prepare_workdir")
-    part_np = data.make_partition(config)
+    split = data.make_split(config, partition)
+    part_np = split.partition
+    if multihost.is_primary():
+        data.write_card(workdir, split)
     t_start = time.perf_counter()
     mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)
     # Sharded: global arrays straight from the host data (one copy per device).
@@ -317,7 +492,7 @@ def prepare_run(config, workdir: str, overwrite: bool) -> RunSetup:
     num_pooled = int(part_np.y_all.shape[0])
     subsampled = len(eval_idx) < num_pooled
     if subsampled:
-        logging.info(
+        log.info(
             "C-GEN is measured on a seeded evaluation subsample of %d of %d pooled "
             "test samples (eval_samples=%d).",
             len(eval_idx),

@@ -23,14 +23,16 @@ sharded array across processes. In a single process both are the plain
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from demjax.errors import ConfigError
 from demjax.types import Partition
 
+log = logging.getLogger(__name__)
 AXIS = "agents"
 
 
@@ -52,7 +54,7 @@ def make_mesh(num_devices: int, num_agents: int) -> Mesh | None:
     if num_devices == 0:  # auto: the most devices that divide A evenly
         n = max(d for d in range(1, available + 1) if num_agents % d == 0)
         if n < available:
-            logging.info(
+            log.info(
                 "sharding %d agents over %d of %d devices (num_agents must be "
                 "divisible; set num_devices to choose)",
                 num_agents,

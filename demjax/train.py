@@ -35,6 +35,7 @@ must then be one shared path).
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -42,7 +43,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from demjax import algorithms, checkpoint, local, memory, models, multihost, sharding
 from demjax.algorithms.protocol import Context
@@ -59,6 +59,8 @@ from demjax.run_output import (
     prepare_run,
     rounded,
 )
+
+log = logging.getLogger(__name__)
 
 
 def build(config, part):
@@ -91,7 +93,7 @@ def build(config, part):
     )
     model = models.make_model(
         config.model, part.num_classes, config.hidden, plan.conv_impl,
-        plan.matmul_impl,
+        plan.matmul_impl, init=config.init,
     )  # fmt: skip
     ctx = Context(
         config=config,
@@ -144,7 +146,11 @@ def _record(t: int, point: str, values: dict) -> dict:
 
 
 def run(
-    config, workdir: str, progress: bool | None = None, overwrite: bool = False
+    config,
+    workdir: str,
+    progress: bool | None = None,
+    overwrite: bool = False,
+    partition=None,
 ) -> dict:
     """Runs one simulation and writes its results to ``workdir``.
 
@@ -154,6 +160,9 @@ def run(
       progress: show a tqdm bar (default ``config.progress``).
       overwrite: replace results already in ``workdir`` instead of resuming from
         its checkpoint or refusing (see ``demjax.checkpoint``).
+      partition: with ``config.partition="arrays"``, the agents' data: a
+        ``demjax.data.Split`` (``demjax.data.partition_from_arrays``) or a
+        ``Partition``; None loads ``config.dataset`` (``demjax.data.make_split``).
 
     Returns:
       ``{"final": {point: record}, "records": [...], "wall_s": float,
@@ -167,7 +176,7 @@ def run(
       DataNotFoundError: the data set is not available offline.
     """
     validate(config)
-    setup = prepare_run(config, workdir, overwrite)
+    setup = prepare_run(config, workdir, overwrite, partition)
     part, mesh, resume = setup.part, setup.mesh, setup.resume
     x_gen, y_gen = setup.x_gen, setup.y_gen
     show = config.progress if progress is None else progress
@@ -185,12 +194,12 @@ def run(
     init_key, run_key = jax.random.split(key)
     state = place(rounds.init(init_key, part))
     every = int(config.checkpoint_every)
-    mngr = checkpoint.manager(workdir) if (every or resume) else None
+    keep = int(config.keep_checkpoints)
+    mngr = checkpoint.manager(workdir, keep) if (every or resume) else None
     start = 0
-    if resume:
-        state, start = checkpoint.restore(mngr, state)
-        state = place(state)
-        logging.info("resuming %s after round %d", workdir, start - 1)
+    if resume:  # the newest readable checkpoint (damaged ones are set aside)
+        got, start = checkpoint.restore_payload(mngr, {"state": state})
+        state = place(got["state"])
     writer = RunWriter(
         workdir,
         keep_rounds_below=start if resume else None,
@@ -265,7 +274,7 @@ def run(
                     eval_s += time.perf_counter() - t2
                     loss = rec.get("train_loss")
                     if loss is not None and not math.isfinite(loss):
-                        logging.warning("training loss is %s at round %d", loss, t)
+                        log.warning("training loss is %s at round %d", loss, t)
             counts = {
                 k: int(v)
                 for k, v in sharding.to_host(info).items()
@@ -273,7 +282,7 @@ def run(
             }
             timing.update(counts)
             if counts.get("num_diverged"):
-                logging.warning(
+                log.warning(
                     "round %d: %d agent(s) diverged (non-finite loss or parameters); "
                     "reset and excluded from aggregation",
                     t,
@@ -284,7 +293,7 @@ def run(
             done, state_done = t + 1, state
             if every and (done % every == 0 or last_round):
                 t3 = time.perf_counter()
-                checkpoint.save(mngr, state, done)
+                checkpoint.save_payload(mngr, done, {"state": state})
                 timing["checkpoint_s"] = time.perf_counter() - t3
             timing["round_s"] = time.perf_counter() - t0
             writer.timing(rounded(timing))
@@ -311,7 +320,7 @@ def run(
             for x in jax.tree.leaves(state_done)
         )
         if every and not consumed:
-            checkpoint.save(mngr, state_done, done)
+            checkpoint.save_payload(mngr, done, {"state": state_done})
             how = "rerun the same command to resume from it (checkpoint saved)"
         elif every:
             how = "rerun the same command to resume from the last periodic checkpoint"

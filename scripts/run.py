@@ -18,6 +18,7 @@ by ``jax.distributed.initialize`` before any JAX computation (``demjax.multihost
 Bad input prints one line naming the field and the accepted values, exit code 2.
 """
 
+import logging as pylogging
 import os
 import sys
 
@@ -83,20 +84,17 @@ _WORKDIR = flags.DEFINE_string(
 )
 
 
-def _demjax_info_only(record) -> bool:
-    return record.levelno >= logging.converter.STANDARD_WARNING or (
-        f"{os.sep}demjax{os.sep}" in record.pathname
-    )
-
-
 def main(argv):
     del argv
-    # demjax's INFO messages and everyone's warnings; not the INFO chatter of JAX
-    # and orbax.
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_demjax_info_only)
     from demjax import multihost
     from demjax.errors import ConfigError
+    from demjax.run_output import cli_log_filter
+
+    # demjax's INFO messages and everyone's warnings; not the INFO chatter of JAX
+    # and orbax (selected by logger name: demjax's modules log to "demjax.*").
+    logging.set_verbosity(logging.INFO)
+    pylogging.getLogger("demjax").setLevel(pylogging.INFO)
+    logging.get_absl_handler().addFilter(cli_log_filter)
 
     try:  # before any JAX computation
         joined = multihost.initialize(
@@ -183,15 +181,75 @@ def _run_continual(config) -> None:
         print(f"agents' own-task accuracy from consolidated: {a}; from scratch: {b}")
 
 
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "h", "?")
+
+
+def _asks_help(argv) -> bool:
+    args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+    return any(a.lstrip("-").split("=")[0] in _HELP_FLAGS for a in args if a[:1] == "-")
+
+
+def _one_line(e: BaseException) -> str:
+    """``e``'s message cut to one line: its first and last non-empty lines."""
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()] or [repr(e)]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def _config_path(argv) -> str:
+    """The ``--config`` file named on the command line (the default otherwise)."""
+    path = os.path.join(REPO, "configs", "default.py")
+    for i, a in enumerate(argv[1:], 1):
+        if a in ("--config", "-config") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith(("--config=", "-config=")):
+            path = a.split("=", 1)[1]
+    return path.split(":", 1)[0]
+
+
+def _config_file_error(e: BaseException, argv) -> None:
+    path = _config_path(argv)
+    cause = e
+    while cause.__cause__ is not None:  # ml_collections wraps the first failure
+        cause = cause.__cause__
+    if isinstance(cause, SyntaxError):
+        why = f"SyntaxError at line {cause.lineno}: {cause.msg}"
+    elif isinstance(cause, FileNotFoundError) or "No such file" in str(cause):
+        why = "no such file"
+    elif isinstance(cause, flags.Error):  # get_config() raised: its last line
+        why = [s for s in str(cause).splitlines() if s.strip()][-1].strip()
+    else:
+        why = f"{type(cause).__name__}: {_one_line(cause)}"
+    print(
+        f"error: --config={path!r} could not be loaded ({why}); accepted: a Python "
+        "file defining get_config(), e.g. configs/default.py",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
 def parse_flags(argv):
-    """absl flag parsing with bad input reported in one line, exit status 2."""
+    """absl flag parsing with bad input reported in one line, exit status 2;
+    ``--help`` (and ``--helpfull``, ...) prints the flags and exits with 0."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+    except SystemExit as e:
+        if e.code == 1 and _asks_help(argv):  # absl's help flags exit with 1
+            sys.exit(0)
+        raise
     except (AttributeError, KeyError) as e:  # --config.<unknown field>
         _unknown_field(e)
     except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
+        if "config file" in str(e):  # get_config() raised a TypeError/ValueError
+            _config_file_error(e, argv)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # the config file itself: e.g. a SyntaxError
+        _config_file_error(e, argv)
+    try:  # ml_collections defers a missing file's error to the first access
+        _CONFIG.value.keys()
+    except Exception as e:
+        _config_file_error(e, argv)
+    return rest
 
 
 if __name__ == "__main__":

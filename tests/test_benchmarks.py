@@ -38,7 +38,31 @@ def test_paper_report_table_and_plot(tmp_path):
     # C-SPE/C-GEN sync and local, top-level G-GEN (l3), Global, the reference.
     assert "| 0.900 | 0.500 | 0.900 | 0.500 | 0.700 | 0.750 |" in row
     assert "0.988 / 0.463 / 0.781" in row
+    # Best evaluated sync round: Global .75 at round 1 (C-SPE, C-GEN tie: round 0).
+    assert "| fedavg | 2 | 0.900 (0) | 0.500 (0) | 0.750 (1) |" in md
     assert (tmp_path / "paper_fmnist.png").stat().st_size > 1000
+
+
+def test_paper_partial_run_from_workdir(tmp_path):
+    """A stopped run's workdir: records up to the last sync round, its rounds and
+    the sum of their round times, marked partial (shown as stopped)."""
+    paper = load("paper_fmnist")
+    rec = lambda r, p, g: {"round": r, "point": p, "c_spe": 0.9, "c_gen": g,  # noqa: E731
+                           "global_acc": g}  # fmt: skip
+    lines = [rec(0, "local", 0.1), rec(0, "sync", 0.2), rec(5, "local", 0.3),
+             rec(5, "sync", 0.4), rec(10, "local", 0.5)]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        paper.json.dumps(r) + "\n" for r in lines))  # fmt: skip
+    timing = [{"round": -1}] + [{"round": r, "round_s": 2.0} for r in range(11)]
+    (tmp_path / "timing.jsonl").write_text("".join(
+        paper.json.dumps(t) + "\n" for t in timing))  # fmt: skip
+    run = paper.partial_run("demlearn_p", str(tmp_path), 5)
+    assert run["num_rounds"] == 6 and run["partial"]
+    assert run["final"]["c_gen"] == 0.4 and run["final_local"]["c_gen"] == 0.3
+    assert run["wall_s"] == 12.0 and len(run["per_round"]) == 4
+    paper.report({"runs": {"demlearn_p": run}}, str(tmp_path))
+    md = (tmp_path / "paper_fmnist.md").read_text()
+    assert "| demlearn_p | 6 (stopped) | 0.900 (0) | 0.400 (5) | 0.400 (5) |" in md
 
 
 def test_flops_per_agent_step_hand_computed():

@@ -56,17 +56,57 @@ def test_logit_targets_and_loss_hand_computed():
         z_prev + 100.0, z_agents - 7.0, jnp.array(old), jnp.array(new)
     )
     np.testing.assert_allclose(shifted, target, atol=1e-5)
-    # Student [2, 0 | 1, 1 | -3]: centred [1, -1 | 0, 0]; squared errors
-    # 4 + 4 + 1.5625 + 1.5625 over 4 active classes; the unseen logit is ignored.
+    # Student [2, 0 | 1, 1 | -3]. As published (DMC's L_dd) the raw student logits
+    # regress on the targets: errors 3, -1, 2.25, -0.25 over the 4 active
+    # classes, 9 + 1 + 5.0625 + 0.0625 = 15.125; the unseen logit is ignored.
     z_s = jnp.array([[2.0, 0.0, 1.0, 1.0, -3.0]])
-    loss = cons.logit_loss(z_s, target, jnp.array(old), jnp.array(new))
-    assert float(loss) == pytest.approx(11.125 / 4, rel=1e-6)
+    o, n = jnp.array(old), jnp.array(new)
+    assert float(cons.logit_loss(z_s, target, o, n)) == pytest.approx(15.125 / 4)
+    # Adding 5 to the old-class logits moves the raw loss: 8^2 + 4^2 + 5.125.
     z_s2 = z_s.at[0, 4].set(1e3).at[0, :2].add(5.0)
-    loss2 = cons.logit_loss(z_s2, target, jnp.array(old), jnp.array(new))
-    assert float(loss2) == pytest.approx(11.125 / 4, rel=1e-6)
+    assert float(cons.logit_loss(z_s2, target, o, n, "raw")) == pytest.approx(
+        85.125 / 4
+    )
+    # The "centred" ablation centres the student per subset: [1, -1 | 0, 0],
+    # squared errors 4 + 4 + 1.5625 + 1.5625; blind to the +5 offset.
+    for z in (z_s, z_s2):
+        loss = cons.logit_loss(z, target, o, n, "centred")
+        assert float(loss) == pytest.approx(11.125 / 4, rel=1e-6)
     # First task: no old classes, so the previous model contributes nothing.
     first = cons.logit_targets(z_prev, z_agents, jnp.zeros(5, bool), jnp.array(new))
     np.testing.assert_allclose(first, [[0.0, 0.0, -1.25, 1.25, 0.0]], atol=1e-6)
+
+
+def _logit_loss_numpy(z_s, target, old, new, student_logits):
+    """Loop reference: mean over rows and active classes of the squared error."""
+    total, count = 0.0, 0
+    for row, t in zip(z_s, target, strict=True):
+        for k in range(len(row)):
+            if not (old[k] or new[k]):
+                continue
+            v = row[k]
+            if student_logits == "centred":
+                subset = old if old[k] else new
+                v -= sum(row[j] for j in range(len(row)) if subset[j]) / subset.sum()
+            total += (v - t[k]) ** 2
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("student_logits", ["raw", "centred"])
+def test_logit_loss_matches_numpy_loop(student_logits):
+    rng = np.random.default_rng(0)
+    old = np.array([1, 0, 1, 0, 0, 0], bool)
+    new = np.array([0, 1, 0, 1, 1, 0], bool)
+    z_s = rng.normal(size=(4, 6)) * 3
+    z_prev, z_agents = rng.normal(size=(4, 6)), rng.normal(size=(3, 4, 6))
+    target = cons.logit_targets(z_prev, z_agents, jnp.array(old), jnp.array(new))
+    got = cons.logit_loss(
+        jnp.asarray(z_s, jnp.float32), target, jnp.array(old), jnp.array(new),
+        student_logits,
+    )  # fmt: skip
+    want = _logit_loss_numpy(z_s, np.asarray(target), old, new, student_logits)
+    assert float(got) == pytest.approx(want, rel=1e-5)
 
 
 def _tiny_models(num_classes=5, agents=2, hidden=(16,)):
@@ -333,13 +373,19 @@ def test_baselines_run(method, tmp_path):
         ("proxy", "gan", r"proxy='gan' is not valid; accepted: crops, noise, dataset"),
         ("student_init", "x", r"student_init='x' is not valid; accepted: previous, "
          r"agents, average"),
-        ("alpha", -1.0, r"alpha=-1\.0 is not valid; accepted: a number in \[0\.0"),
+        ("alpha", -1.0, r"alpha=-1\.0 is not valid; accepted: a finite number "
+         r"in \[0\.0"),
+        ("alpha", float("inf"), r"alpha=inf is not valid; accepted: a finite"),
+        ("consolidation_lr", float("nan"), r"consolidation_lr=nan is not valid"),
         ("num_tasks", 0, r"num_tasks=0 is not valid; accepted: an integer >= 1"),
         ("crop_min_scale", 0.0, r"crop_min_scale=0\.0 is not valid; accepted"),
         ("hidden", (), r"hidden=\(\) is not valid; accepted: a non-empty tuple"),
         ("proxy_noise", "pink", r"proxy_noise='pink' is not valid; accepted: "
          r"uniform, gaussian"),
         ("dataset", "svhn", r"dataset='svhn' is not valid; accepted: digits, "),
+        ("student_logits", "softmax", r"student_logits='softmax' is not valid; "
+         r"accepted: raw, centred"),
+        ("init", "xavier", r"init='xavier' is not valid; accepted: flax, torch"),
     ],
 )  # fmt: skip
 def test_bad_field_names_field_and_accepted_values(field, value, match):

@@ -13,6 +13,7 @@ import pytest
 
 from demjax.data import (
     PARTITIONS,
+    POOL_PARTITIONS,
     SOURCES,
     eval_subsample,
     load_source,
@@ -437,7 +438,7 @@ def test_bad_inputs(kwargs, field):
 
 def test_unknown_partition_lists_accepted():
     x, y = _coded_pool(2, 10)
-    with pytest.raises(ConfigError, match="accepted: " + ", ".join(PARTITIONS)):
+    with pytest.raises(ConfigError, match="accepted: " + ", ".join(POOL_PARTITIONS)):
         partition(x, y, 2, 2, method="nope")
 
 
@@ -493,4 +494,35 @@ def test_eval_subsample():
 
 def test_sources_listed():
     assert set(SOURCES) >= {"digits", "fashion_mnist", "mnist", "emnist", "cifar10"}
-    assert set(PARTITIONS) == {"pathological", "dirichlet", "iid"}
+    assert set(POOL_PARTITIONS) == {"pathological", "dirichlet", "iid"}
+    assert set(PARTITIONS) == {*POOL_PARTITIONS, "natural", "file", "arrays"}
+
+
+def test_cifar100_through_tfds_names_its_data(monkeypatch, tmp_path):
+    """cifar100 goes through tfds 'cifar100' (fake module: the call and the clear
+    error when the data are absent)."""
+    seen = {}
+
+    def fake_load(name, **kwargs):
+        seen.update(name=name, **kwargs)
+        raise FileNotFoundError("Could not find cifar100 in " + str(tmp_path))
+
+    fake = types.ModuleType("tensorflow_datasets")
+    fake.load = fake_load
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    monkeypatch.setattr(sources_mod, "_tensorflow_available", lambda: True)
+    with pytest.raises(DataNotFoundError) as info:
+        load_source("cifar100", data_dir=str(tmp_path), download=False)
+    assert seen["name"] == "cifar100" and seen["download"] is False
+    msg = str(info.value)
+    assert "dataset=cifar100" in msg and str(tmp_path) in msg and "\n" not in msg
+
+
+def test_tfds_mock_cifar100_with_partitioners():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("tensorflow")
+    with tfds.testing.mock_data(num_examples=40):
+        x, y, c = load_source("cifar100", download=False, standardize=False)
+    assert c == 100 and x.shape == (80, 32, 32, 3) and x.dtype == np.float32
+    part = partition(x, y, c, 4, method="iid", seed=0)
+    assert part.num_agents == 4 and part.num_classes == 100

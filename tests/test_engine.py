@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -136,6 +137,11 @@ def test_eval_subsample_is_reported(eval_run, cli):
     assert proc.returncode == 0, proc.stderr
     assert "evaluation subsample of 20" in proc.stderr  # an absl INFO line
     assert "orbax" not in proc.stderr and "xla_bridge" not in proc.stderr
+    # Every INFO line (absl format "I<date> <time> <thread> <file>:<line>] ...")
+    # comes from a demjax module.
+    demjax_files = {f for _, _, fs in os.walk(os.path.join(REPO, "demjax")) for f in fs}
+    info = re.findall(r"^I\d{4} \S+ +\d+ (\S+?):\d+\]", proc.stderr, re.M)
+    assert info and set(info) <= demjax_files, info
 
 
 @pytest.mark.slow(seconds=20)  # 70,000 images, 50 agents
@@ -167,6 +173,9 @@ BAD_INPUTS = [
     ),
     (["--config.num_agentz=5"], "num_agentz"),
     (["--config.num_agents=abc"], "num_agents"),
+    (["--config.lr=inf"], "lr"),
+    ([f"--config={REPO}/configs/no_such_config.py"], "config"),
+    ([f"--config={REPO}/README.md"], "config"),  # not Python: a SyntaxError
 ]
 
 
@@ -187,6 +196,42 @@ def test_cli_bad_input_is_one_line_exit_2(case, cli):
     assert any(
         w in err_lines[0] for w in ("accepted", "apt-get", "at most", "invalid literal")
     )
+
+
+@pytest.mark.cli(help=["--help"])
+def test_cli_help_exits_0(cli):
+    proc = cli["help"]
+    assert proc.returncode == 0, proc.stderr
+    assert "--workdir" in proc.stdout and "--[no]overwrite" in proc.stdout
+
+
+def test_cli_log_filter_selects_by_logger_name():
+    """scripts/run.py's filter keeps demjax's INFO records and everyone's warnings,
+    whatever the file path: a library inside a clone named ``demjax`` (its
+    virtualenv at ``<clone>/.venv``) is still filtered out."""
+    import logging
+
+    from demjax.run_output import cli_log_filter
+
+    clone = "/home/u/demjax"
+    lib = f"{clone}/.venv/lib/python3.11/site-packages/orbax/checkpoint/manager.py"
+
+    def record(name, level, path):
+        return logging.LogRecord(name, level, path, 1, "msg", (), None)
+
+    assert not cli_log_filter(record("absl", logging.INFO, lib))  # orbax via absl
+    assert not cli_log_filter(record("jax._src.xla_bridge", logging.INFO, lib))
+    assert not cli_log_filter(record("demjaxx", logging.INFO, f"{clone}/x.py"))
+    assert cli_log_filter(record("absl", logging.WARNING, lib))
+    for name in ("demjax", "demjax.run_output", "demjax.continual.run"):
+        assert cli_log_filter(record(name, logging.INFO, "/elsewhere/mod.py"))
+    # Every demjax module logs through logging.getLogger(__name__), not absl.
+    for dirpath, _, files in os.walk(os.path.join(REPO, "demjax")):
+        for f in files:
+            if f.endswith(".py"):
+                with open(os.path.join(dirpath, f)) as fh:
+                    text = fh.read()
+                assert "absl import logging" not in text or f == "train.py", f
 
 
 def test_eval_every_skips_rounds_but_keeps_the_last(eval_run):

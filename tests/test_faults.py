@@ -144,17 +144,14 @@ def test_divergence_guard_resets_and_keeps_nan_out_of_groups():
         assert np.all(np.isfinite(leaf))
 
 
-def test_diverged_agents_are_counted_in_metrics(tmp_path, monkeypatch):
-    real = data.make_partition
-
-    def poisoned(config):
-        part = real(config)
-        x = np.array(part.x_train)
-        x[[0, 3]] *= 1e30
-        return part.replace(x_train=x)
-
-    monkeypatch.setattr(data, "make_partition", poisoned)
-    res = train.run(small(lr=0.5), str(tmp_path))
+def test_diverged_agents_are_counted_in_metrics(tmp_path):
+    part = data.make_partition(small())
+    x = np.array(part.x_train)
+    x[[0, 3]] *= 1e30  # poisoned data, given as a ready partition
+    poisoned = part.replace(x_train=x)
+    res = train.run(
+        small(lr=0.5, partition="arrays"), str(tmp_path), partition=poisoned
+    )
     assert res["records"][0]["num_diverged"] == 2
     assert all(np.isfinite(r["global_acc"]) for r in res["records"])
 
@@ -187,6 +184,8 @@ def test_truncated_data_file_is_refused(tmp_path):
         data.load_source("fashion_mnist", data_dir=str(tmp_path))
 
 
+# Non-finite values, refused for every float field.
+NONFINITE = st.sampled_from([float("inf"), float("-inf"), float("nan")])
 # Invalid values per field: (field, strategy of invalid values).
 BAD = {
     "algorithm": st.text(min_size=1).filter(lambda s: s not in ("demlearn", "demlearn_p", "fedavg", "fedprox", "local")),
@@ -210,20 +209,24 @@ BAD = {
     "eval_every": st.integers(max_value=0),
     "local_buckets": st.integers(max_value=0),
     "sketch_dim": st.integers(max_value=-1),
-    "alpha": st.floats(min_value=1.0001, max_value=1e9) | st.floats(max_value=-1e-6, min_value=-1e9),
-    "lr": st.floats(max_value=0.0, min_value=-1e9),
-    "participation": st.floats(min_value=1.0001, max_value=1e6) | st.floats(max_value=0.0, min_value=-1e6),
-    "dropout": st.floats(min_value=1.0, max_value=1e6) | st.floats(max_value=-1e-6, min_value=-1e6),
-    "stragglers": st.floats(min_value=1.0001, max_value=1e6),
-    "mu": st.floats(max_value=-1e-9, min_value=-1e9),
+    "alpha": st.floats(min_value=1.0001, max_value=1e9) | st.floats(max_value=-1e-6, min_value=-1e9) | NONFINITE,
+    "lr": st.floats(max_value=0.0, min_value=-1e9) | NONFINITE,
+    "participation": st.floats(min_value=1.0001, max_value=1e6) | st.floats(max_value=0.0, min_value=-1e6) | NONFINITE,
+    "dropout": st.floats(min_value=1.0, max_value=1e6) | st.floats(max_value=-1e-6, min_value=-1e6) | NONFINITE,
+    "stragglers": st.floats(min_value=1.0001, max_value=1e6) | NONFINITE,
+    "mu": st.floats(max_value=-1e-9, min_value=-1e9) | NONFINITE,
     "seed": st.integers(max_value=-1),
     "amplify_rounds": st.integers(max_value=-1),
-    "amplify_factor": st.floats(max_value=0.0, min_value=-1e9),
+    "keep_checkpoints": st.integers(max_value=0),
+    "amplify_factor": st.floats(max_value=0.0, min_value=-1e9) | NONFINITE,
     "hidden": st.sampled_from([(), (0,), (-3, 4), (1.5,), "100"]),
     "standardize": st.sampled_from(["yes", 1, None]),
     "progress": st.sampled_from(["no", 0]),
     "data_dir": st.sampled_from([None, 3]),
-    "dirichlet_alpha": st.floats(max_value=0.0, min_value=-1e9),
+    "dirichlet_alpha": st.floats(max_value=0.0, min_value=-1e9) | NONFINITE,
+    "trim_fraction": st.floats(min_value=0.4901, max_value=1e6) | NONFINITE,
+    "aggregator_noise": st.floats(max_value=-1e-9, min_value=-1e9) | NONFINITE,
+    "network_edge_prob": st.floats(min_value=1.0001, max_value=1e6) | NONFINITE,
     "samples_per_agent": st.integers(max_value=-1),
     "num_devices": st.integers(max_value=-1),
     "local_plan": st.sampled_from(["fast", "block:0", "block:x", "blocks:2", ""]),
@@ -247,6 +250,23 @@ def test_invalid_configs_raise_named_errors(case):
         validate(c)
     assert field in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_every_float_field_refuses_non_finite_values(value):
+    """Every float field of the default config, plug-in groups included."""
+    from demjax.config import flat_fields
+
+    c = default.get_config()
+    fields = [k for k, v in flat_fields(c).items() if isinstance(v, float)]
+    assert {"lr", "alpha", "amplify_factor", "aggregator_noise"} <= set(fields)
+    assert any("." in k for k in fields)  # a plug-in hyper-parameter
+    for field in [*fields, "mu"]:  # mu: a float placeholder (None by default)
+        c = default.get_config()
+        group, _, name = field.rpartition(".")
+        (c[group] if group else c)[name] = value
+        with pytest.raises(ConfigError, match=rf"^{field}={value!r} is not valid; acc"):
+            validate(c)
 
 
 def test_cross_field_rules():

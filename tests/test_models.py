@@ -99,3 +99,85 @@ def test_matmul_impls_same_params_loss_and_grads(name):
     np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-6)
     for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
         np.testing.assert_allclose(v, u, rtol=1e-4, atol=1e-6)
+
+
+# Fan-in of every layer (kernel [in, out] or [kh, kw, in, out]), by hand from the
+# architectures: (model, input shape) -> {layer: fan_in}.
+FAN_IN = {
+    ("mlr", (28, 28, 1)): {"Dense_0": 784},
+    ("mlp", (28, 28, 1)): {"Dense_0": 784, "Dense_1": 100},
+    ("cnn", (28, 28, 1)): {"conv0": 25, "conv1": 800, "Dense_0": 1568, "Dense_1": 512},
+    ("cnn4", (28, 28, 1)): {"conv0": 25, "conv1": 800, "Dense_0": 3136,
+                            "Dense_1": 512},
+    ("cnn_cifar", (32, 32, 3)): {"conv0": 27, "conv1": 144, "conv2": 288,
+                                 "Dense_0": 1024, "Dense_1": 512, "Dense_2": 64},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, shape, impl",
+    [(n, s, "xla") for n, s in FAN_IN] + [("cnn", (28, 28, 1), "patches")],
+)
+def test_torch_init_bounds_and_std(name, shape, impl):
+    """init="torch": kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's
+    nn.Linear / nn.Conv2d default (kaiming_uniform a=sqrt(5): gain sqrt(1/3),
+    bound sqrt(3) * gain / sqrt(fan_in)); std = bound / sqrt(3)."""
+    matmul = "wgrad_t" if impl == "patches" else "xla"
+    model = models.make_model(name, 10, (100,), impl, matmul, init="torch")
+    params = models.init_params(jax.random.PRNGKey(0), model, shape)
+    assert set(params) == set(FAN_IN[name, shape])
+    for layer, fan_in in FAN_IN[name, shape].items():
+        bound = 1.0 / np.sqrt(fan_in)
+        k = np.asarray(params[layer]["kernel"]).ravel()
+        b = np.asarray(params[layer]["bias"]).ravel()
+        assert np.abs(k).max() <= bound * (1 + 1e-6), layer
+        assert np.abs(b).max() <= bound * (1 + 1e-6), layer
+        assert np.abs(b).max() > 0, layer  # not flax's zero bias
+        # The sample std of n uniform draws: relative standard error ~ 0.9/sqrt(n).
+        tol = 5 * 0.9 / np.sqrt(k.size)
+        assert k.std() == pytest.approx(bound / np.sqrt(3), rel=tol), layer
+        assert np.abs(k).max() > bound * (1 - 20 / k.size), layer
+
+
+def test_torch_init_matches_torch_layers():
+    """The same statistics as torch.nn.Linear / torch.nn.Conv2d's own init."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    lin, conv = torch.nn.Linear(1568, 512), torch.nn.Conv2d(32, 32, 5)
+    model = models.make_model("cnn", 10, init="torch")
+    params = models.init_params(jax.random.PRNGKey(1), model, (28, 28, 1))
+    for ours, theirs in (
+        (params["Dense_0"], lin), (params["conv1"], conv)
+    ):  # fmt: skip
+        wk = theirs.weight.detach().numpy().ravel()
+        wb = theirs.bias.detach().numpy()
+        k, b = np.asarray(ours["kernel"]).ravel(), np.asarray(ours["bias"])
+        assert k.size == wk.size and b.size == wb.size
+        assert k.std() == pytest.approx(wk.std(), rel=0.03)
+        assert np.abs(k).max() == pytest.approx(np.abs(wk).max(), rel=0.01)
+        assert np.abs(b).max() == pytest.approx(np.abs(wb).max(), rel=0.15)
+        assert b.std() == pytest.approx(wb.std(), rel=0.3)
+
+
+class _PlainMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(100)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(10)(x)
+
+
+def test_flax_init_is_flax_default():
+    """init="flax" (the default) gives exactly flax's nn.Dense defaults (LeCun
+    normal kernel, zero bias) for the same key."""
+    model = models.make_model("mlp", 10, (100,))
+    ours = models.init_params(jax.random.PRNGKey(4), model, (28, 28, 1))
+    ref = _PlainMLP().init(jax.random.PRNGKey(4), jnp.zeros((1, 28, 28, 1)))
+    jax.tree.map(np.testing.assert_array_equal, ours, ref["params"])
+
+
+def test_bad_init_names_field():
+    from demjax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"init='he' is not valid; accepted: flax, "
+                       r"torch"):  # fmt: skip
+        models.make_model("mlp", 10, init="he")

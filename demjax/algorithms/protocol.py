@@ -105,10 +105,12 @@ class HParam:
         bad_high = self.high is not None and value > self.high
         if bad_low or bad_high or (kind is float and not np.isfinite(value)):
             lo = "-inf" if self.low is None else self.low
-            hi = "inf" if self.high is None else self.high
-            bracket = "(" if self.low_open else "["
+            hi = "inf)" if self.high is None else f"{self.high}]"
+            bracket = "(" if self.low_open or self.low is None else "["
+            what = "a finite number" if kind is float else "an integer"
             raise ConfigError(
-                f"{field}={value!r} is not valid; accepted: {bracket}{lo}, {hi}]"
+                f"{field}={value!r} is not valid; accepted: {what} in {bracket}{lo}, "
+                f"{hi}"
             )
 
 

@@ -8,14 +8,20 @@ any data is loaded, each error naming the field.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
-from demjax.continual.consolidate import PROJECTOR_INITS, STUDENT_INITS
+from demjax.continual.consolidate import (
+    PROJECTOR_INITS,
+    STUDENT_INITS,
+    STUDENT_LOGITS,
+)
 from demjax.continual.proxy import NOISES, PROXIES, same_dataset
 from demjax.continual.scenario import CLASS_ORDERS, DATASETS
 from demjax.errors import ConfigError, check_choice
 from demjax.local import make_optimizer
-from demjax.models import CONV_IMPLS, MODELS
+from demjax.models import CONV_IMPLS, INITS, MODELS
 
 METHODS = ("dac", "logit", "finetune", "average", "joint")
 """``dac``: logit + projected latent distillation on proxy data; ``logit``: the
@@ -50,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Agents' local training (demjax.local).
     c.model = "mlp"  # mlr | mlp | cnn | cnn4 | cnn_cifar
     c.hidden = (128,)
+    c.init = "flax"  # flax (LeCun normal, zero bias) | torch (PyTorch's default)
     c.conv_impl = "patches"
     c.optimizer = "adam"
     c.lr = 0.001
@@ -74,6 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.alpha = 1.0  # weight of the projected latent distillation (0 = logit only)
     c.student_init = "average"  # previous | agents | average
     c.projector_init = "identity"  # identity | lecun
+    # Student logits in the double distillation loss: raw (as published, DMC's
+    # L_dd) | centred (mean-centred per class subset like the targets; ablation).
+    c.student_logits = "raw"
     c.average_weighting = "tasks"  # average: prev weighted by tasks seen | uniform
 
     c.progress = True
@@ -88,11 +98,13 @@ def _int(config, field, low):
 
 def _num(config, field, low, high, low_open=False):
     v = config[field]
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if not ok or not (low < v if low_open else low <= v) or not v <= high:
         lo = "(" if low_open else "["
+        hi = ")" if high == math.inf else "]"
         raise ConfigError(
-            f"{field}={v!r} is not valid; accepted: a number in {lo}{low}, {high}]"
+            f"{field}={v!r} is not valid; accepted: a finite number in "
+            f"{lo}{low}, {high}{hi}"
         )
 
 
@@ -108,12 +120,14 @@ def validate(config) -> None:
     check_choice("class_order", config.class_order, CLASS_ORDERS)
     check_choice("model", config.model, MODELS)
     check_choice("conv_impl", config.conv_impl, CONV_IMPLS)
+    check_choice("init", config.init, INITS)
     check_choice("agent_head", config.agent_head, AGENT_HEADS)
     check_choice("proxy", config.proxy, PROXIES)
     check_choice("proxy_noise", config.proxy_noise, NOISES)
     check_choice("proxy_image", config.proxy_image, ("china.jpg", "flower.jpg"))
     check_choice("student_init", config.student_init, STUDENT_INITS)
     check_choice("projector_init", config.projector_init, PROJECTOR_INITS)
+    check_choice("student_logits", config.student_logits, STUDENT_LOGITS)
     check_choice("average_weighting", config.average_weighting, AVG_WEIGHTINGS)
     if config.proxy == "dataset":
         from demjax.data import SOURCES

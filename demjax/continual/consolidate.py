@@ -9,14 +9,20 @@ trains a student ``theta_t`` on proxy data ``x ~ P`` only (``proxy.ProxySource``
 
     L = L_logit + alpha * L_PLD
 
-- Double logit distillation (Sec. 4, "Double Knowledge Distillation"): for a class
-  subset ``S`` let ``c_S(z) = (z_k - mean_{j in S} z_j)_{k in S}`` (mean-centring on
-  the subset). Targets are ``c_old(z_prev)`` on the old classes and
-  ``mean_a c_new(z_a)`` on the new classes (with several agents per task the
-  centred agent logits are averaged - a demjax choice, the paper has one model per
-  task); the student matches ``c_old(z_s)`` and ``c_new(z_s)`` with the MSE over
-  the ``|old| + |new|`` active classes (``logit_loss``). Classes not seen yet take
-  no part.
+- Double logit distillation (Sec. 4, "Double Knowledge Distillation", the loss of
+  Deep Model Consolidation: Zhang et al., "Class-incremental Learning via Deep
+  Model Consolidation", WACV 2020, Sec. 3.3, ``L_dd``): for a class subset ``S``
+  let ``c_S(z) = (z_k - mean_{j in S} z_j)_{k in S}`` (mean-centring on the
+  subset). The target ``y_hat`` is the concatenation of the teachers' centred
+  logits, ``c_old(z_prev)`` on the old classes and ``mean_a c_new(z_a)`` on the
+  new classes (with several agents per task the centred agent logits are averaged
+  - a demjax choice, the paper has one model per task); the student's RAW logits
+  ``z_s`` regress on it, ``L_dd = mean over the |old| + |new| active classes of
+  (z_s,k - y_hat_k)^2`` (``logit_loss``). Classes not seen yet take no part.
+  ``student_logits="centred"`` (not the published method, kept as an ablation)
+  centres the student's logits per subset too, ``c_old(z_s) + c_new(z_s)``, which
+  makes the loss blind to any constant added to all old-class or all new-class
+  student logits.
 - PLD (Sec. 4, "Projected Latent Distillation"): a linear projector
   ``P_i(h) = h W_i + b_i`` per teacher maps the student's latent features
   ``h_s`` (``return_features=True``, ``[B, F]``) to teacher ``i``'s features
@@ -45,6 +51,7 @@ from demjax.errors import ConfigError, check_choice
 
 STUDENT_INITS = ("previous", "agents", "average")
 PROJECTOR_INITS = ("identity", "lecun")
+STUDENT_LOGITS = ("raw", "centred")
 
 
 def centred(z: jax.Array, mask: jax.Array) -> jax.Array:
@@ -77,11 +84,31 @@ def logit_targets(z_prev, z_agents, old_mask, new_mask):
     return centred(z_prev, old_mask) + jnp.mean(centred(z_agents, new_mask), axis=0)
 
 
-def logit_loss(z_student, target, old_mask, new_mask):
-    """MSE between the student's subset-centred logits and the targets, averaged
-    over the batch and the ``|old| + |new|`` active classes (a float scalar)."""
-    s = centred(z_student, old_mask) + centred(z_student, new_mask)
+def logit_loss(z_student, target, old_mask, new_mask, student_logits: str = "raw"):
+    """DMC's double distillation loss ``L_dd`` (Zhang et al., WACV 2020, Sec. 3.3).
+
+    Args:
+      z_student: float ``[B, C]`` student logits.
+      target: float ``[B, C]`` (``logit_targets``).
+      old_mask, new_mask: bool ``[C]``, disjoint class subsets.
+      student_logits: ``raw`` (the published loss: the student's logits as they
+        are) or ``centred`` (the student's logits mean-centred per subset too, an
+        ablation).
+
+    Returns:
+      float scalar: the squared error between the student's (raw or centred)
+      logits and the targets, averaged over the batch and the ``|old| + |new|``
+      active classes.
+
+    Raises:
+      ConfigError: unknown ``student_logits``.
+    """
+    check_choice("student_logits", student_logits, STUDENT_LOGITS)
     active = (old_mask | new_mask).astype(z_student.dtype)
+    if student_logits == "centred":
+        s = centred(z_student, old_mask) + centred(z_student, new_mask)
+    else:
+        s = z_student
     sq = jnp.square(s - target) * active
     return jnp.sum(sq) / (z_student.shape[0] * jnp.maximum(jnp.sum(active), 1.0))
 
@@ -152,9 +179,11 @@ class Consolidator:
         alpha: float,
         student_init: str = "average",
         projector_init: str = "identity",
+        student_logits: str = "raw",
     ):
         check_choice("student_init", student_init, STUDENT_INITS)
         check_choice("projector_init", projector_init, PROJECTOR_INITS)
+        check_choice("student_logits", student_logits, STUDENT_LOGITS)
         for field, v in (("consolidation_steps", steps), ("proxy_batch", batch)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(
@@ -170,6 +199,7 @@ class Consolidator:
         self.steps, self.batch = steps, batch
         self.alpha, self.student_init = float(alpha), student_init
         self.projector_init = projector_init
+        self.student_logits = student_logits
         self.tx = optax.adam(lr)
         self._jitted = {}
 
@@ -205,7 +235,9 @@ class Consolidator:
                 z_p, h_p = self._fwd(prev, x)
                 z_a, h_a = jax.vmap(lambda p: self._fwd(p, x))(agents)
                 target = logit_targets(z_p, z_a, old_mask, new_mask)
-                l_logit = logit_loss(z_s, target, old_mask, new_mask)
+                l_logit = logit_loss(
+                    z_s, target, old_mask, new_mask, self.student_logits
+                )
                 h_t = jnp.concatenate([h_p[None], h_a], axis=0)
                 l_pld, _ = pld_loss(pj, h_s, h_t, weights)
                 return l_logit + self.alpha * l_pld, (l_logit, l_pld)

@@ -35,13 +35,13 @@ The workdir receives (each line flushed when written):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from demjax.continual.config import validate
 from demjax.continual.consolidate import Consolidator, average_params
@@ -50,6 +50,8 @@ from demjax.continual.scenario import make_scenario
 from demjax.errors import ConfigError
 from demjax.local import make_optimizer, make_train_all, make_train_one
 from demjax.models import init_params, make_model
+
+log = logging.getLogger(__name__)
 
 
 def make_trainer(model, tx, batch_size: int, local_epochs: int):
@@ -164,18 +166,29 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       The summary dict (also ``<workdir>/summary.json``) plus ``records``.
 
     Raises:
-      ConfigError: bad config field or workdir. DataNotFoundError: data missing.
+      ConfigError: bad config field or workdir, or the workdir is in use by
+        another run (``run_output.lock_workdir``). DataNotFoundError: data missing.
     """
-    from demjax.run_output import check_workdir
+    from demjax.run_output import check_workdir, lock_workdir, unlock_workdir
 
     validate(config)
     check_workdir(workdir)
+    lock_workdir(workdir)
+    try:
+        return _run(config, workdir, overwrite)
+    finally:
+        unlock_workdir(workdir)
+
+
+def _run(config, workdir: str, overwrite: bool) -> dict:
     t_start = time.perf_counter()
     writer = _Writer(workdir, overwrite)
     writer.json("config.json", json.loads(config.to_json()))
     scenario = make_scenario(config)
     c, num_tasks, a = scenario.num_classes, scenario.num_tasks, scenario.agents_per_task
-    model = make_model(config.model, c, tuple(config.hidden), config.conv_impl)
+    model = make_model(
+        config.model, c, tuple(config.hidden), config.conv_impl, init=config.init
+    )
     key = jax.random.PRNGKey(int(config.seed))
     k_init, k_run = jax.random.split(key)
     shape = scenario.input_shape
@@ -196,6 +209,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
             alpha=0.0 if method == "logit" else float(config.alpha),
             student_init=config.student_init,
             projector_init=config.projector_init,
+            student_logits=config.student_logits,
         )
     r = np.full((num_tasks, num_tasks), np.nan)
     r_task = np.full((num_tasks, num_tasks), np.nan)  # argmax within task j's classes
@@ -323,7 +337,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
             rec["wall_s"] = round(time.perf_counter() - t0, 2)
             records.append(rec)
             writer.record(rec)
-            logging.info(
+            log.info(
                 "task %d/%d (%s): avg_acc %.4f, acc %s",
                 t + 1,
                 num_tasks,

@@ -1,28 +1,79 @@
 """Data: sources (whole data sets) and partitions (agents' private splits).
 
-``make_partition(config)`` is the one-call entry point: it loads
-``config.dataset`` with ``load_source`` and deals it out with ``partition``.
+``make_split(config)`` is the one-call entry point: it loads
+``config.dataset`` (``load_pool``), standardizes it (``standardize_pool``) and
+deals it out (``partition_indices``), or reads a split file
+(``demjax.data.split``) or takes ready arrays (``partition_from_arrays``); its
+``Split`` carries the stacked ``Partition``, the agent names and the provenance
+written to ``data.json`` (``demjax.data.card``). ``make_partition(config)`` is
+its ``Partition``.
 ``eval_subsample`` picks a fixed subset of the pooled test set for cheap
 periodic evaluation.
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
 
-from demjax.data.partition import PARTITIONS, partition
-from demjax.data.sources import SOURCES, load_source, read_idx
+from demjax.data import card, leaf
+from demjax.data.card import data_card, write_card
+from demjax.data.partition import PARTITIONS as POOL_PARTITIONS
+from demjax.data.partition import partition, partition_indices, stack_partition
+from demjax.data.sources import (
+    SOURCES,
+    STANDARDIZE,
+    TFDS_NAMES,
+    Pool,
+    load_pool,
+    load_source,
+    read_idx,
+    standardize_mode,
+    standardize_pool,
+)
+from demjax.data.split import (
+    Split,
+    SplitFile,
+    partition_from_arrays,
+    pool_indices,
+    read_split_file,
+    write_split_file,
+)
 from demjax.errors import ConfigError, check_choice
 from demjax.types import Partition
 
+PARTITIONS = (*POOL_PARTITIONS, "natural", "file", "arrays")
+LEAF_SOURCES = ("femnist", "shakespeare")
+NATURAL_SOURCES = (*LEAF_SOURCES, "cifar100")
+"""Accepted values of ``config.partition``."""
+
 __all__ = [
     "PARTITIONS",
+    "POOL_PARTITIONS",
     "SOURCES",
+    "STANDARDIZE",
+    "Pool",
+    "Split",
+    "SplitFile",
+    "as_split",
+    "check_config",
+    "data_card",
     "eval_subsample",
+    "load_pool",
     "load_source",
     "make_partition",
+    "make_split",
     "partition",
+    "partition_from_arrays",
+    "partition_indices",
     "read_idx",
+    "read_split_file",
+    "stack_partition",
+    "standardize_pool",
+    "write_card",
+    "write_split_file",
 ]
 
 _MISSING = object()
@@ -41,46 +92,279 @@ def _field(config, name: str, default=_MISSING):
 
 
 def make_partition(config) -> Partition:
-    """Loads ``config.dataset`` and partitions it among ``config.num_agents``.
-
-    Fields read (an ``ml_collections.ConfigDict`` or any attribute object):
-    ``dataset`` (one of ``SOURCES``), ``num_agents`` (required); ``data_dir``
-    (None or "" for the source's default), ``partition`` (one of
-    ``PARTITIONS``, default ``pathological``), ``seed`` (0),
-    ``labels_per_agent`` (2), ``dirichlet_alpha`` (0.5), ``samples_per_agent``
-    (0 or None: no limit), ``standardize`` (True), ``download`` (True; tfds
-    sources only). The partition method is checked before any data is loaded.
+    """Loads ``config.dataset`` and partitions it: ``make_split(config).partition``.
 
     Returns:
       The ``Partition`` (numpy arrays; see ``demjax.data.partition``).
 
     Raises:
-      ConfigError: a missing or invalid field (the message names it).
-      DataNotFoundError: the data set is not available offline.
+      As ``make_split``.
+    """
+    return make_split(config).partition
+
+
+def check_config(config) -> None:
+    """Checks the data fields of a run config without loading any data.
+
+    Raises:
+      ConfigError: ``dataset``, ``partition``, ``partition_file``,
+        ``standardize``, ``standardize_mean`` / ``standardize_std`` not valid.
     """
     dataset = _field(config, "dataset")
     method = _field(config, "partition", "pathological")
     check_choice("dataset", dataset, SOURCES)
     check_choice("partition", method, PARTITIONS)
+    path = _field(config, "partition_file", "")
+    if not isinstance(path, str):
+        raise ConfigError(
+            f"partition_file={path!r} is not valid; accepted: a path string"
+        )
+    if method == "file" and not path:
+        raise ConfigError(
+            "partition_file='' is not valid with partition='file'; accepted: the "
+            "path of a .json or .npz split file (docs/data.md)"
+        )
+    if method == "file" and not os.path.isfile(path):
+        raise ConfigError(
+            f"partition_file={path!r}: no such file; accepted: a .json or .npz "
+            "split file (docs/data.md)"
+        )
+    if method != "file" and path:
+        raise ConfigError(
+            f"partition_file={path!r} is set but partition={method!r}; accepted: "
+            "partition='file' with it, or partition_file=''"
+        )
+    if method == "natural" and dataset not in NATURAL_SOURCES:
+        raise ConfigError(
+            f"partition='natural' is not valid for dataset={dataset!r}; accepted: "
+            "dataset='femnist' (one agent per writer), 'shakespeare' (per role), "
+            "'cifar100' (TFF's Pachinko split, one agent per client)"
+        )
+    if dataset in LEAF_SOURCES and method not in ("natural", "file"):
+        raise ConfigError(
+            f"partition={method!r} is not valid for dataset={dataset!r}; accepted: "
+            "natural (one agent per writer / role), file"
+        )
+    model = _field(config, "model", None)
+    if (dataset == "shakespeare") != (model == "char_rnn") and model is not None:
+        raise ConfigError(
+            f"model={model!r} is not valid for dataset={dataset!r}; accepted: "
+            "model='char_rnn' with dataset='shakespeare' (character ids), the image "
+            "models with the image data sets"
+        )
+    if dataset == "shakespeare" and standardize_mode(
+        _field(config, "standardize", True)
+    ) not in ("none",):
+        raise ConfigError(
+            f"standardize={_field(config, 'standardize', True)!r} is not valid for "
+            "dataset='shakespeare' (character ids); accepted: none"
+        )
+    mode = standardize_mode(_field(config, "standardize", True))
+    for name in ("standardize_mean", "standardize_std"):
+        value = _field(config, name, 0.0 if name.endswith("mean") else 1.0)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (math.isfinite(value))
+        ):
+            raise ConfigError(
+                f"{name}={value!r} is not valid; accepted: a finite float"
+            )
+    std = _field(config, "standardize_std", 1.0)
+    if mode == "given" and not std > 0:
+        raise ConfigError(
+            f"standardize_std={std!r} is not valid for standardize='given'; "
+            "accepted: a finite float > 0"
+        )
+
+
+def make_split(config, partition=None) -> Split:
+    """The agents' data of a run, with names and provenance.
+
+    Fields read (an ``ml_collections.ConfigDict`` or any attribute object):
+    ``dataset`` (one of ``SOURCES``), ``num_agents`` (required); ``data_dir``
+    (None or "" for the source's default), ``partition`` (one of
+    ``PARTITIONS``, default ``pathological``), ``partition_file`` (``file``),
+    ``seed`` (0), ``labels_per_agent`` (2), ``dirichlet_alpha`` (0.5),
+    ``samples_per_agent`` (0 or None: no limit), ``standardize`` (True; see
+    ``standardize_pool``), ``standardize_mean`` / ``standardize_std``
+    (``given``), ``download`` (True; tfds sources only).
+
+    Partitions: ``pathological`` / ``dirichlet`` / ``iid`` deal the pool out
+    (``partition_indices``); ``natural`` gives one agent per writer (FEMNIST;
+    ``num_agents`` writers sampled with ``seed``); ``file`` reads
+    ``partition_file`` (``demjax.data.split``); ``arrays`` takes ``partition``.
+
+    Args:
+      config: the run config.
+      partition: for ``partition="arrays"`` only: a ``Split`` (from
+        ``partition_from_arrays``) or a ``Partition``.
+
+    Returns:
+      A ``Split``; its ``partition`` holds numpy arrays of A = ``num_agents``.
+
+    Raises:
+      ConfigError: a missing or invalid field (the message names it), or
+        ``num_agents`` different from the split's number of agents.
+      DataFileError: a data or split file is unreadable or malformed.
+      DataNotFoundError: the data set is not available offline.
+    """
+    check_config(config)
+    dataset = _field(config, "dataset")
+    method = _field(config, "partition", "pathological")
+    num_agents = _field(config, "num_agents")
+    if method == "arrays" or partition is not None:
+        if partition is None:
+            raise ConfigError(
+                "partition='arrays' needs a ready partition; accepted: "
+                "demjax.train.run(config, workdir, partition="
+                "demjax.data.partition_from_arrays(...))"
+            )
+        if method != "arrays":
+            raise ConfigError(
+                f"partition={method!r} but a ready partition was passed; accepted: "
+                "partition='arrays' with it"
+            )
+        split = as_split(partition)
+        _check_count(num_agents, split.num_agents, "the given partition")
+        return split
+    seed = int(_field(config, "seed", 0))
+    data_dir = _field(config, "data_dir", None) or None
+    if method == "natural":
+        _int_agents(num_agents)
+        if dataset == "cifar100" or (
+            dataset == "femnist" and leaf.tff_h5_files(data_dir, dataset)
+        ):
+            pool = leaf.load_tff_h5(data_dir, dataset, num_agents, seed)
+        elif dataset == "femnist":
+            pool = leaf.load_femnist(data_dir, num_writers=num_agents, seed=seed)
+        else:
+            pool = leaf.load_shakespeare(data_dir, num_writers=num_agents, seed=seed)
+    else:
+        pool = load_pool(
+            dataset, data_dir=data_dir, download=bool(_field(config, "download", True))
+        )
+    x, stats = standardize_pool(
+        pool.x,
+        standardize_mode(_field(config, "standardize", True)),
+        _field(config, "standardize_mean", None),
+        _field(config, "standardize_std", None),
+    )
+    sources = [card.file_entry(f) for f in pool.files] or [pool_origin(dataset)]
     samples_per_agent = _field(config, "samples_per_agent", None) or None
-    x, y, num_classes = load_source(
-        dataset,
-        data_dir=_field(config, "data_dir", None) or None,
-        standardize=bool(_field(config, "standardize", True)),
-        download=bool(_field(config, "download", True)),
+    if method == "file":
+        path = _field(config, "partition_file")
+        sf = read_split_file(path)
+        if sf.dataset is not None and sf.dataset != dataset:
+            raise ConfigError(
+                f"partition_file={path!r} is a split of dataset={sf.dataset!r}, not "
+                f"dataset={dataset!r}; accepted: --config.dataset={sf.dataset}"
+            )
+        _check_count(num_agents, len(sf.names), f"partition_file={path!r}")
+        splits = pool_indices(sf, pool.num_train, pool.y.shape[0], dataset)
+        names = sf.names
+        sources.append(card.file_entry(path))
+    elif method == "natural":
+        splits = leaf.natural_splits(pool, seed, cap=samples_per_agent)
+        names = pool.group_names
+    else:
+        splits = partition_indices(
+            x,
+            pool.y,
+            pool.num_classes,
+            num_agents=num_agents,
+            method=method,
+            seed=seed,
+            labels_per_agent=_field(config, "labels_per_agent", 2),
+            dirichlet_alpha=float(_field(config, "dirichlet_alpha", 0.5)),
+            samples_per_agent=samples_per_agent,
+            dataset_name=dataset,
+        )
+        names = tuple(f"agent_{a}" for a in range(len(splits)))
+    part = stack_partition(x, pool.y, splits, pool.num_classes)
+    if stats["mode"] == "per_pixel":  # [*F] arrays: their range in the card
+        stats = {
+            "mode": "per_pixel",
+            **{
+                k: {"min": float(np.min(stats[k])), "max": float(np.max(stats[k]))}
+                for k in ("mean", "std")
+            },  # fmt: skip
+        }
+    return Split(
+        partition=part,
+        names=tuple(names),
+        indices=tuple(splits),
+        num_train=int(pool.num_train),
+        info={
+            "dataset": dataset,
+            "partition": method,
+            "sources": sources,
+            "standardize": stats,
+        },  # fmt: skip
     )
-    return partition(
-        x,
-        y,
-        num_classes,
-        num_agents=_field(config, "num_agents"),
-        method=method,
-        seed=int(_field(config, "seed", 0)),
-        labels_per_agent=_field(config, "labels_per_agent", 2),
-        dirichlet_alpha=float(_field(config, "dirichlet_alpha", 0.5)),
-        samples_per_agent=samples_per_agent,
-        dataset_name=dataset,
+
+
+def pool_origin(dataset: str) -> dict:
+    """Where a data set without files of its own comes from (dataset card)."""
+    if dataset == "digits":
+        import sklearn
+
+        return {"library": f"scikit-learn {sklearn.__version__}",
+                "loader": "sklearn.datasets.load_digits"}  # fmt: skip
+    return {"library": "tensorflow-datasets", "name": TFDS_NAMES.get(dataset, dataset)}
+
+
+def as_split(partition) -> Split:
+    """A ``Split`` from a ``Split`` or a bare ``Partition`` (agents named
+    ``agent_0`` ...).
+
+    Raises:
+      ConfigError: anything else.
+    """
+    if isinstance(partition, Split):
+        return partition
+    if isinstance(partition, Partition):
+        part = jax_free(partition)
+        return Split(
+            partition=part,
+            names=tuple(f"agent_{a}" for a in range(part.num_agents)),
+            info={
+                "dataset": "arrays",
+                "partition": "arrays",
+                "sources": [],
+                "standardize": {"mode": "as given"},
+            },  # fmt: skip
+        )
+    raise ConfigError(
+        f"partition={type(partition).__name__} is not valid; accepted: a "
+        "demjax.data.Split (partition_from_arrays) or a demjax.types.Partition"
     )
+
+
+def jax_free(part: Partition) -> Partition:
+    """The partition with numpy arrays (device arrays copied to the host)."""
+    import jax
+
+    return jax.tree.map(np.asarray, part)
+
+
+def _int_agents(num_agents) -> None:
+    if (
+        isinstance(num_agents, bool)
+        or not isinstance(num_agents, int)
+        or num_agents < 2
+    ):
+        raise ConfigError(
+            f"num_agents={num_agents!r} is not valid; accepted: an integer >= 2"
+        )
+
+
+def _check_count(num_agents, actual: int, what: str) -> None:
+    if num_agents != actual:
+        raise ConfigError(
+            f"num_agents={num_agents!r} does not match {what}, which has {actual} "
+            f"agents; accepted: --config.num_agents={actual}"
+        )
 
 
 def eval_subsample(part: Partition, eval_samples: int, seed: int) -> np.ndarray:

@@ -25,12 +25,13 @@ from demjax.errors import ConfigError, check_choice
 from demjax.types import Partition
 
 PARTITIONS = ("pathological", "dirichlet", "iid")
-"""Accepted values of ``config.partition``."""
+"""Methods of ``partition`` (dealing a pool out); ``demjax.data.PARTITIONS``
+adds the natural, file and array partitions of ``config.partition``."""
 
 _DIRICHLET_TRIES = 100
 
 
-def partition(
+def partition_indices(
     x: np.ndarray,
     y: np.ndarray,
     num_classes: int,
@@ -97,12 +98,9 @@ def partition(
       dataset_name: only used to name the data set in error messages.
 
     Returns:
-      A ``Partition`` of numpy arrays: ``x_train`` float32
-      ``[A, N_train_max, *F]``, ``y_train`` int32 ``[A, N_train_max]``,
-      ``n_train`` int32 ``[A]``, the same for test, and the pooled test set
-      ``x_all`` float32 ``[M, *F]``, ``y_all`` / ``owner_all`` int32 ``[M]``
-      (all agents' real test samples in agent order, with the owning agent).
-      Real rows come first in each agent's block; padding rows are zero.
+      A list of A pairs ``(train_idx, test_idx)``: int64 ``[n_train_a]`` and
+      ``[n_test_a]`` indices into the pool ``(x, y)``, each agent's in its
+      shuffled order (the rows ``stack_partition`` lays out).
 
     Raises:
       ConfigError: an unknown ``method`` (field ``partition``), a parameter out
@@ -181,7 +179,38 @@ def partition(
             f"num_agents={num_agents} is too many for {what} with "
             f"partition={method}: some agent gets no train or no test sample"
         )
-    return _stack(x, y, splits, num_classes)
+    return splits
+
+
+def partition(
+    x: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    num_agents: int,
+    method: str = "pathological",
+    seed: int = 0,
+    **kwargs,
+) -> Partition:
+    """Deals the pool ``(x, y)`` out to ``num_agents`` agents, stacked.
+
+    ``stack_partition(x, y, partition_indices(x, y, ...), num_classes)``: the
+    methods, draws, arguments and errors are those of ``partition_indices``.
+
+    Returns:
+      A ``Partition`` of numpy arrays: ``x_train`` float32
+      ``[A, N_train_max, *F]``, ``y_train`` int32 ``[A, N_train_max]``,
+      ``n_train`` int32 ``[A]``, the same for test, and the pooled test set
+      ``x_all`` float32 ``[M, *F]``, ``y_all`` / ``owner_all`` int32 ``[M]``
+      (all agents' real test samples in agent order, with the owning agent).
+      Real rows come first in each agent's block; padding rows are zero.
+
+    Raises:
+      ConfigError: as ``partition_indices``.
+    """
+    splits = partition_indices(
+        x, y, num_classes, num_agents, method=method, seed=seed, **kwargs
+    )
+    return stack_partition(x, y, splits, num_classes)
 
 
 def _validate(
@@ -380,7 +409,27 @@ def _iid(n, num_agents, cap, rng):
     return [order[a * share : (a + 1) * share] for a in range(num_agents)]
 
 
-def _stack(x, y, splits, num_classes) -> Partition:
+def stack_partition(x, y, splits, num_classes: int) -> Partition:
+    """Stacks per-agent index lists into a padded ``Partition``.
+
+    Args:
+      x: float ``[N, *F]`` pool inputs (cast to float32).
+      y: int ``[N]`` pool labels in ``[0, num_classes)``.
+      splits: A pairs ``(train_idx, test_idx)`` of int indices into the pool;
+        every agent needs at least one of each (not checked here; see
+        ``demjax.data.split.partition_from_arrays`` for a validated entry).
+      num_classes: C.
+
+    Returns:
+      A ``Partition``: ``x_train`` float32 ``[A, N_train_max, *F]``, ``y_train``
+      int32 ``[A, N_train_max]``, ``n_train`` int32 ``[A]``, the same for test,
+      and the pooled test set ``x_all`` float32 ``[M, *F]``, ``y_all`` /
+      ``owner_all`` int32 ``[M]`` (all test samples in agent order). Real rows
+      come first in each agent's block, in index order; padding rows are zero.
+    """
+    x = np.asarray(x)
+    y = np.asarray(y)
+    splits = [(np.asarray(tr, np.int64), np.asarray(te, np.int64)) for tr, te in splits]
     feat = x.shape[1:]
     num_agents = len(splits)
     n_train = np.array([tr.shape[0] for tr, _ in splits], dtype=np.int32)

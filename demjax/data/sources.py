@@ -18,18 +18,27 @@ Sources:
   default ``~/tensorflow_datasets`` when None) and downloaded there if missing
   and ``download`` is true. ``emnist`` is the tfds config ``emnist/balanced``
   (131600 samples, 28x28x1, 47 balanced classes of digits and letters); its
-  images are transposed back to upright.
+  images are transposed back to upright. ``cifar100`` is tfds ``cifar100``
+  (60000 samples, 32x32x3, the 100 fine labels).
+- ``femnist``: FEMNIST from LEAF's JSON shards in ``data_dir`` (62 classes,
+  one writer per sample group; ``demjax.data.leaf``).
+- ``shakespeare``: LEAF's Shakespeare JSON shards in ``data_dir``: 80-character
+  windows as character ids ``[N, 80]`` and the next character (81 classes),
+  one speaking role per sample group (``demjax.data.leaf``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
+import math
 import os
+import zlib
 
 import numpy as np
 
-from demjax.errors import ConfigError, DataNotFoundError, check_choice
+from demjax.errors import ConfigError, DataFileError, DataNotFoundError, check_choice
 
 SOURCES = (
     "digits",
@@ -38,6 +47,9 @@ SOURCES = (
     "mnist",
     "emnist",
     "cifar10",
+    "cifar100",
+    "femnist",
+    "shakespeare",
 )
 """Accepted values of ``config.dataset``."""
 
@@ -56,6 +68,7 @@ TFDS_NAMES = {
     "mnist": "mnist",
     "emnist": "emnist/balanced",
     "cifar10": "cifar10",
+    "cifar100": "cifar100",
 }
 
 # IDX type code (third magic byte) -> big-endian numpy dtype.
@@ -72,25 +85,80 @@ _STD_EPS = 0.001
 _TFDS_BATCH = 8192
 
 
+STANDARDIZE = ("global", "per_pixel", "given", "none")
+"""Accepted string values of ``config.standardize`` (True = global, False = none)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """A whole data set as one pool, before standardization.
+
+    Attributes:
+      x: float32 ``[N, *F]`` inputs scaled to [0, 1].
+      y: int32 ``[N]`` labels in ``[0, num_classes)``.
+      num_classes: C.
+      num_train: rows ``[0, num_train)`` come from the data set's train split,
+        the rest from its test split; ``N`` when it has no test split (digits).
+      files: the files read (for the dataset card's checksums); empty for
+        data held by a library (digits, tfds).
+      groups: int32 ``[N]`` natural owner (writer) of each sample, or None.
+      group_names: the owner names, ``group_names[groups[i]]``, or None.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    num_train: int
+    files: tuple[str, ...] = ()
+    groups: np.ndarray | None = None
+    group_names: tuple[str, ...] | None = None
+
+
+def load_pool(name: str, data_dir: str | None = None, download: bool = True) -> Pool:
+    """Loads a whole data set (train split then test split) as one ``Pool``.
+
+    Args: as ``load_source`` (without ``standardize``).
+
+    Raises:
+      ConfigError: unknown ``name``.
+      DataFileError: a data file is unreadable or malformed (names the file).
+      DataNotFoundError: the data are missing; the message says how to get them.
+    """
+    check_choice("dataset", name, SOURCES)
+    data_dir = data_dir or None
+    if name == "digits":
+        x, y, num_classes = _load_digits()
+        return Pool(x, y, num_classes, num_train=y.shape[0])
+    if name == "fashion_mnist":
+        return _load_fashion_mnist(data_dir)
+    if name in ("femnist", "shakespeare"):
+        from demjax.data import leaf
+
+        loader = leaf.load_femnist if name == "femnist" else leaf.load_shakespeare
+        return loader(data_dir)
+    return _load_tfds(name, data_dir, download)
+
+
 def load_source(
     name: str,
     data_dir: str | None = None,
-    standardize: bool = True,
+    standardize: bool | str = True,
     download: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Loads a whole data set (train then test split) as one pool.
 
-    Pixels are first scaled to [0, 1]. With ``standardize`` they are then
-    standardized globally, ``(x - mean) / (std + 0.001)`` with the scalar mean
-    and standard deviation over all pixels of the pool, as the reference
-    DemLearn code does.
+    Pixels are first scaled to [0, 1], then standardized by ``standardize``
+    (see ``standardize_pool``): True or ``"global"`` is the reference DemLearn
+    code's ``(x - mean) / (std + 0.001)`` with the scalar mean and standard
+    deviation over all pixels of the pool.
 
     Args:
       name: one of ``SOURCES``.
       data_dir: where the files are; None or "" means the source's default
         (``/usr/share/datasets/fashion-mnist`` for ``fashion_mnist``, tfds'
         default for the tfds sources; unused for ``digits``).
-      standardize: standardize globally (True) or leave in [0, 1] (False).
+      standardize: True / ``"global"``, ``"per_pixel"``, or False / ``"none"``
+        (``"given"`` needs ``standardize_pool``'s mean and std).
       download: for the tfds sources, let tfds download the data if it is not
         in ``data_dir``.
 
@@ -99,29 +167,92 @@ def load_source(
       ``[0, num_classes)``, and the number of classes C.
 
     Raises:
-      ConfigError: unknown ``name``.
+      ConfigError: unknown ``name`` or ``standardize``.
+      DataFileError: a data file is unreadable or malformed (names the file).
       DataNotFoundError: the files are missing, tensorflow-datasets is not
         installed, or tfds could not load or fetch the data; the message says
         how to get it.
     """
     check_choice("dataset", name, SOURCES)
-    data_dir = data_dir or None
-    if name == "digits":
-        x, y, num_classes = _load_digits()
-    elif name == "fashion_mnist":
-        x, y, num_classes = _load_fashion_mnist(data_dir)
-    else:
-        x, y, num_classes = _load_tfds(name, data_dir, download)
-    if standardize:
-        x = standardize_global(x)
-    return x, y, num_classes
+    mode = standardize_mode(standardize)
+    pool = load_pool(name, data_dir, download)
+    x, _ = standardize_pool(pool.x, mode)
+    return x, pool.y, pool.num_classes
 
 
-def standardize_global(x: np.ndarray) -> np.ndarray:
-    """Returns float32 ``(x - mean) / (std + 0.001)`` with scalar mean and std.
+def standardize_mode(value) -> str:
+    """``config.standardize`` as one of ``STANDARDIZE`` (True: global, False: none;
+    also their strings, as ``--config.standardize=False`` gives).
 
-    The statistics are computed in float64 over every element of ``x``.
+    Raises:
+      ConfigError: any other value (field ``standardize``).
     """
+    if value is True or value in ("True", "true"):
+        return "global"
+    if value is False or value in ("False", "false"):
+        return "none"
+    if isinstance(value, str) and value in STANDARDIZE:
+        return value
+    raise ConfigError(
+        f"standardize={value!r} is not valid; accepted: global, per_pixel, given "
+        "(with standardize_mean, standardize_std), none, True (global), False (none)"
+    )
+
+
+def standardize_pool(
+    x: np.ndarray, mode: str, mean: float | None = None, std: float | None = None
+) -> tuple[np.ndarray, dict]:
+    """Standardizes the pool's inputs.
+
+    Modes: ``global``: ``(x - m) / (s + 0.001)`` with the scalar mean m and
+    standard deviation s of every element (the reference DemLearn code);
+    ``per_pixel``: the same with m, s ``[*F]`` per input position (over the N
+    samples); ``given``: ``(x - mean) / std`` with the given scalars; ``none``:
+    x unchanged.
+
+    Args:
+      x: float ``[N, *F]``.
+      mode: one of ``STANDARDIZE``.
+      mean, std: the scalars of ``given`` (std > 0).
+
+    Returns:
+      ``(x, stats)``: float32 ``[N, *F]`` and ``{"mode", "mean", "std"}`` with
+      the statistics used (floats; lists of ``[*F]`` nested lists for
+      ``per_pixel``; None for ``none``).
+
+    Raises:
+      ConfigError: an unknown ``mode``, or ``given`` without a finite mean and a
+        finite std > 0 (fields ``standardize_mean`` / ``standardize_std``).
+    """
+    check_choice("standardize", mode, STANDARDIZE)
+    x = np.asarray(x, dtype=np.float32)
+    if mode == "none":
+        return x, {"mode": mode, "mean": None, "std": None}
+    if mode == "global":
+        out, m, s = _global_stats(x)
+        return out, {"mode": mode, "mean": m, "std": s}
+    if mode == "per_pixel":
+        m = x.mean(axis=0, dtype=np.float64)
+        s = x.std(axis=0, dtype=np.float64)
+        out = ((x - m.astype(np.float32)) / (s + _STD_EPS).astype(np.float32)).astype(
+            np.float32, copy=False
+        )
+        return out, {"mode": mode, "mean": m.tolist(), "std": s.tolist()}
+    if mean is None or not math.isfinite(mean):
+        raise ConfigError(
+            f"standardize_mean={mean!r} is not valid for standardize='given'; "
+            "accepted: a finite float"
+        )
+    if std is None or not (math.isfinite(std) and std > 0):
+        raise ConfigError(
+            f"standardize_std={std!r} is not valid for standardize='given'; "
+            "accepted: a finite float > 0"
+        )
+    out = ((x - np.float32(mean)) / np.float32(std)).astype(np.float32, copy=False)
+    return out, {"mode": mode, "mean": float(mean), "std": float(std)}
+
+
+def _global_stats(x: np.ndarray) -> tuple[np.ndarray, float, float]:
     x = np.asarray(x, dtype=np.float32)
     mean = x.mean(dtype=np.float64)
     var = np.float64(0.0)
@@ -132,7 +263,15 @@ def standardize_global(x: np.ndarray) -> np.ndarray:
         var += np.dot(d, d)
     std = np.sqrt(var / max(flat.size, 1))
     out = (x - np.float32(mean)) / np.float32(std + _STD_EPS)
-    return out.astype(np.float32, copy=False)
+    return out.astype(np.float32, copy=False), float(mean), float(std)
+
+
+def standardize_global(x: np.ndarray) -> np.ndarray:
+    """Returns float32 ``(x - mean) / (std + 0.001)`` with scalar mean and std.
+
+    The statistics are computed in float64 over every element of ``x``.
+    """
+    return _global_stats(x)[0]
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -150,18 +289,16 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
       The array, in native byte order, with the stored shape.
 
     Raises:
-      ConfigError: the file is not a valid IDX file (bad magic number, unknown
-        type code, or data size not matching the dimensions).
+      DataFileError: (a ``ConfigError``) the file cannot be read, is a corrupt
+        or truncated gzip file, or is not a valid IDX file (bad magic number,
+        unknown type code, or data size not matching the dimensions); the
+        one-line message names the file.
     """
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = read_bytes(path)
     if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise ConfigError(f"{path} is not a valid gzip file: {e}") from e
+        raw = gunzip(path, raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ConfigError(
+        raise DataFileError(
             f"{path} is not an IDX file: magic number {raw[:4].hex()!r}; "
             "accepted: 0000 then a type code (08, 09, 0b, 0c, 0d, 0e) and ndim"
         )
@@ -169,16 +306,45 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ConfigError(f"{path} is not an IDX file: truncated header")
+        raise DataFileError(f"{path} is not an IDX file: truncated header")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: no overflow on corrupt headers.
     if len(raw) - header != count * dtype.itemsize:
-        raise ConfigError(
+        raise DataFileError(
             f"{path} is not a valid IDX file: dims {shape} need "
             f"{count * dtype.itemsize} data bytes, found {len(raw) - header}"
         )
     data = np.frombuffer(raw, dtype=dtype, count=count, offset=header)
     return data.reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of ``path``.
+
+    Raises:
+      DataFileError: the file cannot be read (missing, a directory, no
+        permission); the one-line message names the file.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DataFileError(f"{path} cannot be read: {_one_line(e)}") from None
+
+
+def gunzip(path: str | os.PathLike, raw: bytes) -> bytes:
+    """Decompresses the gzip bytes ``raw`` read from ``path``.
+
+    Raises:
+      DataFileError: a truncated or corrupt gzip stream (bad header, bad
+        deflate data, CRC or length mismatch); the message names the file.
+    """
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        raise DataFileError(
+            f"{path} is not a valid gzip file (truncated or corrupt): {_one_line(e)}"
+        ) from None
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray, int]:
@@ -206,7 +372,7 @@ def _fashion_missing(data_dir: str, path: str, what: str) -> DataNotFoundError:
     )
 
 
-def _load_fashion_mnist(data_dir: str | None) -> tuple[np.ndarray, np.ndarray, int]:
+def _load_fashion_mnist(data_dir: str | None) -> Pool:
     data_dir = data_dir or DEFAULT_FASHION_MNIST_DIR
     if not os.path.isdir(data_dir):
         raise _fashion_missing(data_dir, data_dir, "no such directory")
@@ -221,17 +387,18 @@ def _load_fashion_mnist(data_dir: str | None) -> tuple[np.ndarray, np.ndarray, i
     pairs = (((p_xtr, x_tr), (p_ytr, y_tr)), ((p_xte, x_te), (p_yte, y_te)))
     for (px, xs), (py, ys) in pairs:
         if xs.ndim != 3 or ys.ndim != 1 or xs.shape[0] != ys.shape[0]:
-            raise ConfigError(
+            raise DataFileError(
                 f"dataset=fashion_mnist: {px} has shape {xs.shape} and {py} has "
                 f"shape {ys.shape}; expected [N, H, W] images and [N] labels"
             )
     x = np.concatenate([x_tr, x_te]).astype(np.float32) / np.float32(255.0)
     y = np.concatenate([y_tr, y_te]).astype(np.int32)
     if y.size and (y.min() < 0 or y.max() >= 10):
-        raise ConfigError(
-            f"dataset=fashion_mnist: labels in data_dir={data_dir!r} are outside 0..9"
+        raise DataFileError(
+            f"dataset=fashion_mnist: labels in {p_ytr} or {p_yte} are outside 0..9"
         )
-    return x[..., None], y, 10
+    files = (p_xtr, p_ytr, p_xte, p_yte)
+    return Pool(x[..., None], y, 10, num_train=int(y_tr.shape[0]), files=files)
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -245,9 +412,7 @@ def _tensorflow_available() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
 
-def _load_tfds(
-    name: str, data_dir: str | None, download: bool
-) -> tuple[np.ndarray, np.ndarray, int]:
+def _load_tfds(name: str, data_dir: str | None, download: bool) -> Pool:
     tfds_name = TFDS_NAMES[name]
     try:
         import tensorflow_datasets as tfds
@@ -271,11 +436,12 @@ def _load_tfds(
             download=download,
             with_info=True,
         )
-        xs, ys = [], []
+        xs, ys, num_train = [], [], 0
         for ds in (ds_train, ds_test):
             for xb, yb in tfds.as_numpy(ds.batch(_TFDS_BATCH)):
                 xs.append(np.asarray(xb))
                 ys.append(np.asarray(yb))
+            num_train = num_train or sum(b.shape[0] for b in ys)
         num_classes = int(info.features["label"].num_classes)
     except Exception as e:  # tfds raises many unrelated types; report them all.
         how = "could not be downloaded" if download else "download=False"
@@ -290,4 +456,4 @@ def _load_tfds(
     if name == "emnist":
         # tfds keeps EMNIST's transposed storage; swap H and W to make it upright.
         x = np.ascontiguousarray(x.transpose(0, 2, 1, 3))
-    return x, y, num_classes
+    return Pool(x, y, num_classes, num_train=int(num_train))
