@@ -118,19 +118,32 @@ def build(config, part):
     return algo, ctx, algo.build(ctx)
 
 
-def _placer(mesh, num_agents: int):
-    """``place(state)``: leaves with a leading agent axis ``[A, ...]`` split over
-    the mesh's ``agents`` axis, the others replicated; without a mesh, every
-    leaf on the default device."""
+def _placement(mesh, num_agents: int):
+    """``(place, constrain)`` of a state pytree on the mesh: leaves with a
+    leading agent axis ``[A, ...]`` split over ``agents``, the others replicated.
+    ``place(state)`` puts host or device leaves there (without a mesh: on the
+    default device); ``constrain(fn)`` makes a phase return its state with the
+    same shardings (``with_sharding_constraint``), so every round's phases see
+    the shardings of round 0 and never recompile (identity without a mesh)."""
     if mesh is None:
-        return lambda state: jax.tree.map(jnp.asarray, state)
+        return (lambda state: jax.tree.map(jnp.asarray, state)), (lambda fn: fn)
     split, whole = sharding.agent_sharding(mesh), sharding.replicated(mesh)
 
-    def one(x):
-        per_agent = np.ndim(x) >= 1 and np.shape(x)[0] == num_agents
-        return sharding.place(x, split if per_agent else whole)
+    def where(x):
+        return split if np.ndim(x) >= 1 and np.shape(x)[0] == num_agents else whole
 
-    return lambda state: jax.tree.map(one, state)
+    def place(state):
+        return jax.tree.map(lambda x: sharding.place(x, where(x)), state)
+
+    def constrain(fn):
+        def phase(state, part, key, t):
+            state, info = fn(state, part, key, t)
+            shardings = jax.tree.map(where, state)
+            return jax.lax.with_sharding_constraint(state, shardings), info
+
+        return phase
+
+    return place, constrain
 
 
 def _record(t: int, point: str, values: dict) -> dict:
@@ -185,10 +198,11 @@ def run(
     _, ctx, rounds = build(config, part)
     log_plan(ctx.plan_info)
     num_agents = ctx.num_agents
-    place = _placer(mesh, num_agents)
+    place, constrain = _placement(mesh, num_agents)
     phases = rounds.phases
     jitted = [
-        jax.jit(p.fn, donate_argnums=(0,) if p.donate else ()) for p in phases
+        jax.jit(constrain(p.fn), donate_argnums=(0,) if p.donate else ())
+        for p in phases
     ]
     key = jax.random.PRNGKey(int(config.seed))
     init_key, run_key = jax.random.split(key)
