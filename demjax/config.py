@@ -226,10 +226,12 @@ FIELD_DOCS = {
     "seed": "PRNG seed of data split, init, shuffles, masks (int >= 0)",
     "dataset": "digits, fashion_mnist, fashion_mnist_tfds, mnist, emnist, cifar10, "
     "cifar100, femnist, shakespeare (LEAF JSON)",
-    "data_dir": "IDX / tfds / LEAF data directory; '' = the source's default",
+    "data_dir": "IDX / tfds / LEAF / TFF HDF5 data directory; '' = the source's "
+    "default",
     "download": "tfds sources: fetch missing data (needs internet)",
-    "partition": "pathological (reference), dirichlet, iid, natural (femnist: one "
-    "agent per writer), file (partition_file), arrays (train.run(partition=...))",
+    "partition": "pathological (reference), dirichlet, iid, natural (one agent per "
+    "writer / role / client: femnist, shakespeare, cifar100 TFF HDF5), file "
+    "(partition_file), arrays (train.run(partition=...))",
     "partition_file": "partition='file': .json / .npz split file (docs/data.md)",
     "labels_per_agent": "pathological: labels per agent (1..C)",
     "dirichlet_alpha": "dirichlet: concentration (> 0)",

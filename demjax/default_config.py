@@ -13,13 +13,15 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data (demjax.data).
     # dataset: digits | fashion_mnist | fashion_mnist_tfds | mnist | emnist |
-    # cifar10 | cifar100 | femnist (LEAF JSON shards in data_dir)
+    # cifar10 | cifar100 | femnist | shakespeare (LEAF JSON shards or TFF HDF5
+    # files in data_dir; docs/data.md)
     c.dataset = "digits"
     # data_dir "": the default (fashion_mnist: /usr/share/datasets/fashion-mnist)
     c.data_dir = ""
-    # pathological | dirichlet | iid | natural (femnist: one agent per writer,
-    # num_agents writers sampled) | file (partition_file) | arrays (a ready
-    # partition passed to demjax.train.run; see docs/data.md)
+    # pathological | dirichlet | iid | natural (one agent per writer / role /
+    # client of femnist, shakespeare, cifar100 from TFF's HDF5; num_agents of them
+    # sampled) | file (partition_file) | arrays (a ready partition passed to
+    # demjax.train.run; see docs/data.md)
     c.partition = "pathological"
     c.partition_file = ""  # partition='file': a .json / .npz split file
     c.labels_per_agent = 2

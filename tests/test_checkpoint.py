@@ -319,3 +319,22 @@ def test_payload_checkpoints_fall_back_and_read_the_older_format(tmp_path, caplo
     mngr = checkpoint.manager(str(tmp_path / "old"), 2)
     got, step = checkpoint.restore_payload(mngr, like)
     assert step == 8 and got["t"][0].tolist() == [8, 8]
+
+
+def test_damaged_result_files_are_one_line_errors(tmp_path):
+    """A metrics line cut short by a kill is dropped; any other damage of the
+    workdir's files is a one-line ConfigError naming the file and --overwrite."""
+    from demjax import checkpoint
+    from demjax.run_output import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 0}\n{"round": 1}\n{"rou')
+    assert read_jsonl(str(path)) == [{"round": 0}, {"round": 1}]
+    path.write_text('{"round": 0}\n{"rou\n{"round": 1}\n')
+    with pytest.raises(ConfigError, match=r"metrics\.jsonl: line 2 .*--overwrite"):
+        read_jsonl(str(path))
+    (tmp_path / "config.json").write_text('{"seed": ')
+    with pytest.raises(ConfigError) as err:
+        checkpoint.prepare_workdir(str(tmp_path), {"seed": 0}, overwrite=False)
+    assert "config.json" in str(err.value) and "--overwrite" in str(err.value)
+    assert "\n" not in str(err.value)

@@ -104,6 +104,10 @@ def test_natural_partition_is_one_agent_per_sampled_writer(tmp_path):
     # The same seed, the same partition.
     again = make_split(tiny(data_dir=str(root), seed=5))
     np.testing.assert_array_equal(again.partition.x_train, part.x_train)
+    from demjax.data.split import export_split
+
+    with pytest.raises(ConfigError, match="same dataset, data_dir, num_agents"):
+        export_split(str(tmp_path / "s.json"), config=tiny(data_dir=str(root)))
 
 
 def test_unsplit_shards_split_each_writer(tmp_path):

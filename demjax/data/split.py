@@ -568,7 +568,8 @@ def export_split(out: str, config=None, workdir: str | None = None) -> Split:
 
     Raises:
       ConfigError: neither or both of ``config`` / ``workdir``; a
-        ``partition='arrays'`` run (its data are not in files); data that differ
+        ``partition='arrays'`` run (its data are not in files) or a ``natural``
+        one (the data set's own split, rerun by its config); data that differ
         from the run's card; the errors of ``make_split``.
     """
     from demjax.data import card, make_split
@@ -581,6 +582,12 @@ def export_split(out: str, config=None, workdir: str | None = None) -> Split:
         raise ConfigError(
             "partition='arrays' runs take their data from Python; accepted: save "
             "the arrays given to demjax.data.partition_from_arrays"
+        )
+    if config.partition == "natural":
+        raise ConfigError(
+            "partition='natural' splits are the data set's own (writers, roles, "
+            "clients): rerun them with the same dataset, data_dir, num_agents and "
+            "seed; accepted: pathological, dirichlet, iid, file"
         )
     split = make_split(config)
     if workdir is not None:
