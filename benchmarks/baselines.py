@@ -24,7 +24,7 @@ Workloads (``--model``):
 
 Implementations (``impl`` of a record):
 
-- ``auto``: the plan the engine picks (``engine.memory_cap`` then
+- ``auto``: the plan the engine picks (``memory.memory_cap`` then
   ``engine.choose_plan``, the real search, with an empty temporary
   ``DEMJAX_CACHE_DIR`` and a 100-round config, ``--search_rounds``). Its record
   repeats the timings of the explicit plan it chose, and carries the search's
@@ -35,7 +35,7 @@ Implementations (``impl`` of a record):
   (``local.make_train_population``, ``local_buckets`` buckets, the population
   donated and updated in place); for CNNs each with both convolutions
   (``patches``, ``xla``). A plan that trains more agents at once than
-  ``engine.memory_cap`` allows is capped as the engine caps it.
+  ``memory.memory_cap`` allows is capped as the engine caps it.
 - ``jax_per_agent_loop``: a Python loop over agents, each call one jitted
   per-agent training function (``local.make_train_one`` running exactly the
   agent's steps; it reads its agent's rows of the stacked data and
@@ -202,7 +202,9 @@ def choose_auto(work, rounds: int) -> dict:
         os.environ["DEMJAX_CACHE_DIR"] = tmp
         try:
             t0 = time.perf_counter()
-            cap_probe = engine.memory_cap(
+            from demjax import memory
+
+            cap_probe = memory.memory_cap(
                 c,
                 part,
                 model,
@@ -575,7 +577,9 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
 
         tx = local.make_optimizer(c.optimizer, c.lr)
         model = models.make_model(c.model, work["num_classes"], c.hidden)
-        cap = engine.memory_cap(
+        from demjax import memory
+
+        cap = memory.memory_cap(
             c,
             _partition(work),
             model,

@@ -3,8 +3,8 @@
 Full setup (the default flags): 20 agents, all participating, the 4-layer CNN
 (``cnn4``: conv 32@5x5, pool, conv 64@5x5, pool, dense 512, dense 10), batch 10,
 1 local epoch, pathological (2 classes per agent) and Dirichlet(0.1) splits, 200
-rounds. Every algorithm of ``demjax.algorithms.REGISTRY`` and ``PLUGINS``
-(DemLearn variants, FedAvg, FedProx, local included) runs on the same engine with
+rounds. Every algorithm of ``demjax.algorithms.REGISTRY`` (DemLearn variants,
+FedAvg, FedProx, local included) runs through the same round loop with
 its paper's default hyper-parameters. Writes
 ``benchmarks/results/compare_personalized.{json,md,png}``: final C-SPE (mean
 personalized test accuracy), C-GEN, Global where it exists, and wall seconds per

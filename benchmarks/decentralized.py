@@ -93,14 +93,14 @@ def per_agent_accuracy(config, out) -> tuple[list[float], float]:
     import jax.numpy as jnp
     import numpy as np
 
-    from demjax import data, models, plugin_engine
-    from demjax.algorithms import is_plugin
+    from demjax import data, models, train
+    from demjax.algorithms.hierarchical import FAMILY
 
     part_np = data.make_partition(config)
     part = jax.tree.map(jnp.asarray, part_np)
     state = out["state"]
-    if is_plugin(config.algorithm):
-        _, ctx, rounds = plugin_engine.build(config, part_np)
+    if config.algorithm not in FAMILY:
+        _, ctx, rounds = train.build(config, part)
         params = rounds.personal(state, part, jax.random.PRNGKey(0))
         apply = rounds.eval_apply or ctx.eval_apply_fn
     else:

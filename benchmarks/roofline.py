@@ -645,13 +645,13 @@ def lower_phases(s: Setup, block: int, only=None) -> tuple[dict, object]:
     import jax.numpy as jnp
 
     from demjax import cluster
-    from demjax.engine import Simulator
+    from demjax.algorithms.hierarchical import simulator
     from demjax.types import GroupTree
 
     c = s.config
     c.local_plan = "all" if int(block) <= 0 else f"block:{int(block)}"
     c.conv_impl, c.matmul_impl = "patches", "xla"
-    sim = Simulator(c, abstract_partition(s, True), donate=True)
+    sim = simulator(c, abstract_partition(s, True), donate=True)
     part = abstract_partition(s, False)
     a = s.num_agents
     key = _sds((2,), jnp.uint32)
@@ -804,11 +804,11 @@ def project(s: Setup, measure_host: bool = True) -> tuple[list[dict], dict]:
     import jax
 
     from demjax import memory
-    from demjax.engine import Simulator
+    from demjax.algorithms.hierarchical import simulator
 
     c = s.config
     c.local_plan, c.conv_impl, c.matmul_impl = "block:1", "patches", "xla"
-    probe = Simulator(c, abstract_partition(s, True), donate=True)
+    probe = simulator(c, abstract_partition(s, True), donate=True)
     part_h = abstract_partition(s, True)
     blocks = {k: engine_block(probe, part_h, d.memory) for k, d in DEVICES.items()}
     # Local training is lowered with the H100's block (FLOPs do not depend on it;

@@ -73,7 +73,8 @@ def one_size(args) -> dict:
 
     from benchmarks.common import cpu_model
     from configs import default
-    from demjax.engine import Simulator, placeholder_tree
+    from demjax.algorithms.hierarchical import simulator
+    from demjax.engine import placeholder_tree
     from demjax.types import Partition
 
     a, steps, batch = args.num_agents, args.steps, args.batch
@@ -110,7 +111,7 @@ def one_size(args) -> dict:
     part = jax.tree.map(jnp.asarray, part)
     # In place, as demjax.train.run runs it (buffer donation): every phase
     # consumes the population it updates, so rounds are chained state to state.
-    sim = Simulator(c, part, donate=True)
+    sim = simulator(c, part, donate=True)
     state = sim.init(jax.random.PRNGKey(0), part)
     tree = jax.tree.map(jnp.asarray, placeholder_tree(a, sim.level_sizes))
     weight = sim.agent_weight(part)

@@ -10,7 +10,7 @@ import json
 import math
 
 from demjax import cluster, data, network, plan, robust
-from demjax.algorithms import ALGORITHMS, PLUGINS, get_algorithm, is_plugin
+from demjax.algorithms import ALGORITHMS, REGISTRY
 from demjax.data import PARTITIONS, SOURCES
 from demjax.errors import ConfigError, check_choice
 from demjax.local import make_optimizer
@@ -70,9 +70,7 @@ def _all_floats_finite(config) -> None:
 
 def resolved_mu(config) -> float:
     """``config.mu``, or the algorithm's default when it is None."""
-    if is_plugin(config.algorithm):
-        return float(config.mu or 0.0)
-    algo = get_algorithm(config.algorithm)
+    algo = REGISTRY[config.algorithm]
     return float(algo.default_mu if config.mu is None else config.mu)
 
 
@@ -85,7 +83,7 @@ def validate(config) -> None:
     """
     check_choice("algorithm", config.algorithm, ALGORITHMS)
     check_choice("aggregator", config.aggregator, robust.AGGREGATORS)
-    _validate_plugin_hparams(config)
+    _validate_hparams(config)
     network.validate_config(config)
     check_choice("dataset", config.dataset, DATASETS)
     check_choice("partition", config.partition, PARTITIONS)
@@ -170,50 +168,15 @@ def validate(config) -> None:
     _float_in(config, "aggregator_noise", 0.0)
     if config.mu is not None:
         _float_in(config, "mu", 0.0)
-    mu = resolved_mu(config)
     _all_floats_finite(config)  # fields without a check of their own
-    if is_plugin(config.algorithm):
-        return
-    algo = get_algorithm(config.algorithm)
-    if algo.requires_mu_positive and mu == 0:
-        plain = "demlearn" if algo.self_organizing else "fedavg"
-        raise ConfigError(
-            f"mu=0 is not valid for algorithm={algo.name!r}; accepted: mu > 0 "
-            f"(use algorithm={plain!r} for mu=0)"
-        )
-    if algo.self_organizing:
-        if config.tree_mode == "binary" and config.num_levels < 1:
-            raise ConfigError(
-                f"num_levels={config.num_levels!r} is not valid for algorithm="
-                f"{algo.name!r}; accepted: an integer >= 1"
-            )
-        if config.tree_mode == "maxclust":
-            groups = tuple(config.level_groups)
-            ok = (
-                len(groups) >= 1
-                and all(isinstance(g, int) and g >= 1 for g in groups)
-                and all(a >= b for a, b in zip(groups, groups[1:], strict=False))
-                and groups[0] <= config.num_agents
-            )
-            if not ok:
-                raise ConfigError(
-                    f"level_groups={groups!r} is not valid for tree_mode='maxclust'; "
-                    "accepted: non-increasing positive integers, level 1 first, the "
-                    f"first at most num_agents={config.num_agents}, e.g. (16, 4, 2)"
-                )
-        if (
-            config.linkage_backend == "fastcluster"
-            and not cluster.fastcluster_available()
-        ):
-            raise ConfigError(
-                "linkage_backend='fastcluster' needs the fastcluster package; "
-                "accepted: scipy, or `pip install 'demjax[fastcluster]'`"
-            )
+    algo = REGISTRY[config.algorithm]
+    if algo.check is not None:
+        algo.check(config)
 
 
-def _validate_plugin_hparams(config) -> None:
-    """Every plug-in's hyper-parameter group (``--config.<algorithm>.<field>``)."""
-    for name, plugin in PLUGINS.items():
+def _validate_hparams(config) -> None:
+    """Every algorithm's hyper-parameter group (``--config.<algorithm>.<field>``)."""
+    for name, plugin in REGISTRY.items():
         if not plugin.hparams:
             continue
         group = config.get(name)
@@ -233,9 +196,9 @@ def _validate_plugin_hparams(config) -> None:
             hparam.check(f"{name}.{key}", group.get(key, hparam.default))
 
 
-def plugin_hparams(config) -> dict:
-    """The resolved hyper-parameters of ``config.algorithm`` (a plug-in)."""
-    plugin = PLUGINS[config.algorithm]
+def hparams(config) -> dict:
+    """The resolved hyper-parameters of ``config.algorithm``."""
+    plugin = REGISTRY[config.algorithm]
     group = config.get(config.algorithm) or {}
     return {k: group.get(k, h.default) for k, h in plugin.hparams.items()}
 
@@ -293,8 +256,8 @@ FIELD_DOCS = {
     "matmul_impl": "dense weight gradient in training: auto (measured), xla, wgrad_t",
     "local_plan": "local training plan: auto (measured, cached), all, sequential, "
     "block:K; capped by free memory",
-    "algorithm": "tree engine: demlearn, demlearn_p, fedavg, fedprox, local; "
-    "plug-ins: see docs/algorithms.md",
+    "algorithm": "demlearn, demlearn_p, fedavg, fedprox, local, and the others in "
+    "docs/algorithms.md",
     "aggregator": "server averaging: mean, median, trimmed_mean, noisy_median",
     "trim_fraction": "trimmed_mean: fraction cut from each end, [0, 0.49]",
     "aggregator_noise": "noisy_median: std of Gaussian noise before the median (>= 0)",
@@ -342,7 +305,7 @@ FIELD_DOCS = {
 def field_docs() -> dict[str, str]:
     """Docs of every config field, plug-in groups as ``<algorithm>.<field>``."""
     docs = dict(FIELD_DOCS)
-    for name, plugin in PLUGINS.items():
+    for name, plugin in REGISTRY.items():
         for key, hparam in plugin.hparams.items():
             docs[f"{name}.{key}"] = hparam.doc
     return docs

@@ -151,10 +151,10 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def add_plugin_hparams(c: ml_collections.ConfigDict) -> None:
-    """Adds ``c.<plugin name>.<field>`` for every registered plug-in algorithm."""
-    from demjax.algorithms import PLUGINS
+    """Adds ``c.<algorithm>.<field>`` for every algorithm with hyper-parameters."""
+    from demjax.algorithms import REGISTRY
 
-    for name, plugin in PLUGINS.items():
+    for name, plugin in REGISTRY.items():
         if plugin.hparams:
             c[name] = ml_collections.ConfigDict(
                 {k: h.default for k, h in plugin.hparams.items()}

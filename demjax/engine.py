@@ -1,19 +1,22 @@
-"""The vectorized simulation engine: one stacked population, jitted round phases.
+"""The phases of the hierarchical family and the execution plan of every run.
 
-A round (Nguyen et al., IEEE TNNLS, arXiv 2007.03278, Algorithm 1; FedAvg and
-FedProx are the special case of a tree with no group levels and alpha = 1):
+``Simulator`` holds the pure and the jitted phases of one round of DemLearn and
+its special cases (Nguyen et al., IEEE TNNLS, arXiv 2007.03278, Algorithm 1;
+FedAvg and FedProx are a tree with no group levels and alpha = 1), which
+``demjax.algorithms.hierarchical`` runs inside the round loop:
 
-1. ``local_phase`` (jit): every agent trains at once (vmap of one agent's scan),
-   with the proximal anchor taken from its parent model of the previous round.
-2. host boundary, only for self-organizing algorithms every ``tau`` rounds:
+1. ``local_phase``: every active agent trains (vmap of one agent's scan, in
+   agent blocks), with the proximal anchor taken from its parent model of the
+   previous round; non-finite agents are reset and flagged.
+2. ``build_tree`` (host, self-organizing algorithms every ``tau`` rounds):
    features -> jitted distance matrix -> scipy linkage -> ``GroupTree``.
-3. ``sync_phase`` (jit): ``aggregate_up`` (segment_sum, level by level) then
-   ``mix_down`` (alpha).
-4. ``evaluate`` (jit), at two points: after local training and after
-   synchronization.
+3. ``aggregate_phase`` (``aggregate_up``) and ``mix_phase`` (``mix_down``).
+4. ``evaluate`` / ``evaluate_root``: the metrics of a measurement point.
 
 The tree is an argument of fixed-capacity int32 arrays, so a new tree never
 recompiles anything; the partition is an argument too (not a baked-in constant).
+``choose_plan`` / ``choose_eval_plan`` pick the local-training and evaluation
+plans of every algorithm's run (``demjax.plan``).
 """
 
 from __future__ import annotations
@@ -25,10 +28,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax import cluster, hierarchy, local, memory, metrics, models, sharding
+from demjax import (
+    cluster,
+    faults,
+    hierarchy,
+    local,
+    memory,
+    metrics,
+    models,
+    sharding,
+)
 from demjax import plan as plan_lib
-from demjax.algorithms import get_algorithm
-from demjax.config import resolved_mu
 from demjax.types import GroupTree, Partition
 
 
@@ -68,143 +78,15 @@ def placeholder_tree(num_agents: int, level_sizes: tuple[int, ...]) -> GroupTree
     )
 
 
-def tree_capacity(config) -> tuple[int, ...]:
-    """Static ``level_sizes`` of the trees a config will build."""
-    algo = get_algorithm(config.algorithm)
-    if not algo.self_organizing:
+def tree_capacity(config, self_organizing: bool = True) -> tuple[int, ...]:
+    """Static ``level_sizes`` of the trees a config will build (``(1,)``: every
+    agent under the root, for algorithms that build no group tree)."""
+    if not self_organizing:
         return (1,)
     if config.tree_mode == "maxclust":
         return tuple(int(g) for g in config.level_groups) + (1,)
     levels = int(config.num_levels)
     return tuple(2 ** (levels - k) for k in range(levels)) + (1,)
-
-
-def make_round_masks(config, num_agents: int):
-    """Builds ``round_masks(key, n_train) -> (active bool [A], max_steps int32 [A])``.
-
-    Participation (a uniformly random subset of ``round(participation * A)``
-    agents), independent per-round ``dropout``, and ``stragglers`` (agents that
-    complete only a uniformly random part of their local steps), all drawn from
-    the round key, vectorized over agents. Shared by the tree engine and the
-    plug-in algorithms.
-    """
-    participation = float(config.participation)
-    dropout, stragglers = float(config.dropout), float(config.stragglers)
-    num_selected = max(1, int(round(participation * num_agents)))
-    batch_size, local_epochs = int(config.batch_size), int(config.local_epochs)
-
-    def round_masks(key, n_train):
-        """Participation, dropout and straggler budgets of one round.
-
-        Returns ``(active bool [A], max_steps int32 [A])``.
-        """
-        k_sel, k_drop, k_str, k_frac = (
-            jax.random.fold_in(key, 1_000_003 + i) for i in range(4)
-        )
-        active = jnp.ones((num_agents,), bool)
-        if num_selected < num_agents:
-            ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k_sel, (num_agents,))))
-            active = ranks < num_selected
-        if dropout > 0:
-            active = active & (jax.random.uniform(k_drop, (num_agents,)) >= dropout)
-        max_steps = jnp.full((num_agents,), local._NO_LIMIT, jnp.int32)
-        if stragglers > 0:
-            steps = local_epochs * ((n_train + batch_size - 1) // batch_size)
-            frac = jax.random.uniform(k_frac, (num_agents,))
-            budget = jnp.maximum(1, jnp.floor(frac * steps)).astype(jnp.int32)
-            slow = jax.random.uniform(k_str, (num_agents,)) < stragglers
-            max_steps = jnp.where(slow, budget, max_steps)
-        return active, max_steps
-
-    return round_masks
-
-
-def memory_cap(config, partition: Partition, model, tx, *, donate: bool,
-               num_group_models: int) -> tuple[int, dict]:  # fmt: skip
-    """Most agents trained at once so a round fits in half the free memory
-    (A when all fit); in a multi-process job the smallest over processes.
-
-    Counts the stacked population (params and optimizer state: one copy with
-    ``donate``, else three and two), the data, ``num_group_models`` group
-    models (three copies), and per training agent twice one step's XLA
-    temporaries plus its block's copies of params, optimizer state and data.
-
-    Returns:
-      ``(cap, probe)``: ``cap`` in ``[1, A]``; ``probe`` the compile time and
-      wall time of one agent's gradient step (``memory.probe_step``), which
-      size the plan search's budget (``demjax.plan``).
-
-    Raises:
-      ConfigError: not even one agent's training fits.
-    """
-    c = config
-    shape = tuple(partition.input_shape)
-    params = jax.eval_shape(
-        lambda k: models.init_params(k, model, shape), jax.random.PRNGKey(0)
-    )
-    opt = jax.eval_shape(tx.init, params)
-
-    def row_bytes(*fields):  # bytes of one agent's rows of these fields
-        return sum(
-            int(np.prod(getattr(partition, k).shape[1:]))
-            * getattr(partition, k).dtype.itemsize
-            for k in fields
-        )
-
-    data = row_bytes("x_train", "y_train", "x_test", "y_test")
-    # Resident for the whole round: the agents' params and optimizer state
-    # (trained and mixed in place with donation; without it the local and
-    # the mixed results are new copies next to the inputs) and their data.
-    # Anchors are gathered per block, never stacked [A, ...].
-    copies = 1 if donate else 3
-    state = (
-        copies * memory.tree_bytes(params)
-        + (1 if donate else 2) * memory.tree_bytes(opt)
-        + data
-    )
-    # Group models: this round's, the previous round's and the mixed ones.
-    groups = 3 * num_group_models * memory.tree_bytes(params)
-    x = jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.float32)
-    y = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
-
-    def step(p, xb, yb, key):
-        def loss(p):
-            logits = model.apply(
-                {"params": p}, xb, train=True, rngs={"dropout": key}
-            )
-            return local.masked_cross_entropy(logits, yb, jnp.ones_like(yb, bool))
-
-        return jax.grad(loss)(p)
-
-    # Per training agent: twice one step's XLA temporaries, the block's
-    # copies of its params (input, anchor, start, scan carry x2, trained,
-    # picked) and optimizer state (input, scan carry x2, picked), and its
-    # training data sliced out for the block.
-    train_data = row_bytes("x_train", "y_train")
-    concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (params, x, y))
-    probe = memory.probe_step(step, *concrete, jax.random.PRNGKey(0), run=True)
-    step_bytes = (
-        2 * probe["temp_bytes"]
-        + 7 * memory.tree_bytes(params)
-        + 4 * memory.tree_bytes(opt)
-        + train_data
-    )
-    block = memory.choose_block_size(
-        num_agents=partition.num_agents,
-        state_bytes_per_agent=state,
-        step_bytes_per_agent=step_bytes,
-        fixed_bytes=groups,
-    )
-    if sharding.multiprocess():
-        # Free memory differs between processes, the compiled program must
-        # not: every process takes the smallest block (0 = all agents).
-        from jax.experimental import multihost_utils
-
-        sizes = multihost_utils.process_allgather(
-            np.int32(block or partition.num_agents)
-        )
-        block = int(np.min(sizes))
-    return block or partition.num_agents, probe
 
 
 def _host_rows(a, k: int) -> np.ndarray:
@@ -349,32 +231,42 @@ class Simulator:
       donate: update the population in place (XLA buffer donation): inputs
         passed as ``state.params`` / ``state.opt_state`` to ``local_phase`` and
         ``params`` to ``mix_phase`` are consumed.
+      options: the algorithm's ``demjax.algorithms.hierarchical.Hierarchy``.
+      mu: the proximal coefficient (``config.mu`` resolved).
+      prepared: ``(plan.LocalPlan, plan_info)`` already chosen for this run
+        (``plan_info["eval"]`` holding the evaluation plan); None: chosen here.
     """
 
-    def __init__(self, config, partition: Partition, donate: bool = False):
+    def __init__(self, config, partition: Partition, donate: bool = False, *,
+                 options, mu: float, prepared: tuple | None = None):  # fmt: skip
         self.config = config
-        self.algo = get_algorithm(config.algorithm)
+        self.algo = options
         self.num_agents = partition.num_agents
         self.tx = local.make_optimizer(config.optimizer, config.lr)
-        self.mu = resolved_mu(config)
-        self.level_sizes = tree_capacity(config)
+        self.mu = float(mu)
+        self.level_sizes = tree_capacity(config, options.self_organizing)
         self.donate = bool(donate)
         n_train = sharding.to_host(partition.n_train)
         self.model = models.make_model(
             config.model, partition.num_classes, config.hidden
         )
-        cap_probe = self._memory_cap(partition)
-        self.plan, self.plan_info = choose_plan(
-            config,
-            partition,
-            self.tx,
-            self.mu,
-            cap_probe=cap_probe,
-            algorithm=config.algorithm,
-        )
-        eval_batch, eval_conv, self.plan_info["eval"] = choose_eval_plan(
-            config, partition, probe=cap_probe[1], points=2
-        )
+        if prepared is None:
+            cap_probe = self._memory_cap(partition)
+            self.plan, self.plan_info = choose_plan(
+                config,
+                partition,
+                self.tx,
+                self.mu,
+                cap_probe=cap_probe,
+                algorithm=config.algorithm,
+            )
+            eval_batch, eval_conv, self.plan_info["eval"] = choose_eval_plan(
+                config, partition, probe=cap_probe[1], points=2
+            )
+        else:
+            self.plan, self.plan_info = prepared
+            eval_batch = int(self.plan_info["eval"]["eval_batch"])
+            eval_conv = self.plan_info["eval"]["conv_impl"]
         self.model = models.make_model(
             config.model, partition.num_classes, config.hidden,
             self.plan.conv_impl, self.plan.matmul_impl, init=config.init,
@@ -406,7 +298,7 @@ class Simulator:
         num_agents = self.num_agents
         broadcast = self.algo.broadcast
 
-        round_masks = make_round_masks(config, num_agents)
+        round_masks = faults.make_round_masks(config, num_agents)
 
         def local_phase(params_in, opt_in, node_params, part, anchor_tree, mu, key):
             """Local training of the round's active agents.
@@ -543,6 +435,15 @@ class Simulator:
         # the locally trained params, so a round holds about one copy of the
         # stacked population instead of three or four (10,000 MLP agents: 3.2 GB
         # a copy). The caller must not touch a donated input again.
+        # The phases as pure functions (``demjax.algorithms.hierarchical`` runs
+        # them inside the round loop's jitted phases) and jitted on their own.
+        self.raw = {
+            "local_phase": local_phase,
+            "aggregate_phase": aggregate_phase,
+            "mix_phase": mix_phase,
+            "evaluate": evaluate,
+            "evaluate_root": evaluate_root,
+        }
         self.jitted = {
             "local_phase": jax.jit(
                 local_phase, donate_argnums=(0, 1) if donate else ()
@@ -578,7 +479,7 @@ class Simulator:
         return nodes, size, mixed_nodes, mixed
 
     def _memory_cap(self, partition: Partition) -> tuple[int, dict]:
-        return memory_cap(
+        return memory.memory_cap(
             self.config, partition, self.model, self.tx,
             donate=self.donate, num_group_models=int(sum(self.level_sizes)),
         )  # fmt: skip

@@ -15,8 +15,10 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from demjax import local, models, sharding
 from demjax.errors import ConfigError
 
 
@@ -116,3 +118,91 @@ def choose_block_size(
         )
     block = room // max(step_bytes_per_agent, 1)
     return 0 if block >= num_agents else int(block)
+
+
+def memory_cap(config, partition, model, tx, *, donate: bool,
+               num_group_models: int) -> tuple[int, dict]:  # fmt: skip
+    """Most agents trained at once so a round fits in half the free memory
+    (A when all fit); in a multi-process job the smallest over processes.
+
+    Counts the stacked population (params and optimizer state: one copy with
+    ``donate``, else three and two), the data, ``num_group_models`` group
+    models (three copies), and per training agent twice one step's XLA
+    temporaries plus its block's copies of params, optimizer state and data.
+
+    Returns:
+      ``(cap, probe)``: ``cap`` in ``[1, A]``; ``probe`` the compile time and
+      wall time of one agent's gradient step (``memory.probe_step``), which
+      size the plan search's budget (``demjax.plan``).
+
+    Raises:
+      ConfigError: not even one agent's training fits.
+    """
+    c = config
+    shape = tuple(partition.input_shape)
+    params = jax.eval_shape(
+        lambda k: models.init_params(k, model, shape), jax.random.PRNGKey(0)
+    )
+    opt = jax.eval_shape(tx.init, params)
+
+    def row_bytes(*fields):  # bytes of one agent's rows of these fields
+        return sum(
+            int(np.prod(getattr(partition, k).shape[1:]))
+            * getattr(partition, k).dtype.itemsize
+            for k in fields
+        )
+
+    data = row_bytes("x_train", "y_train", "x_test", "y_test")
+    # Resident for the whole round: the agents' params and optimizer state
+    # (trained and mixed in place with donation; without it the local and
+    # the mixed results are new copies next to the inputs) and their data.
+    # Anchors are gathered per block, never stacked [A, ...].
+    copies = 1 if donate else 3
+    state = (
+        copies * tree_bytes(params)
+        + (1 if donate else 2) * tree_bytes(opt)
+        + data
+    )
+    # Group models: this round's, the previous round's and the mixed ones.
+    groups = 3 * num_group_models * tree_bytes(params)
+    x = jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.float32)
+    y = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
+
+    def step(p, xb, yb, key):
+        def loss(p):
+            logits = model.apply(
+                {"params": p}, xb, train=True, rngs={"dropout": key}
+            )
+            return local.masked_cross_entropy(logits, yb, jnp.ones_like(yb, bool))
+
+        return jax.grad(loss)(p)
+
+    # Per training agent: twice one step's XLA temporaries, the block's
+    # copies of its params (input, anchor, start, scan carry x2, trained,
+    # picked) and optimizer state (input, scan carry x2, picked), and its
+    # training data sliced out for the block.
+    train_data = row_bytes("x_train", "y_train")
+    concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (params, x, y))
+    probe = probe_step(step, *concrete, jax.random.PRNGKey(0), run=True)
+    step_bytes = (
+        2 * probe["temp_bytes"]
+        + 7 * tree_bytes(params)
+        + 4 * tree_bytes(opt)
+        + train_data
+    )
+    block = choose_block_size(
+        num_agents=partition.num_agents,
+        state_bytes_per_agent=state,
+        step_bytes_per_agent=step_bytes,
+        fixed_bytes=groups,
+    )
+    if sharding.multiprocess():
+        # Free memory differs between processes, the compiled program must
+        # not: every process takes the smallest block (0 = all agents).
+        from jax.experimental import multihost_utils
+
+        sizes = multihost_utils.process_allgather(
+            np.int32(block or partition.num_agents)
+        )
+        block = int(np.min(sizes))
+    return block or partition.num_agents, probe

@@ -442,11 +442,11 @@ class RunSetup:
 
 def prepare_run(config, workdir: str, overwrite: bool, partition=None) -> RunSetup:
     """Workdir checks and resume convention, the partition on devices, and the
-    C-GEN evaluation set (shared by the tree engine and the plug-in engine).
-    ``partition``: a ready ``demjax.data.Split`` / ``Partition`` for
-    ``config.partition="arrays"``. Writes the dataset card ``data.json``.
+    C-GEN evaluation set. ``partition``: a ready ``demjax.data.Split`` /
+    ``Partition`` for ``config.partition="arrays"``. Writes the dataset card
+    ``data.json``.
 
-    Takes the workdir lock (``lock_workdir``; the engine's ``RunWriter.close``
+    Takes the workdir lock (``lock_workdir``; the round loop's ``RunWriter.close``
     releases it).
 
     Raises:

@@ -1,18 +1,31 @@
-"""``run(config, workdir)``: the main job, from data to metrics on disk.
+"""``run(config, workdir)``: the one round loop, from data to metrics on disk.
+
+Every registered algorithm (``demjax.algorithms``) runs here, through its
+``Rounds`` (``demjax.algorithms.protocol``): one state pytree (per-agent leaves
+``[A, ...]``, sharded over the ``agents`` mesh when ``num_devices`` > 1 or in a
+multi-process job), the round's jitted phases with their host steps between
+them, and a metrics record at each of the algorithm's measurement points. The
+loop gives every algorithm the same machinery: the local-training execution
+plan (agent blocks, ``conv_impl`` / ``matmul_impl``), participation and fault
+masks, the divergence count (``num_diverged``), checkpoints and resume, SIGINT
+handling, TensorBoard and progress.
 
 The workdir receives, each flushed every round so a run never loses its results:
 
 - ``config.json``: the resolved config (``mu`` resolved to the algorithm default).
-- ``metrics.jsonl``: one JSON object per round and measurement point, keys
-  ``round``, ``point`` (``local`` = after local training, ``sync`` = after
-  synchronization, the model the agent holds entering the next round), ``c_spe``,
-  ``c_gen``, ``g_spe_l{l}``, ``g_gen_l{l}``, ``global_acc`` (null for ``local``),
-  ``train_loss``. No wall-clock fields: two runs of one seed compare byte for byte.
+- ``metrics.jsonl``: one JSON object per evaluated round and measurement point,
+  keys ``round``, ``point`` (the hierarchical algorithms: ``local`` = after local
+  training, ``sync`` = after synchronization, the model the agent holds entering
+  the next round; the others: ``sync``), ``c_spe``, ``c_gen``, ``global_acc``
+  (null without a global model), ``train_loss``, and the algorithm's own
+  fields (``g_spe_l{l}``/``g_gen_l{l}`` and ``num_active``/``num_diverged`` of
+  the hierarchical family, e.g. ``num_clusters`` of CFL). No wall-clock fields:
+  two runs of one seed compare byte for byte.
 - ``metrics.csv``: the same records as CSV.
-- ``timing.jsonl``: seconds per phase per round (``local_s``, ``distance_s``,
-  ``linkage_s``, ``tree_s``, ``sync_s``, ``eval_s``, ``round_s``); round 0
+- ``timing.jsonl``: seconds per phase per round (``local_s``, ``sync_s``,
+  ``eval_s``, ``round_s``, host-step fields such as ``linkage_s``); round 0
   includes compilation.
-- ``tree_final.json``: the last group tree, written at the end of the run.
+- the algorithm's own files (e.g. ``tree_final.json``, ``trees/``).
 
 In a multi-process job (``demjax.multihost``) every process runs this same
 program on its shards of the agents; only process 0 writes these files and shows
@@ -24,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 
@@ -32,27 +44,118 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax import checkpoint, multihost, plugin_engine, sharding
-from demjax.algorithms import REGISTRY, is_plugin
-from demjax.config import validate
-from demjax.engine import Simulator, placeholder_tree
-from demjax.errors import ConfigError
+from demjax import algorithms, checkpoint, local, memory, models, multihost, sharding
+from demjax.algorithms.protocol import Context
+from demjax.config import hparams, resolved_mu, validate
+from demjax.engine import choose_eval_plan, choose_plan
+from demjax.faults import make_round_masks
 from demjax.run_output import (
-    POINTS,
     GracefulStop,
     Interrupted,
     RunWriter,
     format_table,
     log_plan,
-    majority_labels,
-    make_record,
     plan_record,
     prepare_run,
     rounded,
-    tree_snapshot,
 )
 
 log = logging.getLogger(__name__)
+
+
+def build(config, part):
+    """``(algorithm, ctx, rounds)`` of a validated config on a partition.
+
+    Chooses the run's execution plan (``demjax.engine.choose_plan``: agent
+    blocks, conv/matmul implementations; ``choose_eval_plan``) with the
+    algorithm's ``resources``, then calls ``Algorithm.build``.
+
+    Args:
+      config: a validated run config.
+      part: the agents' data (``Partition``, host or device arrays).
+    """
+    algo = algorithms.get(config.algorithm)
+    res = {"donate": False, "num_group_models": 1, "points": 1}
+    if algo.resources is not None:
+        res.update(algo.resources(config))
+    tx = local.make_optimizer(config.optimizer, config.lr)
+    mu = resolved_mu(config)
+    plain = models.make_model(config.model, part.num_classes, config.hidden)
+    cap_probe = memory.memory_cap(
+        config, part, plain, tx, donate=bool(res["donate"]),
+        num_group_models=int(res["num_group_models"]),
+    )  # fmt: skip
+    plan, plan_info = choose_plan(
+        config, part, tx, mu, cap_probe=cap_probe, algorithm=config.algorithm
+    )
+    _, eval_conv, plan_info["eval"] = choose_eval_plan(
+        config, part, probe=cap_probe[1], points=int(res["points"])
+    )
+    model = models.make_model(
+        config.model, part.num_classes, config.hidden, plan.conv_impl,
+        plan.matmul_impl, init=config.init,
+    )  # fmt: skip
+    ctx = Context(
+        config=config,
+        hp=hparams(config),
+        num_agents=part.num_agents,
+        num_classes=part.num_classes,
+        input_shape=tuple(part.input_shape),
+        model=model,
+        apply_fn=models.make_apply(model),
+        eval_apply_fn=models.make_eval_apply(
+            models.make_model(config.model, part.num_classes, config.hidden, eval_conv)
+        ),
+        tx=tx,
+        n_train=np.asarray(sharding.to_host(part.n_train)),
+        round_masks=make_round_masks(config, part.num_agents),
+        block_size=plan.block_size,
+        plan_info=plan_info,
+        partition=part,
+        mu=mu,
+        plan=plan,
+    )
+    return algo, ctx, algo.build(ctx)
+
+
+def _placement(mesh, num_agents: int):
+    """``(place, constrain)`` of a state pytree on the mesh: leaves with a
+    leading agent axis ``[A, ...]`` split over ``agents``, the others replicated.
+    ``place(state)`` puts host or device leaves there (without a mesh: on the
+    default device); ``constrain(fn)`` makes a phase return its state with the
+    same shardings (``with_sharding_constraint``), so every round's phases see
+    the shardings of round 0 and never recompile (identity without a mesh)."""
+    if mesh is None:
+        return (lambda state: jax.tree.map(jnp.asarray, state)), (lambda fn: fn)
+    split, whole = sharding.agent_sharding(mesh), sharding.replicated(mesh)
+
+    def where(x):
+        return split if np.ndim(x) >= 1 and np.shape(x)[0] == num_agents else whole
+
+    def place(state):
+        return jax.tree.map(lambda x: sharding.place(x, where(x)), state)
+
+    def constrain(fn):
+        def phase(state, part, key, t):
+            state, info = fn(state, part, key, t)
+            shardings = jax.tree.map(where, state)
+            return jax.lax.with_sharding_constraint(state, shardings), info
+
+        return phase
+
+    return place, constrain
+
+
+def _record(t: int, point: str, values: dict) -> dict:
+    rec = {"round": t, "point": point}
+    for k, v in values.items():
+        if v is None:
+            rec[k] = None
+        elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            rec[k] = int(v)
+        else:
+            rec[k] = round(float(v), 6)
+    return rec
 
 
 def run(
@@ -76,224 +179,135 @@ def run(
 
     Returns:
       ``{"final": {point: record}, "records": [...], "wall_s": float,
-      "eval_samples": S or None}``.
+      "eval_samples": S or None, "num_params": D, "num_devices": int,
+      "params_devices": int, "agent_block": int, "local_plan": dict,
+      "compilations": {phase or evaluator name: compiled variants}, "state":
+      the final state pytree}``.
 
     Raises:
       ConfigError: bad config field or input (before any array is built).
       DataNotFoundError: the data set is not available offline.
     """
     validate(config)
-    if is_plugin(config.algorithm):
-        if sharding.multiprocess():
-            raise ConfigError(
-                f"algorithm={config.algorithm!r} is a plug-in algorithm, which runs "
-                f"in one process only (this job has {jax.process_count()}); "
-                "accepted in a multi-process job: the tree-engine algorithms ("
-                + ", ".join(REGISTRY)
-                + ")"
-            )
-        return plugin_engine.run(config, workdir, progress, overwrite, partition)
     setup = prepare_run(config, workdir, overwrite, partition)
-    config_json, resume, part_np, part, mesh = (
-        setup.config_json,
-        setup.resume,
-        setup.part_np,
-        setup.part,
-        setup.mesh,
-    )
-    eval_idx, subsampled, x_gen, y_gen = (
-        setup.eval_idx,
-        setup.subsampled,
-        setup.x_gen,
-        setup.y_gen,
-    )
-    t_start = setup.t_start
+    part, mesh, resume = setup.part, setup.mesh, setup.resume
+    x_gen, y_gen = setup.x_gen, setup.y_gen
     show = config.progress if progress is None else progress
     show = show and multihost.is_primary()
 
-    # In-place rounds (buffer donation) unless the clustering features need the
-    # round's starting parameters (cluster_features='updates').
-    sim = Simulator(config, part, donate=config.cluster_features == "weights")
-    log_plan(sim.plan_info)
+    _, ctx, rounds = build(config, part)
+    log_plan(ctx.plan_info)
+    num_agents = ctx.num_agents
+    place, constrain = _placement(mesh, num_agents)
+    phases = rounds.phases
+    jitted = [
+        jax.jit(constrain(p.fn), donate_argnums=(0,) if p.donate else ())
+        for p in phases
+    ]
     key = jax.random.PRNGKey(int(config.seed))
     init_key, run_key = jax.random.split(key)
-    state = sim.init(init_key, part)
-    tree = placeholder_tree(sim.num_agents, sim.level_sizes)
-    agent_weight = sim.agent_weight(part)
-    if mesh is not None:
-        state = state.replace(
-            params=sharding.shard_agents(state.params, mesh),
-            opt_state=sharding.shard_agents(state.opt_state, mesh),
-            node_params=sharding.replicate(state.node_params, mesh),
-        )
-        agent_weight = sharding.shard_agents(agent_weight, mesh)
+    state = place(rounds.init(init_key, part))
     every = int(config.checkpoint_every)
     keep = int(config.keep_checkpoints)
     mngr = checkpoint.manager(workdir, keep) if (every or resume) else None
     start = 0
     if resume:  # the newest readable checkpoint (damaged ones are set aside)
-        state, tree, start = checkpoint.restore(mngr, state, tree)
-    to_device = (
-        (lambda t: jax.tree.map(jnp.asarray, t))
-        if mesh is None
-        else (lambda t: sharding.replicate(t, mesh))
-    )
-    tree_dev = to_device(tree)
+        got, start = checkpoint.restore_payload(mngr, {"state": state})
+        state = place(got["state"])
     writer = RunWriter(
         workdir,
         keep_rounds_below=start if resume else None,
         write=multihost.is_primary(),
     )
-    writer.json("config.json", config_json)
-    writer.timing(plan_record(sim.plan_info))
+    writer.json("config.json", setup.config_json)
+    writer.timing(plan_record(ctx.plan_info))
     if config.tensorboard:
         writer.tensorboard()
-    num_levels = len(sim.level_sizes) - 1
-    level_names = [
-        f"{m}_l{k}" for k in range(1, num_levels + 1) for m in ("g_spe", "g_gen")
-    ]
 
     records: list[dict] = list(writer.kept)
-    majority = majority_labels(part_np)
-    z, tree_round, linkage_agents = None, max(start - 1, 0), None
-
-    def write_final_tree():
-        # Once, at the end (or on SIGINT): serialising the tree every round is
-        # host work on the hot path; per-round trees are the snapshots above.
-        last = tree_round if sim.algo.self_organizing else num_rounds - 1
-        writer.json(
-            "tree_final.json", tree_snapshot(tree, z, last, majority, linkage_agents)
-        )
-
     num_rounds = int(config.num_rounds)
     bar = None
-    rounds = range(start, num_rounds)
+    steps = range(start, num_rounds)
     if show:
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            rounds,
+            steps,
             desc=f"{config.algorithm}",
             unit="round",
             file=sys.stderr,
             initial=start,
             total=num_rounds,
         )
-        rounds = bar
-    state_tree = tree  # the tree that belongs to `state` (for checkpoints)
+        steps = bar
     stop = GracefulStop()
+    done = start  # rounds completed
+    state_done = state  # the state after the last completed round
+
+    def write_files(files: dict) -> None:
+        for name, obj in files.items():
+            writer.json(name, obj)
+
+    def final_files() -> None:
+        if rounds.final_files is not None:
+            write_files(rounds.final_files(state_done, done - 1))
 
     try:
-        for t in rounds:
+        for t in steps:
             timing = {"round": t}
             t0 = time.perf_counter()
             round_key = jax.random.fold_in(run_key, t)
-            params_start = None if sim.donate else state.params
-            params_local, opt_state, loss, active, diverged = sim.local_phase(
-                state, part, tree_dev, jnp.float32(sim.round_mu(t)), round_key
-            )
-            jax.block_until_ready(params_local)
-            timing["local_s"] = time.perf_counter() - t0
-
-            if sim.regroups(t):
-                tree, info = sim.build_tree(
-                    params_local, params_start, jax.random.fold_in(round_key, 1)
-                )
-                tree_dev = to_device(tree)
-                z, tree_round = info.pop("linkage"), t
-                linkage_agents = info.pop("linkage_agents", None)
-                timing.update(info)
-                snap = int(config.tree_snapshot_every)
-                if snap and (t % snap == 0 or t == num_rounds - 1):
-                    writer.json(
-                        os.path.join("trees", f"round_{t:05d}.json"),
-                        tree_snapshot(tree, z, t, majority, linkage_agents),
-                    )
-
-            t1 = time.perf_counter()
-            node_local, node_weight = sim.aggregate_phase(
-                params_local,
-                tree_dev,
-                agent_weight,
-                active,
-                diverged,
-                jnp.float32(sim.round_amplify(t)),
-                state.node_params,
-                jax.random.fold_in(round_key, 2),
-            )
-            jax.block_until_ready(node_local)
-            timing["sync_s"] = time.perf_counter() - t1
-            counts = sharding.to_host(
-                {"num_active": jnp.sum(active), "num_diverged": jnp.sum(diverged)}
-            )
-            counts = {k: int(v) for k, v in counts.items()}
+            eval_key = jax.random.fold_in(round_key, 7)
+            t_dev = jnp.int32(t)
+            last_round = t == num_rounds - 1
+            evaluating = t % int(config.eval_every) == 0 or last_round
+            info: dict = {}
+            eval_s = 0.0
+            for phase, fn in zip(phases, jitted, strict=True):
+                t1 = time.perf_counter()
+                state, phase_info = fn(state, part, round_key, t_dev)
+                if phase.host is not None:
+                    state, report = phase.host(state, phase_info, t, round_key)
+                    state = place(state)
+                    timing.update(report.get("timing", {}))
+                    write_files(report.get("files", {}))
+                jax.block_until_ready(state)
+                name = f"{phase.timing}_s"
+                timing[name] = timing.get(name, 0.0) + time.perf_counter() - t1
+                info.update(phase_info)
+                if phase.point is not None and evaluating:
+                    t2 = time.perf_counter()
+                    values = rounds.measure(
+                        phase.point, state, part, x_gen, y_gen, eval_key,
+                        sharding.to_host(info),
+                    )  # fmt: skip
+                    host = sharding.to_host(values)  # (sorts dict keys)
+                    rec = _record(t, phase.point, {k: host[k] for k in values})
+                    records.append(rec)
+                    writer.metrics(rec)
+                    eval_s += time.perf_counter() - t2
+                    loss = rec.get("train_loss")
+                    if loss is not None and not math.isfinite(loss):
+                        log.warning("training loss is %s at round %d", loss, t)
+            counts = {
+                k: int(v)
+                for k, v in sharding.to_host(info).items()
+                if k in ("num_active", "num_diverged")
+            }
             timing.update(counts)
-            if counts["num_diverged"]:
+            if counts.get("num_diverged"):
                 log.warning(
                     "round %d: %d agent(s) diverged (non-finite loss or parameters); "
-                    "reset to parent group models",
+                    "reset and excluded from aggregation",
                     t,
                     counts["num_diverged"],
                 )
-
-            last_round = t == num_rounds - 1
-            evaluating = t % int(config.eval_every) == 0 or last_round
-            eval_s = 0.0
-            if evaluating:  # the 'local' point, before mixing consumes params_local
-                t2 = time.perf_counter()
-                m_local = sim.evaluate(
-                    params_local, node_local, node_weight, tree_dev, part, x_gen, y_gen
-                )
-                jax.block_until_ready(m_local)
-                eval_s = time.perf_counter() - t2
-            t1 = time.perf_counter()
-            node_sync, params_sync = sim.mix_phase(
-                node_local,
-                params_local,
-                tree_dev,
-                jnp.float32(sim.round_alpha()),
-                active,
-            )
-            del params_local  # donated to the mixing when sim.donate
-            jax.block_until_ready(params_sync)
-            timing["sync_s"] += time.perf_counter() - t1
             if evaluating:
-                t2 = time.perf_counter()
-                if sim.algo.broadcast and counts["num_active"] == sim.num_agents:
-                    # Every agent holds the global model: evaluate it once.
-                    m_sync = sim.evaluate_root(node_sync, part, x_gen, y_gen)
-                else:
-                    m_sync = sim.evaluate(
-                        params_sync, node_sync, node_weight, tree_dev, part,
-                        x_gen, y_gen,
-                    )  # fmt: skip
-                ok = (active & ~diverged).astype(jnp.float32) * agent_weight
-                m_local, m_sync, loss_mean = sharding.to_host(
-                    (
-                        m_local,
-                        m_sync,
-                        jnp.sum(loss * ok) / jnp.maximum(jnp.sum(ok), 1e-12),
-                    )
-                )
-                timing["eval_s"] = eval_s + time.perf_counter() - t2
-                m_local["train_loss"] = loss_mean
-                for point, values in (("local", m_local), ("sync", m_sync)):
-                    rec = make_record(t, point, values, level_names)
-                    rec.update(counts)
-                    records.append(rec)
-                    writer.metrics(rec)
-                if not math.isfinite(float(loss_mean)):
-                    log.warning("training loss is %s at round %d", loss_mean, t)
-            state = state.replace(
-                params=params_sync,
-                opt_state=opt_state,
-                node_params=node_sync,
-                round=jnp.int32(t + 1),
-            )
-            state_tree = tree
-            if every and ((t + 1) % every == 0 or last_round):
+                timing["eval_s"] = eval_s
+            done, state_done = t + 1, state
+            if every and (done % every == 0 or last_round):
                 t3 = time.perf_counter()
-                checkpoint.save(mngr, state, state_tree)
+                checkpoint.save_payload(mngr, done, {"state": state})
                 timing["checkpoint_s"] = time.perf_counter() - t3
             timing["round_s"] = time.perf_counter() - t0
             writer.timing(rounded(timing))
@@ -312,14 +326,15 @@ def run(
         stop.restore()
         if bar is not None:
             bar.close()
-        done = int(state.round) - 1
         # A second SIGINT mid-round may come after the round consumed (donated)
-        # the state's buffers: the last periodic checkpoint is then the resume point.
+        # the buffers of the last completed round's state: the last periodic
+        # checkpoint is then the resume point.
         consumed = any(
-            getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state)
+            getattr(x, "is_deleted", lambda: False)()
+            for x in jax.tree.leaves(state_done)
         )
         if every and not consumed:
-            checkpoint.save(mngr, state, state_tree)
+            checkpoint.save_payload(mngr, done, {"state": state_done})
             how = "rerun the same command to resume from it (checkpoint saved)"
         elif every:
             how = "rerun the same command to resume from the last periodic checkpoint"
@@ -327,39 +342,48 @@ def run(
             how = (
                 "set checkpoint_every > 0 to be able to resume; rerun with --overwrite"
             )
-        write_final_tree()
+        if not consumed:
+            final_files()
         writer.close()
         raise Interrupted(
-            f"interrupted (SIGINT) after round {done}; results are in {workdir}; {how}"
+            f"interrupted (SIGINT) after round {done - 1}; results are in {workdir}; "
+            f"{how}"
         ) from None
     finally:
         stop.restore()
 
     if bar is not None:
         bar.close()
-    write_final_tree()
+    final_files()
     writer.close()
     if mngr is not None:
         mngr.close()
-    final = {p: next(r for r in reversed(records) if r["point"] == p) for p in POINTS}
+    one = jax.eval_shape(ctx.init_model, jax.random.PRNGKey(0))
+    per_agent = [
+        x for x in jax.tree.leaves(state) if x.ndim >= 1 and x.shape[0] == num_agents
+    ]
+    compilations = {
+        p.name: fn._cache_size() for p, fn in zip(phases, jitted, strict=True)
+    }
+    compilations.update({k: f._cache_size() for k, f in rounds.jitted.items()})
+    final = {}
+    for rec in records:
+        final[rec["point"]] = rec
     return {
         "final": final,
         "records": records,
-        "wall_s": time.perf_counter() - t_start,
-        "eval_samples": len(eval_idx) if subsampled else None,
-        "num_params": int(
-            sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(state.params))
-        ),
-        "tree": tree,
+        "wall_s": time.perf_counter() - setup.t_start,
+        "eval_samples": len(setup.eval_idx) if setup.subsampled else None,
+        "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(one))),
         "num_devices": 1 if mesh is None else int(mesh.devices.size),
-        "agent_block": sim.block_size,
-        "local_plan": sim.plan_info,
-        "params_devices": len(jax.tree.leaves(state.params)[0].sharding.device_set),
-        # Compiled variants per jitted phase: stays 1 however often the tree changes.
-        "compilations": {name: fn._cache_size() for name, fn in sim.jitted.items()},
-        # Final state (agent models ``state.params [A, ...]``), as the plug-in engine.
+        "agent_block": ctx.block_size,
+        "local_plan": ctx.plan_info,
+        "params_devices": len(per_agent[0].sharding.device_set) if per_agent else 1,
+        # Compiled variants per jitted phase: stays 1 however often the tree
+        # (or any host-step decision) changes.
+        "compilations": compilations,
         "state": state,
     }
 
 
-__all__ = ["Interrupted", "format_table", "run"]
+__all__ = ["Interrupted", "build", "format_table", "run"]

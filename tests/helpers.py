@@ -33,6 +33,23 @@ def tiny_config(*, num_agents: int = 8, num_rounds: int = 2, **overrides):
     return c
 
 
+def run_round(rounds, state, part, key, t: int):
+    """One round of an algorithm's ``Rounds`` as ``demjax.train.run`` runs it:
+    each jitted phase, then its host step. Returns ``(state, info)`` (info on
+    the host)."""
+    import jax
+    import jax.numpy as jnp
+
+    info = {}
+    for phase in rounds.phases:
+        state, more = jax.jit(phase.fn)(state, part, key, jnp.int32(t))
+        if phase.host is not None:
+            state, _ = phase.host(state, more, t, key)
+            state = jax.tree.map(jnp.asarray, state)
+        info.update(more)
+    return state, jax.device_get(info)
+
+
 def train_is_test_partition(x, y, n_train, num_classes: int) -> Partition:
     """A partition whose test set is its training set and whose pooled test set is
     every agent's padded rows (owner = agent).

@@ -11,7 +11,8 @@ from helpers import DIGITS_CLI
 from helpers import tiny_config as base_config
 
 from demjax import train
-from demjax.algorithms import REGISTRY
+from demjax.algorithms import hierarchical
+from demjax.algorithms.hierarchical import FAMILY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 4
@@ -28,7 +29,7 @@ def demlearn_run(tmp_path_factory):
     return train.run(tiny_config(), str(workdir)), workdir
 
 
-@pytest.mark.parametrize("algorithm", sorted(REGISTRY))
+@pytest.mark.parametrize("algorithm", sorted(FAMILY))
 def test_every_algorithm_runs_end_to_end(algorithm, tmp_path, request):
     if algorithm == "demlearn":
         result, workdir = request.getfixturevalue("demlearn_run")
@@ -52,7 +53,7 @@ def test_every_algorithm_runs_end_to_end(algorithm, tmp_path, request):
     if algorithm in ("fedavg", "fedprox"):
         # After synchronization every agent holds the global model: C-GEN == Global.
         assert final["c_gen"] == pytest.approx(final["global_acc"], abs=1e-6)
-    if REGISTRY[algorithm].self_organizing:
+    if FAMILY[algorithm].self_organizing:
         assert "g_spe_l2" in final and "g_gen_l1" in final
 
 
@@ -92,13 +93,14 @@ def test_maxclust_mode_runs(tmp_path):
 def test_in_place_rounds_equal_copying_rounds(algorithm, tmp_path, monkeypatch):
     """Buffer donation (the default) changes memory, never results: metrics equal
     a run whose phases copy, with partial participation (absent agents kept)."""
-    from demjax.engine import Simulator
-
     c = tiny_config(num_rounds=3, algorithm=algorithm, participation=0.6)
     donating = train.run(c, str(tmp_path / "a"))
     assert donating["compilations"]["local_phase"] == 1
+    resources = hierarchical.resources
     monkeypatch.setattr(
-        train, "Simulator", lambda config, part, donate: Simulator(config, part)
+        hierarchical,
+        "resources",
+        lambda options, config: {**resources(options, config), "donate": False},
     )
     copying = train.run(c, str(tmp_path / "b"))
     assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from demjax import data, local, memory, models, train
+from demjax.algorithms.hierarchical import simulator
 from demjax.config import validate
-from demjax.engine import Simulator, placeholder_tree
+from demjax.engine import placeholder_tree
 from demjax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ def one_round(c, poison=()):
         x[list(poison)] *= 1e30
         part = part.replace(x_train=x)
     part = jax.tree.map(jnp.asarray, part)
-    sim = Simulator(c, part)
+    sim = simulator(c, part)
     state = sim.init(jax.random.PRNGKey(0), part)
     tree = jax.tree.map(jnp.asarray, placeholder_tree(sim.num_agents, sim.level_sizes))
     weight = sim.agent_weight(part)

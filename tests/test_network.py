@@ -18,7 +18,7 @@ from helpers import tiny_config as base_config
 from helpers import train_is_test_partition
 
 from demjax import config as config_lib
-from demjax import network, plugin_engine
+from demjax import network, train
 from demjax.algorithms.pdbo import hypergradient_push
 from demjax.errors import ConfigError
 
@@ -412,7 +412,7 @@ def test_sgp_round_matches_numpy_push_sum_sgd(tmp_path):
     np.save(tmp_path / "ring.npy", ring.astype(np.int64))
     cfg = tiny_config(algorithm="sgp", num_agents=a, batch_size=n, lr=lr,
                       network="file", network_file=str(tmp_path / "ring.npy"))  # fmt: skip
-    _, _, rounds = plugin_engine.build(cfg, part)
+    _, _, rounds = train.build(cfg, jax.tree.map(jnp.asarray, part))
     dev = jax.tree.map(jnp.asarray, part)
     state = rounds.init(jax.random.PRNGKey(0), dev)
     rng = np.random.default_rng(3)
@@ -446,7 +446,7 @@ def test_sgp_agents_reach_consensus_on_static_complete_graph():
     a = 6
     part = _partition(a, 8, 5, 3, seed=1)
     cfg = tiny_config(algorithm="sgp", num_agents=a, batch_size=4, lr=0.3)
-    _, _, rounds = plugin_engine.build(cfg, part)
+    _, _, rounds = train.build(cfg, jax.tree.map(jnp.asarray, part))
     dev = jax.tree.map(jnp.asarray, part)
     state = rounds.init(jax.random.PRNGKey(0), dev)
     # Start from different models and weights: one mixing step already averages.

@@ -16,7 +16,7 @@ import pytest
 from helpers import mlr_numpy, train_is_test_partition
 from helpers import tiny_config as base_config
 
-from demjax import plugin_engine
+from demjax import train
 from demjax.algorithms import fedproto, perfedavg
 from demjax.config import validate
 from demjax.errors import ConfigError
@@ -45,7 +45,7 @@ def make_part(seed=0):
 
 
 def build(cfg, part):
-    _, ctx, rounds = plugin_engine.build(cfg, part)
+    _, ctx, rounds = train.build(cfg, jax.tree.map(jnp.asarray, part))
     dev = jax.tree.map(jnp.asarray, part)
     return ctx, rounds, dev
 

@@ -321,11 +321,12 @@ def test_root_only_sync_evaluation_equals_evaluating_every_agent():
     """When every agent holds the root model, evaluating the root once gives
     the C-SPE / C-GEN / Global of evaluating the A copies."""
     from demjax import data, engine
+    from demjax.algorithms import hierarchical
 
     c = tiny_config(algorithm="fedavg", num_agents=5, eval_samples=40)
     config_lib.validate(c)
     part = jax.tree.map(jnp.asarray, data.make_partition(c))
-    sim = engine.Simulator(c, part)
+    sim = hierarchical.simulator(c, part)
     state = sim.init(jax.random.PRNGKey(3), part)
     root = jax.tree.map(
         lambda p: p[-1] + 0.3 * jax.random.normal(jax.random.PRNGKey(5), p[-1].shape),

@@ -1,75 +1,49 @@
-"""Registries of algorithms.
+"""The registry of algorithms: every module of this package that defines
+``ALGORITHM`` (a ``demjax.algorithms.protocol.Algorithm``), discovered, so adding
+an algorithm is adding one file.
 
-- ``REGISTRY``: name -> ``Algorithm`` run by the tree engine (``demjax.engine``):
-  DemLearn, DemLearn-P, FedAvg, FedProx, local.
-- ``PLUGINS``: name -> ``Plugin`` run by ``demjax.plugin_engine``: every module of
-  this package that defines ``PLUGIN`` (discovered, so adding an algorithm is
-  adding one file).
+- ``REGISTRY``: name -> ``Algorithm``, every registered algorithm.
+- ``ALGORITHMS``: the names, the hierarchical family (DemLearn, DemLearn-P,
+  FedAvg, FedProx, local) first.
 """
 
 import importlib
 import pkgutil
 
-from demjax.algorithms import demlearn, demlearn_p, fedavg, fedprox, local
-from demjax.algorithms.base import Algorithm
-from demjax.algorithms.plugin import Plugin
+from demjax.algorithms.protocol import Algorithm
 from demjax.errors import check_choice
 
-REGISTRY: dict[str, Algorithm] = {
-    m.ALGORITHM.name: m.ALGORITHM
-    for m in (demlearn, demlearn_p, fedavg, fedprox, local)
-}
+# The hierarchical family first (the order of the docs and of --help).
+_FIRST = ("demlearn", "demlearn_p", "fedavg", "fedprox", "local")
+_LIBRARIES = ("hierarchical", "protocol")
 
 
-def _discover_plugins() -> dict[str, Plugin]:
+def _discover() -> dict[str, Algorithm]:
+    names = [i.name for i in pkgutil.iter_modules(__path__)]
+    order = [n for n in _FIRST if n in names] + sorted(
+        n for n in names if n not in _FIRST and n not in _LIBRARIES
+    )
     found = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name in ("base", "plugin") or info.name in REGISTRY:
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        plugin = getattr(module, "PLUGIN", None)
-        if isinstance(plugin, Plugin):
-            found[plugin.name] = plugin
+    for name in order:
+        module = importlib.import_module(f"{__name__}.{name}")
+        algo = getattr(module, "ALGORITHM", None)
+        if isinstance(algo, Algorithm):
+            found[algo.name] = algo
     return found
 
 
-PLUGINS: dict[str, Plugin] = _discover_plugins()
-ALGORITHMS: tuple[str, ...] = tuple(REGISTRY) + tuple(PLUGINS)
+REGISTRY: dict[str, Algorithm] = _discover()
+ALGORITHMS: tuple[str, ...] = tuple(REGISTRY)
 
 
-def is_plugin(name: str) -> bool:
-    return name in PLUGINS
-
-
-def get_algorithm(name: str) -> Algorithm:
-    """Looks a tree-engine algorithm up by name.
+def get(name: str) -> Algorithm:
+    """Looks an algorithm up by name.
 
     Raises:
       ConfigError: unknown ``algorithm`` (the message lists the accepted names).
     """
     check_choice("algorithm", name, ALGORITHMS)
-    if name in PLUGINS:
-        raise ValueError(f"{name!r} is a plug-in: use get_plugin")
     return REGISTRY[name]
 
 
-def get_plugin(name: str) -> Plugin:
-    """Looks a plug-in algorithm up by name.
-
-    Raises:
-      ConfigError: unknown ``algorithm``.
-    """
-    check_choice("algorithm", name, ALGORITHMS)
-    return PLUGINS[name]
-
-
-__all__ = [
-    "ALGORITHMS",
-    "PLUGINS",
-    "REGISTRY",
-    "Algorithm",
-    "Plugin",
-    "get_algorithm",
-    "get_plugin",
-    "is_plugin",
-]
+__all__ = ["ALGORITHMS", "REGISTRY", "Algorithm", "get"]

@@ -7,29 +7,30 @@ and every cluster runs FedAvg on its own. Each round:
 
 1. every participating agent i trains its cluster's model ``theta_c`` for
    ``local_epochs`` and uploads ``dtheta_i = SGD(theta_c) - theta_c``;
-2. per cluster c (on the host, ``Rounds.host_step``), after ``warmup`` rounds, if
-   ``||sum_{i in c} (D_i / D_c) dtheta_i|| < eps1`` (the cluster is near a
-   stationary point of its joint objective), ``max_{i in c} ||dtheta_i|| > eps2``
-   (some agents are not) and more than 2 of its agents participated, c is split
-   in two by the cosine similarity ``alpha_ij = <dtheta_i, dtheta_j> / (|dtheta_i|
-   |dtheta_j|)``: the two children of the root of a ``linkage`` dendrogram of the
-   distances ``1 - alpha_ij`` (complete linkage, as the authors' code; ``single``
-   linkage gives exactly Algorithm 1's ``argmin max_{i in c1, j in c2}
-   alpha_ij``, the maximum-spacing bipartition);
+2. per cluster c (on the host, between the round's two phases), after
+   ``warmup`` rounds, if ``||sum_{i in c} (D_i / D_c) dtheta_i|| < eps1`` (the
+   cluster is near a stationary point of its joint objective),
+   ``max_{i in c} ||dtheta_i|| > eps2`` (some agents are not) and more than 2
+   of its agents participated, c is split in two by the cosine similarity
+   ``alpha_ij = <dtheta_i, dtheta_j> / (|dtheta_i| |dtheta_j|)``: the two
+   children of the root of a ``linkage`` dendrogram of the distances
+   ``1 - alpha_ij`` (complete linkage, as the authors' code; ``single`` linkage
+   gives exactly Algorithm 1's ``argmin max_{i in c1, j in c2} alpha_ij``, the
+   maximum-spacing bipartition);
 3. every cluster (after the split) moves its model by the sample-weighted mean
    of its members' updates, ``theta_c += sum_{i in c} (D_i / D_c) dtheta_i``
    (``jax.ops.segment_sum`` over cluster ids).
 
 As in the authors' code, step 3 is applied with the clusters after step 2 (the
-two halves of a split cluster move apart at once); it is kept pending in the
-state (``theta``, ``dtheta``) and applied at the start of the next round and in
-``personal``, so the host-side split only rewrites the cluster ids. Agents that
-did not participate in the splitting round stay in the half that keeps the old id
-(the paper assumes full participation). The personal model of agent i (C-SPE,
-C-GEN) is its cluster's model; CFL has no single global model (Global is null).
+two halves of a split cluster move apart at once): the round has two jitted
+phases, training (steps 1 and the split criteria) and aggregation (step 3), with
+the host-side split (step 2) between them. Agents that did not participate in
+the splitting round stay in the half that keeps the old id (the paper assumes
+full participation). The personal model of agent i (C-SPE, C-GEN) is its
+cluster's model; CFL has no single global model (Global is null).
 
-State (stacked over A agents): ``theta [A, ...]`` the models entering the last
-round (equal within a cluster), ``dtheta [A, ...]`` its updates (0 for
+State (stacked over A agents): ``theta [A, ...]`` the agents' cluster models
+(equal within a cluster), ``dtheta [A, ...]`` the last round's updates (0 for
 non-participants), ``weight [A]`` float32 ``active * n_train``, ``cluster [A]``
 int32 ids in ``[0, A)``, ``opt [A, ...]`` optimizer states; per cluster id
 (``[A]``): ``mean_norm``, ``max_norm`` float32 and ``count`` int32 (participants).
@@ -43,8 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from demjax import cluster as clustering
-from demjax.algorithms.ditto import masked_mean
-from demjax.algorithms.plugin import HParam, Plugin, Rounds, where_agents
+from demjax import sharding
+from demjax.algorithms.protocol import Algorithm, HParam, Phase, Rounds, make_measure
+from demjax.pytrees import masked_mean, per_agent, sq_norms, where_agents
 
 LINKAGES = ("complete", "single", "average")
 
@@ -118,13 +120,6 @@ def cluster_models(theta, dtheta, weight, cluster):
     return jax.tree.map(lambda p, m: p + m[cluster], theta, means)
 
 
-def _sq_norms(tree) -> jax.Array:
-    return sum(
-        jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1)
-        for x in jax.tree.leaves(tree)
-    )
-
-
 def cluster_stats(dtheta, weight: jax.Array, cluster: jax.Array):
     """The split criteria of every cluster id (Alg. 1).
 
@@ -135,9 +130,9 @@ def cluster_stats(dtheta, weight: jax.Array, cluster: jax.Array):
       (``weight > 0``).
     """
     num = weight.shape[0]
-    mean_norm = jnp.sqrt(_sq_norms(cluster_means(dtheta, weight, cluster)))
+    mean_norm = jnp.sqrt(sq_norms(cluster_means(dtheta, weight, cluster)))
     part = weight > 0
-    norms = jnp.where(part, jnp.sqrt(_sq_norms(dtheta)), 0.0)
+    norms = jnp.where(part, jnp.sqrt(sq_norms(dtheta)), 0.0)
     max_norm = jnp.maximum(jax.ops.segment_max(norms, cluster, num_segments=num), 0.0)
     count = jax.ops.segment_sum(part.astype(jnp.int32), cluster, num_segments=num)
     return mean_norm, max_norm, count
@@ -185,12 +180,10 @@ def build(ctx) -> Rounds:
             count=zeros_i,
         )
 
-    def models(state):
-        return cluster_models(state.theta, state.dtheta, state.weight, state.cluster)
-
-    def round_fn(state, part, key, t):
+    def train_phase(state, part, key, t):
+        """Step 1 and the split criteria of every cluster."""
         active, max_steps = ctx.round_masks(key, part.n_train)
-        theta = models(state)
+        theta = state.theta
         trained, opt, loss = train(
             jax.random.split(jax.random.fold_in(key, 17), num_agents),
             theta,
@@ -204,9 +197,7 @@ def build(ctx) -> Rounds:
         )
         weight = active * part.n_train.astype(jnp.float32)
         dtheta = jax.tree.map(
-            lambda a, b: jnp.where(
-                active.reshape((-1,) + (1,) * (a.ndim - 1)), a - b, 0.0
-            ),
+            lambda a, b: jnp.where(per_agent(active, a), a - b, 0.0),
             trained,
             theta,
         )
@@ -232,36 +223,48 @@ def build(ctx) -> Rounds:
         }
         return new, info
 
-    def host_step(state, info, t):
-        """Splits the clusters that meet Alg. 1's criteria (host, scipy)."""
+    def split(state, info, t, key):
+        """Step 2: splits the clusters that meet Alg. 1's criteria (host, scipy)."""
         if t < warmup:
-            return state
-        mean_norm, max_norm, count, cid, weight = jax.device_get(
+            return state, {}
+        mean_norm, max_norm, count, cid, weight = sharding.to_host(
             (state.mean_norm, state.max_norm, state.count, state.cluster, state.weight)
         )
         split = np.flatnonzero((count > 2) & (mean_norm < eps1) & (max_norm > eps2))
         if split.size == 0:
-            return state
+            return state, {}
         cid = np.array(cid, np.int32)
         feats = clustering.flatten_params(state.dtheta)
-        dist = np.asarray(clustering.pairwise_distances(feats, "cosine", block))
+        dist = sharding.to_host(clustering.pairwise_distances(feats, "cosine", block))
         free = sorted(set(range(num_agents)) - set(cid.tolist()))
         for c in split:
             members = np.flatnonzero((cid == c) & (weight > 0))
             labels = bipartition(dist[np.ix_(members, members)], linkage)
             cid[members[labels == 1]] = free.pop(0)
-        return state.replace(cluster=jnp.asarray(cid, jnp.int32))
+        return state.replace(cluster=jnp.asarray(cid, jnp.int32)), {}
 
+    def aggregate_phase(state, part, key, t):
+        """Step 3, with the clusters after the split."""
+        theta = cluster_models(state.theta, state.dtheta, state.weight, state.cluster)
+        return state.replace(theta=theta), {}
+
+    def personal(state, part, key):
+        return state.theta
+
+    measure, jitted = make_measure(ctx, personal, global_model=None)
     return Rounds(
         init=init,
-        round=round_fn,
-        personal=lambda state, part, key: models(state),
-        global_model=None,
-        host_step=host_step,
+        phases=(
+            Phase("round", train_phase, host=split),
+            Phase("aggregate", aggregate_phase, timing="sync", point="sync"),
+        ),
+        measure=measure,
+        jitted=jitted,
+        personal=personal,
     )
 
 
-PLUGIN = Plugin(
+ALGORITHM = Algorithm(
     name="cfl",
     citation="Sattler et al., IEEE TNNLS 2020, Algorithm 1 (CFL)",
     hparams=HPARAMS,

@@ -8,10 +8,12 @@ agent-count weights (Sec. IV-B); top-down mixing ``w <- (1 - alpha) w + alpha
 w_parent`` from the root down (Sec. IV-C). ``mu = 0``: no proximal term.
 """
 
-from demjax.algorithms.base import Algorithm
+from demjax.algorithms.hierarchical import Hierarchy, family_algorithm
 
-ALGORITHM = Algorithm(
-    name="demlearn",
-    citation="Nguyen et al., IEEE TNNLS (arXiv 2007.03278), Algorithm 1 (DemLearn)",
-    self_organizing=True,
+ALGORITHM = family_algorithm(
+    "demlearn",
+    "Nguyen et al., IEEE TNNLS (arXiv 2007.03278), Algorithm 1 (DemLearn)",
+    Hierarchy(
+        self_organizing=True,
+    ),
 )

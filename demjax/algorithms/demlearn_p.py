@@ -7,12 +7,14 @@ agent's direct parent group model from the end of the previous round, held fixed
 during the round. The reference uses mu = 0.002 (0.0005 with 100 agents).
 """
 
-from demjax.algorithms.base import Algorithm
+from demjax.algorithms.hierarchical import Hierarchy, family_algorithm
 
-ALGORITHM = Algorithm(
-    name="demlearn_p",
-    citation="Nguyen et al., IEEE TNNLS (arXiv 2007.03278), Sec. IV-C (DemLearn-P)",
-    self_organizing=True,
-    default_mu=0.002,
-    requires_mu_positive=True,
+ALGORITHM = family_algorithm(
+    "demlearn_p",
+    "Nguyen et al., IEEE TNNLS (arXiv 2007.03278), Sec. IV-C (DemLearn-P)",
+    Hierarchy(
+        self_organizing=True,
+        default_mu=0.002,
+        requires_mu_positive=True,
+    ),
 )

@@ -23,7 +23,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from demjax.algorithms.plugin import HParam, Plugin, Rounds, stack, where_agents
+from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
+from demjax.pytrees import keep_if_finite, masked_mean, stack, where_agents
 
 
 @flax.struct.dataclass
@@ -47,17 +48,6 @@ HPARAMS = {
         low=0,
     ),
 }
-
-
-def masked_mean(values, weights):
-    """``sum w v / sum w`` (0 when every weight is 0); ``[A]`` -> scalar."""
-    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
-
-
-def keep_if_finite(new, old):
-    """``new`` where every leaf is finite, else ``old`` (no participant, NaN median)."""
-    ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new)]))
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def build(ctx) -> Rounds:
@@ -110,7 +100,8 @@ def build(ctx) -> Rounds:
         info = {"train_loss": masked_mean(loss_v, active.astype(jnp.float32))}
         return new, info
 
-    return Rounds(
+    return one_round(
+        ctx,
         init=init,
         round=round_fn,
         personal=lambda state, part, key: state.v,
@@ -118,7 +109,7 @@ def build(ctx) -> Rounds:
     )
 
 
-PLUGIN = Plugin(
+ALGORITHM = Algorithm(
     name="ditto",
     citation="Li et al., ICML 2021, Algorithm 1 (Ditto), Eq. 2",
     hparams=HPARAMS,

@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from demjax import cluster
-from demjax.algorithms.ditto import masked_mean
-from demjax.algorithms.plugin import HParam, Plugin, Rounds, where_agents
+from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
+from demjax.pytrees import masked_mean, where_agents
 
 ATTENTIONS = ("euclidean", "cosine")
 
@@ -176,7 +176,8 @@ def build(ctx) -> Rounds:
         }
         return new, info
 
-    return Rounds(
+    return one_round(
+        ctx,
         init=init,
         round=round_fn,
         personal=lambda state, part, key: state.w,
@@ -184,7 +185,7 @@ def build(ctx) -> Rounds:
     )
 
 
-PLUGIN = Plugin(
+ALGORITHM = Algorithm(
     name="fedamp",
     citation="Huang et al., AAAI 2021 (FedAMP), Eq. 5-8",
     hparams=HPARAMS,

@@ -6,12 +6,14 @@ server replaces the global model with the sample-weighted average
 ``w = sum_a n_a w_a / sum_a n_a``; agents then receive it (alpha = 1).
 """
 
-from demjax.algorithms.base import Algorithm
+from demjax.algorithms.hierarchical import Hierarchy, family_algorithm
 
-ALGORITHM = Algorithm(
-    name="fedavg",
-    citation="McMahan et al., AISTATS 2017, Algorithm 1 (FederatedAveraging)",
-    self_organizing=False,
-    sample_weighted=True,
-    broadcast=True,
+ALGORITHM = family_algorithm(
+    "fedavg",
+    "McMahan et al., AISTATS 2017, Algorithm 1 (FederatedAveraging)",
+    Hierarchy(
+        self_organizing=False,
+        sample_weighted=True,
+        broadcast=True,
+    ),
 )

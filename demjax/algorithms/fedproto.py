@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 
 from demjax import models
-from demjax.algorithms.ditto import masked_mean
-from demjax.algorithms.plugin import HParam, Plugin, Rounds, stack, where_agents
+from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.local import masked_cross_entropy
+from demjax.pytrees import masked_mean, stack, where_agents
 
 DISTANCES = ("mse", "sq_l2")
 INFERENCES = ("proto", "model")
@@ -253,7 +253,8 @@ def build(ctx) -> Rounds:
 
         eval_apply = None
 
-    return Rounds(
+    return one_round(
+        ctx,
         init=init,
         round=round_fn,
         personal=personal,
@@ -262,7 +263,7 @@ def build(ctx) -> Rounds:
     )
 
 
-PLUGIN = Plugin(
+ALGORITHM = Algorithm(
     name="fedproto",
     citation="Tan et al., AAAI 2022, Algorithm 1 (FedProto)",
     hparams=HPARAMS,
@@ -271,4 +272,10 @@ PLUGIN = Plugin(
 )
 
 
-__all__ = ["PLUGIN", "aggregate_protos", "class_sums", "make_loss", "proto_distances"]
+__all__ = [
+    "ALGORITHM",
+    "aggregate_protos",
+    "class_sums",
+    "make_loss",
+    "proto_distances",
+]

@@ -5,15 +5,17 @@ round 0, anchored to the global model the agent received. The DemLearn reference
 runs use mu = 0.5.
 """
 
-from demjax.algorithms.base import Algorithm
+from demjax.algorithms.hierarchical import Hierarchy, family_algorithm
 
-ALGORITHM = Algorithm(
-    name="fedprox",
-    citation="Li et al., MLSys 2020, Eq. 2 (proximal local objective)",
-    self_organizing=False,
-    default_mu=0.5,
-    requires_mu_positive=True,
-    prox_from_round0=True,
-    sample_weighted=True,
-    broadcast=True,
+ALGORITHM = family_algorithm(
+    "fedprox",
+    "Li et al., MLSys 2020, Eq. 2 (proximal local objective)",
+    Hierarchy(
+        self_organizing=False,
+        default_mu=0.5,
+        requires_mu_positive=True,
+        prox_from_round0=True,
+        sample_weighted=True,
+        broadcast=True,
+    ),
 )

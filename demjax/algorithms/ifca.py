@@ -30,9 +30,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from demjax.algorithms.ditto import masked_mean
-from demjax.algorithms.plugin import HParam, Plugin, Rounds, stack, where_agents
+from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.local import masked_cross_entropy
+from demjax.pytrees import masked_mean, stack, where_agents
 
 INITS = ("random", "shared")
 
@@ -194,10 +194,10 @@ def build(ctx) -> Rounds:
         choice = choose_clusters(losses_of(state.models, part))
         return jax.tree.map(lambda m: m[choice], state.models)
 
-    return Rounds(init=init, round=round_fn, personal=personal, global_model=None)
+    return one_round(ctx, init=init, round=round_fn, personal=personal)
 
 
-PLUGIN = Plugin(
+ALGORITHM = Algorithm(
     name="ifca",
     citation="Ghosh et al., NeurIPS 2020, Algorithm 2 (IFCA, model averaging)",
     hparams=HPARAMS,

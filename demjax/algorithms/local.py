@@ -5,11 +5,13 @@ Nguyen et al., IEEE TNNLS, arXiv 2007.03278, Sec. V; McMahan et al., AISTATS 201
 No global model exists, so the Global metric is reported as null.
 """
 
-from demjax.algorithms.base import Algorithm
+from demjax.algorithms.hierarchical import Hierarchy, family_algorithm
 
-ALGORITHM = Algorithm(
-    name="local",
-    citation="local-only baseline (no communication)",
-    self_organizing=False,
-    communicates=False,
+ALGORITHM = family_algorithm(
+    "local",
+    "local-only baseline (no communication)",
+    Hierarchy(
+        self_organizing=False,
+        communicates=False,
+    ),
 )

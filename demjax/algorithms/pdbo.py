@@ -63,8 +63,9 @@ import jax.numpy as jnp
 import optax
 
 from demjax import network
-from demjax.algorithms.plugin import HParam, Plugin, Rounds, stack
+from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.algorithms.sgp import make_sgp_steps
+from demjax.pytrees import stack
 
 MODES = ("da", "mtl", "da_mtl")
 
@@ -334,7 +335,8 @@ def build(ctx) -> Rounds:
         return model_logp(params["x"], params["lam"], xb, False, None,
                           apply_fn=ctx.eval_apply_fn)  # fmt: skip
 
-    return Rounds(
+    return one_round(
+        ctx,
         init=init,
         round=round_fn,
         personal=personal,
@@ -343,7 +345,7 @@ def build(ctx) -> Rounds:
     )
 
 
-PLUGIN = Plugin(
+ALGORITHM = Algorithm(
     name="pdbo",
     citation="Terashita & Hara, arXiv 2210.02129: bilevel problem (Sec. 3), "
     "hyper-gradient push (Sec. 4), DA / MTL personalization (Sec. 5); inner SGP "
@@ -354,7 +356,7 @@ PLUGIN = Plugin(
 
 __all__ = [
     "MODES",
-    "PLUGIN",
+    "ALGORITHM",
     "PDBOState",
     "hypergradient_push",
     "mixture_log_probs",

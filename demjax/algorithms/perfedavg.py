@@ -39,15 +39,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from demjax.algorithms.ditto import keep_if_finite, masked_mean
-from demjax.algorithms.plugin import (
-    HParam,
-    Plugin,
-    Rounds,
-    stack,
-    where_agents,
-)
+from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.local import make_optimizer, masked_cross_entropy
+from demjax.pytrees import keep_if_finite, masked_mean, stack, where_agents
 
 VARIANTS = ("fo", "hf")
 HVPS = ("exact", "fd")
@@ -231,7 +225,8 @@ def build(ctx) -> Rounds:
         keys = jax.random.split(jax.random.fold_in(key, 23), num_agents)
         return personalize(state.w, part.x_train, part.y_train, part.n_train, keys)
 
-    return Rounds(
+    return one_round(
+        ctx,
         init=init,
         round=round_fn,
         personal=personal,
@@ -239,7 +234,7 @@ def build(ctx) -> Rounds:
     )
 
 
-PLUGIN = Plugin(
+ALGORITHM = Algorithm(
     name="perfedavg",
     citation="Fallah, Mokhtari, Ozdaglar, NeurIPS 2020, Algorithm 1 (Per-FedAvg), "
     "Eq. 3 (FO / HF)",

@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from demjax.algorithms.ditto import keep_if_finite, masked_mean
-from demjax.algorithms.plugin import HParam, Plugin, Rounds, stack, where_agents
+from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.local import masked_cross_entropy
+from demjax.pytrees import keep_if_finite, masked_mean, stack, where_agents
 
 
 @flax.struct.dataclass
@@ -181,7 +181,8 @@ def build(ctx) -> Rounds:
         )
         return new, {"train_loss": masked_mean(loss, active.astype(jnp.float32))}
 
-    return Rounds(
+    return one_round(
+        ctx,
         init=init,
         round=round_fn,
         personal=lambda state, part, key: state.theta,
@@ -189,7 +190,7 @@ def build(ctx) -> Rounds:
     )
 
 
-PLUGIN = Plugin(
+ALGORITHM = Algorithm(
     name="pfedme",
     citation="Dinh, Tran, Nguyen, NeurIPS 2020, Algorithm 1 (pFedMe)",
     hparams=HPARAMS,

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from demjax import local, network
-from demjax.algorithms.plugin import HParam, Plugin, Rounds
+from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
+from demjax.pytrees import where_agents
 
 
 @flax.struct.dataclass
@@ -122,11 +123,8 @@ def make_sgp_steps(net: network.Network, tx, loss_fn, batch_size, local_epochs,
             updates, new_opt = update(grads, opt, z)
             act = has_step[s] & train_mask & (count < max_steps)
 
-            def keep(new, old):
-                return jnp.where(act.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-
-            x = jax.tree.map(keep, jax.tree.map(jnp.add, x, updates), x)
-            opt = jax.tree.map(keep, new_opt, opt)
+            x = where_agents(act, jax.tree.map(jnp.add, x, updates), x)
+            opt = where_agents(act, new_opt, opt)
 
             def mix(args):
                 xx, oo = args
@@ -207,16 +205,17 @@ def build(ctx) -> Rounds:
         z = network.debias(state.x, state.omega)
         return jax.tree.map(lambda p: jnp.mean(p, axis=0), z)
 
-    return Rounds(
+    return one_round(
+        ctx,
         init=init, round=round_fn, personal=personal, global_model=global_model
     )
 
 
-PLUGIN = Plugin(
+ALGORITHM = Algorithm(
     name="sgp",
     citation="Assran et al., ICML 2019, Algorithm 1 (Stochastic Gradient Push)",
     hparams=HPARAMS,
     build=build,
 )
 
-__all__ = ["PLUGIN", "SGPState", "gather_batch", "make_sgp_steps", "minibatch_plan"]
+__all__ = ["ALGORITHM", "SGPState", "gather_batch", "make_sgp_steps", "minibatch_plan"]
