@@ -223,6 +223,7 @@ def choose_auto(work, rounds: int) -> dict:
         "plan": plan.name,
         "block_size": plan.block_size,
         "conv_impl": plan.conv_impl,
+        "matmul_impl": plan.matmul_impl,
         "cap": int(info["cap"]),
         "source": info["source"],
         "budget_s": info.get("budget_s"),
@@ -272,12 +273,12 @@ class Shared:
         self.keys = jax.random.split(jax.random.PRNGKey(1), self.a)
         self.mu = jnp.float32(0.0)
 
-    def apply_fn(self, conv_impl: str):
+    def apply_fn(self, conv_impl: str, matmul_impl: str = "xla"):
         from demjax import models
 
         c = self.config
         model = models.make_model(
-            c.model, self.work["num_classes"], c.hidden, conv_impl
+            c.model, self.work["num_classes"], c.hidden, conv_impl, matmul_impl
         )
 
         def apply_fn(params, x, train, key):  # the engine's (Simulator)
@@ -287,7 +288,7 @@ class Shared:
         return apply_fn
 
 
-def demjax_runner(sh: Shared, block: int, conv_impl: str):
+def demjax_runner(sh: Shared, block: int, conv_impl: str, matmul_impl: str = "xla"):
     """The engine's trainer for plan ``block`` (0 all, 1 sequential, K)."""
     import jax
     import jax.numpy as jnp
@@ -295,7 +296,7 @@ def demjax_runner(sh: Shared, block: int, conv_impl: str):
     from demjax import local
 
     train = local.make_train_population(
-        sh.apply_fn(conv_impl),
+        sh.apply_fn(conv_impl, matmul_impl),
         sh.tx,
         batch_size=sh.batch,
         local_epochs=sh.epochs,
@@ -486,6 +487,16 @@ def time_interleaved(runners: dict, repeats: int, slow_s: float, log=print) -> d
     return out
 
 
+def _plan_name(k: int, conv: str, matmul: str, conv_impls) -> str:
+    """A demjax runner's name: plan, conv impl (CNNs), matmul form if not xla."""
+    from demjax import plan as plan_lib
+
+    name = f"demjax:{plan_lib.LocalPlan(k).name}"
+    if len(conv_impls) > 1:
+        name += f"/{conv}"
+    return name + (f"/{matmul}" if matmul != "xla" else "")
+
+
 def effective_block(block: int, a: int, cap: int) -> int:
     """The block a plan trains with for ``a`` agents of which ``cap`` fit at
     once (0 = all), as ``plan.resolve`` caps an explicit plan."""
@@ -594,20 +605,36 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
             blocks.append(k)
     blocks.sort(key=lambda k: (k == 0, k))
 
+    # --conv_impls narrows the explicit plans' convolutions (the auto plan's
+    # is always timed); names keep the conv suffix of CNN runs.
+    timed_convs = [
+        i for i in conv_impls
+        if len(conv_impls) == 1 or i in args.conv_impls.split(",")
+        or (auto is not None and i == auto["conv_impl"])
+    ]  # fmt: skip
     sh = Shared(work)
     del work["x"], work["y"]  # on the device now (the torch loop shares it)
     gc.collect()
     runners, notes = {}, {}
     for k in blocks:
-        for impl in conv_impls:
+        for impl in timed_convs:
             name = f"demjax:{plan_lib.LocalPlan(k, impl).name}" + (
                 f"/{impl}" if len(conv_impls) > 1 else ""
             )
             runners[name] = demjax_runner(sh, k, impl)
             notes[name] = {"plan": plan_lib.LocalPlan(k, impl).name, "conv_impl": impl}
+    if auto is not None and auto["matmul_impl"] != "xla":
+        # The auto plan with its own matmul form (the others use "xla").
+        k = effective_block(auto["block_size"], a, cap)
+        name = _plan_name(k, auto["conv_impl"], auto["matmul_impl"], conv_impls)
+        runners[name] = demjax_runner(sh, k, auto["conv_impl"], auto["matmul_impl"])
+        notes[name] = {"plan": plan_lib.LocalPlan(k).name,
+                       "conv_impl": auto["conv_impl"],
+                       "matmul_impl": auto["matmul_impl"]}  # fmt: skip
     loop_impls = ("xla", "patches") if len(conv_impls) > 1 else ("patches",)
-    for i, impl in enumerate(loop_impls):
-        name = LOOP if i == 0 else f"{LOOP}/{impl}"
+    loop_impls = tuple(i for i in loop_impls if i in timed_convs)
+    for impl in loop_impls:
+        name = f"{LOOP}/{impl}" if len(conv_impls) > 1 and impl != "xla" else LOOP
         runners[name] = jax_loop_runner(sh, impl)
         notes[name] = {"conv_impl": impl} if len(conv_impls) > 1 else {}
     torch_note, timed_steps = None, {}
@@ -637,7 +664,9 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         f"{args.model} {a} agents ({total} agent-steps per run): "
         f"{len(runners)} implementations, {args.repeats} interleaved repeats"
     )
+    load_before = os.getloadavg()
     timed = time_interleaved(runners, args.repeats, args.slow_s, log)
+    load_after = os.getloadavg()
 
     env = environment()
     records = {}
@@ -662,9 +691,7 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         }
     if auto is not None:
         k = effective_block(auto["block_size"], a, cap)
-        src = f"demjax:{plan_lib.LocalPlan(k, auto['conv_impl']).name}" + (
-            f"/{auto['conv_impl']}" if len(conv_impls) > 1 else ""
-        )
+        src = _plan_name(k, auto["conv_impl"], auto["matmul_impl"], conv_impls)
         rec = dict(records[src], impl="auto", same_as=src)
         rec.update(
             {
@@ -672,6 +699,7 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
                 for k2 in (
                     "plan",
                     "conv_impl",
+                    "matmul_impl",
                     "source",
                     "search_s",
                     "plan_s",
@@ -728,6 +756,7 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         "references": {k: r["impl"] for k, r in refs.items()},
         "records": list(records.values()),
         "peak_rss_gb": peak_rss_gb(),
+        "load_avg_1min": [round(load_before[0], 2), round(load_after[0], 2)],
     }
 
 
@@ -768,7 +797,14 @@ def report(results: dict, path: str) -> None:
             f"{w['steps_min']}-{w['steps_max']} steps per agent, "
             f"{w['agent_steps']:,} agent-steps per run; {w['repeats']} repeats; "
             f"memory cap {w['memory_cap']:,} agents at once; "
-            f"peak RSS {e.get('peak_rss_gb', '-')} GB.",
+            f"peak RSS {e.get('peak_rss_gb', '-')} GB"
+            + (
+                f"; 1-minute load average {e['load_avg_1min'][0]} before and "
+                f"{e['load_avg_1min'][1]} after the timed repeats"
+                if e.get("load_avg_1min")
+                else ""
+            )
+            + ".",
             "",
         ]
         a = e.get("auto")
@@ -777,6 +813,7 @@ def report(results: dict, path: str) -> None:
             lines += [
                 f"Auto plan: `{a['plan']}`"
                 + (f" / `{a['conv_impl']}`" if w["model"] != "mlp" else "")
+                + f" / matmul `{a.get('matmul_impl', 'xla')}`"
                 + f" ({a['source']}; search {_fmt(a['search_s'])} s of a "
                 f"{_fmt(a['budget_s'])} s budget, whole choice {_fmt(a['plan_s'])} s "
                 f"for {w['search_rounds']} rounds); fastest plan measured here: "
@@ -808,15 +845,18 @@ def report(results: dict, path: str) -> None:
                 "",
                 "Search table (candidates in the order timed):",
                 "",
-                "| plan | conv | agents | steps | compile s | agent-steps/s "
-                "| search s so far |",
-                "|---|---|---|---|---|---|---|",
+                "| plan | conv | matmul | agents | steps | compile s "
+                "| agent-steps/s (first timing) | search s so far |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for t in a["table"]:
+                first = t.get("first_agent_steps_per_s")
                 lines.append(
-                    f"| {t['plan']} | {t['conv_impl']} | {t['agents']} | {t['steps']} "
-                    f"| {t['compile_s']:.2f} | {t['agent_steps_per_s']:,.0f} "
-                    f"| {t['search_s']:.1f} |"
+                    f"| {t['plan']} | {t['conv_impl']} | {t.get('matmul_impl', 'xla')} "
+                    f"| {t['agents']} | {t['steps']} "
+                    f"| {t['compile_s']:.2f} | {t['agent_steps_per_s']:,.0f}"
+                    + (f" ({first:,.0f})" if first is not None else "")
+                    + f" | {t['search_s']:.1f} |"
                 )
         lines.append("")
     with open(path, "w") as f:
@@ -856,6 +896,12 @@ def main(argv=None) -> None:
         type=float,
         default=120.0,
         help="an implementation slower than this (s) in the first repeat is timed once",
+    )
+    p.add_argument(
+        "--conv_impls",
+        default="patches,xla",
+        help="cnn: comma list of the convolutions the explicit plans and the "
+        "per-agent loop are timed with (the auto plan's is always timed)",
     )
     p.add_argument("--no_torch", action="store_true")
     p.add_argument(
