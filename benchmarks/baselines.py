@@ -329,7 +329,7 @@ def demjax_runner(sh: Shared, block: int, conv_impl: str, matmul_impl: str = "xl
     return run
 
 
-def jax_loop_runner(sh: Shared, conv_impl: str):
+def jax_loop_runner(sh: Shared, conv_impl: str, matmul_impl: str = "xla"):
     """A Python loop over agents of one jitted per-agent training function."""
     import jax
     import numpy as np
@@ -337,7 +337,7 @@ def jax_loop_runner(sh: Shared, conv_impl: str):
     from demjax import local
 
     one = local.make_train_one(
-        sh.apply_fn(conv_impl),
+        sh.apply_fn(conv_impl, matmul_impl),
         sh.tx,
         batch_size=sh.batch,
         local_epochs=sh.epochs,
@@ -616,27 +616,29 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
     del work["x"], work["y"]  # on the device now (the torch loop shares it)
     gc.collect()
     runners, notes = {}, {}
-    for k in blocks:
-        for impl in timed_convs:
-            name = f"demjax:{plan_lib.LocalPlan(k, impl).name}" + (
-                f"/{impl}" if len(conv_impls) > 1 else ""
-            )
-            runners[name] = demjax_runner(sh, k, impl)
-            notes[name] = {"plan": plan_lib.LocalPlan(k, impl).name, "conv_impl": impl}
-    if auto is not None and auto["matmul_impl"] != "xla":
-        # The auto plan with its own matmul form (the others use "xla").
+    combos = [
+        (k, conv, mm) for k in blocks for conv in timed_convs
+        for mm in args.matmul_impls.split(",")
+    ]  # fmt: skip
+    if auto is not None:  # the auto plan with its own kernels
         k = effective_block(auto["block_size"], a, cap)
-        name = _plan_name(k, auto["conv_impl"], auto["matmul_impl"], conv_impls)
-        runners[name] = demjax_runner(sh, k, auto["conv_impl"], auto["matmul_impl"])
-        notes[name] = {"plan": plan_lib.LocalPlan(k).name,
-                       "conv_impl": auto["conv_impl"],
-                       "matmul_impl": auto["matmul_impl"]}  # fmt: skip
+        if (k, auto["conv_impl"], auto["matmul_impl"]) not in combos:
+            combos.append((k, auto["conv_impl"], auto["matmul_impl"]))
+    for k, conv, mm in combos:
+        name = _plan_name(k, conv, mm, conv_impls)
+        runners[name] = demjax_runner(sh, k, conv, mm)
+        notes[name] = {"plan": plan_lib.LocalPlan(k).name, "conv_impl": conv,
+                       "matmul_impl": mm}  # fmt: skip
     loop_impls = ("xla", "patches") if len(conv_impls) > 1 else ("patches",)
     loop_impls = tuple(i for i in loop_impls if i in timed_convs)
     for impl in loop_impls:
-        name = f"{LOOP}/{impl}" if len(conv_impls) > 1 and impl != "xla" else LOOP
-        runners[name] = jax_loop_runner(sh, impl)
-        notes[name] = {"conv_impl": impl} if len(conv_impls) > 1 else {}
+        for mm in args.matmul_impls.split(","):
+            name = f"{LOOP}/{impl}" if len(conv_impls) > 1 and impl != "xla" else LOOP
+            name += f"/{mm}" if mm != "xla" else ""
+            runners[name] = jax_loop_runner(sh, impl, mm)
+            notes[name] = dict(
+                {"conv_impl": impl} if len(conv_impls) > 1 else {}, matmul_impl=mm
+            )
     torch_note, timed_steps = None, {}
     threads = sorted(
         {
@@ -902,6 +904,13 @@ def main(argv=None) -> None:
         default="patches,xla",
         help="cnn: comma list of the convolutions the explicit plans and the "
         "per-agent loop are timed with (the auto plan's is always timed)",
+    )
+    p.add_argument(
+        "--matmul_impls",
+        default="xla",
+        help="comma list of the dense weight-gradient forms (models.matmul: xla, "
+        "wgrad_t) the explicit plans are timed with (the auto plan's is always "
+        "timed)",
     )
     p.add_argument("--no_torch", action="store_true")
     p.add_argument(

@@ -625,8 +625,14 @@ def resolve(
         top = max(table, key=lambda r: r["agent_steps_per_s"])
         plan = LocalPlan(block, top["conv_impl"], top["matmul_impl"])
     else:
+        # ``wgrad_t`` first within each convolution: the variant whose
+        # sequential plan has been fastest on XLA:CPU (docs/performance.md),
+        # so it is among the candidates timed whatever the budget.
+        variants = tuple(
+            sorted(impls, key=lambda v: (convs.index(v[0]), v[1] != "wgrad_t"))
+        )
         plan, table = search(
-            measure, num_agents=num_agents, cap=cap, variants=impls,
+            measure, num_agents=num_agents, cap=cap, variants=variants,
             budget_s=budget,
         )  # fmt: skip
     search_s = time.perf_counter() - t0
