@@ -32,9 +32,9 @@ a step-count bucket all run the bucket's largest count), which the sequential
 plan does not pay.
 
 The search's cost is bounded: it may spend 10% (``SEARCH_FRACTION``) of the
-run's local training time estimated from one agent's gradient step; the two
-extremes, agents one after another and all agents at once (capped by memory),
-are always timed, then growing blocks until the budget is spent or growing the
+run's local training time estimated from one agent's gradient step. Agents one
+after another are timed first, whatever the budget, then all agents at once
+(capped by memory) and growing blocks until the budget is spent or growing the
 block only makes it slower. Candidates within 15% of the fastest are then timed
 again in interleaved rounds (``RETIME_ROUNDS``), so that load from other
 processes on a shared machine does not decide between them.
@@ -378,16 +378,17 @@ def search(
     """Measures candidate plans and returns the fastest.
 
     Order: with the first kernel variant, agents one after another
-    (``sequential``) and all agents at once (capped by memory: ``cap`` agents,
-    which then is ``block:cap``), both whatever the budget; then blocks of 2,
+    (``sequential``, timed whatever the budget) and all agents at once (capped
+    by memory: ``cap`` agents, which then is ``block:cap``); then blocks of 2,
     4, ... agents in ascending order, then, per further kernel variant, blocks
     of 1, 2, 4, ... agents. A series stops when two sizes are slower than its
     best by more than 15% (speed has been unimodal in the block size in every
     case measured), and the search stops before a measurement that would take
     it past ``budget_s`` (predicted from the previous measurement's cost).
-    Finally the candidates within ``RETIME_WITHIN`` of the fastest (at most
-    ``RETIME_MAX``) are timed again in ``RETIME_ROUNDS`` interleaved rounds
-    (records with a ``_retime`` function only), each keeping its best speed.
+    Finally, if the budget is not spent yet, the candidates within
+    ``RETIME_WITHIN`` of the fastest (at most ``RETIME_MAX``) are timed again in
+    ``RETIME_ROUNDS`` interleaved rounds (records with a ``_retime`` function
+    only), each keeping its best speed.
 
     Args:
       measure: ``(block_size, (conv_impl, matmul_impl), floor) -> record``
@@ -421,16 +422,17 @@ def search(
     sizes = block_candidates(num_agents, cap)
     for impl in variants:
         peak = _PastPeak()
-        if impl == variants[0]:  # the two extremes, whatever the budget
+        if impl == variants[0]:  # sequential whatever the budget, then all
             peak.done(timed(1, impl))
-            if cap > 1:
+            if cap > 1 and affordable():
                 timed(cap, impl)
         for k in sizes:
             if impl == variants[0] and k in (1, cap):
                 continue  # measured first
             if not affordable() or peak.done(timed(k, impl)):
                 break
-    _retime_near_best(recs)
+    if time.perf_counter() - t_start < budget_s:
+        _retime_near_best(recs)
     top = max(recs, key=lambda r: r["agent_steps_per_s"])
     table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs]
     return (
