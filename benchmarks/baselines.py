@@ -30,18 +30,21 @@ Implementations (``impl`` of a record):
   repeats the timings of the explicit plan it chose, and carries the search's
   cost: ``search_s`` (candidates timed) and ``plan_s`` (the whole choice:
   memory probe, search, compilations).
-- ``demjax:<plan>[/<conv>]``: every plan of ``--plans`` (``all``, ``sequential``,
-  ``block:K``, plus the auto choice) with the engine's trainer
-  (``local.make_train_population``, ``local_buckets`` buckets, the population
-  donated and updated in place); for CNNs each with both convolutions
-  (``patches``, ``xla``). A plan that trains more agents at once than
-  ``engine.memory_cap`` allows is capped as the engine caps it.
+- ``demjax:<plan>[/<conv>][/<matmul>]``: every plan of ``--plans`` (``all``,
+  ``sequential``, ``block:K``, plus the auto choice with its own kernels), with
+  every convolution of ``--conv_impls`` and weight-gradient form of
+  ``--matmul_impls`` (``models.matmul``; suffix omitted for ``xla``), with the
+  engine's trainer (``local.make_train_population``, ``local_buckets``
+  buckets, the population donated and updated in place). A plan that trains
+  more agents at once than ``engine.memory_cap`` allows is capped as the
+  engine caps it.
 - ``jax_per_agent_loop``: a Python loop over agents, each call one jitted
   per-agent training function (``local.make_train_one`` running exactly the
   agent's steps; it reads its agent's rows of the stacked data and
   parameters and writes its parameters back in place). The CNN loop uses
   ``lax.conv`` (``flax.linen.Conv``, what a per-agent loop is written with);
-  ``jax_per_agent_loop/patches`` the im2col form.
+  ``jax_per_agent_loop/patches`` the im2col form; ``/wgrad_t`` with that
+  weight-gradient form (``--matmul_impls``).
 - ``torch_sequential``: a Python loop over agents, each a ``torch.nn`` model of
   the same architecture (dropout included) with ``optim.SGD``, the same data
   (shared with JAX, no copy), steps and shuffled minibatches,
@@ -53,8 +56,9 @@ Implementations (``impl`` of a record):
   with a note when absent.
 
 Prints one JSON line per record and per size the ratios (``over_jax_loop``,
-``over_torch``); stores them under ``<model>/<agents>`` with the date, commit
-and CPU in ``benchmarks/results/baselines.json`` and regenerates
+``over_torch``); stores them under ``<model>/<agents>`` with the date, commit,
+CPU and the 1-minute load average before and after the timed repeats in
+``benchmarks/results/baselines.json`` and regenerates
 ``benchmarks/results/baselines.md``::
 
     python benchmarks/baselines.py --model=cnn --agents=50
