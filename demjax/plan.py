@@ -33,9 +33,10 @@ plan does not pay.
 
 The search's cost is bounded: it may spend 10% (``SEARCH_FRACTION``) of the
 run's local training time estimated from one agent's gradient step. Agents one
-after another are timed first, whatever the budget, then all agents at once
-(capped by memory) and growing blocks until the budget is spent or growing the
-block only makes it slower. Candidates within 2x of the fastest are then timed
+after another are timed first (with the default kernels whatever the budget,
+then with each other kernel variant), then all agents at once (capped by
+memory) and growing blocks until the budget is spent or growing the block only
+makes it slower. Candidates within 2x of the fastest are then timed
 again in interleaved rounds (``RETIME_ROUNDS``), so that load from other
 processes on a shared machine does not decide between them.
 """
@@ -379,14 +380,15 @@ def search(
 ) -> tuple[LocalPlan, list[dict]]:
     """Measures candidate plans and returns the fastest.
 
-    Order: with the first kernel variant, agents one after another
-    (``sequential``, timed whatever the budget) and all agents at once (capped
-    by memory: ``cap`` agents, which then is ``block:cap``); then blocks of 2,
-    4, ... agents in ascending order, then, per further kernel variant, blocks
-    of 1, 2, 4, ... agents. A series stops when two sizes are slower than its
-    best by more than 15% (speed has been unimodal in the block size in every
-    case measured), and the search stops before a measurement that would take
-    it past ``budget_s`` (predicted from the previous measurement's cost).
+    Order: agents one after another (``sequential``) with each kernel variant,
+    the first one timed whatever the budget; then, with the first variant, all
+    agents at once (capped by memory: ``cap`` agents, which then is
+    ``block:cap``) and blocks of 2, 4, ... agents in ascending order; then, per
+    further variant, blocks of 2, 4, ... agents. A series stops when two
+    sizes are slower than its best by more than 15% (speed has been unimodal
+    in the block size in every case measured), and the search stops before a
+    measurement that would take it past ``budget_s`` (predicted from the
+    previous measurement's cost).
     Finally, if the budget is not spent yet, the candidates within
     ``RETIME_WITHIN`` of the fastest (at most ``RETIME_MAX``) are timed again in
     ``RETIME_ROUNDS`` interleaved rounds (records with a ``_retime`` function
@@ -422,16 +424,17 @@ def search(
         return time.perf_counter() - t_start + last_cost[0] <= budget_s
 
     sizes = block_candidates(num_agents, cap)
+    peaks = {impl: _PastPeak() for impl in variants}
+    for impl in variants:  # sequential of each variant, the first whatever the budget
+        if impl == variants[0] or affordable():
+            peaks[impl].done(timed(1, impl))
     for impl in variants:
-        peak = _PastPeak()
-        if impl == variants[0]:  # sequential whatever the budget, then all
-            peak.done(timed(1, impl))
-            if cap > 1 and affordable():
-                timed(cap, impl)
+        if impl == variants[0] and cap > 1 and affordable():
+            timed(cap, impl)
         for k in sizes:
-            if impl == variants[0] and k in (1, cap):
+            if k == 1 or (impl == variants[0] and k == cap):
                 continue  # measured first
-            if not affordable() or peak.done(timed(k, impl)):
+            if not affordable() or peaks[impl].done(timed(k, impl)):
                 break
     if time.perf_counter() - t_start < budget_s:
         _retime_near_best(recs)
@@ -629,14 +632,8 @@ def resolve(
         top = max(table, key=lambda r: r["agent_steps_per_s"])
         plan = LocalPlan(block, top["conv_impl"], top["matmul_impl"])
     else:
-        # ``wgrad_t`` first within each convolution: the variant whose
-        # sequential plan has been fastest on XLA:CPU (docs/performance.md),
-        # so it is among the candidates timed whatever the budget.
-        variants = tuple(
-            sorted(impls, key=lambda v: (convs.index(v[0]), v[1] != "wgrad_t"))
-        )
         plan, table = search(
-            measure, num_agents=num_agents, cap=cap, variants=variants,
+            measure, num_agents=num_agents, cap=cap, variants=impls,
             budget_s=budget,
         )  # fmt: skip
     search_s = time.perf_counter() - t0
