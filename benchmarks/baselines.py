@@ -30,18 +30,21 @@ Implementations (``impl`` of a record):
   repeats the timings of the explicit plan it chose, and carries the search's
   cost: ``search_s`` (candidates timed) and ``plan_s`` (the whole choice:
   memory probe, search, compilations).
-- ``demjax:<plan>[/<conv>]``: every plan of ``--plans`` (``all``, ``sequential``,
-  ``block:K``, plus the auto choice) with the engine's trainer
-  (``local.make_train_population``, ``local_buckets`` buckets, the population
-  donated and updated in place); for CNNs each with both convolutions
-  (``patches``, ``xla``). A plan that trains more agents at once than
-  ``memory.memory_cap`` allows is capped as the engine caps it.
+- ``demjax:<plan>[/<conv>][/<matmul>]``: every plan of ``--plans`` (``all``,
+  ``sequential``, ``block:K``, plus the auto choice with its own kernels), with
+  every convolution of ``--conv_impls`` and weight-gradient form of
+  ``--matmul_impls`` (``models.matmul``; suffix omitted for ``xla``), with the
+  engine's trainer (``local.make_train_population``, ``local_buckets``
+  buckets, the population donated and updated in place). A plan that trains
+  more agents at once than ``memory.memory_cap`` allows is capped as the
+  engine caps it.
 - ``jax_per_agent_loop``: a Python loop over agents, each call one jitted
   per-agent training function (``local.make_train_one`` running exactly the
   agent's steps; it reads its agent's rows of the stacked data and
   parameters and writes its parameters back in place). The CNN loop uses
   ``lax.conv`` (``flax.linen.Conv``, what a per-agent loop is written with);
-  ``jax_per_agent_loop/patches`` the im2col form.
+  ``jax_per_agent_loop/patches`` the im2col form; ``/wgrad_t`` with that
+  weight-gradient form (``--matmul_impls``).
 - ``torch_sequential``: a Python loop over agents, each a ``torch.nn`` model of
   the same architecture (dropout included) with ``optim.SGD``, the same data
   (shared with JAX, no copy), steps and shuffled minibatches,
@@ -53,8 +56,9 @@ Implementations (``impl`` of a record):
   with a note when absent.
 
 Prints one JSON line per record and per size the ratios (``over_jax_loop``,
-``over_torch``); stores them under ``<model>/<agents>`` with the date, commit
-and CPU in ``benchmarks/results/baselines.json`` and regenerates
+``over_torch``); stores them under ``<model>/<agents>`` with the date, commit,
+CPU and the 1-minute load average before and after the timed repeats in
+``benchmarks/results/baselines.json`` and regenerates
 ``benchmarks/results/baselines.md``::
 
     python benchmarks/baselines.py --model=cnn --agents=50
@@ -225,6 +229,7 @@ def choose_auto(work, rounds: int) -> dict:
         "plan": plan.name,
         "block_size": plan.block_size,
         "conv_impl": plan.conv_impl,
+        "matmul_impl": plan.matmul_impl,
         "cap": int(info["cap"]),
         "source": info["source"],
         "budget_s": info.get("budget_s"),
@@ -274,12 +279,12 @@ class Shared:
         self.keys = jax.random.split(jax.random.PRNGKey(1), self.a)
         self.mu = jnp.float32(0.0)
 
-    def apply_fn(self, conv_impl: str):
+    def apply_fn(self, conv_impl: str, matmul_impl: str = "xla"):
         from demjax import models
 
         c = self.config
         model = models.make_model(
-            c.model, self.work["num_classes"], c.hidden, conv_impl
+            c.model, self.work["num_classes"], c.hidden, conv_impl, matmul_impl
         )
 
         def apply_fn(params, x, train, key):  # the engine's (Simulator)
@@ -289,7 +294,7 @@ class Shared:
         return apply_fn
 
 
-def demjax_runner(sh: Shared, block: int, conv_impl: str):
+def demjax_runner(sh: Shared, block: int, conv_impl: str, matmul_impl: str = "xla"):
     """The engine's trainer for plan ``block`` (0 all, 1 sequential, K)."""
     import jax
     import jax.numpy as jnp
@@ -297,7 +302,7 @@ def demjax_runner(sh: Shared, block: int, conv_impl: str):
     from demjax import local
 
     train = local.make_train_population(
-        sh.apply_fn(conv_impl),
+        sh.apply_fn(conv_impl, matmul_impl),
         sh.tx,
         batch_size=sh.batch,
         local_epochs=sh.epochs,
@@ -330,7 +335,7 @@ def demjax_runner(sh: Shared, block: int, conv_impl: str):
     return run
 
 
-def jax_loop_runner(sh: Shared, conv_impl: str):
+def jax_loop_runner(sh: Shared, conv_impl: str, matmul_impl: str = "xla"):
     """A Python loop over agents of one jitted per-agent training function."""
     import jax
     import numpy as np
@@ -338,7 +343,7 @@ def jax_loop_runner(sh: Shared, conv_impl: str):
     from demjax import local
 
     one = local.make_train_one(
-        sh.apply_fn(conv_impl),
+        sh.apply_fn(conv_impl, matmul_impl),
         sh.tx,
         batch_size=sh.batch,
         local_epochs=sh.epochs,
@@ -488,6 +493,16 @@ def time_interleaved(runners: dict, repeats: int, slow_s: float, log=print) -> d
     return out
 
 
+def _plan_name(k: int, conv: str, matmul: str, conv_impls) -> str:
+    """A demjax runner's name: plan, conv impl (CNNs), matmul form if not xla."""
+    from demjax import plan as plan_lib
+
+    name = f"demjax:{plan_lib.LocalPlan(k).name}"
+    if len(conv_impls) > 1:
+        name += f"/{conv}"
+    return name + (f"/{matmul}" if matmul != "xla" else "")
+
+
 def effective_block(block: int, a: int, cap: int) -> int:
     """The block a plan trains with for ``a`` agents of which ``cap`` fit at
     once (0 = all), as ``plan.resolve`` caps an explicit plan."""
@@ -598,22 +613,40 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
             blocks.append(k)
     blocks.sort(key=lambda k: (k == 0, k))
 
+    # --conv_impls narrows the explicit plans' convolutions (the auto plan's
+    # is always timed); names keep the conv suffix of CNN runs.
+    timed_convs = [
+        i for i in conv_impls
+        if len(conv_impls) == 1 or i in args.conv_impls.split(",")
+        or (auto is not None and i == auto["conv_impl"])
+    ]  # fmt: skip
     sh = Shared(work)
     del work["x"], work["y"]  # on the device now (the torch loop shares it)
     gc.collect()
     runners, notes = {}, {}
-    for k in blocks:
-        for impl in conv_impls:
-            name = f"demjax:{plan_lib.LocalPlan(k, impl).name}" + (
-                f"/{impl}" if len(conv_impls) > 1 else ""
-            )
-            runners[name] = demjax_runner(sh, k, impl)
-            notes[name] = {"plan": plan_lib.LocalPlan(k, impl).name, "conv_impl": impl}
+    combos = [
+        (k, conv, mm) for k in blocks for conv in timed_convs
+        for mm in args.matmul_impls.split(",")
+    ]  # fmt: skip
+    if auto is not None:  # the auto plan with its own kernels
+        k = effective_block(auto["block_size"], a, cap)
+        if (k, auto["conv_impl"], auto["matmul_impl"]) not in combos:
+            combos.append((k, auto["conv_impl"], auto["matmul_impl"]))
+    for k, conv, mm in combos:
+        name = _plan_name(k, conv, mm, conv_impls)
+        runners[name] = demjax_runner(sh, k, conv, mm)
+        notes[name] = {"plan": plan_lib.LocalPlan(k).name, "conv_impl": conv,
+                       "matmul_impl": mm}  # fmt: skip
     loop_impls = ("xla", "patches") if len(conv_impls) > 1 else ("patches",)
-    for i, impl in enumerate(loop_impls):
-        name = LOOP if i == 0 else f"{LOOP}/{impl}"
-        runners[name] = jax_loop_runner(sh, impl)
-        notes[name] = {"conv_impl": impl} if len(conv_impls) > 1 else {}
+    loop_impls = tuple(i for i in loop_impls if i in timed_convs)
+    for impl in loop_impls:
+        for mm in args.matmul_impls.split(","):
+            name = f"{LOOP}/{impl}" if len(conv_impls) > 1 and impl != "xla" else LOOP
+            name += f"/{mm}" if mm != "xla" else ""
+            runners[name] = jax_loop_runner(sh, impl, mm)
+            notes[name] = dict(
+                {"conv_impl": impl} if len(conv_impls) > 1 else {}, matmul_impl=mm
+            )
     torch_note, timed_steps = None, {}
     threads = sorted(
         {
@@ -641,7 +674,9 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         f"{args.model} {a} agents ({total} agent-steps per run): "
         f"{len(runners)} implementations, {args.repeats} interleaved repeats"
     )
+    load_before = os.getloadavg()
     timed = time_interleaved(runners, args.repeats, args.slow_s, log)
+    load_after = os.getloadavg()
 
     env = environment()
     records = {}
@@ -666,9 +701,7 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         }
     if auto is not None:
         k = effective_block(auto["block_size"], a, cap)
-        src = f"demjax:{plan_lib.LocalPlan(k, auto['conv_impl']).name}" + (
-            f"/{auto['conv_impl']}" if len(conv_impls) > 1 else ""
-        )
+        src = _plan_name(k, auto["conv_impl"], auto["matmul_impl"], conv_impls)
         rec = dict(records[src], impl="auto", same_as=src)
         rec.update(
             {
@@ -676,6 +709,7 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
                 for k2 in (
                     "plan",
                     "conv_impl",
+                    "matmul_impl",
                     "source",
                     "search_s",
                     "plan_s",
@@ -732,6 +766,7 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         "references": {k: r["impl"] for k, r in refs.items()},
         "records": list(records.values()),
         "peak_rss_gb": peak_rss_gb(),
+        "load_avg_1min": [round(load_before[0], 2), round(load_after[0], 2)],
     }
 
 
@@ -772,7 +807,14 @@ def report(results: dict, path: str) -> None:
             f"{w['steps_min']}-{w['steps_max']} steps per agent, "
             f"{w['agent_steps']:,} agent-steps per run; {w['repeats']} repeats; "
             f"memory cap {w['memory_cap']:,} agents at once; "
-            f"peak RSS {e.get('peak_rss_gb', '-')} GB.",
+            f"peak RSS {e.get('peak_rss_gb', '-')} GB"
+            + (
+                f"; 1-minute load average {e['load_avg_1min'][0]} before and "
+                f"{e['load_avg_1min'][1]} after the timed repeats"
+                if e.get("load_avg_1min")
+                else ""
+            )
+            + ".",
             "",
         ]
         a = e.get("auto")
@@ -781,6 +823,7 @@ def report(results: dict, path: str) -> None:
             lines += [
                 f"Auto plan: `{a['plan']}`"
                 + (f" / `{a['conv_impl']}`" if w["model"] != "mlp" else "")
+                + f" / matmul `{a.get('matmul_impl', 'xla')}`"
                 + f" ({a['source']}; search {_fmt(a['search_s'])} s of a "
                 f"{_fmt(a['budget_s'])} s budget, whole choice {_fmt(a['plan_s'])} s "
                 f"for {w['search_rounds']} rounds); fastest plan measured here: "
@@ -812,15 +855,18 @@ def report(results: dict, path: str) -> None:
                 "",
                 "Search table (candidates in the order timed):",
                 "",
-                "| plan | conv | agents | steps | compile s | agent-steps/s "
-                "| search s so far |",
-                "|---|---|---|---|---|---|---|",
+                "| plan | conv | matmul | agents | steps | compile s "
+                "| agent-steps/s (first timing) | search s so far |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for t in a["table"]:
+                first = t.get("first_agent_steps_per_s")
                 lines.append(
-                    f"| {t['plan']} | {t['conv_impl']} | {t['agents']} | {t['steps']} "
-                    f"| {t['compile_s']:.2f} | {t['agent_steps_per_s']:,.0f} "
-                    f"| {t['search_s']:.1f} |"
+                    f"| {t['plan']} | {t['conv_impl']} | {t.get('matmul_impl', 'xla')} "
+                    f"| {t['agents']} | {t['steps']} "
+                    f"| {t['compile_s']:.2f} | {t['agent_steps_per_s']:,.0f}"
+                    + (f" ({first:,.0f})" if first is not None else "")
+                    + f" | {t['search_s']:.1f} |"
                 )
         lines.append("")
     with open(path, "w") as f:
@@ -860,6 +906,19 @@ def main(argv=None) -> None:
         type=float,
         default=120.0,
         help="an implementation slower than this (s) in the first repeat is timed once",
+    )
+    p.add_argument(
+        "--conv_impls",
+        default="patches,xla",
+        help="cnn: comma list of the convolutions the explicit plans and the "
+        "per-agent loop are timed with (the auto plan's is always timed)",
+    )
+    p.add_argument(
+        "--matmul_impls",
+        default="xla",
+        help="comma list of the dense weight-gradient forms (models.matmul: xla, "
+        "wgrad_t) the explicit plans are timed with (the auto plan's is always "
+        "timed)",
     )
     p.add_argument("--no_torch", action="store_true")
     p.add_argument(

@@ -131,8 +131,10 @@ def test_baselines_tiny_run_records_every_implementation(tmp_path):
         assert abs(r["agent_steps_per_s"] - rate) <= 0.02 * rate
     loop = next(r for r in entry["records"] if r["impl"] == "jax_per_agent_loop")
     assert loop["over_jax_loop"] == 1.0
+    assert len(entry["load_avg_1min"]) == 2
     md = (tmp_path / "baselines.md").read_text()
     assert "## mlp, 3 agents" in md and "| jax_per_agent_loop |" in md
+    assert "load average" in md
 
 
 def test_baselines_torch_cnn_matches_the_flax_cnn():

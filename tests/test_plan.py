@@ -4,6 +4,7 @@ validated."""
 
 import functools
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -222,9 +223,10 @@ def test_search_keeps_the_fastest_and_stops_past_the_peak():
         variants=(v,), budget_s=100.0,
     )  # fmt: skip
     assert best == plan.LocalPlan(4, "patches", "xla")
-    # all first, then 1, 2, 4, 8 (slower), 16 (slower by > 15%: stop after 2 worse)
-    assert calls == [(50, v), (1, v), (2, v), (4, v), (8, v), (16, v)]
-    assert [r["plan"] for r in table] == ["all", "sequential", "block:2", "block:4",
+    # sequential and all first, then 2, 4, 8 (slower), 16 (slower by > 15%:
+    # stop after 2 worse)
+    assert calls == [(1, v), (50, v), (2, v), (4, v), (8, v), (16, v)]
+    assert [r["plan"] for r in table] == ["sequential", "all", "block:2", "block:4",
                                           "block:8", "block:16"]  # fmt: skip
 
 
@@ -241,16 +243,59 @@ def test_search_over_kernel_variants():
     assert len(calls) == 9
 
 
-def test_search_respects_its_budget():
+def test_search_respects_its_budget(monkeypatch):
     v = ("patches", "xla")
     speeds = {(k, v): float(k) for k in (1, 2, 4, 8, 16, 32, 50)}
-    calls = []
-    plan.search(
-        _fake_measure(speeds, calls, cost=0.05), num_agents=50, cap=50,
-        variants=(v,), budget_s=0.12,
-    )  # fmt: skip
-    # each measurement costs 0.05 s: the first two fit, a third would not
-    assert len(calls) == 2
+    now = [0.0]  # a fake clock: each measurement costs 0.05 s of it
+    monkeypatch.setattr(
+        plan, "time", types.SimpleNamespace(perf_counter=lambda: now[0])
+    )
+    fake = _fake_measure(speeds, calls := [])
+
+    def measure(k, impl, floor=0.0):
+        now[0] += 0.05
+        return fake(k, impl, floor)
+
+    plan.search(measure, num_agents=50, cap=50, variants=(v,), budget_s=0.17)
+    # three fit (0.10 spent + 0.05 predicted <= 0.17), a fourth would not
+    assert len(calls) == 3
+    calls.clear()
+    plan.search(measure, num_agents=50, cap=50, variants=(v,), budget_s=0.0)
+    # sequential is timed whatever the budget
+    assert calls == [(1, v)]
+
+
+def test_search_retimes_the_near_best_interleaved():
+    """Candidates within 2x of the fastest are timed again in interleaved
+    rounds and the best of all their timings decides; the others are not."""
+    v = ("patches", "xla")
+    first = {1: 100.0, 2: 95.0, 4: 45.0, 8: 40.0, 16: 30.0}
+    again = {1: [90.0, 91.0, 92.0], 2: [120.0, 99.0, 98.0], 4: [500.0] * 3}
+    order = []
+
+    def measure(k, impl, floor=0.0):
+        it = iter(again.get(k, []))
+
+        def retime():
+            order.append(k)
+            return next(it)
+
+        return {"plan": plan.LocalPlan(k if k < 16 else 0).name,
+                "conv_impl": impl[0], "matmul_impl": impl[1], "agents": k,
+                "steps": 1, "compile_s": 0.0, "run_s": 1.0,
+                "agent_steps_per_s": first[k], "_retime": retime}  # fmt: skip
+
+    best, table = plan.search(
+        measure, num_agents=16, cap=16, variants=(v,), budget_s=100.0
+    )
+    assert best == plan.LocalPlan(2, "patches", "xla")
+    assert order == [1, 2, 2, 1, 1, 2]  # rotated each round; 4 never re-timed
+    rec = {r["plan"]: r for r in table}
+    assert rec["block:2"]["agent_steps_per_s"] == 120.0
+    assert rec["block:2"]["first_agent_steps_per_s"] == 95.0
+    assert rec["sequential"]["agent_steps_per_s"] == 100.0
+    assert rec["sequential"]["retimed"] == 3 and "retimed" not in rec["block:4"]
+    assert all(not k.startswith("_") for r in table for k in r)
 
 
 def test_run_records_the_plan_and_reuses_the_cache(tmp_path, monkeypatch):
@@ -272,7 +317,7 @@ def test_run_records_the_plan_and_reuses_the_cache(tmp_path, monkeypatch):
     assert first["round"] == -1 and first["plan_source"] == "measured"
     assert first["local_plan"] == a["local_plan"]["plan"]
     names = [r["plan"] for r in first["plan_table"]]
-    assert names[0] == "all" and "sequential" in names and len(calls) == len(names)
+    assert names[:2] == ["sequential", "all"] and len(calls) == len(names)
     best = max(first["plan_table"], key=lambda r: r["agent_steps_per_s"])["plan"]
     assert first["local_plan"] == best
     calls.clear()
