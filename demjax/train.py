@@ -378,7 +378,11 @@ def run(
         "num_devices": 1 if mesh is None else int(mesh.devices.size),
         "agent_block": ctx.block_size,
         "local_plan": ctx.plan_info,
-        "params_devices": len(per_agent[0].sharding.device_set) if per_agent else 1,
+        # Devices holding the per-agent state (an algorithm without per-agent
+        # leaves, e.g. Per-FedAvg's one global model: its replicated state).
+        "params_devices": len(
+            (per_agent or jax.tree.leaves(state))[0].sharding.device_set
+        ),
         # Compiled variants per jitted phase: stays 1 however often the tree
         # (or any host-step decision) changes.
         "compilations": compilations,
