@@ -60,7 +60,7 @@ def _close(got: list[dict], want: list[dict]) -> list[str]:
 
 
 # One test over the whole registry (the runs are shared): its cost is paid once.
-@pytest.mark.slow(seconds=540)
+@pytest.mark.slow(seconds=270)
 def test_every_algorithm_gets_the_loop_machinery(lines):
     bad = []
     assert sorted(lines) == sorted(ALGORITHMS)
@@ -127,7 +127,7 @@ def two_processes(tmp_path_factory):
     return {g["algorithm"]: g["records"] for g in got}
 
 
-@pytest.mark.slow(seconds=420)
+@pytest.mark.slow(seconds=200)
 def test_two_processes_equal_one_process(lines, two_processes):
     assert sorted(two_processes) == sorted(ALGORITHMS)
     bad = []
