@@ -36,6 +36,7 @@ from demjax.data.sources import (
 from demjax.data.split import (
     Split,
     SplitFile,
+    arrays_info,
     partition_from_arrays,
     pool_indices,
     read_split_file,
@@ -328,12 +329,7 @@ def as_split(partition) -> Split:
         return Split(
             partition=part,
             names=tuple(f"agent_{a}" for a in range(part.num_agents)),
-            info={
-                "dataset": "arrays",
-                "partition": "arrays",
-                "sources": [],
-                "standardize": {"mode": "as given"},
-            },  # fmt: skip
+            info=arrays_info(),
         )
     raise ConfigError(
         f"partition={type(partition).__name__} is not valid; accepted: a "

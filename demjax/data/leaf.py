@@ -135,6 +135,33 @@ def read_leaf_shard(path: str) -> dict[str, tuple[list, list]]:
     return out
 
 
+def sample_owners(
+    counts: dict[str, int],
+    k: int | None,
+    seed: int,
+    dataset: str,
+    data_dir,
+    what: str,
+) -> list[str]:
+    """The owners (writers, clients) with at least 2 samples, sorted; with ``k``
+    a seeded uniform sample of ``k`` of them (sorted).
+
+    Raises:
+      ConfigError: fewer than ``k`` such owners (field ``num_agents``).
+    """
+    eligible = sorted(u for u, n in counts.items() if n >= 2)
+    if k is None:
+        return eligible
+    if len(eligible) < k:
+        raise ConfigError(
+            f"num_agents={k} is too many for dataset={dataset} in "
+            f"data_dir={data_dir!r}: it has {len(eligible)} {what} with at "
+            f"least 2 samples; accepted: at most {len(eligible)}"
+        )
+    pick = np.random.default_rng(seed).choice(len(eligible), k, replace=False)
+    return sorted(eligible[i] for i in pick)
+
+
 def _arrays(path: str, user: str, xs: list, ys: list) -> tuple[np.ndarray, np.ndarray]:
     """float32 ``[n, 28, 28, 1]`` and int32 ``[n]`` of one user, checked."""
     if not xs:
@@ -232,16 +259,7 @@ def load_femnist(
         for path in train_files + test_files:
             for u, (_, ys) in read_leaf_shard(path).items():
                 counts[u] = counts.get(u, 0) + len(ys)
-        eligible = sorted(u for u, n in counts.items() if n >= 2)
-        if len(eligible) < num_writers:
-            raise ConfigError(
-                f"num_agents={num_writers} is too many for dataset={_kind} in "
-                f"data_dir={data_dir!r}: it has {len(eligible)} writers with at "
-                f"least 2 samples; accepted: at most {len(eligible)}"
-            )
-        rng = np.random.default_rng(seed)
-        chosen = set(rng.choice(len(eligible), num_writers, replace=False).tolist())
-        keep = {eligible[i] for i in chosen}
+        keep = set(sample_owners(counts, num_writers, seed, _kind, data_dir, "writers"))
     else:
         keep = None
     parts = {0: {}, 1: {}}  # split -> user -> list of (x, y)
@@ -433,17 +451,9 @@ def load_tff_h5(
         for _, clients in opened:
             for c, (_, _, n) in clients.items():
                 counts[c] = counts.get(c, 0) + n
-        eligible = sorted(c for c, n in counts.items() if n >= 2)
-        if num_clients is not None:
-            if len(eligible) < num_clients:
-                raise ConfigError(
-                    f"num_agents={num_clients} is too many for dataset={dataset} in "
-                    f"data_dir={data_dir!r}: it has {len(eligible)} clients with at "
-                    f"least 2 samples; accepted: at most {len(eligible)}"
-                )
-            rng = np.random.default_rng(seed)
-            pick = rng.choice(len(eligible), num_clients, replace=False)
-            eligible = sorted(eligible[i] for i in pick)
+        eligible = sample_owners(
+            counts, num_clients, seed, dataset, data_dir, "clients"
+        )
         if len(eligible) < 2:
             raise DataFileError(
                 f"{train_path} holds {len(eligible)} clients with at least 2 "

@@ -349,6 +349,16 @@ def pool_indices(sf: SplitFile, num_train: int, pool_size: int, dataset: str):
     return out
 
 
+def arrays_info() -> dict:
+    """The dataset card's ``info`` of data given as arrays (no source files)."""
+    return {
+        "dataset": "arrays",
+        "partition": "arrays",
+        "sources": [],
+        "standardize": {"mode": "as given"},
+    }
+
+
 def partition_from_arrays(
     x_train,
     y_train,
@@ -503,10 +513,5 @@ def partition_from_arrays(
         names=names,
         indices=tuple(splits),
         num_train=int(num_train),
-        info={
-            "dataset": "arrays",
-            "partition": "arrays",
-            "sources": [],
-            "standardize": {"mode": "as given"},
-        },  # fmt: skip
+        info=arrays_info(),
     )
