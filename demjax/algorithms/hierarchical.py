@@ -144,11 +144,14 @@ def check(options: Hierarchy, name: str, config) -> None:
 
 def resources(options: Hierarchy, config) -> dict:
     """In-place rounds unless the clustering features need the round's starting
-    parameters; every group model held; two measurement points."""
+    parameters (self-organizing algorithms with ``cluster_features="updates"``);
+    every group model held; two measurement points."""
     from demjax import engine
 
     return {
-        "donate": config.cluster_features == "weights",
+        "donate": not (
+            options.self_organizing and config.cluster_features == "updates"
+        ),
         "num_group_models": int(
             sum(engine.tree_capacity(config, options.self_organizing))
         ),
@@ -190,9 +193,7 @@ def build(options: Hierarchy, ctx) -> Rounds:
 
     config, part = ctx.config, ctx.partition
     donate = bool(resources(options, config)["donate"])
-    sim = simulator(
-        config, part, donate, mu=ctx.mu, prepared=(ctx.plan, ctx.plan_info)
-    )
+    sim = simulator(config, part, donate, mu=ctx.mu, prepared=(ctx.plan, ctx.plan_info))
     num_agents, num_rounds = sim.num_agents, int(config.num_rounds)
     keep_start = not donate
     raw = sim.raw
@@ -312,9 +313,7 @@ def build(options: Hierarchy, ctx) -> Rounds:
             ok = (state.active & ~state.diverged).astype(jnp.float32) * agent_weight(
                 part
             )
-            m["train_loss"] = jnp.sum(state.loss * ok) / jnp.maximum(
-                jnp.sum(ok), 1e-12
-            )
+            m["train_loss"] = jnp.sum(state.loss * ok) / jnp.maximum(jnp.sum(ok), 1e-12)
         rec = {
             k: m.get(k)
             for k in ["c_spe", "c_gen", *level_names, "global_acc", "train_loss"]
@@ -324,8 +323,10 @@ def build(options: Hierarchy, ctx) -> Rounds:
 
     def final_files(state, t):
         tree = sharding.to_host(state.tree)
-        last = int(sharding.to_host(state.tree_round)) if options.self_organizing else (
-            num_rounds - 1
+        last = (
+            int(sharding.to_host(state.tree_round))
+            if options.self_organizing
+            else (num_rounds - 1)
         )
         snapshot = tree_snapshot(tree, linkage["z"], last, majority, linkage["agents"])
         return {"tree_final.json": snapshot}
@@ -341,8 +342,13 @@ def build(options: Hierarchy, ctx) -> Rounds:
                 donate=donate,
                 host=regroup if options.self_organizing else None,
             ),
-            Phase("aggregate_phase", aggregate_fn, timing=sync, donate=donate,
-                  point="local"),  # fmt: skip
+            Phase(
+                "aggregate_phase",
+                aggregate_fn,
+                timing=sync,
+                donate=donate,
+                point="local",
+            ),  # fmt: skip
             Phase("mix_phase", mix_fn, timing=sync, donate=donate, point="sync"),
         ),
         measure=measure,
