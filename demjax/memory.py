@@ -20,6 +20,7 @@ import numpy as np
 
 from demjax import local, models, sharding
 from demjax.errors import ConfigError
+from demjax.pytrees import tree_bytes  # re-exported: memory estimates use it
 
 
 def available_bytes() -> int:
@@ -42,8 +43,6 @@ def available_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def tree_bytes(tree) -> int:
-    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
 def step_temp_bytes(step_fn, *args) -> int:

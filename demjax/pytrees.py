@@ -12,6 +12,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def per_agent(v: jax.Array, like: jax.Array) -> jax.Array:
@@ -88,3 +89,16 @@ __all__ = [
     "tree_sq_dist",
     "where_agents",
 ]
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of one message: the sum over ``tree``'s leaves of size times item
+    size (a Python int, from static shapes and dtypes; works on arrays, tracers
+    and ``jax.ShapeDtypeStruct``). Pass one model (unstacked) for the size of
+    what one agent sends; communication accounting multiplies by the senders."""
+    return int(
+        sum(
+            int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+            for x in jax.tree.leaves(tree)
+        )
+    )
