@@ -12,7 +12,8 @@ import pytest
 
 import demjax.continual.consolidate as cons
 import demjax.continual.run as crun
-from demjax.continual.config import get_config, validate
+from demjax.config import validate
+from demjax.continual.config import get_config
 from demjax.continual.proxy import ProxySource, make_proxy
 from demjax.continual.scenario import build_scenario
 from demjax.errors import ConfigError

@@ -38,6 +38,8 @@ from demjax.errors import ConfigError, check_choice
 
 PROXIES = ("crops", "noise", "dataset")
 NOISES = ("uniform", "gaussian")
+PROXY_IMAGES = ("china.jpg", "flower.jpg")
+"""scikit-learn's bundled sample images (``proxy_image``)."""
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -155,7 +157,7 @@ def load_image(name: str, short_side: int) -> np.ndarray:
     """
     from sklearn.datasets import load_sample_image
 
-    check_choice("proxy_image", name, ("china.jpg", "flower.jpg"))
+    check_choice("proxy_image", name, PROXY_IMAGES)
     img = load_sample_image(name).astype(np.float32) / 255.0
     f = short_side / min(img.shape[:2])
     if f < 1:
@@ -202,9 +204,12 @@ def make_proxy(config, input_shape) -> ProxySource:
     the agents.
 
     Raises:
-      ConfigError: bad field, or ``proxy_dataset`` equal to ``dataset``.
+      ConfigError: a bad proxy field, or ``proxy_dataset`` equal to ``dataset``
+        (``demjax.config_checks.check_proxy``).
     """
-    check_choice("proxy", config.proxy, PROXIES)
+    from demjax.config_checks import check_proxy
+
+    check_proxy(config)
     h, w, _ = input_shape
     common = dict(
         noise=config.proxy_noise,
@@ -222,14 +227,5 @@ def make_proxy(config, input_shape) -> ProxySource:
             "crops", input_shape, bank, name=config.proxy_image, **common
         )
     name = config.proxy_dataset
-    from demjax.data import SOURCES
-
-    check_choice("proxy_dataset", name, SOURCES)
-    if same_dataset(name, config.dataset):
-        raise ConfigError(
-            f"proxy_dataset={name!r} is the scenario's own data set "
-            f"(dataset={config.dataset!r}); accepted: another data set, e.g. "
-            "'digits' for fashion_mnist"
-        )
     bank = _dataset_bank(name, config, input_shape, int(config.proxy_dataset_size))
     return ProxySource("dataset", input_shape, bank, name=name, **common)

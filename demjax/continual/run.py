@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax.continual.config import validate
+from demjax.config import validate
 from demjax.continual.consolidate import Consolidator, average_params
 from demjax.continual.proxy import make_proxy
 from demjax.continual.scenario import make_scenario
