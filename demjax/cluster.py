@@ -166,8 +166,7 @@ def features(params: Any, prev_params: Any = None, kind: str = "weights") -> jax
         return flatten_params(params)
     if prev_params is None:
         raise ValueError(
-            "kind='updates' needs the models entering the round (prev_params); "
-            "got None"
+            "kind='updates' needs the models entering the round (prev_params); got None"
         )
     leaves = _stacked_leaves(params, "params")
     prev = _stacked_leaves(prev_params, "prev_params")

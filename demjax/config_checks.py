@@ -173,8 +173,10 @@ def check_data(config) -> None:
     dataset = field(config, "dataset")
     method = field(config, "partition", "pathological")
     num_agents = field(config, "num_agents")
-    if isinstance(num_agents, bool) or not isinstance(num_agents, int) or (
-        num_agents < 2
+    if (
+        isinstance(num_agents, bool)
+        or not isinstance(num_agents, int)
+        or (num_agents < 2)
     ):
         raise ConfigError(
             f"num_agents={num_agents!r} is not valid; accepted: an integer >= 2"

@@ -73,6 +73,7 @@ __all__ = [
     "write_split_file",
 ]
 
+
 def make_partition(config) -> Partition:
     """Loads ``config.dataset`` and partitions it: ``make_split(config).partition``.
 
