@@ -21,8 +21,14 @@ import os
 
 from demjax import cluster, network, plan, robust
 from demjax.algorithms import ALGORITHMS, REGISTRY
-from demjax.data import LEAF_SOURCES, NATURAL_SOURCES, PARTITIONS, SOURCES
-from demjax.data.sources import standardize_mode
+from demjax.continual import config as continual
+from demjax.data.partition import CONFIG_PARTITIONS as PARTITIONS
+from demjax.data.sources import (
+    LEAF_SOURCES,
+    NATURAL_SOURCES,
+    SOURCES,
+    standardize_mode,
+)
 from demjax.errors import ConfigError, check_choice
 from demjax.local import make_optimizer
 from demjax.models import CONV_IMPLS, INITS, MODELS
@@ -417,18 +423,16 @@ def check_proxy(config) -> None:
     Raises:
       ConfigError: the first bad field.
     """
-    from demjax.continual.proxy import NOISES, PROXIES, PROXY_IMAGES, same_dataset
-
-    check_choice("proxy", config.proxy, PROXIES)
-    check_choice("proxy_noise", config.proxy_noise, NOISES)
-    check_choice("proxy_image", config.proxy_image, PROXY_IMAGES)
+    check_choice("proxy", config.proxy, continual.PROXIES)
+    check_choice("proxy_noise", config.proxy_noise, continual.NOISES)
+    check_choice("proxy_image", config.proxy_image, continual.PROXY_IMAGES)
     number_in(config, "crop_min_scale", 0.0, 1.0, low_open=True)
     number_in(config, "proxy_jitter", 0.0, 0.99)
     int_at_least(config, "proxy_dataset_size", 0)
     if config.proxy != "dataset":
         return
     check_choice("proxy_dataset", config.proxy_dataset, SOURCES)
-    if same_dataset(config.proxy_dataset, config.dataset):
+    if continual.same_dataset(config.proxy_dataset, config.dataset):
         raise ConfigError(
             f"proxy_dataset={config.proxy_dataset!r} is the scenario's own data "
             f"set (dataset={config.dataset!r}); accepted: another data set, e.g. "
@@ -442,28 +446,19 @@ def check_continual(config) -> None:
     Raises:
       ConfigError: the first bad field, naming it and the accepted values.
     """
-    # Imported here: the continual package is only needed for its own configs.
-    from demjax.continual import config as cc
-    from demjax.continual.consolidate import (
-        PROJECTOR_INITS,
-        STUDENT_INITS,
-        STUDENT_LOGITS,
-    )
-    from demjax.continual.scenario import CLASS_ORDERS
-    from demjax.continual.scenario import DATASETS as CONTINUAL_DATASETS
-
+    cc = continual
     check_choice("scenario", config.scenario, ("continual",))
     check_choice("method", config.method, cc.METHODS)
-    check_choice("dataset", config.dataset, CONTINUAL_DATASETS)
-    check_choice("class_order", config.class_order, CLASS_ORDERS)
+    check_choice("dataset", config.dataset, cc.DATASETS)
+    check_choice("class_order", config.class_order, cc.CLASS_ORDERS)
     check_choice("model", config.model, MODELS)
     check_choice("conv_impl", config.conv_impl, CONV_IMPLS)
     check_choice("init", config.init, INITS)
     check_choice("agent_head", config.agent_head, cc.AGENT_HEADS)
     check_proxy(config)
-    check_choice("student_init", config.student_init, STUDENT_INITS)
-    check_choice("projector_init", config.projector_init, PROJECTOR_INITS)
-    check_choice("student_logits", config.student_logits, STUDENT_LOGITS)
+    check_choice("student_init", config.student_init, cc.STUDENT_INITS)
+    check_choice("projector_init", config.projector_init, cc.PROJECTOR_INITS)
+    check_choice("student_logits", config.student_logits, cc.STUDENT_LOGITS)
     check_choice("average_weighting", config.average_weighting, cc.AVG_WEIGHTINGS)
     make_optimizer(config.optimizer, config.lr)
     for name in ("num_tasks", "classes_per_task", "agents_per_task", "test_per_class"):

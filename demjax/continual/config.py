@@ -20,6 +20,27 @@ turn; ``average``: FedAvg-style mean of the previous and the agents' models;
 AGENT_HEADS = ("masked", "full")
 AVG_WEIGHTINGS = ("tasks", "uniform")
 
+# Accepted values of the other fields, used by the modules that implement them
+# (defined here, a module without dependencies, so the config checks import them
+# without importing the scenario's code).
+DATASETS = ("digits", "fashion_mnist", "fashion_mnist_tfds", "mnist", "cifar10")
+"""Accepted values of ``config.dataset`` in continual runs."""
+CLASS_ORDERS = ("natural", "random")
+PROXIES = ("crops", "noise", "dataset")
+NOISES = ("uniform", "gaussian")
+PROXY_IMAGES = ("china.jpg", "flower.jpg")
+"""scikit-learn's bundled sample images (``proxy_image``)."""
+STUDENT_INITS = ("previous", "agents", "average")
+PROJECTOR_INITS = ("identity", "lecun")
+STUDENT_LOGITS = ("raw", "centred")
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two ``dataset`` names are the same data (both Fashion-MNIST loaders
+    count as one)."""
+    fm = ("fashion_mnist", "fashion_mnist_tfds")
+    return a == b or (a in fm and b in fm)
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()

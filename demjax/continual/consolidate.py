@@ -46,12 +46,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from demjax.continual.config import PROJECTOR_INITS, STUDENT_INITS, STUDENT_LOGITS
 from demjax.continual.proxy import ProxySource
 from demjax.errors import ConfigError, check_choice
-
-STUDENT_INITS = ("previous", "agents", "average")
-PROJECTOR_INITS = ("identity", "lecun")
-STUDENT_LOGITS = ("raw", "centred")
 
 
 def centred(z: jax.Array, mask: jax.Array) -> jax.Array:

@@ -34,12 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from demjax.continual.config import NOISES, PROXIES, PROXY_IMAGES
 from demjax.errors import ConfigError, check_choice
 
-PROXIES = ("crops", "noise", "dataset")
-NOISES = ("uniform", "gaussian")
-PROXY_IMAGES = ("china.jpg", "flower.jpg")
-"""scikit-learn's bundled sample images (``proxy_image``)."""
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -186,13 +183,6 @@ def _dataset_bank(name: str, config, input_shape, max_images: int) -> np.ndarray
             jax.image.resize(x, (x.shape[0], side, side, x.shape[3]), "linear")
         )
     return np.clip(x, 0.0, 1.0).astype(np.float32)
-
-
-def same_dataset(a: str, b: str) -> bool:
-    """Whether two ``dataset`` names are the same data (both Fashion-MNIST loaders
-    count as one)."""
-    fm = ("fashion_mnist", "fashion_mnist_tfds")
-    return a == b or (a in fm and b in fm)
 
 
 def make_proxy(config, input_shape) -> ProxySource:

@@ -26,13 +26,9 @@ import dataclasses
 
 import numpy as np
 
+from demjax.continual.config import CLASS_ORDERS, DATASETS
 from demjax.data import load_source
 from demjax.errors import ConfigError, check_choice
-
-DATASETS = ("digits", "fashion_mnist", "fashion_mnist_tfds", "mnist", "cifar10")
-"""Accepted values of ``config.dataset`` in continual runs."""
-
-CLASS_ORDERS = ("natural", "random")
 
 
 @dataclasses.dataclass(frozen=True)

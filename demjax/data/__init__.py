@@ -17,9 +17,16 @@ import numpy as np
 
 from demjax.data import card, leaf
 from demjax.data.card import data_card, write_card
+from demjax.data.partition import (
+    CONFIG_PARTITIONS,
+    partition,
+    partition_indices,
+    stack_partition,
+)
 from demjax.data.partition import PARTITIONS as POOL_PARTITIONS
-from demjax.data.partition import partition, partition_indices, stack_partition
 from demjax.data.sources import (
+    LEAF_SOURCES,
+    NATURAL_SOURCES,
     SOURCES,
     STANDARDIZE,
     TFDS_NAMES,
@@ -42,12 +49,12 @@ from demjax.data.split import (
 from demjax.errors import ConfigError
 from demjax.types import Partition
 
-PARTITIONS = (*POOL_PARTITIONS, "natural", "file", "arrays")
-LEAF_SOURCES = ("femnist", "shakespeare")
-NATURAL_SOURCES = (*LEAF_SOURCES, "cifar100")
+PARTITIONS = CONFIG_PARTITIONS
 """Accepted values of ``config.partition``."""
 
 __all__ = [
+    "LEAF_SOURCES",
+    "NATURAL_SOURCES",
     "PARTITIONS",
     "POOL_PARTITIONS",
     "SOURCES",
