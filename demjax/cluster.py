@@ -41,26 +41,13 @@ from scipy.cluster import hierarchy as sch
 from scipy.spatial import distance as ssd
 
 from demjax import sharding
-from demjax.errors import ConfigError
+from demjax.errors import ConfigError, check_arg
 from demjax.types import GroupTree
 
 FEATURE_KINDS = ("weights", "updates")
 METRICS = ("euclidean", "cosine")
 LINKAGE_METHODS = ("single", "complete", "average", "weighted", "ward")
 LINKAGE_BACKENDS = ("scipy", "fastcluster")
-
-
-def _check_arg(name: str, value: Any, choices: Sequence[str]) -> None:
-    """Argument check of the public functions below (called with raw values; a
-    run's config fields were checked by ``demjax.config.validate``).
-
-    Raises:
-      ValueError: ``"<name>=<value!r> is not valid; accepted: a, b"``.
-    """
-    if value not in choices:
-        raise ValueError(
-            f"{name}={value!r} is not valid; accepted: {', '.join(choices)}"
-        )
 
 
 def fastcluster_available() -> bool:
@@ -161,7 +148,7 @@ def features(params: Any, prev_params: Any = None, kind: str = "weights") -> jax
         without ``prev_params``, or malformed pytrees (see
         :func:`flatten_params`).
     """
-    _check_arg("kind", kind, FEATURE_KINDS)
+    check_arg("kind", kind, FEATURE_KINDS)
     if kind == "weights":
         return flatten_params(params)
     if prev_params is None:
@@ -271,7 +258,7 @@ def pairwise_distances(
     Raises:
       ValueError: unknown ``metric``, or ``feats`` is not 2-D.
     """
-    _check_arg("metric", metric, METRICS)
+    check_arg("metric", metric, METRICS)
     if np.ndim(feats) != 2:
         raise ValueError(f"feats must be [A, D]; got shape {np.shape(feats)}")
     return _pairwise_distances_jit(jnp.asarray(feats), metric, int(block_size))
@@ -406,8 +393,8 @@ def linkage(dist: Any, method: str = "average", backend: str = "scipy") -> np.nd
       ValueError: unknown ``method`` or ``backend``, ``dist`` is not square, or
         holds non-finite values.
     """
-    _check_arg("method", method, LINKAGE_METHODS)
-    _check_arg("backend", backend, LINKAGE_BACKENDS)
+    check_arg("method", method, LINKAGE_METHODS)
+    check_arg("backend", backend, LINKAGE_BACKENDS)
     d = np.array(dist, dtype=np.float64, copy=True)
     if d.ndim != 2 or d.shape[0] != d.shape[1]:
         raise ValueError(f"dist must be a square [A, A] matrix; got {d.shape}")
@@ -433,7 +420,7 @@ def linkage(dist: Any, method: str = "average", backend: str = "scipy") -> np.nd
 # --------------------------------------------------------------------------------------
 
 
-def _check_z(z: Any, num_agents: int) -> np.ndarray:
+def _z_arg(z: Any, num_agents: int) -> np.ndarray:
     if not isinstance(num_agents, numbers.Integral) or num_agents < 1:
         raise ValueError(f"num_agents={num_agents!r} is not valid; accepted: >= 1")
     z = np.asarray(z, dtype=np.float64)
@@ -512,7 +499,7 @@ def _subtree_leaves(z: np.ndarray, num_agents: int, cid: int) -> list[int]:
     return out
 
 
-def _check_num_levels(num_levels: Any) -> int:
+def _num_levels_arg(num_levels: Any) -> int:
     if (
         isinstance(num_levels, bool)
         or not isinstance(num_levels, numbers.Integral)
@@ -558,8 +545,8 @@ def tree_from_linkage(z: Any, num_agents: int, num_levels: int) -> GroupTree:
       ValueError: ``num_levels`` is not an integer >= 0, or ``z`` does not have
         shape ``[A - 1, 4]``.
     """
-    num_levels = _check_num_levels(num_levels)
-    z = _check_z(z, num_agents)
+    num_levels = _num_levels_arg(num_levels)
+    z = _z_arg(z, num_agents)
     if num_levels == 0:
         return trivial_tree(num_agents)
     level_sizes = tuple(2 ** (num_levels - lv + 1) for lv in range(1, num_levels + 1))
@@ -593,7 +580,7 @@ def tree_from_linkage(z: Any, num_agents: int, num_levels: int) -> GroupTree:
     return _finish_tree(agent_parent, node_parent, level_sizes)
 
 
-def _check_level_groups(level_groups: Any, num_agents: int) -> tuple[int, ...]:
+def _level_groups_arg(level_groups: Any, num_agents: int) -> tuple[int, ...]:
     try:
         groups = tuple(level_groups)
     except TypeError:
@@ -653,8 +640,8 @@ def tree_from_linkage_maxclust(
         increasing; ``z`` has the wrong shape, or the per-level cuts are not
         nested.
     """
-    z = _check_z(z, num_agents)
-    groups = _check_level_groups(level_groups, num_agents)
+    z = _z_arg(z, num_agents)
+    groups = _level_groups_arg(level_groups, num_agents)
     if not groups:
         return trivial_tree(num_agents)
     level_sizes = groups + (1,)
@@ -739,7 +726,7 @@ def tree_to_json(tree: GroupTree) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def _check_linkage_sample(value: Any, num_agents: int) -> int:
+def _linkage_sample_arg(value: Any, num_agents: int) -> int:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, np.integer))
@@ -785,7 +772,7 @@ def nearest_rows(x: Any, s: Any, metric: str = "euclidean", block: int = 4096):
     Returns:
       int32 ``[A]`` in ``[0, m)``.
     """
-    _check_arg("metric", metric, METRICS)
+    check_arg("metric", metric, METRICS)
     x, s = jnp.asarray(x, jnp.float32), jnp.asarray(s, jnp.float32)
     return _nearest_jit(x, s, metric, int(min(block, max(x.shape[0], 1))))
 
@@ -843,20 +830,20 @@ def build_tree(
         ``feats`` is not 2-D.
       ConfigError: fastcluster requested but not installed.
     """
-    _check_arg("metric", metric, METRICS)
-    _check_arg("method", method, LINKAGE_METHODS)
+    check_arg("metric", metric, METRICS)
+    check_arg("method", method, LINKAGE_METHODS)
     if method == "ward" and metric != "euclidean":
         raise ValueError(
             f"method='ward' needs metric='euclidean'; got metric={metric!r}"
         )
-    _check_arg("mode", mode, TREE_MODES)
-    _check_arg("backend", backend, LINKAGE_BACKENDS)
-    num_levels = _check_num_levels(num_levels)
+    check_arg("mode", mode, TREE_MODES)
+    check_arg("backend", backend, LINKAGE_BACKENDS)
+    num_levels = _num_levels_arg(num_levels)
     if np.ndim(feats) != 2:
         raise ValueError(f"feats must be [A, D]; got shape {np.shape(feats)}")
     num_agents = int(np.shape(feats)[0])
     if mode == "maxclust":
-        groups = _check_level_groups(level_groups, num_agents)
+        groups = _level_groups_arg(level_groups, num_agents)
         if len(groups) != num_levels:
             raise ValueError(
                 f"level_groups={tuple(level_groups)!r} has {len(groups)} levels but "
@@ -870,7 +857,7 @@ def build_tree(
         ts = time.perf_counter()
         feats = sketch(key, feats, int(sketch_dim)).block_until_ready()
         info["sketch_s"] = time.perf_counter() - ts
-    m = _check_linkage_sample(linkage_sample, num_agents)
+    m = _linkage_sample_arg(linkage_sample, num_agents)
     full_feats, sample = feats, None
     if m:
         if key is None:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax.errors import ConfigError, check_choice
+from demjax.errors import ConfigError, check_arg
 
 NETWORKS = ("complete", "erdos_renyi", "file")
 NETWORK_MODES = ("static", "undirected", "directed")
@@ -247,13 +247,14 @@ def build(
       seed: seed of the Erdos-Renyi draw and of the rates.
 
     Raises:
-      ConfigError: an unknown choice, an Erdos-Renyi graph that stays
+      ValueError: an unknown ``network``, ``mode`` or ``impl``.
+      ConfigError: an Erdos-Renyi graph that stays
         disconnected, a file graph that is not strongly connected (push-sum
         cannot reach consensus) or not symmetric in ``undirected`` mode.
     """
-    check_choice("network", network, NETWORKS)
-    check_choice("network_mode", mode, NETWORK_MODES)
-    check_choice("network_impl", impl, NETWORK_IMPLS)
+    check_arg("network", network, NETWORKS)
+    check_arg("mode", mode, NETWORK_MODES)
+    check_arg("impl", impl, NETWORK_IMPLS)
     a = int(num_agents)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x6E6574]))
     if network == "complete":

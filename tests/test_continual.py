@@ -516,6 +516,26 @@ def test_bad_field_names_field_and_accepted_values(field, value, match):
         validate(c)
 
 
+def test_public_functions_name_their_arguments():
+    """Raw-argument errors of the public functions are ``ValueError``s naming the
+    argument, not config errors (the config was checked once, by validate)."""
+    model = make_model("mlp", 10, (8,), "patches")
+    cases = [
+        (lambda: ProxySource("gan", (8, 8, 1)),
+         r"^kind='gan' is not valid; accepted: crops, noise, dataset$"),
+        (lambda: ProxySource("noise", (8, 8, 1), jitter=1.0), r"^jitter=1\.0 is not"),
+        (lambda: cons.Consolidator(model, steps=0, batch=8, lr=1e-3, alpha=1.0),
+         r"^steps=0 is not valid; accepted: an integer >= 1$"),
+        (lambda: cons.Consolidator(model, steps=1, batch=8, lr=1e-3, alpha=1.0,
+                                   student_init="mean"),
+         r"^student_init='mean' is not valid; accepted: previous, agents, average$"),
+    ]  # fmt: skip
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match) as err:
+            call()
+        assert not isinstance(err.value, ConfigError)
+
+
 def test_bad_combinations_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"num_tasks=6 x classes_per_task=2 exceeds"):
         crun.run(tiny(num_tasks=6), str(tmp_path / "a"))

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from demjax.continual.config import NOISES, PROXIES, PROXY_IMAGES
-from demjax.errors import ConfigError, check_choice
+from demjax.errors import check_arg
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
@@ -61,17 +61,17 @@ class ProxySource:
         standardize: bool = True,
         name: str = "",
     ):
-        check_choice("proxy", kind, PROXIES)
-        check_choice("proxy_noise", noise, NOISES)
+        check_arg("kind", kind, PROXIES)
+        check_arg("noise", noise, NOISES)
         if not 0.0 < crop_min_scale <= 1.0:
-            raise ConfigError(
+            raise ValueError(
                 f"crop_min_scale={crop_min_scale!r} is not valid; accepted: (0, 1]"
             )
         if not 0.0 <= jitter < 1.0:
-            raise ConfigError(f"proxy_jitter={jitter!r} is not valid; accepted: [0, 1)")
+            raise ValueError(f"jitter={jitter!r} is not valid; accepted: [0, 1)")
         if kind != "noise" and (bank is None or np.ndim(bank) != 4):
-            raise ConfigError(
-                f"proxy={kind!r} needs an image bank [K, H, W, C]; got "
+            raise ValueError(
+                f"kind={kind!r} needs an image bank [K, H, W, C]; got "
                 f"{None if bank is None else np.shape(bank)}"
             )
         self.kind = kind
@@ -150,11 +150,11 @@ def load_image(name: str, short_side: int) -> np.ndarray:
     ``short_side`` (crops are resized again at sampling time).
 
     Raises:
-      ConfigError: unknown ``proxy_image``.
+      ValueError: unknown ``name``.
     """
     from sklearn.datasets import load_sample_image
 
-    check_choice("proxy_image", name, PROXY_IMAGES)
+    check_arg("name", name, PROXY_IMAGES)
     img = load_sample_image(name).astype(np.float32) / 255.0
     f = short_side / min(img.shape[:2])
     if f < 1:
