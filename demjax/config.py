@@ -90,6 +90,9 @@ FIELD_DOCS = {
     "labels_per_agent": "pathological: labels per agent (1..C)",
     "dirichlet_alpha": "dirichlet: concentration (> 0)",
     "samples_per_agent": "cap on samples per agent; 0 = none",
+    "val_fraction": "share of each agent's training rows held out as its "
+    "evaluation rows (tuning without the test data; docs/data.md); 0 = the test "
+    "split",
     "standardize": "global ((x - mean) / (std + 0.001), the reference), per_pixel, "
     "given (standardize_mean/std), none ([0, 1]); True = global, False = none",
     "standardize_mean": "standardize='given': the mean subtracted (finite)",

@@ -400,6 +400,12 @@ def check_run(config) -> None:
     positive(config, "dirichlet_alpha")
     float_in(config, "trim_fraction", 0.0, 0.49)
     float_in(config, "aggregator_noise", 0.0)
+    float_in(config, "val_fraction", 0.0, 1.0)
+    if config.val_fraction == 1.0:
+        raise ConfigError(
+            f"val_fraction={config.val_fraction!r} is not valid; accepted: a number "
+            "in [0, 1)"
+        )
     if config.mu is not None:
         float_in(config, "mu", 0.0)
     all_floats_finite(config)  # fields without a check of their own

@@ -13,9 +13,11 @@ periodic evaluation.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from demjax.data import card, leaf
+from demjax.data import card, leaf, validation
 from demjax.data.card import data_card, write_card
 from demjax.data.partition import (
     CONFIG_PARTITIONS,
@@ -81,6 +83,14 @@ __all__ = [
 ]
 
 
+def _field(config, name: str, *default):
+    """``config.<name>`` of a ConfigDict or any attribute object, ``default`` if
+    absent (``demjax.config_checks.field``)."""
+    from demjax.config_checks import field  # imported here: no import cycle
+
+    return field(config, name, *default)
+
+
 def make_partition(config) -> Partition:
     """Loads ``config.dataset`` and partitions it: ``make_split(config).partition``.
 
@@ -125,7 +135,6 @@ def make_split(config, partition=None) -> Split:
       DataNotFoundError: the data set is not available offline.
     """
     from demjax.config_checks import check_data
-    from demjax.config_checks import field as _field
 
     check_data(config)  # the config's data fields (also run by config.validate)
     dataset = _field(config, "dataset")
@@ -145,7 +154,7 @@ def make_split(config, partition=None) -> Split:
             )
         split = as_split(partition)
         _check_count(num_agents, split.num_agents, "the given partition")
-        return split
+        return _validation(split, config)
     seed = int(_field(config, "seed", 0))
     data_dir = _field(config, "data_dir", None) or None
     if method == "natural":
@@ -198,6 +207,8 @@ def make_split(config, partition=None) -> Split:
             dataset_name=dataset,
         )
         names = tuple(f"agent_{a}" for a in range(len(splits)))
+    val_fraction = float(_field(config, "val_fraction", 0.0))
+    splits = validation.hold_out_indices(splits, val_fraction, seed)
     part = stack_partition(x, pool.y, splits, pool.num_classes)
     if stats["mode"] == "per_pixel":  # [*F] arrays: their range in the card
         stats = {
@@ -217,7 +228,38 @@ def make_split(config, partition=None) -> Split:
             "partition": method,
             "sources": sources,
             "standardize": stats,
+            **_validation_info(val_fraction, seed),
         },  # fmt: skip
+    )
+
+
+def _validation_info(fraction: float, seed: int) -> dict:
+    if fraction == 0.0:
+        return {}
+    return {
+        "validation": {
+            "val_fraction": fraction,
+            "seed": seed,
+            "note": "test pairs are held-out training rows; the test split is unused",
+        }
+    }
+
+
+def _validation(split: Split, config) -> Split:
+    """``split`` with held-out training rows as its evaluation rows
+    (``config.val_fraction``; ``demjax.data.validation``)."""
+    fraction = float(_field(config, "val_fraction", 0.0))
+    if fraction == 0.0:
+        return split
+    seed = int(_field(config, "seed", 0))
+    indices = split.indices
+    if indices is not None:
+        indices = tuple(validation.hold_out_indices(indices, fraction, seed))
+    return dataclasses.replace(
+        split,
+        partition=validation.hold_out(split.partition, fraction, seed),
+        indices=indices,
+        info={**split.info, **_validation_info(fraction, seed)},
     )
 
 
