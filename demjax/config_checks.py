@@ -452,20 +452,21 @@ def check_continual(config) -> None:
     Raises:
       ConfigError: the first bad field, naming it and the accepted values.
     """
-    cc = continual
     check_choice("scenario", config.scenario, ("continual",))
-    check_choice("method", config.method, cc.METHODS)
-    check_choice("dataset", config.dataset, cc.DATASETS)
-    check_choice("class_order", config.class_order, cc.CLASS_ORDERS)
+    check_choice("method", config.method, continual.METHODS)
+    check_choice("dataset", config.dataset, continual.DATASETS)
+    check_choice("class_order", config.class_order, continual.CLASS_ORDERS)
     check_choice("model", config.model, MODELS)
     check_choice("conv_impl", config.conv_impl, CONV_IMPLS)
     check_choice("init", config.init, INITS)
-    check_choice("agent_head", config.agent_head, cc.AGENT_HEADS)
+    check_choice("agent_head", config.agent_head, continual.AGENT_HEADS)
     check_proxy(config)
-    check_choice("student_init", config.student_init, cc.STUDENT_INITS)
-    check_choice("projector_init", config.projector_init, cc.PROJECTOR_INITS)
-    check_choice("student_logits", config.student_logits, cc.STUDENT_LOGITS)
-    check_choice("average_weighting", config.average_weighting, cc.AVG_WEIGHTINGS)
+    check_choice("student_init", config.student_init, continual.STUDENT_INITS)
+    check_choice("projector_init", config.projector_init, continual.PROJECTOR_INITS)
+    check_choice("student_logits", config.student_logits, continual.STUDENT_LOGITS)
+    check_choice(
+        "average_weighting", config.average_weighting, continual.AVG_WEIGHTINGS
+    )
     make_optimizer(config.optimizer, config.lr)
     for name in ("num_tasks", "classes_per_task", "agents_per_task", "test_per_class"):
         int_at_least(config, name, 1)
