@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from configs import default
 
+from configs import default
 from demjax import data
 from demjax.config import validate
 from demjax.data import validation
