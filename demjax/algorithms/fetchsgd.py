@@ -24,8 +24,9 @@ every bucket a chosen coordinate hashes to is cleared in both sketches (Algorith
 1 writes the error step as ``S_e = S_e - S(Delta)``). ``lr`` multiplies deltas
 that already carry the local learning rate (1: the mean update itself). The hash
 functions ``h_r`` (uniform buckets) and signs ``s_r`` (uniform +-1) are drawn
-from the run's key at ``init`` and fixed for the run. Every agent's sketch is computed at once: one ``segment_sum`` per row
-over the hashed buckets, vmapped over rows.
+from the run's key at ``init`` and fixed for the run. Every agent's sketch is
+computed at once: one ``segment_sum`` per row over the hashed buckets, vmapped
+over rows.
 
 C-SPE / C-GEN / Global evaluate the global model ``w`` (every agent uses it).
 Communication per participating agent: one sketch up (``rows * cols * 4``
@@ -202,8 +203,9 @@ def build(ctx) -> Rounds:
         )
         num_active = jnp.sum(active)
         senders = num_active.astype(jnp.float32)
+        senders_ok = use.astype(jnp.float32)
         info = {
-            "train_loss": masked_mean(jnp.where(use, loss, 0.0), use.astype(jnp.float32)),
+            "train_loss": masked_mean(jnp.where(use, loss, 0.0), senders_ok),
             "num_active": num_active,
             "num_diverged": jnp.sum(active & ~ok),
             "bytes_up": senders * jnp.float32(up_bytes),

@@ -84,7 +84,7 @@ HPARAMS = {
     ),
     "n_hidden": HParam(
         3,
-        "pfedhn: hidden hidden->hidden layers of the hypernetwork (>= 0; paper/code: 3)",
+        "pfedhn: hidden->hidden layers of the hypernetwork (>= 0; paper/code: 3)",
         low=0,
     ),
     "lr": HParam(
@@ -100,11 +100,12 @@ HPARAMS = {
         low=0.0,
     ),
     "momentum": HParam(
-        0.9, "pfedhn: server SGD momentum (in [0, 0.999]; code: 0.9)", low=0.0, high=0.999
+        0.9,
+        "pfedhn: server SGD momentum (in [0, 0.999]; code: 0.9)",
+        low=0.0,
+        high=0.999,
     ),
-    "wd": HParam(
-        0.001, "pfedhn: server weight decay (>= 0; code: 0.001)", low=0.0
-    ),
+    "wd": HParam(0.001, "pfedhn: server weight decay (>= 0; code: 0.001)", low=0.0),
     "clip": HParam(
         50.0,
         "pfedhn: global-norm clip of the server gradient (>= 0, 0 = off; code: 50)",
@@ -281,9 +282,10 @@ def build(ctx) -> Rounds:
             head=where_agents(use, head, state.head) if pc else None,
         )
         num_active = jnp.sum(active)
+        use_f = use.astype(jnp.float32)
         sent = num_active.astype(jnp.float32) * jnp.float32(msg_bytes)
         info = {
-            "train_loss": masked_mean(jnp.where(use, loss, 0.0), use.astype(jnp.float32)),
+            "train_loss": masked_mean(jnp.where(use, loss, 0.0), use_f),
             "num_active": num_active,
             "num_diverged": jnp.sum(active & ~ok),
             "bytes_up": sent,
