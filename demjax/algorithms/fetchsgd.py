@@ -31,8 +31,8 @@ over rows.
 C-SPE / C-GEN / Global evaluate the global model ``w`` (every agent uses it).
 Communication per participating agent: one sketch up (``rows * cols * 4``
 bytes) and the whole current model down (``tree_bytes(w)``: an agent joining a
-round needs the current model; the paper's download compression, counting only
-the coordinates changed since an agent last took part, is not modelled).
+round needs the current model, which it may not have seen for many rounds; a
+sparse download of only the coordinates changed since then is not modelled).
 
 State: ``w`` one model; ``mom``, ``err`` float32 ``[rows, cols]``; ``buckets``
 int32 ``[rows, D]``; ``signs`` float32 ``[rows, D]``.
