@@ -142,16 +142,20 @@ def np_unsketch(t, buckets, signs):
     return est
 
 
-def test_fetchsgd_rounds_match_numpy_count_sketch():
+@pytest.mark.parametrize("aggregator,nan_agent", [("mean", 3), ("median", None)])
+def test_fetchsgd_rounds_match_numpy_count_sketch(aggregator, nan_agent):
     """Two rounds of Algorithm 1 (momentum and error feedback carried over) against
-    a NumPy Count Sketch and a Python loop over agents: sketches, their mean,
-    momentum, error, top-k unsketch, bucket zeroing, the model step; the NaN agent
-    is counted as diverged and left out."""
+    a NumPy Count Sketch and a Python loop over agents: sketches, their mean (or
+    bucket-wise median), momentum, error, top-k unsketch, bucket zeroing, the model
+    step; the NaN agent is counted as diverged and left out."""
     rows, cols, k, rho, slr = 3, 7, 4, 0.8, 0.7
-    cfg = tiny_config(algorithm="fetchsgd", num_agents=4, model="mlr")
+    cfg = tiny_config(
+        algorithm="fetchsgd", num_agents=4, model="mlr", aggregator=aggregator
+    )
     cfg.fetchsgd.update(rows=rows, cols=cols, k=k, rho=rho, lr=slr)
-    part = make_part(nan_agent=3)
+    part = make_part(nan_agent=nan_agent)
     _, _, s0, state, infos = run(cfg, part)
+    combine = np.mean if aggregator == "mean" else np.median
 
     layers = LAYERS["mlr"]
     b, s = np.asarray(s0.buckets), np.asarray(s0.signs, np.float64)
@@ -160,15 +164,15 @@ def test_fetchsgd_rounds_match_numpy_count_sketch():
     for _ in range(2):
         tables = []
         for i in range(4):
-            if not ACTIVE[i] or i == 3:  # sits out / diverges
+            if not ACTIVE[i] or i == nan_agent:  # sits out / diverges
                 continue
             wi = local_step(unflatten(jnp.asarray(w, jnp.float32), layers), part, i)
             g = w - np.asarray(flatten(wi, layers), np.float64)
             tables.append(np_sketch(g, b, s, cols))
-        mom = rho * mom + np.mean(tables, axis=0)
+        mom = rho * mom + combine(tables, axis=0)
         err = err + slr * mom
         est = np_unsketch(err, b, s)
-        top = np.argsort(-np.abs(est))[:k]
+        top = np.argsort(-np.abs(est), kind="stable")[:k]  # ties: lower index (top_k)
         for r in range(rows):
             mom[r, b[r, top]] = 0.0
             err[r, b[r, top]] = 0.0
@@ -179,7 +183,8 @@ def test_fetchsgd_rounds_match_numpy_count_sketch():
     np.testing.assert_allclose(state.err, err, atol=1e-5)
     assert np.count_nonzero(err) < rows * cols  # the zeroing happened
     for info in infos:
-        assert int(info["num_active"]) == 3 and int(info["num_diverged"]) == 1
+        assert int(info["num_active"]) == 3
+        assert int(info["num_diverged"]) == (nan_agent is not None)
         assert float(info["bytes_up"]) == 3 * rows * cols * 4
         assert float(info["bytes_down"]) == 3 * (F * C + C) * 4
         assert np.isfinite(float(info["train_loss"]))
@@ -363,6 +368,12 @@ def test_bad_hparams_name_the_field(alg, field, value, match):
     cfg = tiny_config(algorithm=alg, num_agents=4, model="mlr")
     cfg[alg][field] = value
     with pytest.raises(ConfigError, match=match):
+        validate(cfg)
+
+
+def test_pfedhn_rejects_a_robust_aggregator():
+    cfg = tiny_config(algorithm="pfedhn", num_agents=4, aggregator="median")
+    with pytest.raises(ConfigError, match=r"aggregator='median' .*accepted: mean"):
         validate(cfg)
 
 

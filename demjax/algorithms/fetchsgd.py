@@ -8,7 +8,8 @@ agents keep no state), and sends the Count Sketch ``S(g_i)`` of its update
 ``g_i = w - w_i`` (flat ``[D]``): a float32 table ``[rows, cols]`` with
 ``S(g)[r, c] = sum_{j: h_r(j) = c} s_r(j) g_j``. The server (Algorithm 1)::
 
-    S   = (1 / W) sum_i S(g_i)            (linearity: the sketch of the mean)
+    S   = (1 / W) sum_i S(g_i)            (linearity: the sketch of the mean;
+                                           config.aggregator, mean by default)
     S_u = rho S_u + S                     (momentum, in sketch space)
     S_e = S_e + lr S_u                    (error feedback, in sketch space)
     Delta = Top-k(U(S_e))                 (unsketch: estimate every coordinate
@@ -18,15 +19,16 @@ agents keep no state), and sends the Count Sketch ``S(g_i)`` of its update
     S_u, S_e = 0 at the buckets h_r(j) of the k coordinates (every row)
     w = w - Delta
 
-``W`` counts the agents that trained and stayed finite. The zeroing step is
-momentum-factor masking and error reset in sketch space, as in the authors' code:
-every bucket a chosen coordinate hashes to is cleared in both sketches (Algorithm
-1 writes the error step as ``S_e = S_e - S(Delta)``). ``lr`` multiplies deltas
-that already carry the local learning rate (1: the mean update itself). The hash
-functions ``h_r`` (uniform buckets) and signs ``s_r`` (uniform +-1) are drawn
-from the run's key at ``init`` and fixed for the run. Every agent's sketch is
-computed at once: one ``segment_sum`` per row over the hashed buckets, vmapped
-over rows.
+``W`` counts the agents that trained and stayed finite; a robust
+``config.aggregator`` (median, trimmed mean) combines the sketches bucket by
+bucket instead of the mean. The zeroing step is momentum-factor masking and error
+reset in sketch space, as in the authors' code: every bucket a chosen coordinate
+hashes to is cleared in both sketches (Algorithm 1 writes the error step as
+``S_e = S_e - S(Delta)``). ``lr`` multiplies deltas that already carry the local
+learning rate (1: the mean update itself). The hash functions ``h_r`` (uniform
+buckets) and signs ``s_r`` (uniform +-1) are drawn from the run's key at
+``init`` and fixed for the run. Every agent's sketch is computed at once: one
+``segment_sum`` per row over the hashed buckets, vmapped over rows.
 
 C-SPE / C-GEN / Global evaluate the global model ``w`` (every agent uses it).
 Communication per participating agent: one sketch up (``rows * cols * 4``
@@ -158,7 +160,7 @@ def build(ctx) -> Rounds:
 
     def round_fn(state, part, key, t):
         active, max_steps = ctx.round_masks(key, part.n_train)
-        k_train = jax.random.fold_in(key, 17)
+        k_train, k_agg = jax.random.split(jax.random.fold_in(key, 17))
         w0 = stack(state.w, num_agents)
         trained, _, loss = train(
             jax.random.split(k_train, num_agents),
@@ -178,9 +180,7 @@ def build(ctx) -> Rounds:
         g = jnp.where(use[:, None], flat_w[None] - flat_k, 0.0)  # [A, D]
         tables = sketch(g, state.buckets, state.signs, cols)  # [A, rows, cols]
         n_use = jnp.sum(use).astype(jnp.float32)
-        s = jnp.einsum("a,arc->rc", use.astype(jnp.float32), tables) / jnp.maximum(
-            n_use, 1.0
-        )
+        s = ctx.aggregate(tables, use.astype(jnp.float32), k_agg)  # [rows, cols]
         mom = rho * state.mom + s
         err = state.err + lr * mom
         est = unsketch(err, state.buckets, state.signs)

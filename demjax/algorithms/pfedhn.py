@@ -300,7 +300,14 @@ def build(ctx) -> Rounds:
 
 
 def check(config) -> None:
-    """pFedHN-PC needs a model with a body before its output layer."""
+    """The server step is a sum of VJPs (no model averaging, so no robust
+    ``aggregator``); pFedHN-PC needs a model with a body before its output
+    layer."""
+    if str(config.aggregator) != "mean":
+        raise ConfigError(
+            f"aggregator={config.aggregator!r} is not valid with algorithm='pfedhn' "
+            "(its server step sums vector-Jacobian products); accepted: mean"
+        )
     if bool(config.pfedhn.personal_classifier) and str(config.model) == "mlr":
         raise ConfigError(
             "pfedhn.personal_classifier=True with model='mlr' is not valid (the model "
