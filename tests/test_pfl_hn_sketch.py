@@ -50,12 +50,18 @@ def make_part(a=4, seed=0, nan_agent=None):
 
 
 def build(cfg, part, active=None):
-    """``(rounds, device partition)``; ``active`` fixes the participants."""
+    """``(rounds, device partition)``; ``active`` fixes the participants: bool
+    ``[A]`` every round, or ``[T, A]`` row t in round t (``run`` passes round t
+    the key ``PRNGKey(1 + t)``, whose second word is ``1 + t``)."""
     plugin, ctx, rounds = train.build(cfg, jax.tree.map(jnp.asarray, part))
     if active is not None:
         act = jnp.asarray(active, bool)
-        steps = jnp.full(act.shape, local._NO_LIMIT, jnp.int32)
-        ctx = dataclasses.replace(ctx, round_masks=lambda key, n: (act, steps))
+        steps = jnp.full(act.shape[-1:], local._NO_LIMIT, jnp.int32)
+        if act.ndim == 1:
+            masks = lambda key, n: (act, steps)  # noqa: E731
+        else:
+            masks = lambda key, n: (act[key[1] - 1], steps)  # noqa: E731
+        ctx = dataclasses.replace(ctx, round_masks=masks)
         rounds = plugin.build(ctx)
     return rounds, jax.tree.map(jnp.asarray, part)
 
@@ -142,29 +148,52 @@ def np_unsketch(t, buckets, signs):
     return est
 
 
-@pytest.mark.parametrize("aggregator,nan_agent", [("mean", 3), ("median", None)])
-def test_fetchsgd_rounds_match_numpy_count_sketch(aggregator, nan_agent):
-    """Two rounds of Algorithm 1 (momentum and error feedback carried over) against
-    a NumPy Count Sketch and a Python loop over agents: sketches, their mean (or
-    bucket-wise median), momentum, error, top-k unsketch, bucket zeroing, the model
-    step; the NaN agent is counted as diverged and left out."""
+# FetchSGD's participants per round: agents 0 and 1 miss a round each.
+ACTIVE_T = np.array(
+    [[True, True, False, True], [False, True, True, True], [True, False, True, True]]
+)
+
+
+@pytest.mark.parametrize(
+    "aggregator,nan_agent,download",
+    [("mean", 3, "changed"), ("median", None, "model")],
+)
+def test_fetchsgd_rounds_match_numpy_count_sketch(aggregator, nan_agent, download):
+    """Three rounds of Algorithm 1 (momentum and error feedback carried over)
+    against a NumPy Count Sketch and a Python loop over agents: sketches, their
+    mean (or bucket-wise median), momentum, error, top-k unsketch, bucket zeroing,
+    the model step; the NaN agent is counted as diverged and left out. Download
+    bytes: the whole model, or the coordinates of the model that changed since
+    the agent last took part (8 bytes each, at most the model's 48)."""
     rows, cols, k, rho, slr = 3, 7, 4, 0.8, 0.7
     cfg = tiny_config(
         algorithm="fetchsgd", num_agents=4, model="mlr", aggregator=aggregator
     )
-    cfg.fetchsgd.update(rows=rows, cols=cols, k=k, rho=rho, lr=slr)
+    cfg.fetchsgd.update(rows=rows, cols=cols, k=k, rho=rho, lr=slr, download=download)
     part = make_part(nan_agent=nan_agent)
-    _, _, s0, state, infos = run(cfg, part)
+    _, _, s0, state, infos = run(cfg, part, rounds_n=3, active=ACTIVE_T)
     combine = np.mean if aggregator == "mean" else np.median
 
     layers = LAYERS["mlr"]
+    model_bytes = (F * C + C) * 4
     b, s = np.asarray(s0.buckets), np.asarray(s0.signs, np.float64)
     w = np.asarray(flatten(s0.w, layers), np.float64)
     mom, err = np.zeros((rows, cols)), np.zeros((rows, cols))
-    for _ in range(2):
-        tables = []
+    history, seen = [w], [None] * 4  # the model at each round's start
+    for t in range(3):
+        tables, down = [], 0
         for i in range(4):
-            if not ACTIVE[i] or i == nan_agent:  # sits out / diverges
+            if not ACTIVE_T[t, i]:
+                continue
+            if download == "model" or seen[i] is None:
+                down += model_bytes
+            else:
+                moved = np.zeros(w.shape, bool)
+                for r in range(seen[i], t):
+                    moved |= history[r + 1] != history[r]
+                down += min(8 * int(moved.sum()), model_bytes)
+            seen[i] = t
+            if i == nan_agent:  # diverges
                 continue
             wi = local_step(unflatten(jnp.asarray(w, jnp.float32), layers), part, i)
             g = w - np.asarray(flatten(wi, layers), np.float64)
@@ -178,6 +207,8 @@ def test_fetchsgd_rounds_match_numpy_count_sketch(aggregator, nan_agent):
             err[r, b[r, top]] = 0.0
         w = w.copy()
         w[top] -= est[top]
+        history.append(w)
+        assert float(infos[t]["bytes_down"]) == down
     np.testing.assert_allclose(flatten(state.w, layers), w, atol=1e-5)
     np.testing.assert_allclose(state.mom, mom, atol=1e-5)
     np.testing.assert_allclose(state.err, err, atol=1e-5)
@@ -186,8 +217,9 @@ def test_fetchsgd_rounds_match_numpy_count_sketch(aggregator, nan_agent):
         assert int(info["num_active"]) == 3
         assert int(info["num_diverged"]) == (nan_agent is not None)
         assert float(info["bytes_up"]) == 3 * rows * cols * 4
-        assert float(info["bytes_down"]) == 3 * (F * C + C) * 4
         assert np.isfinite(float(info["train_loss"]))
+    if download == "changed":  # fewer than 3 whole models after round 0
+        assert float(infos[2]["bytes_down"]) < 3 * model_bytes
 
 
 def test_sketch_is_linear_and_exact_without_collisions():

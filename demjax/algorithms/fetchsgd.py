@@ -32,12 +32,16 @@ buckets) and signs ``s_r`` (uniform +-1) are drawn from the run's key at
 
 C-SPE / C-GEN / Global evaluate the global model ``w`` (every agent uses it).
 Communication per participating agent: one sketch up (``rows * cols * 4``
-bytes) and the whole current model down (``tree_bytes(w)``: an agent joining a
-round needs the current model, which it may not have seen for many rounds; a
-sparse download of only the coordinates changed since then is not modelled).
+bytes); down, an agent joining a round needs the current model, which it may not
+have seen for many rounds: ``download='model'`` counts the whole model
+(``tree_bytes(w)``), ``'changed'`` the coordinates changed since the agent last
+took part (a value and an int32 index each; the whole model when that is smaller,
+or when the agent never took part).
 
 State: ``w`` one model; ``mom``, ``err`` float32 ``[rows, cols]``; ``buckets``
-int32 ``[rows, D]``; ``signs`` float32 ``[rows, D]``.
+int32 ``[rows, D]``; ``signs`` float32 ``[rows, D]``; ``changed`` int32 ``[D]``
+the last round each coordinate changed (-1: never); ``seen`` int32 ``[A]`` the
+last round each agent took part (-1: never).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.errors import ConfigError
 from demjax.pytrees import finite_agents, masked_mean, stack, tree_bytes
 
+DOWNLOADS = ("model", "changed")
+
 
 @flax.struct.dataclass
 class FetchSGDState:
@@ -61,6 +67,8 @@ class FetchSGDState:
     err: jax.Array
     buckets: jax.Array
     signs: jax.Array
+    changed: jax.Array
+    seen: jax.Array
 
 
 HPARAMS = {
@@ -81,6 +89,12 @@ HPARAMS = {
     ),
     "rho": HParam(
         0.9, "fetchsgd: momentum rho (in [0, 1]; paper: 0.9)", low=0.0, high=1.0
+    ),
+    "download": HParam(
+        "model",
+        "fetchsgd: download bytes counted: model (the whole model per participant) "
+        "or changed (coordinates changed since it last took part, value + index)",
+        choices=DOWNLOADS,
     ),
     "lr": HParam(
         1.0,
@@ -147,6 +161,8 @@ def build(ctx) -> Rounds:
     rows, cols, k = sizes(ctx.hp, num_params)
     up_bytes = rows * cols * 4
     down_bytes = tree_bytes(template)
+    pair_bytes = flat_t.dtype.itemsize + 4  # one value and its int32 index
+    sparse_down = str(ctx.hp["download"]) == "changed"
     train = ctx.trainer()
 
     def init(key, part):
@@ -155,7 +171,8 @@ def build(ctx) -> Rounds:
         zeros = jnp.zeros((rows, cols), jnp.float32)
         return FetchSGDState(
             w=ctx.init_model(k_model), mom=zeros, err=zeros, buckets=buckets,
-            signs=signs,
+            signs=signs, changed=jnp.full((num_params,), -1, jnp.int32),
+            seen=jnp.full((num_agents,), -1, jnp.int32),
         )  # fmt: skip
 
     def round_fn(state, part, key, t):
@@ -198,18 +215,31 @@ def build(ctx) -> Rounds:
         keep = lambda new, old: jax.tree.map(  # noqa: E731
             lambda n, o: jnp.where(good, n, o), new, old
         )
+        changed = jnp.where(good & (delta != 0), t, state.changed)
         new = state.replace(
-            w=keep(w, state.w), mom=keep(mom, state.mom), err=keep(err, state.err)
-        )
+            w=keep(w, state.w), mom=keep(mom, state.mom), err=keep(err, state.err),
+            changed=changed, seen=jnp.where(active, t, state.seen),
+        )  # fmt: skip
         num_active = jnp.sum(active)
         senders = num_active.astype(jnp.float32)
         senders_ok = use.astype(jnp.float32)
+        if sparse_down:  # per agent: coordinates changed in rounds >= seen
+            order = jnp.sort(state.changed)
+            fresh = num_params - jnp.searchsorted(order, state.seen, side="left")
+            each = jnp.where(
+                state.seen >= 0,
+                jnp.minimum(fresh * pair_bytes, down_bytes),
+                down_bytes,
+            )
+            down = jnp.sum(jnp.where(active, each, 0)).astype(jnp.float32)
+        else:
+            down = senders * jnp.float32(down_bytes)
         info = {
             "train_loss": masked_mean(jnp.where(use, loss, 0.0), senders_ok),
             "num_active": num_active,
             "num_diverged": jnp.sum(active & ~ok),
             "bytes_up": senders * jnp.float32(up_bytes),
-            "bytes_down": senders * jnp.float32(down_bytes),
+            "bytes_down": down,
         }
         return new, info
 
