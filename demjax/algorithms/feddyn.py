@@ -10,7 +10,8 @@ k approximately solves (Alg. 1, the local problem)::
 
 (``theta`` the round's server model) by ``local_epochs`` of ``config.optimizer``
 at ``config.lr`` (the engine's minibatch loop, ``L_k`` the mean cross-entropy of
-a minibatch), starting from the server model, then updates its linear term by the first-order condition::
+a minibatch), starting from the server model, then updates its linear term by
+the first-order condition::
 
     g_k <- g_k - alpha * (theta_k - theta)
 

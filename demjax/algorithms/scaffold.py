@@ -141,8 +141,8 @@ def build(ctx) -> Rounds:
         moved = trained & (steps > 0)
 
         def new_ci(ci, c, x, yi):  # option II
-            s = per_agent(scale, yi)
-            return jnp.where(per_agent(moved, yi), ci - c[None] + (x[None] - yi) * s, ci)
+            upd = ci - c[None] + (x[None] - yi) * per_agent(scale, yi)
+            return jnp.where(per_agent(moved, yi), upd, ci)
 
         c_i = jax.tree.map(new_ci, state.c_i, state.c, state.x, y)
         weight = trained.astype(jnp.float32)
@@ -153,8 +153,9 @@ def build(ctx) -> Rounds:
             lambda x, d: jnp.where(any_trained, x + server_lr * d, x), state.x, dx
         )
         c = jax.tree.map(
-            lambda c, new, old: c
-            + jnp.tensordot(weight, new - old, axes=1) / num_agents,
+            lambda c, new, old: (
+                c + jnp.tensordot(weight, new - old, axes=1) / num_agents
+            ),
             state.c,
             c_i,
             state.c_i,
