@@ -205,7 +205,7 @@ def build(ctx) -> Rounds:
         num_active = jnp.sum(active).astype(jnp.int32)
         one_model = jnp.float32(tree_bytes(state.w))
         info = {
-            "train_loss": masked_mean(loss, weight),
+            "train_loss": masked_mean(jnp.where(trained, loss, 0.0), weight),
             "mean_alpha": jnp.mean(alpha),
             "num_active": num_active,
             "num_diverged": jnp.sum(active & ~finite).astype(jnp.int32),

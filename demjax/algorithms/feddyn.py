@@ -156,7 +156,7 @@ def build(ctx) -> Rounds:
         num_active = jnp.sum(active).astype(jnp.int32)
         one_model = jnp.float32(tree_bytes(state.theta))
         info = {
-            "train_loss": masked_mean(loss, weight),
+            "train_loss": masked_mean(jnp.where(trained, loss, 0.0), weight),
             "num_active": num_active,
             "num_diverged": jnp.sum(active & ~finite).astype(jnp.int32),
             "bytes_up": one_model * num_active.astype(jnp.float32),

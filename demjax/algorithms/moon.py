@@ -170,7 +170,9 @@ def build(ctx) -> Rounds:
         num_active = jnp.sum(active).astype(jnp.int32)
         one_model = jnp.float32(tree_bytes(state.w))
         info = {
-            "train_loss": masked_mean(loss, trained.astype(jnp.float32)),
+            "train_loss": masked_mean(
+                jnp.where(trained, loss, 0.0), trained.astype(jnp.float32)
+            ),
             "num_active": num_active,
             "num_diverged": jnp.sum(active & ~finite).astype(jnp.int32),
             "bytes_up": one_model * num_active.astype(jnp.float32),

@@ -166,7 +166,7 @@ def build(ctx) -> Rounds:
         num_active = jnp.sum(active).astype(jnp.int32)
         two_models = jnp.float32(2 * tree_bytes(state.x))
         info = {
-            "train_loss": masked_mean(loss, weight),
+            "train_loss": masked_mean(jnp.where(trained, loss, 0.0), weight),
             "num_active": num_active,
             "num_diverged": jnp.sum(active & ~finite).astype(jnp.int32),
             "bytes_up": two_models * num_active.astype(jnp.float32),
