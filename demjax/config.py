@@ -128,8 +128,10 @@ def validate(config) -> None:
     _int_at_least(config, "tree_snapshot_every", 0)
     _int_at_least(config, "samples_per_agent", 0)
     _int_at_least(config, "seed", 0)
+    _int_at_least(config, "num_replicas", 1)
     _int_at_least(config, "amplify_rounds", 0)
-    for field in ("progress", "amplify", "download", "tensorboard"):
+    bools = ("progress", "amplify", "download", "tensorboard", "replicate_split")
+    for field in bools:
         if not isinstance(config[field], bool):
             raise ConfigError(
                 f"{field}={config[field]!r} is not valid; accepted: True or False"
@@ -224,6 +226,10 @@ def to_json(config) -> str:
 # and a test keeps the two, and the fields of configs/default.py, in sync.
 FIELD_DOCS = {
     "seed": "PRNG seed of data split, init, shuffles, masks (int >= 0)",
+    "num_replicas": "R independent replicas in one program, seeds seed..seed+R-1 "
+    "(int >= 1; docs/running.md)",
+    "replicate_split": "replicas draw their own data split (seed + r); False: all "
+    "share the split of seed",
     "dataset": "digits, fashion_mnist, fashion_mnist_tfds, mnist, emnist, cifar10, "
     "cifar100, femnist, shakespeare (LEAF JSON)",
     "data_dir": "IDX / tfds / LEAF / TFF HDF5 data directory; '' = the source's "
