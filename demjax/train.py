@@ -389,7 +389,10 @@ def run(
         if c.vmapped:
             if c.part_axis is not None:
                 c.part = c.place(c.part)
-            fns = [jax.vmap(p.fn, in_axes=(0, c.part_axis, 0, None)) for p in phases]
+            fns = [
+                jax.vmap(p.fn, in_axes=(0, c.part_axis, 0, None))
+                for p in c.rounds.phases
+            ]
             c.state = c.place(
                 _stack([
                     c.rounds.init(init_keys[r], d["part"])
@@ -397,11 +400,11 @@ def run(
                 ])
             )  # fmt: skip
         else:
-            fns = [p.fn for p in phases]
+            fns = [p.fn for p in c.rounds.phases]
             c.state = c.place(c.rounds.init(init_keys[c.members[0]], c.part))
         c.jitted = [
             jax.jit(constrain(fn), donate_argnums=(0,) if p.donate else ())
-            for p, fn in zip(phases, fns, strict=True)
+            for p, fn in zip(c.rounds.phases, fns, strict=True)
         ]
 
     def payload(states: list) -> dict:

@@ -147,22 +147,25 @@ def test_replica_summary_hand_computed():
         replica_summary(recs[:-1], 2)
 
 
-@pytest.mark.slow(seconds=30)
-@pytest.mark.parametrize("partition", ["iid", "pathological"])
-def test_replicate_split_equals_seeded_runs(partition, tmp_path):
+@pytest.mark.slow(seconds=12)
+@pytest.mark.parametrize(
+    "algo,partition", [("demlearn", "iid"), ("fedavg", "pathological")]
+)
+def test_replicate_split_equals_seeded_runs(algo, partition, tmp_path):
     """Each replica its own split: equal to plain runs with seeds seed + r, both
-    when the splits give one program (iid: equal sizes, vmapped) and when they
-    do not (pathological: sizes differ; groups run one after another)."""
+    when the splits give one program (iid: equal sizes, vmapped over stacked
+    partitions) and when they do not (pathological: sizes differ; each replica
+    runs its own program)."""
     kw = dict(partition=partition, samples_per_agent=40)
-    c = config("demlearn", seed=SEED, num_replicas=2, replicate_split=True, **kw)
+    c = config(algo, seed=SEED, num_replicas=2, replicate_split=True, **kw)
     out = train.run(c, str(tmp_path / "r2"))
     for r in range(2):
-        ref = train.run(config("demlearn", seed=SEED + r, **kw), str(tmp_path / f"{r}"))
+        ref = train.run(config(algo, seed=SEED + r, **kw), str(tmp_path / f"{r}"))
         got = [x for x in out["records"] if x["replica"] == r]
         assert_same(got, ref["records"])
     assert os.path.exists(tmp_path / "r2" / "replica_1" / "data.json")
-    shared = 1 if partition == "iid" else 2
-    assert out["compilations"]["local_phase"] == shared
+    programs = 1 if partition == "iid" else 2
+    assert out["compilations"]["local_phase"] == programs
 
 
 def test_num_replicas_errors(tmp_path):
