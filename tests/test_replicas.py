@@ -25,18 +25,13 @@ ALGOS = {
     "ditto": {},
     "cfl": {"cfl.warmup": 0, "cfl.eps1": 1e6, "cfl.eps2": 1e-6},
 }
-METRICS = ("c_spe", "c_gen", "global_acc", "train_loss", "num_clusters")
 
 
 def config(algo: str, **kw):
-    return tiny_config(
-        num_agents=6,
-        algorithm=algo,
-        checkpoint_every=0,
-        local_buckets=1,
-        **ALGOS[algo],
-        **kw,
-    )
+    """A tiny digits config of ``algo`` (keywords set fields)."""
+    fields = dict(checkpoint_every=0, local_buckets=1, **ALGOS[algo])
+    fields.update(kw)
+    return tiny_config(num_agents=6, algorithm=algo, **fields)
 
 
 @functools.cache
@@ -212,3 +207,21 @@ def test_memory_cap_scales_with_replicas(monkeypatch):
     assert three_split["state_bytes_per_agent"] == 3 * (model_bytes + data_bytes)
     assert three["step_bytes_per_agent"] == 3 * one["step_bytes_per_agent"]
     assert three["fixed_bytes"] == 3 * one["fixed_bytes"]
+
+
+def test_resume_replicas_from_checkpoint(tmp):
+    """A replicated run stopped after round 0 and resumed from its checkpoint
+    writes the records of the run that was never stopped."""
+    _, whole = replicated("demlearn", tmp)
+    work = os.path.join(tmp, "resumed")
+    c = config("demlearn", seed=SEED, num_replicas=R, checkpoint_every=1)
+    c.num_rounds = 1
+    train.run(c, work)
+    c.num_rounds = 2
+    out = train.run(c, work)
+    assert [x["round"] for x in out["records"]].count(1) == 2 * R
+    with (
+        open(os.path.join(work, "metrics.jsonl")) as f,
+        open(os.path.join(whole, "metrics.jsonl")) as g,
+    ):
+        assert f.read() == g.read()
