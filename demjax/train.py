@@ -458,13 +458,13 @@ def run(
             writer.json(name if reps == 1 else os.path.join(f"replica_{r}", name), obj)
 
     def final_files() -> None:
-        if rounds.final_files is None:
-            return
         for c, state in zip(cohorts, states_done, strict=True):
             for j, r in enumerate(c.members):
+                if c.own[j].final_files is None:
+                    continue
                 one = _take(state, j) if c.vmapped else state
                 write_files(c.own[j].final_files(one, done - 1), r)
-        if reps > 1:
+        if reps > 1 and records:
             writer.json("replicas.json", _summary(config, records))
 
     def host_step(c, i: int, state, info, t: int, keys: list):

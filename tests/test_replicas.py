@@ -74,6 +74,7 @@ def test_replicas_equal_one_replica_runs(algo, tmp):
     recs = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert recs == out["records"]
     assert sorted({r["replica"] for r in recs}) == list(range(R))
+    assert os.path.exists(os.path.join(workdir, "replicas.json"))
     for r in range(R):
         assert_same([x for x in recs if x["replica"] == r], reference(algo, r, tmp))
     # One compiled program per phase for the three replicas.
