@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -59,7 +61,7 @@ def assert_same(got: list[dict], want: list[dict]) -> None:
         (r["round"], r["point"]) for r in want
     ]
     for g, w in zip(got, want, strict=True):
-        assert set(g) - {"replica"} == set(w)
+        assert set(g) - {"replica"} == set(w) - {"replica"}
         for k in w:
             if not isinstance(w[k], float):
                 assert g[k] == w[k], (k, g, w)
@@ -226,3 +228,46 @@ def test_resume_replicas_from_checkpoint(tmp):
         open(os.path.join(whole, "metrics.jsonl")) as g,
     ):
         assert f.read() == g.read()
+
+
+SHARDED = r"""
+import json, os, sys
+sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]
+import jax
+from helpers import tiny_config
+from demjax import train
+assert jax.device_count() == 8, jax.devices()
+out = {{}}
+for n in (8, 1):
+    c = tiny_config(num_agents=8, algorithm="demlearn", tau=1, num_devices=n,
+                    num_replicas=2, replicate_split=True, partition="iid",
+                    samples_per_agent=40, checkpoint_every=0, local_buckets=1)
+    r = train.run(c, f"{{sys.argv[1]}}/{{n}}")
+    spec = getattr(r["state"].params["Dense_0"]["kernel"].sharding, "spec", None)
+    out[n] = dict(records=r["records"], spread=r["params_devices"],
+                  spec=None if spec is None else list(spec), comp=r["compilations"])
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow(seconds=40)  # a subprocess with 8 devices, 2 runs
+def test_sharded_replicas_equal_single_device(tmp_path):
+    """The replica axis whole, agents (axis 1) split over 8 forced CPU devices;
+    stacked per-replica partitions; the same records as on one device."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED.format(tests=tests), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    out = json.loads(line[len("RESULT") :])
+    sharded, single = out["8"], out["1"]
+    assert sharded["spread"] == 8 and single["spread"] == 1
+    assert sharded["spec"] == [None, "agents"]
+    assert sharded["comp"]["local_phase"] == 1
+    assert_same(sharded["records"], single["records"])
