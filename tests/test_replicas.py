@@ -271,3 +271,33 @@ def test_sharded_replicas_equal_single_device(tmp_path):
     assert sharded["spec"] == [None, "agents"]
     assert sharded["comp"]["local_phase"] == 1
     assert_same(sharded["records"], single["records"])
+
+
+def test_benchmark_replica_columns(tmp_path):
+    """benchmarks/compare_personalized.py --replicas: mean +/- std columns of the
+    final and best rounds, and mean curves."""
+    from benchmarks import compare_personalized as cp
+    from benchmarks.common import mean_curve, mean_std
+
+    recs = [
+        {"round": t, "point": "sync", "replica": r, "c_spe": v, "c_gen": v / 2,
+         "global_acc": None}
+        for r, vals in enumerate([[0.5, 0.7], [0.9, 0.8]])
+        for t, v in enumerate(vals)
+    ]  # fmt: skip
+    summary = {"seeds": [0, 1], **replica_summary(recs, 2)}
+    assert mean_std(summary, "c_spe", "final") == "0.750 +/- 0.071"
+    assert mean_std(summary, "c_spe", "best") == "0.800 +/- 0.141"
+    assert mean_std(summary, "global_acc", "final") == "-"
+    assert mean_curve(recs, "c_gen") == ([0, 1], [0.35, 0.375])
+    results = {"runs": {"pathological/ditto": {
+        "final": {"c_spe": 0.75}, "wall_s": 4.0, "num_rounds": 2,
+        "per_round": recs, "replicas": summary,
+    }}}  # fmt: skip
+    cp.report(results, str(tmp_path))
+    md = (tmp_path / "compare_personalized.md").read_text()
+    row = next(x for x in md.splitlines() if x.startswith("| ditto"))
+    assert row == (
+        "| ditto | 2 | 0.750 +/- 0.071 | 0.800 +/- 0.141 | 0.375 +/- 0.035 | "
+        "0.400 +/- 0.071 | - | - | 2.00 | 2 |"
+    )
