@@ -301,3 +301,20 @@ def test_benchmark_replica_columns(tmp_path):
         "| ditto | 2 | 0.750 +/- 0.071 | 0.800 +/- 0.141 | 0.375 +/- 0.035 | "
         "0.400 +/- 0.071 | - | - | 2.00 | 2 |"
     )
+
+
+def test_tensorboard_series_per_replica(tmp_path):
+    from test_checkpoint import tb_scalars
+
+    from demjax.run_output import RunWriter
+
+    writer = RunWriter(str(tmp_path))
+    writer.tensorboard()
+    for r, v in ((0, 0.25), (1, 0.5)):
+        writer.metrics({"round": 3, "point": "sync", "replica": r, "c_spe": v})
+    writer.close()
+    got = tb_scalars(tmp_path)
+    assert set(got) == {"replica_0/sync/c_spe", "replica_1/sync/c_spe"}
+    assert got["replica_1/sync/c_spe"] == [(3, 0.5)]
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines == ["round,point,replica,c_spe", "3,sync,0,0.25", "3,sync,1,0.5"]
