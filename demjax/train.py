@@ -27,6 +27,12 @@ The workdir receives, each flushed every round so a run never loses its results:
   includes compilation.
 - the algorithm's own files (e.g. ``tree_final.json``, ``trees/``).
 
+Replicas (``num_replicas`` R > 1): R independent runs (seeds ``seed + r``) as one
+population with a leading replica axis, each phase vmapped over it, host steps
+and measurements per replica; the records gain a ``replica`` field, and
+``replicas.json`` holds mean and standard deviation over the replicas
+(docs/running.md).
+
 In a multi-process job (``demjax.multihost``) every process runs this same
 program on its shards of the agents; only process 0 writes these files and shows
 progress, while every process takes part in the orbax checkpoints (the workdir
@@ -346,10 +352,17 @@ def run(
       "eval_samples": S or None, "num_params": D, "num_devices": int,
       "params_devices": int, "agent_block": int, "local_plan": dict,
       "compilations": {phase or evaluator name: compiled variants}, "state":
-      the final state pytree}``.
+      the final state pytree}``. With ``config.num_replicas`` R > 1 (replica r
+      is the run of seed ``seed + r``; docs/running.md): ``records`` carry a
+      ``replica`` field, ``final`` holds per point the mean over replicas of
+      the last round's records, ``replicas`` the ``replicas.json`` summary
+      (``demjax.run_output.replica_summary``), ``state`` leaves
+      ``[R, A, ...]``, and ``compilations`` counts the programs of all groups
+      of replicas (1 per phase when they share one).
 
     Raises:
-      ConfigError: bad config field or input (before any array is built).
+      ConfigError: bad config field or input (before any array is built);
+        ``replicate_split=True`` with a given partition.
       DataNotFoundError: the data set is not available offline.
     """
     validate(config)
