@@ -46,6 +46,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import sys
 import time
 
@@ -237,9 +238,17 @@ def _signature(rounds, part) -> tuple:
     closed += [
         jax.make_jaxpr(p.fn)(like, part, key, jnp.int32(0)) for p in rounds.phases
     ]
-    text = tuple(str(c.jaxpr) for c in closed)
-    consts = tuple(np.asarray(x) for c in closed for x in c.consts)
+    # (Python objects printed with their address, e.g. a custom rule's
+    # function, are compared by what they print without it.)
+    text = tuple(re.sub(r" at 0x[0-9a-fA-F]+", "", str(c.jaxpr)) for c in closed)
+    consts = tuple(_const(x) for c in closed for x in c.consts)
     return text, consts
+
+
+def _const(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x)
 
 
 def _same_signature(a: tuple, b: tuple) -> bool:
