@@ -168,6 +168,12 @@ def validate(config) -> None:
     _positive(config, "dirichlet_alpha")
     _float_in(config, "trim_fraction", 0.0, 0.49)
     _float_in(config, "aggregator_noise", 0.0)
+    _float_in(config, "val_fraction", 0.0, 1.0)
+    if config.val_fraction == 1.0:
+        raise ConfigError(
+            f"val_fraction={config.val_fraction!r} is not valid; accepted: a number "
+            "in [0, 1)"
+        )
     if config.mu is not None:
         _float_in(config, "mu", 0.0)
     _all_floats_finite(config)  # fields without a check of their own
@@ -242,6 +248,9 @@ FIELD_DOCS = {
     "labels_per_agent": "pathological: labels per agent (1..C)",
     "dirichlet_alpha": "dirichlet: concentration (> 0)",
     "samples_per_agent": "cap on samples per agent; 0 = none",
+    "val_fraction": "share of each agent's training rows held out as its "
+    "evaluation rows (tuning without the test data; docs/data.md); 0 = the test "
+    "split",
     "standardize": "global ((x - mean) / (std + 0.001), the reference), per_pixel, "
     "given (standardize_mean/std), none ([0, 1]); True = global, False = none",
     "standardize_mean": "standardize='given': the mean subtracted (finite)",

@@ -13,12 +13,13 @@ periodic evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
 import numpy as np
 
-from demjax.data import card, leaf
+from demjax.data import card, leaf, validation
 from demjax.data.card import data_card, write_card
 from demjax.data.partition import PARTITIONS as POOL_PARTITIONS
 from demjax.data.partition import partition, partition_indices, stack_partition
@@ -228,7 +229,7 @@ def make_split(config, partition=None) -> Split:
             )
         split = as_split(partition)
         _check_count(num_agents, split.num_agents, "the given partition")
-        return split
+        return _validation(split, config)
     seed = int(_field(config, "seed", 0))
     data_dir = _field(config, "data_dir", None) or None
     if method == "natural":
@@ -282,6 +283,8 @@ def make_split(config, partition=None) -> Split:
             dataset_name=dataset,
         )
         names = tuple(f"agent_{a}" for a in range(len(splits)))
+    val_fraction = float(_field(config, "val_fraction", 0.0))
+    splits = validation.hold_out_indices(splits, val_fraction, seed)
     part = stack_partition(x, pool.y, splits, pool.num_classes)
     if stats["mode"] == "per_pixel":  # [*F] arrays: their range in the card
         stats = {
@@ -301,7 +304,38 @@ def make_split(config, partition=None) -> Split:
             "partition": method,
             "sources": sources,
             "standardize": stats,
+            **_validation_info(val_fraction, seed),
         },  # fmt: skip
+    )
+
+
+def _validation_info(fraction: float, seed: int) -> dict:
+    if fraction == 0.0:
+        return {}
+    return {
+        "validation": {
+            "val_fraction": fraction,
+            "seed": seed,
+            "note": "test pairs are held-out training rows; the test split is unused",
+        }
+    }
+
+
+def _validation(split: Split, config) -> Split:
+    """``split`` with held-out training rows as its evaluation rows
+    (``config.val_fraction``; ``demjax.data.validation``)."""
+    fraction = float(_field(config, "val_fraction", 0.0))
+    if fraction == 0.0:
+        return split
+    seed = int(_field(config, "seed", 0))
+    indices = split.indices
+    if indices is not None:
+        indices = tuple(validation.hold_out_indices(indices, fraction, seed))
+    return dataclasses.replace(
+        split,
+        partition=validation.hold_out(split.partition, fraction, seed),
+        indices=indices,
+        info={**split.info, **_validation_info(fraction, seed)},
     )
 
 
