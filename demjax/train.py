@@ -534,8 +534,11 @@ def run(
                     if phase.host is not None:
                         c.state, reports = host_step(c, i, c.state, phase_info, t, keys)
                         for r, report in zip(c.members, reports, strict=True):
-                            for k, v in report.get("timing", {}).items():
-                                timing[k] = timing.get(k, 0.0) + v
+                            if reps == 1:
+                                timing.update(report.get("timing", {}))
+                            else:  # summed over the replicas
+                                for k, v in report.get("timing", {}).items():
+                                    timing[k] = timing.get(k, 0) + v
                             write_files(report.get("files", {}), r)
                     jax.block_until_ready(c.state)
                     name = f"{phase.timing}_s"
