@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: resumable JSON results, environment record."""
+"""Shared by the benchmark scripts: resumable JSON results, environment record,
+replica columns (mean +/- std over ``--replicas`` seeds)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,38 @@ def cpu_model() -> str:
         "unknown",
     )  # fmt: skip
     return f"{name} ({'avx512' if 'avx512f' in info else 'no avx512'})"
+
+
+def add_replicas_flag(parser) -> None:
+    """``--replicas=R``: each run is R seeds (``seed`` .. ``seed + R - 1``) in one
+    program (``config.num_replicas``); tables report mean +/- std over them."""
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="seeds per run, in one program (config.num_replicas); tables give "
+        "mean +/- std over them",
+    )
+
+
+def mean_std(summary: dict | None, metric: str, which: str, point: str = "sync"):
+    """``"0.812 +/- 0.004"`` of ``metric`` at ``point`` from a run's
+    ``replicas.json`` summary (``demjax.run_output.replica_summary``);
+    ``which``: ``final`` or ``best`` (each replica's best round); "-" when the
+    metric is absent (e.g. no global model)."""
+    entry = ((summary or {}).get("points", {}).get(point, {}) or {}).get(metric)
+    if entry is None:
+        return "-"
+    e = entry[which]
+    return f"{e['mean']:.3f} +/- {e['std']:.3f}"
+
+
+def mean_curve(records: list[dict], metric: str, point: str = "sync"):
+    """``(rounds, values)``: the mean over replicas of ``metric`` per round at
+    ``point`` (records without a ``replica`` field: the values themselves)."""
+    by_round: dict[int, list[float]] = {}
+    for r in records:
+        if r["point"] == point and r.get(metric) is not None:
+            by_round.setdefault(r["round"], []).append(float(r[metric]))
+    rounds = sorted(by_round)
+    return rounds, [sum(by_round[t]) / len(by_round[t]) for t in rounds]

@@ -16,6 +16,13 @@ Resumable: finished runs are stored at once and skipped on rerun (``--force``).
     python benchmarks/compare_personalized.py --model=mlp --num_rounds=100 \\
         --samples_per_agent=300                                   # reduced
     python benchmarks/compare_personalized.py --only=ditto,fedavg --report_only
+    python benchmarks/compare_personalized.py --replicas=3    # mean +/- std of 3 seeds
+    python benchmarks/compare_personalized.py --quick --replicas=3 --only=fedavg
+                                  # smoke: digits, MLR, 2 rounds, results in --workdir
+
+With ``--replicas=R`` every run is R seeds in one program (``config.num_replicas``)
+and the tables give mean +/- std over the seeds of the final round and of each
+seed's best round (``replicas.json``); the plot shows the mean curves.
 """
 
 from __future__ import annotations
@@ -29,7 +36,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.common import environment, load_results, save_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_replicas_flag,
+    environment,
+    load_results,
+    mean_curve,
+    mean_std,
+    save_results,
+)
 from configs import default  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -61,9 +75,41 @@ def config_for(algorithm: str, split: str, args):
     c.checkpoint_every = 10
     c.tree_snapshot_every = 0
     c.progress = not args.quiet
+    c.num_replicas = args.replicas
     for k, v in SPLITS[split].items():
         c[k] = v
+    if args.quick:  # smoke run: seconds, embedded data
+        c.dataset, c.data_dir, c.model = "digits", "", "mlr"
+        c.num_agents, c.num_rounds, c.eval_every = 6, 2, 1
+        c.samples_per_agent, c.checkpoint_every = 0, 0
     return c
+
+
+def replica_table(split: str, rows: list) -> list[str]:
+    """Markdown lines of a split's runs with replicas: mean +/- std over the
+    seeds of the final round and of each seed's best round."""
+    cols = [(m, w) for m in ("c_spe", "c_gen", "global_acc") for w in ("final", "best")]
+    names = {"c_spe": "C-SPE", "c_gen": "C-GEN", "global_acc": "Global"}
+    head = " | ".join(f"{names[m]} {w}" for m, w in cols)
+    lines = [
+        "",
+        f"## {split}",
+        "",
+        "Mean +/- std (ddof 1) over the seeds; best = each seed's best evaluated "
+        "round.",
+        "",
+        f"| algorithm | seeds | {head} | s / round | rounds |",
+        "|---|---|" + "---|" * len(cols) + "---|---|",
+    ]
+    for name, r in rows:
+        s = r.get("replicas")
+        seeds = len(s["seeds"]) if s else 1
+        cells = " | ".join(mean_std(s, m, w) for m, w in cols)
+        lines.append(
+            f"| {name} | {seeds} | {cells} | {r['wall_s'] / r['num_rounds']:.2f} | "
+            f"{r['num_rounds']} |"
+        )
+    return lines
 
 
 def report(results: dict, out_dir: str) -> None:
@@ -84,6 +130,9 @@ def report(results: dict, out_dir: str) -> None:
         if not rows:
             continue
         rows.sort(key=lambda kv: -kv[1]["final"]["c_spe"])
+        if any("replicas" in r for _, r in rows):
+            lines += replica_table(split, rows)
+            continue
         lines += [
             "",
             f"## {split}",
@@ -117,9 +166,8 @@ def report(results: dict, out_dir: str) -> None:
             for name, r in runs.items():
                 if not name.startswith(split):
                     continue
-                recs = [p for p in r["per_round"] if p["point"] == "sync"]
-                ax.plot([p["round"] for p in recs], [p[key] for p in recs],
-                        label=name.split("/")[1])  # fmt: skip
+                rounds, values = mean_curve(r["per_round"], key)
+                ax.plot(rounds, values, label=name.split("/")[1])
             ax.set_title(f"{split}: {key.upper().replace('_', '-')}")
             ax.set_xlabel("round")
             ax.grid(alpha=0.3)
@@ -147,11 +195,23 @@ def main() -> None:
         help="tuning.json of benchmarks/tune.py: run each algorithm with the "
         "hyper-parameters chosen on the validation split (else the papers' defaults)",
     )
-    p.add_argument("--out_dir", default=RESULTS)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: digits, MLR, 6 agents, 2 rounds; results in --workdir",
+    )
+    add_replicas_flag(p)
+    p.add_argument("--out_dir", default="", help="default benchmarks/results")
     p.add_argument(
         "--workdir", default=os.path.join(REPO, "runs", "compare_personalized")
     )
     args = p.parse_args()
+    if args.replicas < 1:
+        sys.exit(f"error: --replicas={args.replicas} is not valid; accepted: >= 1")
+    # A smoke run never replaces the stored results.
+    args.out_dir = args.out_dir or (
+        os.path.join(args.workdir, "quick") if args.quick else RESULTS
+    )
     names = [n for n in args.only.split(",") if n] or algorithms()
     splits = [s for s in args.splits.split(",") if s]
     for n in names:
@@ -182,9 +242,17 @@ def main() -> None:
         "eval_every": args.eval_every,
         "seed": args.seed,
         "tuned": bool(args.tuned),
+        "replicas": args.replicas,
+        **({"quick": True} if args.quick else {}),
         **environment(),
     }
-    same = ("model", "num_rounds", "samples_per_agent", "seed")
+    if args.quick:
+        q = config_for(names[0], splits[0] if splits else "pathological", args)
+        results["setup"].update(
+            dataset=q.dataset, num_agents=q.num_agents, model=q.model,
+            num_rounds=q.num_rounds, eval_every=q.eval_every,
+        )  # fmt: skip
+    same = ("model", "num_rounds", "samples_per_agent", "seed", "replicas", "quick")
     new_setup = results["setup"]
     changed = [k for k in same if k in old_setup and old_setup[k] != new_setup[k]]
     if results["runs"] and changed and not (args.force or args.report_only):
@@ -211,18 +279,22 @@ def main() -> None:
                 t0 = time.perf_counter()
                 out = run(
                     config,
-                    os.path.join(args.workdir, split, name),
+                    os.path.join(
+                        args.workdir, "quick" if args.quick else "", split, name
+                    ),  # fmt: skip
                     overwrite=args.force,
                 )
                 results["runs"][key] = {
                     "final": out["final"]["sync"],
                     "wall_s": round(time.perf_counter() - t0, 1),
-                    "num_rounds": args.num_rounds,
+                    "num_rounds": int(config.num_rounds),
                     "hyperparameters": params or "paper defaults",
                     # runs may be added later, on other CPUs
                     "cpu_model": new_setup.get("cpu_model"),
                     "per_round": out["records"],
                 }
+                if "replicas" in out:  # mean +/- std over the seeds
+                    results["runs"][key]["replicas"] = out["replicas"]
                 save_results(path, results)
                 print(json.dumps({"run": key, **out["final"]["sync"]}), flush=True)
     save_results(path, results)

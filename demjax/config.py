@@ -78,6 +78,10 @@ def to_json(config) -> str:
 # and a test keeps the two, and the fields of configs/default.py, in sync.
 FIELD_DOCS = {
     "seed": "PRNG seed of data split, init, shuffles, masks (int >= 0)",
+    "num_replicas": "R independent replicas in one program, seeds seed..seed+R-1 "
+    "(int >= 1; docs/running.md)",
+    "replicate_split": "replicas draw their own data split (seed + r); False: all "
+    "share the split of seed",
     "dataset": "digits, fashion_mnist, fashion_mnist_tfds, mnist, emnist, cifar10, "
     "cifar100, femnist, shakespeare (LEAF JSON)",
     "data_dir": "IDX / tfds / LEAF / TFF HDF5 data directory; '' = the source's "

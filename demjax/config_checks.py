@@ -376,8 +376,10 @@ def check_run(config) -> None:
     int_at_least(config, "tree_snapshot_every", 0)
     int_at_least(config, "samples_per_agent", 0)
     int_at_least(config, "seed", 0)
+    int_at_least(config, "num_replicas", 1)
     int_at_least(config, "amplify_rounds", 0)
-    for name in ("progress", "amplify", "download", "tensorboard"):
+    bools = ("progress", "amplify", "download", "tensorboard", "replicate_split")
+    for name in bools:
         boolean(config, name)
     if not isinstance(config.data_dir, str):
         raise ConfigError(

@@ -10,6 +10,11 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # Independent replicas of the run in one program (a leading replica axis):
+    # replica r draws everything from seed + r; replicate_split: its data split
+    # too (else every replica shares the split of seed). docs/running.md.
+    c.num_replicas = 1
+    c.replicate_split = False
 
     # Data (demjax.data).
     # dataset: digits | fashion_mnist | fashion_mnist_tfds | mnist | emnist |

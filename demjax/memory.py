@@ -43,8 +43,6 @@ def available_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-
-
 def step_temp_bytes(step_fn, *args) -> int:
     """Temporary bytes XLA allocates for one call of ``step_fn(*args)``."""
     return probe_step(step_fn, *args)["temp_bytes"]
@@ -129,6 +127,12 @@ def memory_cap(config, partition, model, tx, *, donate: bool,
     models (three copies), and per training agent twice one step's XLA
     temporaries plus its block's copies of params, optimizer state and data.
 
+    With ``config.num_replicas`` R > 1 every replica trains its block at once
+    (the round's programs are vmapped over the replica axis): the population,
+    group models and per-agent step temporaries count R times, the data R
+    times with ``replicate_split`` (else once, shared); ``cap`` is then the
+    block of agents per replica.
+
     Returns:
       ``(cap, probe)``: ``cap`` in ``[1, A]``; ``probe`` the compile time and
       wall time of one agent's gradient step (``memory.probe_step``), which
@@ -138,6 +142,8 @@ def memory_cap(config, partition, model, tx, *, donate: bool,
       ConfigError: not even one agent's training fits.
     """
     c = config
+    reps = int(c.get("num_replicas", 1) or 1)
+    data_reps = reps if c.get("replicate_split", False) else 1
     shape = tuple(partition.input_shape)
     params = jax.eval_shape(
         lambda k: models.init_params(k, model, shape), jax.random.PRNGKey(0)
@@ -158,20 +164,18 @@ def memory_cap(config, partition, model, tx, *, donate: bool,
     # Anchors are gathered per block, never stacked [A, ...].
     copies = 1 if donate else 3
     state = (
-        copies * tree_bytes(params)
-        + (1 if donate else 2) * tree_bytes(opt)
-        + data
+        reps * copies * tree_bytes(params)
+        + reps * (1 if donate else 2) * tree_bytes(opt)
+        + data_reps * data
     )
     # Group models: this round's, the previous round's and the mixed ones.
-    groups = 3 * num_group_models * tree_bytes(params)
+    groups = reps * 3 * num_group_models * tree_bytes(params)
     x = jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.float32)
     y = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
 
     def step(p, xb, yb, key):
         def loss(p):
-            logits = model.apply(
-                {"params": p}, xb, train=True, rngs={"dropout": key}
-            )
+            logits = model.apply({"params": p}, xb, train=True, rngs={"dropout": key})
             return local.masked_cross_entropy(logits, yb, jnp.ones_like(yb, bool))
 
         return jax.grad(loss)(p)
@@ -183,7 +187,7 @@ def memory_cap(config, partition, model, tx, *, donate: bool,
     train_data = row_bytes("x_train", "y_train")
     concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (params, x, y))
     probe = probe_step(step, *concrete, jax.random.PRNGKey(0), run=True)
-    step_bytes = (
+    step_bytes = reps * (
         2 * probe["temp_bytes"]
         + 7 * tree_bytes(params)
         + 4 * tree_bytes(opt)

@@ -178,11 +178,12 @@ class RunWriter:
         """Also write TensorBoard event files (``<workdir>/tensorboard``).
 
         One scalar series per metric, level and measurement point, tagged
-        ``<point>/<metric>`` (e.g. ``sync/c_gen``, ``local/g_spe_l2``), step = round.
-        Records without a ``point`` (the continual scenario's) are tagged
-        ``<metric>``, step = the record's ``step`` key; a list value gives one
-        series per entry, ``<metric>/<i>``. Written with tensorboardX (a
-        maintained event writer without TensorFlow).
+        ``<point>/<metric>`` (e.g. ``sync/c_gen``, ``local/g_spe_l2``), step = round;
+        with replicas (records with a ``replica`` field) one series per replica,
+        ``replica_<r>/<point>/<metric>``. Records without a ``point`` (the
+        continual scenario's) are tagged ``<metric>``, step = the record's ``step``
+        key; a list value gives one series per entry, ``<metric>/<i>``. Written
+        with tensorboardX (a maintained event writer without TensorFlow).
         """
         if not self.write:
             return
@@ -201,9 +202,11 @@ class RunWriter:
 
     def _tb_write(self, record: dict) -> None:
         step = record[self.step]
-        prefix = f"{record['point']}/" if "point" in record else ""
+        # Replicas (num_replicas > 1): one series per replica, replica_<r>/...
+        prefix = "" if "replica" not in record else f"replica_{record['replica']}/"
+        prefix += f"{record['point']}/" if "point" in record else ""
         for k, v in record.items():
-            if k in (self.step, "point"):
+            if k in (self.step, "point", "replica"):
                 continue
             if isinstance(v, (int, float)):
                 self._tb.add_scalar(f"{prefix}{k}", v, step)
@@ -260,6 +263,80 @@ def make_record(t: int, point: str, values: dict, level_names: list[str]) -> dic
         v = values.get(k)
         rec[k] = None if v is None else round(float(v), 6)
     return rec
+
+
+SUMMARY_METRICS = ("c_spe", "c_gen", "global_acc")
+
+
+def _mean_std(values: list[float]) -> dict:
+    v = np.asarray(values, np.float64)
+    std = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    return {"mean": round(float(np.mean(v)), 6), "std": round(std, 6)}
+
+
+def replica_summary(records: list[dict], num_replicas: int) -> dict:
+    """Mean and standard deviation over replicas (``replicas.json``).
+
+    For every measurement point and metric (``c_spe``, ``c_gen``,
+    ``global_acc`` and the group levels ``g_spe_l{l}`` / ``g_gen_l{l}``; a metric
+    null in every record is left out):
+
+    - ``final``: the last evaluated round: ``round``, ``mean``, ``std``,
+      ``values`` (one per replica, replica order);
+    - ``best``: each replica's best round: ``mean``, ``std`` of the best values,
+      ``values`` and ``rounds`` (the round of each replica's best; the earliest
+      on ties);
+    - ``best_of_mean``: the round whose mean over replicas is highest (the
+      earliest on ties): ``round``, ``mean``, ``std``.
+
+    ``std`` is the sample standard deviation (ddof 1; 0 for one replica).
+
+    Args:
+      records: ``metrics.jsonl`` records, each with a ``replica`` int field.
+      num_replicas: R.
+
+    Raises:
+      ValueError: a round and point lacks the record of some replica.
+    """
+    points: dict = {}
+    for point in dict.fromkeys(r["point"] for r in records):
+        recs = [r for r in records if r["point"] == point]
+        rounds = sorted({r["round"] for r in recs})
+        table: dict = {}
+        for r in recs:
+            table[(r["replica"], r["round"])] = r
+        missing = [
+            (q, t) for q in range(num_replicas) for t in rounds if (q, t) not in table
+        ]
+        if missing:
+            raise ValueError(f"no record of replica {missing[0][0]} at round "
+                             f"{missing[0][1]}, point {point!r}")  # fmt: skip
+        names = [
+            k
+            for k in recs[0]
+            if k in SUMMARY_METRICS or k.startswith(("g_spe_l", "g_gen_l"))
+        ]
+        out = {}
+        for k in names:
+            if all(r.get(k) is None for r in recs):
+                continue
+            grid = np.array(
+                [[table[(q, t)][k] for t in rounds] for q in range(num_replicas)],
+                np.float64,
+            )  # [R, T]
+            best_t = np.argmax(grid, axis=1)
+            mean_curve = grid.mean(axis=0)
+            j = int(np.argmax(mean_curve))
+            out[k] = {
+                "final": {"round": rounds[-1], **_mean_std(grid[:, -1]),
+                          "values": grid[:, -1].tolist()},
+                "best": {**_mean_std(grid[np.arange(num_replicas), best_t]),
+                         "values": grid[np.arange(num_replicas), best_t].tolist(),
+                         "rounds": [rounds[i] for i in best_t]},
+                "best_of_mean": {"round": rounds[j], **_mean_std(grid[:, j])},
+            }  # fmt: skip
+        points[point] = out
+    return {"num_replicas": int(num_replicas), "points": points}
 
 
 def rounded(d: dict) -> dict:
@@ -512,11 +589,20 @@ def _prepare_locked(
     # Every process decided on the workdir before process 0 writes to it.
     multihost.barrier("demjax.prepare_workdir")
     split = data.make_split(config, partition)
-    part_np = split.partition
     if multihost.is_primary():
         data.write_card(workdir, split)
     t_start = time.perf_counter()
-    mesh = sharding.make_mesh(int(config.num_devices), part_np.num_agents)
+    mesh = sharding.make_mesh(int(config.num_devices), split.partition.num_agents)
+    got = place_split(config, split, mesh)
+    return RunSetup(config_json=config_json, resume=resume, t_start=t_start, **got)
+
+
+def place_split(config, split, mesh) -> dict:
+    """A split's partition on the devices (sharded over ``agents`` on a mesh)
+    and its C-GEN evaluation set (the seeded subsample of ``eval_samples``
+    drawn with ``config.seed``): the ``RunSetup`` fields ``part_np``, ``part``,
+    ``mesh``, ``eval_idx``, ``subsampled``, ``x_gen``, ``y_gen``."""
+    part_np = split.partition
     # Sharded: global arrays straight from the host data (one copy per device).
     if mesh is not None:
         part = sharding.shard_partition(part_np, mesh)
@@ -533,9 +619,7 @@ def _prepare_locked(
             num_pooled,
             config.eval_samples,
         )
-    return RunSetup(
-        config_json=config_json,
-        resume=resume,
+    return dict(
         part_np=part_np,
         part=part,
         mesh=mesh,
@@ -543,7 +627,6 @@ def _prepare_locked(
         subsampled=subsampled,
         x_gen=part.x_all[eval_idx],
         y_gen=part.y_all[eval_idx],
-        t_start=t_start,
     )
 
 

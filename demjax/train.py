@@ -27,6 +27,12 @@ The workdir receives, each flushed every round so a run never loses its results:
   includes compilation.
 - the algorithm's own files (e.g. ``tree_final.json``, ``trees/``).
 
+Replicas (``num_replicas`` R > 1): R independent runs (seeds ``seed + r``) as one
+population with a leading replica axis, each phase vmapped over it, host steps
+and measurements per replica; the records gain a ``replica`` field, and
+``replicas.json`` holds mean and standard deviation over the replicas
+(docs/running.md).
+
 In a multi-process job (``demjax.multihost``) every process runs this same
 program on its shards of the agents; only process 0 writes these files and shows
 progress, while every process takes part in the orbax checkpoints (the workdir
@@ -35,8 +41,12 @@ must then be one shared path).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
+import os
+import re
 import sys
 import time
 
@@ -44,10 +54,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax import algorithms, checkpoint, local, memory, models, multihost, sharding
+from demjax import (
+    algorithms,
+    checkpoint,
+    data,
+    local,
+    memory,
+    models,
+    multihost,
+    sharding,
+)
 from demjax.algorithms.protocol import Context
 from demjax.config import hparams, resolved_mu, validate
 from demjax.engine import choose_eval_plan, choose_plan
+from demjax.errors import ConfigError
 from demjax.faults import make_round_masks
 from demjax.run_output import (
     GracefulStop,
@@ -55,15 +75,18 @@ from demjax.run_output import (
     RunWriter,
     format_table,
     log_plan,
+    place_split,
     plan_record,
     prepare_run,
+    replica_summary,
     rounded,
+    unlock_workdir,
 )
 
 log = logging.getLogger(__name__)
 
 
-def build(config, part):
+def build(config, part, prepared: tuple | None = None):
     """``(algorithm, ctx, rounds)`` of a validated config on a partition.
 
     Chooses the run's execution plan (``demjax.engine.choose_plan``: agent
@@ -73,6 +96,8 @@ def build(config, part):
     Args:
       config: a validated run config.
       part: the agents' data (``Partition``, host or device arrays).
+      prepared: ``(plan, plan_info)`` of an earlier ``build`` of the same run
+        (``ctx.plan``, ``ctx.plan_info``): reused instead of choosing anew.
     """
     algo = algorithms.get(config.algorithm)
     res = {"donate": False, "num_group_models": 1, "points": 1}
@@ -80,17 +105,21 @@ def build(config, part):
         res.update(algo.resources(config))
     tx = local.make_optimizer(config.optimizer, config.lr)
     mu = resolved_mu(config)
-    plain = models.make_model(config.model, part.num_classes, config.hidden)
-    cap_probe = memory.memory_cap(
-        config, part, plain, tx, donate=bool(res["donate"]),
-        num_group_models=int(res["num_group_models"]),
-    )  # fmt: skip
-    plan, plan_info = choose_plan(
-        config, part, tx, mu, cap_probe=cap_probe, algorithm=config.algorithm
-    )
-    _, eval_conv, plan_info["eval"] = choose_eval_plan(
-        config, part, probe=cap_probe[1], points=int(res["points"])
-    )
+    if prepared is None:
+        plain = models.make_model(config.model, part.num_classes, config.hidden)
+        cap_probe = memory.memory_cap(
+            config, part, plain, tx, donate=bool(res["donate"]),
+            num_group_models=int(res["num_group_models"]),
+        )  # fmt: skip
+        plan, plan_info = choose_plan(
+            config, part, tx, mu, cap_probe=cap_probe, algorithm=config.algorithm
+        )
+        _, eval_conv, plan_info["eval"] = choose_eval_plan(
+            config, part, probe=cap_probe[1], points=int(res["points"])
+        )
+    else:
+        plan, plan_info = prepared
+        eval_conv = plan_info["eval"]["conv_impl"]
     model = models.make_model(
         config.model, part.num_classes, config.hidden, plan.conv_impl,
         plan.matmul_impl, init=config.init,
@@ -118,19 +147,26 @@ def build(config, part):
     return algo, ctx, algo.build(ctx)
 
 
-def _placement(mesh, num_agents: int):
+def _placement(mesh, num_agents: int, replicas: bool = False):
     """``(place, constrain)`` of a state pytree on the mesh: leaves with a
-    leading agent axis ``[A, ...]`` split over ``agents``, the others replicated.
+    leading agent axis ``[A, ...]`` split over ``agents``, the others replicated
+    (``replicas``: a state stacked over replicas, ``[m, A, ...]``, split over
+    ``agents`` on axis 1, the replica axis whole on every device).
     ``place(state)`` puts host or device leaves there (without a mesh: on the
     default device); ``constrain(fn)`` makes a phase return its state with the
     same shardings (``with_sharding_constraint``), so every round's phases see
     the shardings of round 0 and never recompile (identity without a mesh)."""
     if mesh is None:
         return (lambda state: jax.tree.map(jnp.asarray, state)), (lambda fn: fn)
-    split, whole = sharding.agent_sharding(mesh), sharding.replicated(mesh)
+    whole = sharding.replicated(mesh)
+    axis = 1 if replicas else 0
+    split = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*([None] * axis), sharding.AXIS)
+    )
 
     def where(x):
-        return split if np.ndim(x) >= 1 and np.shape(x)[0] == num_agents else whole
+        agents = np.ndim(x) > axis and np.shape(x)[axis] == num_agents
+        return split if agents else whole
 
     def place(state):
         return jax.tree.map(lambda x: sharding.place(x, where(x)), state)
@@ -146,8 +182,151 @@ def _placement(mesh, num_agents: int):
     return place, constrain
 
 
-def _record(t: int, point: str, values: dict) -> dict:
+def _stack(trees: list):
+    """Stacks pytrees of one structure on a new leading (replica) axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _take(tree, j: int):
+    """Replica ``j`` of a pytree stacked over replicas."""
+    return jax.tree.map(lambda x: x[j], tree)
+
+
+@dataclasses.dataclass
+class _Cohort:
+    """Replicas run by one program (``num_replicas`` > 1): one jitted, vmapped
+    program per phase over their stacked states (``vmapped``), or a single
+    replica run by the plain program.
+
+    Attributes:
+      members: the replica indices r (seeds ``config.seed + r``).
+      ctx, rounds: the leader's (members[0]) context and ``Rounds``, whose pure
+        phases, ``init`` and ``measure`` every member runs.
+      own: each member's ``Rounds`` (its host steps and final files: host-side
+        values such as DemLearn's last linkage live in them).
+      part: the shared device partition, or the members' stacked on axis 0.
+      part_axis: None (shared) or 0 (stacked), the vmap axis of ``part``.
+      data: each member's ``place_split`` dict (``part``, ``x_gen``, ``y_gen``).
+      own_measure: measure with each member's own ``measure`` (its own split).
+      jitted: the jitted phase programs; state: the members' state (stacked
+        when ``vmapped``).
+    """
+
+    members: list
+    ctx: object
+    rounds: object
+    own: list
+    part: object
+    part_axis: int | None
+    data: list
+    own_measure: bool
+    place: object = None
+    jitted: list = dataclasses.field(default_factory=list)
+    state: object = None
+
+    @property
+    def vmapped(self) -> bool:
+        return len(self.members) > 1
+
+
+def _signature(rounds, part) -> tuple:
+    """What must match for replicas to share one compiled program: the jaxprs
+    (with shapes) of ``init`` and of every phase, and their constants."""
+    key = jax.random.PRNGKey(0)
+    like = jax.eval_shape(rounds.init, key, part)
+    closed = [jax.make_jaxpr(rounds.init)(key, part)]
+    closed += [
+        jax.make_jaxpr(p.fn)(like, part, key, jnp.int32(0)) for p in rounds.phases
+    ]
+    # (Python objects printed with their address, e.g. a custom rule's
+    # function, are compared by what they print without it.)
+    text = tuple(re.sub(r" at 0x[0-9a-fA-F]+", "", str(c.jaxpr)) for c in closed)
+    consts = tuple(_const(x) for c in closed for x in c.consts)
+    return text, consts
+
+
+def _const(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x)
+
+
+def _same_signature(a: tuple, b: tuple) -> bool:
+    return (
+        a[0] == b[0]
+        and len(a[1]) == len(b[1])
+        and all(
+            x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y)
+            for x, y in zip(a[1], b[1], strict=True)
+        )
+    )
+
+
+def _replica_config(config, r: int):
+    """The config of replica r's set-up (split, evaluation subsample, the
+    algorithm's own seeded set-up): ``seed + r`` with ``replicate_split``, else
+    ``config`` itself (every replica shares the set-up of ``seed``)."""
+    if r == 0 or not config.replicate_split:
+        return config
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        c.seed = int(config.seed) + r
+    return c
+
+
+def _cohorts(config, setup, workdir: str, partition) -> list:
+    """The replicas grouped into ``_Cohort``s (see ``run``)."""
+    reps = int(config.num_replicas)
+    _, ctx, rounds = build(config, setup.part)
+    log_plan(ctx.plan_info)
+    prepared = (ctx.plan, ctx.plan_info)
+    algo = algorithms.get(config.algorithm)
+    first = {"part": setup.part, "x_gen": setup.x_gen, "y_gen": setup.y_gen}
+    if reps == 1 or not config.replicate_split:
+        own = [rounds] + [algo.build(ctx) for _ in range(1, reps)]
+        return [_Cohort(list(range(reps)), ctx, rounds, own, setup.part, None,
+                        [first] * reps, own_measure=False)]  # fmt: skip
+    # replicate_split: each replica's own split (and set-up) and programs; the
+    # replicas whose programs match exactly share one vmapped program.
+    entries = [(ctx, rounds, first, _signature(rounds, setup.part))]
+    for r in range(1, reps):
+        c = _replica_config(config, r)
+        split = data.make_split(c, partition)
+        if multihost.is_primary():
+            data.write_card(os.path.join(workdir, f"replica_{r}"), split)
+        got = place_split(c, split, setup.mesh)
+        _, ctx_r, rounds_r = build(c, got["part"], prepared)
+        entries.append((ctx_r, rounds_r, got, _signature(rounds_r, got["part"])))
+    groups: list[list[int]] = []
+    for r, entry in enumerate(entries):
+        for g in groups:
+            if _same_signature(entries[g[0]][3], entry[3]):
+                g.append(r)
+                break
+        else:
+            groups.append([r])
+    if len(groups) > 1:
+        log.info(
+            "replicate_split: the replicas' splits give %d different programs "
+            "(replica groups %s): each group runs as its own program, one after "
+            "another",
+            len(groups), groups,
+        )  # fmt: skip
+    out = []
+    for g in groups:
+        parts = [entries[r][2]["part"] for r in g]
+        ctx_g, rounds_g = entries[g[0]][0], entries[g[0]][1]
+        stacked = _stack(parts) if len(g) > 1 else parts[0]
+        own = [entries[r][1] for r in g]
+        out.append(_Cohort(g, ctx_g, rounds_g, own, stacked, 0 if len(g) > 1 else None,
+                           [entries[r][2] for r in g], own_measure=True))  # fmt: skip
+    return out
+
+
+def _record(t: int, point: str, values: dict, replica: int | None = None) -> dict:
     rec = {"round": t, "point": point}
+    if replica is not None:
+        rec["replica"] = int(replica)
     for k, v in values.items():
         if v is None:
             rec[k] = None
@@ -182,38 +361,90 @@ def run(
       "eval_samples": S or None, "num_params": D, "num_devices": int,
       "params_devices": int, "agent_block": int, "local_plan": dict,
       "compilations": {phase or evaluator name: compiled variants}, "state":
-      the final state pytree}``.
+      the final state pytree}``. With ``config.num_replicas`` R > 1 (replica r
+      is the run of seed ``seed + r``; docs/running.md): ``records`` carry a
+      ``replica`` field, ``final`` holds per point the mean over replicas of
+      the last round's records, ``replicas`` the ``replicas.json`` summary
+      (``demjax.run_output.replica_summary``), ``state`` leaves
+      ``[R, A, ...]``, and ``compilations`` counts the programs of all groups
+      of replicas (1 per phase when they share one).
 
     Raises:
-      ConfigError: bad config field or input (before any array is built).
+      ConfigError: bad config field or input (before any array is built);
+        ``replicate_split=True`` with a given partition.
       DataNotFoundError: the data set is not available offline.
     """
     validate(config)
+    reps = int(config.num_replicas)
+    if (
+        reps > 1
+        and config.replicate_split
+        and (partition is not None or config.partition == "arrays")
+    ):
+        raise ConfigError(
+            "replicate_split=True needs a split drawn from the seed; accepted: "
+            "replicate_split=False with partition='arrays' (every replica shares "
+            "the given partition)"
+        )
     setup = prepare_run(config, workdir, overwrite, partition)
-    part, mesh, resume = setup.part, setup.mesh, setup.resume
-    x_gen, y_gen = setup.x_gen, setup.y_gen
+    mesh, resume = setup.mesh, setup.resume
     show = config.progress if progress is None else progress
     show = show and multihost.is_primary()
 
-    _, ctx, rounds = build(config, part)
-    log_plan(ctx.plan_info)
+    try:
+        cohorts = _cohorts(config, setup, workdir, partition)
+    except BaseException:
+        unlock_workdir(workdir)
+        raise
+    ctx, rounds = cohorts[0].ctx, cohorts[0].rounds
     num_agents = ctx.num_agents
-    place, constrain = _placement(mesh, num_agents)
     phases = rounds.phases
-    jitted = [
-        jax.jit(constrain(p.fn), donate_argnums=(0,) if p.donate else ())
-        for p in phases
-    ]
-    key = jax.random.PRNGKey(int(config.seed))
-    init_key, run_key = jax.random.split(key)
-    state = place(rounds.init(init_key, part))
+    # Replica r's keys are those of a one-replica run with seed ``seed + r``.
+    run_keys = []
+    init_keys = []
+    for r in range(reps):
+        init_key, run_key = jax.random.split(jax.random.PRNGKey(int(config.seed) + r))
+        init_keys.append(init_key)
+        run_keys.append(run_key)
+    for c in cohorts:
+        c.place, constrain = _placement(mesh, num_agents, replicas=c.vmapped)
+        if c.vmapped:
+            if c.part_axis is not None:
+                c.part = c.place(c.part)
+            fns = [
+                jax.vmap(p.fn, in_axes=(0, c.part_axis, 0, None))
+                for p in c.rounds.phases
+            ]
+            c.state = c.place(
+                _stack([
+                    c.rounds.init(init_keys[r], d["part"])
+                    for r, d in zip(c.members, c.data, strict=True)
+                ])
+            )  # fmt: skip
+        else:
+            fns = [p.fn for p in c.rounds.phases]
+            c.state = c.place(c.rounds.init(init_keys[c.members[0]], c.part))
+        c.jitted = [
+            jax.jit(constrain(fn), donate_argnums=(0,) if p.donate else ())
+            for p, fn in zip(c.rounds.phases, fns, strict=True)
+        ]
+
+    def payload(states: list) -> dict:
+        if reps == 1:
+            return {"state": states[0]}
+        return {"state": {f"cohort_{i}": s for i, s in enumerate(states)}}
+
     every = int(config.checkpoint_every)
     keep = int(config.keep_checkpoints)
     mngr = checkpoint.manager(workdir, keep) if (every or resume) else None
     start = 0
     if resume:  # the newest readable checkpoint (damaged ones are set aside)
-        got, start = checkpoint.restore_payload(mngr, {"state": state})
-        state = place(got["state"])
+        got, start = checkpoint.restore_payload(
+            mngr, payload([c.state for c in cohorts])
+        )
+        got = got["state"]
+        for i, c in enumerate(cohorts):
+            c.state = c.place(got if reps == 1 else got[f"cohort_{i}"])
     writer = RunWriter(
         workdir,
         keep_rounds_below=start if resume else None,
@@ -242,58 +473,94 @@ def run(
         steps = bar
     stop = GracefulStop()
     done = start  # rounds completed
-    state_done = state  # the state after the last completed round
+    states_done = [c.state for c in cohorts]  # after the last completed round
 
-    def write_files(files: dict) -> None:
+    def write_files(files: dict, r: int) -> None:
         for name, obj in files.items():
-            writer.json(name, obj)
+            writer.json(name if reps == 1 else os.path.join(f"replica_{r}", name), obj)
 
     def final_files() -> None:
-        if rounds.final_files is not None:
-            write_files(rounds.final_files(state_done, done - 1))
+        for c, state in zip(cohorts, states_done, strict=True):
+            for j, r in enumerate(c.members):
+                if c.own[j].final_files is None:
+                    continue
+                one = _take(state, j) if c.vmapped else state
+                write_files(c.own[j].final_files(one, done - 1), r)
+        if reps > 1 and records:
+            writer.json("replicas.json", _summary(config, records))
+
+    def host_step(c, i: int, state, info, t: int, keys: list):
+        """Phase i's host step for every member of cohort c; returns the state
+        and the members' reports."""
+        if not c.vmapped:
+            state, report = c.own[0].phases[i].host(state, info, t, keys[0])
+            return c.place(state), [report]
+        leaves, treedef = jax.tree.flatten(state)
+        new_leaves, reports = [], []
+        for j in range(len(c.members)):
+            mine = [x[j] for x in leaves]
+            one, report = c.own[j].phases[i].host(
+                jax.tree.unflatten(treedef, mine),
+                {k: v[j] for k, v in info.items()}, t, keys[j],
+            )  # fmt: skip
+            new_leaves.append((mine, jax.tree.leaves(one)))
+            reports.append(report)
+        # Leaves no member changed keep their stacked arrays (no copy).
+        out = [
+            x if all(n[k] is m[k] for m, n in new_leaves)
+            else jnp.stack([jnp.asarray(n[k]) for _, n in new_leaves])
+            for k, x in enumerate(leaves)
+        ]  # fmt: skip
+        return c.place(jax.tree.unflatten(treedef, out)), reports
 
     try:
         for t in steps:
             timing = {"round": t}
             t0 = time.perf_counter()
-            round_key = jax.random.fold_in(run_key, t)
-            eval_key = jax.random.fold_in(round_key, 7)
+            round_keys = [jax.random.fold_in(k, t) for k in run_keys]
+            eval_keys = [jax.random.fold_in(k, 7) for k in round_keys]
             t_dev = jnp.int32(t)
             last_round = t == num_rounds - 1
             evaluating = t % int(config.eval_every) == 0 or last_round
-            info: dict = {}
+            infos = [{} for _ in cohorts]
             eval_s = 0.0
-            for phase, fn in zip(phases, jitted, strict=True):
-                t1 = time.perf_counter()
-                state, phase_info = fn(state, part, round_key, t_dev)
-                if phase.host is not None:
-                    state, report = phase.host(state, phase_info, t, round_key)
-                    state = place(state)
-                    timing.update(report.get("timing", {}))
-                    write_files(report.get("files", {}))
-                jax.block_until_ready(state)
-                name = f"{phase.timing}_s"
-                timing[name] = timing.get(name, 0.0) + time.perf_counter() - t1
-                info.update(phase_info)
-                if phase.point is not None and evaluating:
-                    t2 = time.perf_counter()
-                    values = rounds.measure(
-                        phase.point, state, part, x_gen, y_gen, eval_key,
-                        sharding.to_host(info),
-                    )  # fmt: skip
-                    host = sharding.to_host(values)  # (sorts dict keys)
-                    rec = _record(t, phase.point, {k: host[k] for k in values})
+            for i, phase in enumerate(phases):
+                point_recs = []
+                for c, info in zip(cohorts, infos, strict=True):
+                    t1 = time.perf_counter()
+                    keys = [round_keys[r] for r in c.members]
+                    key = jnp.stack(keys) if c.vmapped else keys[0]
+                    c.state, phase_info = c.jitted[i](c.state, c.part, key, t_dev)
+                    if phase.host is not None:
+                        c.state, reports = host_step(c, i, c.state, phase_info, t, keys)
+                        for r, report in zip(c.members, reports, strict=True):
+                            if reps == 1:
+                                timing.update(report.get("timing", {}))
+                            else:  # summed over the replicas
+                                for k, v in report.get("timing", {}).items():
+                                    timing[k] = timing.get(k, 0) + v
+                            write_files(report.get("files", {}), r)
+                    jax.block_until_ready(c.state)
+                    name = f"{phase.timing}_s"
+                    timing[name] = timing.get(name, 0.0) + time.perf_counter() - t1
+                    info.update(phase_info)
+                    if phase.point is not None and evaluating:
+                        t2 = time.perf_counter()
+                        point_recs += _measure(
+                            c, phase.point, info, eval_keys, t, reps > 1
+                        )
+                        eval_s += time.perf_counter() - t2
+                for rec in sorted(point_recs, key=lambda x: x.get("replica", 0)):
                     records.append(rec)
                     writer.metrics(rec)
-                    eval_s += time.perf_counter() - t2
                     loss = rec.get("train_loss")
                     if loss is not None and not math.isfinite(loss):
                         log.warning("training loss is %s at round %d", loss, t)
-            counts = {
-                k: int(v)
-                for k, v in sharding.to_host(info).items()
-                if k in ("num_active", "num_diverged")
-            }
+            counts = {}
+            for info in infos:
+                for k, v in sharding.to_host(info).items():
+                    if k in ("num_active", "num_diverged"):
+                        counts[k] = counts.get(k, 0) + int(np.sum(v))
             timing.update(counts)
             if counts.get("num_diverged"):
                 log.warning(
@@ -304,10 +571,10 @@ def run(
                 )
             if evaluating:
                 timing["eval_s"] = eval_s
-            done, state_done = t + 1, state
+            done, states_done = t + 1, [c.state for c in cohorts]
             if every and (done % every == 0 or last_round):
                 t3 = time.perf_counter()
-                checkpoint.save_payload(mngr, done, {"state": state})
+                checkpoint.save_payload(mngr, done, payload(states_done))
                 timing["checkpoint_s"] = time.perf_counter() - t3
             timing["round_s"] = time.perf_counter() - t0
             writer.timing(rounded(timing))
@@ -331,10 +598,10 @@ def run(
         # checkpoint is then the resume point.
         consumed = any(
             getattr(x, "is_deleted", lambda: False)()
-            for x in jax.tree.leaves(state_done)
+            for x in jax.tree.leaves(states_done)
         )
         if every and not consumed:
-            checkpoint.save_payload(mngr, done, {"state": state_done})
+            checkpoint.save_payload(mngr, done, payload(states_done))
             how = "rerun the same command to resume from it (checkpoint saved)"
         elif every:
             how = "rerun the same command to resume from the last periodic checkpoint"
@@ -359,16 +626,35 @@ def run(
     if mngr is not None:
         mngr.close()
     one = jax.eval_shape(ctx.init_model, jax.random.PRNGKey(0))
+    axis = 1 if reps > 1 else 0
+    if reps == 1:
+        state = cohorts[0].state
+    elif len(cohorts) == 1:
+        state = cohorts[0].state
+    else:  # replica order
+        order = {r: (c, j) for c in cohorts for j, r in enumerate(c.members)}
+        state = _stack([
+            _take(order[r][0].state, order[r][1]) if order[r][0].vmapped
+            else order[r][0].state
+            for r in range(reps)
+        ])  # fmt: skip
     per_agent = [
-        x for x in jax.tree.leaves(state) if x.ndim >= 1 and x.shape[0] == num_agents
+        x
+        for x in jax.tree.leaves(state)
+        if x.ndim > axis and x.shape[axis] == num_agents
     ]
-    compilations = {
-        p.name: fn._cache_size() for p, fn in zip(phases, jitted, strict=True)
-    }
+    compilations = {p.name: 0 for p in phases}
+    for c in cohorts:
+        for p, fn in zip(phases, c.jitted, strict=True):
+            compilations[p.name] += fn._cache_size()
     compilations.update({k: f._cache_size() for k, f in rounds.jitted.items()})
     final = {}
     for rec in records:
         final[rec["point"]] = rec
+    out = {}
+    if reps > 1:
+        final = {p: _mean_record(records, p, rec["round"]) for p, rec in final.items()}
+        out["replicas"] = _summary(config, records)
     return {
         "final": final,
         "records": records,
@@ -384,9 +670,51 @@ def run(
             (per_agent or jax.tree.leaves(state))[0].sharding.device_set
         ),
         # Compiled variants per jitted phase: stays 1 however often the tree
-        # (or any host-step decision) changes.
+        # (or any host-step decision) changes (and for any number of replicas
+        # sharing one program).
         "compilations": compilations,
         "state": state,
+        **out,
+    }
+
+
+def _measure(c, point: str, info: dict, eval_keys: list, t: int, tag: bool) -> list:
+    """The records of cohort c's members at a measurement point (one per
+    replica; ``tag``: with their ``replica`` field)."""
+    host_info = sharding.to_host(info)
+    out = []
+    for j, r in enumerate(c.members):
+        state = _take(c.state, j) if c.vmapped else c.state
+        mine = {k: v[j] for k, v in host_info.items()} if c.vmapped else host_info
+        d = c.data[j]
+        measure = (c.own[j] if c.own_measure else c.rounds).measure
+        values = measure(
+            point, state, d["part"], d["x_gen"], d["y_gen"], eval_keys[r], mine
+        )
+        host = sharding.to_host(values)  # (sorts dict keys)
+        out.append(_record(t, point, {k: host[k] for k in values}, r if tag else None))
+    return out
+
+
+def _mean_record(records: list[dict], point: str, t: int) -> dict:
+    """The mean over replicas of round t's records at a point (null stays null)."""
+    recs = [r for r in records if r["point"] == point and r["round"] == t]
+    out = {"round": t, "point": point}
+    for k in recs[0]:
+        if k in ("round", "point", "replica"):
+            continue
+        vals = [r[k] for r in recs]
+        out[k] = None if None in vals else round(float(np.mean(vals)), 6)
+    return out
+
+
+def _summary(config, records: list[dict]) -> dict:
+    """``replicas.json``: the replicas' seeds and ``replica_summary``."""
+    reps = int(config.num_replicas)
+    return {
+        "seeds": [int(config.seed) + r for r in range(reps)],
+        "replicate_split": bool(config.replicate_split),
+        **replica_summary(records, reps),
     }
 
 

@@ -1,0 +1,325 @@
+"""Replicas in one program (``config.num_replicas``): a run with R replicas
+equals R one-replica runs with seeds ``seed + r`` (docs/running.md)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import tiny_config
+
+from demjax import data, memory, train
+from demjax.errors import ConfigError
+from demjax.run_output import read_jsonl, replica_summary
+
+R = 3
+SEED = 4
+# Host steps in both rounds: DemLearn regroups every round (tau 1), CFL may
+# split from round 0 (criteria that always hold).
+ALGOS = {
+    "fedavg": {},
+    "demlearn": {"tau": 1},
+    "ditto": {},
+    "cfl": {"cfl.warmup": 0, "cfl.eps1": 1e6, "cfl.eps2": 1e-6},
+}
+
+
+def config(algo: str, **kw):
+    """A tiny digits config of ``algo`` (keywords set fields)."""
+    fields = dict(checkpoint_every=0, local_buckets=1, **ALGOS[algo])
+    fields.update(kw)
+    return tiny_config(num_agents=6, algorithm=algo, **fields)
+
+
+@functools.cache
+def replicated(algo: str, tmp: str) -> tuple[dict, str]:
+    workdir = os.path.join(tmp, f"{algo}_r{R}")
+    return train.run(config(algo, seed=SEED, num_replicas=R), workdir), workdir
+
+
+@functools.cache
+def reference(algo: str, r: int, tmp: str) -> list[dict]:
+    """A one-replica run with seed SEED + r on the split of SEED."""
+    split = data.make_split(config(algo, seed=SEED))
+    c = config(algo, seed=SEED + r, partition="arrays")
+    out = train.run(c, os.path.join(tmp, f"{algo}_ref{r}"), partition=split)
+    return out["records"]
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("replicas"))
+
+
+def assert_same(got: list[dict], want: list[dict]) -> None:
+    assert [(r["round"], r["point"]) for r in got] == [
+        (r["round"], r["point"]) for r in want
+    ]
+    for g, w in zip(got, want, strict=True):
+        assert set(g) - {"replica"} == set(w) - {"replica"}
+        for k in w:
+            if not isinstance(w[k], float):
+                assert g[k] == w[k], (k, g, w)
+            else:
+                np.testing.assert_allclose(g[k], w[k], atol=2e-4, err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "algo",
+    # fedavg always; the others (host steps, two models) as slow tests.
+    [a if a == "fedavg" else pytest.param(a, marks=pytest.mark.slow(seconds=10))
+     for a in ALGOS],
+)  # fmt: skip
+def test_replicas_equal_one_replica_runs(algo, tmp):
+    out, workdir = replicated(algo, tmp)
+    recs = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert recs == out["records"]
+    assert sorted({r["replica"] for r in recs}) == list(range(R))
+    assert os.path.exists(os.path.join(workdir, "replicas.json"))
+    for r in range(R):
+        assert_same([x for x in recs if x["replica"] == r], reference(algo, r, tmp))
+    # One compiled program per phase for the three replicas.
+    # (evaluate_root: DemLearn evaluates no root-only round.)
+    comp = out["compilations"]
+    assert {v for k, v in comp.items() if k != "evaluate_root"} == {1}, comp
+    assert comp.get("evaluate_root", 1) <= 1
+    # The replicas differ (their seeds do): not three copies of one run.
+    finals = [x["c_spe"] for x in recs if x["round"] == 1 and x["point"] == "sync"]
+    assert len(set(finals)) > 1 or algo == "cfl"
+
+
+def test_replica_files_and_summary(tmp):
+    out, workdir = replicated("demlearn", tmp)
+    for r in range(R):
+        assert os.path.exists(os.path.join(workdir, f"replica_{r}", "tree_final.json"))
+    assert not os.path.exists(os.path.join(workdir, "tree_final.json"))
+    with open(os.path.join(workdir, "replicas.json")) as f:
+        summary = json.load(f)
+    assert summary["seeds"] == [SEED + r for r in range(R)]
+    assert summary == json.loads(json.dumps(out["replicas"]))
+    recs = out["records"]
+    for point in ("local", "sync"):
+        for k in ("c_spe", "c_gen", "global_acc"):
+            s = summary["points"][point][k]
+            grid = np.array(
+                [
+                    [x[k] for x in recs if x["replica"] == r and x["point"] == point]
+                    for r in range(R)
+                ]
+            )
+            np.testing.assert_allclose(s["final"]["values"], grid[:, -1])
+            np.testing.assert_allclose(s["final"]["mean"], grid[:, -1].mean(), 1e-5)
+            np.testing.assert_allclose(
+                s["final"]["std"], np.std(grid[:, -1], ddof=1), atol=1e-5
+            )
+            np.testing.assert_allclose(s["best"]["values"], grid.max(axis=1))
+            assert s["best"]["rounds"] == [int(i) for i in grid.argmax(axis=1)]
+            assert s["best_of_mean"]["round"] == int(grid.mean(axis=0).argmax())
+        assert any(k.startswith("g_spe_l") for k in summary["points"][point])
+    # run()'s "final": the mean over replicas of the last round.
+    last = [x for x in recs if x["round"] == 1 and x["point"] == "sync"]
+    np.testing.assert_allclose(
+        out["final"]["sync"]["c_gen"], np.mean([x["c_gen"] for x in last]), 1e-5
+    )
+    # The returned state: replica axis first, agents second.
+    assert out["state"].params["Dense_0"]["kernel"].shape[:2] == (R, 6)
+
+
+def test_replica_summary_hand_computed():
+    recs = []
+    values = {0: [0.1, 0.5, 0.3], 1: [0.4, 0.2, 0.2]}
+    for r, vals in values.items():
+        for t, v in enumerate(vals):
+            recs.append({"round": t, "point": "sync", "replica": r, "c_spe": v,
+                         "global_acc": None})  # fmt: skip
+    s = replica_summary(recs, 2)["points"]["sync"]
+    assert "global_acc" not in s
+    c = s["c_spe"]
+    assert c["final"] == {"round": 2, "mean": 0.25, "std": 0.070711,
+                          "values": [0.3, 0.2]}  # fmt: skip
+    assert c["best"]["values"] == [0.5, 0.4] and c["best"]["rounds"] == [1, 0]
+    assert c["best"]["mean"] == 0.45
+    assert c["best_of_mean"] == {"round": 1, "mean": 0.35, "std": 0.212132}
+    with pytest.raises(ValueError, match="replica 1 at round 2"):
+        replica_summary(recs[:-1], 2)
+
+
+@pytest.mark.slow(seconds=15)
+@pytest.mark.parametrize(
+    "algo,partition", [("demlearn", "iid"), ("fedavg", "pathological")]
+)
+def test_replicate_split_equals_seeded_runs(algo, partition, tmp_path):
+    """Each replica its own split: equal to plain runs with seeds seed + r, both
+    when the splits give one program (iid: equal sizes, vmapped over stacked
+    partitions) and when they do not (pathological: sizes differ; each replica
+    runs its own program)."""
+    kw = dict(partition=partition, samples_per_agent=40)
+    c = config(algo, seed=SEED, num_replicas=2, replicate_split=True, **kw)
+    out = train.run(c, str(tmp_path / "r2"))
+    for r in range(2):
+        ref = train.run(config(algo, seed=SEED + r, **kw), str(tmp_path / f"{r}"))
+        got = [x for x in out["records"] if x["replica"] == r]
+        assert_same(got, ref["records"])
+    assert os.path.exists(tmp_path / "r2" / "replica_1" / "data.json")
+    programs = 1 if partition == "iid" else 2
+    assert out["compilations"]["local_phase"] == programs
+
+
+def test_num_replicas_errors(tmp_path):
+    for field, bad in [("num_replicas", b) for b in (0, -1, 1.5, True, "2")] + [
+        ("replicate_split", 1)
+    ]:
+        c = config("fedavg")
+        with c.ignore_type():
+            c[field] = bad
+        with pytest.raises(ConfigError, match=f"^{field}=.*accepted: "):
+            train.run(c, str(tmp_path / "a"))
+    assert not os.path.exists(tmp_path / "a" / "metrics.jsonl")
+    # A given partition cannot be split anew per replica.
+    c = config("fedavg", num_replicas=2, replicate_split=True, partition="arrays")
+    with pytest.raises(ConfigError, match="^replicate_split=True .*accepted: "):
+        train.run(c, str(tmp_path / "b"), partition=data.make_split(config("fedavg")))
+
+
+def test_memory_cap_scales_with_replicas(monkeypatch):
+    """The execution plan's memory estimate counts every replica."""
+    from demjax import local, models
+
+    seen = []
+
+    def spy(**kw):
+        seen.append(kw)
+        return 0
+
+    monkeypatch.setattr(memory, "choose_block_size", spy)
+    c = config("fedavg")
+    part = data.make_split(c).partition
+    model = models.make_model("mlr", part.num_classes, (100,))
+    tx = local.make_optimizer("sgd", 0.1)
+    for reps, rsplit in ((1, False), (3, False), (3, True)):
+        c = config("fedavg", num_replicas=reps, replicate_split=rsplit)
+        memory.memory_cap(c, part, model, tx, donate=True, num_group_models=2)
+    one, three, three_split = seen
+    data_bytes = sum(
+        int(np.prod(getattr(part, k).shape[1:])) * getattr(part, k).dtype.itemsize
+        for k in ("x_train", "y_train", "x_test", "y_test")
+    )
+    model_bytes = one["state_bytes_per_agent"] - data_bytes
+    assert three["state_bytes_per_agent"] == 3 * model_bytes + data_bytes
+    assert three_split["state_bytes_per_agent"] == 3 * (model_bytes + data_bytes)
+    assert three["step_bytes_per_agent"] == 3 * one["step_bytes_per_agent"]
+    assert three["fixed_bytes"] == 3 * one["fixed_bytes"]
+
+
+@pytest.mark.slow(seconds=10)
+def test_resume_replicas_from_checkpoint(tmp):
+    """A replicated run stopped after round 0 and resumed from its checkpoint
+    writes the records of the run that was never stopped."""
+    _, whole = replicated("demlearn", tmp)
+    work = os.path.join(tmp, "resumed")
+    c = config("demlearn", seed=SEED, num_replicas=R, checkpoint_every=1)
+    c.num_rounds = 1
+    train.run(c, work)
+    c.num_rounds = 2
+    out = train.run(c, work)
+    assert [x["round"] for x in out["records"]].count(1) == 2 * R
+    with (
+        open(os.path.join(work, "metrics.jsonl")) as f,
+        open(os.path.join(whole, "metrics.jsonl")) as g,
+    ):
+        assert f.read() == g.read()
+
+
+SHARDED = r"""
+import json, os, sys
+sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]
+import jax
+from helpers import tiny_config
+from demjax import train
+assert jax.device_count() == 8, jax.devices()
+out = {{}}
+for n in (8, 1):
+    c = tiny_config(num_agents=8, algorithm="demlearn", tau=1, num_devices=n,
+                    num_replicas=2, replicate_split=True, partition="iid",
+                    samples_per_agent=40, checkpoint_every=0, local_buckets=1)
+    r = train.run(c, f"{{sys.argv[1]}}/{{n}}")
+    spec = getattr(r["state"].params["Dense_0"]["kernel"].sharding, "spec", None)
+    out[n] = dict(records=r["records"], spread=r["params_devices"],
+                  spec=None if spec is None else list(spec), comp=r["compilations"])
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow(seconds=45)  # a subprocess with 8 devices, 2 runs
+def test_sharded_replicas_equal_single_device(tmp_path):
+    """The replica axis whole, agents (axis 1) split over 8 forced CPU devices;
+    stacked per-replica partitions; the same records as on one device."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED.format(tests=tests), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    out = json.loads(line[len("RESULT") :])
+    sharded, single = out["8"], out["1"]
+    assert sharded["spread"] == 8 and single["spread"] == 1
+    assert sharded["spec"] == [None, "agents"]
+    assert sharded["comp"]["local_phase"] == 1
+    assert_same(sharded["records"], single["records"])
+
+
+def test_benchmark_replica_columns(tmp_path):
+    """benchmarks/compare_personalized.py --replicas: mean +/- std columns of the
+    final and best rounds, and mean curves."""
+    from benchmarks import compare_personalized as cp
+    from benchmarks.common import mean_curve, mean_std
+
+    recs = [
+        {"round": t, "point": "sync", "replica": r, "c_spe": v, "c_gen": v / 2,
+         "global_acc": None}
+        for r, vals in enumerate([[0.5, 0.7], [0.9, 0.8]])
+        for t, v in enumerate(vals)
+    ]  # fmt: skip
+    summary = {"seeds": [0, 1], **replica_summary(recs, 2)}
+    assert mean_std(summary, "c_spe", "final") == "0.750 +/- 0.071"
+    assert mean_std(summary, "c_spe", "best") == "0.800 +/- 0.141"
+    assert mean_std(summary, "global_acc", "final") == "-"
+    assert mean_curve(recs, "c_gen") == ([0, 1], [0.35, 0.375])
+    results = {"runs": {"pathological/ditto": {
+        "final": {"c_spe": 0.75}, "wall_s": 4.0, "num_rounds": 2,
+        "per_round": recs, "replicas": summary,
+    }}}  # fmt: skip
+    cp.report(results, str(tmp_path))
+    md = (tmp_path / "compare_personalized.md").read_text()
+    row = next(x for x in md.splitlines() if x.startswith("| ditto"))
+    assert row == (
+        "| ditto | 2 | 0.750 +/- 0.071 | 0.800 +/- 0.141 | 0.375 +/- 0.035 | "
+        "0.400 +/- 0.071 | - | - | 2.00 | 2 |"
+    )
+
+
+def test_tensorboard_series_per_replica(tmp_path):
+    from test_checkpoint import tb_scalars
+
+    from demjax.run_output import RunWriter
+
+    writer = RunWriter(str(tmp_path))
+    writer.tensorboard()
+    for r, v in ((0, 0.25), (1, 0.5)):
+        writer.metrics({"round": 3, "point": "sync", "replica": r, "c_spe": v})
+    writer.close()
+    got = tb_scalars(tmp_path)
+    assert set(got) == {"replica_0/sync/c_spe", "replica_1/sync/c_spe"}
+    assert got["replica_1/sync/c_spe"] == [(3, 0.5)]
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines == ["round,point,replica,c_spe", "3,sync,0,0.25", "3,sync,1,0.5"]
