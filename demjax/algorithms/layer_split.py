@@ -112,7 +112,9 @@ def merge(*parts) -> dict:
     return out
 
 
-def freeze(tx: optax.GradientTransformation, params, frozen) -> optax.GradientTransformation:
+def freeze(
+    tx: optax.GradientTransformation, params, frozen
+) -> optax.GradientTransformation:
     """``tx`` on every layer but ``frozen``, whose updates are zero (and whose
     optimizer state is empty), so frozen parameters never move, whatever
     ``tx`` (momentum, Adam, weight decay).
