@@ -75,9 +75,7 @@ def head_keys(params, head_layers: int = 1, field: str = "head_layers") -> tuple
       ConfigError: ``head_layers`` leaves no body (the model has at most
         ``head_layers`` dense layers and nothing else).
     """
-    dense = sorted(
-        (int(m.group(1)), k) for k in params if (m := _DENSE.match(str(k)))
-    )
+    dense = sorted((int(m.group(1)), k) for k in params if (m := _DENSE.match(str(k))))
     others = [k for k in params if not _DENSE.match(str(k))]
     most = len(dense) - (0 if others else 1)
     if head_layers < 1 or head_layers > most:
@@ -202,10 +200,11 @@ def build_split(
         finite = finite_agents(params)
         ok = active & finite
         weight = ok * part.n_train.astype(jnp.float32)
+        params = where_agents(ok, params, state.params)  # finite everywhere
         avg = ctx.aggregate(pick(params, shared_keys), weight, k_agg)
         shared = merge(state.shared, avg)
         new = SplitState(
-            params=where_agents(ok, params, state.params),
+            params=params,
             opt=tuple(
                 where_agents(ok, o, old) for o, old in zip(opts, state.opt, strict=True)
             ),
