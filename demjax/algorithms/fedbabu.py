@@ -34,7 +34,7 @@ from demjax.pytrees import stack
 
 HPARAMS = {
     "head_layers": layer_split.head_layers_hparam(
-        "fedbabu", 1, " frozen at initialization"
+        "fedbabu", "frozen at its initialization"
     ),
     "finetune_epochs": HParam(
         5,

@@ -22,7 +22,7 @@ from demjax.algorithms.protocol import Algorithm, Rounds
 
 HPARAMS = {
     "head_layers": layer_split.head_layers_hparam(
-        "fedper", 1, " of personalization layers kept local; paper: K_P = 1-2"
+        "fedper", "the personalization layers kept local; paper K_P 1-2"
     ),
 }
 

@@ -28,7 +28,7 @@ from demjax.algorithms import layer_split
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds
 
 HPARAMS = {
-    "head_layers": layer_split.head_layers_hparam("fedrep", 1, " (personal)"),
+    "head_layers": layer_split.head_layers_hparam("fedrep", "personal"),
     "head_epochs": HParam(
         10,
         "fedrep: epochs on the head (body frozen) per round (>= 1; paper 10)",

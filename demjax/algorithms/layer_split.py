@@ -49,12 +49,13 @@ from demjax.pytrees import (
 _DENSE = re.compile(r"Dense_(\d+)$")
 
 
-def head_layers_hparam(alg: str, default: int = 1, what: str = "") -> HParam:
-    """The ``<alg>.head_layers`` hyper-parameter (an int >= 1)."""
+def head_layers_hparam(alg: str, what: str, default: int = 1) -> HParam:
+    """The ``<alg>.head_layers`` hyper-parameter (an int >= 1); ``what`` says
+    what the head is in ``alg``."""
     return HParam(
         default,
-        f"{alg}: the last head_layers Dense layers form the head{what} (>= 1, "
-        "fewer than the model's dense layers)",
+        f"{alg}: dense layers in the head ({what}), the last ones of the model "
+        "(>= 1, fewer than the model's dense layers)",
         low=1,
     )
 

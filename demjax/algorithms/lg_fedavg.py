@@ -24,7 +24,7 @@ from demjax.algorithms.protocol import Algorithm, Rounds
 
 HPARAMS = {
     "head_layers": layer_split.head_layers_hparam(
-        "lg_fedavg", 1, " of global (averaged) layers; the rest stays local"
+        "lg_fedavg", "the global, averaged layers; the rest stays local"
     ),
 }
 
