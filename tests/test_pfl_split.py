@@ -37,6 +37,7 @@ tiny_config = functools.partial(
     model="mlp",
     hidden=(H,),
     checkpoint_every=0,
+    local_plan="all",
 )
 
 
