@@ -1,8 +1,8 @@
 """Personalized FL by splitting the model into a shared and a personal part.
 
-The library behind FedPer, FedRep, LG-FedAvg and FedBABU (``fedper.py``,
-``fedrep.py``, ``lg_fedavg.py``, ``fedbabu.py``): the head/body rule, optimizers
-that freeze a part, and the one round they share.
+The library behind FedPer, FedRep, LG-FedAvg, FedBABU and FedBN
+(``fedper.py``, ``fedrep.py``, ``lg_fedavg.py``, ``fedbabu.py``, ``fedbn.py``):
+the head/body rule, optimizers that freeze a part, and the one round they share.
 
 **Head/body rule.** A model's parameters are a dict of layers (flax module names:
 ``Dense_0``, ``Dense_1``, ..., ``conv0``, ``embed``, ``lstm0``, ...). The *head*
@@ -155,6 +155,8 @@ def build_split(
     stages: tuple,
     personal: Callable | None = None,
     global_model: Callable | None = None,
+    init_model: Callable | None = None,
+    eval_apply: Callable | None = None,
 ) -> Rounds:
     """The ``Rounds`` of an algorithm that averages only the layers ``shared_keys``.
 
@@ -167,11 +169,14 @@ def build_split(
       personal: ``personal(state, part, key) -> params [A, ...]``; default: the
         server's shared layers with each agent's own other layers.
       global_model: ``global_model(state) -> params`` or None.
+      init_model: ``init_model(key) -> one model`` (default ``ctx.init_model``).
+      eval_apply: the evaluation ``(params, x, train, key) -> logits`` (default
+        the model's own).
     """
     num_agents = ctx.num_agents
 
     def init(key, part):
-        w = ctx.init_model(key)
+        w = (init_model or ctx.init_model)(key)
         params = stack(w, num_agents)
         opt = tuple(jax.vmap(tx.init)(params) for _, tx in stages)
         return SplitState(params=params, opt=opt, shared=w)
@@ -228,7 +233,12 @@ def build_split(
             return start_models(state)
 
     return one_round(
-        ctx, init=init, round=round_fn, personal=personal, global_model=global_model
+        ctx,
+        init=init,
+        round=round_fn,
+        personal=personal,
+        global_model=global_model,
+        eval_apply=eval_apply,
     )
 
 
