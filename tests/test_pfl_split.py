@@ -24,7 +24,7 @@ from demjax.errors import ConfigError
 A, N, F, H, C = 3, 4, 3, 4, 3
 N_TRAIN = np.array([4, 3, 2], np.int32)  # agents 1 and 2 hold padding rows
 LR, EPOCHS = 0.4, 2
-SPLIT = ("fedper", "fedrep", "lg_fedavg", "fedbabu")
+SPLIT = ("fedper", "fedrep", "lg_fedavg", "fedbabu", "fedbn")
 tiny_config = functools.partial(
     base_config,
     num_agents=A,
@@ -187,6 +187,85 @@ def test_round_matches_numpy_loop(alg, hp):
     assert float(info["bytes_up"]) == float(info["bytes_down"]) == 4.0 * layer * A
 
 
+def bn_round_reference(layers, shared, part):
+    """FedBN, agent by agent: full-batch SGD on a hand-written ``jnp`` forward
+    (dense -> batch normalization over the agent's real rows -> ReLU -> dense),
+    running averages ``0.9 old + 0.1 batch`` (biased variance); the server's
+    dense layers the sample-weighted mean."""
+    eps = 1e-5
+
+    def loss(p, st, x, y):
+        h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+        mu, var = h.mean(0), ((h - h.mean(0)) ** 2).mean(0)
+        bn = p["BatchNorm_0"]
+        h = (h - mu) / jnp.sqrt(var + eps) * bn["scale"] + bn["bias"]
+        z = jnp.maximum(h, 0) @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+        ce = -jnp.mean(jax.nn.log_softmax(z)[jnp.arange(len(y)), y])
+        return ce, (0.9 * st[0] + 0.1 * mu, 0.9 * st[1] + 0.1 * var)
+
+    new = []
+    for i in range(A):  # reference loop over agents
+        m = N_TRAIN[i]
+        x, y = part.x_train[i, :m], part.y_train[i, :m]
+        p = {**layers[i], **{k: shared[k] for k in ("Dense_0", "Dense_1")}}
+        st = (p["BatchNorm_0"]["mean"], p["BatchNorm_0"]["var"])
+        train_p = {
+            k: {n: v for n, v in d.items() if n not in ("mean", "var")}
+            for k, d in p.items()
+        }
+        for _ in range(EPOCHS):
+            g, st = jax.grad(loss, has_aux=True)(train_p, st, x, y)
+            train_p = jax.tree.map(lambda a, b: a - LR * b, train_p, g)
+        train_p["BatchNorm_0"].update(mean=st[0], var=st[1])
+        new.append(to_np(train_p))
+    wts = N_TRAIN / N_TRAIN.sum()
+    avg = {
+        k: {
+            n: sum(w * q[k][n] for w, q in zip(wts, new, strict=True))
+            for n in new[0][k]
+        }
+        for k in ("Dense_0", "Dense_1")
+    }
+    return new, avg
+
+
+def test_fedbn_round_matches_reference_loop():
+    """FedBN (Alg. 1): the agents' models (BatchNorm scale, bias and running
+    statistics their own) and the averaged dense layers equal the per-agent
+    loop (atol 1e-5: the first dense bias's gradient is 0 up to rounding, the
+    normalization cancels it); the personal models pair the server's dense layers with each agent's
+    BatchNorm layers; the traffic is the dense layers."""
+    part = make_part()
+    _, rounds, dev = build(tiny_config(algorithm="fedbn"), part)
+    state = rounds.init(jax.random.PRNGKey(0), dev)
+    scale = jnp.asarray([1.0, 0.5, 2.0])[:, None]  # distinct BatchNorm layers
+    bn = {n: v * scale for n, v in state.params["BatchNorm_0"].items()}
+    state = state.replace(params={**state.params, "BatchNorm_0": bn})
+    new, info = jax.jit(rounds.round)(state, dev, jax.random.PRNGKey(1), jnp.int32(0))
+    params0 = jax.device_get(state.params)
+    kept, avg = bn_round_reference(
+        [agent(params0, i) for i in range(A)], jax.device_get(state.shared), part
+    )
+    got = to_np(new.params)
+    for i in range(A):
+        close(agent(got, i), kept[i], rtol=1e-4, atol=1e-5)
+    close(to_np(new.shared), avg, rtol=1e-4, atol=1e-5)
+    pers = to_np(jax.jit(rounds.personal)(new, dev, None))
+    for i in range(A):
+        close(agent(pers, i), {**kept[i], **avg}, rtol=1e-4, atol=1e-5)
+    dense = F * H + H + H * C + C
+    assert float(info["bytes_up"]) == float(info["bytes_down"]) == 4.0 * dense * A
+    assert int(info["num_diverged"]) == 0
+
+
+def test_fedbn_needs_the_mlp():
+    with pytest.raises(
+        ConfigError,
+        match=r"model='mlr' is not valid for algorithm='fedbn'.*accepted: mlp",
+    ):
+        validate(tiny_config(algorithm="fedbn", model="mlr"))
+
+
 def test_fedbabu_head_never_moves_under_adamw():
     """FedBABU's frozen head stays bit-identical to its initialization even
     with decoupled weight decay (zero updates, not zero gradients), while the
@@ -330,6 +409,7 @@ _CLI = [
     fedrep=[*_CLI, "--config.algorithm=fedrep", "--config.fedrep.head_epochs=2"],
     lg_fedavg=[*_CLI, "--config.algorithm=lg_fedavg"],
     fedbabu=[*_CLI, "--config.algorithm=fedbabu", "--config.fedbabu.finetune_epochs=1"],
+    fedbn=[*_CLI, "--config.algorithm=fedbn"],
     fedper_bad=[*_CLI, "--config.algorithm=fedper", "--config.fedper.head_layers=2"],
 )  # fmt: skip
 def test_cli_runs_split_algorithms(cli):
@@ -337,6 +417,7 @@ def test_cli_runs_split_algorithms(cli):
     hidden units, 10 classes): the traffic of the shared layers is in
     metrics.jsonl; a head with no body under it exits 2 naming the field."""
     body, head = 4 * (64 * 16 + 16), 4 * (16 * 10 + 10)
+    traffic = {"fedbn": body + head, "lg_fedavg": head}
     for alg in SPLIT:
         ok = cli[alg]
         assert ok.returncode == 0, ok.stderr
@@ -346,7 +427,7 @@ def test_cli_runs_split_algorithms(cli):
             for x in (ok.workdir / "metrics.jsonl").read_text().splitlines()
         ]
         assert [r["round"] for r in recs] == [0, 1]
-        per_agent = head if alg == "lg_fedavg" else body
+        per_agent = traffic.get(alg, body)
         assert all(r["bytes_up"] == r["bytes_down"] == 4 * per_agent for r in recs)
         assert all(0.0 <= r["c_spe"] <= 1.0 for r in recs)
         assert (recs[0]["global_acc"] is None) == (alg != "fedbabu")
