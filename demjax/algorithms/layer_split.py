@@ -47,6 +47,9 @@ from demjax.pytrees import (
 )
 
 _DENSE = re.compile(r"Dense_(\d+)$")
+# The algorithms built on this module: they need a model with layers below its
+# last dense layer (``model='mlr'`` has none; FedBN needs ``model='mlp'``).
+ALGORITHMS = ("fedbabu", "fedbn", "fedper", "fedrep", "lg_fedavg")
 
 
 def head_layers_hparam(alg: str, what: str, default: int = 1) -> HParam:
