@@ -203,6 +203,7 @@ def bn_round_reference(layers, shared, part):
         ce = -jnp.mean(jax.nn.log_softmax(z)[jnp.arange(len(y)), y])
         return ce, (0.9 * st[0] + 0.1 * mu, 0.9 * st[1] + 0.1 * var)
 
+    grad = jax.jit(jax.grad(loss, has_aux=True))  # one agent's step, no vmap
     new = []
     for i in range(A):  # reference loop over agents
         m = N_TRAIN[i]
@@ -214,7 +215,7 @@ def bn_round_reference(layers, shared, part):
             for k, d in p.items()
         }
         for _ in range(EPOCHS):
-            g, st = jax.grad(loss, has_aux=True)(train_p, st, x, y)
+            g, st = grad(train_p, st, x, y)
             train_p = jax.tree.map(lambda a, b: a - LR * b, train_p, g)
         train_p["BatchNorm_0"].update(mean=st[0], var=st[1])
         new.append(to_np(train_p))
@@ -266,15 +267,19 @@ def test_fedbn_needs_the_mlp():
         validate(tiny_config(algorithm="fedbn", model="mlr"))
 
 
-def test_fedbabu_head_never_moves_under_adamw():
-    """FedBABU's frozen head stays bit-identical to its initialization even
-    with decoupled weight decay (zero updates, not zero gradients), while the
-    body trains."""
-    part = make_part()
-    cfg = tiny_config(algorithm="fedbabu", optimizer="adamw", lr=0.05)
+def test_fedbabu_head_never_moves_and_traffic_counts_participants():
+    """FedBABU under AdamW with half the agents participating: the frozen head
+    stays bit-identical to its initialization even with decoupled weight decay
+    (zero updates, not zero gradients) while the body trains, and the traffic
+    is the participants times one body (4 bytes x (F H + H))."""
+    a = 6
+    part = make_part([4] * a, seed=3)
+    cfg = tiny_config(
+        algorithm="fedbabu", num_agents=a, participation=0.5, optimizer="adamw", lr=0.05
+    )
     _, rounds, dev = build(cfg, part)
     state = rounds.init(jax.random.PRNGKey(0), dev)
-    new, _ = jax.jit(rounds.round)(state, dev, jax.random.PRNGKey(1), jnp.int32(0))
+    new, info = jax.jit(rounds.round)(state, dev, jax.random.PRNGKey(1), jnp.int32(0))
     for n in ("kernel", "bias"):
         np.testing.assert_array_equal(
             new.params["Dense_1"][n], state.params["Dense_1"][n]
@@ -285,6 +290,9 @@ def test_fedbabu_head_never_moves_under_adamw():
     assert not np.allclose(
         new.shared["Dense_0"]["kernel"], state.shared["Dense_0"]["kernel"]
     )
+    k = int(info["num_active"])
+    assert 0 < k < a
+    assert float(info["bytes_up"]) == float(info["bytes_down"]) == 4.0 * (F * H + H) * k
 
 
 def test_diverged_agent_is_reset_and_left_out():
@@ -305,20 +313,6 @@ def test_diverged_agent_is_reset_and_left_out():
     for i in range(A):
         close(agent(got, i), kept[i], rtol=1e-4, atol=1e-6)
     close(to_np(new.shared), avg, rtol=1e-4, atol=1e-6)
-
-
-def test_bytes_count_the_participants():
-    """With half the agents participating, the traffic is the participants
-    times one body (FedRep: 4 bytes x (F H + H))."""
-    a = 6
-    part = make_part([4] * a, seed=3)
-    cfg = tiny_config(algorithm="fedrep", num_agents=a, participation=0.5)
-    _, rounds, dev = build(cfg, part)
-    state = rounds.init(jax.random.PRNGKey(0), dev)
-    _, info = jax.jit(rounds.round)(state, dev, jax.random.PRNGKey(1), jnp.int32(0))
-    k = int(info["num_active"])
-    assert 0 < k < a
-    assert float(info["bytes_up"]) == float(info["bytes_down"]) == 4.0 * (F * H + H) * k
 
 
 def count_eqns(jaxpr) -> int:
