@@ -141,6 +141,12 @@ def main() -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--tuned",
+        default="",
+        help="tuning.json of benchmarks/tune.py: run each algorithm with the "
+        "hyper-parameters chosen on the validation split (else the papers' defaults)",
+    )
     p.add_argument("--out_dir", default=RESULTS)
     p.add_argument(
         "--workdir", default=os.path.join(REPO, "runs", "compare_personalized")
@@ -157,6 +163,10 @@ def main() -> None:
 
     from demjax.train import run
 
+    chosen = {}
+    if args.tuned:
+        with open(args.tuned) as f:
+            chosen = json.load(f)["chosen"]
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "compare_personalized.json")
     results = load_results(path)
@@ -171,6 +181,7 @@ def main() -> None:
         "samples_per_agent": args.samples_per_agent or "all",
         "eval_every": args.eval_every,
         "seed": args.seed,
+        "tuned": bool(args.tuned),
         **environment(),
     }
     same = ("model", "num_rounds", "samples_per_agent", "seed")
@@ -192,6 +203,11 @@ def main() -> None:
                     print(f"{key}: stored, skipping", file=sys.stderr)
                     continue
                 config = config_for(name, split, args)
+                params = chosen.get(key, {}).get("params", {})
+                if params:
+                    from benchmarks.tune import apply
+
+                    apply(config, params)
                 t0 = time.perf_counter()
                 out = run(
                     config,
@@ -202,6 +218,7 @@ def main() -> None:
                     "final": out["final"]["sync"],
                     "wall_s": round(time.perf_counter() - t0, 1),
                     "num_rounds": args.num_rounds,
+                    "hyperparameters": params or "paper defaults",
                     # runs may be added later, on other CPUs
                     "cpu_model": new_setup.get("cpu_model"),
                     "per_round": out["records"],

@@ -41,7 +41,7 @@ from scipy.cluster import hierarchy as sch
 from scipy.spatial import distance as ssd
 
 from demjax import sharding
-from demjax.errors import ConfigError, check_choice
+from demjax.errors import ConfigError, check_arg
 from demjax.types import GroupTree
 
 FEATURE_KINDS = ("weights", "updates")
@@ -144,17 +144,16 @@ def features(params: Any, prev_params: Any = None, kind: str = "weights") -> jax
       float32 ``[A, D]``.
 
     Raises:
-      ConfigError: ``kind`` is not one of ``FEATURE_KINDS`` (field
-        ``cluster_features``), or ``kind="updates"`` without ``prev_params``.
-      ValueError: malformed pytrees (see :func:`flatten_params`).
+      ValueError: ``kind`` is not one of ``FEATURE_KINDS``, ``kind="updates"``
+        without ``prev_params``, or malformed pytrees (see
+        :func:`flatten_params`).
     """
-    check_choice("cluster_features", kind, FEATURE_KINDS)
+    check_arg("kind", kind, FEATURE_KINDS)
     if kind == "weights":
         return flatten_params(params)
     if prev_params is None:
-        raise ConfigError(
-            "cluster_features='updates' needs the models entering the round "
-            "(prev_params); got None"
+        raise ValueError(
+            "kind='updates' needs the models entering the round (prev_params); got None"
         )
     leaves = _stacked_leaves(params, "params")
     prev = _stacked_leaves(prev_params, "prev_params")
@@ -257,10 +256,9 @@ def pairwise_distances(
       float32 ``[A, A]`` symmetric distance matrix with zero diagonal.
 
     Raises:
-      ConfigError: unknown ``metric`` (field ``distance``).
-      ValueError: ``feats`` is not 2-D.
+      ValueError: unknown ``metric``, or ``feats`` is not 2-D.
     """
-    check_choice("distance", metric, METRICS)
+    check_arg("metric", metric, METRICS)
     if np.ndim(feats) != 2:
         raise ValueError(f"feats must be [A, D]; got shape {np.shape(feats)}")
     return _pairwise_distances_jit(jnp.asarray(feats), metric, int(block_size))
@@ -308,16 +306,15 @@ def sketch(key: jax.Array, feats: Any, sketch_dim: int, block_size: int = 4096):
       float32 ``[A, k]``.
 
     Raises:
-      ConfigError: ``sketch_dim < 1`` (field ``sketch_dim``).
+      ValueError: ``sketch_dim`` is not an integer >= 1.
     """
     if (
         isinstance(sketch_dim, bool)
         or not isinstance(sketch_dim, int)
         or sketch_dim < 1
     ):
-        raise ConfigError(
-            f"sketch_dim={sketch_dim!r} is not valid; accepted: an integer >= 1 "
-            "(0 in the config disables sketching)"
+        raise ValueError(
+            f"sketch_dim={sketch_dim!r} is not valid; accepted: an integer >= 1"
         )
     if np.ndim(feats) != 2:
         raise ValueError(f"feats must be [A, D]; got shape {np.shape(feats)}")
@@ -353,16 +350,15 @@ def sketch_params(key: jax.Array, params: Any, sketch_dim: int, block_size: int 
       float32 ``[A, k]``.
 
     Raises:
-      ConfigError: ``sketch_dim < 1``.
+      ValueError: ``sketch_dim`` is not an integer >= 1.
     """
     if (
         isinstance(sketch_dim, bool)
         or not isinstance(sketch_dim, int)
         or sketch_dim < 1
     ):
-        raise ConfigError(
-            f"sketch_dim={sketch_dim!r} is not valid; accepted: an integer >= 1 "
-            "(0 in the config disables sketching)"
+        raise ValueError(
+            f"sketch_dim={sketch_dim!r} is not valid; accepted: an integer >= 1"
         )
     # Each leaf's sketch is divided by sqrt(k) inside _sketch_jit: the sum is the
     # sketch of the concatenation.
@@ -393,12 +389,12 @@ def linkage(dist: Any, method: str = "average", backend: str = "scipy") -> np.nd
       float64 ``[A - 1, 4]`` scipy linkage matrix ``Z`` (empty ``[0, 4]`` if A=1).
 
     Raises:
-      ConfigError: unknown ``method`` (field ``linkage``) or ``backend`` (field
-        ``linkage_backend``), or fastcluster requested but not installed.
-      ValueError: ``dist`` is not square, or holds non-finite values.
+      ConfigError: fastcluster requested but not installed.
+      ValueError: unknown ``method`` or ``backend``, ``dist`` is not square, or
+        holds non-finite values.
     """
-    check_choice("linkage", method, LINKAGE_METHODS)
-    check_choice("linkage_backend", backend, LINKAGE_BACKENDS)
+    check_arg("method", method, LINKAGE_METHODS)
+    check_arg("backend", backend, LINKAGE_BACKENDS)
     d = np.array(dist, dtype=np.float64, copy=True)
     if d.ndim != 2 or d.shape[0] != d.shape[1]:
         raise ValueError(f"dist must be a square [A, A] matrix; got {d.shape}")
@@ -424,9 +420,9 @@ def linkage(dist: Any, method: str = "average", backend: str = "scipy") -> np.nd
 # --------------------------------------------------------------------------------------
 
 
-def _check_z(z: Any, num_agents: int) -> np.ndarray:
+def _z_arg(z: Any, num_agents: int) -> np.ndarray:
     if not isinstance(num_agents, numbers.Integral) or num_agents < 1:
-        raise ConfigError(f"num_agents={num_agents!r} is not valid; accepted: >= 1")
+        raise ValueError(f"num_agents={num_agents!r} is not valid; accepted: >= 1")
     z = np.asarray(z, dtype=np.float64)
     if z.shape != (num_agents - 1, 4):
         raise ValueError(
@@ -477,10 +473,10 @@ def trivial_tree(num_agents: int) -> GroupTree:
       ``[1, A]`` of zeros.
 
     Raises:
-      ConfigError: ``num_agents < 1``.
+      ValueError: ``num_agents < 1``.
     """
     if not isinstance(num_agents, numbers.Integral) or num_agents < 1:
-        raise ConfigError(f"num_agents={num_agents!r} is not valid; accepted: >= 1")
+        raise ValueError(f"num_agents={num_agents!r} is not valid; accepted: >= 1")
     return GroupTree(
         agent_parent=np.zeros((num_agents,), np.int32),
         node_parent=np.zeros((1,), np.int32),
@@ -503,13 +499,13 @@ def _subtree_leaves(z: np.ndarray, num_agents: int, cid: int) -> list[int]:
     return out
 
 
-def _check_num_levels(num_levels: Any) -> int:
+def _num_levels_arg(num_levels: Any) -> int:
     if (
         isinstance(num_levels, bool)
         or not isinstance(num_levels, numbers.Integral)
         or num_levels < 0
     ):
-        raise ConfigError(
+        raise ValueError(
             f"num_levels={num_levels!r} is not valid; accepted: an integer >= 0"
         )
     return int(num_levels)
@@ -546,11 +542,11 @@ def tree_from_linkage(z: Any, num_agents: int, num_levels: int) -> GroupTree:
       attached above that level).
 
     Raises:
-      ConfigError: ``num_levels`` is not an integer >= 0 (field ``num_levels``).
-      ValueError: ``z`` does not have shape ``[A - 1, 4]``.
+      ValueError: ``num_levels`` is not an integer >= 0, or ``z`` does not have
+        shape ``[A - 1, 4]``.
     """
-    num_levels = _check_num_levels(num_levels)
-    z = _check_z(z, num_agents)
+    num_levels = _num_levels_arg(num_levels)
+    z = _z_arg(z, num_agents)
     if num_levels == 0:
         return trivial_tree(num_agents)
     level_sizes = tuple(2 ** (num_levels - lv + 1) for lv in range(1, num_levels + 1))
@@ -584,7 +580,7 @@ def tree_from_linkage(z: Any, num_agents: int, num_levels: int) -> GroupTree:
     return _finish_tree(agent_parent, node_parent, level_sizes)
 
 
-def _check_level_groups(level_groups: Any, num_agents: int) -> tuple[int, ...]:
+def _level_groups_arg(level_groups: Any, num_agents: int) -> tuple[int, ...]:
     try:
         groups = tuple(level_groups)
     except TypeError:
@@ -600,7 +596,7 @@ def _check_level_groups(level_groups: Any, num_agents: int) -> tuple[int, ...]:
             or any(b > a for a, b in zip(groups, groups[1:], strict=False))
         )
     if bad:
-        raise ConfigError(
+        raise ValueError(
             f"level_groups={level_groups!r} is not valid for {num_agents} agents; "
             "accepted: group counts (G_1, ..., G_L) per level from the bottom, each "
             f">= 1, G_1 <= {num_agents}, non-increasing"
@@ -640,12 +636,12 @@ def tree_from_linkage_maxclust(
       int32 ``[L + 1, A]`` has no -1 entries in this mode.
 
     Raises:
-      ConfigError: ``level_groups`` entries not integers >= 1, ``G_1 > A`` or
-        increasing (field ``level_groups``).
-      ValueError: ``z`` has the wrong shape, or the per-level cuts are not nested.
+      ValueError: ``level_groups`` entries not integers >= 1, ``G_1 > A`` or
+        increasing; ``z`` has the wrong shape, or the per-level cuts are not
+        nested.
     """
-    z = _check_z(z, num_agents)
-    groups = _check_level_groups(level_groups, num_agents)
+    z = _z_arg(z, num_agents)
+    groups = _level_groups_arg(level_groups, num_agents)
     if not groups:
         return trivial_tree(num_agents)
     level_sizes = groups + (1,)
@@ -730,7 +726,7 @@ def tree_to_json(tree: GroupTree) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def _check_linkage_sample(value: Any, num_agents: int) -> int:
+def _linkage_sample_arg(value: Any, num_agents: int) -> int:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, np.integer))
@@ -738,7 +734,7 @@ def _check_linkage_sample(value: Any, num_agents: int) -> int:
         or value == 1
         or value > num_agents
     ):
-        raise ConfigError(
+        raise ValueError(
             f"linkage_sample={value!r} is not valid; accepted: 0 (exact) or an "
             f"integer in [2, num_agents={num_agents}]"
         )
@@ -776,7 +772,7 @@ def nearest_rows(x: Any, s: Any, metric: str = "euclidean", block: int = 4096):
     Returns:
       int32 ``[A]`` in ``[0, m)``.
     """
-    check_choice("distance", metric, METRICS)
+    check_arg("metric", metric, METRICS)
     x, s = jnp.asarray(x, jnp.float32), jnp.asarray(s, jnp.float32)
     return _nearest_jit(x, s, metric, int(min(block, max(x.shape[0], 1))))
 
@@ -830,27 +826,28 @@ def build_tree(
       first time a shape is seen).
 
     Raises:
-      ConfigError: any invalid option (the message names the field).
-      ValueError: ``feats`` is not 2-D.
+      ValueError: any invalid option (the message names the argument), or
+        ``feats`` is not 2-D.
+      ConfigError: fastcluster requested but not installed.
     """
-    check_choice("distance", metric, METRICS)
-    check_choice("linkage", method, LINKAGE_METHODS)
+    check_arg("metric", metric, METRICS)
+    check_arg("method", method, LINKAGE_METHODS)
     if method == "ward" and metric != "euclidean":
-        raise ConfigError(
-            f"linkage='ward' needs distance='euclidean'; got distance={metric!r}"
+        raise ValueError(
+            f"method='ward' needs metric='euclidean'; got metric={metric!r}"
         )
-    check_choice("tree_mode", mode, TREE_MODES)
-    check_choice("linkage_backend", backend, LINKAGE_BACKENDS)
-    num_levels = _check_num_levels(num_levels)
+    check_arg("mode", mode, TREE_MODES)
+    check_arg("backend", backend, LINKAGE_BACKENDS)
+    num_levels = _num_levels_arg(num_levels)
     if np.ndim(feats) != 2:
         raise ValueError(f"feats must be [A, D]; got shape {np.shape(feats)}")
     num_agents = int(np.shape(feats)[0])
     if mode == "maxclust":
-        groups = _check_level_groups(level_groups, num_agents)
+        groups = _level_groups_arg(level_groups, num_agents)
         if len(groups) != num_levels:
-            raise ConfigError(
+            raise ValueError(
                 f"level_groups={tuple(level_groups)!r} has {len(groups)} levels but "
-                f"num_levels={num_levels}; in tree_mode='maxclust' they must agree"
+                f"num_levels={num_levels}; in mode='maxclust' they must agree"
             )
 
     info = {}
@@ -860,7 +857,7 @@ def build_tree(
         ts = time.perf_counter()
         feats = sketch(key, feats, int(sketch_dim)).block_until_ready()
         info["sketch_s"] = time.perf_counter() - ts
-    m = _check_linkage_sample(linkage_sample, num_agents)
+    m = _linkage_sample_arg(linkage_sample, num_agents)
     full_feats, sample = feats, None
     if m:
         if key is None:

@@ -1,4 +1,6 @@
-"""Config validation in one place, before any array is built.
+"""Run configs: the validation entry point (``validate``; the checks of every
+field are in ``demjax.config_checks``), the resolved JSON stored in
+``config.json`` and the documentation of every field (docs/config.md).
 
 Every error is a ``ConfigError`` whose one-line message names the config field
 (the CLI flag is ``--config.<field>``) and the accepted values.
@@ -7,65 +9,19 @@ Every error is a ``ConfigError`` whose one-line message names the config field
 from __future__ import annotations
 
 import json
-import math
 
-from demjax import cluster, data, network, plan, robust
-from demjax.algorithms import ALGORITHMS, REGISTRY
-from demjax.data import PARTITIONS, SOURCES
-from demjax.errors import ConfigError, check_choice
-from demjax.local import make_optimizer
-from demjax.models import INITS, MODELS
-
-# Accepted values, each defined once by the module that implements them.
-DATASETS = SOURCES
-DISTANCES = cluster.METRICS
-LINKAGES = cluster.LINKAGE_METHODS
-TREE_MODES = cluster.TREE_MODES
-FEATURES = cluster.FEATURE_KINDS
-BACKENDS = cluster.LINKAGE_BACKENDS
-WEIGHTINGS = ("agents", "samples")
-
-
-def _int_at_least(config, field: str, low: int) -> None:
-    value = config[field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(
-            f"{field}={value!r} is not valid; accepted: an integer >= {low}"
-        )
-
-
-def _float_in(config, field: str, low: float, high: float = math.inf) -> None:
-    """A finite number in ``[low, high]`` (``[low, inf)`` without ``high``)."""
-    value = config[field]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{field}={value!r} is not valid; accepted: a number")
-    if not (math.isfinite(value) and low <= value <= high):
-        span = f"[{low}, {high}]" if math.isfinite(high) else f">= {low}"
-        raise ConfigError(
-            f"{field}={value!r} is not valid; accepted: a finite number {span}"
-        )
-
-
-def _positive(config, field: str) -> None:
-    """A finite number > 0."""
-    value = config[field]
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not 0 < value < math.inf
-    ):
-        raise ConfigError(
-            f"{field}={value!r} is not valid; accepted: a finite float > 0"
-        )
-
-
-def _all_floats_finite(config) -> None:
-    """Every float field, plug-in groups included, is finite (none is +-inf/NaN)."""
-    for field, value in flat_fields(config).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(
-                f"{field}={value!r} is not valid; accepted: a finite number"
-            )
+from demjax import config_checks
+from demjax.algorithms import REGISTRY
+from demjax.config_checks import (  # noqa: F401  (accepted values, re-exported)
+    BACKENDS,
+    DATASETS,
+    DISTANCES,
+    FEATURES,
+    LINKAGES,
+    TREE_MODES,
+    WEIGHTINGS,
+    flat_fields,
+)
 
 
 def resolved_mu(config) -> float:
@@ -75,125 +31,23 @@ def resolved_mu(config) -> float:
 
 
 def validate(config) -> None:
-    """Checks every field of a run config.
+    """Checks every field of a config: the one validation entry point
+    (``demjax.train.run``, ``demjax.continual.run.run`` and so
+    ``scripts/run.py`` call it before anything else).
+
+    A config with ``scenario = "continual"`` is a continual-learning config
+    (``demjax.continual.config``, checked by ``config_checks.check_continual``);
+    any other is a simulation config (``configs/default.py``,
+    ``config_checks.check_run``).
 
     Raises:
       ConfigError: the first bad field, e.g. ``"algorithm='fedsgd' is not valid;
-        accepted: demlearn, demlearn_p, fedavg, fedprox, local"``.
+        accepted: demlearn, demlearn_p, fedavg, fedprox, local, ..."``.
     """
-    check_choice("algorithm", config.algorithm, ALGORITHMS)
-    check_choice("aggregator", config.aggregator, robust.AGGREGATORS)
-    _validate_hparams(config)
-    network.validate_config(config)
-    check_choice("dataset", config.dataset, DATASETS)
-    check_choice("partition", config.partition, PARTITIONS)
-    data.check_config(config)  # partition_file, standardize (demjax.data)
-    check_choice("distance", config.distance, DISTANCES)
-    check_choice("linkage", config.linkage, LINKAGES)
-    check_choice("tree_mode", config.tree_mode, TREE_MODES)
-    check_choice("cluster_features", config.cluster_features, FEATURES)
-    check_choice("weighting", config.weighting, WEIGHTINGS)
-    check_choice("linkage_backend", config.linkage_backend, BACKENDS)
-    check_choice("model", config.model, MODELS)
-    check_choice("init", config.init, INITS)
-    plan.check_config(config)  # local_plan, conv_impl
-    make_optimizer(config.optimizer, config.lr)  # checks optimizer and lr
-    if config.linkage == "ward" and config.distance != "euclidean":
-        raise ConfigError(
-            "linkage='ward' needs distance='euclidean' "
-            f"(got distance={config.distance!r})"
-        )
-    _int_at_least(config, "num_agents", 2)
-    _int_at_least(config, "num_rounds", 1)
-    _int_at_least(config, "local_epochs", 1)
-    _int_at_least(config, "batch_size", 1)
-    _int_at_least(config, "labels_per_agent", 1)
-    _int_at_least(config, "num_levels", 0)
-    _int_at_least(config, "tau", 0)
-    _int_at_least(config, "eval_samples", 0)
-    _int_at_least(config, "eval_batch", 0)
-    _int_at_least(config, "eval_every", 1)
-    _int_at_least(config, "local_buckets", 1)
-    _int_at_least(config, "sketch_dim", 0)
-    _int_at_least(config, "linkage_sample", 0)
-    if config.linkage_sample == 1 or config.linkage_sample > config.num_agents:
-        raise ConfigError(
-            f"linkage_sample={config.linkage_sample!r} is not valid; accepted: 0 "
-            f"(exact) or an integer in [2, num_agents={config.num_agents}]"
-        )
-    _int_at_least(config, "distance_block", 0)
-    _int_at_least(config, "num_devices", 0)
-    _int_at_least(config, "checkpoint_every", 0)
-    _int_at_least(config, "keep_checkpoints", 1)
-    _int_at_least(config, "tree_snapshot_every", 0)
-    _int_at_least(config, "samples_per_agent", 0)
-    _int_at_least(config, "seed", 0)
-    _int_at_least(config, "amplify_rounds", 0)
-    for field in ("progress", "amplify", "download", "tensorboard"):
-        if not isinstance(config[field], bool):
-            raise ConfigError(
-                f"{field}={config[field]!r} is not valid; accepted: True or False"
-            )
-    if not isinstance(config.data_dir, str):
-        raise ConfigError(
-            f"data_dir={config.data_dir!r} is not valid; accepted: a path string "
-            "('' = the dataset's default)"
-        )
-    hidden = config.hidden
-    if not (
-        isinstance(hidden, (tuple, list))
-        and len(hidden) >= 1
-        and all(
-            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
-        )
-    ):
-        raise ConfigError(
-            f"hidden={hidden!r} is not valid; accepted: a non-empty tuple of positive "
-            "integers, e.g. (100,)"
-        )
-    _positive(config, "amplify_factor")
-    _float_in(config, "alpha", 0.0, 1.0)
-    _float_in(config, "dropout", 0.0, 1.0)
-    _float_in(config, "stragglers", 0.0, 1.0)
-    _float_in(config, "participation", 0.0, 1.0)
-    if config.participation <= 0 or config.dropout >= 1:
-        raise ConfigError(
-            f"participation={config.participation!r}, dropout={config.dropout!r} "
-            "leave no agent training; accepted: participation in (0, 1], dropout "
-            "in [0, 1)"
-        )
-    _positive(config, "lr")
-    _positive(config, "dirichlet_alpha")
-    _float_in(config, "trim_fraction", 0.0, 0.49)
-    _float_in(config, "aggregator_noise", 0.0)
-    if config.mu is not None:
-        _float_in(config, "mu", 0.0)
-    _all_floats_finite(config)  # fields without a check of their own
-    algo = REGISTRY[config.algorithm]
-    if algo.check is not None:
-        algo.check(config)
-
-
-def _validate_hparams(config) -> None:
-    """Every algorithm's hyper-parameter group (``--config.<algorithm>.<field>``)."""
-    for name, plugin in REGISTRY.items():
-        if not plugin.hparams:
-            continue
-        group = config.get(name)
-        if group is None:
-            raise ConfigError(
-                f"{name} hyper-parameters are missing from the config; accepted: a "
-                f"config built from configs/default.py (fields "
-                f"{', '.join(plugin.hparams)})"
-            )
-        unknown = sorted(set(group.keys()) - set(plugin.hparams))
-        if unknown:
-            raise ConfigError(
-                f"{name}.{unknown[0]} is not a field of {name}; accepted: "
-                f"{', '.join(plugin.hparams)}"
-            )
-        for key, hparam in plugin.hparams.items():
-            hparam.check(f"{name}.{key}", group.get(key, hparam.default))
+    if config.get("scenario") is not None:  # names `scenario` unless "continual"
+        config_checks.check_continual(config)
+    else:
+        config_checks.check_run(config)
 
 
 def hparams(config) -> dict:
@@ -236,6 +90,9 @@ FIELD_DOCS = {
     "labels_per_agent": "pathological: labels per agent (1..C)",
     "dirichlet_alpha": "dirichlet: concentration (> 0)",
     "samples_per_agent": "cap on samples per agent; 0 = none",
+    "val_fraction": "share of each agent's training rows held out as its "
+    "evaluation rows (tuning without the test data; docs/data.md); 0 = the test "
+    "split",
     "standardize": "global ((x - mean) / (std + 0.001), the reference), per_pixel, "
     "given (standardize_mean/std), none ([0, 1]); True = global, False = none",
     "standardize_mean": "standardize='given': the mean subtracted (finite)",
@@ -309,19 +166,6 @@ def field_docs() -> dict[str, str]:
         for key, hparam in plugin.hparams.items():
             docs[f"{name}.{key}"] = hparam.doc
     return docs
-
-
-def flat_fields(config) -> dict:
-    """Config fields flattened (groups as ``<group>.<field>``) -> value."""
-    out = {}
-    for key in config.keys():
-        value = config[key]
-        if hasattr(value, "keys"):
-            for sub in value.keys():
-                out[f"{key}.{sub}"] = value[sub]
-        else:
-            out[key] = value
-    return out
 
 
 def fields_markdown(config) -> str:

@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.labels_per_agent = 2
     c.dirichlet_alpha = 0.5
     c.samples_per_agent = 0  # 0 = no cap on samples per agent
+    # > 0: hold out this share of every agent's training rows and evaluate on
+    # them instead of the test split (hyper-parameter tuning; benchmarks/tune.py)
+    c.val_fraction = 0.0
     # global (reference: (x - mean) / (std + 0.001) over the pool) | per_pixel |
     # given (standardize_mean, standardize_std) | none (pixels in [0, 1])
     c.standardize = "global"

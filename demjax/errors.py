@@ -24,5 +24,18 @@ def check_choice(field: str, value, choices) -> None:
         raise ConfigError(f"{field}={value!r} is not valid; accepted: {accepted}")
 
 
+def check_arg(name: str, value, choices) -> None:
+    """Argument check of a public function called with raw values (a run's
+    config fields are checked once, by ``demjax.config.validate``).
+
+    Raises:
+      ValueError: ``"<name>=<value!r> is not valid; accepted: a, b, c"``, naming
+        the argument (not a ``ConfigError``: the argument is not a config field).
+    """
+    if value not in choices:
+        accepted = ", ".join(str(c) for c in choices)
+        raise ValueError(f"{name}={value!r} is not valid; accepted: {accepted}")
+
+
 class DataFileError(ConfigError):
     """A data file is unreadable, corrupt or malformed; the message names the file."""

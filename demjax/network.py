@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax.errors import ConfigError, check_choice
+from demjax.errors import ConfigError, check_arg
 
 NETWORKS = ("complete", "erdos_renyi", "file")
 NETWORK_MODES = ("static", "undirected", "directed")
@@ -169,33 +169,6 @@ def parse_rates(value) -> tuple[float, float]:
     return low, high
 
 
-def validate_config(config) -> None:
-    """Checks the ``network*`` fields (the file itself is read by ``from_config``).
-
-    Raises:
-      ConfigError: the first bad field, named, with the accepted values.
-    """
-    check_choice("network", config.network, NETWORKS)
-    check_choice("network_mode", config.network_mode, NETWORK_MODES)
-    check_choice("network_impl", config.network_impl, NETWORK_IMPLS)
-    parse_rates(config.network_rates)
-    p = config.network_edge_prob
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-        raise ConfigError(
-            f"network_edge_prob={p!r} is not valid; accepted: a probability in (0, 1]"
-        )
-    if not isinstance(config.network_file, str):
-        raise ConfigError(
-            f"network_file={config.network_file!r} is not valid; accepted: a path "
-            "to an .npy or .txt 0/1 adjacency matrix ('' unless network='file')"
-        )
-    if config.network == "file" and not config.network_file:
-        raise ConfigError(
-            "network_file='' is not valid for network='file'; accepted: a path to "
-            "an .npy or .txt 0/1 [A, A] adjacency matrix"
-        )
-
-
 def strongly_connected(adj: np.ndarray) -> bool:
     """Whether every agent reaches every other along edges ``adj[i, j]`` (i -> j)."""
     a = adj.shape[0]
@@ -274,13 +247,14 @@ def build(
       seed: seed of the Erdos-Renyi draw and of the rates.
 
     Raises:
-      ConfigError: an unknown choice, an Erdos-Renyi graph that stays
+      ValueError: an unknown ``network``, ``mode`` or ``impl``.
+      ConfigError: an Erdos-Renyi graph that stays
         disconnected, a file graph that is not strongly connected (push-sum
         cannot reach consensus) or not symmetric in ``undirected`` mode.
     """
-    check_choice("network", network, NETWORKS)
-    check_choice("network_mode", mode, NETWORK_MODES)
-    check_choice("network_impl", impl, NETWORK_IMPLS)
+    check_arg("network", network, NETWORKS)
+    check_arg("mode", mode, NETWORK_MODES)
+    check_arg("impl", impl, NETWORK_IMPLS)
     a = int(num_agents)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x6E6574]))
     if network == "complete":
@@ -346,9 +320,9 @@ def from_config(config, num_agents: int) -> Network:
     """``build`` from the ``network*`` config fields (seeded by ``config.seed``).
 
     Raises:
-      ConfigError: as ``validate_config``, ``load_adjacency`` and ``build``.
+      ConfigError: as ``load_adjacency`` and ``build`` (the fields themselves
+        are checked by ``demjax.config.validate``).
     """
-    validate_config(config)
     adjacency = None
     if config.network == "file":
         adjacency = load_adjacency(config.network_file, num_agents)
@@ -390,5 +364,4 @@ __all__ = [
     "parse_rates",
     "push_sum_weights",
     "strongly_connected",
-    "validate_config",
 ]

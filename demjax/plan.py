@@ -136,25 +136,6 @@ def parse_plan(value) -> int | None:
     )
 
 
-def check_config(config) -> None:
-    """Checks ``local_plan``, ``conv_impl`` and ``matmul_impl``.
-
-    Raises:
-      ConfigError: naming the field and the accepted values.
-    """
-    parse_plan(config.local_plan)
-    if config.conv_impl not in CONV_CHOICES:
-        raise ConfigError(
-            f"conv_impl={config.conv_impl!r} is not valid; accepted: "
-            + ", ".join(CONV_CHOICES)
-        )
-    if config.matmul_impl not in MATMUL_CHOICES:
-        raise ConfigError(
-            f"matmul_impl={config.matmul_impl!r} is not valid; accepted: "
-            + ", ".join(MATMUL_CHOICES)
-        )
-
-
 def block_candidates(num_agents: int, cap: int) -> list[int]:
     """Block sizes tried by the search, ascending: 1, 2, 4, ... below ``cap``,
     then ``cap`` itself (``cap`` = the most agents that fit at once, <= A)."""

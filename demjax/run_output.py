@@ -118,10 +118,24 @@ def log_plan(info: dict) -> None:
 
 
 class RunWriter:
-    """Appends per-round records to JSONL/CSV files and flushes each write."""
+    """The run writer of every engine (``demjax.train.run`` and the
+    continual-learning scenario, ``demjax.continual.run``): appends records to
+    ``metrics.jsonl`` / ``metrics.csv`` and ``timing.jsonl``, optionally
+    TensorBoard events, writes JSON files atomically, and flushes each write (a
+    killed run leaves every record written so far). ``close`` releases the
+    workdir lock (``lock_workdir``) the run took.
+
+    A record is a flat dict; its ``step`` key (``"round"``, or ``"task"`` for
+    the continual scenario) is the TensorBoard step. List values are written to
+    the CSV as JSON text.
+    """
 
     def __init__(
-        self, workdir: str, keep_rounds_below: int | None = None, write: bool = True
+        self,
+        workdir: str,
+        keep_rounds_below: int | None = None,
+        write: bool = True,
+        step: str = "round",
     ):
         """Opens the files; with ``keep_rounds_below`` (resume) the records of
         earlier rounds are kept (in ``self.kept``) and later ones dropped.
@@ -129,6 +143,7 @@ class RunWriter:
         the kept records but writes nothing."""
         self.workdir = workdir
         self.write = bool(write)
+        self.step = step
         self.kept: list[dict] = []
         old_timing: list[dict] = []
         if keep_rounds_below is not None:
@@ -164,7 +179,10 @@ class RunWriter:
 
         One scalar series per metric, level and measurement point, tagged
         ``<point>/<metric>`` (e.g. ``sync/c_gen``, ``local/g_spe_l2``), step = round.
-        Written with tensorboardX (a maintained event writer without TensorFlow).
+        Records without a ``point`` (the continual scenario's) are tagged
+        ``<metric>``, step = the record's ``step`` key; a list value gives one
+        series per entry, ``<metric>/<i>``. Written with tensorboardX (a
+        maintained event writer without TensorFlow).
         """
         if not self.write:
             return
@@ -182,9 +200,17 @@ class RunWriter:
             self._tb_write(r)
 
     def _tb_write(self, record: dict) -> None:
+        step = record[self.step]
+        prefix = f"{record['point']}/" if "point" in record else ""
         for k, v in record.items():
-            if k not in ("round", "point") and isinstance(v, (int, float)):
-                self._tb.add_scalar(f"{record['point']}/{k}", v, record["round"])
+            if k in (self.step, "point"):
+                continue
+            if isinstance(v, (int, float)):
+                self._tb.add_scalar(f"{prefix}{k}", v, step)
+            elif isinstance(v, list):
+                for i, x in enumerate(v):
+                    if isinstance(x, (int, float)):
+                        self._tb.add_scalar(f"{prefix}{k}/{i}", x, step)
         self._tb.flush()
 
     def metrics(self, record: dict) -> None:
@@ -195,7 +221,7 @@ class RunWriter:
         if self._csv is None:
             self._csv = csv.DictWriter(self._csv_file, fieldnames=list(record))
             self._csv.writeheader()
-        self._csv.writerow({k: "" if v is None else v for k, v in record.items()})
+        self._csv.writerow({k: _csv_cell(v) for k, v in record.items()})
         self._csv_file.flush()
 
     def timing(self, record: dict) -> None:
@@ -218,6 +244,14 @@ class RunWriter:
         if self._tb is not None:
             self._tb.close()
         unlock_workdir(self.workdir)
+
+
+def _csv_cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v)
+    return v
 
 
 def make_record(t: int, point: str, values: dict, level_names: list[str]) -> dict:

@@ -110,6 +110,11 @@ def main(argv):
     from demjax.train import run
 
     config = _CONFIG.value
+    with config.unlocked():  # both scenarios' configs have the two fields
+        if _QUIET.value:
+            config.progress = False
+        if _TENSORBOARD.value:
+            config.tensorboard = True
     if config.get("scenario") == "continual":
         if joined:
             print(
@@ -121,11 +126,6 @@ def main(argv):
             sys.exit(2)
         _run_continual(config)
         return
-    with config.unlocked():
-        if _QUIET.value:
-            config.progress = False
-        if _TENSORBOARD.value:
-            config.tensorboard = True
     workdir = _WORKDIR.value or os.path.join(
         "runs", f"{config.algorithm}_{config.dataset}_seed{config.seed}"
     )

@@ -22,6 +22,11 @@ Speed only, no test's claim depends on them:
   start with the first test, in the background: they use the core that the
   in-process tests (mostly compiling on one core) leave idle, and the modules that
   read them run after the others.
+- On pytest-xdist workers (``-n 2 --dist loadgroup``, the README's command): one
+  compilation cache for all workers (a size limit turns on its file lock); the
+  tests reading the CLI processes are one group, sent first to one worker, which
+  starts the processes; other tests are grouped by module (module fixtures run
+  once); each slow test is its own group, scheduled last.
 - ``@pytest.mark.slow(seconds=S)``: an end-to-end test that takes up to about S
   seconds on the slow CI kind (an idle 2-core EPYC; S is about 1.5 times what it
   took there). Slow tests run after all others, cheapest first, and each is
@@ -50,12 +55,19 @@ _JAX_FLAGS = {
     "jax_persistent_cache_min_compile_time_secs": 0.0,
     "jax_persistent_cache_min_entry_size_bytes": 0,
     "jax_disable_most_optimizations": True,
+    # A size limit turns on the cache's file lock: the workers and the CLI
+    # processes read and write one directory at the same time.
+    "jax_compilation_cache_max_size": 16 * 2**30,
 }
 _JAX_ENV = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 * 2**30),
 }
+
+# pytest-xdist worker id ("gw0", ...) when the suite runs on several workers.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -64,7 +76,12 @@ def compilation_cache(tmp_path_factory):
     passes off."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
-    path = str(tmp_path_factory.mktemp("jax_cache"))
+    if _WORKER is None:
+        path = str(tmp_path_factory.mktemp("jax_cache"))
+    else:  # one cache for all workers of the session (their common temp root)
+        shared = tmp_path_factory.getbasetemp().parent / "jax_cache"
+        shared.mkdir(exist_ok=True)
+        path = str(shared)
     saved_flags = {name: jax.config._read(name) for name in _JAX_FLAGS}
     env = dict(_JAX_ENV, JAX_COMPILATION_CACHE_DIR=path)
     saved_env = {name: os.environ.get(name) for name in env}
@@ -109,9 +126,10 @@ def _processes(request, tmp_path_factory, compilation_cache):
     background thread: they use the core that the in-process tests, which mostly
     compile on one core, leave idle; the modules reading them run last."""
     items = request.session.items
-    root = tmp_path_factory.mktemp("cli")
     futures = {}
-    with ThreadPoolExecutor(max_workers=1) as pool:
+
+    def start():
+        root = tmp_path_factory.mktemp("cli")
         if any("interrupted_run" in getattr(i, "fixturenames", ()) for i in items):
             futures["interrupted"] = pool.submit(
                 interrupt_cli, INTERRUPTED_CLI, root / "interrupted", after_lines=10
@@ -119,13 +137,26 @@ def _processes(request, tmp_path_factory, compilation_cache):
         cases = _cli_cases(items)
         if cases:
             futures["cli"] = pool.submit(run_cli_batch, cases, root)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        if _WORKER is None:
+            start()
+        else:  # only the worker given the tests that read them starts them
+            futures["start"] = start
         yield futures
+
+
+def _future(processes: dict, name: str):
+    start = processes.pop("start", None)
+    if start is not None:
+        start()
+    return processes[name]
 
 
 @pytest.fixture
 def cli(request, _processes):
     """``{NAME: helpers.CliResult}`` of the test's ``@pytest.mark.cli`` cases."""
-    results = _processes["cli"].result()
+    results = _future(_processes, "cli").result()
     names = [n for mark in request.node.iter_markers("cli") for n in mark.kwargs]
     return {name: results[name] for name in names}
 
@@ -135,13 +166,14 @@ def interrupted_run(_processes):
     """``helpers.InterruptedRun``: ``scripts/run.py INTERRUPTED_CLI`` sent SIGINT
     after 5 rounds (10 metric lines) of 40, read by test_checkpoint (resume) and
     test_faults (clean exit)."""
-    return _processes["interrupted"].result()
+    return _future(_processes, "interrupted").result()
 
 
 # ------------------------------------------------------------- slow tests, budget
 
 
-_SKIPPED = pytest.StashKey[list]()  # node ids of the slow tests the budget skipped
+_SKIP_TEXT = "does not fit the time budget"
+_BUDGET_SKIPS: list[str] = []  # node ids of the slow tests the budget skipped
 
 
 def _budget() -> float:
@@ -162,7 +194,6 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "cli(NAME=ARGS): scripts/run.py processes read by the `cli` fixture"
     )
-    config.stash[_SKIPPED] = []
 
 
 @pytest.hookimpl(trylast=True)
@@ -170,8 +201,24 @@ def pytest_collection_modifyitems(config, items):
     """Modules whose tests read the background processes after the others, the
     slow tests last, cheapest first (a stable sort: the order is kept otherwise)."""
     late = {i.module for i in items if _reads_processes(i)}
+    if _WORKER is None:
+        items.sort(key=lambda i: (_cost(i) if i.get_closest_marker("slow") else -1,
+                                  i.module in late))  # fmt: skip
+        return
+    # On pytest-xdist workers (``-n N --dist loadgroup``): the tests reading the
+    # processes are one group, sent first to one worker, which starts them; the
+    # other tests are grouped by module (module fixtures run once); each other slow
+    # test is its own group, last, cheapest first.
+    for item in items:
+        if _reads_processes(item):
+            group = "processes"
+        elif item.get_closest_marker("slow"):
+            group = f"slow:{item.nodeid}"
+        else:
+            group = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda i: (_cost(i) if i.get_closest_marker("slow") else -1,
-                              i.module in late))  # fmt: skip
+                              not _reads_processes(i)))  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -180,15 +227,20 @@ def pytest_runtest_setup(item):
         return
     elapsed, cost, budget = time.monotonic() - _START, _cost(item), _budget()
     if elapsed + cost > budget:
-        item.config.stash[_SKIPPED].append(item.nodeid)
         pytest.skip(
-            f"slow test (~{cost:.0f} s) does not fit the time budget: {elapsed:.0f} s "
+            f"slow test (~{cost:.0f} s) {_SKIP_TEXT}: {elapsed:.0f} s "
             f"used of {BUDGET_ENV}={budget:g} (tests/conftest.py)"
         )
 
 
+def pytest_runtest_logreport(report):
+    """Collects the budget's skips (also those reported by xdist workers)."""
+    if report.skipped and _SKIP_TEXT in str(report.longrepr):
+        _BUDGET_SKIPS.append(report.nodeid)
+
+
 def pytest_terminal_summary(terminalreporter, config):
-    skipped = config.stash[_SKIPPED]
+    skipped = _BUDGET_SKIPS
     if skipped:
         budget = _budget()
         what = "all" if budget == 0 else f"past {budget:g} s"

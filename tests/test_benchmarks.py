@@ -1,7 +1,10 @@
 """Benchmark scripts' pure parts: report writing and flop counts (no long runs)."""
 
 import importlib.util
+import json
 import os
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,3 +161,37 @@ def test_baselines_torch_cnn_matches_the_flax_cnn():
     assert bench.effective_block(0, 10, 4) == 4  # all, capped by memory
     assert bench.effective_block(16, 10, 10) == 0  # a block of all agents
     assert bench.effective_block(1, 10, 4) == 1
+
+
+def test_tuning_grid_choice_and_a_validation_run(tmp_path):
+    tune = load("tune")
+    # Every combination, in grid order.
+    got = tune.points({"lr": (0.1, 0.2), "ditto.lam": (1.0, 2.0)})
+    assert got == [
+        {"lr": 0.1, "ditto.lam": 1.0},
+        {"lr": 0.1, "ditto.lam": 2.0},
+        {"lr": 0.2, "ditto.lam": 1.0},
+        {"lr": 0.2, "ditto.lam": 2.0},
+    ]
+    # Highest mean final validation C-SPE; the first point on ties.
+    scored = [{"val_c_spe": v} for v in (0.5, 0.7, 0.7, 0.6)]
+    assert tune.choose(scored) is scored[1]
+    from configs import default
+
+    c = default.get_config()
+    tune.apply(c, {"lr": 0.2, "ditto.lam": 2.0})
+    assert (c.lr, c.ditto.lam) == (0.2, 2.0)
+    with pytest.raises(KeyError, match="ditto.nope"):
+        tune.apply(c, {"ditto.nope": 1.0})
+    # One grid point, one seed, end to end: scores come from the validation rows.
+    tune.GRIDS["fedavg"] = {"lr": (0.05,)}
+    tune.main([
+        "--only=fedavg", "--splits=pathological", "--dataset=digits",
+        "--num_agents=4", "--model=mlp", "--num_rounds=1", "--eval_every=1",
+        "--seeds=1", f"--out_dir={tmp_path}", "--quiet",
+    ])  # fmt: skip
+    results = json.loads((tmp_path / "tuning.json").read_text())
+    chosen = results["chosen"]["pathological/fedavg"]
+    assert chosen["params"] == {"lr": 0.05} and 0.0 <= chosen["val_c_spe"] <= 1.0
+    assert results["setup"]["val_fraction"] == 0.2
+    assert "| pathological | fedavg | lr=0.05 |" in (tmp_path / "tuning.md").read_text()

@@ -12,7 +12,8 @@ import pytest
 
 import demjax.continual.consolidate as cons
 import demjax.continual.run as crun
-from demjax.continual.config import get_config, validate
+from demjax.config import validate
+from demjax.continual.config import get_config
 from demjax.continual.proxy import ProxySource, make_proxy
 from demjax.continual.scenario import build_scenario
 from demjax.errors import ConfigError
@@ -362,6 +363,126 @@ def test_baselines_run(method, tmp_path):
     assert summary["task_aware_final_avg_acc"] >= out["final_avg_acc"] - 1e-6
 
 
+# --- run outputs: the shared run writer ------------------------------------------
+
+
+def _tb_scalars(workdir) -> dict:
+    """``tag -> [(step, value)]`` of the TensorBoard event files, read with
+    tensorboardX's protobufs from the TFRecord framing (length u64, CRC u32,
+    payload, CRC u32): no TensorFlow import."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(glob.glob(str(workdir / "tensorboard" / "events.out.*"))):
+        data, pos = open(path, "rb").read(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_run_writes_through_the_shared_run_writer(tmp_path, monkeypatch):
+    """A continual run's records go through ``run_output.RunWriter``: each
+    task's record is on disk (flushed) when the writer returns, while the run
+    holds the workdir lock; metrics.csv, timing.jsonl and the TensorBoard series
+    hold the same numbers; the lock is released at the end, and a finished run
+    is not overwritten without ``overwrite``."""
+    import csv
+
+    from demjax import run_output
+
+    work = tmp_path / "run"
+    seen = []
+    real = run_output.RunWriter.metrics
+
+    def metrics(self, record):
+        real(self, record)
+        lines = (work / "metrics.jsonl").read_text().splitlines()  # another handle
+        seen.append((json.loads(lines[-1]), len(lines), (work / ".lock").read_text()))
+
+    monkeypatch.setattr(run_output.RunWriter, "metrics", metrics)
+    config = tiny(method="average", num_tasks=2, tensorboard=True)
+    out = crun.run(config, str(work))
+    records = out["records"]
+    assert [(r, n) for r, n, _ in seen] == [(records[0], 1), (records[1], 2)]
+    for _, _, lock in seen:  # held by this process during the run
+        assert json.loads(lock)["pid"] == os.getpid()
+    assert (work / ".lock").read_text() == ""  # released
+    jsonl = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert jsonl == records and [r["task"] for r in records] == [0, 1]
+    with open(work / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for row, rec in zip(rows, records, strict=True):
+        assert float(row["avg_acc"]) == rec["avg_acc"]
+        assert json.loads(row["acc"]) == rec["acc"]  # lists as JSON text
+    timing = [json.loads(x) for x in (work / "timing.jsonl").read_text().splitlines()]
+    assert [t["task"] for t in timing] == [0, 1]
+    for t, rec in zip(timing, records, strict=True):
+        assert t["wall_s"] == rec["wall_s"]
+        assert 0 < t["train_s"] and 0 <= t["consolidate_s"]
+        assert t["train_s"] + t["consolidate_s"] <= t["wall_s"] + 0.01
+    tb = _tb_scalars(work)
+    for tag, want in (
+        ("avg_acc", [(0, records[0]["avg_acc"]), (1, records[1]["avg_acc"])]),
+        ("acc/0", [(0, records[0]["acc"][0]), (1, records[1]["acc"][0])]),
+        ("acc/1", [(1, records[1]["acc"][1])]),
+        ("agent_acc/1", [(0, records[0]["agent_acc"][1]),
+                         (1, records[1]["agent_acc"][1])]),
+    ):  # fmt: skip
+        assert [s for s, _ in tb[tag]] == [s for s, _ in want], tag
+        np.testing.assert_allclose([v for _, v in tb[tag]], [v for _, v in want],
+                                   rtol=1e-6)  # fmt: skip
+    before = (work / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds a continual run.*overwr"):
+        crun.run(config, str(work))
+    assert (work / "metrics.jsonl").read_bytes() == before
+    assert (work / ".lock").read_text() == ""
+
+
+_HOLD_LOCK = """
+import fcntl, json, os, socket, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "since": "then"}).encode())
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+"""Holds a workdir's lock the way ``run_output.lock_workdir`` does, until stdin
+gets a line: another run in progress."""
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "metrics.jsonl").write_text("{}\n")  # the other run's
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(work / ".lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError) as err:
+                crun.run(tiny(num_tasks=2), str(work), overwrite=overwrite)
+            msg = str(err.value)
+            assert f"in use by process {holder.pid} " in msg and "\n" not in msg
+        assert (work / "metrics.jsonl").read_text() == "{}\n"
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert holder.returncode == 0
+
+
 # --- config errors -----------------------------------------------------------------
 
 
@@ -393,6 +514,26 @@ def test_bad_field_names_field_and_accepted_values(field, value, match):
     c[field] = value
     with pytest.raises(ConfigError, match=match):
         validate(c)
+
+
+def test_public_functions_name_their_arguments():
+    """Raw-argument errors of the public functions are ``ValueError``s naming the
+    argument, not config errors (the config was checked once, by validate)."""
+    model = make_model("mlp", 10, (8,), "patches")
+    cases = [
+        (lambda: ProxySource("gan", (8, 8, 1)),
+         r"^kind='gan' is not valid; accepted: crops, noise, dataset$"),
+        (lambda: ProxySource("noise", (8, 8, 1), jitter=1.0), r"^jitter=1\.0 is not"),
+        (lambda: cons.Consolidator(model, steps=0, batch=8, lr=1e-3, alpha=1.0),
+         r"^steps=0 is not valid; accepted: an integer >= 1$"),
+        (lambda: cons.Consolidator(model, steps=1, batch=8, lr=1e-3, alpha=1.0,
+                                   student_init="mean"),
+         r"^student_init='mean' is not valid; accepted: previous, agents, average$"),
+    ]  # fmt: skip
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match) as err:
+            call()
+        assert not isinstance(err.value, ConfigError)
 
 
 def test_bad_combinations_are_refused(tmp_path):

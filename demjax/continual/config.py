@@ -2,26 +2,14 @@
 
 ``scripts/run.py`` runs it when the config file sets ``scenario = "continual"``
 (``configs/continual_digits.py``, ``configs/continual_fmnist.py``). Every field,
-its default and accepted values are below; ``validate`` checks them all before
-any data is loaded, each error naming the field.
+its default and accepted values are below; ``demjax.config.validate`` (the one
+validation entry point, ``demjax.config_checks.check_continual``) checks them all
+before any data is loaded, each error naming the field.
 """
 
 from __future__ import annotations
 
-import math
-
 import ml_collections
-
-from demjax.continual.consolidate import (
-    PROJECTOR_INITS,
-    STUDENT_INITS,
-    STUDENT_LOGITS,
-)
-from demjax.continual.proxy import NOISES, PROXIES, same_dataset
-from demjax.continual.scenario import CLASS_ORDERS, DATASETS
-from demjax.errors import ConfigError, check_choice
-from demjax.local import make_optimizer
-from demjax.models import CONV_IMPLS, INITS, MODELS
 
 METHODS = ("dac", "logit", "finetune", "average", "joint")
 """``dac``: logit + projected latent distillation on proxy data; ``logit``: the
@@ -31,6 +19,27 @@ turn; ``average``: FedAvg-style mean of the previous and the agents' models;
 
 AGENT_HEADS = ("masked", "full")
 AVG_WEIGHTINGS = ("tasks", "uniform")
+
+# Accepted values of the other fields, used by the modules that implement them
+# (defined here, a module without dependencies, so the config checks import them
+# without importing the scenario's code).
+DATASETS = ("digits", "fashion_mnist", "fashion_mnist_tfds", "mnist", "cifar10")
+"""Accepted values of ``config.dataset`` in continual runs."""
+CLASS_ORDERS = ("natural", "random")
+PROXIES = ("crops", "noise", "dataset")
+NOISES = ("uniform", "gaussian")
+PROXY_IMAGES = ("china.jpg", "flower.jpg")
+"""scikit-learn's bundled sample images (``proxy_image``)."""
+STUDENT_INITS = ("previous", "agents", "average")
+PROJECTOR_INITS = ("identity", "lecun")
+STUDENT_LOGITS = ("raw", "centred")
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two ``dataset`` names are the same data (both Fashion-MNIST loaders
+    count as one)."""
+    fm = ("fashion_mnist", "fashion_mnist_tfds")
+    return a == b or (a in fm and b in fm)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -87,83 +96,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.average_weighting = "tasks"  # average: prev weighted by tasks seen | uniform
 
     c.progress = True
+    # Also write TensorBoard events (<workdir>/tensorboard; --tensorboard).
+    c.tensorboard = False
     return c
-
-
-def _int(config, field, low):
-    v = config[field]
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ConfigError(f"{field}={v!r} is not valid; accepted: an integer >= {low}")
-
-
-def _num(config, field, low, high, low_open=False):
-    v = config[field]
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or not (low < v if low_open else low <= v) or not v <= high:
-        lo = "(" if low_open else "["
-        hi = ")" if high == math.inf else "]"
-        raise ConfigError(
-            f"{field}={v!r} is not valid; accepted: a finite number in "
-            f"{lo}{low}, {high}{hi}"
-        )
-
-
-def validate(config) -> None:
-    """Checks every field of a continual config.
-
-    Raises:
-      ConfigError: the first bad field, naming it and the accepted values.
-    """
-    check_choice("scenario", config.scenario, ("continual",))
-    check_choice("method", config.method, METHODS)
-    check_choice("dataset", config.dataset, DATASETS)
-    check_choice("class_order", config.class_order, CLASS_ORDERS)
-    check_choice("model", config.model, MODELS)
-    check_choice("conv_impl", config.conv_impl, CONV_IMPLS)
-    check_choice("init", config.init, INITS)
-    check_choice("agent_head", config.agent_head, AGENT_HEADS)
-    check_choice("proxy", config.proxy, PROXIES)
-    check_choice("proxy_noise", config.proxy_noise, NOISES)
-    check_choice("proxy_image", config.proxy_image, ("china.jpg", "flower.jpg"))
-    check_choice("student_init", config.student_init, STUDENT_INITS)
-    check_choice("projector_init", config.projector_init, PROJECTOR_INITS)
-    check_choice("student_logits", config.student_logits, STUDENT_LOGITS)
-    check_choice("average_weighting", config.average_weighting, AVG_WEIGHTINGS)
-    if config.proxy == "dataset":
-        from demjax.data import SOURCES
-
-        check_choice("proxy_dataset", config.proxy_dataset, SOURCES)
-        if same_dataset(config.proxy_dataset, config.dataset):
-            raise ConfigError(
-                f"proxy_dataset={config.proxy_dataset!r} is the scenario's own data "
-                f"set (dataset={config.dataset!r}); accepted: another data set, e.g. "
-                "'digits' for fashion_mnist"
-            )
-    make_optimizer(config.optimizer, config.lr)
-    for f in ("num_tasks", "classes_per_task", "agents_per_task", "test_per_class"):
-        _int(config, f, 1)
-    for f in ("local_epochs", "batch_size", "consolidation_steps", "proxy_batch"):
-        _int(config, f, 1)
-    for f in ("samples_per_agent", "proxy_dataset_size", "seed"):
-        _int(config, f, 0)
-    _num(config, "crop_min_scale", 0.0, 1.0, low_open=True)
-    _num(config, "proxy_jitter", 0.0, 0.99)
-    _num(config, "alpha", 0.0, float("inf"))
-    _num(config, "consolidation_lr", 0.0, float("inf"), low_open=True)
-    for f in ("standardize", "download", "forward_transfer", "progress"):
-        if not isinstance(config[f], bool):
-            raise ConfigError(
-                f"{f}={config[f]!r} is not valid; accepted: True or False"
-            )
-    hidden = config.hidden
-    if not (
-        isinstance(hidden, (tuple, list))
-        and hidden
-        and all(
-            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
-        )
-    ):
-        raise ConfigError(
-            f"hidden={hidden!r} is not valid; accepted: a non-empty tuple of positive "
-            "integers, e.g. (128,)"
-        )

@@ -46,12 +46,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from demjax.continual.config import PROJECTOR_INITS, STUDENT_INITS, STUDENT_LOGITS
 from demjax.continual.proxy import ProxySource
-from demjax.errors import ConfigError, check_choice
-
-STUDENT_INITS = ("previous", "agents", "average")
-PROJECTOR_INITS = ("identity", "lecun")
-STUDENT_LOGITS = ("raw", "centred")
+from demjax.errors import check_arg
 
 
 def centred(z: jax.Array, mask: jax.Array) -> jax.Array:
@@ -101,9 +98,9 @@ def logit_loss(z_student, target, old_mask, new_mask, student_logits: str = "raw
       active classes.
 
     Raises:
-      ConfigError: unknown ``student_logits``.
+      ValueError: unknown ``student_logits``.
     """
-    check_choice("student_logits", student_logits, STUDENT_LOGITS)
+    check_arg("student_logits", student_logits, STUDENT_LOGITS)
     active = (old_mask | new_mask).astype(z_student.dtype)
     if student_logits == "centred":
         s = centred(z_student, old_mask) + centred(z_student, new_mask)
@@ -123,7 +120,7 @@ class Projectors(NamedTuple):
 def init_projectors(key, num_teachers: int, dim_in: int, dim_out: int, how: str):
     """``num_teachers`` projectors ``R^dim_in -> R^dim_out`` (``identity``: the
     identity on the first ``min`` dims; ``lecun``: LeCun-normal), zero bias."""
-    check_choice("projector_init", how, PROJECTOR_INITS)
+    check_arg("how", how, PROJECTOR_INITS)
     if how == "identity":
         k = jnp.tile(jnp.eye(dim_in, dim_out)[None], (num_teachers, 1, 1))
     else:
@@ -181,20 +178,18 @@ class Consolidator:
         projector_init: str = "identity",
         student_logits: str = "raw",
     ):
-        check_choice("student_init", student_init, STUDENT_INITS)
-        check_choice("projector_init", projector_init, PROJECTOR_INITS)
-        check_choice("student_logits", student_logits, STUDENT_LOGITS)
-        for field, v in (("consolidation_steps", steps), ("proxy_batch", batch)):
+        check_arg("student_init", student_init, STUDENT_INITS)
+        check_arg("projector_init", projector_init, PROJECTOR_INITS)
+        check_arg("student_logits", student_logits, STUDENT_LOGITS)
+        for name, v in (("steps", steps), ("batch", batch)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(
-                    f"{field}={v!r} is not valid; accepted: an integer >= 1"
+                raise ValueError(
+                    f"{name}={v!r} is not valid; accepted: an integer >= 1"
                 )
         if not (isinstance(alpha, (int, float)) and alpha >= 0):
-            raise ConfigError(f"alpha={alpha!r} is not valid; accepted: a float >= 0")
+            raise ValueError(f"alpha={alpha!r} is not valid; accepted: a float >= 0")
         if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ConfigError(
-                f"consolidation_lr={lr!r} is not valid; accepted: a float > 0"
-            )
+            raise ValueError(f"lr={lr!r} is not valid; accepted: a float > 0")
         self.model = model
         self.steps, self.batch = steps, batch
         self.alpha, self.student_init = float(alpha), student_init

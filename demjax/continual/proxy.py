@@ -34,10 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax.errors import ConfigError, check_choice
+from demjax.continual.config import NOISES, PROXIES, PROXY_IMAGES
+from demjax.errors import check_arg
 
-PROXIES = ("crops", "noise", "dataset")
-NOISES = ("uniform", "gaussian")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -62,17 +61,17 @@ class ProxySource:
         standardize: bool = True,
         name: str = "",
     ):
-        check_choice("proxy", kind, PROXIES)
-        check_choice("proxy_noise", noise, NOISES)
+        check_arg("kind", kind, PROXIES)
+        check_arg("noise", noise, NOISES)
         if not 0.0 < crop_min_scale <= 1.0:
-            raise ConfigError(
+            raise ValueError(
                 f"crop_min_scale={crop_min_scale!r} is not valid; accepted: (0, 1]"
             )
         if not 0.0 <= jitter < 1.0:
-            raise ConfigError(f"proxy_jitter={jitter!r} is not valid; accepted: [0, 1)")
+            raise ValueError(f"jitter={jitter!r} is not valid; accepted: [0, 1)")
         if kind != "noise" and (bank is None or np.ndim(bank) != 4):
-            raise ConfigError(
-                f"proxy={kind!r} needs an image bank [K, H, W, C]; got "
+            raise ValueError(
+                f"kind={kind!r} needs an image bank [K, H, W, C]; got "
                 f"{None if bank is None else np.shape(bank)}"
             )
         self.kind = kind
@@ -151,11 +150,11 @@ def load_image(name: str, short_side: int) -> np.ndarray:
     ``short_side`` (crops are resized again at sampling time).
 
     Raises:
-      ConfigError: unknown ``proxy_image``.
+      ValueError: unknown ``name``.
     """
     from sklearn.datasets import load_sample_image
 
-    check_choice("proxy_image", name, ("china.jpg", "flower.jpg"))
+    check_arg("name", name, PROXY_IMAGES)
     img = load_sample_image(name).astype(np.float32) / 255.0
     f = short_side / min(img.shape[:2])
     if f < 1:
@@ -186,13 +185,6 @@ def _dataset_bank(name: str, config, input_shape, max_images: int) -> np.ndarray
     return np.clip(x, 0.0, 1.0).astype(np.float32)
 
 
-def same_dataset(a: str, b: str) -> bool:
-    """Whether two ``dataset`` names are the same data (both Fashion-MNIST loaders
-    count as one)."""
-    fm = ("fashion_mnist", "fashion_mnist_tfds")
-    return a == b or (a in fm and b in fm)
-
-
 def make_proxy(config, input_shape) -> ProxySource:
     """The proxy source of ``config`` (fields ``proxy``, ``proxy_image``,
     ``proxy_noise``, ``proxy_dataset``, ``proxy_dataset_size``,
@@ -202,9 +194,12 @@ def make_proxy(config, input_shape) -> ProxySource:
     the agents.
 
     Raises:
-      ConfigError: bad field, or ``proxy_dataset`` equal to ``dataset``.
+      ConfigError: a bad proxy field, or ``proxy_dataset`` equal to ``dataset``
+        (``demjax.config_checks.check_proxy``).
     """
-    check_choice("proxy", config.proxy, PROXIES)
+    from demjax.config_checks import check_proxy
+
+    check_proxy(config)
     h, w, _ = input_shape
     common = dict(
         noise=config.proxy_noise,
@@ -222,14 +217,5 @@ def make_proxy(config, input_shape) -> ProxySource:
             "crops", input_shape, bank, name=config.proxy_image, **common
         )
     name = config.proxy_dataset
-    from demjax.data import SOURCES
-
-    check_choice("proxy_dataset", name, SOURCES)
-    if same_dataset(name, config.dataset):
-        raise ConfigError(
-            f"proxy_dataset={name!r} is the scenario's own data set "
-            f"(dataset={config.dataset!r}); accepted: another data set, e.g. "
-            "'digits' for fashion_mnist"
-        )
     bank = _dataset_bank(name, config, input_shape, int(config.proxy_dataset_size))
     return ProxySource("dataset", input_shape, bank, name=name, **common)

@@ -15,7 +15,9 @@ arXiv 2303.15888, Sec. 3-4): for each task ``t`` in turn,
 With ``forward_transfer`` the same agents are also trained from a fresh random
 initialization in the same vmap (``2A`` models), to compare own-task accuracy.
 
-The workdir receives (each line flushed when written):
+The workdir receives, through the run writer shared with the simulation
+(``demjax.run_output.RunWriter``: each line flushed when written, the workdir
+locked for the run's duration):
 
 - ``config.json``: the config.
 - ``metrics.jsonl``: one object per consolidation step: ``task``, ``classes``,
@@ -26,6 +28,13 @@ The workdir receives (each line flushed when written):
   ``task_acc`` (the same with the argmax over task j's own classes: task-aware,
   i.e. without the old-vs-new class competition), ``agent_loss``, ``loss_logit``
   / ``loss_pld`` (first and last consolidation step), ``wall_s``.
+- ``metrics.csv``: the same records, one row each (list values as JSON text).
+- ``timing.jsonl``: one object per task: ``task``, ``train_s`` (the agents'
+  local training, or the single model's for ``finetune`` / ``joint``; the first
+  includes compilation), ``consolidate_s`` (0 for ``finetune`` / ``joint``),
+  ``wall_s``.
+- ``tensorboard/`` (``tensorboard=True`` or ``--tensorboard``): the records'
+  numbers as scalar series, step = task (``avg_acc``, ``acc/<j>``, ...).
 - ``summary.json``: ``acc_matrix`` ``[T][T]`` (row i: after consolidating task
   i; null above the diagonal), ``final_avg_acc``, ``forgetting`` (mean over tasks
   j < T-1 of ``max_{i<T-1} R[i, j] - R[T-1, j]``), ``forward_transfer``,
@@ -43,13 +52,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax.continual.config import validate
+from demjax.config import validate
 from demjax.continual.consolidate import Consolidator, average_params
 from demjax.continual.proxy import make_proxy
 from demjax.continual.scenario import make_scenario
 from demjax.errors import ConfigError
 from demjax.local import make_optimizer, make_train_all, make_train_one
 from demjax.models import init_params, make_model
+from demjax.run_output import RunWriter, check_workdir, lock_workdir, unlock_workdir
 
 log = logging.getLogger(__name__)
 
@@ -130,60 +140,83 @@ def _mask(classes, c):
     return m
 
 
-class _Writer:
-    def __init__(self, workdir: str, overwrite: bool):
-        path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(os.path.join(workdir, "summary.json")) and not overwrite:
-            raise ConfigError(
-                f"workdir={workdir!r} already holds a continual run (summary.json); "
-                "accepted: a new workdir, or --overwrite to replace it"
-            )
-        self.workdir = workdir
-        self._f = open(path, "w")
-
-    def record(self, rec: dict) -> None:
-        self._f.write(json.dumps(rec) + "\n")
-        self._f.flush()
-
-    def json(self, name: str, obj) -> None:
-        path = os.path.join(self.workdir, name)
-        with open(path + ".tmp", "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(path + ".tmp", path)
-
-    def close(self):
-        self._f.close()
-
-
 def _r(v):
     return None if v is None else round(float(v), 6)
+
+
+def _timing(task: int, train_s: float, consolidate_s: float, wall_s: float) -> dict:
+    """A ``timing.jsonl`` record."""
+    return {
+        "task": task,
+        "train_s": round(train_s, 3),
+        "consolidate_s": round(consolidate_s, 3),
+        "wall_s": wall_s,
+    }
+
+
+SUMMARY_FILE = "summary.json"
 
 
 def run(config, workdir: str, overwrite: bool = False) -> dict:
     """Runs one continual scenario with ``config.method`` and writes the workdir.
 
+    Args:
+      config: a continual config (``demjax.continual.config.get_config``);
+        validated first (``demjax.config.validate``).
+      workdir: output directory (created); locked for the run
+        (``run_output.lock_workdir``).
+      overwrite: replace a finished run's results (``summary.json``) instead of
+        refusing.
+
     Returns:
       The summary dict (also ``<workdir>/summary.json``) plus ``records``.
 
     Raises:
-      ConfigError: bad config field or workdir, or the workdir is in use by
-        another run (``run_output.lock_workdir``). DataNotFoundError: data missing.
+      ConfigError: bad config field or workdir, the workdir holds a finished run
+        and ``overwrite`` is False, or it is in use by another run.
+      DataNotFoundError: the data set is not available offline.
     """
-    from demjax.run_output import check_workdir, lock_workdir, unlock_workdir
-
     validate(config)
     check_workdir(workdir)
-    lock_workdir(workdir)
+    lock_workdir(workdir)  # released by RunWriter.close (or below on an error)
     try:
         return _run(config, workdir, overwrite)
     finally:
         unlock_workdir(workdir)
 
 
+def _open_writer(config, workdir: str, overwrite: bool) -> RunWriter:
+    """The run writer on ``workdir``, after refusing (or, with ``overwrite``,
+    removing) a finished run's ``summary.json``."""
+    summary = os.path.join(workdir, SUMMARY_FILE)
+    if os.path.exists(summary):
+        if not overwrite:
+            raise ConfigError(
+                f"workdir={workdir!r} already holds a continual run ({SUMMARY_FILE}); "
+                "accepted: a new workdir, or --overwrite to replace it"
+            )
+        os.remove(summary)
+    writer = RunWriter(workdir, step="task")
+    writer.json("config.json", json.loads(config.to_json()))
+    if config.tensorboard:
+        writer.tensorboard()
+    return writer
+
+
 def _run(config, workdir: str, overwrite: bool) -> dict:
     t_start = time.perf_counter()
-    writer = _Writer(workdir, overwrite)
-    writer.json("config.json", json.loads(config.to_json()))
+    writer = _open_writer(config, workdir, overwrite)
+    try:
+        summary, records = _tasks(config, writer, t_start)
+        writer.json(SUMMARY_FILE, summary)
+    finally:
+        writer.close()
+    return {**summary, "records": records}
+
+
+def _tasks(config, writer: RunWriter, t_start: float) -> tuple[dict, list[dict]]:
+    """Every task in turn; each task's record written (and flushed) when done.
+    Returns ``(summary, records)``."""
     scenario = make_scenario(config)
     c, num_tasks, a = scenario.num_classes, scenario.num_tasks, scenario.agents_per_task
     model = make_model(
@@ -237,116 +270,118 @@ def _run(config, workdir: str, overwrite: bool) -> dict:
         return float(np.mean(correct[task_of <= t]))
 
     pool_max = max(int(np.sum(scenario.agent_data(j).n)) for j in range(num_tasks))
-    try:
-        if method == "joint":
-            t0 = time.perf_counter()
-            pooled = [scenario.pooled_task(j) for j in range(num_tasks)]
-            x = np.concatenate([p[0] for p in pooled])[None]
-            y = np.concatenate([p[1] for p in pooled])[None]
+    if method == "joint":
+        t0 = time.perf_counter()
+        pooled = [scenario.pooled_task(j) for j in range(num_tasks)]
+        x = np.concatenate([p[0] for p in pooled])[None]
+        y = np.concatenate([p[1] for p in pooled])[None]
+        params, loss = train(
+            k_run, _stack(current, 1), x, y, jnp.array([x.shape[1]]), all_classes
+        )
+        current = jax.block_until_ready(jax.tree.map(lambda p: p[0], params))
+        train_s = time.perf_counter() - t0
+        avg = evaluate_row(num_tasks - 1, current, all_classes)
+        rec = {
+            "task": num_tasks - 1,
+            "classes": sorted(int(k) for k in np.flatnonzero(all_classes)),
+            "acc": [_r(v) for v in r[num_tasks - 1]],
+            "task_acc": [_r(v) for v in r_task[num_tasks - 1]],
+            "avg_acc": _r(avg),
+            "agent_loss": [_r(loss[0])],
+            "wall_s": round(time.perf_counter() - t0, 2),
+        }
+        records.append(rec)
+        writer.metrics(rec)
+        writer.timing(_timing(num_tasks - 1, train_s, 0.0, rec["wall_s"]))
+    for t in range(num_tasks if method != "joint" else 0):
+        t0 = time.perf_counter()
+        k_t = jax.random.fold_in(k_run, t)
+        new_mask = _mask(scenario.tasks[t], c)
+        old_mask = seen.copy()
+        rec = {"task": t, "classes": list(scenario.tasks[t])}
+        if method == "finetune":
+            x, y = scenario.pooled_task(t)
+            n_t = x.shape[0]
+            # Padded to the largest task (masked rows): one compilation.
+            x = np.concatenate([x, np.zeros((pool_max - n_t, *x.shape[1:]), x.dtype)])
+            y = np.concatenate([y, np.zeros(pool_max - n_t, y.dtype)])
             params, loss = train(
-                k_run, _stack(current, 1), x, y, jnp.array([x.shape[1]]), all_classes
+                k_t,
+                _stack(current, 1),
+                x[None],
+                y[None],
+                jnp.array([n_t]),
+                np.ones(c, bool),
             )
-            current = jax.tree.map(lambda p: p[0], params)
-            avg = evaluate_row(num_tasks - 1, current, all_classes)
-            rec = {
-                "task": num_tasks - 1,
-                "classes": sorted(int(k) for k in np.flatnonzero(all_classes)),
-                "acc": [_r(v) for v in r[num_tasks - 1]],
-                "task_acc": [_r(v) for v in r_task[num_tasks - 1]],
-                "avg_acc": _r(avg),
-                "agent_loss": [_r(loss[0])],
-                "wall_s": round(time.perf_counter() - t0, 2),
-            }
-            records.append(rec)
-            writer.record(rec)
-        for t in range(num_tasks if method != "joint" else 0):
-            t0 = time.perf_counter()
-            k_t = jax.random.fold_in(k_run, t)
-            new_mask = _mask(scenario.tasks[t], c)
-            old_mask = seen.copy()
-            rec = {"task": t, "classes": list(scenario.tasks[t])}
-            if method == "finetune":
-                x, y = scenario.pooled_task(t)
-                n_t = x.shape[0]
-                # Padded to the largest task (masked rows): one compilation.
-                x = np.concatenate(
-                    [x, np.zeros((pool_max - n_t, *x.shape[1:]), x.dtype)]
+            current = jax.block_until_ready(jax.tree.map(lambda p: p[0], params))
+            train_s, t_cons = time.perf_counter() - t0, time.perf_counter()
+            rec["agent_loss"] = [_r(v) for v in np.asarray(loss)]
+        else:
+            td = scenario.agent_data(t)
+            head = new_mask if config.agent_head == "masked" else np.ones(c, bool)
+            starts = _stack(current, a)
+            x, y, n = td.x, td.y, td.n
+            if config.forward_transfer:
+                scratch = init_params(jax.random.fold_in(k_init, t + 1), model, shape)
+                starts = jax.tree.map(
+                    lambda p, q: jnp.concatenate([p, q]), starts, _stack(scratch, a)
                 )
-                y = np.concatenate([y, np.zeros(pool_max - n_t, y.dtype)])
-                params, loss = train(
-                    k_t,
-                    _stack(current, 1),
-                    x[None],
-                    y[None],
-                    jnp.array([n_t]),
-                    np.ones(c, bool),
-                )
-                current = jax.tree.map(lambda p: p[0], params)
-                rec["agent_loss"] = [_r(v) for v in np.asarray(loss)]
-            else:
-                td = scenario.agent_data(t)
-                head = new_mask if config.agent_head == "masked" else np.ones(c, bool)
-                starts = _stack(current, a)
-                x, y, n = td.x, td.y, td.n
-                if config.forward_transfer:
-                    scratch = init_params(
-                        jax.random.fold_in(k_init, t + 1), model, shape
-                    )
-                    starts = jax.tree.map(
-                        lambda p, q: jnp.concatenate([p, q]), starts, _stack(scratch, a)
-                    )
-                    x, y, n = (np.concatenate([v, v]) for v in (x, y, n))
-                params, loss = train(jax.random.fold_in(k_t, 0), starts, x, y, n, head)
-                del td, x, y, n  # agent data are not used past this point
-                agents = jax.tree.map(lambda p: p[:a], params)
-                xt, yt = tests[t]
-                rec["agent_acc"] = [
-                    _r(v) for v in np.asarray(acc_agents(agents, xt, yt, new_mask))
-                ]
-                if config.forward_transfer:
-                    rec["scratch_acc"] = [
-                        _r(v)
-                        for v in np.asarray(
-                            acc_agents(
-                                jax.tree.map(lambda p: p[a:], params), xt, yt, new_mask
-                            )
+                x, y, n = (np.concatenate([v, v]) for v in (x, y, n))
+            params, loss = train(jax.random.fold_in(k_t, 0), starts, x, y, n, head)
+            jax.block_until_ready(params)
+            train_s = time.perf_counter() - t0
+            del td, x, y, n  # agent data are not used past this point
+            agents = jax.tree.map(lambda p: p[:a], params)
+            xt, yt = tests[t]
+            rec["agent_acc"] = [
+                _r(v) for v in np.asarray(acc_agents(agents, xt, yt, new_mask))
+            ]
+            if config.forward_transfer:
+                rec["scratch_acc"] = [
+                    _r(v)
+                    for v in np.asarray(
+                        acc_agents(
+                            jax.tree.map(lambda p: p[a:], params), xt, yt, new_mask
                         )
-                    ]
-                rec["agent_loss"] = [_r(v) for v in np.asarray(loss)[:a]]
-                if method == "average":
-                    w = t * a if config.average_weighting == "tasks" else min(t, 1)
-                    current = average_params(current, agents, jnp.float32(w))
-                else:
-                    current, _, h_logit, h_pld = consolidator(
-                        jax.random.fold_in(k_t, 1),
-                        current,
-                        agents,
-                        old_mask,
-                        new_mask,
-                        t > 0,
-                        proxy,
                     )
-                    h_logit, h_pld = np.asarray(h_logit), np.asarray(h_pld)
-                    rec["loss_logit"] = [_r(h_logit[0]), _r(h_logit[-1])]
-                    rec["loss_pld"] = [_r(h_pld[0]), _r(h_pld[-1])]
-            seen |= new_mask
-            avg = evaluate_row(t, current, seen)
-            rec["acc"] = [_r(v) for v in r[t, : t + 1]]
-            rec["task_acc"] = [_r(v) for v in r_task[t, : t + 1]]
-            rec["avg_acc"] = _r(avg)
-            rec["wall_s"] = round(time.perf_counter() - t0, 2)
-            records.append(rec)
-            writer.record(rec)
-            log.info(
-                "task %d/%d (%s): avg_acc %.4f, acc %s",
-                t + 1,
-                num_tasks,
-                method,
-                avg,
-                rec["acc"],
-            )
-    finally:
-        writer.close()
+                ]
+            rec["agent_loss"] = [_r(v) for v in np.asarray(loss)[:a]]
+            t_cons = time.perf_counter()
+            if method == "average":
+                w = t * a if config.average_weighting == "tasks" else min(t, 1)
+                current = average_params(current, agents, jnp.float32(w))
+            else:
+                current, _, h_logit, h_pld = consolidator(
+                    jax.random.fold_in(k_t, 1),
+                    current,
+                    agents,
+                    old_mask,
+                    new_mask,
+                    t > 0,
+                    proxy,
+                )
+                h_logit, h_pld = np.asarray(h_logit), np.asarray(h_pld)
+                rec["loss_logit"] = [_r(h_logit[0]), _r(h_logit[-1])]
+                rec["loss_pld"] = [_r(h_pld[0]), _r(h_pld[-1])]
+        current = jax.block_until_ready(current)
+        consolidate_s = 0.0 if method == "finetune" else time.perf_counter() - t_cons
+        seen |= new_mask
+        avg = evaluate_row(t, current, seen)
+        rec["acc"] = [_r(v) for v in r[t, : t + 1]]
+        rec["task_acc"] = [_r(v) for v in r_task[t, : t + 1]]
+        rec["avg_acc"] = _r(avg)
+        rec["wall_s"] = round(time.perf_counter() - t0, 2)
+        records.append(rec)
+        writer.metrics(rec)
+        writer.timing(_timing(t, train_s, consolidate_s, rec["wall_s"]))
+        log.info(
+            "task %d/%d (%s): avg_acc %.4f, acc %s",
+            t + 1,
+            num_tasks,
+            method,
+            avg,
+            rec["acc"],
+        )
     ft = None
     if records and "scratch_acc" in records[0]:
         ft = {
@@ -381,5 +416,4 @@ def _run(config, workdir: str, overwrite: bool) -> dict:
         "forward_transfer": ft,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    writer.json("summary.json", summary)
-    return {**summary, "records": records}
+    return summary, records

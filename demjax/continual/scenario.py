@@ -26,13 +26,9 @@ import dataclasses
 
 import numpy as np
 
+from demjax.continual.config import CLASS_ORDERS
 from demjax.data import load_source
-from demjax.errors import ConfigError, check_choice
-
-DATASETS = ("digits", "fashion_mnist", "fashion_mnist_tfds", "mnist", "cifar10")
-"""Accepted values of ``config.dataset`` in continual runs."""
-
-CLASS_ORDERS = ("natural", "random")
+from demjax.errors import ConfigError, check_arg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +90,13 @@ def split_classes(
     """Class ids of each task: consecutive groups of a natural or seeded order.
 
     Raises:
-      ConfigError: ``num_tasks * classes_per_task`` exceeds the classes, or an
-        unknown ``class_order``.
+      ConfigError: ``num_tasks * classes_per_task`` exceeds the classes (fields
+        ``num_tasks``, ``classes_per_task``).
+      ValueError: an unknown ``order``, or counts < 1.
     """
-    check_choice("class_order", order, CLASS_ORDERS)
+    check_arg("order", order, CLASS_ORDERS)
     if num_tasks < 1 or classes_per_task < 1:
-        raise ConfigError(
+        raise ValueError(
             f"num_tasks={num_tasks}, classes_per_task={classes_per_task} are not "
             "valid; accepted: integers >= 1"
         )
@@ -203,11 +200,13 @@ def make_scenario(config) -> Scenario:
     ``standardize``, ``num_tasks``, ``classes_per_task``, ``agents_per_task``,
     ``test_per_class``, ``samples_per_agent``, ``class_order``, ``seed``.
 
+    The fields are trusted: ``demjax.config.validate`` checked them.
+
     Raises:
-      ConfigError: bad field. DataNotFoundError: the data set is not available
-        (e.g. Split CIFAR-10 without tensorflow-datasets), with how to get it.
+      ConfigError: more tasks x classes than the data set has, too few samples.
+      DataNotFoundError: the data set is not available (e.g. Split CIFAR-10
+        without tensorflow-datasets), with how to get it.
     """
-    check_choice("dataset", config.dataset, DATASETS)
     x, y, num_classes = load_source(
         config.dataset,
         data_dir=config.data_dir or None,

@@ -13,16 +13,22 @@ periodic evaluation.
 
 from __future__ import annotations
 
-import math
-import os
+import dataclasses
 
 import numpy as np
 
-from demjax.data import card, leaf
+from demjax.data import card, leaf, validation
 from demjax.data.card import data_card, write_card
+from demjax.data.partition import (
+    CONFIG_PARTITIONS,
+    partition,
+    partition_indices,
+    stack_partition,
+)
 from demjax.data.partition import PARTITIONS as POOL_PARTITIONS
-from demjax.data.partition import partition, partition_indices, stack_partition
 from demjax.data.sources import (
+    LEAF_SOURCES,
+    NATURAL_SOURCES,
     SOURCES,
     STANDARDIZE,
     TFDS_NAMES,
@@ -42,15 +48,15 @@ from demjax.data.split import (
     read_split_file,
     write_split_file,
 )
-from demjax.errors import ConfigError, check_choice
+from demjax.errors import ConfigError
 from demjax.types import Partition
 
-PARTITIONS = (*POOL_PARTITIONS, "natural", "file", "arrays")
-LEAF_SOURCES = ("femnist", "shakespeare")
-NATURAL_SOURCES = (*LEAF_SOURCES, "cifar100")
+PARTITIONS = CONFIG_PARTITIONS
 """Accepted values of ``config.partition``."""
 
 __all__ = [
+    "LEAF_SOURCES",
+    "NATURAL_SOURCES",
     "PARTITIONS",
     "POOL_PARTITIONS",
     "SOURCES",
@@ -59,7 +65,6 @@ __all__ = [
     "Split",
     "SplitFile",
     "as_split",
-    "check_config",
     "data_card",
     "eval_subsample",
     "load_pool",
@@ -77,19 +82,13 @@ __all__ = [
     "write_split_file",
 ]
 
-_MISSING = object()
 
+def _field(config, name: str, *default):
+    """``config.<name>`` of a ConfigDict or any attribute object, ``default`` if
+    absent (``demjax.config_checks.field``)."""
+    from demjax.config_checks import field  # imported here: no import cycle
 
-def _field(config, name: str, default=_MISSING):
-    try:
-        return getattr(config, name)
-    except (AttributeError, KeyError):
-        if default is _MISSING:
-            raise ConfigError(
-                f"{name} is missing from the config; accepted: see "
-                "demjax.data.make_partition"
-            ) from None
-        return default
+    return field(config, name, *default)
 
 
 def make_partition(config) -> Partition:
@@ -102,81 +101,6 @@ def make_partition(config) -> Partition:
       As ``make_split``.
     """
     return make_split(config).partition
-
-
-def check_config(config) -> None:
-    """Checks the data fields of a run config without loading any data.
-
-    Raises:
-      ConfigError: ``dataset``, ``partition``, ``partition_file``,
-        ``standardize``, ``standardize_mean`` / ``standardize_std`` not valid.
-    """
-    dataset = _field(config, "dataset")
-    method = _field(config, "partition", "pathological")
-    check_choice("dataset", dataset, SOURCES)
-    check_choice("partition", method, PARTITIONS)
-    path = _field(config, "partition_file", "")
-    if not isinstance(path, str):
-        raise ConfigError(
-            f"partition_file={path!r} is not valid; accepted: a path string"
-        )
-    if method == "file" and not path:
-        raise ConfigError(
-            "partition_file='' is not valid with partition='file'; accepted: the "
-            "path of a .json or .npz split file (docs/data.md)"
-        )
-    if method == "file" and not os.path.isfile(path):
-        raise ConfigError(
-            f"partition_file={path!r}: no such file; accepted: a .json or .npz "
-            "split file (docs/data.md)"
-        )
-    if method != "file" and path:
-        raise ConfigError(
-            f"partition_file={path!r} is set but partition={method!r}; accepted: "
-            "partition='file' with it, or partition_file=''"
-        )
-    if method == "natural" and dataset not in NATURAL_SOURCES:
-        raise ConfigError(
-            f"partition='natural' is not valid for dataset={dataset!r}; accepted: "
-            "dataset='femnist' (one agent per writer), 'shakespeare' (per role), "
-            "'cifar100' (TFF's Pachinko split, one agent per client)"
-        )
-    if dataset in LEAF_SOURCES and method not in ("natural", "file"):
-        raise ConfigError(
-            f"partition={method!r} is not valid for dataset={dataset!r}; accepted: "
-            "natural (one agent per writer / role), file"
-        )
-    model = _field(config, "model", None)
-    if (dataset == "shakespeare") != (model == "char_rnn") and model is not None:
-        raise ConfigError(
-            f"model={model!r} is not valid for dataset={dataset!r}; accepted: "
-            "model='char_rnn' with dataset='shakespeare' (character ids), the image "
-            "models with the image data sets"
-        )
-    if dataset == "shakespeare" and standardize_mode(
-        _field(config, "standardize", True)
-    ) not in ("none",):
-        raise ConfigError(
-            f"standardize={_field(config, 'standardize', True)!r} is not valid for "
-            "dataset='shakespeare' (character ids); accepted: none"
-        )
-    mode = standardize_mode(_field(config, "standardize", True))
-    for name in ("standardize_mean", "standardize_std"):
-        value = _field(config, name, 0.0 if name.endswith("mean") else 1.0)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not (math.isfinite(value))
-        ):
-            raise ConfigError(
-                f"{name}={value!r} is not valid; accepted: a finite float"
-            )
-    std = _field(config, "standardize_std", 1.0)
-    if mode == "given" and not std > 0:
-        raise ConfigError(
-            f"standardize_std={std!r} is not valid for standardize='given'; "
-            "accepted: a finite float > 0"
-        )
 
 
 def make_split(config, partition=None) -> Split:
@@ -210,7 +134,9 @@ def make_split(config, partition=None) -> Split:
       DataFileError: a data or split file is unreadable or malformed.
       DataNotFoundError: the data set is not available offline.
     """
-    check_config(config)
+    from demjax.config_checks import check_data
+
+    check_data(config)  # the config's data fields (also run by config.validate)
     dataset = _field(config, "dataset")
     method = _field(config, "partition", "pathological")
     num_agents = _field(config, "num_agents")
@@ -228,11 +154,10 @@ def make_split(config, partition=None) -> Split:
             )
         split = as_split(partition)
         _check_count(num_agents, split.num_agents, "the given partition")
-        return split
+        return _validation(split, config)
     seed = int(_field(config, "seed", 0))
     data_dir = _field(config, "data_dir", None) or None
     if method == "natural":
-        _int_agents(num_agents)
         if dataset == "cifar100" or (
             dataset == "femnist" and leaf.tff_h5_files(data_dir, dataset)
         ):
@@ -282,6 +207,8 @@ def make_split(config, partition=None) -> Split:
             dataset_name=dataset,
         )
         names = tuple(f"agent_{a}" for a in range(len(splits)))
+    val_fraction = float(_field(config, "val_fraction", 0.0))
+    splits = validation.hold_out_indices(splits, val_fraction, seed)
     part = stack_partition(x, pool.y, splits, pool.num_classes)
     if stats["mode"] == "per_pixel":  # [*F] arrays: their range in the card
         stats = {
@@ -301,7 +228,38 @@ def make_split(config, partition=None) -> Split:
             "partition": method,
             "sources": sources,
             "standardize": stats,
+            **_validation_info(val_fraction, seed),
         },  # fmt: skip
+    )
+
+
+def _validation_info(fraction: float, seed: int) -> dict:
+    if fraction == 0.0:
+        return {}
+    return {
+        "validation": {
+            "val_fraction": fraction,
+            "seed": seed,
+            "note": "test pairs are held-out training rows; the test split is unused",
+        }
+    }
+
+
+def _validation(split: Split, config) -> Split:
+    """``split`` with held-out training rows as its evaluation rows
+    (``config.val_fraction``; ``demjax.data.validation``)."""
+    fraction = float(_field(config, "val_fraction", 0.0))
+    if fraction == 0.0:
+        return split
+    seed = int(_field(config, "seed", 0))
+    indices = split.indices
+    if indices is not None:
+        indices = tuple(validation.hold_out_indices(indices, fraction, seed))
+    return dataclasses.replace(
+        split,
+        partition=validation.hold_out(split.partition, fraction, seed),
+        indices=indices,
+        info={**split.info, **_validation_info(fraction, seed)},
     )
 
 
@@ -342,17 +300,6 @@ def jax_free(part: Partition) -> Partition:
     import jax
 
     return jax.tree.map(np.asarray, part)
-
-
-def _int_agents(num_agents) -> None:
-    if (
-        isinstance(num_agents, bool)
-        or not isinstance(num_agents, int)
-        or num_agents < 2
-    ):
-        raise ConfigError(
-            f"num_agents={num_agents!r} is not valid; accepted: an integer >= 2"
-        )
 
 
 def _check_count(num_agents, actual: int, what: str) -> None:

@@ -25,8 +25,10 @@ from demjax.errors import ConfigError, check_choice
 from demjax.types import Partition
 
 PARTITIONS = ("pathological", "dirichlet", "iid")
-"""Methods of ``partition`` (dealing a pool out); ``demjax.data.PARTITIONS``
-adds the natural, file and array partitions of ``config.partition``."""
+"""Methods of ``partition`` (dealing a pool out); ``CONFIG_PARTITIONS`` (also
+``demjax.data.PARTITIONS``) adds the natural, file and array partitions."""
+CONFIG_PARTITIONS = (*PARTITIONS, "natural", "file", "arrays")
+"""Accepted values of ``config.partition``."""
 
 _DIRICHLET_TRIES = 100
 

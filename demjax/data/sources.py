@@ -52,6 +52,10 @@ SOURCES = (
     "shakespeare",
 )
 """Accepted values of ``config.dataset``."""
+LEAF_SOURCES = ("femnist", "shakespeare")
+"""Sources read from LEAF JSON shards: ``partition`` natural or file only."""
+NATURAL_SOURCES = (*LEAF_SOURCES, "cifar100")
+"""Sources with a natural split (one agent per writer / role / client)."""
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 

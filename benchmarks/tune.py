@@ -1,0 +1,237 @@
+"""The tuning protocol of the comparison tables: a small grid per algorithm,
+chosen on a validation split of the agents' training data (never the test data).
+
+Protocol (the same for every algorithm of a table):
+
+1. The setup of ``benchmarks/compare_personalized.py`` (its ``config_for``: the
+   split, model, batch, rounds), with ``val_fraction = 0.2``: every agent holds
+   out a seeded 20 % of its training rows and the run evaluates on them; the
+   test rows are not in the run (``demjax.data.validation``).
+2. A grid over the learning rate and the method's main hyper-parameter(s)
+   (``GRIDS``; algorithms without an entry get the learning-rate grid only),
+   every point run with ``--seeds`` seeds.
+3. The choice: the grid point with the highest validation C-SPE at the final
+   round, mean over seeds (ties: the first in grid order). The best round's
+   validation C-SPE is stored too.
+
+Writes ``benchmarks/results/tuning.json`` (setup, grids, every point's
+validation scores per seed, the choice per split and algorithm) and
+``tuning.md``; ``compare_personalized.py --tuned=benchmarks/results/tuning.json``
+runs the chosen settings on the test split. Resumable: stored points are
+skipped (``--force`` reruns).
+
+    python benchmarks/tune.py --only=ditto,perfedavg --splits=pathological
+    python benchmarks/tune.py --model=mlp --num_rounds=50 --samples_per_agent=300
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks import compare_personalized as cp  # noqa: E402
+from benchmarks.common import environment, load_results, save_results  # noqa: E402
+
+LR_GRID = (0.02, 0.05, 0.1)
+# field -> values; "group.field" is the hyper-parameter --config.group.field.
+GRIDS = {
+    "demlearn": {"lr": LR_GRID, "alpha": (0.5, 0.7, 0.9)},
+    "demlearn_p": {"lr": LR_GRID, "alpha": (0.5, 0.7, 0.9)},
+    "fedprox": {"lr": LR_GRID, "mu": (0.001, 0.01, 0.1)},
+    "ditto": {"lr": LR_GRID, "ditto.lam": (0.01, 0.1, 1.0)},
+    "pfedme": {"lr": LR_GRID, "pfedme.lam": (5.0, 15.0)},
+    "perfedavg": {
+        "perfedavg.alpha": (0.01, 0.05),
+        "perfedavg.beta": (0.001, 0.01, 0.05),
+    },
+    "fedamp": {
+        "lr": LR_GRID,
+        "fedamp.alpha_k": (1e3, 1e4),
+        "fedamp.sigma": (0.1, 1.0),
+    },
+    "fedproto": {"lr": LR_GRID, "fedproto.lam": (0.1, 1.0)},
+    "cfl": {"lr": LR_GRID, "cfl.eps1": (0.2, 0.4), "cfl.eps2": (0.8, 1.6)},
+}
+VAL_FRACTION = 0.2
+
+
+def grid_of(algorithm: str) -> dict:
+    """``field -> values`` of ``algorithm``'s grid (the learning rate by default)."""
+    return GRIDS.get(algorithm, {"lr": LR_GRID})
+
+
+def points(grid: dict) -> list[dict]:
+    """Every combination of ``grid``, in grid order."""
+    names = list(grid)
+    return [dict(zip(names, v, strict=True)) for v in itertools.product(*grid.values())]
+
+
+def apply(config, params: dict) -> None:
+    """Sets ``params`` (``field`` or ``group.field``) on ``config``.
+
+    Raises:
+      KeyError: a field the config does not have.
+    """
+    for name, value in params.items():
+        node = config
+        *groups, field = name.split(".")
+        for g in groups:
+            node = node[g]
+        if field not in node:
+            raise KeyError(f"{name}: not a config field")
+        node[field] = value
+
+
+def label(params: dict) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in params.items())
+
+
+def choose(scored: list[dict]) -> dict:
+    """The point with the highest mean final validation C-SPE (first on ties)."""
+    best = max(range(len(scored)), key=lambda i: (scored[i]["val_c_spe"], -i))
+    return scored[best]
+
+
+def report(results: dict, out_dir: str) -> None:
+    lines = [
+        "# Tuning: hyper-parameters chosen on a validation split",
+        "",
+        f"Setup: {json.dumps(results.get('setup', {}))}",
+        "",
+        f"Each agent holds out {VAL_FRACTION:.0%} of its training rows; the score is "
+        "the validation C-SPE at the final round, mean over seeds (best round in "
+        "brackets). The test split is never used here.",
+        "",
+        "| split | algorithm | chosen | val C-SPE final | val C-SPE best | points |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, entry in sorted(results.get("chosen", {}).items()):
+        split, name = key.split("/")
+        lines.append(
+            f"| {split} | {name} | {label(entry['params'])} | "
+            f"{entry['val_c_spe']:.3f} | {entry['val_c_spe_best']:.3f} | "
+            f"{len(results['points'].get(key, []))} |"
+        )
+    with open(os.path.join(out_dir, "tuning.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="", help="comma list of algorithms")
+    p.add_argument("--splits", default=",".join(cp.SPLITS))
+    p.add_argument("--model", default="cnn4")
+    p.add_argument("--num_rounds", type=int, default=100)
+    p.add_argument("--eval_every", type=int, default=10)
+    p.add_argument("--samples_per_agent", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=2, help="seeds per grid point")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--num_agents", type=int, default=20)
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--data_dir", default="")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out_dir", default=cp.RESULTS)
+    args = p.parse_args(argv)
+    known = cp.algorithms()
+    names = [n for n in args.only.split(",") if n] or known
+    splits = [s for s in args.splits.split(",") if s]
+    for n in names:
+        if n not in known:
+            sys.exit(f"error: --only={n!r} is not valid; accepted: {known}")
+    for s in splits:
+        if s not in cp.SPLITS:
+            sys.exit(f"error: --splits={s!r} is not valid; accepted: {list(cp.SPLITS)}")
+    if args.seeds < 1:
+        sys.exit(f"error: --seeds={args.seeds} is not valid; accepted: an integer >= 1")
+
+    from demjax.train import run
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "tuning.json")
+    results = load_results(path)
+    results.pop("runs", None)
+    setup = {
+        "dataset": args.dataset,
+        "num_agents": args.num_agents,
+        "model": args.model,
+        "num_rounds": args.num_rounds,
+        "samples_per_agent": args.samples_per_agent or "all",
+        "val_fraction": VAL_FRACTION,
+        "seeds": list(range(args.seed, args.seed + args.seeds)),
+        "selection": "max mean validation C-SPE at the final round",
+    }
+    if results.get("setup", {}).get("model") not in (None, args.model) or (
+        results.get("setup", {}).get("num_rounds") not in (None, args.num_rounds)
+    ):
+        if not args.force:
+            sys.exit("error: stored points used another setup; pass --force to rerun")
+        results = {}
+    results["setup"] = {**setup, **environment()}
+    results.setdefault("grids", {})
+    results.setdefault("points", {})
+    results.setdefault("chosen", {})
+    for split in splits:
+        for name in names:
+            key = f"{split}/{name}"
+            grid = grid_of(name)
+            results["grids"][name] = {k: list(v) for k, v in grid.items()}
+            stored = {label(s["params"]): s for s in results["points"].get(key, [])}
+            scored = []
+            for params in points(grid):
+                if label(params) in stored and not args.force:
+                    scored.append(stored[label(params)])
+                    continue
+                finals, bests, t0 = [], [], time.perf_counter()
+                for seed in setup["seeds"]:
+                    c = cp.config_for(name, split, _run_args(args, seed))
+                    c.dataset, c.num_agents = args.dataset, args.num_agents
+                    c.val_fraction = VAL_FRACTION
+                    c.checkpoint_every = 0
+                    apply(c, params)
+                    with tempfile.TemporaryDirectory() as tmp:
+                        out = run(c, tmp, overwrite=True)
+                    sync = [r for r in out["records"] if r["point"] == "sync"]
+                    finals.append(sync[-1]["c_spe"])
+                    bests.append(max(r["c_spe"] for r in sync))
+                entry = {
+                    "params": params,
+                    "val_c_spe": statistics.fmean(finals),
+                    "val_c_spe_best": statistics.fmean(bests),
+                    "val_c_spe_per_seed": finals,
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                }
+                scored.append(entry)
+                results["points"][key] = scored
+                save_results(path, results)
+                print(json.dumps({"point": key, **entry}), flush=True)
+            results["points"][key] = scored
+            results["chosen"][key] = choose(scored)
+            save_results(path, results)
+    report(results, args.out_dir)
+
+
+def _run_args(args, seed: int):
+    """The ``compare_personalized.config_for`` arguments of one tuning run."""
+    return argparse.Namespace(
+        data_dir=args.data_dir,
+        model=args.model,
+        num_rounds=args.num_rounds,
+        eval_every=args.eval_every,
+        samples_per_agent=args.samples_per_agent,
+        seed=seed,
+        quiet=args.quiet,
+    )
+
+
+if __name__ == "__main__":
+    main()
