@@ -238,6 +238,41 @@ class MLP(nn.Module):
         return (logits, x) if return_features else logits
 
 
+class MLPBN(nn.Module):
+    """MLP with batch normalization after every hidden dense layer (dense ->
+    BatchNorm -> ReLU): the model of FedBN (``demjax/algorithms/fedbn.py``).
+
+    ``BatchNorm_i`` has ``params`` ``scale``/``bias`` ``[width]`` and
+    ``batch_stats`` ``mean``/``var`` ``[width]`` (running averages, momentum 0.9
+    and epsilon 1e-5: PyTorch's ``BatchNorm1d`` defaults; the running variance
+    is the biased batch variance). ``train=True`` normalizes with the batch
+    statistics of the rows where ``mask`` (bool ``[B]``) holds and needs
+    ``mutable=["batch_stats"]``; ``train=False`` uses the running averages.
+    """
+
+    num_classes: int = 10
+    hidden: Sequence[int] = (100,)
+    matmul_impl: str = "xla"
+    param_init: str = "flax"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_features: bool = False,
+                 mask=None):  # fmt: skip
+        x = x.reshape((x.shape[0], -1))
+        rows = None if mask is None else mask[:, None]
+        for i, width in enumerate(self.hidden):
+            x = _dense(self.matmul_impl, width, i, self.param_init)(x)
+            x = nn.BatchNorm(
+                use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                name=f"BatchNorm_{i}",
+            )(x, mask=rows)  # fmt: skip
+            x = nn.relu(x)
+        logits = _dense(
+            self.matmul_impl, self.num_classes, len(self.hidden), self.param_init
+        )(x)
+        return (logits, x) if return_features else logits
+
+
 class CNN(nn.Module):
     """The DemLearn paper's MNIST / Fashion-MNIST CNN.
 

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from helpers import tiny_config  # noqa: E402
 
 from demjax import run_output, train  # noqa: E402
-from demjax.algorithms import ALGORITHMS  # noqa: E402
+from demjax.algorithms import ALGORITHMS, layer_split  # noqa: E402
 
 
 def config(algorithm: str, **kw):
@@ -50,6 +50,8 @@ def config(algorithm: str, **kw):
         num_devices=1,
         checkpoint_every=0,
     )
+    if algorithm in layer_split.ALGORITHMS:  # a model with a body under its head
+        base["model"] = "mlp"
     base.update(kw)
     return tiny_config(**base)
 

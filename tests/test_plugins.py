@@ -12,7 +12,7 @@ from helpers import tiny_config as base_config
 from helpers import train_is_test_partition
 
 from demjax import train
-from demjax.algorithms import REGISTRY
+from demjax.algorithms import REGISTRY, layer_split
 from demjax.algorithms.hierarchical import FAMILY
 from demjax.errors import ConfigError
 
@@ -34,7 +34,9 @@ def test_plugins_are_registered_with_documented_hparams():
 
 @pytest.mark.parametrize("algorithm", sorted(PLUGINS))
 def test_every_plugin_runs_end_to_end(algorithm, tmp_path):
-    result = train.run(tiny_config(algorithm=algorithm), str(tmp_path))
+    # the layer-split algorithms need a model with a body under its head
+    model = "mlp" if algorithm in layer_split.ALGORITHMS else "mlr"
+    result = train.run(tiny_config(algorithm=algorithm, model=model), str(tmp_path))
     recs = [
         json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
     ]
