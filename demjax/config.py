@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 
-from demjax import cluster, data, network, plan, robust
+from demjax import attacks, cluster, data, network, plan, robust
 from demjax.algorithms import ALGORITHMS, REGISTRY
 from demjax.data import PARTITIONS, SOURCES
 from demjax.errors import ConfigError, check_choice
@@ -168,6 +168,9 @@ def validate(config) -> None:
     _float_in(config, "aggregator_noise", 0.0)
     if config.mu is not None:
         _float_in(config, "mu", 0.0)
+    attacks.check_config(
+        config, REGISTRY[config.algorithm].attackable, config.algorithm
+    )
     _all_floats_finite(config)  # fields without a check of their own
     algo = REGISTRY[config.algorithm]
     if algo.check is not None:
@@ -290,6 +293,16 @@ FIELD_DOCS = {
     "participation": "fraction of agents sampled per round, (0, 1]",
     "dropout": "per-round probability an agent drops out, [0, 1)",
     "stragglers": "fraction of agents doing a random part of their steps, [0, 1]",
+    "attack": "Byzantine agents: none, sign_flip, gaussian, scaling, alie, ipm "
+    "(messages corrupted at aggregation), label_flip (training labels flipped)",
+    "attack_fraction": "floor(fraction * num_agents) Byzantine agents, [0, 1)",
+    "attack_redraw": "Byzantine set re-drawn every round (False: fixed for the "
+    "run; label_flip needs False)",
+    "attack_scale": "sign_flip / scaling multiplier (> 0); None = 1 (sign_flip), "
+    "num_agents (scaling)",
+    "attack_noise_std": "gaussian: std of the noise replacing the update (> 0)",
+    "attack_epsilon": "ipm: Byzantine agents send -epsilon * honest mean update (> 0)",
+    "attack_alie_z": "alie: shift z (finite); None = Baruch et al.'s alie_z(A, f)",
     "checkpoint_every": "orbax checkpoint every k rounds and at the end; 0 = off",
     "keep_checkpoints": "newest checkpoints kept (>= 1); a damaged newest one "
     "falls back to the next",

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax import checkpoint, cluster, data, multihost, sharding
+from demjax import attacks, checkpoint, cluster, data, multihost, sharding
 from demjax.config import default_config_json, to_json
 from demjax.errors import ConfigError
 
@@ -478,7 +478,7 @@ def _prepare_locked(
     # Every process decided on the workdir before process 0 writes to it.
     multihost.barrier("demjax.prepare_workdir")
     split = data.make_split(config, partition)
-    part_np = split.partition
+    part_np = attacks.poison_partition(config, split.partition)  # label_flip
     if multihost.is_primary():
         data.write_card(workdir, split)
     t_start = time.perf_counter()
