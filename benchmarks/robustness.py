@@ -3,27 +3,36 @@
 Accuracy of FedAvg with the aggregators ``mean``, ``median``, ``trimmed_mean``
 and ``noisy_median``, and of DemLearn (group means), under every attack of
 ``demjax.attacks`` (``sign_flip``, ``gaussian``, ``scaling``, ``alie``, ``ipm``,
-``label_flip``) with 0 / 10 / 20 / 30 % Byzantine agents (a fixed set per run),
-over several seeds (data split, initialization, Byzantine set): final Global
-accuracy (the global model on the pooled test set) and C-SPE (the agents' own
-models on their own test sets; for FedAvg the global model again), mean and
-standard deviation over the seeds.
+``label_flip``) with 0 / 10 / 20 / 30 % Byzantine agents (a fixed set per
+replica), over several replicas (seeds: initialization, shuffles, Byzantine
+set; one data split): final Global accuracy (the global model on the pooled test
+set) and, for DemLearn, C-SPE (the agents' own models on their own test sets),
+mean and standard deviation over the replicas.
 
-Setup (small on purpose: the whole table runs in about 20 minutes on 2 CPU
-cores): 20 agents, Dirichlet(1.0) label split capped at 300 training samples
-per agent, MLP 784-64-10, 15 rounds of 1 local epoch (batch 20, lr 0.05);
-DemLearn with 2 group levels, alpha 0.7, tau 1.
+Setup (small on purpose): 20 agents, Dirichlet(1.0) label split capped at 300
+training samples per agent, MLP 784-64-10, 15 rounds of 1 local epoch (batch
+20, lr 0.05); DemLearn with 2 group levels, alpha 0.7, tau 1.
+
+How it runs: compilation, not training, is most of a small run's time, so
+
+- FedAvg is one jitted program per (aggregator, attack) that runs every
+  replica (``lax.map`` over (fraction, seed); the Byzantine mask and ALIE's z
+  are inputs) with the library's pieces: ``local.make_train_population``,
+  ``attacks.corrupt`` / ``flip_labels``, ``robust.aggregate`` (the round of
+  ``demjax/algorithms/fedavg.py``: every agent trains from the global model,
+  the server aggregates the sample-weighted messages);
+- DemLearn runs through ``demjax.train.run`` (the wiring of ``config.attack``),
+  one run per case, in ``--jobs`` worker processes sharing JAX's persistent
+  compilation cache.
 
 Writes ``benchmarks/results/robustness.{json,md}`` (resumable: stored runs are
 skipped unless ``--force``) and prints one JSON line per run::
 
     nice -n 10 python benchmarks/robustness.py [--seeds=3] [--jobs=2] [--quick]
 
-``--jobs=k`` runs the cases in k worker processes (each compiles its own runs;
-compilation, not training, is most of a run's time here).
-
 ``--quick``: digits, 6 agents, 2 rounds, one seed, two methods and two attacks
-(a smoke test of the driver, written to ``--out_dir``).
+(FedAvg with the median and DemLearn: a smoke test of both paths, written to
+``--out_dir``).
 """
 
 from __future__ import annotations
@@ -97,7 +106,7 @@ def run_key(method: str, attack: str, fraction: float, seed: int) -> str:
 def cases(quick: bool, seeds: int) -> list[tuple[str, str, float, int]]:
     """Every (method, attack, fraction, seed); fraction 0 once per method
     (attack ``none``)."""
-    methods = ("fedavg_mean", "fedavg_median") if quick else tuple(METHODS)
+    methods = ("fedavg_median", "demlearn_mean") if quick else tuple(METHODS)
     attacks = ("sign_flip", "label_flip") if quick else ATTACKS
     fractions = (0.0, 0.2) if quick else FRACTIONS
     out = []
@@ -120,17 +129,34 @@ def use_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+_SPLIT: dict = {}
+
+
+def shared_split(quick: bool):
+    """The data split of every replica (``base_config``'s seed 0), built once
+    per process."""
+    if quick not in _SPLIT:
+        from demjax import data
+
+        _SPLIT[quick] = data.make_split(base_config(quick), None)
+    return _SPLIT[quick]
+
+
 def one_run(method: str, attack: str, fraction: float, seed: int, quick: bool) -> dict:
+    """One case through ``demjax.train.run`` (the ``config.attack`` wiring) on
+    the shared split."""
     from demjax.train import run
 
     c = base_config(quick)
     for k, v in METHODS[method].items():
         c[k] = v
     c.seed = seed
+    c.partition = "arrays"
     c.attack, c.attack_fraction = attack, fraction
+    split = shared_split(quick)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as wd:
-        out = run(c, wd, overwrite=True)
+        out = run(c, wd, overwrite=True, partition=split)
     final = out["final"]["sync"]
     return {
         "method": method,
@@ -140,7 +166,96 @@ def one_run(method: str, attack: str, fraction: float, seed: int, quick: bool) -
         "global_acc": final["global_acc"],
         "c_spe": final["c_spe"],
         "wall_s": round(time.perf_counter() - t0, 2),
+        "via": "train.run",
     }
+
+
+def fedavg_batch(method: str, attack: str, replicas: list, quick: bool) -> list:
+    """Every replica ``(fraction, seed)`` of FedAvg with ``method``'s aggregator
+    under ``attack`` in one jitted program (``lax.map`` over replicas, ``lax.scan``
+    over rounds).
+
+    Returns one record per replica (``wall_s``: the batch's seconds, compilation
+    included, divided by the number of replicas).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from demjax import attacks, local, metrics, models, pytrees, robust
+
+    c = base_config(quick)
+    for k, v in METHODS[method].items():
+        c[k] = v
+    part = jax.tree.map(jnp.asarray, shared_split(quick).partition)
+    num_agents, num_classes = part.num_agents, part.num_classes
+    n_train = np.asarray(part.n_train)
+    model = models.make_model(c.model, num_classes, c.hidden)
+    apply_fn = models.make_apply(model)
+    eval_fn = models.make_eval_apply(model)
+    tx = local.make_optimizer(c.optimizer, c.lr)
+    train = local.make_train_population(
+        apply_fn, tx, batch_size=int(c.batch_size),
+        local_epochs=int(c.local_epochs), n_train=n_train, num_buckets=1,
+    )  # fmt: skip
+    weight = jnp.asarray(n_train, jnp.float32)
+    scale = float(num_agents) if attack == "scaling" else 1.0
+
+    def replica(args):
+        key, bad, z = args
+        k_init, k_run = jax.random.split(key)
+        y_train = attacks.flip_labels(part.y_train, bad, num_classes) if (
+            attack == "label_flip") else part.y_train  # fmt: skip
+        w = models.init_params(k_init, model, part.input_shape)
+
+        def round_fn(w, t):
+            k_train, k_att, k_agg = jax.random.split(jax.random.fold_in(k_run, t), 3)
+            w0 = pytrees.stack(w, num_agents)
+            opt = jax.vmap(tx.init)(w0)
+            w_k, _, _ = train(
+                jax.random.split(k_train, num_agents), w0, opt, part.x_train,
+                y_train, part.n_train, w0, jnp.float32(0.0),
+            )  # fmt: skip
+            sent = attacks.corrupt(
+                k_att, w_k, w, bad, attack, scale=scale, noise_std=1.0,
+                epsilon=0.1, z=z,
+            )  # fmt: skip
+            new = robust.aggregate(
+                sent, weight, kind=c.aggregator, trim_fraction=c.trim_fraction,
+                noise_scale=c.aggregator_noise, key=k_agg,
+            )  # fmt: skip
+            return pytrees.keep_if_finite(new, w), None
+
+        w, _ = jax.lax.scan(round_fn, w, jnp.arange(int(c.num_rounds)))
+        g = jax.tree.map(lambda p: p[None], w)
+        return jnp.mean(metrics.correct_matrix(eval_fn, g, part.x_all, part.y_all, 1))
+
+    run_all = jax.jit(lambda args: jax.lax.map(replica, args))
+    keys = jnp.stack(
+        [jax.random.PRNGKey(seed) for _, seed in replicas]
+    )  # fmt: skip
+    bad = jnp.asarray(
+        np.stack([attacks.byzantine_set(seed, num_agents, f) for f, seed in replicas])
+    )
+    z = jnp.asarray(
+        [attacks.alie_z(num_agents, attacks.num_byzantine(num_agents, f))
+         for f, _ in replicas], jnp.float32,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    acc = np.asarray(jax.device_get(run_all((keys, bad, z))))
+    wall = (time.perf_counter() - t0) / len(replicas)
+    return [
+        {
+            "method": method,
+            "attack": attack,
+            "fraction": f,
+            "seed": seed,
+            "global_acc": round(float(a), 6),
+            "c_spe": round(float(a), 6),
+            "wall_s": round(wall, 2),
+            "via": "batched",
+        }
+        for (f, seed), a in zip(replicas, acc, strict=True)
+    ]
 
 
 def summarize(runs: dict) -> dict:
@@ -284,7 +399,8 @@ def main() -> None:
         for case in cases(args.quick, args.seeds)
         if run_key(*case) not in results["runs"]
     ]
-    jobs = max(1, min(args.jobs, len(todo)))
+    by_run = [case for case in todo if not case[0].startswith("fedavg")]
+    jobs = max(1, min(args.jobs, len(by_run))) if by_run else 0
     parts = [
         os.path.join(args.out_dir, f"robustness.part{i}.json") for i in range(jobs)
     ]
@@ -296,15 +412,27 @@ def main() -> None:
         )
         for i in range(jobs)
     ]  # fmt: skip
+    md_path = os.path.join(args.out_dir, "robustness.md")
+    # FedAvg here, batched, while the workers run the train.run cases.
+    batches: dict = {}
+    for method, attack, fraction, seed in todo:
+        if method.startswith("fedavg"):
+            batches.setdefault((method, attack), []).append((fraction, seed))
+    for (method, attack), replicas in batches.items():
+        for rec in fedavg_batch(method, attack, replicas, args.quick):
+            results["runs"][run_key(method, attack, rec["fraction"], rec["seed"])] = rec
+            print(json.dumps(rec), flush=True)
+        save_results(path, results)
+        write_md(results, md_path, analysis)
     codes = [pr.wait() for pr in procs]
     for part in parts:
         results["runs"].update(load_results(part)["runs"])
         if os.path.exists(part):
             os.remove(part)
     save_results(path, results)
+    write_md(results, md_path, analysis)
     if any(codes):
         sys.exit(f"error: worker exit codes {codes}; finished runs are saved")
-    write_md(results, os.path.join(args.out_dir, "robustness.md"), analysis)
 
 
 def worker(args) -> None:
@@ -319,7 +447,11 @@ def worker(args) -> None:
     )
     part_path = os.path.join(args.out_dir, f"robustness.part{i}.json")
     part = load_results(part_path)
-    todo = [c for c in cases(args.quick, args.seeds) if run_key(*c) not in done]
+    todo = [
+        c
+        for c in cases(args.quick, args.seeds)
+        if run_key(*c) not in done and not c[0].startswith("fedavg")
+    ]
     for case in todo[i::k]:
         key = run_key(*case)
         if key in part["runs"]:
