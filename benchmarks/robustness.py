@@ -200,7 +200,7 @@ def fedavg_batch(method: str, attack: str, replicas: list, quick: bool) -> list:
     weight = jnp.asarray(n_train, jnp.float32)
     scale = float(num_agents) if attack == "scaling" else 1.0
 
-    def replica(args):
+    def replica(part, args):
         key, bad, z = args
         k_init, k_run = jax.random.split(key)
         y_train = attacks.flip_labels(part.y_train, bad, num_classes) if (
@@ -229,7 +229,8 @@ def fedavg_batch(method: str, attack: str, replicas: list, quick: bool) -> list:
         g = jax.tree.map(lambda p: p[None], w)
         return jnp.mean(metrics.correct_matrix(eval_fn, g, part.x_all, part.y_all, 1))
 
-    run_all = jax.jit(lambda args: jax.lax.map(replica, args))
+    # The data is an argument (a closed-over array would be constant-folded).
+    run_all = jax.jit(lambda part, args: jax.lax.map(lambda a: replica(part, a), args))
     keys = jnp.stack(
         [jax.random.PRNGKey(seed) for _, seed in replicas]
     )  # fmt: skip
@@ -241,7 +242,7 @@ def fedavg_batch(method: str, attack: str, replicas: list, quick: bool) -> list:
          for f, _ in replicas], jnp.float32,
     )  # fmt: skip
     t0 = time.perf_counter()
-    acc = np.asarray(jax.device_get(run_all((keys, bad, z))))
+    acc = np.asarray(jax.device_get(run_all(part, (keys, bad, z))))
     wall = (time.perf_counter() - t0) / len(replicas)
     return [
         {

@@ -1,6 +1,7 @@
 """Byzantine attacks (demjax.attacks) against hand-computed values on a tiny problem."""
 
 import functools
+import json
 import math
 
 import jax
@@ -297,3 +298,72 @@ def test_hierarchical_aggregation_receives_the_corrupted_messages(algorithm):
                     node[g], m[parent == g].mean(0), rtol=1e-4, atol=1e-5
                 )
     assert bad.sum() == 2
+
+
+def test_median_beats_mean_under_sign_flip_end_to_end(tmp_path):
+    """FedAvg on digits, 10 agents (2 Byzantine, updates flipped x5), 3 rounds:
+    the median keeps the global model useful, the mean does not; the run
+    records the Byzantine count in timing.jsonl."""
+    acc = {}
+    for agg in ("mean", "median"):
+        c = small(
+            algorithm="fedavg", aggregator=agg, partition="iid", num_rounds=3,
+            attack="sign_flip", attack_fraction=0.2, attack_scale=5.0,
+            checkpoint_every=0,
+        )  # fmt: skip
+        out = train.run(c, str(tmp_path / agg))
+        acc[agg] = out["final"]["sync"]["global_acc"]
+    assert acc["median"] > 0.6 and acc["median"] > acc["mean"] + 0.3, acc
+    rows = [json.loads(line) for line in open(tmp_path / "median" / "timing.jsonl")]
+    assert [r["num_byzantine"] for r in rows if r["round"] >= 0] == [2, 2, 2]
+
+
+def test_label_flip_poisons_exactly_the_fixed_set_at_data_time():
+    c = small(attack="label_flip", attack_fraction=0.3, seed=3)
+    part = data.make_split(c, None).partition
+    poisoned = attacks.poison_partition(c, part)
+    bad = attacks.byzantine_set(3, 10, 0.3)
+    y, y2 = np.asarray(part.y_train), np.asarray(poisoned.y_train)
+    np.testing.assert_array_equal(y2[~bad], y[~bad])
+    np.testing.assert_array_equal(y2[bad], 9 - y[bad])
+    np.testing.assert_array_equal(poisoned.y_test, part.y_test)  # tests honest
+    c.attack = "sign_flip"
+    assert attacks.poison_partition(c, part) is part
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("attack", "flip", "attack='flip' is not valid; accepted: none, sign_flip"),
+        ("attack_fraction", 1.0, "attack_fraction=1.0 is not valid; accepted"),
+        ("attack_fraction", -0.1, "attack_fraction=-0.1 is not valid"),
+        ("attack_redraw", 1, "attack_redraw=1 is not valid; accepted: True or False"),
+        ("attack_scale", 0.0, "attack_scale=0.0 is not valid; accepted: a finite"),
+        ("attack_noise_std", -1.0, "attack_noise_std=-1.0 is not valid"),
+        ("attack_epsilon", float("inf"), "attack_epsilon=inf is not valid"),
+        ("attack_alie_z", float("nan"), "attack_alie_z=nan is not valid"),
+    ],
+)
+def test_bad_attack_fields_are_named(field, value, match):
+    import ml_collections
+
+    c = ml_collections.ConfigDict(small().to_dict(), type_safe=False)
+    c.attack = "sign_flip"
+    c[field] = value
+    with pytest.raises(ConfigError, match=match) as err:
+        validate(c)
+    assert "\n" not in str(err.value)
+
+
+def test_attack_rules_across_fields_and_algorithms():
+    with pytest.raises(ConfigError, match="attack_redraw=True is not valid with "
+                       "attack='label_flip'"):  # fmt: skip
+        validate(small(attack="label_flip", attack_redraw=True))
+    for algorithm in ("local", "sgp", "pdbo", "cfl", "ifca", "fedamp", "fedproto"):
+        with pytest.raises(ConfigError, match=f"algorithm='{algorithm}'"):
+            validate(small(algorithm=algorithm, attack="alie", attack_fraction=0.2))
+        validate(small(algorithm=algorithm, attack="label_flip", attack_fraction=0.2))
+    for algorithm in ("fedavg", "fedprox", "demlearn", "demlearn_p", "ditto",
+                      "pfedme", "perfedavg"):  # fmt: skip
+        validate(small(algorithm=algorithm, attack="ipm", attack_fraction=0.2,
+                       attack_redraw=True))  # fmt: skip
