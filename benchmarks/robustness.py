@@ -9,9 +9,9 @@ set; one data split): final Global accuracy (the global model on the pooled test
 set) and, for DemLearn, C-SPE (the agents' own models on their own test sets),
 mean and standard deviation over the replicas.
 
-Setup (small on purpose): 20 agents, Dirichlet(1.0) label split capped at 300
-training samples per agent, MLP 784-64-10, 15 rounds of 1 local epoch (batch
-20, lr 0.05); DemLearn with 2 group levels, alpha 0.7, tau 1.
+Setup (small on purpose): 20 agents, Dirichlet(1.0) label split capped at 200
+samples per agent, MLP 784-32-10, 10 rounds of 1 local epoch (batch 20, lr
+0.05); DemLearn with 2 group levels, alpha 0.7, tau 1.
 
 How it runs: compilation, not training, is most of a small run's time, so
 
@@ -89,10 +89,10 @@ def base_config(quick: bool):
         c.num_levels = 1
     else:
         c.dataset = "fashion_mnist"
-        c.num_agents, c.num_rounds = 20, 15
-        c.model, c.hidden = "mlp", (64,)
+        c.num_agents, c.num_rounds = 20, 10
+        c.model, c.hidden = "mlp", (32,)
         c.local_epochs, c.batch_size, c.lr = 1, 20, 0.05
-        c.samples_per_agent = 300
+        c.samples_per_agent = 200
         c.num_levels = 2
     c.partition, c.dirichlet_alpha = "dirichlet", 1.0
     c.eval_every = c.num_rounds
