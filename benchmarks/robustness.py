@@ -38,6 +38,7 @@ skipped unless ``--force``) and prints one JSON line per run::
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -364,6 +365,8 @@ def main() -> None:
     p.add_argument("--analysis", default="", help="markdown file appended to md")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # "i/k"
+    # A worker started by hand next to the others: the cases in reverse order.
+    p.add_argument("--reverse", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -402,9 +405,6 @@ def main() -> None:
     ]
     by_run = [case for case in todo if not case[0].startswith("fedavg")]
     jobs = max(1, min(args.jobs, len(by_run))) if by_run else 0
-    parts = [
-        os.path.join(args.out_dir, f"robustness.part{i}.json") for i in range(jobs)
-    ]
     procs = [
         subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), f"--worker={i}/{jobs}",
@@ -426,10 +426,9 @@ def main() -> None:
         save_results(path, results)
         write_md(results, md_path, analysis)
     codes = [pr.wait() for pr in procs]
-    for part in parts:
+    for part in glob.glob(os.path.join(args.out_dir, "robustness.part*.json")):
         results["runs"].update(load_results(part)["runs"])
-        if os.path.exists(part):
-            os.remove(part)
+        os.remove(part)
     save_results(path, results)
     write_md(results, md_path, analysis)
     if any(codes):
@@ -446,17 +445,19 @@ def worker(args) -> None:
         if args.force
         else load_results(os.path.join(args.out_dir, "robustness.json"))["runs"]
     )
-    part_path = os.path.join(args.out_dir, f"robustness.part{i}.json")
+    name = f"robustness.part{i}{'r' if args.reverse else ''}.json"
+    part_path = os.path.join(args.out_dir, name)
     part = load_results(part_path)
     todo = [
         c
         for c in cases(args.quick, args.seeds)
         if run_key(*c) not in done and not c[0].startswith("fedavg")
-    ]
-    for case in todo[i::k]:
+    ][i::k]
+    for case in reversed(todo) if args.reverse else todo:
         key = run_key(*case)
-        if key in part["runs"]:
-            continue
+        others = glob.glob(os.path.join(args.out_dir, "robustness.part*.json"))
+        if any(key in load_results(o)["runs"] for o in others):
+            continue  # done by this or another worker
         part["runs"][key] = one_run(*case, args.quick)
         print(json.dumps(part["runs"][key]), flush=True)
         save_results(part_path, part)

@@ -1,5 +1,6 @@
 """Byzantine attacks (demjax.attacks) against hand-computed values on a tiny problem."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -139,6 +140,23 @@ def test_median_resists_sign_flip_where_mean_does_not():
 small = functools.partial(tiny_config, num_agents=10, local_plan="all")
 
 
+@functools.cache
+def _base_build(algorithm: str):
+    """``(ctx, rounds, part)`` of a tiny digits run (MLR, 10 agents)."""
+    c = small(algorithm=algorithm)
+    part = jax.tree.map(jnp.asarray, data.make_split(c, None).partition)
+    _, ctx, rounds = train.build(c, part)
+    return ctx, rounds, part
+
+
+def _ctx(algorithm: str, **overrides):
+    """The ``Context`` of ``algorithm`` with a validated config of ``overrides``
+    (the server step reads the attack from ``ctx.config``)."""
+    c = small(algorithm=algorithm, **overrides)
+    validate(c)
+    return dataclasses.replace(_base_build(algorithm)[0], config=c)
+
+
 def _built(**overrides):
     """``(ctx, rounds, part)`` of a tiny digits run (MLR, 10 agents)."""
     c = small(**overrides)
@@ -186,9 +204,7 @@ def test_context_aggregate_corrupts_exactly_the_fixed_byzantine_messages(kind, e
     """Ditto's server step (Context.aggregate with the round-start model) receives
     the Byzantine agents' corrupted messages, the others' unchanged: its mean
     equals the mean of a NumPy loop's messages."""
-    ctx, _, _ = _built(
-        algorithm="ditto", attack=kind, attack_fraction=0.3, seed=4, **extra
-    )
+    ctx = _ctx("ditto", attack=kind, attack_fraction=0.3, seed=4, **extra)
     rng = np.random.default_rng(0)
     start = {"w": rng.normal(size=(3,)), "b": rng.normal(size=())}
     sent = {"w": rng.normal(size=(10, 3)), "b": rng.normal(size=(10,))}
@@ -232,10 +248,10 @@ def test_fixed_set_is_the_runs_and_redraw_changes_with_the_round_key():
         redraw.mask(None)
     # Through the server step: a fixed set gives one aggregate whatever the
     # round's key (sign_flip is deterministic), a re-drawn one does not.
-    ctx_fixed, _, _ = _built(algorithm="pfedme", attack="sign_flip",
-                             attack_fraction=0.3)  # fmt: skip
-    ctx_redraw, _, _ = _built(algorithm="pfedme", attack="sign_flip",
-                              attack_fraction=0.3, attack_redraw=True)  # fmt: skip
+    ctx_fixed = _ctx("pfedme", attack="sign_flip", attack_fraction=0.3)
+    ctx_redraw = _ctx(
+        "pfedme", attack="sign_flip", attack_fraction=0.3, attack_redraw=True
+    )
     start = {"w": jnp.zeros((2,))}
     sent = {"w": jnp.arange(20.0).reshape(10, 2)}
     w = jnp.ones((10,))
@@ -300,6 +316,7 @@ def test_hierarchical_aggregation_receives_the_corrupted_messages(algorithm):
     assert bad.sum() == 2
 
 
+@pytest.mark.slow(seconds=20)  # two 3-round runs
 def test_median_beats_mean_under_sign_flip_end_to_end(tmp_path):
     """FedAvg on digits, 10 agents (2 Byzantine, updates flipped x5), 3 rounds:
     the median keeps the global model useful, the mean does not; the run
@@ -313,6 +330,7 @@ def test_median_beats_mean_under_sign_flip_end_to_end(tmp_path):
         )  # fmt: skip
         out = train.run(c, str(tmp_path / agg))
         acc[agg] = out["final"]["sync"]["global_acc"]
+    print(acc)
     assert acc["median"] > 0.6 and acc["median"] > acc["mean"] + 0.3, acc
     rows = [json.loads(line) for line in open(tmp_path / "median" / "timing.jsonl")]
     assert [r["num_byzantine"] for r in rows if r["round"] >= 0] == [2, 2, 2]
