@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -158,3 +160,27 @@ def test_baselines_torch_cnn_matches_the_flax_cnn():
     assert bench.effective_block(0, 10, 4) == 4  # all, capped by memory
     assert bench.effective_block(16, 10, 10) == 0  # a block of all agents
     assert bench.effective_block(1, 10, 4) == 1
+
+
+def test_robustness_summary_and_report(tmp_path):
+    rob = load("robustness")
+    cases = rob.cases(quick=False, seeds=3)
+    # 5 methods x (1 clean + 6 attacks x 3 fractions) x 3 seeds.
+    assert len(cases) == 5 * 19 * 3 == len(set(cases))
+    runs = {}
+    for seed, (clean, hit) in enumerate([(0.80, 0.40), (0.82, 0.50), (0.78, 0.60)]):
+        for attack, fraction, acc in (("none", 0.0, clean), ("ipm", 0.2, hit)):
+            runs[rob.run_key("fedavg_mean", attack, fraction, seed)] = {
+                "method": "fedavg_mean", "attack": attack, "fraction": fraction,
+                "seed": seed, "global_acc": acc, "c_spe": acc, "wall_s": 1.0,
+            }  # fmt: skip
+    summary = rob.summarize(runs)
+    mean, std, n = summary[("fedavg_mean", "ipm", 0.2)]["global_acc"]
+    assert (mean, n) == (pytest.approx(0.5), 3)
+    assert std == pytest.approx(0.1)  # sample std of .4, .5, .6
+    results = {"runs": runs, "date": "2026-01-01", "commit": "abc1234",
+               "environment": {"cpu_model": "Test CPU"}}  # fmt: skip
+    rob.write_md(results, str(tmp_path / "r.md"), analysis="Holds.")
+    md = (tmp_path / "r.md").read_text()
+    assert "| fedavg_mean | ipm | 0.800 ± 0.020 | 0.500 ± 0.100 |" in md
+    assert "abc1234" in md and "Test CPU" in md and md.rstrip().endswith("Holds.")
