@@ -367,6 +367,8 @@ def main() -> None:
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # "i/k"
     # A worker started by hand next to the others: the cases in reverse order.
     p.add_argument("--reverse", action="store_true", help=argparse.SUPPRESS)
+    # A FedAvg helper started by hand: the batches from the end, into a part file.
+    p.add_argument("--fedavg_worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -404,7 +406,7 @@ def main() -> None:
         if run_key(*case) not in results["runs"]
     ]
     by_run = [case for case in todo if not case[0].startswith("fedavg")]
-    jobs = max(1, min(args.jobs, len(by_run))) if by_run else 0
+    jobs = max(0, min(args.jobs, len(by_run)))  # 0: FedAvg only, no workers
     procs = [
         subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), f"--worker={i}/{jobs}",
@@ -419,12 +421,27 @@ def main() -> None:
     for method, attack, fraction, seed in todo:
         if method.startswith("fedavg"):
             batches.setdefault((method, attack), []).append((fraction, seed))
-    for (method, attack), replicas in batches.items():
+    order = list(batches.items())
+    if args.fedavg_worker:  # a helper next to the main process: from the end
+        order = order[::-1]
+        path = os.path.join(args.out_dir, "robustness.partf.json")
+        results = load_results(path)
+    for (method, attack), replicas in order:
+        others = glob.glob(os.path.join(args.out_dir, "robustness.part*.json"))
+        others.append(os.path.join(args.out_dir, "robustness.json"))
+        done = {}
+        for o in others:
+            done.update(load_results(o)["runs"])
+        if all(run_key(method, attack, f, sd) in done for f, sd in replicas):
+            continue  # done by a helper
         for rec in fedavg_batch(method, attack, replicas, args.quick):
             results["runs"][run_key(method, attack, rec["fraction"], rec["seed"])] = rec
             print(json.dumps(rec), flush=True)
         save_results(path, results)
-        write_md(results, md_path, analysis)
+        if not args.fedavg_worker:
+            write_md(results, md_path, analysis)
+    if args.fedavg_worker:
+        return
     codes = [pr.wait() for pr in procs]
     for part in glob.glob(os.path.join(args.out_dir, "robustness.part*.json")):
         results["runs"].update(load_results(part)["runs"])
