@@ -34,20 +34,36 @@ Attacks (``config.attack``):
   Sec. 4): every Byzantine agent sends ``-epsilon * mu`` (``mu``: the honest
   mean update), so that the aggregate's inner product with the true update turns
   negative. Omniscient.
+
+In a run (``config.attack``, ``attack_fraction``, ``attack_redraw``, the
+strengths ``attack_scale``, ``attack_noise_std``, ``attack_epsilon``,
+``attack_alie_z``), ``Attack.from_config`` holds these settings and the server
+aggregation corrupts the Byzantine rows of what it receives
+(``protocol.Context.aggregate(..., reference=...)`` and the hierarchical
+family's ``aggregate_phase``) before the (robust) aggregator. The Byzantine set
+is fixed for the run (drawn from ``config.seed``; ``byzantine_set``) or re-drawn
+from every round's key (``attack_redraw=True``); ``label_flip`` needs the fixed
+set (the labels are flipped once, at data time: ``poison_partition``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from scipy.stats import norm
 
 from demjax.errors import ConfigError
 
 ATTACKS = ("none", "sign_flip", "gaussian", "scaling", "label_flip", "alie", "ipm")
 MESSAGE_ATTACKS = ("sign_flip", "gaussian", "scaling", "alie", "ipm")
+# fold_in salts of the Byzantine draws (kept apart from every other key stream).
+_FIXED_SALT = 0x0B7A
+_ROUND_SALT = 0x0B7B
+_NOISE_SALT = 0x0B7C
 
 
 def num_byzantine(num_agents: int, fraction: float) -> int:
@@ -186,3 +202,182 @@ def corrupt(
                 bad = jnp.broadcast_to(mu - z * jnp.sqrt(var), x.shape)
         out.append(jnp.where(_rows(byzantine, x), s + bad, x))
     return jax.tree.unflatten(treedef, out)
+
+
+def byzantine_set(seed: int, num_agents: int, fraction: float) -> np.ndarray:
+    """The fixed Byzantine set of a run: ``choose_byzantine`` on a key of ``seed``.
+
+    The same set for the message attacks and for ``label_flip``'s data-time
+    poisoning, computed on the host (also when called while tracing).
+
+    Returns:
+      bool numpy ``[A]`` with exactly ``num_byzantine(A, fraction)`` True.
+    """
+    with jax.ensure_compile_time_eval():
+        key = jax.random.fold_in(jax.random.PRNGKey(int(seed)), _FIXED_SALT)
+        return np.asarray(choose_byzantine(key, num_agents, fraction))
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """A run's message attack (``config.attack`` in ``MESSAGE_ATTACKS``).
+
+    Attributes:
+      kind: one of ``MESSAGE_ATTACKS``.
+      num_agents: A; fraction: ``attack_fraction``; redraw: ``attack_redraw``.
+      seed: ``config.seed`` (the fixed set).
+      scale, noise_std, epsilon, z: the strengths passed to ``corrupt``.
+    """
+
+    kind: str
+    num_agents: int
+    fraction: float
+    redraw: bool
+    seed: int
+    scale: float
+    noise_std: float
+    epsilon: float
+    z: float
+
+    @classmethod
+    def from_config(cls, config, num_agents: int) -> Attack | None:
+        """The attack of a validated config, None without a message attack.
+
+        Defaults: ``attack_scale`` None -> 1 for ``sign_flip`` and A for
+        ``scaling`` (Bagdasaryan et al.'s model replacement ``n / eta`` with
+        server rate 1); ``attack_alie_z`` None -> ``alie_z(A, floor(f A))``.
+        """
+        kind = str(config.get("attack", "none"))
+        if kind not in MESSAGE_ATTACKS:
+            return None
+        fraction = float(config.attack_fraction)
+        scale = config.attack_scale
+        if scale is None:
+            scale = float(num_agents) if kind == "scaling" else 1.0
+        z = config.attack_alie_z
+        if z is None:
+            z = alie_z(num_agents, num_byzantine(num_agents, fraction))
+        return cls(
+            kind=kind,
+            num_agents=int(num_agents),
+            fraction=fraction,
+            redraw=bool(config.attack_redraw),
+            seed=int(config.seed),
+            scale=float(scale),
+            noise_std=float(config.attack_noise_std),
+            epsilon=float(config.attack_epsilon),
+            z=float(z),
+        )
+
+    def mask(self, key: jax.Array | None) -> jax.Array:
+        """bool ``[A]``: the fixed set, or re-drawn from ``key`` (the round's
+        aggregation key) with ``redraw``.
+
+        Raises:
+          ValueError: ``redraw`` without a key.
+        """
+        if not self.redraw:
+            return jnp.asarray(byzantine_set(self.seed, self.num_agents, self.fraction))
+        if key is None:
+            raise ValueError("attack_redraw=True needs the aggregation's PRNG key")
+        return choose_byzantine(
+            jax.random.fold_in(key, _ROUND_SALT), self.num_agents, self.fraction
+        )
+
+    def __call__(self, key, sent, start, include: jax.Array | None = None):
+        """The messages the server receives: ``sent`` with the Byzantine rows
+        corrupted (``corrupt``); honest rows bit for bit unchanged.
+
+        Args:
+          key: the aggregation's PRNG key (the re-drawn set, ``gaussian`` noise;
+            None: a fixed set and a fixed noise key).
+          sent: pytree, leaves float32 ``[A, ...]``.
+          start: the round-start model(s): like ``sent`` or one model.
+          include: bool ``[A]`` contributing agents (honest statistics).
+        """
+        noise_key = jax.random.PRNGKey(self.seed) if key is None else key
+        return corrupt(
+            jax.random.fold_in(noise_key, _NOISE_SALT),
+            sent,
+            start,
+            self.mask(key),
+            self.kind,
+            include=include,
+            scale=self.scale,
+            noise_std=self.noise_std,
+            epsilon=self.epsilon,
+            z=self.z,
+        )
+
+
+def poison_partition(config, part):
+    """``label_flip``: the fixed Byzantine agents' training labels flipped
+    (``flip_labels``), once, at data time; any other attack: ``part`` itself.
+
+    Args:
+      part: ``demjax.types.Partition`` (host or device arrays); ``y_train``
+        int32 ``[A, N]``.
+    """
+    if str(config.get("attack", "none")) != "label_flip":
+        return part
+    bad = byzantine_set(
+        int(config.seed), part.num_agents, float(config.attack_fraction)
+    )
+    y = np.asarray(part.y_train)
+    flipped = np.where(bad[:, None], part.num_classes - 1 - y, y).astype(y.dtype)
+    return part.replace(y_train=flipped)
+
+
+def check_config(config, attackable: bool, algorithm: str) -> None:
+    """The attack fields of a run config.
+
+    Args:
+      attackable: the algorithm's server aggregates the agents' messages
+        through the attack wiring (``Algorithm.attackable``).
+
+    Raises:
+      ConfigError: a bad ``attack*`` field, ``label_flip`` with
+        ``attack_redraw``, or a message attack on an algorithm without it.
+    """
+    kind = config.attack
+    if kind not in ATTACKS:
+        raise ConfigError(
+            f"attack={kind!r} is not valid; accepted: {', '.join(ATTACKS)}"
+        )
+    num_byzantine(int(config.num_agents), config.attack_fraction)
+    if not isinstance(config.attack_redraw, bool):
+        raise ConfigError(
+            f"attack_redraw={config.attack_redraw!r} is not valid; accepted: True "
+            "or False"
+        )
+    for field in ("attack_scale", "attack_noise_std", "attack_epsilon"):
+        value = config[field]
+        if field == "attack_scale" and value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value < math.inf
+        ):
+            extra = " or None (default)" if field == "attack_scale" else ""
+            raise ConfigError(
+                f"{field}={value!r} is not valid; accepted: a finite float > 0{extra}"
+            )
+    z = config.attack_alie_z
+    if z is not None and (
+        isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z)
+    ):
+        raise ConfigError(
+            f"attack_alie_z={z!r} is not valid; accepted: a finite number or None "
+            "(alie_z of the run)"
+        )
+    if kind == "label_flip" and config.attack_redraw:
+        raise ConfigError(
+            "attack_redraw=True is not valid with attack='label_flip'; accepted: "
+            "False (the labels are flipped once, at data time)"
+        )
+    if kind in MESSAGE_ATTACKS and not attackable:
+        raise ConfigError(
+            f"attack={kind!r} is not valid for algorithm={algorithm!r} (its messages "
+            "do not pass the server aggregation); accepted: none, label_flip"
+        )

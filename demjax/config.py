@@ -151,6 +151,16 @@ FIELD_DOCS = {
     "participation": "fraction of agents sampled per round, (0, 1]",
     "dropout": "per-round probability an agent drops out, [0, 1)",
     "stragglers": "fraction of agents doing a random part of their steps, [0, 1]",
+    "attack": "Byzantine agents: none, sign_flip, gaussian, scaling, alie, ipm "
+    "(messages corrupted at aggregation), label_flip (training labels flipped)",
+    "attack_fraction": "floor(fraction * num_agents) Byzantine agents, [0, 1)",
+    "attack_redraw": "Byzantine set re-drawn every round (False: fixed for the "
+    "run; label_flip needs False)",
+    "attack_scale": "sign_flip / scaling multiplier (> 0); None = 1 (sign_flip), "
+    "num_agents (scaling)",
+    "attack_noise_std": "gaussian: std of the noise replacing the update (> 0)",
+    "attack_epsilon": "ipm: Byzantine agents send -epsilon * honest mean update (> 0)",
+    "attack_alie_z": "alie: shift z (finite); None = Baruch et al.'s alie_z(A, f)",
     "checkpoint_every": "orbax checkpoint every k rounds and at the end; 0 = off",
     "keep_checkpoints": "newest checkpoints kept (>= 1); a damaged newest one "
     "falls back to the next",

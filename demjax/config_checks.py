@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 
-from demjax import cluster, network, plan, robust
+from demjax import attacks, cluster, network, plan, robust
 from demjax.algorithms import ALGORITHMS, REGISTRY
 from demjax.continual import config as continual
 from demjax.data.partition import CONFIG_PARTITIONS as PARTITIONS
@@ -410,6 +410,9 @@ def check_run(config) -> None:
         )
     if config.mu is not None:
         float_in(config, "mu", 0.0)
+    attacks.check_config(
+        config, REGISTRY[config.algorithm].attackable, config.algorithm
+    )
     all_floats_finite(config)  # fields without a check of their own
     algo = REGISTRY[config.algorithm]
     if algo.check is not None:

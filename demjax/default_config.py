@@ -133,6 +133,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.dropout = 0.0
     c.stragglers = 0.0
 
+    # Byzantine agents (demjax.attacks; docs/faults.md): none | sign_flip |
+    # gaussian | scaling | alie | ipm (their messages corrupted at the server
+    # aggregation) | label_flip (their training labels flipped at data time).
+    c.attack = "none"
+    c.attack_fraction = 0.0  # floor(fraction * num_agents) Byzantine agents, [0, 1)
+    c.attack_redraw = False  # re-draw the set every round (else fixed for the run)
+    # sign_flip / scaling multiplier; None = 1 (sign_flip), num_agents (scaling).
+    c.attack_scale = ml_collections.config_dict.placeholder(float)
+    c.attack_noise_std = 1.0  # gaussian: std of the noise replacing the update
+    c.attack_epsilon = 0.1  # ipm: the Byzantine agents send -epsilon * honest mean
+    c.attack_alie_z = ml_collections.config_dict.placeholder(float)  # None: alie_z
+
     # Checkpoints (orbax, in <workdir>/checkpoints) every k rounds and at the end;
     # 0 = off. A rerun on the same workdir resumes from the last one.
     c.checkpoint_every = 10

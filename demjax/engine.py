@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from demjax import (
+    attacks,
     cluster,
     faults,
     hierarchy,
@@ -362,15 +363,35 @@ class Simulator:
         agg_block_bytes = 64 * 2**20 if one_device else None
         trim_fraction = float(config.trim_fraction)
         aggregator_noise = float(config.aggregator_noise)
+        attack = attacks.Attack.from_config(config, num_agents)
 
         def aggregate_phase(params, tree, agent_weight, active, diverged, amplify,
-                            prev_node_params, key=None):  # fmt: skip
+                            prev_node_params, key=None, start=None):  # fmt: skip
             """Bottom-up group models over the round's contributing agents, with
             the configured ``aggregator`` (``noisy_median`` needs ``key``).
 
+            Under a message attack (``demjax.attacks.Attack``) every group
+            average, from the lowest level up, receives the Byzantine agents'
+            corrupted messages: the update relative to the round-start model,
+            ``start`` ``[A, ...]`` (agents that keep their own model) or, for
+            broadcast algorithms, the previous global model (the root of
+            ``prev_node_params``).
+
             Returns ``(node_params [N, ...], group_size float32 [N])``.
+
+            Raises:
+              ValueError: a message attack on a non-broadcast algorithm without
+                ``start``.
             """
             contributes = (active & ~diverged).astype(jnp.float32)
+            if attack is not None:
+                if broadcast:
+                    start = jax.tree.map(lambda p: p[-1], prev_node_params)
+                elif start is None:
+                    raise ValueError(
+                        f"attack={attack.kind!r} needs aggregate_phase(start=...)"
+                    )
+                params = attack(key, params, start, include=contributes > 0)
             if aggregator == "noisy_median" and key is None:
                 key = jax.random.PRNGKey(0)
             node_params, node_weight = hierarchy.aggregate_up(

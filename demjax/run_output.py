@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from demjax import checkpoint, cluster, data, multihost, sharding
+from demjax import attacks, checkpoint, cluster, data, multihost, sharding
 from demjax.config import default_config_json, to_json
 from demjax.errors import ConfigError
 
@@ -602,7 +602,7 @@ def place_split(config, split, mesh) -> dict:
     and its C-GEN evaluation set (the seeded subsample of ``eval_samples``
     drawn with ``config.seed``): the ``RunSetup`` fields ``part_np``, ``part``,
     ``mesh``, ``eval_idx``, ``subsampled``, ``x_gen``, ``y_gen``."""
-    part_np = split.partition
+    part_np = attacks.poison_partition(config, split.partition)  # label_flip
     # Sharded: global arrays straight from the host data (one copy per device).
     if mesh is not None:
         part = sharding.shard_partition(part_np, mesh)

@@ -24,7 +24,8 @@ The workdir receives, each flushed every round so a run never loses its results:
 - ``metrics.csv``: the same records as CSV.
 - ``timing.jsonl``: seconds per phase per round (``local_s``, ``sync_s``,
   ``eval_s``, ``round_s``, host-step fields such as ``linkage_s``); round 0
-  includes compilation.
+  includes compilation. With ``config.attack`` set, ``num_byzantine``: the
+  size of the round's Byzantine set.
 - the algorithm's own files (e.g. ``tree_final.json``, ``trees/``).
 
 Replicas (``num_replicas`` R > 1): R independent runs (seeds ``seed + r``) as one
@@ -56,6 +57,7 @@ import numpy as np
 
 from demjax import (
     algorithms,
+    attacks,
     checkpoint,
     data,
     local,
@@ -456,6 +458,11 @@ def run(
         writer.tensorboard()
 
     records: list[dict] = list(writer.kept)
+    byzantine = (
+        attacks.num_byzantine(num_agents, float(config.attack_fraction))
+        if config.attack != "none"
+        else None
+    )
     num_rounds = int(config.num_rounds)
     bar = None
     steps = range(start, num_rounds)
@@ -562,6 +569,8 @@ def run(
                     if k in ("num_active", "num_diverged"):
                         counts[k] = counts.get(k, 0) + int(np.sum(v))
             timing.update(counts)
+            if byzantine is not None:
+                timing["num_byzantine"] = byzantine
             if counts.get("num_diverged"):
                 log.warning(
                     "round %d: %d agent(s) diverged (non-finite loss or parameters); "

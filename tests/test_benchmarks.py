@@ -195,3 +195,27 @@ def test_tuning_grid_choice_and_a_validation_run(tmp_path):
     assert chosen["params"] == {"lr": 0.05} and 0.0 <= chosen["val_c_spe"] <= 1.0
     assert results["setup"]["val_fraction"] == 0.2
     assert "| pathological | fedavg | lr=0.05 |" in (tmp_path / "tuning.md").read_text()
+
+
+def test_robustness_summary_and_report(tmp_path):
+    rob = load("robustness")
+    cases = rob.cases(quick=False, seeds=3)
+    # 5 methods x (1 clean + 6 attacks x 3 fractions) x 3 seeds.
+    assert len(cases) == 5 * 19 * 3 == len(set(cases))
+    runs = {}
+    for seed, (clean, hit) in enumerate([(0.80, 0.40), (0.82, 0.50), (0.78, 0.60)]):
+        for attack, fraction, acc in (("none", 0.0, clean), ("ipm", 0.2, hit)):
+            runs[rob.run_key("fedavg_mean", attack, fraction, seed)] = {
+                "method": "fedavg_mean", "attack": attack, "fraction": fraction,
+                "seed": seed, "global_acc": acc, "c_spe": acc, "wall_s": 1.0,
+            }  # fmt: skip
+    summary = rob.summarize(runs)
+    mean, std, n = summary[("fedavg_mean", "ipm", 0.2)]["global_acc"]
+    assert (mean, n) == (pytest.approx(0.5), 3)
+    assert std == pytest.approx(0.1)  # sample std of .4, .5, .6
+    results = {"runs": runs, "date": "2026-01-01", "commit": "abc1234",
+               "environment": {"cpu_model": "Test CPU"}}  # fmt: skip
+    rob.write_md(results, str(tmp_path / "r.md"), analysis="Holds.")
+    md = (tmp_path / "r.md").read_text()
+    assert "| fedavg_mean | ipm | 0.800 ± 0.020 | 0.500 ± 0.100 |" in md
+    assert "abc1234" in md and "Test CPU" in md and md.rstrip().endswith("Holds.")

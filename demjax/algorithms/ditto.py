@@ -90,7 +90,9 @@ def build(ctx) -> Rounds:
             max_steps,
         )
         weight = active * part.n_train.astype(jnp.float32)
-        w = keep_if_finite(ctx.aggregate(w_k, weight, k_agg), state.w)
+        w = keep_if_finite(
+            ctx.aggregate(w_k, weight, k_agg, reference=state.w), state.w
+        )
         new = DittoState(
             w=w,
             v=where_agents(active, v, state.v),
@@ -114,4 +116,5 @@ ALGORITHM = Algorithm(
     citation="Li et al., ICML 2021, Algorithm 1 (Ditto), Eq. 2",
     hparams=HPARAMS,
     build=build,
+    attackable=True,
 )

@@ -83,8 +83,9 @@ class TreeState:
       active, diverged: bool ``[A]`` of the last local phase.
       loss: float32 ``[A]`` mean training loss of the last local phase (0 for
         inactive or diverged agents).
-      start: the agents' models entering the round (only when the clustering
-        features are the round's updates, else None).
+      start: the agents' models entering the round (only for self-organizing
+        algorithms whose clustering features are the round's updates or under
+        a message attack, else None).
       tree_round: int32 scalar, the round that built ``tree`` (0 before any).
     """
 
@@ -143,15 +144,17 @@ def check(options: Hierarchy, name: str, config) -> None:
 
 
 def resources(options: Hierarchy, config) -> dict:
-    """In-place rounds unless the clustering features need the round's starting
-    parameters (self-organizing algorithms with ``cluster_features="updates"``);
-    every group model held; two measurement points."""
-    from demjax import engine
+    """In-place rounds unless the round's starting parameters are needed
+    (self-organizing algorithms with ``cluster_features="updates"``, or under a
+    message attack: the Byzantine update is relative to them; one more copy of
+    the population); every group model held; two measurement points."""
+    from demjax import attacks, engine
 
+    needs_start = config.cluster_features == "updates" or (
+        config.get("attack", "none") in attacks.MESSAGE_ATTACKS
+    )
     return {
-        "donate": not (
-            options.self_organizing and config.cluster_features == "updates"
-        ),
+        "donate": not (options.self_organizing and needs_start),
         "num_group_models": int(
             sum(engine.tree_capacity(config, options.self_organizing))
         ),
@@ -287,6 +290,7 @@ def build(options: Hierarchy, ctx) -> Rounds:
         node_params, node_weight = raw["aggregate_phase"](
             state.params, state.tree, agent_weight(part), state.active,
             state.diverged, amplify, state.node_params, jax.random.fold_in(key, 2),
+            start=state.start,
         )  # fmt: skip
         return state.replace(node_params=node_params, node_weight=node_weight), {}
 
@@ -375,6 +379,7 @@ def family_algorithm(name: str, citation: str, options: Hierarchy) -> Algorithm:
         default_mu=options.default_mu,
         check=functools.partial(check, options, name),
         resources=functools.partial(resources, options),
+        attackable=options.communicates,
     )
 
 

@@ -217,7 +217,9 @@ def build(ctx) -> Rounds:
             max_steps,
         )
         weight = active * part.n_train.astype(jnp.float32)
-        w = keep_if_finite(ctx.aggregate(w_i, weight, k_agg), state.w)
+        w = keep_if_finite(
+            ctx.aggregate(w_i, weight, k_agg, reference=state.w), state.w
+        )
         new = PerFedAvgState(w=w, opt=where_agents(active, opt, state.opt))
         return new, {"train_loss": masked_mean(loss, active.astype(jnp.float32))}
 
@@ -240,4 +242,5 @@ ALGORITHM = Algorithm(
     "Eq. 3 (FO / HF)",
     hparams=HPARAMS,
     build=build,
+    attackable=True,
 )

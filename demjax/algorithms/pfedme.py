@@ -172,7 +172,7 @@ def build(ctx) -> Rounds:
             max_steps,
         )
         weight = active * part.n_train.astype(jnp.float32)
-        mean_w = ctx.aggregate(out["w"], weight, k_agg)
+        mean_w = ctx.aggregate(out["w"], weight, k_agg, reference=state.w)
         w = jax.tree.map(lambda g, m: (1.0 - beta) * g + beta * m, state.w, mean_w)
         new = PFedMeState(
             w=keep_if_finite(w, state.w),
@@ -195,4 +195,5 @@ ALGORITHM = Algorithm(
     citation="Dinh, Tran, Nguyen, NeurIPS 2020, Algorithm 1 (pFedMe)",
     hparams=HPARAMS,
     build=build,
+    attackable=True,
 )

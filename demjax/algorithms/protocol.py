@@ -204,6 +204,10 @@ class Algorithm:
       resources: optional ``resources(config) -> dict`` for the execution plan
         (``donate``: in-place rounds; ``num_group_models``: group models held
         besides the agents'); default no donation and one model.
+      attackable: the server aggregates the agents' messages with their
+        round-start model (``Context.aggregate(..., reference=...)``), so the
+        message attacks (``config.attack``, ``demjax.attacks``) apply; otherwise
+        they are refused.
     """
 
     name: str
@@ -214,6 +218,7 @@ class Algorithm:
     default_mu: float = 0.0
     check: Callable | None = None
     resources: Callable | None = None
+    attackable: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,18 +302,37 @@ class Context:
 
         return pytrees.stack(self.init_model(key), self.num_agents)
 
-    def aggregate(self, params, weights: jax.Array, key: jax.Array | None = None):
+    def aggregate(self, params, weights: jax.Array, key: jax.Array | None = None,
+                  reference=None):  # fmt: skip
         """Server average of agent models with the configured ``aggregator``.
+
+        With a message attack (``config.attack``, ``demjax.attacks.Attack``) the
+        Byzantine rows of ``params`` are first replaced by the attack, computed
+        on their update ``params - reference``.
 
         Args:
           params: leaves ``[A, ...]``; weights: float32 ``[A]`` (0 = excluded).
-          key: PRNG key (``noisy_median`` only).
+          key: the round's aggregation PRNG key (``noisy_median``, re-drawn
+            Byzantine sets, ``gaussian`` noise).
+          reference: the model(s) the agents started the round from: leaves
+            ``[...]`` (one model) or ``[A, ...]``; needed by message attacks.
 
         Returns:
           One model (leaves without the agent axis).
-        """
-        from demjax import robust
 
+        Raises:
+          ValueError: a message attack without ``reference``.
+        """
+        from demjax import attacks, robust
+
+        attack = attacks.Attack.from_config(self.config, self.num_agents)
+        if attack is not None:
+            if reference is None:
+                raise ValueError(
+                    f"attack={attack.kind!r} needs Context.aggregate(..., "
+                    "reference=round-start model)"
+                )
+            params = attack(key, params, reference, include=weights > 0)
         return robust.aggregate(
             params,
             weights,
