@@ -1,6 +1,7 @@
-"""FedGen plug-in (data-free distillation through a server-side generator): one
-round against a NumPy reference.
+"""FedGen and FedGKT plug-ins (knowledge distillation): one round each against a
+NumPy reference.
 
+FedGen (data-free distillation through a server-side generator):
 The reference is a tiny MLP (3 inputs, 5 ReLU units, 3 classes) and a tiny
 generator (noise 2, hidden 4, 5 output features) written in NumPy (float64),
 trained by a Python loop over agents with full-batch local steps and a loop over
@@ -10,6 +11,11 @@ are taken from the module's draw functions with the keys the round derives.
 Participation is fixed (agent 1 sits out); agent 3's data are NaN: it diverges,
 is counted, keeps its optimizer state and stays out of the mean and the
 generator's ensemble.
+
+FedGKT (edge models, a server model on their features, logits exchanged both
+ways): the same MLP as edge model, a NumPy server MLP (5 features, 4 hidden
+units) trained by SGD with momentum on the uploaded rows in the minibatches the
+module's ``server_batches`` draws; the agents start from given server logits.
 """
 
 import dataclasses
@@ -24,7 +30,7 @@ from helpers import run_round, train_is_test_partition
 from helpers import tiny_config as base_config
 
 from demjax import local, train
-from demjax.algorithms import fedgen
+from demjax.algorithms import fedgen, fedgkt
 from demjax.config import validate
 from demjax.errors import ConfigError
 
@@ -229,6 +235,123 @@ def test_fedgen_round_matches_numpy():
     assert float(info["bytes_up"]) == (MODEL_BYTES + 4 * C) * n_act
 
 
+# ------------------------------------------------------------------------ FedGKT
+
+SH = 4  # server hidden units
+T_KD, GKT_ALPHA, SERVER_LR, SERVER_BATCH = 2.0, 0.6, 0.3, 5
+SERVER_KEYS = (("Dense_0", "kernel", (H, SH)), ("Dense_0", "bias", (SH,)),
+               ("Dense_1", "kernel", (SH, C)), ("Dense_1", "bias", (C,)))  # fmt: skip
+
+
+def gkt_config(**kw):
+    cfg = tiny_config(algorithm="fedgkt", **kw)
+    g = cfg.fedgkt
+    g.alpha, g.temperature, g.server_lr = GKT_ALPHA, T_KD, SERVER_LR
+    g.server_epochs, g.server_batch, g.server_hidden = 1, SERVER_BATCH, SH
+    return cfg
+
+
+def kd_np(t, s):
+    """Per-row T^2 KL(softmax(t/T) || softmax(s/T))."""
+    def logsm(z):
+        z = z / T_KD
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    lt, ls = logsm(t), logsm(s)
+    return T_KD**2 * np.sum(np.exp(lt) * (lt - ls), 1)
+
+
+def server_np(s, h):
+    k0, b0, k1, b1 = unflat(s, SERVER_KEYS)
+    return np.maximum(h @ k0 + b0, 0.0) @ k1 + b1
+
+
+def test_fedgkt_round_matches_numpy():
+    """Alg. 1: edge steps on CE + alpha KD(server logits) (agents with server
+    logits), upload of features/logits, server SGD-momentum steps on CE + alpha
+    KD(edge logits), server logits back to the trained agents only."""
+    part = make_part(seed=8, nan_agent=NAN_AGENT)
+    rounds, dev = build(gkt_config(), part, ACTIVE)
+    has = np.array([True, True, False, True])
+    rng = np.random.default_rng(9)
+    given = rng.normal(size=(A, N, C)).astype(np.float32)
+
+    def edit(s):
+        return s.replace(logits=jnp.asarray(given), has_logits=jnp.asarray(has))
+
+    old = edit(rounds.init(jax.random.PRNGKey(0), dev))
+    key = jax.random.PRNGKey(1)
+    new, info = run_round(rounds, old, dev, key, 1)
+    old, new = jax.device_get(old), jax.device_get(new)
+
+    edges, feats = [], []
+    losses = []
+    for i in range(A):  # reference loop over agents
+        v = flat(old.edge, MODEL_KEYS, i)
+        if TRAINED[i]:
+            m = N_TRAIN[i]
+            xi = part.x_train[i, :m].astype(np.float64)
+            yi = part.y_train[i, :m]
+            zs = given[i, :m].astype(np.float64)
+
+            def loss(v, xi=xi, yi=yi, zs=zs, kd_on=has[i]):
+                logits, _ = mlp(v, xi)
+                ce = np.mean(ce_logits(logits, yi))
+                return ce + GKT_ALPHA * kd_on * np.mean(kd_np(zs, logits))
+
+            ls = []
+            for _ in range(EPOCHS):
+                ls.append(np.mean(ce_logits(mlp(v, xi)[0], yi)))
+                v = v - LR * num_grad(loss, v)
+            losses.append(np.mean(ls))
+        else:
+            np.testing.assert_array_equal(flat(new.edge, MODEL_KEYS, i), v)
+        np.testing.assert_allclose(flat(new.edge, MODEL_KEYS, i), v, atol=3e-5)
+        z, h = mlp(v, part.x_train[i].astype(np.float64))
+        edges.append(z)
+        feats.append(h)
+    np.testing.assert_allclose(info["train_loss"], np.mean(losses), atol=1e-5)
+
+    h_all = np.concatenate(feats)
+    z_all = np.concatenate(edges)
+    y_all = part.y_train.reshape(-1)
+    real = np.arange(N)[None] < np.asarray(N_TRAIN)[:, None]
+    valid = (real & TRAINED[:, None]).reshape(-1)
+    _, k_server = jax.random.split(jax.random.fold_in(key, 23))
+    idx, mask = fedgkt.server_batches(k_server, jnp.asarray(valid), 1, SERVER_BATCH)
+    idx, mask = np.asarray(idx), np.asarray(mask)
+    assert sorted(idx[mask].tolist()) == np.flatnonzero(valid).tolist()
+    s, trace = flat(old.server, SERVER_KEYS), None
+    for b in range(len(idx)):
+        rows = idx[b][mask[b]]
+        if not len(rows):
+            continue
+
+        def sloss(s, rows=rows):
+            out = server_np(s, h_all[rows])
+            return np.mean(ce_logits(out, y_all[rows])) + GKT_ALPHA * np.mean(
+                kd_np(z_all[rows], out)
+            )
+
+        g = num_grad(sloss, s)
+        trace = g if trace is None else g + 0.9 * trace
+        s = s - SERVER_LR * trace
+    np.testing.assert_allclose(flat(new.server, SERVER_KEYS), s, atol=3e-5)
+    for i in range(A):
+        want = server_np(s, feats[i]) if TRAINED[i] else given[i]
+        np.testing.assert_allclose(new.logits[i], want, atol=3e-5)
+    np.testing.assert_array_equal(new.has_logits, has | TRAINED)
+
+    assert int(info["num_active"]) == ACTIVE.sum()
+    assert int(info["num_diverged"]) == 1
+    for leaf in jax.tree.leaves(new):
+        assert np.all(np.isfinite(leaf))
+    rows_active = int(np.asarray(N_TRAIN)[ACTIVE].sum())
+    assert float(info["bytes_up"]) == rows_active * (H + C + 1) * 4
+    assert float(info["bytes_down"]) == rows_active * C * 4
+
+
 def count_eqns(jaxpr) -> int:
     n = 0
     for eqn in jaxpr.eqns:
@@ -242,13 +365,14 @@ def count_eqns(jaxpr) -> int:
     return n
 
 
-@pytest.mark.parametrize("algorithm", ["fedgen"])
+@pytest.mark.parametrize("algorithm", ["fedgen", "fedgkt"])
 def test_round_has_no_python_loop_over_agents(algorithm):
     """The traced round is the same size for 2 and 6 agents."""
     sizes = []
     for a in (2, 6):
         part = make_part([N] * a, seed=12)
-        cfg = fedgen_config(num_agents=a)
+        make = fedgen_config if algorithm == "fedgen" else gkt_config
+        cfg = make(num_agents=a)
         rounds, dev = build(cfg, part)
         state = rounds.init(jax.random.PRNGKey(0), dev)
         rj = jax.make_jaxpr(rounds.round)(
@@ -259,17 +383,20 @@ def test_round_has_no_python_loop_over_agents(algorithm):
 
 
 @pytest.mark.parametrize(
-    "field,value,match",
+    "alg,field,value,match",
     [
-        ("alpha", -1.0, r"fedgen\.alpha=-1\.0 is not valid; accepted: a finite number in \[0\.0, inf\)"),
-        ("gen_lr", 0.0, r"fedgen\.gen_lr=0\.0 is not valid; accepted: a finite number in \(0\.0, inf\)"),
-        ("gen_steps", 0, r"fedgen\.gen_steps=0 is not valid; accepted: an integer in \[1, inf\)"),
-        ("hidden", 0, r"fedgen\.hidden=0 is not valid; accepted: an integer in \[1, inf\)"),
+        ("fedgen", "alpha", -1.0, r"fedgen\.alpha=-1\.0 is not valid; accepted: a finite number in \[0\.0, inf\)"),
+        ("fedgen", "gen_lr", 0.0, r"fedgen\.gen_lr=0\.0 is not valid; accepted: a finite number in \(0\.0, inf\)"),
+        ("fedgen", "gen_steps", 0, r"fedgen\.gen_steps=0 is not valid; accepted: an integer in \[1, inf\)"),
+        ("fedgen", "hidden", 0, r"fedgen\.hidden=0 is not valid; accepted: an integer in \[1, inf\)"),
+        ("fedgkt", "temperature", 0.0, r"fedgkt\.temperature=0\.0 is not valid; accepted: a finite number in \(0\.0, inf\)"),
+        ("fedgkt", "alpha", -0.5, r"fedgkt\.alpha=-0\.5 is not valid"),
+        ("fedgkt", "server_batch", 0, r"fedgkt\.server_batch=0 is not valid; accepted: an integer in \[1, inf\)"),
     ],
 )  # fmt: skip
-def test_bad_hparams_name_the_field(field, value, match):
-    cfg = tiny_config(algorithm="fedgen")
-    cfg.fedgen[field] = value
+def test_bad_hparams_name_the_field(alg, field, value, match):
+    cfg = tiny_config(algorithm=alg)
+    cfg[alg][field] = value
     with pytest.raises(ConfigError, match=match):
         validate(cfg)
 
