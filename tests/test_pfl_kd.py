@@ -411,9 +411,11 @@ DIGITS_GEN_BYTES = ((32 + 10) * 256 + 256 + 256 * 100 + 100) * 4  # defaults
 @pytest.mark.cli(
     fedgen=[*CLI, "--config.algorithm=fedgen", "--config.fedgen.gen_steps=5"],
     fedgen_bad=[*CLI, "--config.algorithm=fedgen", "--config.fedgen.eta=-1.0"],
+    fedgkt=[*CLI, "--config.algorithm=fedgkt"],
+    fedgkt_bad=[*CLI, "--config.algorithm=fedgkt", "--config.fedgkt.server_lr=0.0"],
 )
-def test_cli_runs_fedgen(cli):
-    """scripts/run.py: two rounds with the communication counts; a bad
+def test_cli_runs_fedgen_fedgkt(cli):
+    """scripts/run.py: two rounds each with the communication counts; a bad
     hyper-parameter exits 2 naming the field."""
     ok = cli["fedgen"]
     assert ok.returncode == 0, ok.stderr
@@ -429,3 +431,18 @@ def test_cli_runs_fedgen(cli):
     bad = cli["fedgen_bad"]
     assert bad.returncode == 2
     assert "fedgen.eta=-1.0 is not valid" in bad.stderr
+    ok = cli["fedgkt"]
+    assert ok.returncode == 0, ok.stderr
+    recs = [json.loads(x) for x in
+            (ok.workdir / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert [r["round"] for r in recs] == [0, 1]
+    for r in recs:
+        assert 0.0 <= r["c_spe"] <= 1.0 and r["global_acc"] is None
+        # every agent takes part: all training rows, (100 features + 10 logits
+        # + 1 label) * 4 bytes up, 10 logits * 4 down
+        assert r["bytes_up"] / r["bytes_down"] == (100 + 10 + 1) / 10
+        assert r["bytes_down"] % 40 == 0 and r["bytes_down"] > 0
+        assert np.isfinite(r["server_loss"])
+    bad = cli["fedgkt_bad"]
+    assert bad.returncode == 2
+    assert "fedgkt.server_lr=0.0 is not valid" in bad.stderr
