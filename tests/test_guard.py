@@ -130,3 +130,21 @@ def test_sgp_counts_every_push_to_a_neighbour():
     assert pushes > 0
     assert float(info["bytes_up"]) == pushes * (MODEL_BYTES + 4)
     assert float(info["bytes_down"]) == float(info["bytes_up"])
+
+
+def test_pdbo_counts_sgp_and_hypergradient_pushes():
+    cfg = tiny_config(algorithm="pdbo", network="complete", network_mode="static")
+    part = data.make_partition(cfg)
+    steps = int(cfg.local_epochs) * local.steps_per_epoch(
+        part.y_train.shape[1], int(cfg.batch_size)
+    )
+    *_, info = one_round(cfg, poison=True)
+    assert int(info["num_diverged"]) == 1
+    learners = int(cfg.pdbo.num_learners) * MODEL_BYTES  # x_i: the k learners
+    links = A * (A - 1)  # pushes of one mixing step on the complete graph
+    sgp = steps * links * (learners + 4)  # (x_i, omega_i)
+    hgp = int(cfg.pdbo.hgp_steps) * links * (2 * learners + 4)  # (q_i, s_i, w_i)
+    last = links * (learners + 4)  # the last mixing of (s_i, w_i)
+    assert cfg.pdbo.outer_every == 1  # round 0 takes the outer step
+    assert float(info["bytes_up"]) == sgp + hgp + last
+    assert float(info["bytes_down"]) == float(info["bytes_up"])
