@@ -72,6 +72,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from demjax import network
@@ -230,7 +231,7 @@ def guarded_hypergradient_push(net, key, z, lam, inner_loss, outer_loss, data_in
     zero_x = jax.tree.map(jnp.zeros_like, g_x)
     g_x = where_agents(ok, g_x, zero_x)
     vhvp = jax.vmap(hvp)
-    others = jnp.asarray(net.senders != net.receivers)
+    others = np.asarray(net.senders != net.receivers)  # static: no self-loop
 
     def pushes(weights):
         return jnp.sum((weights > 0) & others).astype(jnp.float32)

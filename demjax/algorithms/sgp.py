@@ -36,6 +36,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from demjax import local, network
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
@@ -116,7 +117,7 @@ def make_sgp_steps(net: network.Network, tx, loss_fn, batch_size, local_epochs,
     """
     grad_fn = jax.vmap(jax.grad(loss_fn, has_aux=True))
     update = jax.vmap(tx.update)
-    others = jnp.asarray(net.senders != net.receivers)
+    others = np.asarray(net.senders != net.receivers)  # static: no self-loop
 
     def steps(x, omega, opt, aux, x_data, y_data, n, key, train_mask, max_steps):
         k_plan, k_loop = jax.random.split(key)
