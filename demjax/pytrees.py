@@ -3,8 +3,10 @@
 Every algorithm keeps its per-agent state (models, optimizer states) as one
 pytree with leaves stacked over the A agents; these are the operations they
 share: per-agent select, broadcasting a per-agent vector over a leaf, the
-finite-rows test of the divergence guard, masked means and tree distances. All
-are pure ``jax.numpy`` functions, usable inside ``jax.jit`` and ``jax.vmap``.
+divergence guard (finite rows, reset, counts), masked means, tree distances and
+message sizes for communication accounting. All are pure ``jax.numpy``
+functions, usable inside ``jax.jit`` and ``jax.vmap`` (the sizes are Python ints
+from static shapes).
 """
 
 from __future__ import annotations
@@ -79,13 +81,86 @@ def sq_norms(tree) -> jax.Array:
     )
 
 
+def divergence_guard(active: jax.Array, new, old, *checks):
+    """The divergence guard of one round's local work (every algorithm's).
+
+    An active agent whose new state, or any of ``checks`` (its loss, the
+    messages it would send), holds a non-finite entry has diverged: it keeps
+    its old state, gets no aggregation weight and sends nothing.
+
+    Args:
+      active: bool ``[A]`` agents that worked this round.
+      new, old: pytrees of one structure, leaves ``[A, ...]`` (the agents'
+        state after and before the round's local work).
+      checks: more pytrees whose leaves are ``[A, ...]`` (e.g. float32 ``[A]``
+        losses) that must be finite for an agent to count.
+
+    Returns:
+      ``(kept, ok, diverged)``: ``kept`` = ``new`` for the ``ok`` agents, else
+      ``old`` (leaves ``[A, ...]``); ``ok`` bool ``[A]`` active and finite (the
+      agents that contribute); ``diverged`` bool ``[A]`` active, not finite.
+
+    Raises:
+      AssertionError (chex): ``new`` and ``old`` differ in structure or shapes.
+    """
+    finite = finite_agents(new)
+    for c in checks:
+        finite = finite & finite_agents(c)
+    ok = active & finite
+    return where_agents(ok, new, old), ok, active & ~finite
+
+
+def round_counts(active: jax.Array, diverged: jax.Array) -> dict:
+    """The round-info counts of every algorithm: ``num_active`` (agents that
+    worked) and ``num_diverged`` (of them, those the guard reset), int32
+    scalars from bool ``[A]`` masks."""
+    return {
+        "num_active": jnp.sum(active).astype(jnp.int32),
+        "num_diverged": jnp.sum(diverged).astype(jnp.int32),
+    }
+
+
+def agent_bytes(tree) -> int:
+    """Bytes of ONE agent's rows of a stacked pytree (leaves ``[A, ...]``): the
+    ``tree_bytes`` of one agent's model or message (a Python int)."""
+    return tree_bytes(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), tree)
+    )
+
+
+def comm_bytes(up: int, senders, down: int, receivers) -> dict:
+    """The round-info communication figures ``bytes_up`` / ``bytes_down``
+    (float32 scalars): ``up`` bytes (one message, ``tree_bytes``) times the
+    number of ``senders``, ``down`` bytes times the number of ``receivers``.
+
+    Args:
+      up, down: Python ints, bytes of one upload / one download.
+      senders, receivers: counts (int scalars, traced or not) or bool ``[A]``
+        masks (counted).
+    """
+
+    def count(c):
+        c = jnp.asarray(c)
+        return jnp.sum(c) if c.ndim else c
+
+    return {
+        "bytes_up": jnp.float32(up) * count(senders).astype(jnp.float32),
+        "bytes_down": jnp.float32(down) * count(receivers).astype(jnp.float32),
+    }
+
+
 __all__ = [
+    "agent_bytes",
+    "comm_bytes",
+    "divergence_guard",
     "finite_agents",
     "keep_if_finite",
     "masked_mean",
     "per_agent",
+    "round_counts",
     "sq_norms",
     "stack",
+    "tree_bytes",
     "tree_sq_dist",
     "where_agents",
 ]

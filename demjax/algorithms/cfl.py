@@ -29,6 +29,14 @@ the splitting round stay in the half that keeps the old id (the paper assumes
 full participation). The personal model of agent i (C-SPE, C-GEN) is its
 cluster's model; CFL has no single global model (Global is null).
 
+Divergence guard: an agent whose trained model, optimizer state or loss turn
+non-finite uploads no update (``dtheta_i = 0``, weight 0: it neither moves nor
+splits its cluster) and keeps its previous optimizer state (``num_diverged``).
+Communication per round: every participating agent downloads its cluster's
+model and every one that did not diverge uploads ``dtheta_i`` (model-shaped):
+``bytes_down`` / ``bytes_up`` = those agents x model bytes; the cluster ids stay
+on the server.
+
 State (stacked over A agents): ``theta [A, ...]`` the agents' cluster models
 (equal within a cluster), ``dtheta [A, ...]`` the last round's updates (0 for
 non-participants), ``weight [A]`` float32 ``active * n_train``, ``cluster [A]``
@@ -46,7 +54,15 @@ import numpy as np
 from demjax import cluster as clustering
 from demjax import sharding
 from demjax.algorithms.protocol import Algorithm, HParam, Phase, Rounds, make_measure
-from demjax.pytrees import masked_mean, per_agent, sq_norms, where_agents
+from demjax.pytrees import (
+    comm_bytes,
+    divergence_guard,
+    masked_mean,
+    per_agent,
+    round_counts,
+    sq_norms,
+    tree_bytes,
+)
 
 LINKAGES = ("complete", "single", "average")
 
@@ -165,6 +181,8 @@ def build(ctx) -> Rounds:
     train = ctx.trainer()
     num_agents = ctx.num_agents
 
+    model = tree_bytes(jax.eval_shape(ctx.init_model, jax.random.PRNGKey(0)))
+
     def init(key, part):
         theta = ctx.init_population(key)
         zeros_f = jnp.zeros((num_agents,), jnp.float32)
@@ -195,9 +213,12 @@ def build(ctx) -> Rounds:
             jnp.float32(0.0),
             max_steps,
         )
-        weight = active * part.n_train.astype(jnp.float32)
+        (trained, opt), ok, diverged = divergence_guard(
+            active, (trained, opt), (theta, state.opt), loss
+        )
+        weight = ok * part.n_train.astype(jnp.float32)
         dtheta = jax.tree.map(
-            lambda a, b: jnp.where(per_agent(active, a), a - b, 0.0),
+            lambda a, b: jnp.where(per_agent(ok, a), a - b, 0.0),
             trained,
             theta,
         )
@@ -207,7 +228,7 @@ def build(ctx) -> Rounds:
             dtheta=dtheta,
             weight=weight,
             cluster=state.cluster,
-            opt=where_agents(active, opt, state.opt),
+            opt=opt,
             mean_norm=mean_norm,
             max_norm=max_norm,
             count=count,
@@ -216,10 +237,12 @@ def build(ctx) -> Rounds:
             jnp.ones((num_agents,), jnp.int32), state.cluster, num_segments=num_agents
         )
         info = {
-            "train_loss": masked_mean(loss, active.astype(jnp.float32)),
+            "train_loss": masked_mean(loss, ok.astype(jnp.float32)),
             "num_clusters": jnp.sum(sizes > 0).astype(jnp.float32),
             "mean_update_norm": jnp.max(jnp.where(count > 0, mean_norm, 0.0)),
             "max_update_norm": jnp.max(max_norm),
+            **round_counts(active, diverged),
+            **comm_bytes(model, ok, model, active),
         }
         return new, info
 

@@ -12,6 +12,13 @@ and the server sets ``w <- aggregate(w_k)`` (sample-weighted mean, or the robust
 ``config.aggregator``). C-SPE / C-GEN evaluate the personal models ``v``, Global
 the model ``w``.
 
+Divergence guard: an agent whose ``w_k``, ``v_k``, optimizer states or losses
+turn non-finite keeps its previous ``v_k`` and states and gets no weight in the
+aggregate (``num_diverged``). Communication per round: every participating agent
+downloads ``w`` (``bytes_down`` = active x model bytes); every participating agent
+that did not diverge uploads ``w_k`` (``bytes_up`` = those x model bytes); ``v_k``
+never leaves the agent.
+
 State (leaves stacked over A agents where marked):
 ``w`` one model; ``v [A, ...]``; ``opt_w [A, ...]``, ``opt_v [A, ...]`` optimizer
 states of the two local problems.
@@ -24,7 +31,15 @@ import jax
 import jax.numpy as jnp
 
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
-from demjax.pytrees import keep_if_finite, masked_mean, stack, where_agents
+from demjax.pytrees import (
+    comm_bytes,
+    divergence_guard,
+    keep_if_finite,
+    masked_mean,
+    round_counts,
+    stack,
+    tree_bytes,
+)
 
 
 @flax.struct.dataclass
@@ -67,7 +82,7 @@ def build(ctx) -> Rounds:
         active, max_steps = ctx.round_masks(key, part.n_train)
         k_w, k_v, k_agg = jax.random.split(jax.random.fold_in(key, 17), 3)
         w0 = stack(state.w, num_agents)
-        w_k, opt_w, _ = train_w(
+        w_k, opt_w, loss_w = train_w(
             jax.random.split(k_w, num_agents),
             w0,
             state.opt_w,
@@ -89,17 +104,24 @@ def build(ctx) -> Rounds:
             jnp.float32(lam),
             max_steps,
         )
-        weight = active * part.n_train.astype(jnp.float32)
+        (w_k, v, opt_w, opt_v), ok, diverged = divergence_guard(
+            active,
+            (w_k, v, opt_w, opt_v),
+            (w0, state.v, state.opt_w, state.opt_v),
+            loss_w,
+            loss_v,
+        )
+        weight = ok * part.n_train.astype(jnp.float32)
         w = keep_if_finite(
             ctx.aggregate(w_k, weight, k_agg, reference=state.w), state.w
         )
-        new = DittoState(
-            w=w,
-            v=where_agents(active, v, state.v),
-            opt_w=where_agents(active, opt_w, state.opt_w),
-            opt_v=where_agents(active, opt_v, state.opt_v),
-        )
-        info = {"train_loss": masked_mean(loss_v, active.astype(jnp.float32))}
+        new = DittoState(w=w, v=v, opt_w=opt_w, opt_v=opt_v)
+        model = tree_bytes(state.w)
+        info = {
+            "train_loss": masked_mean(loss_v, ok.astype(jnp.float32)),
+            **round_counts(active, diverged),
+            **comm_bytes(model, ok, model, active),
+        }
         return new, info
 
     return one_round(

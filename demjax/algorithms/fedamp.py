@@ -29,6 +29,13 @@ Agents that do not participate keep ``w_i``; ``xi`` only attends over
 participants. The personal model (C-SPE, C-GEN) is ``w_i``. FedAMP has no global
 model (Global is null); the mean of the ``w_i`` is not a model the paper uses.
 
+Divergence guard: an agent whose model, optimizer state or loss turn non-finite
+keeps its previous ``w_i`` (the server's copy stays finite, so no cloud model
+is poisoned) and state (``num_diverged``). Communication per round: every
+participating agent downloads its cloud model ``u_i`` and every one that did not
+diverge uploads its trained ``w_i`` (the server's copy used by the next round's
+attention): ``bytes_down`` / ``bytes_up`` = those agents x model bytes.
+
 State (leaves stacked over A agents): ``w [A, ...]`` personal models,
 ``opt [A, ...]`` their optimizer states.
 """
@@ -41,7 +48,13 @@ import jax.numpy as jnp
 
 from demjax import cluster
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
-from demjax.pytrees import masked_mean, where_agents
+from demjax.pytrees import (
+    agent_bytes,
+    comm_bytes,
+    divergence_guard,
+    masked_mean,
+    round_counts,
+)
 
 ATTENTIONS = ("euclidean", "cosine")
 
@@ -165,14 +178,17 @@ def build(ctx) -> Rounds:
             jnp.float32(mu),
             max_steps,
         )
-        new = FedAMPState(
-            w=where_agents(active, w, state.w),
-            opt=where_agents(active, opt, state.opt),
+        (w, opt), ok, diverged = divergence_guard(
+            active, (w, opt), (state.w, state.opt), loss
         )
+        new = FedAMPState(w=w, opt=opt)
         act = active.astype(jnp.float32)
+        model = agent_bytes(state.w)
         info = {
-            "train_loss": masked_mean(loss, act),
+            "train_loss": masked_mean(loss, ok.astype(jnp.float32)),
             "self_attention": masked_mean(jnp.diagonal(xi), act),
+            **round_counts(active, diverged),
+            **comm_bytes(model, ok, model, active),
         }
         return new, info
 

@@ -32,6 +32,15 @@ predicted); ``inference='model'`` uses the model's own classifier head instead.
 C-SPE / C-GEN evaluate every agent's own model this way. There is no global model
 (``has_global=False``: ``global_acc`` is null).
 
+Divergence guard: an agent whose model, optimizer state, loss or local
+prototypes turn non-finite keeps its previous model and state and uploads no
+prototypes (``num_diverged``). Communication per round (float32): every
+participating agent downloads the global prototypes ``[C, F]`` and their class
+counts ``[C]`` (which classes have one), and every one that did not diverge
+uploads its local prototypes ``[C, F]`` and class counts ``|D_ij|`` ``[C]`` (the
+aggregation weights): ``bytes_down`` / ``bytes_up`` = those agents x ``4 C (F +
+1)``; no model leaves an agent.
+
 State: ``params [A, ...]``, ``opt [A, ...]`` every agent's model and optimizer
 state; ``protos`` float32 ``[C, F]`` global prototypes; ``count`` float32 ``[C]``
 the samples behind each (0: no prototype yet).
@@ -46,7 +55,14 @@ import jax.numpy as jnp
 from demjax import models
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.local import masked_cross_entropy
-from demjax.pytrees import masked_mean, stack, where_agents
+from demjax.pytrees import (
+    comm_bytes,
+    divergence_guard,
+    masked_mean,
+    round_counts,
+    stack,
+    tree_bytes,
+)
 
 DISTANCES = ("mse", "sq_l2")
 INFERENCES = ("proto", "model")
@@ -106,6 +122,10 @@ def aggregate_protos(sums, counts, weight, old_protos, old_count):
       ``(protos [C, F], count [C])``: ``sum_a w_a sums[a, j] / sum_a w_a
       counts[a, j]`` where that count is > 0, else the old prototype and count.
     """
+    # Excluded agents' rows may be non-finite (diverged): never multiplied in.
+    use = weight > 0
+    sums = jnp.where(use[:, None, None], sums, 0.0)
+    counts = jnp.where(use[:, None], counts, 0.0)
     total = jnp.einsum("a,acf->cf", weight, sums)
     count = weight @ counts
     got = count > 0
@@ -180,6 +200,21 @@ def build(ctx) -> Rounds:
         _, feats = eval_feat_apply(p, x, False, None)
         return class_sums(feats, y, jnp.arange(y.shape[0]) < n, num_classes)
 
+    def message_bytes():
+        """Bytes of one prototype message: prototypes [C, F] and class counts
+        [C], float32."""
+        one = jax.eval_shape(ctx.init_model, jax.random.PRNGKey(0))
+        x1 = jax.ShapeDtypeStruct((1, *ctx.input_shape), jnp.float32)
+        feats = jax.eval_shape(lambda p, x: feat_apply(p, x, False, None), one, x1)[1]
+        return tree_bytes(
+            (
+                jax.ShapeDtypeStruct((num_classes, feats.shape[-1]), jnp.float32),
+                jax.ShapeDtypeStruct((num_classes,), jnp.float32),
+            )
+        )
+
+    message = message_bytes()
+
     def init(key, part):
         params = ctx.init_population(key)
         one = jax.tree.map(lambda p: p[0], params)
@@ -211,24 +246,23 @@ def build(ctx) -> Rounds:
             jnp.float32(0.0),
             max_steps,
         )
-        params = where_agents(active, params, state.params)
         sums, counts = jax.lax.map(
             agent_sums,
             (params, part.x_train, part.y_train, part.n_train),
             batch_size=map_batch,
         )
+        (params, opt), ok, diverged = divergence_guard(
+            active, (params, opt), (state.params, state.opt), ce, sums
+        )
         protos, count = aggregate_protos(
-            sums, counts, active.astype(jnp.float32), state.protos, state.count
+            sums, counts, ok.astype(jnp.float32), state.protos, state.count
         )
-        new = FedProtoState(
-            params=params,
-            opt=where_agents(active, opt, state.opt),
-            protos=protos,
-            count=count,
-        )
+        new = FedProtoState(params=params, opt=opt, protos=protos, count=count)
         info = {
-            "train_loss": masked_mean(ce, active.astype(jnp.float32)),
+            "train_loss": masked_mean(ce, ok.astype(jnp.float32)),
             "num_protos": jnp.sum(count > 0).astype(jnp.float32),
+            **round_counts(active, diverged),
+            **comm_bytes(message, ok, message, active),
         }
         return new, info
 

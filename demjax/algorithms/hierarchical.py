@@ -20,6 +20,13 @@ of ``demjax.engine.Simulator``:
    algorithms). Measurement point ``sync``: the models the agents hold entering
    the next round.
 
+Communication (round info ``bytes_up`` / ``bytes_down``, in both measurement
+points' records): every active agent that did not diverge uploads its trained
+model to its level-1 group (groups and the root live on the server), every
+active agent receives its parent's model (FedAvg/FedProx: the global model);
+``bytes_up`` = senders x model bytes, ``bytes_down`` = active x model bytes; 0
+and 0 for local training.
+
 An algorithm of the family is ``family_algorithm(name, citation, Hierarchy(...))``
 in its own module; the options below are read only here and by the phases.
 """
@@ -38,6 +45,7 @@ import jax.numpy as jnp
 from demjax import cluster
 from demjax.algorithms.protocol import Algorithm, Phase, Rounds
 from demjax.errors import ConfigError
+from demjax.pytrees import agent_bytes, comm_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +263,11 @@ def build(options: Hierarchy, ctx) -> Rounds:
             "num_active": jnp.sum(active),
             "num_diverged": jnp.sum(diverged),
         }
+        # Agents upload their trained model to their level-1 group and receive
+        # their parent's model (the groups live on the server); local training
+        # communicates nothing. Diverged agents send nothing.
+        model = agent_bytes(params) if options.communicates else 0
+        info.update(comm_bytes(model, active & ~diverged, model, active))
         return new, info
 
     def regroup(state, info, t, key):
@@ -323,6 +336,7 @@ def build(options: Hierarchy, ctx) -> Rounds:
             for k in ["c_spe", "c_gen", *level_names, "global_acc", "train_loss"]
         }
         rec.update(counts)
+        rec.update({k: info[k] for k in ("bytes_up", "bytes_down")})
         return rec
 
     def final_files(state, t):

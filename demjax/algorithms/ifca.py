@@ -19,6 +19,14 @@ with the current models on its training data (the paper's cluster estimation,
 redone at evaluation, so agents that never participated get one too). IFCA has
 no single global model (Global is null).
 
+Divergence guard: an agent whose trained model, optimizer state or loss turn
+non-finite keeps its previous optimizer state and cluster identity and gets no
+weight in any cluster's average (``num_diverged``). Communication per round:
+every participating agent downloads all ``k`` cluster models (it needs them to
+estimate its identity): ``bytes_down`` = active x k x model bytes; every one that
+did not diverge uploads its trained model and its int32 cluster identity:
+``bytes_up`` = those agents x (model bytes + 4).
+
 State: ``models`` cluster models, leaves ``[k, ...]``; ``cluster`` int32 ``[A]``
 each agent's last estimated identity; ``opt [A, ...]`` per-agent optimizer
 states (kept across rounds, as every engine's local optimizer).
@@ -32,7 +40,15 @@ import jax.numpy as jnp
 
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.local import masked_cross_entropy
-from demjax.pytrees import masked_mean, stack, where_agents
+from demjax.pytrees import (
+    comm_bytes,
+    divergence_guard,
+    masked_mean,
+    round_counts,
+    stack,
+    tree_bytes,
+    where_agents,
+)
 
 INITS = ("random", "shared")
 
@@ -133,6 +149,8 @@ def build(ctx) -> Rounds:
             ctx.eval_apply_fn, models, part.x_train, part.y_train, part.n_train, block
         )
 
+    model = tree_bytes(jax.eval_shape(ctx.init_model, jax.random.PRNGKey(0)))
+
     def init(key, part):
         if shared:
             models = stack(ctx.init_model(key), k)
@@ -160,7 +178,10 @@ def build(ctx) -> Rounds:
             jnp.float32(0.0),
             max_steps,
         )
-        weight = active * part.n_train.astype(jnp.float32)
+        (trained, opt), ok, diverged = divergence_guard(
+            active, (trained, opt), (start, state.opt), loss
+        )
+        weight = ok * part.n_train.astype(jnp.float32)
         models, total = cluster_average(state.models, trained, weight, choice)
         if robust:  # the configured robust aggregator within each cluster
 
@@ -169,7 +190,7 @@ def build(ctx) -> Rounds:
                 return ctx.aggregate(trained, wc, kc)
 
             agg = jax.vmap(one)(jnp.arange(k), jax.random.split(k_agg, k))
-            ok = (total > 0) & jnp.all(
+            good = (total > 0) & jnp.all(
                 jnp.stack(
                     [
                         jnp.all(jnp.isfinite(p.reshape(k, -1)), axis=1)
@@ -178,15 +199,19 @@ def build(ctx) -> Rounds:
                 ),
                 axis=0,
             )
-            models = where_agents(ok, agg, state.models)
+            models = where_agents(good, agg, state.models)
         new = IFCAState(
             models=models,
-            cluster=jnp.where(active, choice, state.cluster),
-            opt=where_agents(active, opt, state.opt),
+            cluster=jnp.where(ok, choice, state.cluster),
+            opt=opt,
         )
         info = {
-            "train_loss": masked_mean(loss, active.astype(jnp.float32)),
+            "train_loss": masked_mean(loss, ok.astype(jnp.float32)),
             "num_clusters": jnp.sum(total > 0).astype(jnp.float32),
+            **round_counts(active, diverged),
+            # Down: all k cluster models; up: the trained model and the int32
+            # cluster identity.
+            **comm_bytes(model + 4, ok, k * model, active),
         }
         return new, info
 

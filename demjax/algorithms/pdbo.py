@@ -48,6 +48,18 @@ the ``q_i / w_i`` agree, so every ``u_i -> H^-1 b``. The mixed partial
 along ``u_i``. Each agent then takes one optax Adam step (``outer_lr``) on its
 ``lambda_i`` every ``outer_every`` rounds, after the round's SGP steps.
 
+Divergence guard: the SGP steps undo a gradient step that turns an agent's
+``x_i`` non-finite and stop its training for the round (``sgp``); the agent
+then sits out the round's HGP, as does any agent whose outer gradients or
+Hessian-vector products turn non-finite (``q_i = 0``, no Hessian-vector product,
+``lambda_i`` and its Adam state unchanged): nothing non-finite is pushed to a
+neighbour. ``num_diverged`` counts both. Communication (float32, every push to
+an active out-neighbour, self-loops excluded, received as sent so ``bytes_up``
+= ``bytes_down``): each SGP mixing step pushes ``x_i`` (all k learners) and
+``omega_i``; on outer rounds each of the M HGP steps pushes ``q_i``, ``s_i``
+(``x``-shaped) and ``w_i``, and the last mixing ``s_i`` and ``w_i``;
+``lambda_i`` never leaves the agent.
+
 Evaluation: C-SPE / C-GEN use each agent's model ``p_i`` (its de-biased ``z_i``
 and its ``lambda_i``); Global uses the mean ``z`` with the mean ``lambda``.
 
@@ -60,12 +72,20 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from demjax import network
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.algorithms.sgp import make_sgp_steps
-from demjax.pytrees import stack
+from demjax.pytrees import (
+    agent_bytes,
+    comm_bytes,
+    finite_agents,
+    round_counts,
+    stack,
+    where_agents,
+)
 
 MODES = ("da", "mtl", "da_mtl")
 
@@ -165,7 +185,34 @@ def hypergradient_push(net, key, z, lam, inner_loss, outer_loss, data_in,
 
     Returns:
       ``(hypergrad, u)``: lam-shaped leaves ``[A, ...]``, and each agent's
-      estimate ``u_i ~ H^-1 b`` (z-shaped).
+      estimate ``u_i ~ H^-1 b`` (z-shaped). ``guarded_hypergradient_push``
+      gives the same with the divergence guard's outputs.
+    """
+    hyper, u, _, _ = guarded_hypergradient_push(
+        net, key, z, lam, inner_loss, outer_loss, data_in, data_out, alpha, num_steps
+    )
+    return hyper, u
+
+
+def guarded_hypergradient_push(net, key, z, lam, inner_loss, outer_loss, data_in,
+                               data_out, alpha: float, num_steps: int,
+                               ok=None):  # fmt: skip
+    """``hypergradient_push`` with the divergence guard and its traffic.
+
+    An agent takes part while its outer gradients and Hessian-vector products
+    are finite (and ``ok`` holds): an excluded agent starts with ``q_i = 0``,
+    adds no Hessian-vector product (its mixing stays finite: no non-finite mass
+    reaches its neighbours) and gets a zero hyper-gradient.
+
+    Args:
+      ok: bool ``[A]`` agents allowed to take part (None: all).
+      (the others as ``hypergradient_push``).
+
+    Returns:
+      ``(hypergrad, u, ok, sent)``: ``ok`` bool ``[A]`` the agents that took part
+      to the end; ``sent`` float32 bytes pushed (``(q_i, s_i, w_i)`` at each of
+      the M steps, ``(s_i, w_i)`` at the last mixing, to every active
+      out-neighbour but itself).
     """
     grad_x_f = jax.grad(inner_loss, argnums=0)
     grad_l_f = jax.grad(inner_loss, argnums=1)
@@ -178,24 +225,41 @@ def hypergradient_push(net, key, z, lam, inner_loss, outer_loss, data_in,
 
     g_x, g_l = jax.vmap(jax.grad(outer_loss, argnums=(0, 1)))(z, lam, data_out)
     num_agents = jax.tree.leaves(z)[0].shape[0]
+    if ok is None:
+        ok = jnp.ones((num_agents,), bool)
+    ok = ok & finite_agents(g_x) & finite_agents(g_l)
+    zero_x = jax.tree.map(jnp.zeros_like, g_x)
+    g_x = where_agents(ok, g_x, zero_x)
     vhvp = jax.vmap(hvp)
+    others = np.asarray(net.senders != net.receivers)  # static: no self-loop
+
+    def pushes(weights):
+        return jnp.sum((weights > 0) & others).astype(jnp.float32)
 
     def step(carry, k):
-        q, s, w = carry
+        q, s, w, ok, count = carry
         weights = net.sample(k)
         q, s, w = net.mix(weights, (q, s, w))
         s = jax.tree.map(lambda a, b: a + alpha * b, s, q)
         hq = vhvp(z, lam, data_in, network.debias(q, w))
+        ok = ok & finite_agents(hq)
+        hq = where_agents(ok, hq, zero_x)
         q = jax.tree.map(lambda a, b: a - alpha * b, q, hq)
-        return (q, s, w), None
+        return (q, s, w, ok, count + pushes(weights)), None
 
     keys = jax.random.split(key, num_steps + 1)
-    init = (g_x, jax.tree.map(jnp.zeros_like, g_x), jnp.ones((num_agents,)))
-    (q, s, w), _ = jax.lax.scan(step, init, keys[:-1])
-    s, w = net.mix(net.sample(keys[-1]), (s, w))
+    init = (g_x, zero_x, jnp.ones((num_agents,)), ok, jnp.float32(0.0))
+    (q, s, w, ok, count), _ = jax.lax.scan(step, init, keys[:-1])
+    last = net.sample(keys[-1])
+    s, w = net.mix(last, (s, w))
     u = network.debias(s, w)
     jac_u = jax.vmap(mixed)(z, lam, data_in, u)
-    return jax.tree.map(jnp.subtract, g_l, jac_u), u
+    ok = ok & finite_agents(jac_u)
+    hyper = jax.tree.map(jnp.subtract, g_l, jac_u)
+    hyper = where_agents(ok, hyper, jax.tree.map(jnp.zeros_like, hyper))
+    msg = agent_bytes(z)
+    sent = count * jnp.float32(2 * msg + 4) + pushes(last) * jnp.float32(msg + 4)
+    return hyper, u, ok, sent
 
 
 def build(ctx) -> Rounds:
@@ -268,10 +332,10 @@ def build(ctx) -> Rounds:
         )
 
     def outer_step(args):
-        state, part, key = args
+        state, part, key, ok = args
         _, in_mask, val_mask = splits(part)
         z = network.debias(state.x, state.omega)
-        hyper, _ = hypergradient_push(
+        hyper, _, ok, sent = guarded_hypergradient_push(
             net,
             key,
             z,
@@ -282,6 +346,7 @@ def build(ctx) -> Rounds:
             (part.x_train, part.y_train, val_mask),
             alpha,
             m_steps,
+            ok,
         )
         if not use_cls:
             hyper = {**hyper, "cls": jnp.zeros_like(hyper["cls"])}
@@ -291,13 +356,17 @@ def build(ctx) -> Rounds:
             hyper, state.outer_opt, state.lam
         )
         lam = optax.apply_updates(state.lam, updates)
+        lam, outer_opt = where_agents(
+            ok, (lam, outer_opt), (state.lam, state.outer_opt)
+        )
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(h)) for h in jax.tree.leaves(hyper)))
-        return state.replace(lam=lam, outer_opt=outer_opt), norm / num_agents
+        new = state.replace(lam=lam, outer_opt=outer_opt)
+        return new, norm / num_agents, ~ok, sent
 
     def round_fn(state, part, key, t):
         active, max_steps = ctx.round_masks(key, part.n_train)
         n_in, _, _ = splits(part)
-        x, omega, opt, ce = steps(
+        x, omega, opt, ce, diverged, messages = steps(
             state.x,
             state.omega,
             state.opt,
@@ -310,17 +379,28 @@ def build(ctx) -> Rounds:
             max_steps,
         )
         state = state.replace(x=x, omega=omega, opt=opt)
-        state, hnorm = jax.lax.cond(
+        state, hnorm, excluded, hgp_bytes = jax.lax.cond(
             (t + 1) % outer_every == 0,
             outer_step,
-            lambda args: (args[0], jnp.float32(0.0)),
-            (state, part, jax.random.fold_in(key, 29)),
+            lambda args: (
+                args[0],
+                jnp.float32(0.0),
+                jnp.zeros((num_agents,), bool),
+                jnp.float32(0.0),
+            ),
+            (state, part, jax.random.fold_in(key, 29), ~diverged),
         )
-        act = active.astype(jnp.float32)
+        act = (active & ~diverged).astype(jnp.float32)
+        # SGP pushes carry x_i (the k learners) and omega_i (float32).
+        push = agent_bytes(state.x) + 4
+        sgp = comm_bytes(push, messages, push, messages)
         info = {
             "train_loss": jnp.sum(ce * act) / jnp.maximum(jnp.sum(act), 1.0),
             "hypergrad_norm": hnorm,
             "omega_min": jnp.min(state.omega),
+            **round_counts(active, diverged | excluded),
+            "bytes_up": sgp["bytes_up"] + hgp_bytes,
+            "bytes_down": sgp["bytes_down"] + hgp_bytes,
         }
         return state, info
 
@@ -358,6 +438,7 @@ __all__ = [
     "MODES",
     "ALGORITHM",
     "PDBOState",
+    "guarded_hypergradient_push",
     "hypergradient_push",
     "mixture_log_probs",
     "weighted_nll",

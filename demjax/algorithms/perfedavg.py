@@ -29,6 +29,12 @@ SGD step of rate ``alpha`` from the global model on a ``batch_size`` batch of th
 agent's own training data (drawn afresh at every evaluation); Global evaluates
 ``w`` itself.
 
+Divergence guard: an agent whose local model, optimizer state or loss turn
+non-finite keeps its previous optimizer state and gets no weight in the
+aggregate (``num_diverged``). Communication per round: every participating agent
+downloads ``w`` and every one that did not diverge uploads its local model
+(``bytes_down`` / ``bytes_up`` = those agents x model bytes).
+
 State: ``w`` one model (float32, D parameters); ``opt [A, ...]`` the outer
 optimizer state of every agent.
 """
@@ -41,7 +47,15 @@ import jax.numpy as jnp
 
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.local import make_optimizer, masked_cross_entropy
-from demjax.pytrees import keep_if_finite, masked_mean, stack, where_agents
+from demjax.pytrees import (
+    comm_bytes,
+    divergence_guard,
+    keep_if_finite,
+    masked_mean,
+    round_counts,
+    stack,
+    tree_bytes,
+)
 
 VARIANTS = ("fo", "hf")
 HVPS = ("exact", "fd")
@@ -216,12 +230,21 @@ def build(ctx) -> Rounds:
             jnp.float32(0.0),
             max_steps,
         )
-        weight = active * part.n_train.astype(jnp.float32)
+        (w_i, opt), ok, diverged = divergence_guard(
+            active, (w_i, opt), (w0, state.opt), loss
+        )
+        weight = ok * part.n_train.astype(jnp.float32)
         w = keep_if_finite(
             ctx.aggregate(w_i, weight, k_agg, reference=state.w), state.w
         )
-        new = PerFedAvgState(w=w, opt=where_agents(active, opt, state.opt))
-        return new, {"train_loss": masked_mean(loss, active.astype(jnp.float32))}
+        new = PerFedAvgState(w=w, opt=opt)
+        model = tree_bytes(state.w)
+        info = {
+            "train_loss": masked_mean(loss, ok.astype(jnp.float32)),
+            **round_counts(active, diverged),
+            **comm_bytes(model, ok, model, active),
+        }
+        return new, info
 
     def personal(state, part, key):
         keys = jax.random.split(jax.random.fold_in(key, 23), num_agents)

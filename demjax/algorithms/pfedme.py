@@ -29,6 +29,13 @@ authors' code; the paper writes the plain mean over the sampled agents) or the
 robust ``config.aggregator``. C-SPE / C-GEN evaluate the personalized models
 ``theta_i`` as left by the round's local training, Global the model ``w``.
 
+Divergence guard: an agent whose ``w_i``, ``theta_i``, optimizer state or loss
+turn non-finite keeps its previous ``theta_i`` and state and gets no weight in
+the aggregate (``num_diverged``). Communication per round: every participating
+agent downloads ``w`` and every one that did not diverge uploads ``w_i``
+(``bytes_down`` / ``bytes_up`` = those agents x model bytes); ``theta_i`` stays
+on the agent.
+
 State (leaves stacked over A agents where marked): ``w`` one model (float32,
 D parameters); ``theta [A, ...]``; ``opt [A, ...]`` the local optimizer state.
 """
@@ -42,7 +49,15 @@ import optax
 
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.local import masked_cross_entropy
-from demjax.pytrees import keep_if_finite, masked_mean, stack, where_agents
+from demjax.pytrees import (
+    comm_bytes,
+    divergence_guard,
+    keep_if_finite,
+    masked_mean,
+    round_counts,
+    stack,
+    tree_bytes,
+)
 
 
 @flax.struct.dataclass
@@ -171,15 +186,20 @@ def build(ctx) -> Rounds:
             jnp.float32(0.0),
             max_steps,
         )
-        weight = active * part.n_train.astype(jnp.float32)
+        (out, opt), ok, diverged = divergence_guard(
+            active, (out, opt), ({"w": w0, "theta": state.theta}, state.opt), loss
+        )
+        weight = ok * part.n_train.astype(jnp.float32)
         mean_w = ctx.aggregate(out["w"], weight, k_agg, reference=state.w)
         w = jax.tree.map(lambda g, m: (1.0 - beta) * g + beta * m, state.w, mean_w)
-        new = PFedMeState(
-            w=keep_if_finite(w, state.w),
-            theta=where_agents(active, out["theta"], state.theta),
-            opt=where_agents(active, opt, state.opt),
-        )
-        return new, {"train_loss": masked_mean(loss, active.astype(jnp.float32))}
+        new = PFedMeState(w=keep_if_finite(w, state.w), theta=out["theta"], opt=opt)
+        model = tree_bytes(state.w)
+        info = {
+            "train_loss": masked_mean(loss, ok.astype(jnp.float32)),
+            **round_counts(active, diverged),
+            **comm_bytes(model, ok, model, active),
+        }
+        return new, info
 
     return one_round(
         ctx,

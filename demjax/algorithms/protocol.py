@@ -36,7 +36,10 @@ Python loop over agents anywhere):
 Round-level results an algorithm reports through ``info`` and the loop handles
 for every algorithm: ``num_active`` (agents that trained) and ``num_diverged``
 (agents whose training turned non-finite: reset, excluded from aggregation,
-counted; a warning is logged).
+counted; a warning is logged; ``pytrees.divergence_guard`` and
+``pytrees.round_counts``), and ``bytes_up`` / ``bytes_down`` (float32: the bytes
+the agents send / receive that round, ``pytrees.comm_bytes``; copied into every
+metrics record like the other info scalars).
 
 Hyper-parameters live in the config under the algorithm's name
 (``--config.<name>.<field>=...``, e.g. ``--config.ditto.lam=0.1``), declared as

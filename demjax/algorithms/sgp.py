@@ -17,6 +17,14 @@ i.e. the gradient step first, then the mixing (Algorithm 1's order). With
 train in a round (participation, dropout) or run out of steps (stragglers,
 fewer samples) skip the gradient step but still mix.
 
+Divergence guard: a gradient step that turns an agent's ``x_i``, optimizer
+state or loss non-finite is undone, the agent takes no more steps that round
+(``num_diverged``) and mixes its last finite ``x_i``: no non-finite mass reaches
+its neighbours. Communication: every mixing step, each agent pushes ``x_i`` and
+``omega_i`` (model bytes + 4) to each of its active out-neighbours (self-loops
+excluded); ``bytes_up`` = ``bytes_down`` = the round's pushes x (model bytes +
+4) (every push sent is received).
+
 C-SPE / C-GEN evaluate each agent's de-biased ``z_i``; Global evaluates the
 mean of ``z`` over agents.
 
@@ -28,10 +36,11 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from demjax import local, network
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
-from demjax.pytrees import where_agents
+from demjax.pytrees import agent_bytes, comm_bytes, divergence_guard, round_counts
 
 
 @flax.struct.dataclass
@@ -99,10 +108,16 @@ def make_sgp_steps(net: network.Network, tx, loss_fn, batch_size, local_epochs,
 
     Returns:
       ``steps(x, omega, opt, aux, x_data, y_data, n, key, train_mask [A],
-      max_steps [A]) -> (x, omega, opt, mean_ce [A])``.
+      max_steps [A]) -> (x, omega, opt, mean_ce [A], diverged [A], messages)``:
+      ``diverged`` bool, the agents whose gradient step turned ``x``, its
+      optimizer state or the loss non-finite (that step is undone and the agent
+      takes no more steps this round, but keeps mixing its finite ``x``, so no
+      non-finite mass is pushed); ``messages`` int32, the pushes ``i -> j`` (j !=
+      i, active edges) of the round's mixing steps.
     """
     grad_fn = jax.vmap(jax.grad(loss_fn, has_aux=True))
     update = jax.vmap(tx.update)
+    others = np.asarray(net.senders != net.receivers)  # static: no self-loop
 
     def steps(x, omega, opt, aux, x_data, y_data, n, key, train_mask, max_steps):
         k_plan, k_loop = jax.random.split(key)
@@ -112,7 +127,7 @@ def make_sgp_steps(net: network.Network, tx, loss_fn, batch_size, local_epochs,
         num_agents = n.shape[0]
 
         def step(carry, s):
-            x, omega, opt, ce_sum, count = carry
+            x, omega, opt, ce_sum, count, diverged, messages = carry
             k_s = jax.random.fold_in(k_loop, s)
             k_drop, k_net = jax.random.split(k_s)
             xb, yb = gather_batch(x_data, y_data, idx[s])
@@ -121,31 +136,45 @@ def make_sgp_steps(net: network.Network, tx, loss_fn, batch_size, local_epochs,
                 z, aux, xb, yb, mask[s], jax.random.split(k_drop, num_agents)
             )
             updates, new_opt = update(grads, opt, z)
-            act = has_step[s] & train_mask & (count < max_steps)
-
-            x = where_agents(act, jax.tree.map(jnp.add, x, updates), x)
-            opt = where_agents(act, new_opt, opt)
+            act = has_step[s] & train_mask & (count < max_steps) & ~diverged
+            (x, opt), act, bad = divergence_guard(
+                act, (jax.tree.map(jnp.add, x, updates), new_opt), (x, opt), ce
+            )
+            diverged = diverged | bad
 
             def mix(args):
                 xx, oo = args
                 w = net.sample(k_net)
-                return net.mix(w, xx), net.mix(w, oo)
+                sent = jnp.sum((w > 0) & others).astype(jnp.int32)
+                return net.mix(w, xx), net.mix(w, oo), sent
 
             if mix_every == 1:
-                x, omega = mix((x, omega))
+                x, omega, sent = mix((x, omega))
             else:
-                x, omega = jax.lax.cond(
-                    (s + 1) % mix_every == 0, mix, lambda a: a, (x, omega)
+                x, omega, sent = jax.lax.cond(
+                    (s + 1) % mix_every == 0,
+                    mix,
+                    lambda a: (*a, jnp.int32(0)),
+                    (x, omega),
                 )
             ce_sum = ce_sum + jnp.where(act, ce, 0.0)
-            return (x, omega, opt, ce_sum, count + act), None
+            carry = (x, omega, opt, ce_sum, count + act, diverged, messages + sent)
+            return carry, None
 
         zeros = jnp.zeros((num_agents,), jnp.float32)
-        init = (x, omega, opt, zeros, jnp.zeros((num_agents,), jnp.int32))
-        (x, omega, opt, ce_sum, count), _ = jax.lax.scan(
+        init = (
+            x,
+            omega,
+            opt,
+            zeros,
+            jnp.zeros((num_agents,), jnp.int32),
+            jnp.zeros((num_agents,), bool),
+            jnp.int32(0),
+        )
+        (x, omega, opt, ce_sum, count, diverged, messages), _ = jax.lax.scan(
             step, init, jnp.arange(idx.shape[0])
         )
-        return x, omega, opt, ce_sum / jnp.maximum(count, 1)
+        return x, omega, opt, ce_sum / jnp.maximum(count, 1), diverged, messages
 
     return steps
 
@@ -179,7 +208,7 @@ def build(ctx) -> Rounds:
     def round_fn(state, part, key, t):
         active, max_steps = ctx.round_masks(key, part.n_train)
         aux = jnp.zeros((num_agents,), jnp.float32)
-        x, omega, opt, ce = steps(
+        x, omega, opt, ce, diverged, messages = steps(
             state.x,
             state.omega,
             state.opt,
@@ -191,10 +220,14 @@ def build(ctx) -> Rounds:
             active,
             max_steps,
         )
-        act = active.astype(jnp.float32)
+        act = (active & ~diverged).astype(jnp.float32)
+        # Every push carries the sender's x_i and omega_i (float32).
+        push = agent_bytes(state.x) + 4
         info = {
             "train_loss": jnp.sum(ce * act) / jnp.maximum(jnp.sum(act), 1.0),
             "omega_min": jnp.min(omega),
+            **round_counts(active, diverged),
+            **comm_bytes(push, messages, push, messages),
         }
         return SGPState(x=x, omega=omega, opt=opt), info
 
