@@ -9,7 +9,8 @@ Protocol (the same for every algorithm of a table):
    test rows are not in the run (``demjax.data.validation``).
 2. A grid over the learning rate and the method's main hyper-parameter(s)
    (``GRIDS``; algorithms without an entry get the learning-rate grid only),
-   every point run with ``--seeds`` seeds.
+   every point run with ``--seeds`` seeds (the replicas of one run,
+   ``num_replicas``: one compilation per point).
 3. The choice: the grid point with the highest validation C-SPE at the final
    round, mean over seeds (ties: the first in grid order). The best round's
    validation C-SPE is stored too.
@@ -191,18 +192,24 @@ def main(argv=None) -> None:
                 if label(params) in stored and not args.force:
                     scored.append(stored[label(params)])
                     continue
-                finals, bests, t0 = [], [], time.perf_counter()
-                for seed in setup["seeds"]:
-                    c = cp.config_for(name, split, _run_args(args, seed))
-                    c.dataset, c.num_agents = args.dataset, args.num_agents
-                    c.val_fraction = VAL_FRACTION
-                    c.checkpoint_every = 0
-                    apply(c, params)
-                    with tempfile.TemporaryDirectory() as tmp:
-                        out = run(c, tmp, overwrite=True)
-                    sync = [r for r in out["records"] if r["point"] == "sync"]
+                t0 = time.perf_counter()
+                # The seeds are the replicas of one run (one compilation).
+                c = cp.config_for(name, split, _run_args(args, args.seed))
+                c.dataset, c.num_agents = args.dataset, args.num_agents
+                c.val_fraction = VAL_FRACTION
+                c.checkpoint_every = 0
+                c.num_replicas = args.seeds
+                apply(c, params)
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = run(c, tmp, overwrite=True)
+                finals, bests = [], []
+                for r in range(args.seeds):
+                    sync = [
+                        x for x in out["records"]
+                        if x["point"] == "sync" and x.get("replica", 0) == r
+                    ]  # fmt: skip
                     finals.append(sync[-1]["c_spe"])
-                    bests.append(max(r["c_spe"] for r in sync))
+                    bests.append(max(x["c_spe"] for x in sync))
                 entry = {
                     "params": params,
                     "val_c_spe": statistics.fmean(finals),
@@ -230,6 +237,8 @@ def _run_args(args, seed: int):
         samples_per_agent=args.samples_per_agent,
         seed=seed,
         quiet=args.quiet,
+        replicas=1,
+        quick=False,
     )
 
 

@@ -183,16 +183,20 @@ def test_tuning_grid_choice_and_a_validation_run(tmp_path):
     assert (c.lr, c.ditto.lam) == (0.2, 2.0)
     with pytest.raises(KeyError, match="ditto.nope"):
         tune.apply(c, {"ditto.nope": 1.0})
-    # One grid point, one seed, end to end: scores come from the validation rows.
+    # One grid point, two seeds (replicas of one run), end to end: scores come from the validation rows.
     tune.GRIDS["fedavg"] = {"lr": (0.05,)}
     tune.main([
         "--only=fedavg", "--splits=pathological", "--dataset=digits",
         "--num_agents=4", "--model=mlp", "--num_rounds=1", "--eval_every=1",
-        "--seeds=1", f"--out_dir={tmp_path}", "--quiet",
+        "--seeds=2", f"--out_dir={tmp_path}", "--quiet",
     ])  # fmt: skip
     results = json.loads((tmp_path / "tuning.json").read_text())
     chosen = results["chosen"]["pathological/fedavg"]
     assert chosen["params"] == {"lr": 0.05} and 0.0 <= chosen["val_c_spe"] <= 1.0
+    per_seed = chosen["val_c_spe_per_seed"]
+    assert len(per_seed) == 2 and chosen["val_c_spe"] == pytest.approx(
+        sum(per_seed) / 2
+    )
     assert results["setup"]["val_fraction"] == 0.2
     assert "| pathological | fedavg | lr=0.05 |" in (tmp_path / "tuning.md").read_text()
 

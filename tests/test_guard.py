@@ -19,7 +19,7 @@ from helpers import run_round
 from helpers import tiny_config as base_config
 
 from demjax import data, local, train
-from demjax.algorithms import ALGORITHMS
+from demjax.algorithms import ALGORITHMS, layer_split
 
 A = 4
 POISONED = 1
@@ -67,7 +67,9 @@ def nonfinite(tree, skip_agent: int | None = None) -> list[str]:
 def poisoned_round(name: str):
     """One round of ``name`` (default hyper-parameters) with agent 1's inputs
     NaN, shared by the tests below."""
-    return one_round(tiny_config(algorithm=name), poison=True)
+    # The layer-split algorithms need a body below the head (not MLR).
+    model = "mlp" if name in layer_split.ALGORITHMS else "mlr"
+    return one_round(tiny_config(algorithm=name, model=model), poison=True)
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
