@@ -22,7 +22,8 @@ Speed only, no test's claim depends on them:
   start with the first test, in the background: they use the core that the
   in-process tests (mostly compiling on one core) leave idle, and the modules that
   read them run after the others.
-- On pytest-xdist workers (``-n 2 --dist loadgroup``, the README's command): one
+- Optionally on pytest-xdist workers (``-n N --dist loadgroup``, for machines with
+  more cores than the 2-core CI machine, where it does not pay): one
   compilation cache for all workers (a size limit turns on its file lock); the
   tests reading the CLI processes are one group, sent first to one worker, which
   starts the processes; other tests are grouped by module (module fixtures run
@@ -55,19 +56,20 @@ _JAX_FLAGS = {
     "jax_persistent_cache_min_compile_time_secs": 0.0,
     "jax_persistent_cache_min_entry_size_bytes": 0,
     "jax_disable_most_optimizations": True,
-    # A size limit turns on the cache's file lock: the workers and the CLI
-    # processes read and write one directory at the same time.
-    "jax_compilation_cache_max_size": 16 * 2**30,
 }
 _JAX_ENV = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-    "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 * 2**30),
 }
 
 # pytest-xdist worker id ("gw0", ...) when the suite runs on several workers.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER is not None:
+    # A size limit turns on the cache's file lock: the workers and the CLI
+    # processes read and write one directory at the same time.
+    _JAX_FLAGS["jax_compilation_cache_max_size"] = 16 * 2**30
+    _JAX_ENV["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 * 2**30)
 
 
 @pytest.fixture(scope="session", autouse=True)

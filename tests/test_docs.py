@@ -115,7 +115,7 @@ def test_readme_test_command_is_ci_command():
     # .ci/run runs exactly the README's test command; keep the two identical.
     ci = read(".ci/run").strip().splitlines()[-1]
     readme = read("README.md")
-    assert ci == "python -m pytest -q -n 2 --dist loadgroup tests"
+    assert ci == "python -m pytest -q tests"
     assert f"pip install -e '.[dev]' && {ci}\n" in readme
 
 
