@@ -5,7 +5,8 @@ regenerate them).
 
 Each case runs in-process and its ``metrics.jsonl`` must match the golden record
 for record: the same rows, the same keys, ints and strings (``round``, ``point``,
-``num_active``, ``num_diverged``) and nulls equal, every float within ``ATOL``.
+``num_active``, ``num_diverged``) and nulls equal, every float within ``ATOL``; and
+every jitted phase and evaluator of the run compiled at most once.
 """
 
 import math
@@ -21,7 +22,7 @@ from goldens.record import (
     HERE,
     golden_path,
     read_golden,
-    run_case,
+    run_case_result,
 )
 
 # Records hold floats rounded to 6 decimals: one unit in the last digit (plus the
@@ -65,7 +66,13 @@ def _check(case: str, workdir: str) -> None:
             f"with `python tests/goldens/record.py {case}` and commit the file",
             pytrace=False,
         )
-    bad = _mismatches(run_case(case, workdir), read_golden(case))
+    records, result = run_case_result(case, workdir)
+    bad = _mismatches(records, read_golden(case))
+    # Every jitted phase and evaluator compiled at most once (0: unused in the
+    # case): no recompilation after round 0.
+    many = {k: v for k, v in result["compilations"].items() if v > 1}
+    if many:
+        bad.append(f"compiled more than once (name: variants): {many}")
     if bad:
         pytest.fail(
             f"{case} differs from its golden metrics ({os.path.relpath(path)}; "

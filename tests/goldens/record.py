@@ -82,9 +82,14 @@ def deterministic(record: dict) -> dict:
 
 def run_case(case: str, workdir: str) -> list[dict]:
     """Runs a case in-process into ``workdir``; its deterministic metric records."""
-    train.run(case_config(case), workdir, overwrite=True)
+    return run_case_result(case, workdir)[0]
+
+
+def run_case_result(case: str, workdir: str) -> tuple[list[dict], dict]:
+    """``run_case`` and the ``train.run`` result (compiled variants etc.)."""
+    result = train.run(case_config(case), workdir, overwrite=True)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [deterministic(json.loads(line)) for line in f if line.strip()]
+        return [deterministic(json.loads(line)) for line in f if line.strip()], result
 
 
 def read_golden(case: str, directory: str = HERE) -> list[dict]:
