@@ -217,10 +217,14 @@ def _power_of_two_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(x * 2**-e, e)``: int32 ``e`` = the binary exponent of ``max |x|`` when
     that exceeds ``2**_SCALE_ABOVE`` (scaled max in [0.5, 1)), else 0 (``x``
     unchanged). Non-finite ``x`` is returned unchanged."""
-    big = jnp.max(jnp.abs(x)) if x.size else jnp.float32(0.0)
-    _, e = jnp.frexp(big)
-    e = jnp.where(jnp.isfinite(big) & (e > _SCALE_ABOVE), e, 0).astype(jnp.int32)
+    e = _scale_exponent(jnp.max(jnp.abs(x)) if x.size else jnp.float32(0.0))
     return _times_power_of_two(x, -e), e
+
+
+def _scale_exponent(big: jax.Array) -> jax.Array:
+    """int32 binary exponent of ``big`` if it exceeds ``2**_SCALE_ABOVE``, else 0."""
+    _, e = jnp.frexp(big)
+    return jnp.where(jnp.isfinite(big) & (e > _SCALE_ABOVE), e, 0).astype(jnp.int32)
 
 
 def _times_power_of_two(x: jax.Array, e: jax.Array) -> jax.Array:
@@ -779,6 +783,10 @@ def _linkage_sample_arg(value: Any, num_agents: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("metric", "block"))
 def _nearest_jit(x, s, metric: str, block: int):
+    # One power-of-two scale for both (exact; argmin is scale invariant), so
+    # huge features do not overflow the squared norms.
+    e = _scale_exponent(jnp.maximum(jnp.max(jnp.abs(x)), jnp.max(jnp.abs(s))))
+    x, s = _times_power_of_two(x, -e), _times_power_of_two(s, -e)
     if metric == "cosine":
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         s = s / jnp.maximum(jnp.linalg.norm(s, axis=1, keepdims=True), 1e-12)

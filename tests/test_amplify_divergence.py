@@ -124,3 +124,15 @@ def test_linkage_rejects_non_finite_distances():
     d[0, 1] = d[1, 0] = np.inf
     with pytest.raises(ValueError, match="2 non-finite entries"):
         cluster.linkage(d)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_nearest_rows_of_huge_features_match_float64(metric):
+    rng = np.random.default_rng(2)
+    x = (rng.normal(size=(7, 20)) * 1e30).astype(np.float32)
+    s = (rng.normal(size=(3, 20)) * 1e30).astype(np.float32)
+    want = np.argmin(
+        squareform(pdist(np.concatenate([x, s]).astype(np.float64), metric))[:7, 7:],
+        axis=1,
+    )
+    np.testing.assert_array_equal(np.asarray(cluster.nearest_rows(x, s, metric)), want)
