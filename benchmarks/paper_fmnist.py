@@ -125,13 +125,18 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   C-GEN .160, Global .299 (flax init with amplify: .811 / .149 / .153). One agent's
   local training diverged (non-finite loss or parameters) in round 4, one round
   earlier than with flax's init (the `demlearn_p_amplify` run had one diverged agent
-  in round 5 and continued). In round 5 the run stopped with an error: the
-  self-organizing step clusters the agents' locally trained parameters before
-  diverged agents are reset (`demjax/train.py` calls `build_tree` on `params_local`),
-  and the linkage refuses non-finite distances. So at this commit the reference's
-  configuration with PyTorch's init cannot run its 100 rounds, and its five rounds
-  show the same instability as flax's init, one round earlier (code of commit
-  5af922d, 2026-12-04, 2-core AMD EPYC without AVX-512 shared with other jobs). On
+  in round 5 and continued). In round 5 the run stopped with an error: every
+  agent's model was finite (the diverged ones reset to their parent group model,
+  norm 7.7e15), but two agents held huge finite weights (largest entry 1.3e26),
+  the float32 Gram-identity distances overflowed (squared norms beyond 3.4e38) and
+  scipy's linkage refused the non-finite matrix (the reference's float64 distances
+  would not overflow there). So at that commit the reference's configuration with
+  PyTorch's init could not run its 100 rounds, and its five rounds show the same
+  instability as flax's init, one round earlier (code of commit 5af922d,
+  2026-12-04, 2-core AMD EPYC without AVX-512 shared with other jobs). Distances
+  of features beyond `2^16` are now computed on power-of-two-scaled features and a
+  group average that overflows keeps the previous group model
+  (`docs/demlearn.md`, steps 2 and 3). On
   the MLP (`ablations_fmnist.md`, all four rows rerun on 2026-12-04 at commit
   6e17619, no agent diverged) PyTorch's init roughly halves amplify's cost: Global
   .763 with amplify vs .801 without (-3.8), against .727 vs .800 (-7.3) with

@@ -41,7 +41,7 @@ from scipy.cluster import hierarchy as sch
 from scipy.spatial import distance as ssd
 
 from demjax import sharding
-from demjax.errors import ConfigError, check_arg
+from demjax.errors import ConfigError, DivergenceError, check_arg
 from demjax.types import GroupTree
 
 FEATURE_KINDS = ("weights", "updates")
@@ -206,18 +206,50 @@ def _gram(x: jax.Array, center: bool, block_size: int) -> jax.Array:
     return gram
 
 
+# Features whose largest magnitude exceeds 2**_SCALE_ABOVE are scaled by a power
+# of two before the Gram matmul, so squared norms cannot overflow float32 (they
+# would from |x| ~ 1.8e19). Scaling by a power of two is exact, so smaller
+# features, i.e. every normal run, are left untouched bit for bit.
+_SCALE_ABOVE = 16
+
+
+def _power_of_two_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x * 2**-e, e)``: int32 ``e`` = the binary exponent of ``max |x|`` when
+    that exceeds ``2**_SCALE_ABOVE`` (scaled max in [0.5, 1)), else 0 (``x``
+    unchanged). Non-finite ``x`` is returned unchanged."""
+    e = _scale_exponent(jnp.max(jnp.abs(x)) if x.size else jnp.float32(0.0))
+    return _times_power_of_two(x, -e), e
+
+
+def _scale_exponent(big: jax.Array) -> jax.Array:
+    """int32 binary exponent of ``big`` if it exceeds ``2**_SCALE_ABOVE``, else 0."""
+    _, e = jnp.frexp(big)
+    return jnp.where(jnp.isfinite(big) & (e > _SCALE_ABOVE), e, 0).astype(jnp.int32)
+
+
+def _times_power_of_two(x: jax.Array, e: jax.Array) -> jax.Array:
+    """``x * 2**e`` exactly, for int32 ``e`` in [-126, 127] (two exact factors,
+    each a normal float32 power of two built from its bits)."""
+    half = e // 2
+
+    def pow2(k):
+        return jax.lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
+
+    return x * pow2(half) * pow2(e - half)
+
+
 @functools.partial(jax.jit, static_argnames=("metric", "block_size"))
 def _pairwise_distances_jit(
     feats: jax.Array, metric: str, block_size: int
 ) -> jax.Array:
-    x = feats.astype(jnp.float32)
+    x, exponent = _power_of_two_scaled(feats.astype(jnp.float32))
     if metric == "euclidean":
         # Distances are translation invariant: centring shrinks |x|^2 and with it
         # the cancellation error of the Gram identity.
         gram = _gram(x, True, block_size)
         sq_norm = jnp.diagonal(gram)
         sq = sq_norm[:, None] + sq_norm[None, :] - 2.0 * gram
-        d = jnp.sqrt(jnp.maximum(sq, 0.0))
+        d = _times_power_of_two(jnp.sqrt(jnp.maximum(sq, 0.0)), exponent)
     else:  # cosine; Gram normalised after the matmul (docs/benchmarks.md).
         gram = _gram(x, False, block_size)
         norm = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
@@ -236,7 +268,10 @@ def pairwise_distances(
     Euclidean: Gram identity ``|x - y|^2 = |x|^2 + |y|^2 - 2 x.y`` on features
     centred by their column mean (translation invariance; it reduces float32
     cancellation), squared distances clamped at zero before the square root, so
-    nearly identical agents give 0 rather than NaN.
+    nearly identical agents give 0 rather than NaN. Features larger than
+    ``2**16`` in magnitude are first scaled by a power of two (exact, undone on
+    the distances), so squared norms do not overflow float32 (as they would from
+    ``|x| ~ 1.8e19``); distances beyond the float32 range are ``inf``.
 
     Cosine: ``1 - x.y / (|x| |y|)``, the Gram matrix being normalised after the
     matmul (not centred). A zero feature vector (or a pair whose norm product
@@ -400,6 +435,11 @@ def linkage(dist: Any, method: str = "average", backend: str = "scipy") -> np.nd
         raise ValueError(f"dist must be a square [A, A] matrix; got {d.shape}")
     if d.shape[0] < 2:
         return np.zeros((0, 4), np.float64)
+    if not np.all(np.isfinite(d)):
+        raise ValueError(
+            f"dist holds {int(np.sum(~np.isfinite(d)))} non-finite entries; "
+            "linkage needs finite distances"
+        )
     condensed = ssd.squareform(d, checks=False)
     if backend == "fastcluster":
         try:
@@ -743,6 +783,10 @@ def _linkage_sample_arg(value: Any, num_agents: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("metric", "block"))
 def _nearest_jit(x, s, metric: str, block: int):
+    # One power-of-two scale for both (exact; argmin is scale invariant), so
+    # huge features do not overflow the squared norms.
+    e = _scale_exponent(jnp.maximum(jnp.max(jnp.abs(x)), jnp.max(jnp.abs(s))))
+    x, s = _times_power_of_two(x, -e), _times_power_of_two(s, -e)
     if metric == "cosine":
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         s = s / jnp.maximum(jnp.linalg.norm(s, axis=1, keepdims=True), 1e-12)
@@ -775,6 +819,17 @@ def nearest_rows(x: Any, s: Any, metric: str = "euclidean", block: int = 4096):
     check_arg("metric", metric, METRICS)
     x, s = jnp.asarray(x, jnp.float32), jnp.asarray(s, jnp.float32)
     return _nearest_jit(x, s, metric, int(min(block, max(x.shape[0], 1))))
+
+
+def _check_finite_features(feats: Any) -> None:
+    """Raise ``DivergenceError`` naming how many agents' features are non-finite."""
+    bad = int(jnp.sum(~jnp.all(jnp.isfinite(jnp.asarray(feats)), axis=1)))
+    if bad:
+        raise DivergenceError(
+            f"{bad} of {int(np.shape(feats)[0])} agents' models are non-finite "
+            "(NaN/inf), so no distances for the re-grouping; the training "
+            "diverged: lower lr (or amplify_factor/amplify_rounds with amplify=True)"
+        )
 
 
 def build_tree(
@@ -829,6 +884,9 @@ def build_tree(
       ValueError: any invalid option (the message names the argument), or
         ``feats`` is not 2-D.
       ConfigError: fastcluster requested but not installed.
+      DivergenceError: some agents' features are non-finite, or their distances
+        overflow float32 (a one-line message naming the cause; never reaches
+        scipy).
     """
     check_arg("metric", metric, METRICS)
     check_arg("method", method, LINKAGE_METHODS)
@@ -858,6 +916,7 @@ def build_tree(
         feats = sketch(key, feats, int(sketch_dim)).block_until_ready()
         info["sketch_s"] = time.perf_counter() - ts
     m = _linkage_sample_arg(linkage_sample, num_agents)
+    _check_finite_features(feats)
     full_feats, sample = feats, None
     if m:
         if key is None:
@@ -876,7 +935,14 @@ def build_tree(
     t1 = time.perf_counter()
     # sharding.to_host: a multi-process job's distances may be spread over
     # processes (gathered then; a plain device_get in one process).
-    z = linkage(sharding.to_host(dist), method, backend)
+    dist = sharding.to_host(dist)
+    if not np.all(np.isfinite(dist)):
+        raise DivergenceError(
+            "agents' models are too large for float32 distances (max |w| = "
+            f"{float(jnp.max(jnp.abs(jnp.asarray(feats)))):.3g}); the training "
+            "diverged: lower lr (or amplify_factor/amplify_rounds with amplify=True)"
+        )
+    z = linkage(dist, method, backend)
     t2 = time.perf_counter()
     if mode == "binary":
         tree = tree_from_linkage(z, n_tree, num_levels)

@@ -37,6 +37,7 @@ from demjax import (
     memory,
     metrics,
     models,
+    pytrees,
     sharding,
 )
 from demjax import plan as plan_lib
@@ -401,6 +402,12 @@ class Simulator:
             )  # fmt: skip
             node_params = hierarchy.fill_empty_groups(
                 node_params, node_weight, tree, prev_node_params
+            )
+            # Divergence guard for group models: a group average that overflows
+            # (huge but finite agents, amplify) keeps the group's previous
+            # model, so no non-finite model is ever mixed into the agents.
+            node_params = pytrees.where_agents(
+                pytrees.finite_agents(node_params), node_params, prev_node_params
             )
             group_size = hierarchy.node_counts(
                 tree, jnp.ones((num_agents,), jnp.float32)

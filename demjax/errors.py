@@ -9,6 +9,12 @@ class ConfigError(ValueError):
     """Bad configuration or input: the message names the field and what is accepted."""
 
 
+class DivergenceError(ConfigError):
+    """The training diverged so far that the run cannot go on (e.g. agents'
+    models are non-finite at a re-grouping); the message names the cause and
+    the config fields that control it (``lr``, ``amplify_factor``, ...)."""
+
+
 class DataNotFoundError(ConfigError):
     """A data set is not available offline; the message says how to get it."""
 

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 
 from demjax import cluster
 from demjax.algorithms.protocol import Algorithm, Phase, Rounds
-from demjax.errors import ConfigError
+from demjax.errors import ConfigError, DivergenceError
 from demjax.pytrees import agent_bytes, comm_bytes
 
 
@@ -274,9 +274,12 @@ def build(options: Hierarchy, ctx) -> Rounds:
         """Host step: the self-organizing re-grouping (every ``tau`` rounds)."""
         if not sim.regroups(t):
             return state, {}
-        tree, tinfo = sim.build_tree(
-            state.params, state.start, jax.random.fold_in(key, 1)
-        )
+        try:
+            tree, tinfo = sim.build_tree(
+                state.params, state.start, jax.random.fold_in(key, 1)
+            )
+        except DivergenceError as e:
+            raise DivergenceError(f"round {t}: {e}") from None
         linkage["z"] = tinfo.pop("linkage")
         linkage["agents"] = tinfo.pop("linkage_agents", None)
         report = {"timing": tinfo}
