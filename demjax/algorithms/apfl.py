@@ -41,9 +41,11 @@ import optax
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.local import masked_cross_entropy
 from demjax.pytrees import (
+    comm_bytes,
     finite_agents,
     masked_mean,
     per_agent,
+    round_counts,
     stack,
     tree_bytes,
     where_agents,
@@ -202,15 +204,12 @@ def build(ctx) -> Rounds:
             alpha=alpha,
             opt=where_agents(trained, opt, state.opt),
         )
-        num_active = jnp.sum(active).astype(jnp.int32)
-        one_model = jnp.float32(tree_bytes(state.w))
+        one_model = tree_bytes(state.w)
         info = {
             "train_loss": masked_mean(jnp.where(trained, loss, 0.0), weight),
             "mean_alpha": jnp.mean(alpha),
-            "num_active": num_active,
-            "num_diverged": jnp.sum(active & ~finite).astype(jnp.int32),
-            "bytes_up": one_model * num_active.astype(jnp.float32),
-            "bytes_down": one_model * num_active.astype(jnp.float32),
+            **round_counts(active, active & ~finite),
+            **comm_bytes(one_model, active, one_model, active),
         }
         return new, info
 

@@ -64,8 +64,10 @@ from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.errors import ConfigError
 from demjax.local import masked_cross_entropy
 from demjax.pytrees import (
+    comm_bytes,
     finite_agents,
     masked_mean,
+    round_counts,
     stack,
     tree_bytes,
     where_agents,
@@ -278,8 +280,6 @@ def build(ctx) -> Rounds:
         w = jax.tree.map(keep, mean, state.w)
         new = FedGenState(w=w, gen=gen, gen_opt=gen_opt,
                           opt=where_agents(trained, opt, state.opt))  # fmt: skip
-        num_active = jnp.sum(active).astype(jnp.int32)
-        n_act = num_active.astype(jnp.float32)
         model_b = tree_bytes(state.w)
         down = model_b + tree_bytes(state.gen) + num_classes * 4
         up = model_b + num_classes * 4
@@ -288,10 +288,8 @@ def build(ctx) -> Rounds:
                 jnp.where(trained, loss, 0.0), trained.astype(jnp.float32)
             ),
             "gen_loss": jnp.where(any_trained, gl[-1], jnp.nan),
-            "num_active": num_active,
-            "num_diverged": jnp.sum(active & ~finite).astype(jnp.int32),
-            "bytes_up": jnp.float32(up) * n_act,
-            "bytes_down": jnp.float32(down) * n_act,
+            **round_counts(active, active & ~finite),
+            **comm_bytes(up, active, down, active),
         }
         return new, info
 

@@ -38,9 +38,11 @@ import optax
 from demjax.algorithms.protocol import HParam, Rounds, one_round
 from demjax.errors import ConfigError
 from demjax.pytrees import (
+    comm_bytes,
     finite_agents,
     keep_if_finite,
     masked_mean,
+    round_counts,
     stack,
     tree_bytes,
     where_agents,
@@ -219,14 +221,11 @@ def build_split(
             ),
             shared=keep_if_finite(shared, state.shared),
         )
-        num_active = jnp.sum(active.astype(jnp.int32))
-        message = jnp.float32(tree_bytes(pick(state.shared, shared_keys)))
+        message = tree_bytes(pick(state.shared, shared_keys))
         info = {
             "train_loss": masked_mean(losses[-1], ok.astype(jnp.float32)),
-            "num_active": num_active,
-            "num_diverged": jnp.sum((active & ~finite).astype(jnp.int32)),
-            "bytes_up": message * num_active.astype(jnp.float32),
-            "bytes_down": message * num_active.astype(jnp.float32),
+            **round_counts(active, active & ~finite),
+            **comm_bytes(message, active, message, active),
         }
         return new, info
 

@@ -47,8 +47,10 @@ import jax.numpy as jnp
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.local import masked_cross_entropy
 from demjax.pytrees import (
+    comm_bytes,
     finite_agents,
     masked_mean,
+    round_counts,
     stack,
     tree_bytes,
     where_agents,
@@ -167,16 +169,13 @@ def build(ctx) -> Rounds:
         any_trained = jnp.any(trained)
         w = jax.tree.map(lambda m, o: jnp.where(any_trained, m, o), mean, state.w)
         new = MoonState(w=w, prev=prev, opt=where_agents(trained, opt, state.opt))
-        num_active = jnp.sum(active).astype(jnp.int32)
-        one_model = jnp.float32(tree_bytes(state.w))
+        one_model = tree_bytes(state.w)
         info = {
             "train_loss": masked_mean(
                 jnp.where(trained, loss, 0.0), trained.astype(jnp.float32)
             ),
-            "num_active": num_active,
-            "num_diverged": jnp.sum(active & ~finite).astype(jnp.int32),
-            "bytes_up": one_model * num_active.astype(jnp.float32),
-            "bytes_down": one_model * num_active.astype(jnp.float32),
+            **round_counts(active, active & ~finite),
+            **comm_bytes(one_model, active, one_model, active),
         }
         return new, info
 

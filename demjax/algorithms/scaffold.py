@@ -49,9 +49,11 @@ import jax.numpy as jnp
 from demjax.algorithms.protocol import Algorithm, HParam, Rounds, one_round
 from demjax.local import masked_cross_entropy
 from demjax.pytrees import (
+    comm_bytes,
     finite_agents,
     masked_mean,
     per_agent,
+    round_counts,
     stack,
     tree_bytes,
     where_agents,
@@ -163,14 +165,11 @@ def build(ctx) -> Rounds:
         new = ScaffoldState(
             x=x, c=c, c_i=c_i, opt=where_agents(trained, opt, state.opt)
         )
-        num_active = jnp.sum(active).astype(jnp.int32)
-        two_models = jnp.float32(2 * tree_bytes(state.x))
+        two_models = 2 * tree_bytes(state.x)
         info = {
             "train_loss": masked_mean(jnp.where(trained, loss, 0.0), weight),
-            "num_active": num_active,
-            "num_diverged": jnp.sum(active & ~finite).astype(jnp.int32),
-            "bytes_up": two_models * num_active.astype(jnp.float32),
-            "bytes_down": two_models * num_active.astype(jnp.float32),
+            **round_counts(active, active & ~finite),
+            **comm_bytes(two_models, active, two_models, active),
         }
         return new, info
 
