@@ -50,6 +50,24 @@ def run_round(rounds, state, part, key, t: int):
     return state, jax.device_get(info)
 
 
+def build_rounds(cfg, part, active=None):
+    """``(rounds, device partition)`` of ``cfg`` on the host partition ``part``;
+    ``active`` (bool ``[A]``) fixes the participants of every round (no step
+    limit) instead of the config's participation masks."""
+    import jax
+    import jax.numpy as jnp
+
+    from demjax import local, train
+
+    plugin, ctx, rounds = train.build(cfg, jax.tree.map(jnp.asarray, part))
+    if active is not None:
+        act = jnp.asarray(active, bool)
+        steps = jnp.full(act.shape, local._NO_LIMIT, jnp.int32)
+        ctx = dataclasses.replace(ctx, round_masks=lambda key, n: (act, steps))
+        rounds = plugin.build(ctx)
+    return rounds, jax.tree.map(jnp.asarray, part)
+
+
 def train_is_test_partition(x, y, n_train, num_classes: int) -> Partition:
     """A partition whose test set is its training set and whose pooled test set is
     every agent's padded rows (owner = agent).

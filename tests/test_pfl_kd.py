@@ -18,7 +18,6 @@ units) trained by SGD with momentum on the uploaded rows in the minibatches the
 module's ``server_batches`` draws; the agents start from given server logits.
 """
 
-import dataclasses
 import functools
 import json
 
@@ -26,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import run_round, train_is_test_partition
+from helpers import build_rounds, run_round, train_is_test_partition
 from helpers import tiny_config as base_config
 
-from demjax import local, train
 from demjax.algorithms import fedgen, fedgkt
 from demjax.config import validate
 from demjax.errors import ConfigError
@@ -77,16 +75,6 @@ def make_part(n_train=N_TRAIN, seed=0, nan_agent=None):
         x[nan_agent] = np.nan
     y = rng.integers(0, C, size=(len(n_train), N)).astype(np.int32)
     return train_is_test_partition(x, y, n_train, C)
-
-
-def build(cfg, part, active=None):
-    plugin, ctx, rounds = train.build(cfg, jax.tree.map(jnp.asarray, part))
-    if active is not None:
-        act = jnp.asarray(active, bool)
-        steps = jnp.full(act.shape, local._NO_LIMIT, jnp.int32)
-        ctx = dataclasses.replace(ctx, round_masks=lambda key, n: (act, steps))
-        rounds = plugin.build(ctx)
-    return rounds, jax.tree.map(jnp.asarray, part)
 
 
 # -------------------------------------------------------------- NumPy reference
@@ -167,7 +155,7 @@ def test_fedgen_round_matches_numpy():
     generator's Adam steps on Eq. 4 against the new heads weighted by label
     counts, sample-weighted mean of the models."""
     part = make_part(seed=3, nan_agent=NAN_AGENT)
-    rounds, dev = build(fedgen_config(), part, ACTIVE)
+    rounds, dev = build_rounds(fedgen_config(), part, ACTIVE)
     old = rounds.init(jax.random.PRNGKey(0), dev)
     key = jax.random.PRNGKey(1)
     new, info = run_round(rounds, old, dev, key, 1)
@@ -272,7 +260,7 @@ def test_fedgkt_round_matches_numpy():
     logits), upload of features/logits, server SGD-momentum steps on CE + alpha
     KD(edge logits), server logits back to the trained agents only."""
     part = make_part(seed=8, nan_agent=NAN_AGENT)
-    rounds, dev = build(gkt_config(), part, ACTIVE)
+    rounds, dev = build_rounds(gkt_config(), part, ACTIVE)
     has = np.array([True, True, False, True])
     rng = np.random.default_rng(9)
     given = rng.normal(size=(A, N, C)).astype(np.float32)
@@ -373,7 +361,7 @@ def test_round_has_no_python_loop_over_agents(algorithm):
         part = make_part([N] * a, seed=12)
         make = fedgen_config if algorithm == "fedgen" else gkt_config
         cfg = make(num_agents=a)
-        rounds, dev = build(cfg, part)
+        rounds, dev = build_rounds(cfg, part)
         state = rounds.init(jax.random.PRNGKey(0), dev)
         rj = jax.make_jaxpr(rounds.round)(
             state, dev, jax.random.PRNGKey(1), jnp.int32(0)

@@ -11,7 +11,6 @@ counted in ``num_diverged``, keep its state and stay out of every aggregate (the
 references leave it out).
 """
 
-import dataclasses
 import functools
 import json
 
@@ -19,10 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import run_round, train_is_test_partition
+from helpers import build_rounds, run_round, train_is_test_partition
 from helpers import tiny_config as base_config
 
-from demjax import local, train
 from demjax.config import validate
 from demjax.errors import ConfigError
 
@@ -58,20 +56,9 @@ def make_part(n_train=N_TRAIN, seed=0, nan_agent=None):
     return train_is_test_partition(x, y, n_train, C)
 
 
-def build(cfg, part, active=None):
-    """``(rounds, device partition)``; ``active`` fixes the participants."""
-    plugin, ctx, rounds = train.build(cfg, jax.tree.map(jnp.asarray, part))
-    if active is not None:
-        act = jnp.asarray(active, bool)
-        steps = jnp.full(act.shape, local._NO_LIMIT, jnp.int32)
-        ctx = dataclasses.replace(ctx, round_masks=lambda key, n: (act, steps))
-        rounds = plugin.build(ctx)
-    return rounds, jax.tree.map(jnp.asarray, part)
-
-
 def one_round(cfg, part, edit=None, active=ACTIVE):
     """``(state before, state after, info)`` of round 0."""
-    rounds, dev = build(cfg, part, active)
+    rounds, dev = build_rounds(cfg, part, active)
     state = rounds.init(jax.random.PRNGKey(0), dev)
     if edit is not None:
         state = edit(state)
@@ -358,7 +345,7 @@ def test_round_has_no_python_loop_over_agents(algorithm):
     sizes = []
     for a in (2, 6):
         part = make_part([N] * a, seed=12)
-        rounds, dev = build(tiny_config(algorithm=algorithm, num_agents=a), part)
+        rounds, dev = build_rounds(tiny_config(algorithm=algorithm, num_agents=a), part)
         state = rounds.init(jax.random.PRNGKey(0), dev)
         rj = jax.make_jaxpr(rounds.round)(
             state, dev, jax.random.PRNGKey(1), jnp.int32(0)
