@@ -14,6 +14,12 @@ Speed only, no test's claim depends on them:
   The HLO passes (fusion, buffer assignment, donation) still run; results may
   differ from an optimized build in the last bits (as they do between CPU kinds);
   the suite compares within a session, or to references with a tolerance.
+- XLA:CPU's fusion emitters are off (``--xla_cpu_use_fusion_emitters=false`` in
+  ``XLA_FLAGS``, set before any backend starts and inherited by the
+  subprocesses; tests that start processes with their own ``XLA_FLAGS`` append
+  to it with ``helpers.xla_flags``): XLA then emits each fused kernel directly
+  instead of through its MLIR pipeline, which cost a DemLearn golden run 2-5x
+  more compile time (measured on a 2-core AMD EPYC; all goldens still match).
 - ``@pytest.mark.cli(NAME=ARGS, ...)`` with the ``cli`` fixture: the test reads the
   ``scripts/run.py ARGS`` process ``NAME`` (``helpers.CliResult``). The cases of
   all collected tests run once per session, each in its own process, forked from
@@ -43,6 +49,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 _START = time.monotonic()  # before the JAX import: close to the session's start
+
+# Before any XLA backend starts (see the module docstring).
+FAST_COMPILE_XLA_FLAG = "--xla_cpu_use_fusion_emitters=false"
+if FAST_COMPILE_XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_XLA_FLAG
+    ).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -138,7 +151,7 @@ def _processes(request, tmp_path_factory, compilation_cache):
             )
         cases = _cli_cases(items)
         if cases:
-            futures["cli"] = pool.submit(run_cli_batch, cases, root)
+            futures["cli"] = pool.submit(_timed, run_cli_batch, cases, root)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         if _WORKER is None:
@@ -146,6 +159,21 @@ def _processes(request, tmp_path_factory, compilation_cache):
         else:  # only the worker given the tests that read them starts them
             futures["start"] = start
         yield futures
+
+
+_PROCESS_TIMES: list[str] = []  # how long the background processes took
+
+
+def _timed(fn, cases, root):
+    t0 = time.monotonic()
+    try:
+        return fn(cases, root)
+    finally:
+        t1 = time.monotonic()
+        _PROCESS_TIMES.append(
+            f"{len(cases)} scripts/run.py processes in the background: {t1 - t0:.0f} s "
+            f"(done {t1 - _START:.0f} s into the session)"
+        )
 
 
 def _future(processes: dict, name: str):
@@ -242,6 +270,8 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    for line in _PROCESS_TIMES:
+        terminalreporter.write_line(line)
     skipped = _BUDGET_SKIPS
     if skipped:
         budget = _budget()

@@ -19,6 +19,12 @@ if REPO not in sys.path:
 from configs import default  # noqa: E402
 
 
+def xla_flags(*extra: str) -> str:
+    """``XLA_FLAGS`` for a subprocess: the session's flags (conftest's fast-compile
+    flag) plus ``extra`` (e.g. ``--xla_force_host_platform_device_count=8``)."""
+    return " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), *extra]))
+
+
 def tiny_config(*, num_agents: int = 8, num_rounds: int = 2, **overrides):
     """``configs/default.py`` cut to seconds: an MLR on the embedded digits, one
     local epoch, no progress bar; ``overrides`` set fields, dotted keys

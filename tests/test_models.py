@@ -93,7 +93,7 @@ def test_matmul_impls_same_params_loss_and_grads(name):
                                  rngs={"dropout": jax.random.PRNGKey(8)})  # fmt: skip
             return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y])
 
-        return jax.vmap(jax.value_and_grad(f))(pop, x, y)
+        return jax.jit(jax.vmap(jax.value_and_grad(f)))(pop, x, y)
 
     (la, ga), (lb, gb) = loss(a), loss(b)
     np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-6)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from helpers import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(REPO, "scripts", "run.py")
@@ -40,7 +41,7 @@ def test_two_processes_equal_single_device(tmp_path):
     workdir = str(tmp_path / "mh")
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=REPO,
     )

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from helpers import xla_flags
 
 from demjax.algorithms import ALGORITHMS
 
@@ -28,7 +29,7 @@ def lines(tmp_path_factory):
     out = tmp_path_factory.mktemp("registry")
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=REPO,
         DEMJAX_CACHE_DIR=str(out / "cache"),
@@ -88,7 +89,7 @@ def two_processes(tmp_path_factory):
         port = s.getsockname()[1]
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=REPO,
         DEMJAX_CACHE_DIR=str(out / "cache"),

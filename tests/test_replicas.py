@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import tiny_config, xla_flags
 
 from demjax import data, memory, train
 from demjax.errors import ConfigError
@@ -239,7 +239,7 @@ SHARDED = r"""
 import json, os, sys
 sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]
 import jax
-from helpers import tiny_config
+from helpers import tiny_config, xla_flags
 from demjax import train
 assert jax.device_count() == 8, jax.devices()
 out = {{}}
@@ -260,7 +260,7 @@ def test_sharded_replicas_equal_single_device(tmp_path):
     """The replica axis whole, agents (axis 1) split over 8 forced CPU devices;
     stacked per-replica partitions; the same records as on one device."""
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
     proc = subprocess.run(
         [sys.executable, "-c", SHARDED.format(tests=tests), str(tmp_path)],
         capture_output=True,

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +34,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.mark.slow(seconds=45)  # a subprocess with 8 devices, 4 runs
 def test_sharded_run_equals_single_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT.format(repo=REPO), str(tmp_path)],
         capture_output=True,
