@@ -252,13 +252,21 @@ def main() -> None:
             dataset=q.dataset, num_agents=q.num_agents, model=q.model,
             num_rounds=q.num_rounds, eval_every=q.eval_every,
         )  # fmt: skip
-    same = ("model", "num_rounds", "samples_per_agent", "seed", "replicas", "quick")
+    same = ("model", "num_rounds", "samples_per_agent", "seed", "replicas", "quick",
+            "tuned")  # fmt: skip
     new_setup = results["setup"]
-    changed = [k for k in same if k in old_setup and old_setup[k] != new_setup[k]]
+    # Results stored before a field existed ran with its default.
+    defaults = {"replicas": 1, "quick": False, "tuned": False}
+
+    def used(setup, k):
+        return setup.get(k, defaults.get(k))
+
+    changed = [k for k in same if used(old_setup, k) != used(new_setup, k)]
+    changed = changed if old_setup else []
     if results["runs"] and changed and not (args.force or args.report_only):
-        used = ", ".join(f"{k}={old_setup[k]!r}" for k in changed)
+        was = ", ".join(f"{k}={used(old_setup, k)!r}" for k in changed)
         sys.exit(
-            f"error: stored runs used {used}"
+            f"error: stored runs used {was}"
             "; pass the same flags to add runs, or --force to rerun everything"
         )
     if args.report_only and old_setup:
