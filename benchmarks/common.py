@@ -80,6 +80,36 @@ def mean_std(summary: dict | None, metric: str, which: str, point: str = "sync")
     return f"{e['mean']:.3f} +/- {e['std']:.3f}"
 
 
+def _entry(summary, metric, which, point="sync"):
+    return (((summary or {}).get("points", {}).get(point, {}) or {}).get(metric) or {}
+            ).get(which)  # fmt: skip
+
+
+def best_rounds(summary: dict | None, metric: str, point: str = "sync") -> str:
+    """``"90/90/60"``: the round of each seed's best ``metric`` ("-" if absent)."""
+    e = _entry(summary, metric, "best", point)
+    return "-" if e is None else "/".join(str(r) for r in e["rounds"])
+
+
+def difference(summary, reference, metric: str, which: str = "final",
+               point: str = "sync") -> str:  # fmt: skip
+    """``"+0.175 (beyond noise)"``: mean of ``summary`` minus mean of ``reference``
+    (two runs' ``replicas.json`` summaries) at ``which`` (``final``/``best``).
+
+    "beyond noise" when the difference exceeds two standard errors of a difference
+    of two means over independent seeds (Welch: ``sqrt(s1^2/n1 + s2^2/n2)``, ``s``
+    the seeds' standard deviation, ddof 1), else "within noise"; "-" when either
+    run lacks the metric or has a single seed."""
+    a = _entry(summary, metric, which, point)
+    b = _entry(reference, metric, which, point)
+    if a is None or b is None or len(a["values"]) < 2 or len(b["values"]) < 2:
+        return "-"
+    d = a["mean"] - b["mean"]
+    se = (a["std"] ** 2 / len(a["values"]) + b["std"] ** 2 / len(b["values"])) ** 0.5
+    verdict = "beyond noise" if abs(d) > 2 * se else "within noise"
+    return f"{d:+.3f} ({verdict})"
+
+
 def mean_curve(records: list[dict], metric: str, point: str = "sync"):
     """``(rounds, values)``: the mean over replicas of ``metric`` per round at
     ``point`` (records without a ``replica`` field: the values themselves)."""

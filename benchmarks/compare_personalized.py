@@ -38,6 +38,8 @@ sys.path.insert(0, REPO)
 
 from benchmarks.common import (  # noqa: E402
     add_replicas_flag,
+    best_rounds,
+    difference,
     environment,
     load_results,
     mean_curve,
@@ -85,29 +87,39 @@ def config_for(algorithm: str, split: str, args):
     return c
 
 
+REFERENCE = "fedavg"  # the baseline every row's C-SPE is compared with
+
+
 def replica_table(split: str, rows: list) -> list[str]:
     """Markdown lines of a split's runs with replicas: mean +/- std over the
-    seeds of the final round and of each seed's best round."""
+    seeds of the final round and of each seed's best round (and which round),
+    and the final C-SPE's difference to FedAvg's with a noise verdict
+    (``benchmarks.common.difference``)."""
     cols = [(m, w) for m in ("c_spe", "c_gen", "global_acc") for w in ("final", "best")]
     names = {"c_spe": "C-SPE", "c_gen": "C-GEN", "global_acc": "Global"}
     head = " | ".join(f"{names[m]} {w}" for m, w in cols)
+    reference = dict(rows).get(REFERENCE, {}).get("replicas")
     lines = [
         "",
         f"## {split}",
         "",
         "Mean +/- std (ddof 1) over the seeds; best = each seed's best evaluated "
-        "round.",
+        "round (the rounds: C-SPE best rounds, one per seed); vs FedAvg = final "
+        "C-SPE minus FedAvg's, beyond noise when larger than two standard errors "
+        "of the difference over the seeds.",
         "",
-        f"| algorithm | seeds | {head} | s / round | rounds |",
-        "|---|---|" + "---|" * len(cols) + "---|---|",
+        f"| algorithm | seeds | {head} | C-SPE best rounds | C-SPE vs FedAvg | "
+        "s / round | rounds |",
+        "|---|---|" + "---|" * len(cols) + "---|---|---|---|",
     ]
     for name, r in rows:
         s = r.get("replicas")
         seeds = len(s["seeds"]) if s else 1
         cells = " | ".join(mean_std(s, m, w) for m, w in cols)
+        vs = "-" if name == REFERENCE else difference(s, reference, "c_spe")
         lines.append(
-            f"| {name} | {seeds} | {cells} | {r['wall_s'] / r['num_rounds']:.2f} | "
-            f"{r['num_rounds']} |"
+            f"| {name} | {seeds} | {cells} | {best_rounds(s, 'c_spe')} | {vs} | "
+            f"{r['wall_s'] / r['num_rounds']:.2f} | {r['num_rounds']} |"
         )
     return lines
 

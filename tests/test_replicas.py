@@ -282,7 +282,7 @@ def test_benchmark_replica_columns(tmp_path):
     """benchmarks/compare_personalized.py --replicas: mean +/- std columns of the
     final and best rounds, and mean curves."""
     from benchmarks import compare_personalized as cp
-    from benchmarks.common import mean_curve, mean_std
+    from benchmarks.common import difference, mean_curve, mean_std
 
     recs = [
         {"round": t, "point": "sync", "replica": r, "c_spe": v, "c_gen": v / 2,
@@ -304,8 +304,28 @@ def test_benchmark_replica_columns(tmp_path):
     row = next(x for x in md.splitlines() if x.startswith("| ditto"))
     assert row == (
         "| ditto | 2 | 0.750 +/- 0.071 | 0.800 +/- 0.141 | 0.375 +/- 0.035 | "
-        "0.400 +/- 0.071 | - | - | 2.00 | 2 |"
+        "0.400 +/- 0.071 | - | - | 1/0 | - | 2.00 | 2 |"
     )
+    # ditto's seeds end at 0.7 and 0.8 (std 0.0707). Against a FedAvg ending at
+    # 0.70 and 0.72 (std 0.0141): 0.75 - 0.71 = 0.04, two standard errors
+    # 2 * sqrt(0.0707^2 / 2 + 0.0141^2 / 2) = 0.102: within the noise.
+    fed = [dict(x, c_spe=v) for x, v in zip(recs, [0.5, 0.7, 0.5, 0.72], strict=True)]
+    fed_summary = {"seeds": [0, 1], **replica_summary(fed, 2)}
+    assert difference(summary, fed_summary, "c_spe") == "+0.040 (within noise)"
+    # Against 0.50 and 0.52: 0.24 > 0.102.
+    low = [dict(x, c_spe=v) for x, v in zip(recs, [0.5, 0.5, 0.5, 0.52], strict=True)]
+    low_summary = {"seeds": [0, 1], **replica_summary(low, 2)}
+    assert difference(summary, low_summary, "c_spe") == "+0.240 (beyond noise)"
+    assert difference(low_summary, summary, "c_spe") == "-0.240 (beyond noise)"
+    assert difference(summary, None, "c_spe") == "-"
+    results["runs"]["pathological/fedavg"] = {
+        "final": {"c_spe": 0.71}, "wall_s": 2.0, "num_rounds": 2,
+        "per_round": fed, "replicas": fed_summary,
+    }  # fmt: skip
+    cp.report(results, str(tmp_path))
+    md = (tmp_path / "compare_personalized.md").read_text()
+    row = next(x for x in md.splitlines() if x.startswith("| ditto"))
+    assert "| 1/0 | +0.040 (within noise) |" in row
 
 
 def test_tensorboard_series_per_replica(tmp_path):
