@@ -68,21 +68,19 @@ def add_replicas_flag(parser) -> None:
     )
 
 
+def _entry(summary, metric, which, point="sync"):
+    """A run summary's ``points[point][metric][which]`` entry, or None."""
+    return (((summary or {}).get("points", {}).get(point, {}) or {}).get(metric) or {}
+            ).get(which)  # fmt: skip
+
+
 def mean_std(summary: dict | None, metric: str, which: str, point: str = "sync"):
     """``"0.812 +/- 0.004"`` of ``metric`` at ``point`` from a run's
     ``replicas.json`` summary (``demjax.run_output.replica_summary``);
     ``which``: ``final`` or ``best`` (each replica's best round); "-" when the
     metric is absent (e.g. no global model)."""
-    entry = ((summary or {}).get("points", {}).get(point, {}) or {}).get(metric)
-    if entry is None:
-        return "-"
-    e = entry[which]
-    return f"{e['mean']:.3f} +/- {e['std']:.3f}"
-
-
-def _entry(summary, metric, which, point="sync"):
-    return (((summary or {}).get("points", {}).get(point, {}) or {}).get(metric) or {}
-            ).get(which)  # fmt: skip
+    e = _entry(summary, metric, which, point)
+    return "-" if e is None else f"{e['mean']:.3f} +/- {e['std']:.3f}"
 
 
 def best_rounds(summary: dict | None, metric: str, point: str = "sync") -> str:

@@ -274,8 +274,8 @@ def main() -> None:
         return setup.get(k, defaults.get(k))
 
     changed = [k for k in same if used(old_setup, k) != used(new_setup, k)]
-    changed = changed if old_setup else []
-    if results["runs"] and changed and not (args.force or args.report_only):
+    stale = results["runs"] and old_setup and changed
+    if stale and not (args.force or args.report_only):
         was = ", ".join(f"{k}={used(old_setup, k)!r}" for k in changed)
         sys.exit(
             f"error: stored runs used {was}"

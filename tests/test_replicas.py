@@ -239,7 +239,7 @@ SHARDED = r"""
 import json, os, sys
 sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]
 import jax
-from helpers import tiny_config, xla_flags
+from helpers import tiny_config
 from demjax import train
 assert jax.device_count() == 8, jax.devices()
 out = {{}}
