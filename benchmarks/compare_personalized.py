@@ -90,6 +90,32 @@ def config_for(algorithm: str, split: str, args):
 REFERENCE = "fedavg"  # the baseline every row's C-SPE is compared with
 
 
+def tuning_record(tuning: dict, key: str) -> dict:
+    """What a tuned run stores of ``benchmarks/tune.py``'s ``tuning.json`` for
+    ``key`` (``split/algorithm``): the grid, every point's validation C-SPE
+    (mean over the tuning seeds, final round) and the chosen point."""
+    name = key.split("/")[1]
+    return {
+        "grid": tuning.get("grids", {}).get(name, {}),
+        "seeds": tuning.get("setup", {}).get("seeds"),
+        "points": [
+            {"params": p["params"], "val_c_spe": p["val_c_spe"]}
+            for p in tuning.get("points", {}).get(key, [])
+        ],
+        "chosen": tuning["chosen"][key]["params"],
+        "val_c_spe": tuning["chosen"][key]["val_c_spe"],
+    }
+
+
+def hyper_label(run: dict) -> str:
+    """A table cell of a run's hyper-parameters (``paper defaults`` or
+    ``lr=0.05, ditto.lam=0.1``)."""
+    h = run.get("hyperparameters", "paper defaults")
+    if isinstance(h, str):
+        return h
+    return ", ".join(f"{k}={v:g}" for k, v in h.items())
+
+
 def replica_table(split: str, rows: list) -> list[str]:
     """Markdown lines of a split's runs with replicas: mean +/- std over the
     seeds of the final round and of each seed's best round (and which round),
@@ -99,6 +125,7 @@ def replica_table(split: str, rows: list) -> list[str]:
     names = {"c_spe": "C-SPE", "c_gen": "C-GEN", "global_acc": "Global"}
     head = " | ".join(f"{names[m]} {w}" for m, w in cols)
     reference = dict(rows).get(REFERENCE, {}).get("replicas")
+    tuned = any("tuning" in r for _, r in rows)
     lines = [
         "",
         f"## {split}",
@@ -109,8 +136,12 @@ def replica_table(split: str, rows: list) -> list[str]:
         "of the difference over the seeds.",
         "",
         f"| algorithm | seeds | {head} | C-SPE best rounds | C-SPE vs FedAvg | "
-        "s / round | rounds |",
-        "|---|---|" + "---|" * len(cols) + "---|---|---|---|",
+        "s / round | rounds |"
+        + (" hyper-parameters (validation C-SPE) |" if tuned else ""),
+        "|---|---|"
+        + "---|" * len(cols)
+        + "---|---|---|---|"
+        + ("---|" if tuned else ""),
     ]
     for name, r in rows:
         s = r.get("replicas")
@@ -120,8 +151,18 @@ def replica_table(split: str, rows: list) -> list[str]:
         lines.append(
             f"| {name} | {seeds} | {cells} | {best_rounds(s, 'c_spe')} | {vs} | "
             f"{r['wall_s'] / r['num_rounds']:.2f} | {r['num_rounds']} |"
+            + (f" {tuned_cell(r)} |" if tuned else "")
         )
     return lines
+
+
+def tuned_cell(run: dict) -> str:
+    """``lr=0.05 (0.912, best of 9)``: the chosen point, its validation C-SPE and
+    the number of grid points it was chosen from."""
+    t = run.get("tuning")
+    if not t:
+        return hyper_label(run)
+    return f"{hyper_label(run)} ({t['val_c_spe']:.3f}, best of {len(t['points'])})"
 
 
 def report(results: dict, out_dir: str) -> None:
@@ -188,7 +229,7 @@ def report(results: dict, out_dir: str) -> None:
     fig.savefig(os.path.join(out_dir, "compare_personalized.png"), dpi=90)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="", help="comma list of algorithms")
     p.add_argument("--splits", default=",".join(SPLITS))
@@ -217,7 +258,7 @@ def main() -> None:
     p.add_argument(
         "--workdir", default=os.path.join(REPO, "runs", "compare_personalized")
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.replicas < 1:
         sys.exit(f"error: --replicas={args.replicas} is not valid; accepted: >= 1")
     # A smoke run never replaces the stored results.
@@ -235,10 +276,20 @@ def main() -> None:
 
     from demjax.train import run
 
-    chosen = {}
+    chosen, tuning = {}, {}
     if args.tuned:
         with open(args.tuned) as f:
-            chosen = json.load(f)["chosen"]
+            tuning = json.load(f)
+        chosen = tuning.get("chosen", {})
+        missing = [
+            f"{s}/{n}" for s in splits for n in names if f"{s}/{n}" not in chosen
+        ]
+        if missing and not args.report_only:
+            sys.exit(
+                f"error: --tuned={args.tuned!r} has no choice for {', '.join(missing)}"
+                "; tune them first (benchmarks/tune.py --only=...) or leave them out"
+                " of --only"
+            )
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "compare_personalized.json")
     results = load_results(path)
@@ -300,7 +351,11 @@ def main() -> None:
                 out = run(
                     config,
                     os.path.join(
-                        args.workdir, "quick" if args.quick else "", split, name
+                        args.workdir,
+                        "quick" if args.quick else "",
+                        "tuned" if args.tuned else "",
+                        split,
+                        name,
                     ),  # fmt: skip
                     overwrite=args.force,
                 )
@@ -309,6 +364,7 @@ def main() -> None:
                     "wall_s": round(time.perf_counter() - t0, 1),
                     "num_rounds": int(config.num_rounds),
                     "hyperparameters": params or "paper defaults",
+                    **({"tuning": tuning_record(tuning, key)} if args.tuned else {}),
                     # runs may be added later, on other CPUs
                     "cpu_model": new_setup.get("cpu_model"),
                     "per_round": out["records"],

@@ -326,6 +326,38 @@ def test_benchmark_replica_columns(tmp_path):
     md = (tmp_path / "compare_personalized.md").read_text()
     row = next(x for x in md.splitlines() if x.startswith("| ditto"))
     assert "| 1/0 | +0.040 (within noise) |" in row
+    # A tuned table names each run's chosen point and its validation score.
+    tuning = {
+        "setup": {"seeds": [0, 1]},
+        "grids": {"ditto": {"lr": [0.05, 0.1], "ditto.lam": [0.1]}},
+        "points": {"pathological/ditto": [
+            {"params": {"lr": 0.05, "ditto.lam": 0.1}, "val_c_spe": 0.61},
+            {"params": {"lr": 0.1, "ditto.lam": 0.1}, "val_c_spe": 0.64},
+        ]},
+        "chosen": {"pathological/ditto": {
+            "params": {"lr": 0.1, "ditto.lam": 0.1}, "val_c_spe": 0.64}},
+    }  # fmt: skip
+    record = cp.tuning_record(tuning, "pathological/ditto")
+    assert record["chosen"] == {"lr": 0.1, "ditto.lam": 0.1}
+    assert [p["val_c_spe"] for p in record["points"]] == [0.61, 0.64]
+    assert record["grid"] == {"lr": [0.05, 0.1], "ditto.lam": [0.1]}
+    results["runs"]["pathological/ditto"].update(
+        hyperparameters=record["chosen"], tuning=record
+    )
+    cp.report(results, str(tmp_path))
+    md = (tmp_path / "compare_personalized.md").read_text()
+    row = next(x for x in md.splitlines() if x.startswith("| ditto"))
+    assert row.endswith("| lr=0.1, ditto.lam=0.1 (0.640, best of 2) |")
+    row = next(x for x in md.splitlines() if x.startswith("| fedavg"))
+    assert row.endswith("| paper defaults |")
+    # --tuned without a choice for an algorithm refuses before any run.
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps(tuning))
+    with pytest.raises(SystemExit, match="no choice for pathological/fedavg"):
+        cp.main([
+            "--quick", f"--tuned={path}", "--only=fedavg", "--splits=pathological",
+            f"--workdir={tmp_path}/w",
+        ])  # fmt: skip
 
 
 def test_tensorboard_series_per_replica(tmp_path):
