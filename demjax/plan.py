@@ -38,7 +38,12 @@ then with each other kernel variant), then all agents at once (capped by
 memory) and growing blocks until the budget is spent or growing the block only
 makes it slower. Candidates within 2x of the fastest are then timed
 again in interleaved rounds (``RETIME_ROUNDS``), so that load from other
-processes on a shared machine does not decide between them.
+processes on a shared machine does not decide between them. The share of the
+machine's CPU time that other work took during the search is measured
+(``CpuMeter``: ``/proc/stat``, steal time included) and recorded as
+``outside_load``; a choice measured while others took more than
+``OUTSIDE_LOAD_MAX`` of it is used but not cached, so a busy moment is not
+remembered for later runs.
 """
 
 from __future__ import annotations
@@ -84,6 +89,12 @@ RETIME_MAX = 3
 RETIME_MAX_BYTES = 256 * 2**20
 """A candidate whose timing data exceed this many bytes is not kept for
 re-timing (its data would stay in memory through the rest of the search)."""
+
+OUTSIDE_LOAD_MAX = 0.25
+"""A search during which other work (other processes, and CPU time the
+hypervisor gave to other machines: ``steal``) took more than this share of the
+machine's CPU time is *contended*: its choice is used for the run but not
+cached, so the next run measures again."""
 
 _BLOCK_RE = re.compile(r"^block:(\d+)$")
 
@@ -221,6 +232,66 @@ def cache_put(key: str, entry: dict) -> None:
         os.replace(tmp, path)
     except OSError as e:  # read-only home, full disk: run without the cache
         logging.warning("could not write the plan cache %s: %s", path, e)
+
+
+# ---------------------------------------------------------------------------
+# Outside load
+
+
+def _cpu_sample() -> tuple[float, float, float] | None:
+    """``(own CPU s, machine busy CPU s, machine total CPU s)`` now: this
+    process's user + system time (all threads) and the machine's CPU time
+    summed over CPUs from ``/proc/stat`` (busy = user, nice, system, irq,
+    softirq and steal; total adds idle and iowait). None where ``/proc/stat``
+    is unreadable (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[1:9])
+    hz = float(os.sysconf("SC_CLK_TCK"))
+    busy = (user + nice + system + irq + softirq + steal) / hz
+    total = busy + (idle + iowait) / hz
+    t = os.times()
+    return t.user + t.system, busy, total
+
+
+class CpuMeter:
+    """The share of the machine's CPU time that other work took since
+    construction: ``(machine busy - own) / machine total`` over the span, from
+    ``/proc/stat`` and ``os.times`` (in a container ``/proc/stat`` may count
+    CPUs the process cannot use, which only makes the share smaller)."""
+
+    def __init__(self):
+        self.start = _cpu_sample()
+
+    def outside_share(self) -> float | None:
+        """Share in ``[0, 1]`` of the machine's CPU time used by others since
+        construction; None when it cannot be measured."""
+        end = _cpu_sample()
+        if self.start is None or end is None:
+            return None
+        own, busy, total = (b - a for a, b in zip(self.start, end, strict=True))
+        if total <= 0:
+            return None
+        return float(min(1.0, max(0.0, (busy - own) / total)))
+
+
+def _cacheable(what: str, share: float | None, chosen: str) -> bool:
+    """False (with a warning) when the search ran contended (``share`` above
+    ``OUTSIDE_LOAD_MAX``)."""
+    if share is None or share <= OUTSIDE_LOAD_MAX:
+        return True
+    logging.warning(
+        "%s search ran while other work used %.0f%% of the machine's CPU time "
+        "(more than %.0f%%): %s is used for this run but not cached; the next "
+        "run measures again",
+        what, 100 * share, 100 * OUTSIDE_LOAD_MAX, chosen,
+    )  # fmt: skip
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -606,6 +677,7 @@ def resolve(
         return rec
 
     t0 = time.perf_counter()
+    meter = CpuMeter()
     if block is not None:  # explicit plan, conv implementation measured
         recs = [dict(measure(block or num_agents, i)) for i in impls]
         _retime_near_best(recs)
@@ -618,14 +690,16 @@ def resolve(
             budget_s=budget,
         )  # fmt: skip
     search_s = time.perf_counter() - t0
-    if table:
+    share = meter.outside_share()
+    load = None if share is None else round(share, 3)
+    if table and _cacheable("local plan", share, plan.name):
         cache_put(
             key,
             {"plan": dataclasses.asdict(plan), "table": table, "fields": fields,
-             "search_s": round(search_s, 3)},
+             "search_s": round(search_s, 3), "outside_load": load},
         )  # fmt: skip
     return plan, dict(info, **_names(plan), source="measured", table=table,
-                      search_s=round(search_s, 3))  # fmt: skip
+                      search_s=round(search_s, 3), outside_load=load)  # fmt: skip
 
 
 EVAL_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -693,6 +767,7 @@ def resolve_eval(
             "source": "cache", "table": entry.get("table", []),
         }  # fmt: skip
     t_start = time.perf_counter()
+    meter = CpuMeter()
     table: list[dict] = []
     budget = None
     xs, ys = jnp.asarray(x), jnp.asarray(y)
@@ -727,9 +802,14 @@ def resolve_eval(
     top = max(table, key=lambda r: r["models_per_s"])
     chosen = {"eval_batch": top["eval_batch"], "conv_impl": top["conv_impl"]}
     search_s = round(time.perf_counter() - t_start, 3)
-    if len(table) > 1:
+    share = meter.outside_share()
+    load = None if share is None else round(share, 3)
+    if len(table) > 1 and _cacheable(
+        "evaluation plan", share, f"eval_batch={top['eval_batch']}"
+    ):
         cache_put(key, {"plan": chosen, "table": table, "fields": fields,
-                        "search_s": search_s})  # fmt: skip
+                        "search_s": search_s, "outside_load": load})  # fmt: skip
     return top["eval_batch"], top["conv_impl"], dict(
-        chosen, source="measured", table=table, search_s=search_s
-    )
+        chosen, source="measured", table=table, search_s=search_s,
+        outside_load=load,
+    )  # fmt: skip

@@ -80,11 +80,13 @@ def plan_record(info: dict) -> dict:
         "plan_source": info["source"],
         "plan_cap": info["cap"],
         "plan_search_s": info.get("search_s", 0.0),
+        "plan_outside_load": info.get("outside_load"),
         "plan_table": info.get("table", []),
         "eval_batch": info["eval"]["eval_batch"],
         "eval_conv_impl": info["eval"]["conv_impl"],
         "eval_plan_source": info["eval"]["source"],
         "eval_plan_search_s": info["eval"].get("search_s", 0.0),
+        "eval_plan_outside_load": info["eval"].get("outside_load"),
         "eval_plan_table": info["eval"].get("table", []),
     }
 

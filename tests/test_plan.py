@@ -23,8 +23,10 @@ tiny_config = functools.partial(base_config, num_agents=6, num_rounds=2, num_lev
 
 @pytest.fixture(autouse=True)
 def _plan_cache(tmp_path, monkeypatch):
-    """Each test gets an empty plan cache of its own."""
+    """Each test gets an empty plan cache of its own, and searches count as
+    uncontended (the suite itself runs other processes beside them)."""
     monkeypatch.setenv("DEMJAX_CACHE_DIR", str(tmp_path / "plan_cache"))
+    monkeypatch.setattr(plan.CpuMeter, "outside_share", lambda self: 0.0)
 
 
 def _population(model_name, n, shape, num_classes=3, hidden=(5,), impl="patches"):
@@ -408,3 +410,50 @@ def test_eval_plan_search_and_cache(tmp_path, monkeypatch):
                                        "source": "config"}  # fmt: skip
     for ra, rc in zip(a["records"], c["records"], strict=True):
         assert ra == rc
+
+
+def test_contended_searches_are_used_but_not_cached(tmp_path, monkeypatch):
+    """A search during which other work took more than OUTSIDE_LOAD_MAX of the
+    machine's CPU time is used, recorded with its outside load, and not cached:
+    the next run measures again."""
+    monkeypatch.setattr(plan, "SEARCH_FRACTION", 1e6)
+    monkeypatch.setattr(plan, "EVAL_BATCHES", (1, 2))
+    monkeypatch.setattr(plan.CpuMeter, "outside_share", lambda self: 0.6)
+    cfg = dict(num_agents=3, matmul_impl="xla")
+    a = train.run(tiny_config(**cfg), str(tmp_path / "a"))
+    assert a["local_plan"]["source"] == "measured"
+    assert a["local_plan"]["outside_load"] == 0.6
+    assert a["local_plan"]["eval"]["outside_load"] == 0.6
+    first = json.loads((tmp_path / "a" / "timing.jsonl").read_text().splitlines()[0])
+    assert first["plan_outside_load"] == 0.6 == first["eval_plan_outside_load"]
+    b = train.run(tiny_config(**cfg), str(tmp_path / "b"))
+    assert b["local_plan"]["source"] == "measured"
+    assert b["local_plan"]["eval"]["source"] == "measured"
+    # At the threshold the choice is cached.
+    monkeypatch.setattr(
+        plan.CpuMeter, "outside_share", lambda self: plan.OUTSIDE_LOAD_MAX
+    )
+    train.run(tiny_config(**cfg), str(tmp_path / "c"))
+    d = train.run(tiny_config(**cfg), str(tmp_path / "d"))
+    assert d["local_plan"]["source"] == "cache"
+    assert d["local_plan"]["eval"]["source"] == "cache"
+
+
+def test_cpu_meter_sees_a_busy_process(monkeypatch):
+    """CpuMeter against hand-made /proc/stat samples: (busy - own) / total, and
+    None without /proc/stat."""
+    monkeypatch.undo()  # the real outside_share (the fixture's stub removed)
+    samples = iter([(1.0, 10.0, 40.0), (3.0, 22.0, 60.0)])
+    monkeypatch.setattr(plan, "_cpu_sample", lambda: next(samples))
+    meter = plan.CpuMeter()
+    # own 2 s, machine busy 12 s of 20 s: others took 10 / 20.
+    assert meter.outside_share() == pytest.approx(0.5)
+    monkeypatch.setattr(plan, "_cpu_sample", lambda: None)
+    assert plan.CpuMeter().outside_share() is None
+    monkeypatch.undo()
+    # The real counters: own time counted, the share in [0, 1].
+    sample = plan._cpu_sample()
+    if sample is None:
+        pytest.skip("no /proc/stat")
+    own, busy, total = sample
+    assert 0.0 <= own and 0.0 < busy <= total
