@@ -674,8 +674,12 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         f"{args.model} {a} agents ({total} agent-steps per run): "
         f"{len(runners)} implementations, {args.repeats} interleaved repeats"
     )
+    from demjax.plan import CpuMeter
+
     load_before = os.getloadavg()
+    meter = CpuMeter()
     timed = time_interleaved(runners, args.repeats, args.slow_s, log)
+    outside = meter.outside_share()
     load_after = os.getloadavg()
 
     env = environment()
@@ -767,6 +771,9 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         "records": list(records.values()),
         "peak_rss_gb": peak_rss_gb(),
         "load_avg_1min": [round(load_before[0], 2), round(load_after[0], 2)],
+        # share of the machine's CPU time other work (steal included) took
+        # during the timed repeats (demjax.plan.CpuMeter; None: not measured)
+        "outside_load": None if outside is None else round(outside, 3),
     }
 
 
@@ -812,6 +819,12 @@ def report(results: dict, path: str) -> None:
                 f"; 1-minute load average {e['load_avg_1min'][0]} before and "
                 f"{e['load_avg_1min'][1]} after the timed repeats"
                 if e.get("load_avg_1min")
+                else ""
+            )
+            + (
+                f"; other work took {e['outside_load']:.0%} of the machine's CPU "
+                "time during them"
+                if e.get("outside_load") is not None
                 else ""
             )
             + ".",

@@ -135,9 +135,12 @@ def test_baselines_tiny_run_records_every_implementation(tmp_path):
     loop = next(r for r in entry["records"] if r["impl"] == "jax_per_agent_loop")
     assert loop["over_jax_loop"] == 1.0
     assert len(entry["load_avg_1min"]) == 2
+    assert entry["outside_load"] is None or 0.0 <= entry["outside_load"] <= 1.0
     md = (tmp_path / "baselines.md").read_text()
     assert "## mlp, 3 agents" in md and "| jax_per_agent_loop |" in md
     assert "load average" in md
+    if entry["outside_load"] is not None:
+        assert "of the machine's CPU time during them" in md
 
 
 def test_baselines_torch_cnn_matches_the_flax_cnn():
