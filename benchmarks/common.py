@@ -1,5 +1,7 @@
 """Shared by the benchmark scripts: resumable JSON results, environment record,
-replica columns (mean +/- std over ``--replicas`` seeds)."""
+replica columns (mean +/- std over ``--replicas`` seeds), per-seed statistics and
+the two-standard-error noise verdict on differences (independent seeds:
+``difference``; the same seeds, paired: ``paired_difference``)."""
 
 from __future__ import annotations
 
@@ -117,3 +119,54 @@ def mean_curve(records: list[dict], metric: str, point: str = "sync"):
             by_round.setdefault(r["round"], []).append(float(r[metric]))
     rounds = sorted(by_round)
     return rounds, [sum(by_round[t]) / len(by_round[t]) for t in rounds]
+
+
+def seed_stats(values) -> dict:
+    """``{"n", "mean", "std"}`` of one metric's per-seed values (``None`` entries,
+    e.g. a metric a run does not measure, are left out); ``std``: sample standard
+    deviation (ddof 1), None below 2 values; ``mean`` None without any value."""
+    v = [float(x) for x in values if x is not None]
+    n = len(v)
+    mean = sum(v) / n if n else None
+    std = (sum((x - mean) ** 2 for x in v) / (n - 1)) ** 0.5 if n > 1 else None
+    return {"n": n, "mean": mean, "std": std}
+
+
+def format_stats(stats: dict, fmt: str = ".3f") -> str:
+    """``"0.341 +/- 0.026"`` (mean +/- std over seeds, both in ``fmt``, the std
+    unsigned), the mean alone for one seed, "-" without any value."""
+    if stats["mean"] is None:
+        return "-"
+    if stats["std"] is None:
+        return format(stats["mean"], fmt)
+    return f"{format(stats['mean'], fmt)} +/- {format(stats['std'], fmt.lstrip('+'))}"
+
+
+def paired_difference(a, b) -> dict:
+    """Paired difference ``a[i] - b[i]`` of two methods' per-seed values on the
+    same seeds (index i = one seed; pairs with a ``None`` side are left out).
+
+    Returns ``{"n", "mean", "std", "se", "beyond_noise"}``: ``std`` the sample
+    standard deviation (ddof 1) of the n differences, ``se = std / sqrt(n)`` their
+    mean's standard error, ``beyond_noise`` whether ``|mean| > 2 se`` (the
+    two-standard-error rule of every table here); ``std``, ``se`` and
+    ``beyond_noise`` are None below 2 pairs (no noise estimate), ``mean`` None
+    without any pair."""
+    d = [x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    s = seed_stats(d)
+    se = None if s["std"] is None else s["std"] / s["n"] ** 0.5
+    beyond = None if se is None else abs(s["mean"]) > 2 * se
+    return {"n": s["n"], "mean": s["mean"], "std": s["std"], "se": se,
+            "beyond_noise": beyond}  # fmt: skip
+
+
+def format_paired(diff: dict) -> str:
+    """``"+0.028 (2 SE 0.016, beyond noise)"``: the mean paired difference, twice
+    its standard error and the verdict; ``"+0.028 (1 seed)"`` without a noise
+    estimate; "-" without any pair."""
+    if diff["mean"] is None:
+        return "-"
+    if diff["se"] is None:
+        return f"{diff['mean']:+.3f} (1 seed)"
+    word = "beyond noise" if diff["beyond_noise"] else "within noise"
+    return f"{diff['mean']:+.3f} (2 SE {2 * diff['se']:.3f}, {word})"

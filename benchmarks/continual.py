@@ -1,20 +1,46 @@
-"""Distributed continual learning benchmark (arXiv 2303.15888).
+"""Distributed continual learning benchmark (arXiv 2303.15888), over seeds.
 
 Runs Split Fashion-MNIST (``configs/continual_fmnist.py``) and Split digits
 (``configs/continual_digits.py``) with DAC, logit-only distillation, model
-averaging, naive fine-tuning and joint training, plus Split Fashion-MNIST DAC
-ablations that isolate why DAC stands where it does (proxy data, alpha, student
-initialization, the agents' masked heads, and an in-distribution "oracle" proxy
-that is NOT data-agnostic, a diagnostic only). Writes
-``benchmarks/results/continual.{json,md,png}``.
+averaging, naive fine-tuning and joint training, plus DAC ablations that isolate
+why DAC stands where it does (proxy data, alpha, student initialization, the
+agents' masked heads, the centred-student loss, and an in-distribution "oracle"
+proxy that is NOT data-agnostic, a diagnostic only). Every run is repeated on
+seeds ``--seed`` .. ``--seed + --seeds - 1`` (default 0-2; one process per run and
+seed, the seed setting the data split, the initializations and the proxy
+samples). Writes ``benchmarks/results/continual.{json,md,png}``: per run and seed
+the metrics and records, per run the mean +/- std over seeds of the final and the
+best average accuracy (class-incremental), the task-aware final accuracy,
+forgetting and forward transfer; DAC against the baselines and each ablation
+against DAC are judged on the differences paired by seed with the
+two-standard-error rule (``benchmarks.common.paired_difference``).
 
-Resumable: each finished run is stored in the JSON at once (one JSON line printed
-per run), runs already there are skipped (``--force`` reruns them). Usage::
+Resumable: each finished (run, seed) is stored in the JSON at once (one JSON line
+printed per run), those already there are skipped (``--force`` reruns them). A
+stored run with other settings (overrides or ``--set``; a run stored without a
+``seed`` field is seed 0) stops the driver with a one-line error unless
+``--force``. Usage::
 
     python benchmarks/continual.py                     # main runs, then ablations
-    python benchmarks/continual.py --only=fmnist/dac,digits/dac
+    python benchmarks/continual.py --only=fmnist/dac,digits/dac --seeds=5
     python benchmarks/continual.py --set=consolidation_steps=300   # a reduction
     python benchmarks/continual.py --report_only       # rebuild .md/.png from JSON
+    python benchmarks/continual.py --quick --workdir=/tmp/cq   # smoke test, ~1 min
+
+The stored results use the reduction ``consolidation_steps=400, proxy_batch=64``;
+the full run over seeds 0-2 with it reuses the 25 stored (run, seed) pairs and
+runs the 38 others::
+
+    nice -n 5 python benchmarks/continual.py --seeds=3 \
+        --set=consolidation_steps=400 --set=proxy_batch=64
+
+Estimated 30-90 minutes on the 2-core AMD EPYC (no AVX-512) shared with other
+jobs: one Split Fashion-MNIST DAC run took 114 s and one Split digits DAC run 31 s
+at load average 5-7 (2026-12-04), against 406 s and 61 s stored for the same runs
+at load average 9-14; scaling the stored wall times of the 38 runs (5,485 s, 94%
+Split Fashion-MNIST) by those two ratios gives 27 minutes, taking them as they are
+1.5 hours. Seeds after the first skip compilation (JAX's persistent compilation
+cache in ``<workdir>/xla_cache``).
 """
 
 from __future__ import annotations
@@ -30,7 +56,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    format_paired,
+    format_stats,
+    paired_difference,
+    seed_stats,
+)
 from benchmarks.common import load_results as load  # noqa: E402
 from benchmarks.common import save_results as save  # noqa: E402
 
@@ -108,18 +140,11 @@ ABLATIONS["digits/dac_centred_student"] = (
 )
 for _n, (_d, _o, _) in ABLATIONS.items():
     RUNS[_n] = (_d, _o)
-# DAC with the published and the centred-student loss on two more seeds (data
-# split, init, proxy samples): seed-to-seed spread of the two variants.
-SEEDS = (1, 2)
-VARIANTS = {"dac": {}, "dac_centred_student": {"student_logits": "centred"}}
-SEED_RUNS = {
-    f"{d}/{v}_seed{s}": (d, {"method": "dac", **o, "seed": s,
-                             "forward_transfer": False})  # fmt: skip
-    for d in DATASETS
-    for v, o in VARIANTS.items()
-    for s in SEEDS
-}
-RUNS.update(SEED_RUNS)
+# --quick: a smoke test of the driver (Split digits main runs, 2 tasks, one local
+# epoch, 5 consolidation steps of 16); seconds per run, numbers meaningless.
+QUICK_RUNS = [f"digits/{m}" for m in METHODS]
+QUICK_SET = {"num_tasks": 2, "local_epochs": 1, "consolidation_steps": 5,
+             "proxy_batch": 16, "test_per_class": 20}  # fmt: skip
 
 # Final average accuracies of an earlier Split Fashion-MNIST / digits run with the
 # full settings of the config files (1,000 consolidation steps of 128 on
@@ -132,9 +157,10 @@ PREVIOUS = {
     "digits": {"joint": 0.967, "dac": 0.413, "average": 0.245, "finetune": 0.195},
 }  # fmt: skip
 
-# Written by hand from the stored runs; update it when the runs change.
+# Written by hand from the stored seed-0 runs; the verdicts above are generated from
+# all stored seeds. Update it when the runs change.
 ANALYSIS = """
-## Verdict and cause
+## Cause (seed 0)
 
 DAC here uses its published logit loss (the teachers' logits mean-centred per class
 subset and concatenated, the student's raw logits regressing on them: DMC's `L_dd`,
@@ -142,22 +168,12 @@ which DAC builds on). The `centred_student` rows use `student_logits="centred"`,
 where the student's logits are centred per subset too (not the published loss:
 blind to a constant added to all old-class or all new-class logits).
 
-**Split Fashion-MNIST: DAC beats naive fine-tuning (.370 vs .200) but does NOT beat
-model averaging (.370 vs .4795), level with logit-only distillation (.3675); with the
-published loss it is 4.35 points BELOW the centred-student variant at seed 0 (.370
-vs .4135; logit-only .3675 vs .413).** Over seeds 0-2 (table above): published
-.341 +/- .026, centred .370 +/- .040, paired difference -.028 +/- .014, negative on
-every seed; averaging (.4795) was run on seed 0 only, 11-14 points above every DAC
-seed. **Split digits:
-DAC beats averaging (.580 vs .245) and fine-tuning (.195) and logit-only (.538);
-the published loss is 17.5 points ABOVE the centred-student variant at seed 0 (.580
-vs .405); over seeds 0-2 .633 +/- .046 vs .474 +/- .116, paired difference
-+.159 +/- .097, positive on every seed but with a wide spread (+.055 to
-+.247).** Joint training: .8595 / .967. So the fix moves DAC by several points in
-opposite directions on the two benchmarks, and on Split Fashion-MNIST it does not
-change the verdict against averaging.
-
-What the runs show (seed 0 unless stated):
+Which method beats which is decided above, over the seeds, by the paired
+two-standard-error rule. The points below explain the seed-0 runs (final average
+accuracy, class-incremental: Split Fashion-MNIST DAC .370, centred student .4135,
+logit-only .3675, averaging .4795, fine-tuning .200, joint .8595; Split digits DAC
+.580, centred student .405, logit-only .538, averaging .245, fine-tuning .195, joint
+.967).
 
 1. **Nothing is forgotten within tasks, with either loss; everything lost is
    old-vs-new class competition.** Task-aware final accuracy (argmax over each test
@@ -193,13 +209,12 @@ first step of tasks 1-4, 0.005-0.011 at the last with the published loss,
 not under-training of the student. Which loss ranks higher differs between the two
 benchmarks; we have no run that explains why.
 
-Forward transfer is ~0 (FMNIST -0.001, digits -0.002): each task is a two-class
-problem the agents solve from scratch in a few epochs (.99 own-task accuracy);
-starting from the consolidated model neither helps nor hurts at this scale.
-All rows are runs of 2026-12-04 on a 2-core AMD EPYC (no AVX-512) shared with other
-jobs (load average 9-14): the main runs and ablations at commit 82630ef, the seeds
-1-2 rows and the Split digits centred-student row at commit aa41a16 (same run code).
-Wall times are therefore not speed measurements.
+Forward transfer is ~0 (FMNIST -0.001, digits -0.002 at seed 0): each task is a
+two-class problem the agents solve from scratch in a few epochs (.99 own-task
+accuracy); starting from the consolidated model neither helps nor hurts at this
+scale. The seed-0 rows are runs of 2026-12-04 on a 2-core AMD EPYC (no AVX-512)
+shared with other jobs (load average 9-14), at commits 82630ef and aa41a16 (same run
+code); wall times are therefore not speed measurements.
 """
 
 
@@ -261,10 +276,17 @@ def oracle_proxy(config):
     )
 
 
-def run_one(name: str, extra: dict, workdir: str) -> dict:
+def _f(v, fmt=".3f"):
+    return "-" if v is None else format(v, fmt)
+
+
+def run_one(name: str, extra: dict, seed: int, workdir: str) -> dict:
+    """Runs ``name`` with ``seed`` (``config.seed``: data split, initializations,
+    proxy samples) and returns its stored entry (metrics, ``records``, ``wall_s``
+    in seconds, the settings it ran with)."""
     import demjax.continual.run as crun
 
-    config = config_for(name, extra)
+    config = config_for(name, {**extra, "seed": seed})
     real = crun.make_proxy
     if name.endswith("oracle_proxy"):
         bank_proxy = oracle_proxy(config)
@@ -279,6 +301,7 @@ def run_one(name: str, extra: dict, workdir: str) -> dict:
     return {
         "dataset": RUNS[name][0],
         "method": config.method,
+        "seed": seed,
         "overrides": RUNS[name][1],
         "set": extra,
         **{k: out[k] for k in keep},
@@ -287,94 +310,241 @@ def run_one(name: str, extra: dict, workdir: str) -> dict:
     }
 
 
-def _f(v, fmt=".3f"):
-    return "-" if v is None else format(v, fmt)
+# --- stored runs: ``results["runs"][name][str(seed)]`` ---------------------------
 
 
-def _mean(d: dict, key: str):
-    return None if key not in d else sum(d[key]) / len(d[key])
+def migrate(results: dict) -> dict:
+    """The stored results in the per-seed layout ``runs[name][str(seed)] = run``.
+
+    A run stored directly under its name (``runs[name]`` holding
+    ``final_avg_acc``) is one seed: its ``seed`` field, else ``overrides["seed"]``,
+    else 0. A run named ``<name>_seed<s>`` becomes seed ``s`` of ``<name>`` when
+    its overrides without ``seed`` are ``<name>``'s; any other run whose name is
+    not in ``RUNS`` moves to ``results["unreported"]`` (kept, not reported)."""
+    import re
+
+    runs, unreported = {}, dict(results.get("unreported", {}))
+    for name, entry in results.get("runs", {}).items():
+        if "final_avg_acc" not in entry:  # already per seed
+            runs.setdefault(name, {}).update(entry)
+            continue
+        overrides = dict(entry.get("overrides", {}))
+        seed = int(entry.get("seed", overrides.pop("seed", 0)))
+        base = name
+        m = re.fullmatch(r"(.+)_seed(\d+)", name)
+        if name not in RUNS and m and m.group(1) in RUNS:
+            if int(m.group(2)) == seed and overrides == RUNS[m.group(1)][1]:
+                base = m.group(1)
+        if base not in RUNS:
+            unreported[name] = entry
+            continue
+        runs.setdefault(base, {})[str(seed)] = {
+            **entry, "seed": seed, "overrides": overrides,
+        }  # fmt: skip
+    out = {**results, "runs": runs}
+    if unreported:
+        out["unreported"] = unreported
+    return out
 
 
-def verdict(runs: dict, d: str) -> list[str]:
-    """Plain statements on DAC vs fine-tuning and averaging, from the numbers."""
-    acc = {m: runs[f"{d}/{m}"]["final_avg_acc"] for m in METHODS if f"{d}/{m}" in runs}
-    if "dac" not in acc:
+def mismatch(run: dict, name: str, extra: dict) -> str | None:
+    """Why a stored run of ``name`` does not have the current settings (its
+    ``overrides`` without ``seed`` vs ``RUNS[name]``, its ``set`` vs ``extra``),
+    or None when they are equal."""
+    overrides = {k: v for k, v in run.get("overrides", {}).items() if k != "seed"}
+    want = json.loads(json.dumps(RUNS[name][1]))
+    if overrides != want:
+        return f"overrides {overrides} (current: {want})"
+    have, want = run.get("set", {}), json.loads(json.dumps(extra))
+    if have != want:
+        return f"--set {have} (current: {want})"
+    return None
+
+
+def best_avg_acc(run: dict) -> tuple[float, int]:
+    """``(accuracy, task)``: the highest average accuracy over the seen classes
+    after any task (the earliest task on ties), from the run's ``records``
+    (``avg_acc`` per task), else from its accuracy matrix (mean of each row's
+    filled entries: the same when every task has as many test samples)."""
+    recs = [(q["avg_acc"], q["task"]) for q in run.get("records", [])
+            if q.get("avg_acc") is not None]  # fmt: skip
+    if not recs:
+        recs = [
+            (sum(v for v in row if v is not None)
+             / sum(v is not None for v in row), i)
+            for i, row in enumerate(run["acc_matrix"])
+            if any(v is not None for v in row)
+        ]  # fmt: skip
+    acc, task = max(recs, key=lambda p: (p[0], -p[1]))
+    return acc, task
+
+
+def _mean(values) -> float | None:
+    return None if not values else sum(values) / len(values)
+
+
+def seed_metrics(run: dict) -> dict:
+    """One seed's reported numbers: accuracies in [0, 1], ``wall_s`` in seconds,
+    ``best_after_task`` a task index."""
+    ft = run.get("forward_transfer") or {}
+    best, after = best_avg_acc(run)
+    return {
+        "final_avg_acc": run["final_avg_acc"],
+        "best_avg_acc": best,
+        "best_after_task": after,
+        "task_aware_final_avg_acc": run.get("task_aware_final_avg_acc"),
+        "forgetting": run.get("forgetting"),
+        "forward_transfer": ft.get("mean_gain"),
+        "own_acc_from_consolidated": _mean(ft.get("agent_acc_from_consolidated")),
+        "own_acc_from_scratch": _mean(ft.get("agent_acc_from_scratch")),
+        "wall_s": run.get("wall_s"),
+    }
+
+
+METRICS = ("final_avg_acc", "best_avg_acc", "task_aware_final_avg_acc", "forgetting",
+           "forward_transfer", "own_acc_from_consolidated", "own_acc_from_scratch",
+           "wall_s")  # fmt: skip
+
+
+def summarize(runs: dict) -> dict:
+    """Per run: ``seeds`` (sorted), ``per_seed`` (metric -> one value per seed,
+    in that order, ``best_after_task`` included) and, per metric, ``stats``
+    (``benchmarks.common.seed_stats``: n, mean, sample std) over the seeds."""
+    out = {}
+    for name, by_seed in runs.items():
+        seeds = sorted(by_seed, key=int)
+        per = [seed_metrics(by_seed[s]) for s in seeds]
+        per_seed = {k: [p[k] for p in per] for k in (*METRICS, "best_after_task")}
+        out[name] = {
+            "seeds": [int(s) for s in seeds],
+            "per_seed": per_seed,
+            "stats": {k: seed_stats(per_seed[k]) for k in METRICS},
+        }
+    return out
+
+
+def on_seeds(summary: dict, name: str, seeds: list[int], metric: str) -> list:
+    """Run ``name``'s per-seed values of ``metric`` on ``seeds``, in that order."""
+    s = summary[name]
+    return [s["per_seed"][metric][s["seeds"].index(x)] for x in seeds]
+
+
+def paired(summary: dict, a: str, b: str, metric: str = "final_avg_acc") -> dict:
+    """``benchmarks.common.paired_difference`` of runs ``a`` - ``b`` on ``metric``
+    over the seeds both have (paired by seed); also ``seeds``."""
+    seeds = [x for x in summary[a]["seeds"] if x in summary[b]["seeds"]]
+    return {
+        **paired_difference(on_seeds(summary, a, seeds, metric),
+                            on_seeds(summary, b, seeds, metric)),
+        "seeds": seeds,
+    }  # fmt: skip
+
+
+def _seeds(seeds: list[int]) -> str:
+    """``"seeds 0-2"``, ``"seeds 0, 2"``, ``"seed 0"``."""
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    if seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"seeds {seeds[0]}-{seeds[-1]}"
+    return "seeds " + ", ".join(str(s) for s in seeds)
+
+
+def verdict(summary: dict, d: str) -> list[str]:
+    """Statements on DAC vs fine-tuning, averaging and logit-only distillation
+    on data set ``d``, each decided on the final average accuracy by the
+    two-standard-error rule on the differences paired by seed: "beats" /
+    "does NOT beat" beyond the noise, "level" within it; with one common seed,
+    the difference without a verdict."""
+    dac = f"{d}/dac"
+    if dac not in summary:
         return []
     out = []
     for m, label in (("finetune", "fine-tuning"), ("average", "model averaging"),
                      ("logit", "logit-only distillation")):  # fmt: skip
-        if m not in acc:
+        other = f"{d}/{m}"
+        if other not in summary:
             continue
-        if abs(acc["dac"] - acc[m]) < 0.005:
-            out.append(
-                f"- On {LABELS[d]}, DAC and {label} are level (less than half a "
-                f"point apart): final average accuracy {acc['dac']:.4f} vs "
-                f"{acc[m]:.4f}."
-            )
+        diff = paired(summary, dac, other)
+        if diff["mean"] is None:
             continue
-        word = "beats" if acc["dac"] > acc[m] else "does NOT beat"
-        out.append(
-            f"- On {LABELS[d]}, DAC {word} {label}: final average accuracy "
-            f"{acc['dac']:.3f} vs {acc[m]:.3f}."
+        va, vb = (
+            format_stats(seed_stats(on_seeds(summary, n, diff["seeds"], METRICS[0])))
+            for n in (dac, other)
+        )  # final average accuracy on the common seeds
+        numbers = (
+            f"final average accuracy {va} vs {vb} ({_seeds(diff['seeds'])}), paired "
+            f"difference {diff['mean']:+.3f}"
         )
+        if diff["se"] is None:
+            out.append(
+                f"- On {LABELS[d]}, DAC vs {label}: {numbers}; one seed, no noise "
+                "verdict."
+            )
+        elif not diff["beyond_noise"]:
+            out.append(
+                f"- On {LABELS[d]}, DAC and {label} are level, within the noise: "
+                f"{numbers}, two standard errors {2 * diff['se']:.3f}."
+            )
+        else:
+            word = "beats" if diff["mean"] > 0 else "does NOT beat"
+            out.append(
+                f"- On {LABELS[d]}, DAC {word} {label}, beyond the noise: {numbers}, "
+                f"two standard errors {2 * diff['se']:.3f}."
+            )
     return out
 
 
-def seed_table(runs: dict) -> list[str]:
-    """Final average accuracy of DAC (published loss) and its centred-student
-    variant over seed 0 (the rows above) and ``SEEDS``: per seed, mean +/- std
-    (sample std, ddof 1) over the seeds stored, and the paired difference."""
-    import numpy as np
-
-    out = []
-    for d in DATASETS:
-        base = {"dac": f"{d}/dac", "dac_centred_student": f"{d}/dac_centred_student"}
-        acc = {}
-        for v in VARIANTS:
-            names = [base[v]] + [f"{d}/{v}_seed{s}" for s in SEEDS]
-            acc[v] = [runs[n]["final_avg_acc"] if n in runs else None for n in names]
-        if sum(a is not None for a in acc["dac"]) < 2:
-            continue
-        if not out:
-            out = [
-                "## DAC: published loss vs centred student, over seeds",
-                "",
-                "Final average accuracy per seed (seed 0: the rows above; seeds "
-                "1-2 without the forward-transfer measurement, like the "
-                "ablations); mean +/- std (ddof 1) over the seeds; difference "
-                "published - centred, paired by seed.",
-                "",
-                "| data set | variant | seed 0 | seed 1 | seed 2 | mean +/- std |",
-                "|---|---|---|---|---|---|",
-            ]
-        for v in VARIANTS:
-            vals = [a for a in acc[v] if a is not None]
-            ms = (
-                f"{np.mean(vals):.3f} +/- {np.std(vals, ddof=1):.3f}"
-                if len(vals) > 1 else "-"
-            )  # fmt: skip
-            out.append(f"| {LABELS[d]} | {v} | " + " | ".join(
-                _f(a) for a in acc[v]) + f" | {ms} |")  # fmt: skip
-        diff = [a - b for a, b in zip(acc["dac"], acc["dac_centred_student"],
-                                      strict=True)
-                if a is not None and b is not None]  # fmt: skip
-        if len(diff) > 1:
-            out.append(
-                f"| {LABELS[d]} | published - centred | "
-                + " | ".join(
-                    _f(None if a is None or b is None else a - b, "+.3f")
-                    for a, b in zip(acc["dac"], acc["dac_centred_student"],
-                                    strict=True)
-                )  # fmt: skip
-                + f" | {np.mean(diff):+.3f} +/- {np.std(diff, ddof=1):.3f} |"
-            )
-    return out + ([""] if out else [])
+def _cell(summary: dict, name: str, metric: str, fmt: str = ".3f") -> str:
+    return format_stats(summary[name]["stats"][metric], fmt)
 
 
-def report(results: dict, out_dir: str) -> None:
-    """Writes ``continual.md`` (tables, verdicts, matrices) and ``continual.png``."""
+def _best(summary: dict, name: str) -> str:
+    """``"0.995 +/- 0.003 (after 0/0/1)"``: best average accuracy and, per seed,
+    the task it followed."""
+    after = "/".join(str(t) for t in summary[name]["per_seed"]["best_after_task"])
+    return f"{_cell(summary, name, 'best_avg_acc')} (after {after})"
+
+
+def _reduction(runs: dict, settings: dict) -> str:
+    """The md's statement of the ``--set`` reduction of the reported runs."""
+    sets = {}
+    for name, by_seed in runs.items():
+        for s, r in by_seed.items():
+            sets.setdefault(json.dumps(r.get("set", {}), sort_keys=True), []).append(
+                f"{name} seed {s}")  # fmt: skip
+    if not sets:
+        sets = {json.dumps(settings.get("set", {}), sort_keys=True): []}
+
+    def text(key):
+        items = json.loads(key).items()
+        return ", ".join(f"`{k}={v!r}`" for k, v in items) or (
+            "none (the config files as they are)")  # fmt: skip
+
+    if len(sets) == 1:
+        return "Reduction against those files: " + text(next(iter(sets))) + "."
+    return "The runs differ in their reduction against those files: " + "; ".join(
+        f"{text(k)} ({', '.join(v)})" for k, v in sets.items()) + "."  # fmt: skip
+
+
+def mean_matrix(by_seed: dict) -> list[list]:
+    """Entry-wise mean over the seeds of the accuracy matrices (None stays None)."""
+    mats = [by_seed[s]["acc_matrix"] for s in sorted(by_seed, key=int)]
+    return [
+        [None if any(m[i][j] is None for m in mats)
+         else sum(m[i][j] for m in mats) / len(mats) for j in range(len(mats[0][i]))]
+        for i in range(len(mats[0]))
+    ]  # fmt: skip
+
+
+def report(results: dict, out_dir: str) -> dict:
+    """Writes ``continual.md`` (tables over seeds, verdicts, mean accuracy
+    matrices) and ``continual.png``; returns the summary the md shows
+    (``summarize``), which ``main`` stores in the JSON."""
+    results = migrate(results)
     runs = results["runs"]
+    summary = summarize(runs)
     s = results.get("settings", {})
+    all_seeds = sorted({x for v in summary.values() for x in v["seeds"]})
     lines = [
         "# Distributed continual learning: DAC vs baselines",
         "",
@@ -387,23 +557,29 @@ def report(results: dict, out_dir: str) -> None:
         "1,000 samples per task, MLP 784-256-10, 3 local epochs, 1,000 "
         "consolidation steps of 128 crops of `china.jpg`, alpha 1, 200 test "
         "images per class) and `configs/continual_digits.py` (5 tasks, 2 agents, "
-        "MLP 64-128-10, 10 local epochs, 500 steps), seed 0; DAC with the published "
-        "and the centred-student loss also on seeds 1-2 (table below).",
-        "Reduction against those files: "
-        + (
-            ", ".join(f"`{k}={v!r}`" for k, v in s.get("set", {}).items())
-            or "none (the config files as they are)"
-        )
-        + ".",
+        "MLP 64-128-10, 10 local epochs, 500 steps); every run on "
+        f"{_seeds(all_seeds) if all_seeds else 'no seed yet'} unless its `seeds` "
+        "column says fewer (a seed sets the data split, the initializations and the "
+        "proxy samples).",
+        _reduction(runs, s),
         "",
         "Metrics: final average accuracy (after the last task, over all classes' "
-        "test data, argmax over the classes seen: class-incremental); task-aware "
-        "final accuracy (the same model, argmax over each test sample's own task's "
-        "classes only: no old-vs-new competition); forgetting (mean over tasks "
-        "j < T-1 of the best earlier accuracy on j minus the final one); forward "
-        "transfer: each task's agents' own-task accuracy (argmax over the task's "
-        "classes) when started from the consolidated model vs from scratch, mean "
-        "over tasks 2..T of the difference.",
+        "test data, argmax over the classes seen: class-incremental); best average "
+        "accuracy (the highest average accuracy over the classes seen so far after "
+        "any task, and per seed the task it followed: after task 0 it covers two "
+        "classes only); task-aware final accuracy (the same model, argmax over each "
+        "test sample's own task's classes only: no old-vs-new competition); "
+        "forgetting (mean over tasks j < T-1 of the best earlier accuracy on j minus "
+        "the final one); forward transfer: each task's agents' own-task accuracy "
+        "(argmax over the task's classes) when started from the consolidated model "
+        "vs from scratch, mean over tasks 2..T of the difference. Each cell: mean "
+        "+/- sample standard deviation (ddof 1) over the seeds; a bare number is one "
+        "seed.",
+        "",
+        "Verdicts: the difference of two methods' final average accuracies paired "
+        "by seed; beyond the noise when its mean exceeds two standard errors "
+        "(`2 SE = 2 std / sqrt(n)` of the n per-seed differences), else within the "
+        "noise.",
         "",
     ]
     for d in DATASETS:
@@ -413,74 +589,84 @@ def report(results: dict, out_dir: str) -> None:
         lines += [
             f"## {LABELS[d]}",
             "",
-            "| method | final avg acc | task-aware final acc | forgetting "
+            "| method | seeds | final avg acc | best avg acc (after task) "
+            "| task-aware final acc | forgetting "
             "| own-task acc from consolidated | from scratch | forward transfer "
-            "| full settings, earlier run (DAC, logit: centred student) | wall s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| full settings, earlier run, seed 0 (DAC, logit: centred student) "
+            "| wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for n in names:
-            r = runs[n]
-            ft = r["forward_transfer"] or {}
+            m = RUNS[n][1]["method"]
             lines.append(
-                f"| {r['method']} | {r['final_avg_acc']:.3f} | "
-                f"{_f(r.get('task_aware_final_avg_acc'))} | {_f(r['forgetting'])} | "
-                f"{_f(_mean(ft, 'agent_acc_from_consolidated'))} | "
-                f"{_f(_mean(ft, 'agent_acc_from_scratch'))} | "
-                f"{_f(ft.get('mean_gain'), '+.3f')} | "
-                f"{_f(PREVIOUS[d].get(r['method']))} | {r['wall_s']:.0f} |"
+                f"| {m} | {len(summary[n]['seeds'])} "
+                f"| {_cell(summary, n, 'final_avg_acc')} | {_best(summary, n)} "
+                f"| {_cell(summary, n, 'task_aware_final_avg_acc')} "
+                f"| {_cell(summary, n, 'forgetting')} "
+                f"| {_cell(summary, n, 'own_acc_from_consolidated')} "
+                f"| {_cell(summary, n, 'own_acc_from_scratch')} "
+                f"| {_cell(summary, n, 'forward_transfer', '+.3f')} "
+                f"| {_f(PREVIOUS[d].get(m))} "
+                f"| {_cell(summary, n, 'wall_s', '.0f')} |"
             )
-        lines += [""] + verdict(runs, d) + [""]
+        lines += [""] + verdict(summary, d) + [""]
     abl = [n for n in ABLATIONS if n in runs]
     if abl:
         lines += [
             "## Split Fashion-MNIST: what limits DAC (ablations)",
             "",
-            "One change each against `fmnist/dac` (forward transfer not measured).",
+            "One change each against its data set's `dac` run (forward transfer not "
+            "measured); vs DAC: the paired difference of the final average "
+            "accuracies, two standard errors and the verdict.",
             "",
-            "| run | change | final avg acc | vs DAC | task-aware final acc "
-            "| forgetting | wall s |",
-            "|---|---|---|---|---|---|---|",
+            "| run | change | seeds | final avg acc | vs DAC | best avg acc "
+            "(after task) | task-aware final acc | forgetting | wall s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for n in abl:
-            r = runs[n]
             d = RUNS[n][0]
-            base = runs.get(f"{d}/dac", {}).get("final_avg_acc")
-            delta = None if base is None else r["final_avg_acc"] - base
+            base = f"{d}/dac"
+            vs = format_paired(paired(summary, n, base)) if base in summary else "-"
             label = n.split("/")[1] if d == "fmnist" else n
             lines.append(
-                f"| {label} | {ABLATIONS[n][2]} | "
-                f"{r['final_avg_acc']:.3f} | {_f(delta, '+.3f')} | "
-                f"{_f(r.get('task_aware_final_avg_acc'))} | "
-                f"{_f(r['forgetting'])} | {r['wall_s']:.0f} |"
+                f"| {label} | {ABLATIONS[n][2]} | {len(summary[n]['seeds'])} "
+                f"| {_cell(summary, n, 'final_avg_acc')} | {vs} | {_best(summary, n)} "
+                f"| {_cell(summary, n, 'task_aware_final_avg_acc')} "
+                f"| {_cell(summary, n, 'forgetting')} "
+                f"| {_cell(summary, n, 'wall_s', '.0f')} |"
             )
         lines.append("")
-    lines += seed_table(runs)
     lines += [ANALYSIS.strip(), "", "## Accuracy matrices", ""]
     lines += [
         "Row i: after consolidating task i; column j: accuracy on task j's test "
-        "data (argmax over the classes seen so far). Joint training has only the "
-        "final row.",
+        "data (argmax over the classes seen so far), mean over the run's seeds "
+        "(per-seed matrices: the JSON). Joint training has only the final row.",
         "",
     ]
-    for n, r in runs.items():
-        m = r["acc_matrix"]
-        lines += [f"**{n}**", "", "| after \\ task | " + " | ".join(
-            str(j) for j in range(len(m))) + " |",
-            "|---" * (len(m) + 1) + "|"]  # fmt: skip
+    for n, by_seed in runs.items():
+        m = mean_matrix(by_seed)
+        lines += [f"**{n}** ({_seeds(summary[n]['seeds'])})", "",
+                  "| after \\ task | " + " | ".join(str(j) for j in range(len(m)))
+                  + " |", "|---" * (len(m) + 1) + "|"]  # fmt: skip
         for i, row in enumerate(m):
             if any(v is not None for v in row):
                 lines.append(f"| {i} | " + " | ".join(_f(v) for v in row) + " |")
         lines.append("")
     env = results.get("environment")
     if env:
-        lines.append(f"Environment: {json.dumps(env)}; machine shared with other jobs.")
+        lines.append(
+            f"Environment of the latest invocation: {json.dumps(env)}; machine "
+            "shared with other jobs."
+        )
     with open(os.path.join(out_dir, "continual.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    plot(runs, os.path.join(out_dir, "continual.png"))
+    plot(runs, summary, os.path.join(out_dir, "continual.png"))
+    return summary
 
 
-def plot(runs: dict, path: str) -> None:
-    """Accuracy matrices of the main runs, one heatmap each (datasets x methods)."""
+def plot(runs: dict, summary: dict, path: str) -> None:
+    """Mean accuracy matrices (over seeds) of the main runs, one heatmap each
+    (data sets x methods)."""
     try:
         import matplotlib
 
@@ -500,20 +686,20 @@ def plot(runs: dict, path: str) -> None:
     for i, d in enumerate(rows):
         for j, m in enumerate(METHODS):
             ax = axes[i][j]
-            r = runs.get(f"{d}/{m}")
-            if r is None:
+            n = f"{d}/{m}"
+            if n not in runs:
                 ax.axis("off")
                 continue
-            a = np.array(
-                [[np.nan if v is None else v for v in row] for row in r["acc_matrix"]]
-            )
+            a = np.array([[np.nan if v is None else v for v in row]
+                          for row in mean_matrix(runs[n])])  # fmt: skip
             ax.imshow(a, vmin=0, vmax=1, cmap="viridis")
             for (y, x), v in np.ndenumerate(a):
                 if not np.isnan(v):
                     ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7,
                             color="w" if v < 0.6 else "k")  # fmt: skip
-            ax.set_title(f"{LABELS[d]}: {m}\nfinal avg {r['final_avg_acc']:.3f}",
-                         fontsize=9)  # fmt: skip
+            st = summary[n]["stats"]["final_avg_acc"]
+            ax.set_title(f"{LABELS[d]}: {m}\nfinal avg {format_stats(st)} "
+                         f"({st['n']} seeds)", fontsize=8)  # fmt: skip
             ax.set_xlabel("task")
             ax.set_ylabel("after task")
             ax.set_xticks(range(a.shape[1]))
@@ -523,67 +709,124 @@ def plot(runs: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def use_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in ``path``, unless the environment
+    names one (``JAX_COMPILATION_CACHE_DIR``): every seed of a run compiles the
+    same programs, so seeds after the first skip compilation."""
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def store(path: str, results: dict, out_dir: str) -> None:
+    """Writes the report and the JSON with the summary the report shows."""
+    results["summary"] = report(results, out_dir)
+    save(path, results)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="", help="comma list of run names")
     p.add_argument("--no_ablations", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds per run: seed .. seed+S-1 (default 3; 2 with --quick)",
+    )
     p.add_argument(
         "--set",
         action="append",
         default=[],
         help="FIELD=VALUE applied to every run (a reduction, stated in the md)",
     )
-    p.add_argument("--force", action="store_true", help="rerun runs already stored")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: Split digits main runs, 2 tasks, tiny training, 2 seeds, "
+        "results into --workdir (never benchmarks/results)",
+    )
+    p.add_argument(
+        "--force", action="store_true",
+        help="rerun the selected runs already stored (also those stored with other "
+        "settings)",
+    )  # fmt: skip
     p.add_argument("--report_only", action="store_true")
-    p.add_argument("--out_dir", default=RESULTS)
+    p.add_argument("--out_dir", default=None, help="default: benchmarks/results")
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "continual"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, "continual.json")
-    results = load(path)
     extra = _parse_set(args.set)
-    names = [n for n in args.only.split(",") if n] or [
+    if "seed" in extra:
+        sys.exit("error: --set=seed=... is not valid; accepted: --seed and --seeds")
+    seeds_n = args.seeds if args.seeds is not None else (2 if args.quick else 3)
+    if seeds_n < 1:
+        sys.exit(f"error: --seeds={seeds_n} is not valid; accepted: >= 1")
+    seeds = list(range(args.seed, args.seed + seeds_n))
+    out_dir = args.out_dir or (args.workdir if args.quick else RESULTS)
+    if args.quick:
+        if os.path.abspath(out_dir) == os.path.abspath(RESULTS):
+            sys.exit("error: --quick never writes into benchmarks/results; accepted: "
+                     "another --out_dir or --workdir")  # fmt: skip
+        extra = {**QUICK_SET, **extra}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "continual.json")
+    results = migrate(load(path))
+    default = QUICK_RUNS if args.quick else [
         n for n in RUNS if not (args.no_ablations and n in ABLATIONS)
-    ]
+    ]  # fmt: skip
+    names = [n for n in args.only.split(",") if n] or default
     for n in names:
         if n not in RUNS:
             sys.exit(f"error: --only={n!r} is not valid; accepted: {', '.join(RUNS)}")
     if not args.report_only:
-        stored = results.get("settings", {}).get("set")
-        if results["runs"] and stored is not None and stored != extra:
-            sys.exit(
-                f"error: --set={extra} differs from the stored runs' {stored}; "
-                "accepted: the same --set, or --force with a fresh --out_dir"
-            )
-        results["settings"] = {"set": extra}
+        extra = json.loads(json.dumps(extra))  # as stored: tuples become lists
+        for n in names:
+            for seed in seeds:
+                r = results["runs"].get(n, {}).get(str(seed))
+                why = None if r is None or args.force else mismatch(r, n, extra)
+                if why:
+                    sys.exit(
+                        f"error: stored run {n} seed {seed} has {why}; accepted: the "
+                        "same --set, --force to rerun (--only to limit it), or "
+                        "another --out_dir"
+                    )
+        results["settings"] = {"set": extra, "seeds": seeds}
         results["environment"] = {
             **environment(),
             "date": time.strftime("%Y-%m-%d"),
             "commit": _commit(),
         }
         print(json.dumps({"environment": results["environment"]}), flush=True)
+        use_compilation_cache(os.path.join(args.workdir, "xla_cache"))
         for name in names:
-            if name in results["runs"] and not args.force:
-                print(f"{name}: stored, skipping (--force to rerun)", file=sys.stderr)
-                continue
-            wd = os.path.join(args.workdir, name.replace("/", "_"))
-            results["runs"][name] = run_one(name, extra, wd)
-            save(path, results)
-            r = results["runs"][name]
-            print(
-                json.dumps(
-                    {
-                        "run": name,
-                        "final_avg_acc": r["final_avg_acc"],
-                        "forgetting": r["forgetting"],
-                        "wall_s": r["wall_s"],
-                    }
-                ),
-                flush=True,
-            )
-            report(results, args.out_dir)
-    report(results, args.out_dir)
+            for seed in seeds:
+                if str(seed) in results["runs"].get(name, {}) and not args.force:
+                    print(f"{name} seed {seed}: stored, skipping (--force to rerun)",
+                          file=sys.stderr)  # fmt: skip
+                    continue
+                wd = os.path.join(args.workdir, f"{name.replace('/', '_')}_seed{seed}")
+                r = run_one(name, extra, seed, wd)
+                results["runs"].setdefault(name, {})[str(seed)] = r
+                store(path, results, out_dir)
+                print(
+                    json.dumps(
+                        {
+                            "run": name,
+                            "seed": seed,
+                            "final_avg_acc": r["final_avg_acc"],
+                            "forgetting": r["forgetting"],
+                            "wall_s": r["wall_s"],
+                        }
+                    ),
+                    flush=True,
+                )
+    store(path, results, out_dir)
 
 
 if __name__ == "__main__":

@@ -75,35 +75,204 @@ def test_flops_per_agent_step_hand_computed():
     assert scaling.flops_per_agent_step("mlr", 1) == 3 * 2 * 7_840
 
 
-def test_continual_report_states_verdicts_and_matrices(tmp_path):
-    bench = load("continual")
-    run = lambda m, acc: {  # noqa: E731
-        "dataset": "fmnist", "method": m, "final_avg_acc": acc, "forgetting": 0.5,
-        "acc_matrix": [[0.9, None], [0.2, acc]], "wall_s": 3.0,
-        "forward_transfer": {"agent_acc_from_consolidated": [0.9, 0.8],
-                             "agent_acc_from_scratch": [0.9, 0.6], "mean_gain": 0.2},
+def test_paired_difference_and_seed_stats_hand_computed():
+    common = load("common")
+    # .40 .44 .48 vs .20 .25 .21: differences .20 .19 .27, mean .22, sample std
+    # sqrt(((-.02)^2 + (-.03)^2 + .05^2) / 2) = sqrt(.0019) = .043589,
+    # se = .043589 / sqrt(3) = .025166; .22 > 2 se = .050332: beyond noise.
+    d = common.paired_difference([0.40, 0.44, 0.48], [0.20, 0.25, 0.21])
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.22)
+    assert d["std"] == pytest.approx(0.0019**0.5)
+    assert d["se"] == pytest.approx(0.0019**0.5 / 3**0.5)
+    assert d["beyond_noise"] is True
+    assert common.format_paired(d) == "+0.220 (2 SE 0.050, beyond noise)"
+    # Differences +.05, -.03, +.01: mean .01, std .04, se .023094 > .005: within.
+    d = common.paired_difference([0.50, 0.40, 0.30], [0.45, 0.43, 0.29])
+    assert d["mean"] == pytest.approx(0.01) and d["std"] == pytest.approx(0.04)
+    assert d["beyond_noise"] is False
+    assert common.format_paired(d) == "+0.010 (2 SE 0.046, within noise)"
+    # A pair with a missing side is left out; one pair: no noise estimate.
+    d = common.paired_difference([0.5, None], [0.3, 0.1])
+    assert (d["n"], d["se"], d["beyond_noise"]) == (1, None, None)
+    assert common.format_paired(d) == "+0.200 (1 seed)"
+    st = common.seed_stats([0.3, None, 0.5, 0.4])
+    assert (st["n"], st["mean"], st["std"]) == (3, pytest.approx(0.4),
+                                                pytest.approx(0.1))  # fmt: skip
+    assert common.format_stats(st) == "0.400 +/- 0.100"
+    assert common.format_stats(common.seed_stats([0.37])) == "0.370"
+    assert common.format_stats(common.seed_stats([None])) == "-"
+    assert common.format_stats(common.seed_stats([100.0, 120.0]), ".0f") == (
+        "110 +/- 14"
+    )
+
+
+def _continual_run(method, seed, acc, rows=None, ft=True):
+    """A stored continual run of 2 tasks: ``rows`` the average accuracy after
+    each task (the records), ``acc`` the final one."""
+    rows = rows or [0.9, acc]
+    return {
+        "dataset": "fmnist", "method": method, "seed": seed,
+        "overrides": {"method": method}, "set": {"consolidation_steps": 300},
+        "final_avg_acc": acc, "forgetting": 0.5, "task_aware_final_avg_acc": 0.99,
+        "acc_matrix": [[rows[0], None], [0.2, 2 * acc - 0.2]], "wall_s": 3.0 + seed,
+        "records": [{"task": t, "avg_acc": v} for t, v in enumerate(rows)],
+        "forward_transfer": None if not ft else {
+            "agent_acc_from_consolidated": [0.9, 0.8],
+            "agent_acc_from_scratch": [0.9, 0.6], "mean_gain": 0.2},
     }  # fmt: skip
-    results = {
-        "runs": {
-            "fmnist/dac": run("dac", 0.42),
-            "fmnist/finetune": run("finetune", 0.2),
-            "fmnist/average": run("average", 0.48),
-            "fmnist/dac_alpha10": run("dac", 0.45),
-        },
-        "settings": {"set": {"consolidation_steps": 300}},
-    }
-    bench.report(results, str(tmp_path))
+
+
+def test_continual_report_over_seeds_with_paired_verdicts(tmp_path):
+    bench = load("continual")
+    runs = {}
+    # DAC .42/.44/.46, fine-tuning .20/.25/.21 (differences .22/.19/.25: mean .22,
+    # std .03, 2 SE .034641: beats, beyond noise); averaging .48/.40/.52
+    # (differences -.06/+.04/-.06: mean -.026667, std .057735, 2 SE .066667:
+    # level, within noise); logit-only .30/.31/.32 (differences .12/.13/.14:
+    # mean .13, std .01, 2 SE .011547: beats, beyond noise).
+    for seed, (dac, ft, avg, logit) in enumerate(
+        [(0.42, 0.20, 0.48, 0.30), (0.44, 0.25, 0.40, 0.31), (0.46, 0.21, 0.52, 0.32)]
+    ):
+        # DAC's best average accuracy: .95 after task 0 on seeds 0, 2; on seed 1
+        # the final .44 is above the .40 after task 0.
+        rows = [0.40, 0.44] if seed == 1 else [0.95, dac]
+        for m, acc, r in (("dac", dac, rows), ("finetune", ft, None),
+                          ("average", avg, None), ("logit", logit, None)):  # fmt: skip
+            runs.setdefault(f"fmnist/{m}", {})[str(seed)] = _continual_run(
+                m, seed, acc, r, ft=m != "finetune")  # fmt: skip
+    runs["fmnist/dac_alpha10"] = {
+        str(s): {**_continual_run("dac", s, a, ft=False),
+                 "overrides": bench.RUNS["fmnist/dac_alpha10"][1]}
+        for s, a in ((0, 0.45), (1, 0.47))
+    }  # fmt: skip
+    results = {"runs": runs, "settings": {"set": {"consolidation_steps": 300}}}
+    summary = bench.report(results, str(tmp_path))
     md = (tmp_path / "continual.md").read_text()
-    assert "DAC beats fine-tuning: final average accuracy 0.420 vs 0.200" in md
+    s = summary["fmnist/dac"]
+    assert s["seeds"] == [0, 1, 2]
+    assert s["per_seed"]["final_avg_acc"] == [0.42, 0.44, 0.46]
+    assert s["per_seed"]["best_avg_acc"] == [0.95, 0.44, 0.95]
+    assert s["per_seed"]["best_after_task"] == [0, 1, 0]
+    assert s["stats"]["final_avg_acc"]["mean"] == pytest.approx(0.44)
+    assert s["stats"]["final_avg_acc"]["std"] == pytest.approx(0.02)
+    # best: mean .78, std sqrt((.17^2 * 2 + .34^2) / 2) = .294449
+    assert s["stats"]["best_avg_acc"]["std"] == pytest.approx(0.294449, abs=1e-6)
+    assert s["stats"]["forward_transfer"]["mean"] == pytest.approx(0.2)
+    assert s["stats"]["wall_s"]["mean"] == pytest.approx(4.0)
+    assert summary["fmnist/finetune"]["stats"]["forward_transfer"]["n"] == 0
+    # own-task accuracy from consolidated .85, from scratch .75, gain +.2, each
+    # the same on every seed (std 0); wall 3, 4, 5 s.
     assert (
-        "DAC does NOT beat model averaging: final average accuracy 0.420 vs 0.480" in md
+        "| dac | 3 | 0.440 +/- 0.020 | 0.780 +/- 0.294 (after 0/1/0) "
+        "| 0.990 +/- 0.000 | 0.500 +/- 0.000 | 0.850 +/- 0.000 | 0.750 +/- 0.000 "
+        "| +0.200 +/- 0.000 | 0.421 | 4 +/- 1 |"
+    ) in md
+    assert "| finetune | 3 | 0.220 +/- 0.026 |" in md
+    assert (
+        "- On Split Fashion-MNIST, DAC beats fine-tuning, beyond the noise: final "
+        "average accuracy 0.440 +/- 0.020 vs 0.220 +/- 0.026 (seeds 0-2), paired "
+        "difference +0.220, two standard errors 0.035." in md
+    )
+    assert (
+        "- On Split Fashion-MNIST, DAC and model averaging are level, within the "
+        "noise: final average accuracy 0.440 +/- 0.020 vs 0.467 +/- 0.061 "
+        "(seeds 0-2), paired difference -0.027, two standard errors 0.067." in md
+    )
+    assert (
+        "DAC beats logit-only distillation, beyond the noise: final average "
+        "accuracy 0.440 +/- 0.020 vs 0.310 +/- 0.010 (seeds 0-2), paired difference "
+        "+0.130, two standard errors 0.012." in md
     )
     assert "`consolidation_steps=300`" in md
-    # own-task accuracy from consolidated .85, from scratch .75, gain +.2
-    assert "| dac | 0.420 | - | 0.500 | 0.850 | 0.750 | +0.200 | 0.421 |" in md
-    assert "| dac_alpha10 | alpha = 10 | 0.450 | +0.030 | - |" in md
-    assert "| 1 | 0.200 | 0.420 |" in md
+    # alpha 10 on seeds 0-1 vs DAC there: differences .03, .03 (std 0: beyond).
+    assert (
+        "| dac_alpha10 | alpha = 10 | 2 | 0.460 +/- 0.014 | +0.030 (2 SE 0.000, "
+        "beyond noise) |" in md
+    )
+    # Mean accuracy matrix of DAC: row 1 = .2 and 2 * mean(acc) - .2 = .68.
+    assert "**fmnist/dac** (seeds 0-2)" in md and "| 1 | 0.200 | 0.680 |" in md
     assert (tmp_path / "continual.png").stat().st_size > 1000
+
+
+def test_continual_verdict_does_not_beat_and_one_seed():
+    bench = load("continual")
+    runs = {"digits/dac": {}, "digits/average": {}, "digits/finetune": {}}
+    for seed, (dac, avg) in enumerate([(0.30, 0.50), (0.35, 0.49), (0.32, 0.55)]):
+        runs["digits/dac"][str(seed)] = _continual_run("dac", seed, dac)
+        runs["digits/average"][str(seed)] = _continual_run("average", seed, avg)
+    runs["digits/finetune"]["1"] = _continual_run("finetune", 1, 0.2, ft=False)
+    out = bench.verdict(bench.summarize(runs), "digits")
+    # Differences -.20, -.14, -.23: mean -.19, std .045826, 2 SE .052915.
+    assert out == [
+        "- On Split digits, DAC vs fine-tuning: final average accuracy 0.350 vs "
+        "0.200 (seed 1), paired difference +0.150; one seed, no noise verdict.",
+        "- On Split digits, DAC does NOT beat model averaging, beyond the noise: "
+        "final average accuracy 0.323 +/- 0.025 vs 0.513 +/- 0.032 (seeds 0-2), "
+        "paired difference -0.190, two standard errors 0.053.",
+    ]
+
+
+def test_continual_stored_runs_per_seed_and_settings_check():
+    bench = load("continual")
+    extra = {"consolidation_steps": 400, "proxy_batch": 64}
+    old = {"method": "dac", "overrides": {"method": "dac"}, "set": extra,
+           "final_avg_acc": 0.37}  # fmt: skip
+    results = bench.migrate({"runs": {
+        "fmnist/dac": old,  # no seed field: seed 0
+        "fmnist/dac_centred_student_seed1": {
+            **old, "overrides": {"method": "dac", "student_logits": "centred",
+                                 "seed": 1, "forward_transfer": False}},
+        # other settings than fmnist/dac (forward transfer off): not reported
+        "fmnist/dac_seed2": {**old, "overrides": {"method": "dac", "seed": 2,
+                                                   "forward_transfer": False}},
+    }})  # fmt: skip
+    runs = results["runs"]
+    assert sorted(runs) == ["fmnist/dac", "fmnist/dac_centred_student"]
+    assert runs["fmnist/dac"]["0"]["seed"] == 0
+    assert (
+        runs["fmnist/dac_centred_student"]["1"]["overrides"]
+        == (bench.RUNS["fmnist/dac_centred_student"][1])
+    )
+    assert list(results["unreported"]) == ["fmnist/dac_seed2"]
+    assert bench.migrate(results)["runs"] == runs  # idempotent
+    assert bench.mismatch(runs["fmnist/dac"]["0"], "fmnist/dac", extra) is None
+    assert bench.mismatch(runs["fmnist/dac"]["0"], "fmnist/dac", {}) == (
+        "--set {'consolidation_steps': 400, 'proxy_batch': 64} (current: {})"
+    )
+    assert "overrides" in bench.mismatch(runs["fmnist/dac"]["0"],
+                                         "fmnist/logit", extra)  # fmt: skip
+
+
+def test_continual_quick_driver_end_to_end(tmp_path):
+    """``--quick`` as a subprocess: Split digits, 2 tasks, 2 seeds, into the
+    workdir; a second call reuses every stored run; a stored run with other
+    settings is refused in one line."""
+    import subprocess
+    import sys
+
+    script = os.path.join(REPO, "benchmarks", "continual.py")
+    cmd = [sys.executable, script, "--quick", f"--workdir={tmp_path}",
+           "--only=digits/dac,digits/average,digits/finetune"]  # fmt: skip
+    stored = os.path.join(REPO, "benchmarks", "results", "continual.json")
+    mtime = os.path.getmtime(stored) if os.path.exists(stored) else None
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "continual.json").read_text())
+    assert sorted(results["runs"]["digits/dac"]) == ["0", "1"]
+    assert results["settings"]["set"]["num_tasks"] == 2
+    s = results["summary"]["digits/dac"]
+    assert s["seeds"] == [0, 1] and len(s["per_seed"]["final_avg_acc"]) == 2
+    assert s["stats"]["final_avg_acc"]["n"] == 2
+    md = (tmp_path / "continual.md").read_text()
+    assert "| dac | 2 |" in md and "(seeds 0-1)" in md
+    assert (os.path.getmtime(stored) if os.path.exists(stored) else None) == mtime
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "digits/dac seed 1: stored" in again.stderr
+    refused = subprocess.run(cmd + ["--set=consolidation_steps=6"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode != 0
+    msg = refused.stderr.strip().splitlines()
+    assert len(msg) == 1 and msg[0].startswith("error: stored run digits/dac seed 0")
 
 
 def test_baselines_tiny_run_records_every_implementation(tmp_path):
