@@ -170,3 +170,41 @@ def format_paired(diff: dict) -> str:
         return f"{diff['mean']:+.3f} (1 seed)"
     word = "beyond noise" if diff["beyond_noise"] else "within noise"
     return f"{diff['mean']:+.3f} (2 SE {2 * diff['se']:.3f}, {word})"
+
+
+def difference_to_single(summary, value: float, metric: str, which: str = "final",
+                         point: str = "sync", scale: float = 1.0,
+                         digits: int = 3) -> str:  # fmt: skip
+    """``"+3.3 (beyond noise)"``: ``scale`` x (mean of ``summary`` minus
+    ``value``), ``value`` the figure of ONE run without seeds of its own (e.g. a
+    logged reference run), ``digits`` decimals.
+
+    The single run has no spread of its own, so the noise is that of our seeds:
+    "beyond noise" when the difference exceeds two standard deviations of the
+    seeds (``std``, ddof 1), else "within noise": a rough test that takes the
+    single run for one more draw from our seeds' distribution and ignores the
+    uncertainty of our mean and std over few seeds; "-" when the run lacks the
+    metric or has a single seed."""
+    e = _entry(summary, metric, which, point)
+    if e is None or len(e["values"]) < 2:
+        return "-"
+    d = e["mean"] - value
+    verdict = "beyond noise" if abs(d) > 2 * e["std"] else "within noise"
+    return f"{scale * d:+.{digits}f} ({verdict})"
+
+
+def top_group_metric(summary, prefix: str = "g_gen_l", point: str = "sync"):
+    """The top group level's metric name in a summary (``g_gen_l3``), or None."""
+    names = ((summary or {}).get("points", {}).get(point) or {}).keys()
+    found = [k for k in names if k.startswith(prefix)]
+    return max(found, key=lambda k: int(k[len(prefix) :])) if found else None
+
+
+def setup_changes(old: dict, new: dict, keys, defaults: dict) -> list[str]:
+    """``["replicas=3", ...]``: the stored setup's value of each of ``keys``
+    that differs from ``new`` (a field missing from a setup: ``defaults``)."""
+    return [
+        f"{k}={old.get(k, defaults.get(k))!r}"
+        for k in keys
+        if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))
+    ]

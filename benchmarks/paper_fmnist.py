@@ -10,13 +10,45 @@ Resumable: each finished run is stored in the JSON at once, and runs already the
 are skipped (``--force`` reruns them), so the set can be completed over several
 invocations. Usage::
 
-    python benchmarks/paper_fmnist.py                  # all five runs
+    python benchmarks/paper_fmnist.py                  # all six runs
     python benchmarks/paper_fmnist.py --only=fedavg,demlearn_p --num_rounds=10
     python benchmarks/paper_fmnist.py --report_only    # rebuild .md/.png from JSON
     # store the rounds a stopped run finished (from its workdir), marked partial:
     python benchmarks/paper_fmnist.py --store_partial=demlearn_p_amplify_torch_init
     # wall-time check on a quiet machine (stored under "timing", not "runs"):
     python benchmarks/paper_fmnist.py --timing --only=demlearn_p --eval_every=10
+    # 3 seeds per run (stored under "replica_runs"), all six runs:
+    python benchmarks/paper_fmnist.py --replicas=3 --eval_every=5
+    # smoke: digits, MLR, 6 agents, 2 rounds; results in WORKDIR/quick:
+    python benchmarks/paper_fmnist.py --quick --replicas=2 --only=demlearn_p,fedavg
+
+Several seeds per run (``--replicas=R``: seeds 0 .. R-1 in one program,
+``config.num_replicas``; one data split, the seeds vary initialization and batch
+order) are stored under ``replica_runs`` with their flags under
+``replica_setup``, never among the single-seed ``runs`` (whose table stays as
+it is); adding runs with other ``--replicas`` / ``--num_rounds`` /
+``--eval_every`` / ``--quick`` than the stored ones is refused unless
+``--force``. Their table gives, at both measurement points, mean +/- std (ddof 1)
+over the seeds of the final round and of each seed's best evaluated round (and
+those rounds), and the mean's difference to the authors' logged run in points,
+"beyond noise" when larger than two standard deviations of our seeds (the
+reference is one run without seeds of its own). ``--timing`` and
+``--store_partial`` stay single-seed.
+
+Wall time of ``--replicas=3 --eval_every=5`` (six runs of 100 rounds, 21
+evaluations each) on a 2-core AMD EPYC without AVX-512:
+
+- idle, from the single-seed ``demlearn_p_epyc`` timing (local training 13.8 s
+  per round, an evaluation at both points 18.1 s) times three seeds: 99 x 41 s
+  + 21 x 54 s + ~60 s of compilation = ~1.5 h per run, ~9 h for the six;
+- measured (2026-12-04, commit 2f2a785, 2 rounds of ``--replicas=3
+  --only=demlearn_p``, cores shared with other jobs at load average 9): round 0
+  436 s (compilation), round 1 local training 101 s, clustering and mixing 3 s,
+  evaluation 140 s: 436 + 99 x 104 + 20 x 140 = ~3.8 h per run, ~22 h for the
+  six on cores shared like that.
+
+With ``--eval_every=1`` (the default) every run takes 80 more evaluations: +1.2
+h per run idle.
 """
 
 from __future__ import annotations
@@ -34,7 +66,16 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.common import cpu_model  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_replicas_flag,
+    cpu_model,
+    difference_to_single,
+    mean_curve,
+    mean_std,
+    setup_changes,
+    top_group_metric,
+)
+from benchmarks.common import best_rounds as seed_best_rounds  # noqa: E402
 from benchmarks.common import load_results as load  # noqa: E402
 from benchmarks.common import save_results as save  # noqa: E402
 from configs import fmnist_paper  # noqa: E402
@@ -203,14 +244,99 @@ def partial_run(name: str, workdir: str, eval_every: int) -> dict:
     }
 
 
-def config_for(name: str, num_rounds: int, eval_every: int):
+def config_for(name: str, num_rounds: int, eval_every: int, replicas: int = 1,
+               quick: bool = False):  # fmt: skip
+    """The run's config: ``configs/fmnist_paper.py`` with ``RUNS[name]``;
+    ``replicas`` seeds 0 .. R-1 in one program (one data split); ``quick``: the
+    smoke setup (digits, MLR, 6 agents, 2 rounds, evaluated every round)."""
     c = fmnist_paper.get_config()
     for k, v in RUNS[name].items():
         c[k] = v
     c.num_rounds = num_rounds
     c.eval_every = eval_every
     c.progress = True
+    c.num_replicas = replicas
+    if quick:  # seconds, embedded data
+        c.dataset, c.data_dir, c.model = "digits", "", "mlr"
+        c.num_agents, c.num_rounds, c.eval_every = 6, 2, 1
+        c.samples_per_agent, c.checkpoint_every, c.progress = 0, 0, False
     return c
+
+
+# The columns of the replica table: (metric, point), each as final and best.
+REPLICA_COLUMNS = [
+    ("c_spe", "sync"), ("c_gen", "sync"), ("c_spe", "local"), ("c_gen", "local"),
+]  # fmt: skip
+SEED_SETUP = ("replicas", "num_rounds", "eval_every", "quick")  # must match to mix
+
+
+def best_cell(summary, metric: str, point: str = "sync") -> str:
+    """``"0.812 +/- 0.004 (90/90/60)"``: mean +/- std over the seeds of each
+    seed's best evaluated round, and those rounds."""
+    cell = mean_std(summary, metric, "best", point)
+    return cell if cell == "-" else (
+        f"{cell} ({seed_best_rounds(summary, metric, point)})")  # fmt: skip
+
+
+def reference_diff(summary, name: str) -> str:
+    """``"+3.3 (beyond noise) / ..."``: our mean over the seeds minus the
+    reference (points) for C-SPE / C-GEN / Global at the reference's
+    measurement point (Global after synchronization); "beyond noise" when
+    larger than two standard deviations of our seeds (the reference is one run:
+    ``benchmarks.common.difference_to_single``)."""
+    ref = REFERENCE.get(name)
+    if ref is None:
+        return "-"
+    at = REFERENCE_POINT.get(name, "sync")
+    return " / ".join(
+        difference_to_single(summary, r, m, "final", p, scale=100, digits=1)
+        for m, r, p in zip(("c_spe", "c_gen", "global_acc"), ref, (at, at, "sync"),
+                           strict=True)
+    )  # fmt: skip
+
+
+def replica_table(runs: dict) -> list[str]:
+    """Markdown lines of the runs with several seeds (``replica_runs``): mean
+    +/- std over the seeds of the final round and of each seed's best round (and
+    which rounds) at both measurement points, and the mean's difference to the
+    authors' logged run with a noise verdict."""
+    names = {"c_spe": "C-SPE", "c_gen": "C-GEN"}
+    head = " | ".join(
+        f"{names[m]} {p} {w}" for m, p in REPLICA_COLUMNS for w in ("final", "best")
+    )
+    lines = [
+        "",
+        "## Several seeds per run",
+        "",
+        "Mean +/- std (ddof 1) over the seeds (initialization and batch order; "
+        "one data split); final = the last round, best = each seed's best "
+        "evaluated round, with those rounds (one per seed). The reference is a "
+        "single logged run without seeds, so the diff column compares our mean "
+        "with it and calls a difference beyond noise when it exceeds two standard "
+        "deviations of our seeds (at the reference's measurement point, Global "
+        "after synchronization).",
+        "",
+        f"| run | seeds | rounds | {head} | G-GEN top final | Global final "
+        "| Global best | ref C-SPE / C-GEN / Global "
+        "| diff (points, mean at the reference's point) | wall s |",
+        "|---|---|---|" + "---|" * (2 * len(REPLICA_COLUMNS)) + "---|" * 6,
+    ]
+    for name, run in runs.items():
+        s = run["replicas"]
+        cells = " | ".join(
+            f"{mean_std(s, m, 'final', p)} | {best_cell(s, m, p)}"
+            for m, p in REPLICA_COLUMNS
+        )
+        top = top_group_metric(s)
+        ref = REFERENCE.get(name)
+        ref_s = "-" if ref is None else " / ".join(f"{r:.3f}" for r in ref)
+        lines.append(
+            f"| {name} | {len(s['seeds'])} | {run['num_rounds']} | {cells} | "
+            f"{'-' if top is None else mean_std(s, top, 'final')} | "
+            f"{mean_std(s, 'global_acc', 'final')} | {best_cell(s, 'global_acc')} | "
+            f"{ref_s} | {reference_diff(s, name)} | {run['wall_s']:.0f} |"
+        )
+    return lines
 
 
 def report(results: dict, out_dir: str) -> None:
@@ -266,6 +392,10 @@ def report(results: dict, out_dir: str) -> None:
         ]
         rounds = f"{run['num_rounds']}" + (" (stopped)" if run.get("partial") else "")
         lines.append(f"| {name} | {rounds} | " + " | ".join(cells) + " |")
+    if results.get("replica_runs"):
+        lines += replica_table(results["replica_runs"])
+        if results.get("replica_setup", {}).get("quick"):
+            lines += ["", "Smoke setup (`--quick`): digits, MLR, 6 agents, 2 rounds."]
     if results.get("timing"):
         lines += [
             "",
@@ -304,6 +434,12 @@ def report(results: dict, out_dir: str) -> None:
             ys = [r[key] for r in sync]
             if all(y is not None for y in ys):
                 ax.plot(rounds, ys, label=name)
+    for name, run in results.get("replica_runs", {}).items():
+        for ax, key in zip(axes, ("c_spe", "c_gen", "global_acc"), strict=True):
+            rounds, ys = mean_curve(run["per_round"], key)
+            if rounds:
+                seeds = len(run["replicas"]["seeds"])
+                ax.plot(rounds, ys, "--", label=f"{name} (mean of {seeds} seeds)")
     for ax, title in zip(axes, ("C-SPE", "C-GEN", "Global"), strict=True):
         ax.set_title(f"{title} (after synchronization)")
         ax.set_xlabel("round")
@@ -323,7 +459,7 @@ def _commit() -> str:
         return ""
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="", help=f"comma list of {', '.join(RUNS)}")
     p.add_argument("--num_rounds", type=int, default=100)
@@ -340,9 +476,27 @@ def main() -> None:
         action="store_true",
         help="time a fresh run (no resume) and store it under 'timing'",
     )
-    p.add_argument("--out_dir", default=RESULTS)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: digits, MLR, 6 agents, 2 rounds; results in WORKDIR/quick",
+    )
+    add_replicas_flag(p)
+    p.add_argument("--out_dir", default="", help="default benchmarks/results")
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "paper_fmnist"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.replicas < 1:
+        sys.exit(f"error: --replicas={args.replicas} is not valid; accepted: >= 1")
+    if args.replicas > 1 and (args.timing or args.store_partial):
+        sys.exit("error: --timing and --store_partial are single-seed; leave out "
+                 "--replicas")  # fmt: skip
+    if args.quick and (args.timing or args.store_partial):
+        sys.exit("error: --timing and --store_partial measure the full setup; "
+                 "leave out --quick")  # fmt: skip
+    # A smoke run never replaces the stored results.
+    args.out_dir = args.out_dir or (
+        os.path.join(args.workdir, "quick") if args.quick else RESULTS
+    )
 
     from demjax.train import run
 
@@ -353,6 +507,24 @@ def main() -> None:
     for n in names:
         if n not in RUNS:
             sys.exit(f"error: --only={n!r} is not valid; accepted: {', '.join(RUNS)}")
+    # Several seeds per run: stored under "replica_runs" (never mixed into the
+    # single-seed "runs"), all with one setup unless --force.
+    seeded = args.replicas > 1
+    section = "replica_runs" if seeded else "runs"
+    if seeded and not args.report_only:
+        probe = config_for(names[0], args.num_rounds, args.eval_every,
+                           args.replicas, args.quick)  # fmt: skip
+        setup = {"replicas": args.replicas, "num_rounds": int(probe.num_rounds),
+                 "eval_every": int(probe.eval_every), "quick": args.quick}  # fmt: skip
+        changed = results.get("replica_runs") and setup_changes(
+            results.get("replica_setup", {}), setup, SEED_SETUP, {"quick": False}
+        )
+        if changed and not args.force:
+            sys.exit(
+                f"error: stored replica_runs used {', '.join(changed)}; pass the "
+                "same flags to add runs, or --force to rerun under the new setup"
+            )
+        results["replica_setup"] = setup
     if args.store_partial:
         name = args.store_partial
         if name not in RUNS:
@@ -405,27 +577,37 @@ def main() -> None:
                 save(path, results)
                 print(json.dumps({"timing": name, **results["timing"][name]}))
                 continue
-            if name in results["runs"] and not args.force:
+            if name in results.get(section, {}) and not args.force:
                 print(f"{name}: stored, skipping (--force to rerun)", file=sys.stderr)
                 continue
-            config = config_for(name, args.num_rounds, args.eval_every)
+            config = config_for(name, args.num_rounds, args.eval_every,
+                                args.replicas, args.quick)  # fmt: skip
+            workdir = os.path.join(
+                args.workdir,
+                "quick" if args.quick else "",
+                name + (f"_seeds{args.replicas}" if seeded else ""),
+            )
             t0 = time.perf_counter()
             # Resumes from the run's checkpoint if an earlier invocation stopped
             # mid-way.
-            out = run(config, os.path.join(args.workdir, name), overwrite=args.force)
-            results["runs"][name] = {
-                "final": out["final"]["sync"],
+            out = run(config, workdir, overwrite=args.force)
+            entry = {
+                "final": out["final"]["sync"],  # with seeds: mean over them
                 "final_local": out["final"]["local"],
                 "wall_s": round(time.perf_counter() - t0, 1),
-                "num_rounds": args.num_rounds,
-                "eval_every": args.eval_every,
+                "num_rounds": int(config.num_rounds),
+                "eval_every": int(config.eval_every),
                 "config": RUNS[name],
                 "per_round": out["records"],
             }
+            if seeded:
+                entry.update(
+                    replicas=out["replicas"], cpu_model=cpu_model(),
+                    date=time.strftime("%Y-%m-%d"), commit=_commit(),
+                )  # fmt: skip
+            results.setdefault(section, {})[name] = entry
             save(path, results)
-            print(
-                json.dumps({"run": name, **results["runs"][name]["final"]}), flush=True
-            )
+            print(json.dumps({"run": name, **entry["final"]}), flush=True)
     report(results, args.out_dir)
 
 

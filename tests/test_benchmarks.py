@@ -395,3 +395,189 @@ def test_robustness_summary_and_report(tmp_path):
     md = (tmp_path / "r.md").read_text()
     assert "| fedavg_mean | ipm | 0.800 ± 0.020 | 0.500 ± 0.100 |" in md
     assert "abc1234" in md and "Test CPU" in md and md.rstrip().endswith("Holds.")
+
+
+def replica_run_summary(curves: dict) -> dict:
+    """``(summary, records)``: a ``replicas.json`` summary and its records from
+    hand-made curves ``{point: {metric: [[value per round] per seed]}}`` (seeds
+    0 .. R-1, rounds 0 .. T-1)."""
+    from demjax.run_output import replica_summary
+
+    first = next(iter(next(iter(curves.values())).values()))
+    reps, rounds = len(first), len(first[0])
+    recs = [
+        {"round": t, "point": p, "replica": q,
+         **{m: v[q][t] for m, v in metrics.items()}}
+        for p, metrics in curves.items() for q in range(reps) for t in range(rounds)
+    ]  # fmt: skip
+    return {"seeds": list(range(reps)), **replica_summary(recs, reps)}, recs
+
+
+def test_paper_replica_table_mean_std_best_and_reference_noise(tmp_path):
+    """paper_fmnist --replicas: mean +/- std of the final and best rounds at both
+    points, the seeds' best rounds, and the mean's difference to the logged
+    reference run against two standard deviations of the seeds."""
+    paper = load("paper_fmnist")
+    sync = [[0.80, 0.82], [0.84, 0.83], [0.78, 0.81]]  # 3 seeds x 2 rounds
+    summary, recs = replica_run_summary({
+        "sync": {"c_spe": sync, "c_gen": sync, "global_acc": sync},
+        "local": {"c_spe": [[0.95, 0.98], [0.96, 0.99], [0.99, 0.97]],
+                  "c_gen": [[0.40, 0.50], [0.45, 0.51], [0.47, 0.49]],
+                  "global_acc": sync},
+    })  # fmt: skip
+    dem, dem_recs = replica_run_summary({
+        p: {"c_spe": sync, "c_gen": sync, "g_gen_l1": sync,
+            "g_gen_l3": [[0.5, 0.6]] * 3, "global_acc": sync}
+        for p in ("sync", "local")
+    })  # fmt: skip
+    single = {"final": {"round": 1, "point": "sync", "c_spe": 0.9, "c_gen": 0.5,
+                        "global_acc": 0.75},
+              "final_local": {"round": 1, "point": "local", "c_spe": 0.9,
+                              "c_gen": 0.5, "global_acc": 0.75},
+              "wall_s": 12.0, "num_rounds": 2,
+              "per_round": [{"round": 1, "point": "sync", "c_spe": 0.9,
+                             "c_gen": 0.5, "global_acc": 0.75}]}  # fmt: skip
+    entry = lambda s, r: {"final": {}, "final_local": {}, "wall_s": 12.0,  # noqa: E731
+                          "num_rounds": 2, "per_round": r, "replicas": s}  # fmt: skip
+    results = {"runs": {"fedavg": single},
+               "replica_runs": {"fedavg": entry(summary, recs),
+                                "demlearn": entry(dem, dem_recs)}}  # fmt: skip
+    paper.report(results, str(tmp_path))
+    md = (tmp_path / "paper_fmnist.md").read_text()
+    # The single-seed tables are unchanged.
+    assert "| fedavg | 2 | 0.900 | 0.500 | 0.900 | 0.500 | - | 0.750 |" in md
+    rows = [x for x in md.splitlines() if x.startswith("| fedavg | 3 |")]
+    # sync: finals .82/.83/.81 -> .820 +/- .010; bests .82 (round 1), .84 (0),
+    # .81 (1) -> .8233 +/- .0153. local C-SPE finals .98/.99/.97 -> .980 +/- .010,
+    # bests .98 (1), .99 (1), .99 (0) -> .9867 +/- .0058; local C-GEN .50/.51/.49
+    # -> .500 +/- .010 (all at round 1). Against the reference .988 / .463 / .781
+    # (C-SPE, C-GEN at `local`, Global at `sync`): -0.8 within 2 x .010, +3.7 and
+    # +3.9 beyond it.
+    assert rows == [
+        "| fedavg | 3 | 2 | 0.820 +/- 0.010 | 0.823 +/- 0.015 (1/0/1) | "
+        "0.820 +/- 0.010 | 0.823 +/- 0.015 (1/0/1) | 0.980 +/- 0.010 | "
+        "0.987 +/- 0.006 (1/1/0) | 0.500 +/- 0.010 | 0.500 +/- 0.010 (1/1/1) | - | "
+        "0.820 +/- 0.010 | 0.823 +/- 0.015 (1/0/1) | 0.988 / 0.463 / 0.781 | "
+        "-0.8 (within noise) / +3.7 (beyond noise) / +3.9 (beyond noise) | 12 |"
+    ]
+    row = next(x for x in md.splitlines() if x.startswith("| demlearn | 3 |"))
+    # The top group level (l3, not l1) and no reference.
+    assert row.endswith("| 0.600 +/- 0.000 | 0.820 +/- 0.010 | "
+                        "0.823 +/- 0.015 (1/0/1) | - | - | 12 |")  # fmt: skip
+    assert "two standard deviations of our seeds" in md
+    assert (tmp_path / "paper_fmnist.png").stat().st_size > 1000
+
+
+def test_paper_replicas_refused_when_mixed_or_timed(tmp_path):
+    """Runs with seeds are stored apart from the single-seed runs, all of one
+    setup (else refused without --force); --timing stays single-seed."""
+    paper = load("paper_fmnist")
+    with pytest.raises(SystemExit, match="single-seed"):
+        paper.main(["--timing", "--replicas=2", f"--workdir={tmp_path}"])
+    quick = tmp_path / "quick"
+    quick.mkdir()
+    (quick / "paper_fmnist.json").write_text(json.dumps({
+        "runs": {}, "replica_runs": {"fedavg": {}},
+        "replica_setup": {"replicas": 2, "num_rounds": 2, "eval_every": 1,
+                          "quick": True},
+    }))  # fmt: skip
+    with pytest.raises(SystemExit, match="stored replica_runs used replicas=2"):
+        paper.main(["--quick", "--replicas=3", f"--workdir={tmp_path}"])
+
+
+def test_ablations_replica_table_difference_to_base(tmp_path):
+    """ablations_fmnist --replicas: each row's final and best C-SPE / C-GEN /
+    Global as mean +/- std over the seeds, and its final minus the base row's
+    with the two-standard-error verdict; the single-seed rows as before."""
+    abl = load("ablations_fmnist")
+    c_spe = [[0.5, 0.7], [0.9, 0.8]]  # 2 seeds x 2 rounds
+    base, _ = replica_run_summary({"sync": {
+        "c_spe": c_spe, "c_gen": [[v / 2 for v in s] for s in c_spe],
+        "global_acc": c_spe,
+    }})  # fmt: skip
+    other, _ = replica_run_summary({"sync": {
+        "c_spe": [[0.5, 0.5], [0.5, 0.52]], "c_gen": [[0.25, 0.25], [0.25, 0.26]],
+        "global_acc": [[0.6, 0.7], [0.6, 0.78]],
+    }})  # fmt: skip
+    row = lambda o, s, n=2: {"overrides": o, "num_rounds": n, "final": {},  # noqa: E731
+                             "wall_s": 3.0, "per_round": [], "replicas": s}  # fmt: skip
+    results = {
+        "rows": {"base": {"overrides": {}, "num_rounds": 100, "wall_s": 318.5,
+                          "final": {"c_spe": 0.957, "c_gen": 0.73,
+                                    "global_acc": 0.8}}},
+        "replica_rows": {"base": row({}, base), "alpha_0.5": row({"alpha": 0.5}, other),
+                         "tau_5": row({"tau": 5}, other, n=4)},
+    }  # fmt: skip
+    abl.write_md(results, str(tmp_path / "a.md"))
+    md = (tmp_path / "a.md").read_text().splitlines()
+    assert "| base | {} | 100 | 0.957 | 0.730 | 0.800 | 318 |" in md
+    # Base finals .7/.8 -> .750 +/- .071, bests .7 (round 1) and .9 (0) -> .800
+    # +/- .141; C-GEN half of them.
+    assert (
+        "| base | {} | 2 | 2 | 0.750 +/- 0.071 | 0.800 +/- 0.141 (1/0) | "
+        "0.375 +/- 0.035 | 0.400 +/- 0.071 (1/0) | 0.750 +/- 0.071 | "
+        "0.800 +/- 0.141 (1/0) | - | - | - | 3 |"
+    ) in md
+    # C-SPE .51 - .75 = -.24 > 2 sqrt(.0707^2/2 + .0141^2/2) = .102; C-GEN .255 -
+    # .375 = -.12 > 2 sqrt(.0354^2/2 + .0071^2/2) = .051; Global .74 - .75 =
+    # -.01 < 2 sqrt(.0707^2/2 + .0566^2/2) = .128.
+    assert (
+        '| alpha_0.5 | {"alpha": 0.5} | 2 | 2 | 0.510 +/- 0.014 | '
+        "0.510 +/- 0.014 (0/1) | 0.255 +/- 0.007 | 0.255 +/- 0.007 (0/1) | "
+        "0.740 +/- 0.057 | 0.740 +/- 0.057 (1/1) | -0.240 (beyond noise) | "
+        "-0.120 (beyond noise) | -0.010 (within noise) | 3 |"
+    ) in md
+    # Other rounds than the base row: no difference.
+    tau = next(x for x in md if x.startswith("| tau_5 |"))
+    assert tau.endswith("| - | - | - | 3 |")
+
+
+def test_difference_to_single_run():
+    from benchmarks.common import difference_to_single
+
+    s, _ = replica_run_summary({"sync": {"c_spe": [[0.80], [0.82], [0.84]]}})
+    # mean .82, std .02: .77 is 5 points off (> 2 std = .04), .81 one point.
+    assert difference_to_single(s, 0.77, "c_spe") == "+0.050 (beyond noise)"
+    assert difference_to_single(s, 0.81, "c_spe", scale=100, digits=1) == (
+        "+1.0 (within noise)"
+    )
+    assert difference_to_single(s, 0.8, "c_gen") == "-"
+    one, _ = replica_run_summary({"sync": {"c_spe": [[0.80]]}})
+    assert difference_to_single(one, 0.5, "c_spe") == "-"
+
+
+@pytest.mark.slow(seconds=45)  # a subprocess: 2 runs of 2 seeds, 2 rounds
+@pytest.mark.parametrize(
+    "script, only, row",
+    [("paper_fmnist", "demlearn_p,fedavg", "| fedavg | 2 | 2 |"),
+     ("ablations_fmnist", "base,alpha_0.5", '| alpha_0.5 | {"alpha": 0.5} | 2 | 2 |')],
+)  # fmt: skip
+def test_quick_replicas_smoke(tmp_path, script, only, row):
+    """``--quick --replicas=2``: two runs of 2 seeds end to end in under a minute
+    of CPU time, results in WORKDIR/quick (never benchmarks/results)."""
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", f"{script}.py"), "--quick",
+         "--replicas=2", f"--only={only}", f"--workdir={tmp_path}"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # CPU seconds (wall seconds depend on other jobs on the cores).
+    assert cpu < 60, f"{cpu:.0f} s of CPU time ({wall:.0f} s wall)"
+    stored = json.loads((tmp_path / "quick" / f"{script}.json").read_text())
+    section = stored["replica_runs" if script == "paper_fmnist" else "replica_rows"]
+    assert sorted(section) == sorted(only.split(","))
+    assert all(len(r["replicas"]["seeds"]) == 2 for r in section.values())
+    assert stored["replica_setup"]["quick"] is True
+    md = (tmp_path / "quick" / f"{script}.md").read_text()
+    assert any(x.startswith(row) for x in md.splitlines()), md
