@@ -243,6 +243,7 @@ def test_continual_stored_runs_per_seed_and_settings_check():
                                          "fmnist/logit", extra)  # fmt: skip
 
 
+@pytest.mark.slow(seconds=45)  # a subprocess: 3 driver calls, 2 seeds
 def test_continual_quick_driver_end_to_end(tmp_path):
     """``--quick`` as a subprocess: Split digits, 2 tasks, 2 seeds, into the
     workdir; a second call reuses every stored run; a stored run with other
