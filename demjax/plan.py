@@ -26,7 +26,9 @@ gradient before round 0, keeps the fastest, and caches the choice in a JSON file
 keyed by the model, shapes, device kind, CPU model and library versions, so the
 next run with the same key starts at once.
 
-Candidates are timed on equal step counts; a vmapped plan's speed is then
+Candidates are timed on equal step counts, on enough agents that one call
+lasts at least ``MIN_CALL_S`` (sized from the probe's step time), after an
+untimed warm-up call; a vmapped plan's speed is then
 scaled by the run's share of real steps among its padded step slots (agents of
 a step-count bucket all run the bucket's largest count), which the sequential
 plan does not pay.
@@ -85,6 +87,12 @@ RETIME_ROUNDS = 3
 ``RETIME_MAX`` of them)."""
 
 RETIME_MAX = 3
+
+MIN_CALL_S = 0.05
+"""Shortest timed call of a candidate, in seconds: the search times at least
+``MIN_CALL_S / (steps x one agent's step time from the probe)`` agents per call
+(fewer only when A is smaller), so that a call is long against timer and
+scheduler noise."""
 
 RETIME_MAX_BYTES = 256 * 2**20
 """A candidate whose timing data exceed this many bytes is not kept for
@@ -313,15 +321,17 @@ def best_time(fn, *args, min_total_s: float = 0.25, max_calls: int = 20) -> floa
 
 
 def _run_time(compiled, args, units: float, floor: float, min_total_s: float):
-    """Seconds per call of ``compiled(*args)``, called once already inside:
-    when that first call runs below half of ``floor`` (``units`` per second,
-    the best speed so far) it is the answer, else ``best_time``."""
+    """Seconds per call of ``compiled(*args)``. A first, untimed call pays the
+    one-time costs (allocation, page faults of fresh buffers); when the second
+    call runs below half of ``floor`` (``units`` per second, the best speed so
+    far) it is the answer, else ``best_time``."""
+    jax.block_until_ready(compiled(*args))  # warm-up: allocation, page faults
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))  # first call: allocation, page faults
+    jax.block_until_ready(compiled(*args))
     first_s = time.perf_counter() - t0
     if units / max(first_s, 1e-9) < 0.5 * floor:
         return first_s  # far below the best so far: not worth more calls
-    return best_time(compiled, *args, min_total_s=min_total_s)
+    return min(first_s, best_time(compiled, *args, min_total_s=min_total_s))
 
 
 class _PastPeak:
@@ -354,6 +364,7 @@ def measure_local(
     steps: int,
     mu: float,
     floor: float = 0.0,
+    min_agents: int = 8,
 ) -> dict:
     """Times one plan on ``steps`` real local steps per agent.
 
@@ -361,7 +372,8 @@ def measure_local(
     (``make_trainer(block_size, conv_impl, matmul_impl, n_train)``) for ``m``
     agents, each
     with ``steps * batch_size`` samples and one epoch: ``m = num_agents`` for
-    all agents at once, else two blocks' worth (at least 8 agents, at most A).
+    all agents at once, else two blocks' worth, at least ``min_agents`` (a
+    whole number of blocks) and at most A.
 
     Args:
       make_trainer: ``(block_size, conv_impl, matmul_impl, n_train int [m]) ->
@@ -372,7 +384,10 @@ def measure_local(
       x, y: real training rows ``[A', N', ...]`` / ``[A', N']`` to draw from
         (agents and rows are reused cyclically).
       floor: the best speed measured so far (agent-steps/s); a candidate whose
-        first call runs below half of it is not timed again.
+        first warm call runs below half of it is not timed again.
+      min_agents: fewest agents timed (the search sizes it so that one call
+        lasts at least ``MIN_CALL_S``: a few milliseconds are too short to time
+        on a shared machine).
 
     Returns:
       dict with ``plan``, ``agents``, ``steps``, ``compile_s``, ``run_s``,
@@ -380,7 +395,11 @@ def measure_local(
       ``_retime`` (a function that times the compiled program again and
       returns its agent-steps/s; ``search`` drops it from the table).
     """
-    a = num_agents if block_size == 0 else min(num_agents, max(2 * block_size, 8))
+    if block_size == 0:
+        a = num_agents
+    else:
+        blocks = max(2, -(-max(8, int(min_agents)) // block_size))
+        a = min(num_agents, blocks * block_size)
     n = steps * batch_size
     rows = np.arange(a) % x.shape[0]
     cols = np.arange(n) % x.shape[1]
@@ -659,6 +678,9 @@ def resolve(
     slots = sum(len(b) * int(per_round[b].max()) for b in buckets)
     fill = float(per_round.sum()) / max(slots, 1)
 
+    step_s = max(float(probe["run_s"]), 1e-9)  # one agent's gradient step
+    min_agents = int(min(cap, np.ceil(MIN_CALL_S / (steps * step_s))))
+
     def measure(k, impl, floor=0.0):
         rec = measure_local(
             make_trainer, init_params, tx, x, y,
@@ -666,6 +688,7 @@ def resolve(
             matmul_impl=impl[1],
             num_agents=num_agents, batch_size=batch_size, steps=steps, mu=mu,
             floor=floor / max(fill, 1e-9) if k != 1 else floor,
+            min_agents=min_agents,
         )  # fmt: skip
         if k != 1 and fill < 1.0:
             rec["timed_agent_steps_per_s"] = rec["agent_steps_per_s"]

@@ -457,3 +457,54 @@ def test_cpu_meter_sees_a_busy_process(monkeypatch):
         pytest.skip("no /proc/stat")
     own, busy, total = sample
     assert 0.0 <= own and 0.0 < busy <= total
+
+
+def test_candidates_are_timed_on_enough_agents_after_a_warm_up():
+    """measure_local times whole blocks of at least min_agents agents (at most
+    A), all agents for the 'all' plan, and never from the first (cold) call."""
+    calls = []
+
+    def make_trainer(block, conv, matmul, n_train):
+        def train(keys, params, opt, xs, ys, ns, anchor, mu):
+            calls.append(xs.shape[0])
+            return params
+
+        return train
+
+    x = np.zeros((5, 4, 3), np.float32)
+    y = np.zeros((5, 4), np.int32)
+    common = dict(
+        make_trainer=make_trainer, init_params=lambda impl: {"w": jnp.ones(3)},
+        tx=optax.sgd(0.1), x=x, y=y, conv_impl="patches", batch_size=2, steps=2,
+        mu=0.0,
+    )  # fmt: skip
+    got = {}
+    for block, min_agents, num_agents in [
+        (4, 20, 100), (3, 20, 100), (1, 8, 100), (2, 1, 100), (4, 20, 10), (0, 50, 30)
+    ]:
+        rec = plan.measure_local(
+            **common, block_size=block, num_agents=num_agents, min_agents=min_agents
+        )
+        got[(block, min_agents, num_agents)] = rec["agents"]
+    assert got == {
+        (4, 20, 100): 20, (3, 20, 100): 21, (1, 8, 100): 8, (2, 1, 100): 8,
+        (4, 20, 10): 10, (0, 50, 30): 30,
+    }  # fmt: skip
+    assert len(calls) == len(got)  # one trace per candidate
+
+
+def test_run_time_ignores_the_cold_first_call():
+    """A program whose first call is slow (allocation, page faults) is timed on
+    the warm calls: the cold call neither counts nor triggers the early exit."""
+    import time
+
+    durations = iter([0.2] + [0.01] * 50)
+
+    def program():
+        time.sleep(next(durations))
+        return jnp.zeros(())
+
+    # floor: 100 units/s; the cold call alone (1 unit / 0.2 s = 5/s) would be
+    # below half of it and end the timing there.
+    got = plan._run_time(program, (), units=1.0, floor=100.0, min_total_s=0.05)
+    assert 0.009 <= got < 0.05
