@@ -208,8 +208,8 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   the same step runs at 42 GFLOP/s in `baselines.md`, 1.25x PyTorch), 11
   evaluations at both points 179 s (16 s each), distances 35 s. Meeting 900 s here
   needs local training at ~6 s per round, i.e. the step's GEMMs ~1.3x faster than
-  XLA:CPU's library runs them on this CPU. `cpu_model` is stored with every timing. The `runs` rows (1,947-2,564
-  s) were measured with other jobs on the 2 cores, with an evaluation every round.
+  XLA:CPU's library runs them on this CPU. `cpu_model` is stored with every
+  timing. The `runs` rows (1,947-2,564 s) were measured with other jobs on the 2 cores, with an evaluation every round.
 """
 
 
@@ -408,8 +408,8 @@ def report(results: dict, out_dir: str) -> None:
         lines += [
             "",
             "Wall time of fresh runs started on an idle machine (`--timing`; "
-            "target: at most 900 s (15 minutes) per 100-round run; `idle est.` corrects for "
-            "rounds that shared the cores, see the wall-time paragraph):",
+            "target: at most 900 s (15 minutes) per 100-round run; `idle est.` "
+            "corrects for rounds that shared the cores, see the wall-time paragraph):",
             "",
             "| run | rounds | eval_every | wall s | idle est. s | CPU | C-SPE | C-GEN "
             "| Global |",

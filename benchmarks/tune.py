@@ -102,6 +102,23 @@ def choose(scored: list[dict]) -> dict:
     return scored[best]
 
 
+def at_edge(grid: dict, params: dict) -> list[str]:
+    """The hyper-parameters whose chosen value is the smallest or largest value
+    of its grid axis (axes of at least two values), e.g.
+    ``["perfedavg.beta=max"]``: the optimum may lie outside the grid (extend the
+    axis before trusting the comparison)."""
+    out = []
+    for name, values in grid.items():
+        values = sorted(values)
+        if len(values) < 2 or name not in params:
+            continue
+        if params[name] == values[0]:
+            out.append(f"{name}=min")
+        elif params[name] == values[-1]:
+            out.append(f"{name}=max")
+    return out
+
+
 def report(results: dict, out_dir: str) -> None:
     lines = [
         "# Tuning: hyper-parameters chosen on a validation split",
@@ -112,16 +129,24 @@ def report(results: dict, out_dir: str) -> None:
         "the validation C-SPE at the final round, mean over seeds (best round in "
         "brackets). The test split is never used here.",
         "",
-        "| split | algorithm | chosen | val C-SPE final | val C-SPE best | points |",
-        "|---|---|---|---|---|---|",
+        "| split | algorithm | chosen | val C-SPE final | val C-SPE best | points | "
+        "at the grid's edge |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, entry in sorted(results.get("chosen", {}).items()):
         split, name = key.split("/")
+        edge = at_edge(results.get("grids", {}).get(name, {}), entry["params"])
         lines.append(
             f"| {split} | {name} | {label(entry['params'])} | "
             f"{entry['val_c_spe']:.3f} | {entry['val_c_spe_best']:.3f} | "
-            f"{len(results['points'].get(key, []))} |"
+            f"{len(results['points'].get(key, []))} | {', '.join(edge) or '-'} |"
         )
+    lines += [
+        "",
+        "A choice at the smallest or largest value of a grid axis (last column) may "
+        "have its optimum outside the grid: extend that axis before trusting the "
+        "comparison.",
+    ]
     with open(os.path.join(out_dir, "tuning.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -372,6 +372,12 @@ def test_tuning_grid_choice_and_a_validation_run(tmp_path):
     )
     assert results["setup"]["val_fraction"] == 0.2
     assert "| pathological | fedavg | lr=0.05 |" in (tmp_path / "tuning.md").read_text()
+    # A one-value axis has no edge; the smallest / largest value of a longer one does.
+    assert "| 1 | - |" in (tmp_path / "tuning.md").read_text()
+    grid = {"lr": (0.1, 0.02, 0.05), "ditto.lam": (1.0,), "x": (1, 2)}
+    assert tune.at_edge(grid, {"lr": 0.05, "ditto.lam": 1.0, "x": 2}) == ["x=max"]
+    assert tune.at_edge(grid, {"lr": 0.02, "x": 1}) == ["lr=min", "x=min"]
+    assert tune.at_edge(grid, {"lr": 0.1}) == ["lr=max"]
 
 
 def test_robustness_summary_and_report(tmp_path):
