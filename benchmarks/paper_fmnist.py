@@ -209,7 +209,8 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   evaluations at both points 179 s (16 s each), distances 35 s. Meeting 900 s here
   needs local training at ~6 s per round, i.e. the step's GEMMs ~1.3x faster than
   XLA:CPU's library runs them on this CPU. `cpu_model` is stored with every
-  timing. The `runs` rows (1,947-2,564 s) were measured with other jobs on the 2 cores, with an evaluation every round.
+  timing. The `runs` rows (1,947-2,564 s) were measured with other jobs on the 2
+  cores, with an evaluation every round.
 """
 
 
