@@ -51,13 +51,13 @@ sys.path.insert(0, REPO)
 
 from benchmarks.common import (  # noqa: E402
     add_replicas_flag,
+    adopt_replica_setup,
     best_rounds,
     cpu_model,
     difference,
     load_results,
     mean_std,
     save_results,
-    setup_changes,
 )
 from configs import fmnist_paper  # noqa: E402
 
@@ -103,7 +103,6 @@ def config_for(overrides: dict, num_rounds: int, replicas: int = 1,
 
 BASE = "base"  # the row every other row is compared with
 METRICS = {"c_spe": "C-SPE", "c_gen": "C-GEN", "global_acc": "Global"}
-SEED_SETUP = ("replicas", "num_rounds", "eval_every", "quick")  # must match to mix
 
 
 def replica_table(rows: dict) -> list[str]:
@@ -216,17 +215,8 @@ def main(argv=None) -> None:
     section = "replica_rows" if seeded else "rows"
     if seeded and not args.report_only:
         probe = config_for({}, args.num_rounds, args.replicas, args.quick)
-        setup = {"replicas": args.replicas, "num_rounds": int(probe.num_rounds),
-                 "eval_every": int(probe.eval_every), "quick": args.quick}  # fmt: skip
-        changed = results.get("replica_rows") and setup_changes(
-            results.get("replica_setup", {}), setup, SEED_SETUP, {"quick": False}
-        )
-        if changed and not args.force:
-            sys.exit(
-                f"error: stored replica_rows used {', '.join(changed)}; pass the "
-                "same flags to add rows, or --force to rerun under the new setup"
-            )
-        results["replica_setup"] = setup
+        adopt_replica_setup(results, "replica_rows", probe, args.replicas, args.quick,
+                            args.force)  # fmt: skip
     if args.report_only:
         write_md(results, md)
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 
 
 def load_results(path: str) -> dict:
@@ -208,3 +209,26 @@ def setup_changes(old: dict, new: dict, keys, defaults: dict) -> list[str]:
         for k in keys
         if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))
     ]
+
+
+SEED_SETUP = ("replicas", "num_rounds", "eval_every", "quick")
+"""Setup fields that seeded runs stored in one section must share."""
+
+
+def adopt_replica_setup(results: dict, section: str, config, replicas: int,
+                        quick: bool, force: bool) -> None:  # fmt: skip
+    """Sets ``results["replica_setup"]`` from a probe ``config`` of the new
+    seeded runs, after checking it against the stored one: when ``section``
+    already holds runs made with other ``SEED_SETUP`` values the driver exits
+    with a one-line error naming them, unless ``force``."""
+    setup = {"replicas": replicas, "num_rounds": int(config.num_rounds),
+             "eval_every": int(config.eval_every), "quick": quick}  # fmt: skip
+    changed = results.get(section) and setup_changes(
+        results.get("replica_setup", {}), setup, SEED_SETUP, {"quick": False}
+    )
+    if changed and not force:
+        sys.exit(
+            f"error: stored {section} used {', '.join(changed)}; pass the same "
+            "flags to add runs, or --force to rerun under the new setup"
+        )
+    results["replica_setup"] = setup

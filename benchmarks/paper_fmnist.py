@@ -68,11 +68,11 @@ sys.path.insert(0, REPO)
 
 from benchmarks.common import (  # noqa: E402
     add_replicas_flag,
+    adopt_replica_setup,
     cpu_model,
     difference_to_single,
     mean_curve,
     mean_std,
-    setup_changes,
     top_group_metric,
 )
 from benchmarks.common import best_rounds as seed_best_rounds  # noqa: E402
@@ -276,7 +276,6 @@ def config_for(name: str, num_rounds: int, eval_every: int, replicas: int = 1,
 REPLICA_COLUMNS = [
     ("c_spe", "sync"), ("c_gen", "sync"), ("c_spe", "local"), ("c_gen", "local"),
 ]  # fmt: skip
-SEED_SETUP = ("replicas", "num_rounds", "eval_every", "quick")  # must match to mix
 
 
 def best_cell(summary, metric: str, point: str = "sync") -> str:
@@ -523,17 +522,8 @@ def main(argv=None) -> None:
     if seeded and not args.report_only:
         probe = config_for(names[0], args.num_rounds, args.eval_every,
                            args.replicas, args.quick)  # fmt: skip
-        setup = {"replicas": args.replicas, "num_rounds": int(probe.num_rounds),
-                 "eval_every": int(probe.eval_every), "quick": args.quick}  # fmt: skip
-        changed = results.get("replica_runs") and setup_changes(
-            results.get("replica_setup", {}), setup, SEED_SETUP, {"quick": False}
-        )
-        if changed and not args.force:
-            sys.exit(
-                f"error: stored replica_runs used {', '.join(changed)}; pass the "
-                "same flags to add runs, or --force to rerun under the new setup"
-            )
-        results["replica_setup"] = setup
+        adopt_replica_setup(results, "replica_runs", probe, args.replicas, args.quick,
+                            args.force)  # fmt: skip
     if args.store_partial:
         name = args.store_partial
         if name not in RUNS:
