@@ -44,23 +44,27 @@ from benchmarks.common import environment, load_results, save_results  # noqa: E
 
 LR_GRID = (0.02, 0.05, 0.1)
 # field -> values; "group.field" is the hyper-parameter --config.group.field.
+# Axes whose first choice fell on an edge of a smaller grid were extended
+# past it (Per-FedAvg alpha/beta, pFedMe lr/lambda, FedProto lr/lambda,
+# DemLearn alpha, local lr); stored points of the smaller grid are reused.
 GRIDS = {
-    "demlearn": {"lr": LR_GRID, "alpha": (0.5, 0.7, 0.9)},
-    "demlearn_p": {"lr": LR_GRID, "alpha": (0.5, 0.7, 0.9)},
+    "demlearn": {"lr": LR_GRID, "alpha": (0.3, 0.5, 0.7, 0.9)},
+    "demlearn_p": {"lr": LR_GRID, "alpha": (0.3, 0.5, 0.7, 0.9)},
     "fedprox": {"lr": LR_GRID, "mu": (0.001, 0.01, 0.1)},
     "ditto": {"lr": LR_GRID, "ditto.lam": (0.01, 0.1, 1.0)},
-    "pfedme": {"lr": LR_GRID, "pfedme.lam": (5.0, 15.0)},
+    "pfedme": {"lr": LR_GRID + (0.2,), "pfedme.lam": (1.0, 5.0, 15.0)},
     "perfedavg": {
-        "perfedavg.alpha": (0.01, 0.05),
-        "perfedavg.beta": (0.001, 0.01, 0.05),
+        "perfedavg.alpha": (0.001, 0.01, 0.05, 0.1),
+        "perfedavg.beta": (0.001, 0.01, 0.05, 0.1),
     },
     "fedamp": {
         "lr": LR_GRID,
         "fedamp.alpha_k": (1e3, 1e4),
         "fedamp.sigma": (0.1, 1.0),
     },
-    "fedproto": {"lr": LR_GRID, "fedproto.lam": (0.1, 1.0)},
+    "fedproto": {"lr": (0.01,) + LR_GRID, "fedproto.lam": (0.1, 1.0, 10.0)},
     "cfl": {"lr": LR_GRID, "cfl.eps1": (0.2, 0.4), "cfl.eps2": (0.8, 1.6)},
+    "local": {"lr": LR_GRID + (0.2,)},
 }
 VAL_FRACTION = 0.2
 
