@@ -94,6 +94,13 @@ MIN_CALL_S = 0.05
 (fewer only when A is smaller), so that a call is long against timer and
 scheduler noise."""
 
+TIME_S = 0.25
+"""Seconds spent timing a candidate's calls after its warm-up call (at least
+two calls, the best counts); re-timing rounds and evaluation candidates spend
+``RETIME_S``."""
+
+RETIME_S = 0.1
+
 RETIME_MAX_BYTES = 256 * 2**20
 """A candidate whose timing data exceed this many bytes is not kept for
 re-timing (its data would stay in memory through the rest of the search)."""
@@ -420,13 +427,13 @@ def measure_local(
     args = (one, xs, ys)
     compiled = jax.jit(run).lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    run_s = _run_time(compiled, args, a * steps, floor, min_total_s=0.25)
+    run_s = _run_time(compiled, args, a * steps, floor, min_total_s=TIME_S)
     plan = LocalPlan(
         block_size if block_size < num_agents else 0, conv_impl, matmul_impl
     )
 
     def retime() -> float:  # agent-steps/s of a few more calls
-        return a * steps / max(best_time(compiled, *args, min_total_s=0.1), 1e-9)
+        return a * steps / max(best_time(compiled, *args, min_total_s=RETIME_S), 1e-9)
 
     rec = {} if xs.nbytes + ys.nbytes > RETIME_MAX_BYTES else {"_retime": retime}
     return rec | {
@@ -808,7 +815,9 @@ def resolve_eval(
             compiled = jax.jit(fn).lower(models_m, xs, ys).compile()
             compile_s = time.perf_counter() - t0
             top = max((r["models_per_s"] for r in table), default=0.0)
-            run_s = _run_time(compiled, (models_m, xs, ys), m, top, min_total_s=0.1)
+            run_s = _run_time(
+                compiled, (models_m, xs, ys), m, top, min_total_s=RETIME_S
+            )
             speed = m / max(run_s, 1e-9)
             table.append({
                 "eval_batch": k, "conv_impl": impl, "models": m,
