@@ -247,7 +247,12 @@ def main(argv=None) -> None:
                     "wall_s": round(time.perf_counter() - t0, 1),
                 }
                 scored.append(entry)
-                results["points"][key] = scored
+                # Stored points not reached yet stay in the file (a grid grown
+                # by new values runs them first).
+                done = {label(e["params"]) for e in scored}
+                results["points"][key] = scored + [
+                    e for k, e in stored.items() if k not in done
+                ]
                 save_results(path, results)
                 print(json.dumps({"point": key, **entry}), flush=True)
             results["points"][key] = scored

@@ -374,6 +374,25 @@ def test_tuning_grid_choice_and_a_validation_run(tmp_path):
     assert "| pathological | fedavg | lr=0.05 |" in (tmp_path / "tuning.md").read_text()
     # A one-value axis has no edge; the smallest / largest value of a longer one does.
     assert "| 1 | - |" in (tmp_path / "tuning.md").read_text()
+    # A grown grid runs only its new point, and every save (a killed run keeps the
+    # last one) still holds the stored point that the loop has not reached yet.
+    saves, real_save = [], tune.save_results
+
+    def save(path, res):
+        saves.append([dict(e) for e in res["points"]["pathological/fedavg"]])
+        real_save(path, res)
+
+    tune.save_results = save
+    tune.GRIDS["fedavg"] = {"lr": (0.02, 0.05)}
+    tune.main([
+        "--only=fedavg", "--splits=pathological", "--dataset=digits",
+        "--num_agents=4", "--model=mlp", "--num_rounds=1", "--eval_every=1",
+        "--seeds=2", f"--out_dir={tmp_path}", "--quiet",
+    ])  # fmt: skip
+    assert [e["params"]["lr"] for e in saves[0]] == [0.02, 0.05]
+    assert saves[0][1] == results["points"]["pathological/fedavg"][0]
+    grown = json.loads((tmp_path / "tuning.json").read_text())
+    assert len(grown["points"]["pathological/fedavg"]) == 2
     grid = {"lr": (0.1, 0.02, 0.05), "ditto.lam": (1.0,), "x": (1, 2)}
     assert tune.at_edge(grid, {"lr": 0.05, "ditto.lam": 1.0, "x": 2}) == ["x=max"]
     assert tune.at_edge(grid, {"lr": 0.02, "x": 1}) == ["lr=min", "x=min"]
