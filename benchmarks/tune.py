@@ -54,7 +54,7 @@ GRIDS = {
     "ditto": {"lr": LR_GRID, "ditto.lam": (0.01, 0.1, 1.0)},
     "pfedme": {"lr": LR_GRID + (0.2,), "pfedme.lam": (1.0, 5.0, 15.0)},
     "perfedavg": {
-        "perfedavg.alpha": (0.001, 0.01, 0.05, 0.1),
+        "perfedavg.alpha": (0.001, 0.01, 0.05, 0.1, 0.2),
         "perfedavg.beta": (0.001, 0.01, 0.05, 0.1),
     },
     "fedamp": {
