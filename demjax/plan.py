@@ -101,6 +101,13 @@ two calls, the best counts); re-timing rounds and evaluation candidates spend
 
 RETIME_S = 0.1
 
+HOPELESS_BELOW = 0.125
+"""A candidate whose untimed warm-up call already runs below this fraction of
+the best speed so far is not called again: its warm-up time is its timing. (A
+cold first call has run at a third of the warm speed, never at an eighth; the
+candidates this drops, e.g. ``lax.conv`` convolutions on a CPU where im2col
+runs 10x faster, cost seconds per call.)"""
+
 RETIME_MAX_BYTES = 256 * 2**20
 """A candidate whose timing data exceed this many bytes is not kept for
 re-timing (its data would stay in memory through the rest of the search)."""
@@ -329,10 +336,15 @@ def best_time(fn, *args, min_total_s: float = 0.25, max_calls: int = 20) -> floa
 
 def _run_time(compiled, args, units: float, floor: float, min_total_s: float):
     """Seconds per call of ``compiled(*args)``. A first, untimed call pays the
-    one-time costs (allocation, page faults of fresh buffers); when the second
-    call runs below half of ``floor`` (``units`` per second, the best speed so
-    far) it is the answer, else ``best_time``."""
+    one-time costs (allocation, page faults of fresh buffers); when it runs
+    below ``HOPELESS_BELOW`` of ``floor`` (``units`` per second, the best speed
+    so far) its time is the answer; when the second call runs below half of
+    ``floor`` that is the answer, else ``best_time``."""
+    t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))  # warm-up: allocation, page faults
+    warm_s = time.perf_counter() - t0
+    if units / max(warm_s, 1e-9) < HOPELESS_BELOW * floor:
+        return warm_s  # far below the best even allowing for a cold call
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     first_s = time.perf_counter() - t0
@@ -467,10 +479,10 @@ def search(
     in the block size in every case measured), and the search stops before a
     measurement that would take it past ``budget_s`` (predicted from the
     previous measurement's cost).
-    Finally, if the budget is not spent yet, the candidates within
-    ``RETIME_WITHIN`` of the fastest (at most ``RETIME_MAX``) are timed again in
-    ``RETIME_ROUNDS`` interleaved rounds (records with a ``_retime`` function
-    only), each keeping its best speed.
+    Finally, the candidates within ``RETIME_WITHIN`` of the fastest (at most
+    ``RETIME_MAX``, and only as many as the budget left pays for, predicted from
+    their ``run_s``) are timed again in ``RETIME_ROUNDS`` interleaved rounds
+    (records with a ``_retime`` function only), each keeping its best speed.
 
     Args:
       measure: ``(block_size, (conv_impl, matmul_impl), floor) -> record``
@@ -514,8 +526,7 @@ def search(
                 continue  # measured first
             if not affordable() or peaks[impl].done(timed(k, impl)):
                 break
-    if time.perf_counter() - t_start < budget_s:
-        _retime_near_best(recs)
+    _retime_near_best(recs, budget_s - (time.perf_counter() - t_start))
     top = max(recs, key=lambda r: r["agent_steps_per_s"])
     table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs]
     return (
@@ -524,16 +535,27 @@ def search(
     )
 
 
-def _retime_near_best(recs: list[dict]) -> None:
+def retime_cost_s(rec: dict) -> float:
+    """Predicted seconds of one re-timing of ``rec`` (``best_time``: at least
+    two calls of ``run_s`` each, at least ``RETIME_S``)."""
+    return max(float(RETIME_S), 2.0 * float(rec.get("run_s", 0.0)))
+
+
+def _retime_near_best(recs: list[dict], budget_s: float = float("inf")) -> None:
     """Times the records within ``RETIME_WITHIN`` of the fastest again, in
     ``RETIME_ROUNDS`` interleaved rounds (a rotated order each round), and
-    sets each one's ``agent_steps_per_s`` to its best over all its timings."""
+    sets each one's ``agent_steps_per_s`` to its best over all its timings.
+    The slowest of them are left out until the rounds' predicted cost
+    (``retime_cost_s``) fits ``budget_s``; nothing is re-timed when fewer than
+    two remain."""
     best = max((r["agent_steps_per_s"] for r in recs), default=0.0)
     near = sorted(
         (r for r in recs
          if "_retime" in r and r["agent_steps_per_s"] >= RETIME_WITHIN * best),
         key=lambda r: -r["agent_steps_per_s"],
     )[:RETIME_MAX]  # fmt: skip
+    while near and RETIME_ROUNDS * sum(map(retime_cost_s, near)) > budget_s:
+        near.pop()
     if len(near) < 2:
         return
     speeds = {id(r): [r["agent_steps_per_s"]] for r in near}
