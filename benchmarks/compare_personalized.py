@@ -136,11 +136,11 @@ def replica_table(split: str, rows: list) -> list[str]:
         "of the difference over the seeds.",
         "",
         f"| algorithm | seeds | {head} | C-SPE best rounds | C-SPE vs FedAvg | "
-        "s / round | rounds |"
+        "MB up / down | s / round | rounds |"
         + (" hyper-parameters (validation C-SPE) |" if tuned else ""),
         "|---|---|"
         + "---|" * len(cols)
-        + "---|---|---|---|"
+        + "---|---|---|---|---|"
         + ("---|" if tuned else ""),
     ]
     for name, r in rows:
@@ -150,10 +150,21 @@ def replica_table(split: str, rows: list) -> list[str]:
         vs = "-" if name == REFERENCE else difference(s, reference, "c_spe")
         lines.append(
             f"| {name} | {seeds} | {cells} | {best_rounds(s, 'c_spe')} | {vs} | "
+            f"{traffic_cell(r['final'])} | "
             f"{r['wall_s'] / r['num_rounds']:.2f} | {r['num_rounds']} |"
             + (f" {tuned_cell(r)} |" if tuned else "")
         )
     return lines
+
+
+def traffic_cell(final: dict) -> str:
+    """``12.7 / 12.7``: megabytes (10^6 bytes) all agents uploaded / downloaded in
+    the final round (``bytes_up`` / ``bytes_down`` of its record; with replicas
+    the mean over them), ``-`` when not recorded."""
+    up, down = final.get("bytes_up"), final.get("bytes_down")
+    if up is None or down is None:
+        return "-"
+    return f"{up / 1e6:,.1f} / {down / 1e6:,.1f}"
 
 
 def tuned_cell(run: dict) -> str:
@@ -176,7 +187,10 @@ def report(results: dict, out_dir: str) -> None:
         "",
         "Final round, models each agent uses after the round's communication "
         "(`sync`). C-SPE = mean personalized test accuracy (own test data); C-GEN "
-        "= agents' models on the pooled test set; Global = the server model.",
+        "= agents' models on the pooled test set; Global = the server model; MB up "
+        "/ down = megabytes (10^6 bytes) all agents sent / received in the final "
+        "round (parameters, sketches, prototypes or features, as each algorithm "
+        "communicates; `bytes_up` / `bytes_down` in `metrics.jsonl`).",
     ]
     for split in SPLITS:
         rows = [(n.split("/")[1], r) for n, r in runs.items() if n.startswith(split)]
@@ -190,14 +204,15 @@ def report(results: dict, out_dir: str) -> None:
             "",
             f"## {split}",
             "",
-            "| algorithm | C-SPE | C-GEN | Global | s / round | rounds |",
-            "|---|---|---|---|---|---|",
+            "| algorithm | C-SPE | C-GEN | Global | MB up / down | s / round | rounds |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, r in rows:
             f = r["final"]
             g = "-" if f.get("global_acc") is None else f"{f['global_acc']:.3f}"
             lines.append(
                 f"| {name} | {f['c_spe']:.3f} | {f['c_gen']:.3f} | {g} | "
+                f"{traffic_cell(f)} | "
                 f"{r['wall_s'] / r['num_rounds']:.2f} | {r['num_rounds']} |"
             )
     analysis = results.get("analysis")

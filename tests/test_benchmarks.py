@@ -607,3 +607,30 @@ def test_quick_replicas_smoke(tmp_path, script, only, row):
     assert stored["replica_setup"]["quick"] is True
     md = (tmp_path / "quick" / f"{script}.md").read_text()
     assert any(x.startswith(row) for x in md.splitlines()), md
+
+
+def test_personalized_tables_show_the_final_rounds_traffic(tmp_path):
+    """MB up / down of the final round (bytes / 10^6) in both table kinds, '-'
+    for a run stored without traffic."""
+    cp = load("compare_personalized")
+    assert cp.traffic_cell({"bytes_up": 6360800.0, "bytes_down": 133069600.0}) == (
+        "6.4 / 133.1"
+    )
+    assert cp.traffic_cell({"bytes_up": None, "bytes_down": 1.0}) == "-"
+    assert cp.traffic_cell({}) == "-"
+    rec = {"round": 0, "point": "sync", "c_spe": 0.9, "c_gen": 0.5, "global_acc": None}
+    run = {"final": dict(rec, bytes_up=2.5e6, bytes_down=5e6), "per_round": [rec],
+           "wall_s": 2.0, "num_rounds": 1}  # fmt: skip
+    cp.report({"runs": {"pathological/ditto": run}}, str(tmp_path))
+    md = (tmp_path / "compare_personalized.md").read_text()
+    assert "| ditto | 0.900 | 0.500 | - | 2.5 / 5.0 | 2.00 | 1 |" in md, md
+    seeds = {"seeds": [0, 1], "points": {"sync": {
+        m: {"final": {"mean": 0.9, "std": 0.01, "values": [0.89, 0.91]},
+            "best": {"mean": 0.9, "std": 0.01, "values": [0.89, 0.91],
+                     "rounds": [0, 0]}}
+        for m in ("c_spe", "c_gen", "global_acc")}}}  # fmt: skip
+    run["replicas"] = seeds
+    cp.report({"runs": {"pathological/ditto": run}}, str(tmp_path))
+    row = next(x for x in (tmp_path / "compare_personalized.md").read_text()
+               .splitlines() if x.startswith("| ditto |"))  # fmt: skip
+    assert row.endswith("| 2.5 / 5.0 | 2.00 | 1 |"), row
