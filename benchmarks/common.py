@@ -232,3 +232,13 @@ def adopt_replica_setup(results: dict, section: str, config, replicas: int,
             "flags to add runs, or --force to rerun under the new setup"
         )
     results["replica_setup"] = setup
+
+
+def traffic_cell(final: dict) -> str:
+    """``12.7 / 12.7``: megabytes (10^6 bytes) all agents uploaded / downloaded in
+    the final round (``bytes_up`` / ``bytes_down`` of its record; with replicas
+    the mean over them), ``-`` when not recorded."""
+    up, down = final.get("bytes_up"), final.get("bytes_down")
+    if up is None or down is None:
+        return "-"
+    return f"{up / 1e6:,.1f} / {down / 1e6:,.1f}"

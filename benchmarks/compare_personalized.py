@@ -45,6 +45,7 @@ from benchmarks.common import (  # noqa: E402
     mean_curve,
     mean_std,
     save_results,
+    traffic_cell,
 )
 from configs import default  # noqa: E402
 
@@ -157,16 +158,6 @@ def replica_table(split: str, rows: list) -> list[str]:
     return lines
 
 
-def traffic_cell(final: dict) -> str:
-    """``12.7 / 12.7``: megabytes (10^6 bytes) all agents uploaded / downloaded in
-    the final round (``bytes_up`` / ``bytes_down`` of its record; with replicas
-    the mean over them), ``-`` when not recorded."""
-    up, down = final.get("bytes_up"), final.get("bytes_down")
-    if up is None or down is None:
-        return "-"
-    return f"{up / 1e6:,.1f} / {down / 1e6:,.1f}"
-
-
 def tuned_cell(run: dict) -> str:
     """``lr=0.05 (0.912, best of 9)``: the chosen point, its validation C-SPE and
     the number of grid points it was chosen from."""
@@ -204,7 +195,8 @@ def report(results: dict, out_dir: str) -> None:
             "",
             f"## {split}",
             "",
-            "| algorithm | C-SPE | C-GEN | Global | MB up / down | s / round | rounds |",
+            "| algorithm | C-SPE | C-GEN | Global | MB up / down | s / round "
+            "| rounds |",
             "|---|---|---|---|---|---|---|",
         ]
         for name, r in rows:

@@ -83,6 +83,7 @@ from benchmarks.common import (  # noqa: E402
     load_results,
     mean_std,
     save_results,
+    traffic_cell,
 )
 from configs import default  # noqa: E402
 
@@ -402,7 +403,9 @@ def report(results: dict, out_dir: str, stem: str = "decentralized") -> None:
         "Final round. mean = mean over agents of each agent's accuracy on its own "
         "test data; p10 = the 10th-percentile agent's accuracy; C-SPE = the same "
         "pooled over test samples; C-GEN = agents' models on a 1000-sample pooled "
-        f"test subsample. Networks: {base.split()[0].replace('_', '-').title()} "
+        "test subsample. MB up / down = megabytes (10^6 bytes) all agents sent / "
+        "received in the final round. "
+        f"Networks: {base.split()[0].replace('_', '-').title()} "
         "base graph, static (every edge always on) or stochastic (each edge on "
         "per step with its own rate r ~ U(0.4, 0.8); undirected: per pair, "
         "directed: per direction). local and FedAvg do not use the network "
@@ -421,13 +424,14 @@ def report(results: dict, out_dir: str, stem: str = "decentralized") -> None:
             "one per seed).",
             "",
             "| network | method | seeds | mean acc | p10 acc | C-SPE final | "
-            "C-SPE best | C-SPE best rounds | C-GEN final | s / round |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "C-SPE best | C-SPE best rounds | C-GEN final | MB up / down | s / round |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     else:
         lines += [
-            "| network | method | mean acc | p10 acc | C-SPE | C-GEN | s / round |",
-            "|---|---|---|---|---|---|---|",
+            "| network | method | mean acc | p10 acc | C-SPE | C-GEN | MB up / down | "
+            "s / round |",
+            "|---|---|---|---|---|---|---|---|",
         ]
     for net, name, r in rows:
         f = r["final"]
@@ -436,7 +440,7 @@ def report(results: dict, out_dir: str, stem: str = "decentralized") -> None:
             lines.append(
                 f"| {net} | {LABELS[name]} | {r['mean_acc']:.3f} | "
                 f"{r['p10_acc']:.3f} | {f['c_spe']:.3f} | {f['c_gen']:.3f} | "
-                f"{per_round} |"
+                f"{traffic_cell(f)} | {per_round} |"
             )
             continue
         s = r.get("replicas")
@@ -447,6 +451,7 @@ def report(results: dict, out_dir: str, stem: str = "decentralized") -> None:
             mean_std(s, "c_spe", "best"),
             best_rounds(s, "c_spe"),
             mean_std(s, "c_gen", "final"),
+            traffic_cell(f),
         ]
         seeds = len(s["seeds"]) if s else 1
         lines.append(

@@ -219,8 +219,8 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   budget; the search now re-times only what its remaining budget pays for and
   drops a candidate after a hopeless warm-up call (the same workload's search:
   44 s, within its 48 s budget, in `baselines.py` on the same machine).
-  `cpu_model` is stored with every timing. The `runs` rows (1,947-2,564 s) were measured with other jobs on the 2
-  cores, with an evaluation every round.
+  `cpu_model` is stored with every timing. The `runs` rows (1,947-2,564 s) were
+  measured with other jobs on the 2 cores, with an evaluation every round.
 """
 
 

@@ -60,22 +60,24 @@ def test_replica_report_and_verdicts(tmp_path):
     da = _run([[0.85, 0.79], [0.5, 0.80], [0.6, 0.81]], [0.79, 0.80, 0.81],
               [0.70, 0.72, 0.74])  # fmt: skip
     mtl = _run([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]], [0.5, 0.5, 0.5], [0.4, 0.4, 0.4])
+    sgp["final"].update(bytes_up=4.6162e9, bytes_down=4.6162e9)  # 4,616.2 MB
     runs = {"directed/sgp": sgp, "directed/pdbo_da": da, "directed/pdbo_mtl": mtl}
     results = {"runs": runs, "setup": {"network_base": "complete", "replicas": 3}}
     dc.report(results, str(tmp_path), "decentralized_regime")
     md = (tmp_path / "decentralized_regime.md").read_text()
     rows = {x.split(" | ")[1]: x for x in md.splitlines() if x.startswith("| directed")}
     # SGP: mean acc .82 +/- .02, p10 .62 +/- .02, C-SPE final .82 +/- .02 (best
-    # = final, round 10 for every seed), C-GEN final .41 +/- .01, 30 s / 11 rounds.
+    # = final, round 10 for every seed), C-GEN final .41 +/- .01, the final
+    # round's traffic in MB, 30 s / 11 rounds.
     assert rows["SGP"] == (
         "| directed | SGP | 3 | 0.820 +/- 0.020 | 0.620 +/- 0.020 | 0.820 +/- 0.020 "
-        "| 0.820 +/- 0.020 | 10/10/10 | 0.410 +/- 0.010 | 2.73 |"
+        "| 0.820 +/- 0.020 | 10/10/10 | 0.410 +/- 0.010 | 4,616.2 / 4,616.2 | 2.73 |"
     )
     # PDBO-DA: C-SPE final .79/.80/.81; best .85 (round 0), .80, .81: mean .82,
     # std sqrt(((.03)^2 + (.02)^2 + (.01)^2) / 2) = .0265.
     assert rows["PDBO-DA"] == (
         "| directed | PDBO-DA | 3 | 0.800 +/- 0.010 | 0.720 +/- 0.020 | "
-        "0.800 +/- 0.010 | 0.820 +/- 0.026 | 0/10/10 | 0.400 +/- 0.005 | 2.73 |"
+        "0.800 +/- 0.010 | 0.820 +/- 0.026 | 0/10/10 | 0.400 +/- 0.005 | - | 2.73 |"
     )
     assert "Complete base graph" in md
     # Best PDBO (PDBO-DA, mean .80) against SGP (.82): -.02 within two standard
