@@ -210,15 +210,17 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   needs local training at ~6 s per round, i.e. the step's GEMMs ~1.3x faster than
   XLA:CPU's library runs them on this CPU. **On an idle 2-core AVX-512 Xeon with
   the measured plan (`demlearn_p_auto_plan_xeon_idle` row: 2026-12-04, commit
-  c4f7ccc) the run took 643 s, within the target:** plan searches 69 s (local:
+  c4f7ccc) the run took 642.5 s, within the target:** plan searches 69 s (local:
   `sequential`, im2col convolutions, the transposed weight-gradient form) + 5 s
   (evaluation), round 0 18 s, local training 457 s in all (median 4.52 s per
   round), 11 evaluations at both points 77 s (7.0 s each), distances 26 s,
   aggregation and mixing 15 s, checkpoints 10 s. The local-plan search there
-  cost 11% of the run, over its 10% share: it re-timed candidates past its
-  budget; the search now re-times only what its remaining budget pays for and
-  drops a candidate after a hopeless warm-up call (the same workload's search:
-  44 s, within its 48 s budget, in `baselines.py` on the same machine).
+  cost 11.6% of the run, over its 10% share: it re-timed candidates past its
+  budget. The search now re-times only what its remaining budget pays for and
+  drops a candidate after a hopeless warm-up call: **the same run then took
+  624.5 s with searches of 43 + 8 s, 8.1% of it** (row
+  `demlearn_p_xeon_idle_bounded_search`, commit 7a69155, same idle Xeon; same
+  plan, same final metrics to the last digit).
   `cpu_model` is stored with every timing. The `runs` rows (1,947-2,564 s) were
   measured with other jobs on the 2 cores, with an evaluation every round.
 """
