@@ -296,7 +296,8 @@ def test_benchmark_replica_columns(tmp_path):
     assert mean_std(summary, "global_acc", "final") == "-"
     assert mean_curve(recs, "c_gen") == ([0, 1], [0.35, 0.375])
     results = {"runs": {"pathological/ditto": {
-        "final": {"c_spe": 0.75}, "wall_s": 4.0, "num_rounds": 2,
+        "final": {"c_spe": 0.75, "bytes_up": 1e6, "bytes_down": 3e6},
+        "wall_s": 4.0, "num_rounds": 2,
         "per_round": recs, "replicas": summary,
     }}}  # fmt: skip
     cp.report(results, str(tmp_path))
@@ -304,7 +305,7 @@ def test_benchmark_replica_columns(tmp_path):
     row = next(x for x in md.splitlines() if x.startswith("| ditto"))
     assert row == (
         "| ditto | 2 | 0.750 +/- 0.071 | 0.800 +/- 0.141 | 0.375 +/- 0.035 | "
-        "0.400 +/- 0.071 | - | - | 1/0 | - | 2.00 | 2 |"
+        "0.400 +/- 0.071 | - | - | 1/0 | - | 1.0 / 3.0 | 2.00 | 2 |"
     )
     # ditto's seeds end at 0.7 and 0.8 (std 0.0707). Against a FedAvg ending at
     # 0.70 and 0.72 (std 0.0141): 0.75 - 0.71 = 0.04, two standard errors
