@@ -115,12 +115,13 @@ def test_single_seed_report_unchanged(tmp_path):
 
 def test_setup_mismatch():
     with open(os.path.join(REPO, "benchmarks", "results", "decentralized.json")) as f:
-        stored = json.load(f)["setup"]  # recorded without replicas (one seed)
+        stored = json.load(f)["setup"]  # recorded with 3 seeds per row
     argv = ["--hidden=64", "--num_rounds=30", "--samples_per_agent=100",
             "--hgp_steps=5"]  # fmt: skip
-    assert dc.setup_mismatch(stored, dc.setup_of(dc.parse_args(argv))) == ""
     three = dc.setup_of(dc.parse_args([*argv, "--replicas=3"]))
-    assert dc.setup_mismatch(stored, three) == "replicas=1"
+    assert dc.setup_mismatch(stored, three) == ""
+    one = dc.setup_of(dc.parse_args(argv))
+    assert dc.setup_mismatch(stored, one) == "replicas=3"
     paper = dc.parse_args(["--regime=paper"])
     assert (paper.replicas, paper.base, paper.networks) == (3, "complete", "directed")
     assert (paper.hgp_steps, paper.outer_every, paper.val_fraction) == (50, 10, 0.0)
