@@ -234,6 +234,15 @@ def adopt_replica_setup(results: dict, section: str, config, replicas: int,
     results["replica_setup"] = setup
 
 
+TRAFFIC_LEGEND = (
+    "MB up / down = megabytes (10^6 bytes) all agents sent / received in the "
+    "final round (parameters, sketches, prototypes, features or push-sum "
+    "messages, as each algorithm communicates; `bytes_up` / `bytes_down` in "
+    "`metrics.jsonl`)."
+)
+"""The table legend of ``traffic_cell``'s column."""
+
+
 def traffic_cell(final: dict) -> str:
     """``12.7 / 12.7``: megabytes (10^6 bytes) all agents uploaded / downloaded in
     the final round (``bytes_up`` / ``bytes_down`` of its record; with replicas

@@ -37,6 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.common import (  # noqa: E402
+    TRAFFIC_LEGEND,
     add_replicas_flag,
     best_rounds,
     difference,
@@ -178,10 +179,8 @@ def report(results: dict, out_dir: str) -> None:
         "",
         "Final round, models each agent uses after the round's communication "
         "(`sync`). C-SPE = mean personalized test accuracy (own test data); C-GEN "
-        "= agents' models on the pooled test set; Global = the server model; MB up "
-        "/ down = megabytes (10^6 bytes) all agents sent / received in the final "
-        "round (parameters, sketches, prototypes or features, as each algorithm "
-        "communicates; `bytes_up` / `bytes_down` in `metrics.jsonl`).",
+        "= agents' models on the pooled test set; Global = the server model. "
+        + TRAFFIC_LEGEND,
     ]
     for split in SPLITS:
         rows = [(n.split("/")[1], r) for n, r in runs.items() if n.startswith(split)]

@@ -76,6 +76,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.common import (  # noqa: E402
+    TRAFFIC_LEGEND,
     add_replicas_flag,
     best_rounds,
     difference,
@@ -403,8 +404,7 @@ def report(results: dict, out_dir: str, stem: str = "decentralized") -> None:
         "Final round. mean = mean over agents of each agent's accuracy on its own "
         "test data; p10 = the 10th-percentile agent's accuracy; C-SPE = the same "
         "pooled over test samples; C-GEN = agents' models on a 1000-sample pooled "
-        "test subsample. MB up / down = megabytes (10^6 bytes) all agents sent / "
-        "received in the final round. "
+        f"test subsample. {TRAFFIC_LEGEND} "
         f"Networks: {base.split()[0].replace('_', '-').title()} "
         "base graph, static (every edge always on) or stochastic (each edge on "
         "per step with its own rate r ~ U(0.4, 0.8); undirected: per pair, "
