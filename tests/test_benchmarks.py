@@ -407,20 +407,37 @@ def test_robustness_summary_and_report(tmp_path):
     runs = {}
     for seed, (clean, hit) in enumerate([(0.80, 0.40), (0.82, 0.50), (0.78, 0.60)]):
         for attack, fraction, acc in (("none", 0.0, clean), ("ipm", 0.2, hit)):
+            # Per-round curve: the attacked runs peak at round 1 (0.70, 0.72,
+            # 0.74 for seeds 0, 1, 2; seed 1 ties at rounds 1 and 2), the clean
+            # ones end at their best.
+            curve = ([0.30, 0.70 + 0.02 * seed, 0.72 if seed == 1 else 0.65, acc]
+                     if attack == "ipm" else [0.30, 0.50, 0.60, acc])  # fmt: skip
             runs[rob.run_key("fedavg_mean", attack, fraction, seed)] = {
                 "method": "fedavg_mean", "attack": attack, "fraction": fraction,
                 "seed": seed, "global_acc": acc, "c_spe": acc, "wall_s": 1.0,
+                "curve": {"round": [0, 1, 2, 3], "global_acc": curve, "c_spe": curve},
             }  # fmt: skip
     summary = rob.summarize(runs)
     mean, std, n = summary[("fedavg_mean", "ipm", 0.2)]["global_acc"]
     assert (mean, n) == (pytest.approx(0.5), 3)
     assert std == pytest.approx(0.1)  # sample std of .4, .5, .6
+    mean, std, n, rounds = summary[("fedavg_mean", "ipm", 0.2)]["global_acc_best"]
+    assert (mean, std, n) == (pytest.approx(0.72), pytest.approx(0.02), 3)
+    assert rounds == [1, 1, 1]  # the first of seed 1's two equal bests
+    assert summary[("fedavg_mean", "none", 0.0)]["global_acc_best"][3] == [3, 3, 3]
     results = {"runs": runs, "date": "2026-01-01", "commit": "abc1234",
                "environment": {"cpu_model": "Test CPU"}}  # fmt: skip
     rob.write_md(results, str(tmp_path / "r.md"), analysis="Holds.")
     md = (tmp_path / "r.md").read_text()
     assert "| fedavg_mean | ipm | 0.800 ± 0.020 | 0.500 ± 0.100 |" in md
+    assert "| fedavg_mean | ipm | 0.800 ± 0.020 (3/3/3) | 0.720 ± 0.020 (1/1/1) |" in md
     assert "abc1234" in md and "Test CPU" in md and md.rstrip().endswith("Holds.")
+    # Runs stored without curves: final tables only, no best table.
+    for r in runs.values():
+        del r["curve"]
+    rob.write_md(results, str(tmp_path / "r2.md"))
+    md2 = (tmp_path / "r2.md").read_text()
+    assert "0.500 ± 0.100 |" in md2 and "Best round" not in md2
 
 
 def replica_run_summary(curves: dict) -> dict:
