@@ -38,9 +38,14 @@ run's local training time estimated from one agent's gradient step. Agents one
 after another are timed first (with the default kernels whatever the budget,
 then with each other kernel variant), then all agents at once (capped by
 memory) and growing blocks until the budget is spent or growing the block only
-makes it slower. Candidates within 2x of the fastest are then timed
-again in interleaved rounds (``RETIME_ROUNDS``), so that load from other
-processes on a shared machine does not decide between them. The share of the
+makes it slower. When the budget left pays for it, the candidates within 2x of
+the fastest that were timed on a small population are timed again on one
+equal, larger population at the run's own steps per agent (on few agents
+weights and data stay in cache, and the ranking of block sizes can flip on the
+whole population), and the choice is made on those timings. Candidates within
+2x of the fastest are then timed again in interleaved rounds
+(``RETIME_ROUNDS``), so that load from other processes on a shared machine
+does not decide between them. The share of the
 machine's CPU time that other work took during the search is measured
 (``CpuMeter``: ``/proc/stat``, steal time included) and recorded as
 ``outside_load``; a choice measured while others took more than
@@ -107,6 +112,12 @@ the best speed so far is not called again: its warm-up time is its timing. (A
 cold first call has run at a third of the warm speed, never at an eighth; the
 candidates this drops, e.g. ``lax.conv`` convolutions on a CPU where im2col
 runs 10x faster, cost seconds per call.)"""
+
+SCALE_CALLS = 4
+"""Calls predicted per candidate timed at scale (``measure_local``: a warm-up
+call, a first timed call and at least two more within ``TIME_S``):
+``_scale_up``'s cost model. The interleaved re-timing afterwards takes what
+budget is left (``_retime_near_best``)."""
 
 RETIME_MAX_BYTES = 256 * 2**20
 """A candidate whose timing data exceed this many bytes is not kept for
@@ -467,6 +478,9 @@ def search(
     cap: int,
     variants: tuple[tuple[str, str], ...],
     budget_s: float,
+    at_scale: Callable[..., dict] | None = None,
+    scale_steps: int = 0,
+    scale_max_agents: int = 0,
 ) -> tuple[LocalPlan, list[dict]]:
     """Measures candidate plans and returns the fastest.
 
@@ -476,9 +490,19 @@ def search(
     ``block:cap``) and blocks of 2, 4, ... agents in ascending order; then, per
     further variant, blocks of 2, 4, ... agents. A series stops when two
     sizes are slower than its best by more than 15% (speed has been unimodal
-    in the block size in every case measured), and the search stops before a
+    in the block size in every case measured); a further variant's series
+    counts from the best of all candidates so far, so a variant that stays
+    more than 15% below it stops after two sizes. The search stops before a
     measurement that would take it past ``budget_s`` (predicted from the
     previous measurement's cost).
+    Then, when ``at_scale`` is given and the budget left pays for it, the
+    finalists (the candidates within ``RETIME_WITHIN`` of the fastest, at most
+    ``RETIME_MAX``) that were timed on a small population are timed again on
+    one equal, larger population at the run's own steps per agent
+    (``_scale_up``): on a small population the agents' weights and data stay
+    in cache, and the block size that wins there lost by 9% on the whole
+    population (MLP, 10,000 agents, ``docs/performance.md``). The choice is
+    then made among the finalists on these timings only.
     Finally, the candidates within ``RETIME_WITHIN`` of the fastest (at most
     ``RETIME_MAX``, and only as many as the budget left pays for, predicted from
     their ``run_s``) are timed again in ``RETIME_ROUNDS`` interleaved rounds
@@ -492,11 +516,18 @@ def search(
       variants: ``(conv_impl, matmul_impl)`` pairs to try, the first one the
         default.
       budget_s: seconds the search may spend.
+      at_scale: ``(block_size, (conv_impl, matmul_impl), agents, floor) ->
+        record``: a candidate timed on exactly ``agents`` agents with
+        ``scale_steps`` steps each; None: no timing at scale.
+      scale_steps: steps per agent of the timings at scale (the run's own).
+      scale_max_agents: most agents a timing at scale may hold (its data must
+        fit ``RETIME_MAX_BYTES``).
 
     Returns:
       ``(plan, table)``: the fastest plan and every measured record (with
       ``search_s``, the time spent so far, appended to each; re-timed records
-      carry ``first_agent_steps_per_s``, the speed of their first timing).
+      carry ``first_agent_steps_per_s``, the speed of their first timing;
+      records timed at scale carry ``at_scale: True``).
     """
     t_start = time.perf_counter()
     recs: list[dict] = []
@@ -521,18 +552,98 @@ def search(
     for impl in variants:
         if impl == variants[0] and cap > 1 and affordable():
             timed(cap, impl)
+        if impl != variants[0]:  # measured against the best of every series
+            peaks[impl].best = max(r["agent_steps_per_s"] for r in recs)
         for k in sizes:
             if k == 1 or (impl == variants[0] and k == cap):
                 continue  # measured first
             if not affordable() or peaks[impl].done(timed(k, impl)):
                 break
-    _retime_near_best(recs, budget_s - (time.perf_counter() - t_start))
-    top = max(recs, key=lambda r: r["agent_steps_per_s"])
+    final = recs
+    if at_scale is not None:
+        scaled = _scale_up(
+            recs, num_agents=num_agents, cap=cap, steps=scale_steps,
+            max_agents=scale_max_agents,
+            budget_s=budget_s - (time.perf_counter() - t_start),
+        )  # fmt: skip
+        if scaled is not None:
+            agents, finalists, kept = scaled
+            final = list(kept)
+            for r in finalists:
+                floor = max((x["agent_steps_per_s"] for x in final), default=0.0)
+                rec = at_scale(block_of(r), (r["conv_impl"], r["matmul_impl"]),
+                               agents, floor)  # fmt: skip
+                # One dict in the table and in the final set (re-timed below).
+                spent = round(time.perf_counter() - t_start, 3)
+                recs.append(dict(rec, at_scale=True, search_s=spent))
+                final.append(recs[-1])
+    _retime_near_best(final, budget_s - (time.perf_counter() - t_start))
+    top = max(final, key=lambda r: r["agent_steps_per_s"])
     table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs]
     return (
         LocalPlan(parse_plan(top["plan"]), top["conv_impl"], top["matmul_impl"]),
         table,
     )
+
+
+def block_of(rec: dict) -> int:
+    """A record's block size as ``search``'s ``measure`` takes it (``all``:
+    the record's agent count, i.e. every agent)."""
+    k = parse_plan(rec["plan"])
+    return int(rec["agents"]) if k == 0 else int(k)
+
+
+def _scale_up(recs: list[dict], *, num_agents: int, cap: int, steps: int,
+              max_agents: int, budget_s: float):  # fmt: skip
+    """Plans a timing of the finalists at scale.
+
+    Finalists: the records within ``RETIME_WITHIN`` of the fastest (at most
+    ``RETIME_MAX``). Those timed on every agent or in blocks of ``cap`` (two
+    blocks' worth) are at scale already and are kept as they are; the others
+    are timed again on ``m`` agents each, ``m`` the largest of
+    ``2 x (their largest population)``, doubled while it fits, that is at most
+    A and ``max_agents``, a multiple of their block sizes, and whose predicted
+    cost (compilation plus ``SCALE_CALLS`` calls of ``m x
+    steps`` agent-steps at the first timing's speed, plus ``TIME_S``, per
+    finalist) fits ``budget_s``; their re-timing gets what is left after.
+
+    Returns:
+      ``(m, finalists to time, finalists kept)``, or None when there is
+      nothing to time or no such ``m`` (the search then keeps its timings).
+    """
+    if not recs:
+        return None
+    best = max(r["agent_steps_per_s"] for r in recs)
+    near = sorted(
+        (r for r in recs if r["agent_steps_per_s"] >= RETIME_WITHIN * best),
+        key=lambda r: -r["agent_steps_per_s"],
+    )[:RETIME_MAX]  # fmt: skip
+    small = [
+        r for r in near
+        if int(r["agents"]) < num_agents and parse_plan(r["plan"]) not in (0, cap)
+    ]  # fmt: skip
+    if not small:
+        return None
+    unit = max(block_of(r) for r in small)
+    limit = min(num_agents, int(max_agents))
+    steps = max(1, int(steps))
+
+    def cost(m):
+        calls = SCALE_CALLS
+        return sum(
+            float(r.get("compile_s", 0.0)) + TIME_S
+            + calls * m * steps / max(float(r["agent_steps_per_s"]), 1e-9)
+            for r in small
+        )  # fmt: skip
+
+    m = max(2 * max(int(r["agents"]) for r in small), 2 * unit)
+    m = -(-m // unit) * unit
+    if m > limit or cost(m) > budget_s:
+        return None
+    while 2 * m <= limit and cost(2 * m) <= budget_s:
+        m *= 2
+    kept = [r for r in near if not any(r is x for x in small)]
+    return m, small, kept
 
 
 def retime_cost_s(rec: dict) -> float:
@@ -710,14 +821,21 @@ def resolve(
     step_s = max(float(probe["run_s"]), 1e-9)  # one agent's gradient step
     min_agents = int(min(cap, np.ceil(MIN_CALL_S / (steps * step_s))))
 
-    def measure(k, impl, floor=0.0):
+    # Timings at scale (``search``): the run's own steps per agent, on as many
+    # agents as the budget pays for and whose data fit RETIME_MAX_BYTES.
+    scale_steps = int(max(1, per_round.max()))
+    row_bytes = x[0, 0].nbytes + y[0, 0].nbytes
+    scale_max_agents = RETIME_MAX_BYTES // max(1, scale_steps * batch_size * row_bytes)
+
+    def measure(k, impl, floor=0.0, agents=None, n_steps=None):
         rec = measure_local(
             make_trainer, init_params, tx, x, y,
             block_size=0 if k >= num_agents else k, conv_impl=impl[0],
             matmul_impl=impl[1],
-            num_agents=num_agents, batch_size=batch_size, steps=steps, mu=mu,
+            num_agents=num_agents, batch_size=batch_size,
+            steps=n_steps or steps, mu=mu,
             floor=floor / max(fill, 1e-9) if k != 1 else floor,
-            min_agents=min_agents,
+            min_agents=agents or min_agents,
         )  # fmt: skip
         if k != 1 and fill < 1.0:
             rec["timed_agent_steps_per_s"] = rec["agent_steps_per_s"]
@@ -740,6 +858,8 @@ def resolve(
         plan, table = search(
             measure, num_agents=num_agents, cap=cap, variants=impls,
             budget_s=budget,
+            at_scale=lambda k, impl, m, floor: measure(k, impl, floor, m, scale_steps),
+            scale_steps=scale_steps, scale_max_agents=int(scale_max_agents),
         )  # fmt: skip
     search_s = time.perf_counter() - t0
     share = meter.outside_share()

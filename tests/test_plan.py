@@ -572,3 +572,101 @@ def test_retiming_fits_the_budget_left():
     order.clear()
     plan._retime_near_best(recs(), budget_s=11.0)
     assert order == []
+
+
+def test_finalists_are_timed_again_at_scale_when_the_budget_pays():
+    """On a small population block:8 wins; on 128 agents at the run's own 20
+    steps block:32 does (weights and data fall out of cache). The finalists
+    timed on few agents are timed again on one equal, larger population and
+    the choice is made on those timings; without the budget, or with data too
+    large, the search keeps its small-population choice."""
+    v = ("patches", "xla")
+    small = {1: 50.0, 2: 60.0, 4: 70.0, 8: 100.0, 16: 65.0, 32: 90.0, 64: 40.0}
+    large = {8: 80.0, 32: 95.0, 4: 60.0}
+    calls = []
+
+    def measure(k, impl, floor=0.0):
+        agents = max(8, 2 * k)
+        calls.append(("explore", k, agents))
+        return {"plan": plan.LocalPlan(k if k < 1000 else 0).name,
+                "conv_impl": impl[0], "matmul_impl": impl[1], "agents": agents,
+                "steps": 8, "compile_s": 0.0, "run_s": 0.01,
+                "agent_steps_per_s": small.get(k, 10.0)}  # fmt: skip
+
+    def at_scale(k, impl, agents, floor=0.0):
+        calls.append(("scale", k, agents))
+        return {"plan": plan.LocalPlan(k).name, "conv_impl": impl[0],
+                "matmul_impl": impl[1], "agents": agents, "steps": 20,
+                "compile_s": 0.0, "run_s": 0.01,
+                "agent_steps_per_s": large[k]}  # fmt: skip
+
+    def run(budget_s, max_agents=10_000):
+        calls.clear()
+        return plan.search(
+            measure, num_agents=1000, cap=1000, variants=(v,), budget_s=budget_s,
+            at_scale=at_scale, scale_steps=20, scale_max_agents=max_agents,
+        )  # fmt: skip
+
+    best, table = run(1e6)
+    assert best == plan.LocalPlan(32, "patches", "xla")
+    # finalists: block:8 (100), block:32 (90), block:4 (70); largest population
+    # 64 agents -> 128, doubled while A (1000) allows: 512 (a multiple of 32)
+    scaled = [c for c in calls if c[0] == "scale"]
+    assert scaled == [("scale", 8, 512), ("scale", 32, 512), ("scale", 4, 512)]
+    rows = [r for r in table if r.get("at_scale")]
+    assert [(r["plan"], r["agents"], r["steps"]) for r in rows] == [
+        ("block:8", 512, 20), ("block:32", 512, 20), ("block:4", 512, 20)]  # fmt: skip
+    assert all(not k.startswith("_") for r in table for k in r)
+    # Data limit: at most 100 agents -> not even 128 fits: small-population choice.
+    best, _ = run(1e6, max_agents=100)
+    assert best == plan.LocalPlan(8, "patches", "xla")
+    assert not [c for c in calls if c[0] == "scale"]
+    # Budget: each finalist costs TIME_S (0 here) + 4 calls of m x 20
+    # agent-steps at its first speed; 128 agents cost
+    # 4 * 2560 * (1/100 + 1/90 + 1/70) = 362.5 s.
+    assert plan._scale_up(
+        [dict(r) for r in table if not r.get("at_scale")], num_agents=1000,
+        cap=1000, steps=20, max_agents=10_000, budget_s=362.0,
+    ) is None  # fmt: skip
+    m, timed, kept = plan._scale_up(
+        [dict(r) for r in table if not r.get("at_scale")], num_agents=1000,
+        cap=1000, steps=20, max_agents=10_000, budget_s=363.0,
+    )  # fmt: skip
+    assert (m, [r["plan"] for r in timed], kept) == (
+        128, ["block:8", "block:32", "block:4"], [])  # fmt: skip
+
+
+def test_candidates_at_scale_already_are_not_timed_again():
+    """A finalist timed on every agent (``all``) or in blocks of ``cap`` is at
+    scale already: it is kept, only the small ones are timed again."""
+    recs = [
+        {"plan": "all", "agents": 64, "agent_steps_per_s": 100.0, "compile_s": 0.0},
+        {"plan": "block:8", "agents": 16, "agent_steps_per_s": 90.0, "compile_s": 0.0},
+        {"plan": "block:20", "agents": 40, "agent_steps_per_s": 95.0, "compile_s": 0.0},
+    ]
+    m, timed, kept = plan._scale_up(recs, num_agents=64, cap=20, steps=4,
+                                    max_agents=1000, budget_s=1e6)  # fmt: skip
+    assert [r["plan"] for r in timed] == ["block:8"]
+    assert [r["plan"] for r in kept] == ["all", "block:20"]
+    assert m == 64  # 2 x 16 = 32, doubled to 64 = A
+    assert plan._scale_up(recs[:1], num_agents=64, cap=20, steps=4,
+                          max_agents=1000, budget_s=1e6) is None  # fmt: skip
+
+
+def test_a_slower_kernel_variant_stops_after_two_sizes():
+    """A further variant's block series counts from the best of every series:
+    staying more than 15% below it, it stops after two sizes, where its own
+    best alone would have let it run on."""
+    a, b = ("patches", "xla"), ("patches", "wgrad_t")
+    speeds = {(k, a): s for k, s in
+              [(1, 50), (2, 60), (4, 80), (8, 100), (16, 90), (32, 70), (64, 60),
+               (100, 40)]}  # fmt: skip
+    speeds |= {(k, b): s for k, s in
+               [(1, 45), (2, 50), (4, 55), (8, 60), (16, 58), (32, 57)]}  # fmt: skip
+    calls = []
+    best, _ = plan.search(
+        _fake_measure(speeds, calls), num_agents=100, cap=100, variants=(a, b),
+        budget_s=100.0,
+    )  # fmt: skip
+    assert best == plan.LocalPlan(8, *a)
+    assert [k for k, v in calls if v == b] == [1, 2, 4]
