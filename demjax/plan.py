@@ -35,19 +35,18 @@ plan does not pay.
 
 The search's cost is bounded: it may spend 10% (``SEARCH_FRACTION``) of the
 run's local training time estimated from one agent's gradient step. Agents one
-after another are timed first (with the default kernels whatever the budget,
-then with each other kernel variant), then all agents at once (capped by
-memory) and growing blocks until the budget is spent or growing the block only
-makes it slower. When the budget left pays for it, the candidates within 2x of
-the fastest that were timed on a small population are timed again on one
-equal, larger population at the run's own steps per agent (on few agents
+after another are timed first with the default kernels (whatever the budget),
+then all agents at once (capped by memory), agents one after another with each
+other kernel variant, and growing blocks until the budget is spent or growing
+the block only makes it slower. When the budget left pays for it, the candidates
+within 2x of the fastest that were timed on a small population are timed again
+on one equal, larger population at the run's own steps per agent (on few agents
 weights and data stay in cache, and the ranking of block sizes can flip on the
-whole population), and the choice is made on those timings. Candidates within
-2x of the fastest are then timed again in interleaved rounds
-(``RETIME_ROUNDS``), so that load from other processes on a shared machine
-does not decide between them. The share of the
-machine's CPU time that other work took during the search is measured
-(``CpuMeter``: ``/proc/stat``, steal time included) and recorded as
+whole population), and the choice is made on those timings. Candidates within 2x
+of the fastest are then timed again in interleaved rounds (``RETIME_ROUNDS``),
+so that load from other processes on a shared machine does not decide between
+them. The share of the machine's CPU time that other work took during the search
+is measured (``CpuMeter``: ``/proc/stat``, steal time included) and recorded as
 ``outside_load``; a choice measured while others took more than
 ``OUTSIDE_LOAD_MAX`` of it is used but not cached, so a busy moment is not
 remembered for later runs.
@@ -484,10 +483,11 @@ def search(
 ) -> tuple[LocalPlan, list[dict]]:
     """Measures candidate plans and returns the fastest.
 
-    Order: agents one after another (``sequential``) with each kernel variant,
-    the first one timed whatever the budget; then, with the first variant, all
-    agents at once (capped by memory: ``cap`` agents, which then is
-    ``block:cap``) and blocks of 2, 4, ... agents in ascending order; then, per
+    Order: agents one after another (``sequential``) with the first kernel
+    variant, whatever the budget; all agents at once with it (capped by
+    memory: ``cap`` agents, which then is ``block:cap``); ``sequential`` with
+    each other variant; then, with the first variant, blocks of 2, 4, ...
+    agents in ascending order; then, per
     further variant, blocks of 2, 4, ... agents. A series stops when two
     sizes are slower than its best by more than 15% (speed has been unimodal
     in the block size in every case measured); a further variant's series
@@ -546,12 +546,15 @@ def search(
 
     sizes = block_candidates(num_agents, cap)
     peaks = {impl: _PastPeak() for impl in variants}
-    for impl in variants:  # sequential of each variant, the first whatever the budget
-        if impl == variants[0] or affordable():
+    # The default variant's sequential (whatever the budget) and all agents at
+    # once, then the other variants' sequential, then the block series.
+    peaks[variants[0]].done(timed(1, variants[0]))
+    if cap > 1 and affordable():
+        timed(cap, variants[0])
+    for impl in variants[1:]:
+        if affordable():
             peaks[impl].done(timed(1, impl))
     for impl in variants:
-        if impl == variants[0] and cap > 1 and affordable():
-            timed(cap, impl)
         if impl != variants[0]:  # measured against the best of every series
             peaks[impl].best = max(r["agent_steps_per_s"] for r in recs)
         for k in sizes:
