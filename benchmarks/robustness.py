@@ -482,11 +482,7 @@ def main() -> None:
         path = os.path.join(args.out_dir, "robustness.partf.json")
         results = load_results(path)
     for (method, attack), replicas in order:
-        others = glob.glob(os.path.join(args.out_dir, "robustness.part*.json"))
-        others.append(os.path.join(args.out_dir, "robustness.json"))
-        done = {}
-        for o in others:
-            done.update(load_results(o)["runs"])
+        done = stored_runs(args.out_dir, args.force)
         if all(run_key(method, attack, f, sd) in done for f, sd in replicas):
             continue  # done by a helper
         for rec in fedavg_batch(method, attack, replicas, args.quick):
@@ -505,6 +501,20 @@ def main() -> None:
     write_md(results, md_path, analysis)
     if any(codes):
         sys.exit(f"error: worker exit codes {codes}; finished runs are saved")
+
+
+def stored_runs(out_dir: str, force: bool) -> dict:
+    """The runs stored by this invocation's processes (the workers' and the
+    FedAvg helper's part files) and, unless ``force``, by earlier invocations
+    (``robustness.json``; with ``--force`` its runs are the ones being
+    replaced, never a reason to skip)."""
+    paths = glob.glob(os.path.join(out_dir, "robustness.part*.json"))
+    if not force:
+        paths.append(os.path.join(out_dir, "robustness.json"))
+    done = {}
+    for p in paths:
+        done.update(load_results(p)["runs"])
+    return done
 
 
 def worker(args) -> None:

@@ -440,6 +440,16 @@ def test_robustness_summary_and_report(tmp_path):
     assert "0.500 ± 0.100 |" in md2 and "Best round" not in md2
 
 
+def test_robustness_force_does_not_skip_the_runs_it_replaces(tmp_path):
+    """With --force the stored robustness.json holds the runs being replaced:
+    only this invocation's part files count as done."""
+    rob = load("robustness")
+    (tmp_path / "robustness.json").write_text(json.dumps({"runs": {"a": {}}}))
+    (tmp_path / "robustness.part0.json").write_text(json.dumps({"runs": {"b": {}}}))
+    assert set(rob.stored_runs(str(tmp_path), force=False)) == {"a", "b"}
+    assert set(rob.stored_runs(str(tmp_path), force=True)) == {"b"}
+
+
 def replica_run_summary(curves: dict) -> dict:
     """``(summary, records)``: a ``replicas.json`` summary and its records from
     hand-made curves ``{point: {metric: [[value per round] per seed]}}`` (seeds
