@@ -46,7 +46,9 @@ LR_GRID = (0.02, 0.05, 0.1)
 # field -> values; "group.field" is the hyper-parameter --config.group.field.
 # Axes whose first choice fell on an edge of a smaller grid were extended
 # past it (Per-FedAvg alpha/beta, pFedMe lr/lambda, FedProto lr/lambda,
-# DemLearn alpha, local lr); stored points of the smaller grid are reused.
+# DemLearn alpha, local lr; the learning rates of pFedHN and MOON up to 0.2,
+# of SCAFFOLD, FedDyn and FedGen down to 0.01); stored points of the smaller
+# grid are reused.
 GRIDS = {
     "demlearn": {"lr": LR_GRID, "alpha": (0.3, 0.5, 0.7, 0.9)},
     "demlearn_p": {"lr": LR_GRID, "alpha": (0.3, 0.5, 0.7, 0.9)},
@@ -65,6 +67,11 @@ GRIDS = {
     "fedproto": {"lr": (0.01,) + LR_GRID, "fedproto.lam": (0.1, 1.0, 10.0)},
     "cfl": {"lr": LR_GRID, "cfl.eps1": (0.2, 0.4), "cfl.eps2": (0.8, 1.6)},
     "local": {"lr": LR_GRID + (0.2,)},
+    "pfedhn": {"lr": LR_GRID + (0.2,)},
+    "moon": {"lr": LR_GRID + (0.2,)},
+    "scaffold": {"lr": (0.01,) + LR_GRID},
+    "feddyn": {"lr": (0.01,) + LR_GRID},
+    "fedgen": {"lr": (0.01,) + LR_GRID},
 }
 VAL_FRACTION = 0.2
 
