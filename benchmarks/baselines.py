@@ -867,7 +867,9 @@ def report(results: dict, path: str) -> None:
         if a and a.get("table"):
             lines += [
                 "",
-                "Search table (candidates in the order timed):",
+                "Search table (candidates in the order timed; *at scale*: a "
+                "finalist timed again on one equal, larger population at the "
+                "run's own steps per agent, the choice made among those):",
                 "",
                 "| plan | conv | matmul | agents | steps | compile s "
                 "| agent-steps/s (first timing) | search s so far |",
@@ -876,7 +878,8 @@ def report(results: dict, path: str) -> None:
             for t in a["table"]:
                 first = t.get("first_agent_steps_per_s")
                 lines.append(
-                    f"| {t['plan']} | {t['conv_impl']} | {t.get('matmul_impl', 'xla')} "
+                    f"| {t['plan']}{' *at scale*' if t.get('at_scale') else ''} "
+                    f"| {t['conv_impl']} | {t.get('matmul_impl', 'xla')} "
                     f"| {t['agents']} | {t['steps']} "
                     f"| {t['compile_s']:.2f} | {t['agent_steps_per_s']:,.0f}"
                     + (f" ({first:,.0f})" if first is not None else "")

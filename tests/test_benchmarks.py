@@ -313,6 +313,27 @@ def test_baselines_tiny_run_records_every_implementation(tmp_path):
         assert "of the machine's CPU time during them" in md
 
 
+def test_baselines_report_marks_the_timings_at_scale(tmp_path):
+    """The stored Xeon results' search tables: exactly the records timed at
+    scale carry the marker, with their population and steps."""
+    import json
+
+    bench = load("baselines")
+    path = os.path.join(REPO, "benchmarks", "results", "baselines_xeon.json")
+    with open(path) as f:
+        results = json.load(f)
+    scaled = [t for e in results["runs"].values() if e.get("auto")
+              for t in e["auto"].get("table", []) if t.get("at_scale")]  # fmt: skip
+    assert scaled, "the stored MLP 1,000 / 10,000 searches timed finalists at scale"
+    bench.report(results, str(tmp_path / "b.md"))
+    md = (tmp_path / "b.md").read_text()
+    rows = [line for line in md.splitlines() if "*at scale* |" in line]
+    assert len(rows) == len(scaled)
+    for t, row in zip(scaled, rows, strict=True):
+        assert row.startswith(f"| {t['plan']} *at scale* |")
+        assert f"| {t['agents']} | {t['steps']} |" in row
+
+
 def test_baselines_torch_cnn_matches_the_flax_cnn():
     """The PyTorch CNN has the paper CNN's layers and parameter count."""
     torch = __import__("pytest").importorskip("torch")
