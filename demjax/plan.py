@@ -574,8 +574,9 @@ def search(
             final = list(kept)
             for r in finalists:
                 floor = max((x["agent_steps_per_s"] for x in final), default=0.0)
-                rec = at_scale(block_of(r), (r["conv_impl"], r["matmul_impl"]),
-                               agents, floor)  # fmt: skip
+                # Finalists timed at scale are never ``all``: a block size >= 1.
+                impl = (r["conv_impl"], r["matmul_impl"])
+                rec = at_scale(parse_plan(r["plan"]), impl, agents, floor)
                 # One dict in the table and in the final set (re-timed below).
                 spent = round(time.perf_counter() - t_start, 3)
                 recs.append(dict(rec, at_scale=True, search_s=spent))
@@ -589,11 +590,15 @@ def search(
     )
 
 
-def block_of(rec: dict) -> int:
-    """A record's block size as ``search``'s ``measure`` takes it (``all``:
-    the record's agent count, i.e. every agent)."""
-    k = parse_plan(rec["plan"])
-    return int(rec["agents"]) if k == 0 else int(k)
+def _near_best(recs: list[dict], keep=lambda r: True) -> list[dict]:
+    """The records (those ``keep`` accepts) within ``RETIME_WITHIN`` of the
+    fastest of all, fastest first, at most ``RETIME_MAX``."""
+    best = max((r["agent_steps_per_s"] for r in recs), default=0.0)
+    return sorted(
+        (r for r in recs
+         if keep(r) and r["agent_steps_per_s"] >= RETIME_WITHIN * best),
+        key=lambda r: -r["agent_steps_per_s"],
+    )[:RETIME_MAX]  # fmt: skip
 
 
 def _scale_up(recs: list[dict], *, num_agents: int, cap: int, steps: int,
@@ -614,28 +619,21 @@ def _scale_up(recs: list[dict], *, num_agents: int, cap: int, steps: int,
       ``(m, finalists to time, finalists kept)``, or None when there is
       nothing to time or no such ``m`` (the search then keeps its timings).
     """
-    if not recs:
-        return None
-    best = max(r["agent_steps_per_s"] for r in recs)
-    near = sorted(
-        (r for r in recs if r["agent_steps_per_s"] >= RETIME_WITHIN * best),
-        key=lambda r: -r["agent_steps_per_s"],
-    )[:RETIME_MAX]  # fmt: skip
+    near = _near_best(recs)
     small = [
         r for r in near
         if int(r["agents"]) < num_agents and parse_plan(r["plan"]) not in (0, cap)
     ]  # fmt: skip
     if not small:
         return None
-    unit = max(block_of(r) for r in small)
+    unit = max(parse_plan(r["plan"]) for r in small)
     limit = min(num_agents, int(max_agents))
     steps = max(1, int(steps))
 
     def cost(m):
-        calls = SCALE_CALLS
         return sum(
             float(r.get("compile_s", 0.0)) + TIME_S
-            + calls * m * steps / max(float(r["agent_steps_per_s"]), 1e-9)
+            + SCALE_CALLS * m * steps / max(float(r["agent_steps_per_s"]), 1e-9)
             for r in small
         )  # fmt: skip
 
@@ -662,12 +660,7 @@ def _retime_near_best(recs: list[dict], budget_s: float = float("inf")) -> None:
     The slowest of them are left out until the rounds' predicted cost
     (``retime_cost_s``) fits ``budget_s``; nothing is re-timed when fewer than
     two remain."""
-    best = max((r["agent_steps_per_s"] for r in recs), default=0.0)
-    near = sorted(
-        (r for r in recs
-         if "_retime" in r and r["agent_steps_per_s"] >= RETIME_WITHIN * best),
-        key=lambda r: -r["agent_steps_per_s"],
-    )[:RETIME_MAX]  # fmt: skip
+    near = _near_best(recs, lambda r: "_retime" in r)
     while near and RETIME_ROUNDS * sum(map(retime_cost_s, near)) > budget_s:
         near.pop()
     if len(near) < 2:
