@@ -29,7 +29,10 @@ Implementations (``impl`` of a record):
   ``DEMJAX_CACHE_DIR`` and a 100-round config, ``--search_rounds``). Its record
   repeats the timings of the explicit plan it chose, and carries the search's
   cost: ``search_s`` (candidates timed) and ``plan_s`` (the whole choice:
-  memory probe, search, compilations).
+  memory probe, search, compilations). With ``--search_runs=N`` the choice is
+  made N times in a row on the same cache, as N consecutive runs of the
+  workload make it (a search cut by its budget is resumed by the next run):
+  ``auto`` is the last run's choice, ``auto:run1`` the first's.
 - ``demjax:<plan>[/<conv>][/<matmul>]``: every plan of ``--plans`` (``all``,
   ``sequential``, ``block:K``, plus the auto choice with its own kernels), with
   every convolution of ``--conv_impls`` and weight-gradient form of
@@ -183,13 +186,20 @@ def _partition(work):
     )
 
 
-def choose_auto(work, rounds: int) -> dict:
+def choose_auto(work, rounds: int, runs: int = 1) -> dict:
     """The engine's plan choice, measured from an empty plan cache.
 
+    With ``runs`` > 1 the choice is made that many times in a row on the same
+    (temporary) cache, as consecutive runs of one workload make it: a search
+    its budget cut is resumed by the next (``plan.search``'s ``prior``), and
+    once complete the next ones read the cache.
+
     Returns:
-      dict with ``plan``, ``conv_impl``, ``cap``, ``source``, ``budget_s``,
-      ``search_s`` (candidates timed), ``plan_s`` (memory probe + search) and
-      the search's ``table``.
+      dict with the last run's ``plan``, ``conv_impl``, ``cap``, ``source``,
+      ``budget_s``, ``search_s`` (candidates timed), ``plan_s`` (memory probe
+      + search), ``complete`` and the search's ``table``; ``runs``: per run
+      its ``plan``, ``conv_impl``, ``matmul_impl``, ``source``, ``search_s``
+      and ``complete``.
     """
     from demjax import engine, local, models
     from demjax.config import validate
@@ -216,10 +226,19 @@ def choose_auto(work, rounds: int) -> dict:
                 donate=True,
                 num_group_models=int(sum(engine.tree_capacity(c))),
             )
-            plan, info = engine.choose_plan(
-                c, part, tx, 0.0, cap_probe=cap_probe, algorithm=c.algorithm
-            )
-            plan_s = time.perf_counter() - t0
+            history = []
+            for _ in range(max(1, runs)):
+                plan, info = engine.choose_plan(
+                    c, part, tx, 0.0, cap_probe=cap_probe, algorithm=c.algorithm
+                )
+                history.append(
+                    {"plan": plan.name, "block_size": plan.block_size,
+                     "conv_impl": plan.conv_impl, "matmul_impl": plan.matmul_impl,
+                     "source": info["source"], "search_s": info.get("search_s"),
+                     "complete": info.get("complete")}
+                )  # fmt: skip
+                if len(history) == 1:
+                    plan_s = time.perf_counter() - t0
         finally:
             if saved is None:
                 os.environ.pop("DEMJAX_CACHE_DIR", None)
@@ -236,7 +255,9 @@ def choose_auto(work, rounds: int) -> dict:
         "search_s": info.get("search_s"),
         "plan_s": round(plan_s, 3),
         "probe_run_s": round(float(cap_probe[1]["run_s"]), 6),
+        "complete": info.get("complete"),
         "table": info.get("table", []),
+        "runs": history,
     }
 
 
@@ -584,7 +605,7 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
             f"{args.model} {a} agents: engine.choose_plan (empty cache, "
             f"{args.search_rounds} rounds)"
         )
-        auto = choose_auto(work, args.search_rounds)
+        auto = choose_auto(work, args.search_rounds, args.search_runs)
         log("  auto: " + json.dumps({k: v for k, v in auto.items() if k != "table"}))
         cap = auto["cap"]
     else:
@@ -628,10 +649,11 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         (k, conv, mm) for k in blocks for conv in timed_convs
         for mm in args.matmul_impls.split(",")
     ]  # fmt: skip
-    if auto is not None:  # the auto plan with its own kernels
-        k = effective_block(auto["block_size"], a, cap)
-        if (k, auto["conv_impl"], auto["matmul_impl"]) not in combos:
-            combos.append((k, auto["conv_impl"], auto["matmul_impl"]))
+    for ch in auto["runs"] if auto is not None else ():
+        # every run's choice with its own kernels
+        k = effective_block(ch["block_size"], a, cap)
+        if (k, ch["conv_impl"], ch["matmul_impl"]) not in combos:
+            combos.append((k, ch["conv_impl"], ch["matmul_impl"]))
     for k, conv, mm in combos:
         name = _plan_name(k, conv, mm, conv_impls)
         runners[name] = demjax_runner(sh, k, conv, mm)
@@ -722,14 +744,29 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
                 )
             }
         )
-        others = [r for n, r in records.items() if n.startswith("demjax:") and n != src]
-        if others:
-            top = max(others, key=lambda r: r["agent_steps_per_s"])
-            rec["best_other_plan"] = top["impl"]
-            rec["over_best_other_plan"] = round(
-                rec["agent_steps_per_s"] / top["agent_steps_per_s"], 3
-            )
-        records = {"auto": rec, **records}
+        def over_others(rec, src):
+            others = [
+                r for n, r in records.items() if n.startswith("demjax:") and n != src
+            ]  # fmt: skip
+            if others:
+                top = max(others, key=lambda r: r["agent_steps_per_s"])
+                rec["best_other_plan"] = top["impl"]
+                rec["over_best_other_plan"] = round(
+                    rec["agent_steps_per_s"] / top["agent_steps_per_s"], 3
+                )
+
+        over_others(rec, src)
+        first = {}
+        if len(auto["runs"]) > 1:  # the first run's choice, from an empty cache
+            ch = auto["runs"][0]
+            k1 = effective_block(ch["block_size"], a, cap)
+            src1 = _plan_name(k1, ch["conv_impl"], ch["matmul_impl"], conv_impls)
+            r1 = dict(records[src1], impl="auto:run1", same_as=src1)
+            r1.update({x: ch[x] for x in ("plan", "conv_impl", "matmul_impl",
+                                           "source", "search_s", "complete")})  # fmt: skip
+            over_others(r1, src1)
+            first = {"auto:run1": r1}
+        records = {"auto": rec, **first, **records}
     # References: the fastest per-agent JAX loop and the fastest PyTorch loop.
     refs = {}
     for key, prefix in (("over_jax_loop", LOOP), ("over_torch", TORCH)):
@@ -764,6 +801,7 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
             "memory_cap": int(cap),
             "repeats": args.repeats,
             "search_rounds": args.search_rounds,
+            "search_runs": args.search_runs,
         },
         "auto": auto,
         "best_plan": best_plan["impl"],
@@ -851,6 +889,25 @@ def report(results: dict, path: str) -> None:
                 + ".",
                 "",
             ]
+            if len(a.get("runs", [])) > 1:
+                lines += [
+                    f"Plan choice of {len(a['runs'])} consecutive runs on one "
+                    "cache (each search within its own budget; a search cut by "
+                    "it is resumed by the next run): "
+                    + "; ".join(
+                        f"run {i} `{h['plan']}`"
+                        + (f" / `{h['matmul_impl']}`" if h["matmul_impl"] != "xla"
+                           else "")
+                        + f" ({h['source']}"
+                        + (f", {h['search_s']:.1f} s" if h.get("search_s") else "")
+                        + (", cut by the budget" if h.get("complete") is False
+                           else "")
+                        + ")"
+                        for i, h in enumerate(a["runs"], 1)
+                    )
+                    + ".",
+                    "",
+                ]  # fmt: skip
         lines += [
             "| implementation | agent-steps/s | GFLOP/s | vs JAX loop | vs PyTorch "
             "| repeats | prepare s |",
@@ -869,7 +926,9 @@ def report(results: dict, path: str) -> None:
                 "",
                 "Search table (candidates in the order timed; *at scale*: a "
                 "finalist timed again on one equal, larger population at the "
-                "run's own steps per agent, the choice made among those):",
+                "run's own steps per agent, the choice made among those; "
+                "*earlier run*: timed by an earlier run of the search, which "
+                "this run resumed):",
                 "",
                 "| plan | conv | matmul | agents | steps | compile s "
                 "| agent-steps/s (first timing) | search s so far |",
@@ -877,8 +936,10 @@ def report(results: dict, path: str) -> None:
             ]
             for t in a["table"]:
                 first = t.get("first_agent_steps_per_s")
+                mark = (" *at scale*" if t.get("at_scale") else
+                        " *earlier run*" if t.get("resumed") else "")  # fmt: skip
                 lines.append(
-                    f"| {t['plan']}{' *at scale*' if t.get('at_scale') else ''} "
+                    f"| {t['plan']}{mark} "
                     f"| {t['conv_impl']} | {t.get('matmul_impl', 'xla')} "
                     f"| {t['agents']} | {t['steps']} "
                     f"| {t['compile_s']:.2f} | {t['agent_steps_per_s']:,.0f}"
@@ -917,6 +978,14 @@ def main(argv=None) -> None:
         type=int,
         default=100,
         help="num_rounds of the config the auto search sizes its budget by",
+    )
+    p.add_argument(
+        "--search_runs",
+        type=int,
+        default=1,
+        help="consecutive plan choices on one cache: a search cut by its "
+        "budget is resumed by the next; the auto record is the last one's "
+        "choice, auto:run1 the first's (from an empty cache)",
     )
     p.add_argument(
         "--slow_s",

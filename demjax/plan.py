@@ -50,6 +50,15 @@ is measured (``CpuMeter``: ``/proc/stat``, steal time included) and recorded as
 ``outside_load``; a choice measured while others took more than
 ``OUTSIDE_LOAD_MAX`` of it is used but not cached, so a busy moment is not
 remembered for later runs.
+
+A short run's budget can end the search after two or three candidates (an MLP
+of 100 agents x 100 rounds: about 4 s, one compilation costs about 1 s). Such a
+search is cached as *incomplete* together with its table, and the next run with
+the same key resumes it: it takes the stored timings as they are and spends its
+own budget on the candidates not yet timed, until a run finishes the search;
+from then on runs take the choice from the cache at once. A researcher running
+seeds or a hyper-parameter grid of one workload thus reaches the plan a full
+search would choose, each run still within its own budget.
 """
 
 from __future__ import annotations
@@ -480,7 +489,8 @@ def search(
     at_scale: Callable[..., dict] | None = None,
     scale_steps: int = 0,
     scale_max_agents: int = 0,
-) -> tuple[LocalPlan, list[dict]]:
+    prior: list[dict] | None = None,
+) -> tuple[LocalPlan, list[dict], bool]:
     """Measures candidate plans and returns the fastest.
 
     Order: agents one after another (``sequential``) with the first kernel
@@ -508,6 +518,13 @@ def search(
     their ``run_s``) are timed again in ``RETIME_ROUNDS`` interleaved rounds
     (records with a ``_retime`` function only), each keeping its best speed.
 
+    A search that its budget stopped is *incomplete*; the next run with the
+    same workload resumes it (``prior``): the candidates in the stored table
+    are not timed again (their stored records stand in, marked
+    ``resumed``), and the run spends its own budget on the candidates after
+    them in the order above, so that a short run's search, cut after two or
+    three candidates, reaches every candidate over a few runs.
+
     Args:
       measure: ``(block_size, (conv_impl, matmul_impl), floor) -> record``
         (``measure_local``; ``floor`` the best speed so far).
@@ -522,18 +539,36 @@ def search(
       scale_steps: steps per agent of the timings at scale (the run's own).
       scale_max_agents: most agents a timing at scale may hold (its data must
         fit ``RETIME_MAX_BYTES``).
+      prior: the table of an incomplete search of the same workload (a
+        cached entry's ``table``), or None. Its records timed at scale are
+        not reused (the population they were timed on depends on the
+        finalists).
 
     Returns:
-      ``(plan, table)``: the fastest plan and every measured record (with
+      ``(plan, table, complete)``: the fastest plan; every record (with
       ``search_s``, the time spent so far, appended to each; re-timed records
       carry ``first_agent_steps_per_s``, the speed of their first timing;
-      records timed at scale carry ``at_scale: True``).
+      records timed at scale carry ``at_scale: True``; records taken from
+      ``prior`` carry ``resumed: True`` and their stored ``search_s``);
+      ``complete``: False when the budget stopped the search before its last
+      candidate or before the timing at scale it planned.
     """
     t_start = time.perf_counter()
     recs: list[dict] = []
     last_cost = [0.0]
+    stored = {
+        (r["plan"], r["conv_impl"], r.get("matmul_impl", "xla")): r
+        for r in prior or () if not r.get("at_scale")
+    }  # fmt: skip
+    cut = [False]  # the budget stopped the search
 
     def timed(k, impl):
+        name = LocalPlan(k if k < num_agents else 0).name
+        old = stored.get((name, *impl))
+        if old is not None:  # resumed: timed by an earlier run
+            old = {x: v for x, v in old.items() if x != "retimed"}
+            recs.append(dict(old, resumed=True))
+            return old["agent_steps_per_s"]
         t0 = time.perf_counter()
         floor = max((r["agent_steps_per_s"] for r in recs), default=0.0)
         rec = measure(k, impl, floor)
@@ -542,7 +577,9 @@ def search(
         return rec["agent_steps_per_s"]
 
     def affordable():
-        return time.perf_counter() - t_start + last_cost[0] <= budget_s
+        ok = time.perf_counter() - t_start + last_cost[0] <= budget_s
+        cut[0] = cut[0] or not ok
+        return ok
 
     sizes = block_candidates(num_agents, cap)
     peaks = {impl: _PastPeak() for impl in variants}
@@ -569,7 +606,9 @@ def search(
             max_agents=scale_max_agents,
             budget_s=budget_s - (time.perf_counter() - t_start),
         )  # fmt: skip
-        if scaled is not None:
+        if scaled is not None and scaled[0] == 0:
+            cut[0] = True  # the budget left does not pay for it
+        elif scaled is not None:
             agents, finalists, kept = scaled
             final = list(kept)
             for r in finalists:
@@ -587,6 +626,7 @@ def search(
     return (
         LocalPlan(parse_plan(top["plan"]), top["conv_impl"], top["matmul_impl"]),
         table,
+        not cut[0],
     )
 
 
@@ -616,8 +656,10 @@ def _scale_up(recs: list[dict], *, num_agents: int, cap: int, steps: int,
     finalist) fits ``budget_s``; their re-timing gets what is left after.
 
     Returns:
-      ``(m, finalists to time, finalists kept)``, or None when there is
-      nothing to time or no such ``m`` (the search then keeps its timings).
+      ``(m, finalists to time, finalists kept)``; None when there is nothing
+      to time or no larger population fits A and ``max_agents``; ``m = 0``
+      when the budget does not pay for the smallest such ``m`` (the search
+      then keeps its timings).
     """
     near = _near_best(recs)
     small = [
@@ -639,11 +681,13 @@ def _scale_up(recs: list[dict], *, num_agents: int, cap: int, steps: int,
 
     m = max(2 * max(int(r["agents"]) for r in small), 2 * unit)
     m = -(-m // unit) * unit
-    if m > limit or cost(m) > budget_s:
+    kept = [r for r in near if not any(r is x for x in small)]
+    if m > limit:
         return None
+    if cost(m) > budget_s:
+        return 0, small, kept
     while 2 * m <= limit and cost(2 * m) <= budget_s:
         m *= 2
-    kept = [r for r in near if not any(r is x for x in small)]
     return m, small, kept
 
 
@@ -726,9 +770,13 @@ def resolve(
 
     Returns:
       ``(plan, info)``; ``info`` has ``plan``, ``conv_impl``, ``source``
-      (``config``, ``cache``, ``measured``, ``prior`` or ``multi_device``),
-      ``cap``, ``budget_s`` and the timing ``table`` (list of records, empty
-      unless measured or cached).
+      (``config``, ``cache``, ``measured``, ``resumed`` (an incomplete cached
+      search continued, ``search``'s ``prior``), ``prior`` or
+      ``multi_device``), ``cap``, ``budget_s`` and the timing ``table`` (list
+      of records, empty unless measured or cached); when measured or resumed
+      also ``complete`` (False: the budget cut the search; the next run with
+      the same cache key resumes it) and ``search_runs`` (runs that have
+      spent their budget on this search so far).
     """
     from demjax import sharding
 
@@ -782,13 +830,16 @@ def resolve(
     )
     key = cache_key(fields)
     entry = cache_get(key)
-    if entry is not None:
+    prior = None
+    if entry is not None and (entry.get("complete", True) or block is not None):
         p = entry["plan"]
         plan = LocalPlan(
             int(p["block_size"]), str(p["conv_impl"]), str(p.get("matmul_impl", "xla"))
         )
         return plan, dict(info, **_names(plan), source="cache",
                           table=entry.get("table", []))  # fmt: skip
+    if entry is not None:  # an incomplete search: this run resumes it
+        prior = list(entry.get("table", []))
 
     budget = (
         SEARCH_FRACTION
@@ -844,6 +895,7 @@ def resolve(
 
     t0 = time.perf_counter()
     meter = CpuMeter()
+    complete = True
     if block is not None:  # explicit plan, conv implementation measured
         recs = [dict(measure(block or num_agents, i)) for i in impls]
         _retime_near_best(recs)
@@ -851,23 +903,29 @@ def resolve(
         top = max(table, key=lambda r: r["agent_steps_per_s"])
         plan = LocalPlan(block, top["conv_impl"], top["matmul_impl"])
     else:
-        plan, table = search(
+        plan, table, complete = search(
             measure, num_agents=num_agents, cap=cap, variants=impls,
             budget_s=budget,
             at_scale=lambda k, impl, m, floor: measure(k, impl, floor, m, scale_steps),
             scale_steps=scale_steps, scale_max_agents=int(scale_max_agents),
+            prior=prior,
         )  # fmt: skip
     search_s = time.perf_counter() - t0
     share = meter.outside_share()
     load = None if share is None else round(share, 3)
+    runs = int(entry.get("search_runs", 1)) + 1 if prior is not None else 1
     if table and _cacheable("local plan", share, plan.name):
         cache_put(
             key,
             {"plan": dataclasses.asdict(plan), "table": table, "fields": fields,
-             "search_s": round(search_s, 3), "outside_load": load},
+             "search_s": round(search_s, 3), "outside_load": load,
+             "complete": complete, "search_runs": runs},
         )  # fmt: skip
-    return plan, dict(info, **_names(plan), source="measured", table=table,
-                      search_s=round(search_s, 3), outside_load=load)  # fmt: skip
+    return plan, dict(info, **_names(plan),
+                      source="measured" if prior is None else "resumed",
+                      table=table, search_s=round(search_s, 3),
+                      outside_load=load, complete=complete,
+                      search_runs=runs)  # fmt: skip
 
 
 EVAL_BATCHES = (1, 2, 4, 8, 16, 32)

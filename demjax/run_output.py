@@ -80,6 +80,8 @@ def plan_record(info: dict) -> dict:
         "plan_source": info["source"],
         "plan_cap": info["cap"],
         "plan_search_s": info.get("search_s", 0.0),
+        "plan_search_complete": info.get("complete"),
+        "plan_search_runs": info.get("search_runs"),
         "plan_outside_load": info.get("outside_load"),
         "plan_table": info.get("table", []),
         "eval_batch": info["eval"]["eval_batch"],
@@ -99,13 +101,21 @@ def log_plan(info: dict) -> None:
         info["plan"], info["conv_impl"], info["matmul_impl"], info["source"],
         info["cap"],
     )  # fmt: skip
+    if info.get("complete") is False:
+        log.info(
+            "  the plan search's budget ran out before its last candidate: the "
+            "next run of this workload resumes it (search run %d)",
+            info.get("search_runs", 1),
+        )  # fmt: skip
     for r in info.get("table", []):
         log.info(
             "  plan %-12s conv %-7s matmul %-7s %9.1f agent-steps/s (%d agents x "
-            "%d steps, compile %.1f s)",
+            "%d steps, compile %.1f s)%s",
             r["plan"], r["conv_impl"], r.get("matmul_impl", "xla"),
             r["agent_steps_per_s"], r["agents"],
             r["steps"], r["compile_s"],
+            " at scale" if r.get("at_scale") else
+            " from an earlier run" if r.get("resumed") else "",
         )  # fmt: skip
     ev = info["eval"]
     log.info(

@@ -682,3 +682,37 @@ def test_personalized_tables_show_the_final_rounds_traffic(tmp_path):
     row = next(x for x in (tmp_path / "compare_personalized.md").read_text()
                .splitlines() if x.startswith("| ditto |"))  # fmt: skip
     assert row.endswith("| 2.5 / 5.0 | 2.00 | 1 |"), row
+
+
+def test_baselines_report_shows_each_run_of_a_resumed_search(tmp_path):
+    """With ``--search_runs`` the report lists each consecutive run's choice
+    (source, search time, cut or not) and marks the records an earlier run
+    timed as *earlier run*."""
+    import copy
+    import json
+
+    bench = load("baselines")
+    path = os.path.join(REPO, "benchmarks", "results", "baselines_xeon.json")
+    with open(path) as f:
+        entry = copy.deepcopy(json.load(f)["runs"]["mlp/100"])
+    entry["auto"]["runs"] = [
+        {"plan": "all", "block_size": 0, "conv_impl": "patches",
+         "matmul_impl": "xla", "source": "measured", "search_s": 3.31,
+         "complete": False},
+        {"plan": "block:8", "block_size": 8, "conv_impl": "patches",
+         "matmul_impl": "wgrad_t", "source": "resumed", "search_s": 3.5,
+         "complete": True},
+        {"plan": "block:8", "block_size": 8, "conv_impl": "patches",
+         "matmul_impl": "wgrad_t", "source": "cache", "search_s": None,
+         "complete": None},
+    ]  # fmt: skip
+    entry["auto"]["table"][0]["resumed"] = True
+    bench.report({"runs": {"mlp/100": entry}}, str(tmp_path / "b.md"))
+    md = (tmp_path / "b.md").read_text()
+    assert (
+        "run 1 `all` (measured, 3.3 s, cut by the budget); run 2 `block:8` / "
+        "`wgrad_t` (resumed, 3.5 s); run 3 `block:8` / `wgrad_t` (cache)."
+    ) in md
+    first = entry["auto"]["table"][0]
+    assert f"| {first['plan']} *earlier run* |" in md
+    assert md.count("*earlier run* |") == 1

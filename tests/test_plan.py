@@ -233,10 +233,11 @@ def test_search_keeps_the_fastest_and_stops_past_the_peak():
     speeds = {(k, v): s for k, s in
               [(1, 10), (2, 30), (4, 60), (8, 50), (16, 20), (32, 5), (50, 8)]}  # fmt: skip
     calls = []
-    best, table = plan.search(
+    best, table, complete = plan.search(
         _fake_measure(speeds, calls), num_agents=50, cap=50,
         variants=(v,), budget_s=100.0,
     )  # fmt: skip
+    assert complete
     assert best == plan.LocalPlan(4, "patches", "xla")
     # sequential and all first, then 2, 4, 8 (slower), 16 (slower by > 15%:
     # stop after 2 worse)
@@ -250,7 +251,7 @@ def test_search_over_kernel_variants():
     speeds = {(k, v): s for v, f in zip(variants, (1.0, 3.0, 2.0), strict=True)
               for k, s in [(1, 10 * f), (2, 12 * f), (3, 11 * f)]}  # fmt: skip
     calls = []
-    best, _ = plan.search(
+    best, _, _ = plan.search(
         _fake_measure(speeds, calls), num_agents=3, cap=3,
         variants=variants, budget_s=100.0,
     )  # fmt: skip
@@ -271,9 +272,11 @@ def test_search_respects_its_budget(monkeypatch):
         now[0] += 0.05
         return fake(k, impl, floor)
 
-    plan.search(measure, num_agents=50, cap=50, variants=(v,), budget_s=0.17)
+    _, _, complete = plan.search(
+        measure, num_agents=50, cap=50, variants=(v,), budget_s=0.17
+    )
     # three fit (0.10 spent + 0.05 predicted <= 0.17), a fourth would not
-    assert len(calls) == 3
+    assert len(calls) == 3 and not complete
     calls.clear()
     plan.search(measure, num_agents=50, cap=50, variants=(v,), budget_s=0.0)
     # sequential is timed whatever the budget
@@ -300,7 +303,7 @@ def test_search_retimes_the_near_best_interleaved():
                 "steps": 1, "compile_s": 0.0, "run_s": 1.0,
                 "agent_steps_per_s": first[k], "_retime": retime}  # fmt: skip
 
-    best, table = plan.search(
+    best, table, _ = plan.search(
         measure, num_agents=16, cap=16, variants=(v,), budget_s=100.0
     )
     assert best == plan.LocalPlan(2, "patches", "xla")
@@ -607,7 +610,8 @@ def test_finalists_are_timed_again_at_scale_when_the_budget_pays():
             at_scale=at_scale, scale_steps=20, scale_max_agents=max_agents,
         )  # fmt: skip
 
-    best, table = run(1e6)
+    best, table, complete = run(1e6)
+    assert complete
     assert best == plan.LocalPlan(32, "patches", "xla")
     # finalists: block:8 (100), block:32 (90), block:4 (70); largest population
     # 64 agents -> 128, doubled while A (1000) allows: 512 (a multiple of 32)
@@ -618,16 +622,18 @@ def test_finalists_are_timed_again_at_scale_when_the_budget_pays():
         ("block:8", 512, 20), ("block:32", 512, 20), ("block:4", 512, 20)]  # fmt: skip
     assert all(not k.startswith("_") for r in table for k in r)
     # Data limit: at most 100 agents -> not even 128 fits: small-population choice.
-    best, _ = run(1e6, max_agents=100)
+    best, _, complete = run(1e6, max_agents=100)
+    assert complete  # no larger population fits: nothing left to time
     assert best == plan.LocalPlan(8, "patches", "xla")
     assert not [c for c in calls if c[0] == "scale"]
     # Budget: each finalist costs TIME_S (0 here) + 4 calls of m x 20
     # agent-steps at its first speed; 128 agents cost
     # 4 * 2560 * (1/100 + 1/90 + 1/70) = 362.5 s.
-    assert plan._scale_up(
+    m, timed, _ = plan._scale_up(
         [dict(r) for r in table if not r.get("at_scale")], num_agents=1000,
         cap=1000, steps=20, max_agents=10_000, budget_s=362.0,
-    ) is None  # fmt: skip
+    )  # fmt: skip
+    assert m == 0 and len(timed) == 3  # planned, but the budget does not pay
     m, timed, kept = plan._scale_up(
         [dict(r) for r in table if not r.get("at_scale")], num_agents=1000,
         cap=1000, steps=20, max_agents=10_000, budget_s=363.0,
@@ -664,9 +670,115 @@ def test_a_slower_kernel_variant_stops_after_two_sizes():
     speeds |= {(k, b): s for k, s in
                [(1, 45), (2, 50), (4, 55), (8, 60), (16, 58), (32, 57)]}  # fmt: skip
     calls = []
-    best, _ = plan.search(
+    best, _, _ = plan.search(
         _fake_measure(speeds, calls), num_agents=100, cap=100, variants=(a, b),
         budget_s=100.0,
     )  # fmt: skip
     assert best == plan.LocalPlan(8, *a)
     assert [k for k, v in calls if v == b] == [1, 2, 4]
+
+
+def test_a_search_cut_by_its_budget_is_resumed_until_complete(monkeypatch):
+    """Each search gets a budget of 2.5 candidates (1 s each on a fake clock):
+    the first is cut after three, the next ones take the stored timings as
+    they are (no new measurement) and time the following candidates, until the
+    search completes with the choice an unlimited search makes."""
+    v = ("patches", "xla")
+    speeds = {(k, v): s for k, s in
+              [(1, 10), (2, 30), (4, 60), (8, 70), (16, 50), (32, 20), (50, 40)]}  # fmt: skip
+    now = [0.0]
+    monkeypatch.setattr(
+        plan, "time", types.SimpleNamespace(perf_counter=lambda: now[0])
+    )
+    fake = _fake_measure(speeds, calls := [])
+
+    def measure(k, impl, floor=0.0):
+        now[0] += 1.0
+        return fake(k, impl, floor)
+
+    full, _, complete = plan.search(
+        measure, num_agents=50, cap=50, variants=(v,), budget_s=1e9
+    )
+    assert complete and full == plan.LocalPlan(8, *v)
+    everything = list(calls)  # sequential, all, 2, 4, 8, 16, 32
+    calls.clear()
+    table, runs, best = None, [], None
+    for _ in range(5):
+        best, table, complete = plan.search(
+            measure, num_agents=50, cap=50, variants=(v,), budget_s=2.5,
+            prior=table,
+        )  # fmt: skip
+        runs.append((list(calls), complete, best.name))
+        calls.clear()
+        if complete:
+            break
+    # 2 candidates fit a 2.5 s budget (1 s spent + 1 s predicted <= 2.5), a
+    # third would not; a resumed search times the candidates after the stored.
+    assert runs == [
+        ([(1, v), (50, v)], False, "all"),
+        ([(2, v), (4, v)], False, "block:4"),
+        ([(8, v), (16, v)], False, "block:8"),
+        ([(32, v)], True, "block:8"),  # 16 and 32 slower by > 15%: the end
+    ]  # fmt: skip
+    assert [c for r in runs for c in r[0]] == everything  # each timed once
+    assert best == full
+    by_plan = {r["plan"]: r for r in table}
+    assert by_plan["sequential"]["resumed"] and by_plan["block:4"]["resumed"]
+    assert not by_plan["block:32"].get("resumed")
+    assert by_plan["block:2"]["agent_steps_per_s"] == 30
+
+
+def test_an_incomplete_search_is_cached_and_resumed_by_the_next_run(
+    tmp_path, monkeypatch
+):
+    """resolve() caches a search its budget cut with ``complete: False``; the
+    next run with the same key resumes it (``source='resumed'``, candidates
+    timed before are not timed again) and, once it is complete, later runs
+    read the cache without measuring."""
+    now = [0.0]
+    monkeypatch.setattr(
+        plan, "time", types.SimpleNamespace(perf_counter=lambda: now[0])
+    )
+    speeds = {1: 100.0, 8: 120.0, 2: 150.0, 4: 250.0}
+    timed = []
+
+    def fake_measure_local(*a, block_size, conv_impl, matmul_impl, num_agents,
+                           **k):  # fmt: skip
+        now[0] += 1.0
+        timed.append(block_size)
+        return {"plan": plan.LocalPlan(block_size).name, "conv_impl": conv_impl,
+                "matmul_impl": matmul_impl, "agents": 8, "steps": 1,
+                "compile_s": 0.5, "run_s": 0.01,
+                "agent_steps_per_s": speeds[block_size or num_agents]}  # fmt: skip
+
+    monkeypatch.setattr(plan, "measure_local", fake_measure_local)
+    config = types.SimpleNamespace(
+        local_plan="auto", conv_impl="patches", matmul_impl="xla", batch_size=2,
+        local_epochs=1, num_rounds=10, local_buckets=1,
+    )  # fmt: skip
+    n_train = np.full(8, 4)  # 2 steps per agent per round: 160 agent-steps
+    x = np.zeros((8, 4, 3), np.float32)
+    y = np.zeros((8, 4), np.int32)
+
+    def resolve():
+        timed.clear()
+        # budget = 0.1 x 160 agent-steps x 0.15 s = 2.4 s: two candidates
+        return plan.resolve(
+            config, num_agents=8, cap=8,
+            probe={"compile_s": 0.01, "run_s": 0.15}, has_conv=False,
+            make_trainer=None, init_params=None, tx=None, mu=0.0, x=x, y=y,
+            n_train=n_train, key_fields={"model": "fake"},
+        )  # fmt: skip
+
+    p1, info1 = resolve()
+    assert timed == [1, 0] and info1["source"] == "measured"
+    assert info1["complete"] is False and info1["search_runs"] == 1 and p1.name == "all"
+    p2, info2 = resolve()
+    assert timed == [2, 4] and info2["source"] == "resumed"
+    # 1, 2, 4 and 8 = A (all) are every candidate: the search is complete
+    assert info2["complete"] is True and info2["search_runs"] == 2
+    assert [r.get("resumed", False) for r in info2["table"]] == [True, True, False,
+                                                                 False]  # fmt: skip
+    assert p2.name == "block:4"
+    p3, info3 = resolve()
+    assert timed == [] and info3["source"] == "cache" and p3 == p2
