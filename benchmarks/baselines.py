@@ -744,6 +744,7 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
                 )
             }
         )
+
         def over_others(rec, src):
             others = [
                 r for n, r in records.items() if n.startswith("demjax:") and n != src
@@ -762,8 +763,9 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
             k1 = effective_block(ch["block_size"], a, cap)
             src1 = _plan_name(k1, ch["conv_impl"], ch["matmul_impl"], conv_impls)
             r1 = dict(records[src1], impl="auto:run1", same_as=src1)
-            r1.update({x: ch[x] for x in ("plan", "conv_impl", "matmul_impl",
-                                           "source", "search_s", "complete")})  # fmt: skip
+            keys = ("plan", "conv_impl", "matmul_impl", "source", "search_s",
+                    "complete")  # fmt: skip
+            r1.update({x: ch[x] for x in keys})
             over_others(r1, src1)
             first = {"auto:run1": r1}
         records = {"auto": rec, **first, **records}
