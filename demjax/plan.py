@@ -38,11 +38,12 @@ run's local training time estimated from one agent's gradient step. Agents one
 after another are timed first with the default kernels (whatever the budget),
 then all agents at once (capped by memory), agents one after another with each
 other kernel variant, and growing blocks until the budget is spent or growing
-the block only makes it slower. When the budget left pays for it, the candidates
-within 2x of the fastest that were timed on a small population are timed again
-on one equal, larger population at the run's own steps per agent (on few agents
-weights and data stay in cache, and the ranking of block sizes can flip on the
-whole population), and the choice is made on those timings. Candidates within 2x
+the block only makes it slower. Then the finalists (the candidates within 2x of
+the fastest, and any within 25% timed on the whole population) are timed again at
+the run's own steps per agent, those timed on a small population on one equal,
+larger population (on few agents weights and data stay in cache, and the ranking
+of block sizes can flip on the whole population), each while the budget left
+pays for it, and when all are, the choice is made on those timings. Candidates within 2x
 of the fastest are then timed again in interleaved rounds (``RETIME_ROUNDS``),
 so that load from other processes on a shared machine does not decide between
 them. The share of the machine's CPU time that other work took during the search
@@ -94,6 +95,14 @@ RETIME_WITHIN = 0.5
 """Candidates at least this fraction of the fastest speed are timed again (on
 a 2-core machine shared with other jobs, timings of one candidate have varied
 by 2-3x)."""
+
+WHOLE_WITHIN = 0.75
+"""A candidate timed on the whole population (all agents, or blocks of the
+memory cap) at least this fraction of the fastest speed is a finalist of the
+timing at scale whatever its rank: the others were timed with their weights
+and data in cache, which has been worth up to 10-20% (MLP, 100 agents:
+``all`` 0.91x ``block:8`` on 40 agents x 8 steps, 1.02x on 100 agents x 20;
+``docs/performance.md``)."""
 
 RETIME_ROUNDS = 3
 """Interleaved rounds of re-timing of the near-best candidates (at most
@@ -505,14 +514,17 @@ def search(
     more than 15% below it stops after two sizes. The search stops before a
     measurement that would take it past ``budget_s`` (predicted from the
     previous measurement's cost).
-    Then, when ``at_scale`` is given and the budget left pays for it, the
-    finalists (the candidates within ``RETIME_WITHIN`` of the fastest, at most
-    ``RETIME_MAX``) that were timed on a small population are timed again on
-    one equal, larger population at the run's own steps per agent
-    (``_scale_up``): on a small population the agents' weights and data stay
-    in cache, and the block size that wins there lost by 9% on the whole
-    population (MLP, 10,000 agents, ``docs/performance.md``). The choice is
-    then made among the finalists on these timings only.
+    Then, when ``at_scale`` is given, the finalists (``_scale_up``: the
+    candidates within ``RETIME_WITHIN`` of the fastest, at most
+    ``RETIME_MAX``, plus those within ``WHOLE_WITHIN`` timed on the whole
+    population) are timed again
+    at the run's own steps per agent, those timed on a small population on
+    one equal, larger population: on a small population the agents' weights
+    and data stay in cache, and the block size that wins there lost by 9% on
+    the whole population (MLP, 10,000 agents, ``docs/performance.md``). Each
+    is timed while the budget left pays for it (compilation plus
+    ``SCALE_CALLS`` calls at its first speed, plus ``TIME_S``); when all are,
+    the choice is made among the finalists on these timings only.
     Finally, the candidates within ``RETIME_WITHIN`` of the fastest (at most
     ``RETIME_MAX``, and only as many as the budget left pays for, predicted from
     their ``run_s``) are timed again in ``RETIME_ROUNDS`` interleaved rounds
@@ -551,7 +563,7 @@ def search(
       records timed at scale carry ``at_scale: True``; records taken from
       ``prior`` carry ``resumed: True`` and their stored ``search_s``);
       ``complete``: False when the budget stopped the search before its last
-      candidate or before the timing at scale it planned.
+      candidate or before the last timing at scale it planned.
     """
     t_start = time.perf_counter()
     recs: list[dict] = []
@@ -559,6 +571,10 @@ def search(
     stored = {
         (r["plan"], r["conv_impl"], r.get("matmul_impl", "xla")): r
         for r in prior or () if not r.get("at_scale")
+    }  # fmt: skip
+    stored_at_scale = {
+        (r["plan"], r["conv_impl"], r.get("matmul_impl", "xla"), int(r["steps"])): r
+        for r in prior or () if r.get("at_scale")
     }  # fmt: skip
     cut = [False]  # the budget stopped the search
 
@@ -600,26 +616,35 @@ def search(
             if not affordable() or peaks[impl].done(timed(k, impl)):
                 break
     final = recs
-    if at_scale is not None:
-        scaled = _scale_up(
+    planned = None
+    if at_scale is not None and not cut[0]:
+        planned = _scale_up(
             recs, num_agents=num_agents, cap=cap, steps=scale_steps,
             max_agents=scale_max_agents,
-            budget_s=budget_s - (time.perf_counter() - t_start),
         )  # fmt: skip
-        if scaled is not None and scaled[0] == 0:
-            cut[0] = True  # the budget left does not pay for it
-        elif scaled is not None:
-            agents, finalists, kept = scaled
-            final = list(kept)
-            for r in finalists:
-                floor = max((x["agent_steps_per_s"] for x in final), default=0.0)
-                # Finalists timed at scale are never ``all``: a block size >= 1.
-                impl = (r["conv_impl"], r["matmul_impl"])
-                rec = at_scale(parse_plan(r["plan"]), impl, agents, floor)
-                # One dict in the table and in the final set (re-timed below).
-                spent = round(time.perf_counter() - t_start, 3)
-                recs.append(dict(rec, at_scale=True, search_s=spent))
-                final.append(recs[-1])
+    if planned is not None:
+        todo, kept = planned
+        scaled = []
+        for r, m in todo:  # fastest first
+            impl = (r["conv_impl"], r["matmul_impl"])
+            old = stored_at_scale.get((r["plan"], *impl, int(scale_steps)))
+            if old is not None:  # timed at scale by an earlier run
+                recs.append(dict(old, resumed=True))
+                scaled.append(recs[-1])
+                continue
+            calls_s = m * max(1, int(scale_steps)) / max(r["agent_steps_per_s"], 1e-9)
+            cost = float(r.get("compile_s", 0.0)) + TIME_S + SCALE_CALLS * calls_s
+            if time.perf_counter() - t_start + cost > budget_s:
+                cut[0] = True  # the next run times the rest
+                break
+            floor = max((x["agent_steps_per_s"] for x in kept + scaled), default=0.0)
+            rec = at_scale(parse_plan(r["plan"]), impl, m, floor)
+            # One dict in the table and in the final set (re-timed below).
+            spent = round(time.perf_counter() - t_start, 3)
+            recs.append(dict(rec, at_scale=True, search_s=spent))
+            scaled.append(recs[-1])
+        if not cut[0]:
+            final = kept + scaled
     _retime_near_best(final, budget_s - (time.perf_counter() - t_start))
     top = max(final, key=lambda r: r["agent_steps_per_s"])
     table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs]
@@ -641,54 +666,70 @@ def _near_best(recs: list[dict], keep=lambda r: True) -> list[dict]:
     )[:RETIME_MAX]  # fmt: skip
 
 
+def _whole(r: dict, num_agents: int, cap: int) -> bool:
+    """Timed on every agent, or in blocks of ``cap`` (the largest that fit)."""
+    return int(r["agents"]) >= num_agents or parse_plan(r["plan"]) in (0, cap)
+
+
 def _scale_up(recs: list[dict], *, num_agents: int, cap: int, steps: int,
-              max_agents: int, budget_s: float):  # fmt: skip
-    """Plans a timing of the finalists at scale.
+              max_agents: int):  # fmt: skip
+    """Plans the timing of the finalists at scale.
 
     Finalists: the records within ``RETIME_WITHIN`` of the fastest (at most
-    ``RETIME_MAX``). Those timed on every agent or in blocks of ``cap`` (two
-    blocks' worth) are at scale already and are kept as they are; the others
-    are timed again on ``m`` agents each, ``m`` the largest of
-    ``2 x (their largest population)``, doubled while it fits, that is at most
-    A and ``max_agents``, a multiple of their block sizes, and whose predicted
-    cost (compilation plus ``SCALE_CALLS`` calls of ``m x
-    steps`` agent-steps at the first timing's speed, plus ``TIME_S``, per
-    finalist) fits ``budget_s``; their re-timing gets what is left after.
+    ``RETIME_MAX``), plus any record timed on the whole population (all
+    agents, or blocks of ``cap``) within ``WHOLE_WITHIN`` whatever its rank:
+    it alone was timed with the population's weights and data out of cache,
+    the handicap the timing at scale removes from the others. The finalists
+    timed on a small population are timed again on ``m`` agents each, ``m``
+    ``2 x (their largest population)`` rounded up to a multiple of their
+    block sizes and doubled while it fits ``max_agents`` and A; when even the
+    first ``m`` does not fit, A itself (when A <= ``max_agents``), or the
+    largest multiple of the block sizes that fits, if larger than their
+    populations. The whole-population finalists timed on fewer steps than the
+    run's are timed again on their own population at the run's ``steps``
+    (when it fits ``max_agents``). ``m`` does not depend on the budget, so that
+    a run resuming the search finds the timings at scale of the one before.
 
     Returns:
-      ``(m, finalists to time, finalists kept)``; None when there is nothing
-      to time or no larger population fits A and ``max_agents``; ``m = 0``
-      when the budget does not pay for the smallest such ``m`` (the search
-      then keeps its timings).
+      ``(todo, kept)``: ``todo`` a list of ``(finalist, agents)`` to time at
+      ``steps``, fastest first; ``kept`` the finalists whose timings stand.
+      None when there is nothing to time.
     """
     near = _near_best(recs)
-    small = [
-        r for r in near
-        if int(r["agents"]) < num_agents and parse_plan(r["plan"]) not in (0, cap)
+    best = max((r["agent_steps_per_s"] for r in recs), default=0.0)
+    near += [
+        r for r in recs
+        if _whole(r, num_agents, cap) and not any(r is x for x in near)
+        and r["agent_steps_per_s"] >= WHOLE_WITHIN * best
     ]  # fmt: skip
-    if not small:
-        return None
-    unit = max(parse_plan(r["plan"]) for r in small)
     limit = min(num_agents, int(max_agents))
     steps = max(1, int(steps))
-
-    def cost(m):
-        return sum(
-            float(r.get("compile_s", 0.0)) + TIME_S
-            + SCALE_CALLS * m * steps / max(float(r["agent_steps_per_s"]), 1e-9)
-            for r in small
-        )  # fmt: skip
-
-    m = max(2 * max(int(r["agents"]) for r in small), 2 * unit)
-    m = -(-m // unit) * unit
-    kept = [r for r in near if not any(r is x for x in small)]
-    if m > limit:
+    small = [r for r in near if not _whole(r, num_agents, cap)]
+    todo, kept = [], []
+    if small:
+        unit = max(parse_plan(r["plan"]) for r in small)
+        lo = max(int(r["agents"]) for r in small)
+        m = -(-max(2 * lo, 2 * unit) // unit) * unit
+        if m > limit:
+            m = num_agents if limit >= num_agents else (limit // unit) * unit
+        else:
+            while 2 * m <= limit:
+                m *= 2
+        if m > lo:
+            todo += [(r, m) for r in small]
+        else:
+            kept += small
+    for r in near:
+        if not _whole(r, num_agents, cap):
+            continue
+        if int(r["steps"]) < steps and int(r["agents"]) <= int(max_agents):
+            todo.append((r, int(r["agents"])))
+        else:
+            kept.append(r)
+    if not todo:
         return None
-    if cost(m) > budget_s:
-        return 0, small, kept
-    while 2 * m <= limit and cost(2 * m) <= budget_s:
-        m *= 2
-    return m, small, kept
+    todo.sort(key=lambda t: -t[0]["agent_steps_per_s"])
+    return todo, kept
 
 
 def retime_cost_s(rec: dict) -> float:

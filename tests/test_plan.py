@@ -577,7 +577,7 @@ def test_retiming_fits_the_budget_left():
     assert order == []
 
 
-def test_finalists_are_timed_again_at_scale_when_the_budget_pays():
+def test_finalists_are_timed_again_at_scale_when_the_budget_pays(monkeypatch):
     """On a small population block:8 wins; on 128 agents at the run's own 20
     steps block:32 does (weights and data fall out of cache). The finalists
     timed on few agents are timed again on one equal, larger population and
@@ -596,8 +596,14 @@ def test_finalists_are_timed_again_at_scale_when_the_budget_pays():
                 "steps": 8, "compile_s": 0.0, "run_s": 0.01,
                 "agent_steps_per_s": small.get(k, 10.0)}  # fmt: skip
 
+    now = [0.0]  # a fake clock: a timing at scale costs what the model predicts
+    monkeypatch.setattr(
+        plan, "time", types.SimpleNamespace(perf_counter=lambda: now[0])
+    )
+
     def at_scale(k, impl, agents, floor=0.0):
         calls.append(("scale", k, agents))
+        now[0] += 4 * agents * 20 / small[k]
         return {"plan": plan.LocalPlan(k).name, "conv_impl": impl[0],
                 "matmul_impl": impl[1], "agents": agents, "steps": 20,
                 "compile_s": 0.0, "run_s": 0.01,
@@ -605,6 +611,7 @@ def test_finalists_are_timed_again_at_scale_when_the_budget_pays():
 
     def run(budget_s, max_agents=10_000):
         calls.clear()
+        now[0] = 0.0
         return plan.search(
             measure, num_agents=1000, cap=1000, variants=(v,), budget_s=budget_s,
             at_scale=at_scale, scale_steps=20, scale_max_agents=max_agents,
@@ -621,42 +628,85 @@ def test_finalists_are_timed_again_at_scale_when_the_budget_pays():
     assert [(r["plan"], r["agents"], r["steps"]) for r in rows] == [
         ("block:8", 512, 20), ("block:32", 512, 20), ("block:4", 512, 20)]  # fmt: skip
     assert all(not k.startswith("_") for r in table for k in r)
-    # Data limit: at most 100 agents -> not even 128 fits: small-population choice.
+    # Data limit: at most 100 agents -> 128 does not fit; 96 (a multiple of 32,
+    # larger than the 64 block:32 was timed on) does.
     best, _, complete = run(1e6, max_agents=100)
-    assert complete  # no larger population fits: nothing left to time
-    assert best == plan.LocalPlan(8, "patches", "xla")
+    assert complete and best == plan.LocalPlan(32, "patches", "xla")
+    assert [c for c in calls if c[0] == "scale"] == [
+        ("scale", 8, 96), ("scale", 32, 96), ("scale", 4, 96)]  # fmt: skip
+    # At most 60 agents: no larger population than 64 fits, the
+    # small-population choice stands.
+    best, _, complete = run(1e6, max_agents=60)
+    assert complete and best == plan.LocalPlan(8, "patches", "xla")
     assert not [c for c in calls if c[0] == "scale"]
     # Budget: each finalist costs TIME_S (0 here) + 4 calls of m x 20
-    # agent-steps at its first speed; 128 agents cost
-    # 4 * 2560 * (1/100 + 1/90 + 1/70) = 362.5 s.
-    m, timed, _ = plan._scale_up(
-        [dict(r) for r in table if not r.get("at_scale")], num_agents=1000,
-        cap=1000, steps=20, max_agents=10_000, budget_s=362.0,
+    # agent-steps at its first speed; on 512 agents block:8 costs
+    # 4 * 10240 / 100 = 409.6 s, block:32 455.1 s: a budget of 900 s (the
+    # exploration is free here) pays for two, and the search is cut with its
+    # small-population choice; a run resuming it times only block:4 at scale.
+    best, table, complete = run(900.0)
+    assert not complete and best == plan.LocalPlan(8, "patches", "xla")
+    assert [c for c in calls if c[0] == "scale"] == [
+        ("scale", 8, 512), ("scale", 32, 512)]  # fmt: skip
+    calls.clear()
+    now[0] = 0.0
+    best, table, complete = plan.search(
+        measure, num_agents=1000, cap=1000, variants=(v,), budget_s=900.0,
+        at_scale=at_scale, scale_steps=20, scale_max_agents=10_000, prior=table,
     )  # fmt: skip
-    assert m == 0 and len(timed) == 3  # planned, but the budget does not pay
-    m, timed, kept = plan._scale_up(
-        [dict(r) for r in table if not r.get("at_scale")], num_agents=1000,
-        cap=1000, steps=20, max_agents=10_000, budget_s=363.0,
-    )  # fmt: skip
-    assert (m, [r["plan"] for r in timed], kept) == (
-        128, ["block:8", "block:32", "block:4"], [])  # fmt: skip
+    assert calls == [("scale", 4, 512)]
+    assert complete and best == plan.LocalPlan(32, "patches", "xla")
+    resumed = [r["plan"] for r in table if r.get("at_scale") and r.get("resumed")]
+    assert resumed == ["block:8", "block:32"]
+
+
+def test_a_finalist_on_the_whole_population_is_timed_at_the_runs_steps():
+    """``all`` was timed on every agent, with the weights out of cache, and
+    ranks only fourth: it is a finalist all the same (within RETIME_WITHIN),
+    timed again on its own population at the run's steps; the blocks on A
+    agents when twice their population does not fit."""
+    recs = [
+        {"plan": "block:8", "agents": 40, "steps": 8, "agent_steps_per_s": 69.0},
+        {"plan": "block:32", "agents": 64, "steps": 8, "agent_steps_per_s": 65.0},
+        {"plan": "block:4", "agents": 40, "steps": 8, "agent_steps_per_s": 63.0},
+        {"plan": "all", "agents": 100, "steps": 8, "agent_steps_per_s": 62.0},
+        {"plan": "sequential", "agents": 37, "steps": 8, "agent_steps_per_s": 30.0},
+    ]
+    todo, kept = plan._scale_up(recs, num_agents=100, cap=100, steps=20,
+                                max_agents=1000)  # fmt: skip
+    assert [(r["plan"], m) for r, m in todo] == [
+        ("block:8", 100), ("block:32", 100), ("block:4", 100), ("all", 100)]  # fmt: skip
+    assert kept == []
+    # At the run's steps already: ``all`` stands as it is.
+    recs[3]["steps"] = 20
+    todo, kept = plan._scale_up(recs, num_agents=100, cap=100, steps=20,
+                                max_agents=1000)  # fmt: skip
+    assert [r["plan"] for r, _ in todo] == ["block:8", "block:32", "block:4"]
+    assert [r["plan"] for r in kept] == ["all"]
+    # Below WHOLE_WITHIN of the fastest it is no finalist.
+    recs[3] |= {"steps": 8, "agent_steps_per_s": 0.74 * 69.0}
+    todo, kept = plan._scale_up(recs, num_agents=100, cap=100, steps=20,
+                                max_agents=1000)  # fmt: skip
+    assert [r["plan"] for r, _ in todo] == ["block:8", "block:32", "block:4"]
+    assert kept == []
 
 
 def test_candidates_at_scale_already_are_not_timed_again():
-    """A finalist timed on every agent (``all``) or in blocks of ``cap`` is at
-    scale already: it is kept, only the small ones are timed again."""
+    """A finalist timed on every agent (``all``) or in blocks of ``cap``, at
+    the run's steps, is at scale already: it is kept, only the small ones are
+    timed again."""
     recs = [
-        {"plan": "all", "agents": 64, "agent_steps_per_s": 100.0, "compile_s": 0.0},
-        {"plan": "block:8", "agents": 16, "agent_steps_per_s": 90.0, "compile_s": 0.0},
-        {"plan": "block:20", "agents": 40, "agent_steps_per_s": 95.0, "compile_s": 0.0},
+        {"plan": "all", "agents": 64, "steps": 4, "agent_steps_per_s": 100.0},
+        {"plan": "block:8", "agents": 16, "steps": 4, "agent_steps_per_s": 90.0},
+        {"plan": "block:20", "agents": 40, "steps": 4, "agent_steps_per_s": 95.0},
     ]
-    m, timed, kept = plan._scale_up(recs, num_agents=64, cap=20, steps=4,
-                                    max_agents=1000, budget_s=1e6)  # fmt: skip
-    assert [r["plan"] for r in timed] == ["block:8"]
+    todo, kept = plan._scale_up(recs, num_agents=64, cap=20, steps=4,
+                                max_agents=1000)  # fmt: skip
+    # 2 x 16 = 32, doubled to 64 = A
+    assert [(r["plan"], m) for r, m in todo] == [("block:8", 64)]
     assert [r["plan"] for r in kept] == ["all", "block:20"]
-    assert m == 64  # 2 x 16 = 32, doubled to 64 = A
     assert plan._scale_up(recs[:1], num_agents=64, cap=20, steps=4,
-                          max_agents=1000, budget_s=1e6) is None  # fmt: skip
+                          max_agents=1000) is None  # fmt: skip
 
 
 def test_a_slower_kernel_variant_stops_after_two_sizes():
@@ -743,11 +793,11 @@ def test_an_incomplete_search_is_cached_and_resumed_by_the_next_run(
     timed = []
 
     def fake_measure_local(*a, block_size, conv_impl, matmul_impl, num_agents,
-                           **k):  # fmt: skip
+                           steps, **k):  # fmt: skip
         now[0] += 1.0
         timed.append(block_size)
         return {"plan": plan.LocalPlan(block_size).name, "conv_impl": conv_impl,
-                "matmul_impl": matmul_impl, "agents": 8, "steps": 1,
+                "matmul_impl": matmul_impl, "agents": 8, "steps": steps,
                 "compile_s": 0.5, "run_s": 0.01,
                 "agent_steps_per_s": speeds[block_size or num_agents]}  # fmt: skip
 
