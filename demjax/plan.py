@@ -38,8 +38,9 @@ run's local training time estimated from one agent's gradient step. Agents one
 after another are timed first with the default kernels (whatever the budget),
 then all agents at once (capped by memory), agents one after another with each
 other kernel variant, and growing blocks until the budget is spent or growing
-the block only makes it slower. Then the finalists (the candidates within 2x of
-the fastest, and any within 25% timed on the whole population) are timed again at
+the block only makes it slower. Then the finalists (the fastest candidate and
+the next two larger block sizes of its series, which a small population
+handicaps, and any within 25% timed on the whole population) are timed again at
 the run's own steps per agent, those timed on a small population on one equal,
 larger population (on few agents weights and data stay in cache, and the ranking
 of block sizes can flip on the whole population), each while the budget left
@@ -515,9 +516,9 @@ def search(
     measurement that would take it past ``budget_s`` (predicted from the
     previous measurement's cost).
     Then, when ``at_scale`` is given, the finalists (``_scale_up``: the
-    candidates within ``RETIME_WITHIN`` of the fastest, at most
-    ``RETIME_MAX``, plus those within ``WHOLE_WITHIN`` timed on the whole
-    population) are timed again
+    fastest candidate and the next two larger block sizes of its series, plus
+    those within ``WHOLE_WITHIN`` timed on the whole population) are timed
+    again
     at the run's own steps per agent, those timed on a small population on
     one equal, larger population: on a small population the agents' weights
     and data stay in cache, and the block size that wins there lost by 9% on
@@ -675,32 +676,50 @@ def _scale_up(recs: list[dict], *, num_agents: int, cap: int, steps: int,
               max_agents: int):  # fmt: skip
     """Plans the timing of the finalists at scale.
 
-    Finalists: the records within ``RETIME_WITHIN`` of the fastest (at most
-    ``RETIME_MAX``), plus any record timed on the whole population (all
-    agents, or blocks of ``cap``) within ``WHOLE_WITHIN`` whatever its rank:
-    it alone was timed with the population's weights and data out of cache,
-    the handicap the timing at scale removes from the others. The finalists
-    timed on a small population are timed again on ``m`` agents each, ``m``
-    ``2 x (their largest population)`` rounded up to a multiple of their
-    block sizes and doubled while it fits ``max_agents`` and A; when even the
-    first ``m`` does not fit, A itself (when A <= ``max_agents``), or the
-    largest multiple of the block sizes that fits, if larger than their
-    populations. The whole-population finalists timed on fewer steps than the
-    run's are timed again on their own population at the run's ``steps``
-    (when it fits ``max_agents``). ``m`` does not depend on the budget, so that
-    a run resuming the search finds the timings at scale of the one before.
+    On a small population every candidate's weights and data stay in cache,
+    which removes what a larger block gains (its weight traffic amortized over
+    more agents): the block size that wins there is too small, never too
+    large (MLP: ``block:8`` on 32-48 agents, ``block:32`` over 1,000 and
+    10,000; ``docs/performance.md``). The finalists are therefore the fastest
+    candidate and the next two larger block sizes of its series (same
+    kernels, 2x and 4x its block, if timed and within ``RETIME_WITHIN`` of
+    it), plus any candidate timed on the whole population (all agents, or
+    blocks of ``cap``) within ``WHOLE_WITHIN`` of the fastest: it alone was
+    timed out of cache. The finalists timed on a small population are timed
+    again on ``m`` agents, ``m`` twice their largest population rounded up to
+    a multiple of their block sizes; when that exceeds A or ``max_agents``,
+    A itself (when A <= ``max_agents``) or the largest multiple of the block
+    sizes that fits, if larger than their populations. The whole-population
+    finalists timed on fewer steps than the run's are timed again on their
+    own population at the run's ``steps`` (when it fits ``max_agents``).
+    ``m`` does not depend on the budget, so that a run resuming the search
+    finds the timings at scale of the one before.
 
     Returns:
       ``(todo, kept)``: ``todo`` a list of ``(finalist, agents)`` to time at
       ``steps``, fastest first; ``kept`` the finalists whose timings stand.
       None when there is nothing to time.
     """
-    near = _near_best(recs)
-    best = max((r["agent_steps_per_s"] for r in recs), default=0.0)
+    if not recs:
+        return None
+    top = max(recs, key=lambda r: r["agent_steps_per_s"])
+    best = top["agent_steps_per_s"]
+    near = [top]
+    k = parse_plan(top["plan"])
+    if k and not _whole(top, num_agents, cap):
+        impl = (top["conv_impl"], top.get("matmul_impl", "xla"))
+        for r in recs:
+            kr = parse_plan(r["plan"])
+            if (
+                kr in (2 * k, 4 * k) and not r.get("at_scale")
+                and (r["conv_impl"], r.get("matmul_impl", "xla")) == impl
+                and r["agent_steps_per_s"] >= RETIME_WITHIN * best
+            ):  # fmt: skip
+                near.append(r)
     near += [
         r for r in recs
         if _whole(r, num_agents, cap) and not any(r is x for x in near)
-        and r["agent_steps_per_s"] >= WHOLE_WITHIN * best
+        and not r.get("at_scale") and r["agent_steps_per_s"] >= WHOLE_WITHIN * best
     ]  # fmt: skip
     limit = min(num_agents, int(max_agents))
     steps = max(1, int(steps))
@@ -712,9 +731,6 @@ def _scale_up(recs: list[dict], *, num_agents: int, cap: int, steps: int,
         m = -(-max(2 * lo, 2 * unit) // unit) * unit
         if m > limit:
             m = num_agents if limit >= num_agents else (limit // unit) * unit
-        else:
-            while 2 * m <= limit:
-                m *= 2
         if m > lo:
             todo += [(r, m) for r in small]
         else:

@@ -579,13 +579,15 @@ def test_retiming_fits_the_budget_left():
 
 def test_finalists_are_timed_again_at_scale_when_the_budget_pays(monkeypatch):
     """On a small population block:8 wins; on 128 agents at the run's own 20
-    steps block:32 does (weights and data fall out of cache). The finalists
-    timed on few agents are timed again on one equal, larger population and
-    the choice is made on those timings; without the budget, or with data too
-    large, the search keeps its small-population choice."""
+    steps block:32 does (weights and data fall out of cache). The fastest
+    candidate and the next two larger block sizes of its series are timed
+    again on one equal, larger population and the choice is made on those
+    timings; with data too large the search keeps its small-population
+    choice; a budget that pays for only some of the timings at scale leaves
+    the search incomplete, and the run resuming it times the rest."""
     v = ("patches", "xla")
     small = {1: 50.0, 2: 60.0, 4: 70.0, 8: 100.0, 16: 65.0, 32: 90.0, 64: 40.0}
-    large = {8: 80.0, 32: 95.0, 4: 60.0}
+    large = {8: 80.0, 16: 85.0, 32: 95.0}
     calls = []
 
     def measure(k, impl, floor=0.0):
@@ -609,52 +611,47 @@ def test_finalists_are_timed_again_at_scale_when_the_budget_pays(monkeypatch):
                 "compile_s": 0.0, "run_s": 0.01,
                 "agent_steps_per_s": large[k]}  # fmt: skip
 
-    def run(budget_s, max_agents=10_000):
+    def run(budget_s, max_agents=10_000, prior=None):
         calls.clear()
         now[0] = 0.0
         return plan.search(
             measure, num_agents=1000, cap=1000, variants=(v,), budget_s=budget_s,
             at_scale=at_scale, scale_steps=20, scale_max_agents=max_agents,
+            prior=prior,
         )  # fmt: skip
 
     best, table, complete = run(1e6)
-    assert complete
-    assert best == plan.LocalPlan(32, "patches", "xla")
-    # finalists: block:8 (100), block:32 (90), block:4 (70); largest population
-    # 64 agents -> 128, doubled while A (1000) allows: 512 (a multiple of 32)
+    assert complete and best == plan.LocalPlan(32, "patches", "xla")
+    # finalists: block:8 (fastest), block:16 and block:32 (2x and 4x; block:4
+    # at 70 is not one); largest population 64 agents -> 128, a multiple of 32
     scaled = [c for c in calls if c[0] == "scale"]
-    assert scaled == [("scale", 8, 512), ("scale", 32, 512), ("scale", 4, 512)]
+    assert scaled == [("scale", 8, 128), ("scale", 32, 128), ("scale", 16, 128)]
     rows = [r for r in table if r.get("at_scale")]
     assert [(r["plan"], r["agents"], r["steps"]) for r in rows] == [
-        ("block:8", 512, 20), ("block:32", 512, 20), ("block:4", 512, 20)]  # fmt: skip
+        ("block:8", 128, 20), ("block:32", 128, 20), ("block:16", 128, 20)]  # fmt: skip
     assert all(not k.startswith("_") for r in table for k in r)
     # Data limit: at most 100 agents -> 128 does not fit; 96 (a multiple of 32,
     # larger than the 64 block:32 was timed on) does.
     best, _, complete = run(1e6, max_agents=100)
     assert complete and best == plan.LocalPlan(32, "patches", "xla")
     assert [c for c in calls if c[0] == "scale"] == [
-        ("scale", 8, 96), ("scale", 32, 96), ("scale", 4, 96)]  # fmt: skip
+        ("scale", 8, 96), ("scale", 32, 96), ("scale", 16, 96)]  # fmt: skip
     # At most 60 agents: no larger population than 64 fits, the
     # small-population choice stands.
     best, _, complete = run(1e6, max_agents=60)
     assert complete and best == plan.LocalPlan(8, "patches", "xla")
     assert not [c for c in calls if c[0] == "scale"]
-    # Budget: each finalist costs TIME_S (0 here) + 4 calls of m x 20
-    # agent-steps at its first speed; on 512 agents block:8 costs
-    # 4 * 10240 / 100 = 409.6 s, block:32 455.1 s: a budget of 900 s (the
-    # exploration is free here) pays for two, and the search is cut with its
-    # small-population choice; a run resuming it times only block:4 at scale.
-    best, table, complete = run(900.0)
+    # Budget: each finalist costs TIME_S (0 here) + 4 calls of 128 x 20
+    # agent-steps at its first speed: block:8 102.4 s, block:32 113.8 s,
+    # block:16 157.5 s. 250 s (the exploration is free here) pay for two: the
+    # search is cut with its small-population choice, and a run resuming it
+    # times only block:16 at scale.
+    best, table, complete = run(250.0)
     assert not complete and best == plan.LocalPlan(8, "patches", "xla")
     assert [c for c in calls if c[0] == "scale"] == [
-        ("scale", 8, 512), ("scale", 32, 512)]  # fmt: skip
-    calls.clear()
-    now[0] = 0.0
-    best, table, complete = plan.search(
-        measure, num_agents=1000, cap=1000, variants=(v,), budget_s=900.0,
-        at_scale=at_scale, scale_steps=20, scale_max_agents=10_000, prior=table,
-    )  # fmt: skip
-    assert calls == [("scale", 4, 512)]
+        ("scale", 8, 128), ("scale", 32, 128)]  # fmt: skip
+    best, table, complete = run(250.0, prior=table)
+    assert calls == [("scale", 16, 128)]
     assert complete and best == plan.LocalPlan(32, "patches", "xla")
     resumed = [r["plan"] for r in table if r.get("at_scale") and r.get("resumed")]
     assert resumed == ["block:8", "block:32"]
@@ -662,32 +659,34 @@ def test_finalists_are_timed_again_at_scale_when_the_budget_pays(monkeypatch):
 
 def test_a_finalist_on_the_whole_population_is_timed_at_the_runs_steps():
     """``all`` was timed on every agent, with the weights out of cache, and
-    ranks only fourth: it is a finalist all the same (within RETIME_WITHIN),
+    ranks only fourth: it is a finalist all the same (within WHOLE_WITHIN),
     timed again on its own population at the run's steps; the blocks on A
     agents when twice their population does not fit."""
+    rec = {"conv_impl": "patches", "matmul_impl": "xla", "steps": 8}
     recs = [
-        {"plan": "block:8", "agents": 40, "steps": 8, "agent_steps_per_s": 69.0},
-        {"plan": "block:32", "agents": 64, "steps": 8, "agent_steps_per_s": 65.0},
-        {"plan": "block:4", "agents": 40, "steps": 8, "agent_steps_per_s": 63.0},
-        {"plan": "all", "agents": 100, "steps": 8, "agent_steps_per_s": 62.0},
-        {"plan": "sequential", "agents": 37, "steps": 8, "agent_steps_per_s": 30.0},
+        dict(rec, plan="block:8", agents=40, agent_steps_per_s=69.0),
+        dict(rec, plan="block:32", agents=64, agent_steps_per_s=65.0),
+        dict(rec, plan="block:4", agents=40, agent_steps_per_s=63.0),
+        dict(rec, plan="all", agents=100, agent_steps_per_s=62.0),
+        dict(rec, plan="sequential", agents=37, agent_steps_per_s=30.0),
     ]
     todo, kept = plan._scale_up(recs, num_agents=100, cap=100, steps=20,
                                 max_agents=1000)  # fmt: skip
+    # block:16 was not timed; block:4 is smaller than the fastest block
     assert [(r["plan"], m) for r, m in todo] == [
-        ("block:8", 100), ("block:32", 100), ("block:4", 100), ("all", 100)]  # fmt: skip
+        ("block:8", 100), ("block:32", 100), ("all", 100)]  # fmt: skip
     assert kept == []
     # At the run's steps already: ``all`` stands as it is.
     recs[3]["steps"] = 20
     todo, kept = plan._scale_up(recs, num_agents=100, cap=100, steps=20,
                                 max_agents=1000)  # fmt: skip
-    assert [r["plan"] for r, _ in todo] == ["block:8", "block:32", "block:4"]
+    assert [r["plan"] for r, _ in todo] == ["block:8", "block:32"]
     assert [r["plan"] for r in kept] == ["all"]
     # Below WHOLE_WITHIN of the fastest it is no finalist.
     recs[3] |= {"steps": 8, "agent_steps_per_s": 0.74 * 69.0}
     todo, kept = plan._scale_up(recs, num_agents=100, cap=100, steps=20,
                                 max_agents=1000)  # fmt: skip
-    assert [r["plan"] for r, _ in todo] == ["block:8", "block:32", "block:4"]
+    assert [r["plan"] for r, _ in todo] == ["block:8", "block:32"]
     assert kept == []
 
 
@@ -695,17 +694,19 @@ def test_candidates_at_scale_already_are_not_timed_again():
     """A finalist timed on every agent (``all``) or in blocks of ``cap``, at
     the run's steps, is at scale already: it is kept, only the small ones are
     timed again."""
+    rec = {"conv_impl": "patches", "matmul_impl": "xla", "steps": 4}
     recs = [
-        {"plan": "all", "agents": 64, "steps": 4, "agent_steps_per_s": 100.0},
-        {"plan": "block:8", "agents": 16, "steps": 4, "agent_steps_per_s": 90.0},
-        {"plan": "block:20", "agents": 40, "steps": 4, "agent_steps_per_s": 95.0},
+        dict(rec, plan="block:8", agents=16, agent_steps_per_s=100.0),
+        dict(rec, plan="block:16", agents=32, agent_steps_per_s=95.0),
+        dict(rec, plan="all", agents=64, agent_steps_per_s=90.0),
+        dict(rec, plan="block:32", agents=64, agent_steps_per_s=85.0),
     ]
-    todo, kept = plan._scale_up(recs, num_agents=64, cap=20, steps=4,
+    todo, kept = plan._scale_up(recs, num_agents=64, cap=32, steps=4,
                                 max_agents=1000)  # fmt: skip
-    # 2 x 16 = 32, doubled to 64 = A
-    assert [(r["plan"], m) for r, m in todo] == [("block:8", 64)]
-    assert [r["plan"] for r in kept] == ["all", "block:20"]
-    assert plan._scale_up(recs[:1], num_agents=64, cap=20, steps=4,
+    # 2 x 32 = 64 = A
+    assert [(r["plan"], m) for r, m in todo] == [("block:8", 64), ("block:16", 64)]
+    assert [r["plan"] for r in kept] == ["block:32", "all"]
+    assert plan._scale_up(recs[2:3], num_agents=64, cap=32, steps=4,
                           max_agents=1000) is None  # fmt: skip
 
 
