@@ -625,27 +625,33 @@ def search(
         )  # fmt: skip
     if planned is not None:
         todo, kept = planned
-        scaled = []
-        for r, m in todo:  # fastest first
+        scaled: list[tuple[dict, int]] = []  # (record at scale, its population)
+        while todo:
+            r, m = todo.pop(0)  # fastest first
             impl = (r["conv_impl"], r["matmul_impl"])
             old = stored_at_scale.get((r["plan"], *impl, int(scale_steps)))
             if old is not None:  # timed at scale by an earlier run
                 recs.append(dict(old, resumed=True))
-                scaled.append(recs[-1])
-                continue
-            calls_s = m * max(1, int(scale_steps)) / max(r["agent_steps_per_s"], 1e-9)
-            cost = float(r.get("compile_s", 0.0)) + TIME_S + SCALE_CALLS * calls_s
-            if time.perf_counter() - t_start + cost > budget_s:
-                cut[0] = True  # the next run times the rest
-                break
-            floor = max((x["agent_steps_per_s"] for x in kept + scaled), default=0.0)
-            rec = at_scale(parse_plan(r["plan"]), impl, m, floor)
-            # One dict in the table and in the final set (re-timed below).
-            spent = round(time.perf_counter() - t_start, 3)
-            recs.append(dict(rec, at_scale=True, search_s=spent))
-            scaled.append(recs[-1])
+            else:
+                calls_s = (
+                    m * max(1, int(scale_steps)) / max(r["agent_steps_per_s"], 1e-9)
+                )
+                cost = float(r.get("compile_s", 0.0)) + TIME_S + SCALE_CALLS * calls_s
+                if time.perf_counter() - t_start + cost > budget_s:
+                    cut[0] = True  # the next run times the rest
+                    break
+                speeds = [x["agent_steps_per_s"] for x in kept] + [
+                    x["agent_steps_per_s"] for x, _ in scaled
+                ]  # fmt: skip
+                rec = at_scale(parse_plan(r["plan"]), impl, m, max(speeds, default=0.0))
+                # One dict in the table and in the final set (re-timed below).
+                spent = round(time.perf_counter() - t_start, 3)
+                recs.append(dict(rec, at_scale=True, search_s=spent))
+            scaled.append((recs[-1], m))
+            if not todo:
+                todo = _larger_block(scaled, kept, cap=cap, num_agents=num_agents)
         if not cut[0]:
-            final = kept + scaled
+            final = kept + [x for x, _ in scaled]
     _retime_near_best(final, budget_s - (time.perf_counter() - t_start))
     top = max(final, key=lambda r: r["agent_steps_per_s"])
     table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs]
@@ -746,6 +752,35 @@ def _scale_up(recs: list[dict], *, num_agents: int, cap: int, steps: int,
         return None
     todo.sort(key=lambda t: -t[0]["agent_steps_per_s"])
     return todo, kept
+
+
+def _larger_block(scaled: list[tuple[dict, int]], kept: list[dict], *, cap: int,
+                  num_agents: int) -> list[tuple[dict, int]]:  # fmt: skip
+    """The next timing at scale when the largest block of a series won.
+
+    When the fastest of the finalists at scale (``scaled``: ``(record,
+    population)``; ``kept``: finalists whose timings stand) is a block timed
+    at scale and no larger block of its kernels was, the series may still be
+    rising at scale: ``[(block of twice its size, same population)]``, if that
+    is below ``cap`` and A and fits the population at least twice; else
+    ``[]``. (A larger block timed at scale that lost ends the series; ``all``
+    is no block of the series.)
+    The returned record is the winner's with the larger plan (its compile time
+    and speed predict the timing's cost).
+    """
+    top, m = max(scaled, key=lambda t: t[0]["agent_steps_per_s"])
+    if any(r["agent_steps_per_s"] > top["agent_steps_per_s"] for r in kept):
+        return []
+    k = parse_plan(top["plan"])
+    impl = (top["conv_impl"], top["matmul_impl"])
+    if not k or any(
+        (r["conv_impl"], r["matmul_impl"]) == impl and parse_plan(r["plan"]) > k
+        for r, _ in scaled
+    ):
+        return []
+    if 2 * k >= min(cap, num_agents) or 4 * k > m:
+        return []
+    return [(dict(top, plan=LocalPlan(2 * k).name), m)]
 
 
 def retime_cost_s(rec: dict) -> float:

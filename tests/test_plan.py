@@ -587,7 +587,7 @@ def test_finalists_are_timed_again_at_scale_when_the_budget_pays(monkeypatch):
     the search incomplete, and the run resuming it times the rest."""
     v = ("patches", "xla")
     small = {1: 50.0, 2: 60.0, 4: 70.0, 8: 100.0, 16: 65.0, 32: 90.0, 64: 40.0}
-    large = {8: 80.0, 16: 85.0, 32: 95.0}
+    large = {8: 80.0, 16: 85.0, 32: 95.0, 64: 70.0}
     calls = []
 
     def measure(k, impl, floor=0.0):
@@ -623,15 +623,20 @@ def test_finalists_are_timed_again_at_scale_when_the_budget_pays(monkeypatch):
     best, table, complete = run(1e6)
     assert complete and best == plan.LocalPlan(32, "patches", "xla")
     # finalists: block:8 (fastest), block:16 and block:32 (2x and 4x; block:4
-    # at 70 is not one); largest population 64 agents -> 128, a multiple of 32
+    # at 70 is not one); largest population 64 agents -> 128, a multiple of 32;
+    # the largest of them, block:32, wins at scale: block:64 (two blocks of 128
+    # agents) is timed too, and loses
     scaled = [c for c in calls if c[0] == "scale"]
-    assert scaled == [("scale", 8, 128), ("scale", 32, 128), ("scale", 16, 128)]
+    assert scaled == [("scale", 8, 128), ("scale", 32, 128), ("scale", 16, 128),
+                      ("scale", 64, 128)]  # fmt: skip
     rows = [r for r in table if r.get("at_scale")]
     assert [(r["plan"], r["agents"], r["steps"]) for r in rows] == [
-        ("block:8", 128, 20), ("block:32", 128, 20), ("block:16", 128, 20)]  # fmt: skip
+        ("block:8", 128, 20), ("block:32", 128, 20), ("block:16", 128, 20),
+        ("block:64", 128, 20)]  # fmt: skip
     assert all(not k.startswith("_") for r in table for k in r)
     # Data limit: at most 100 agents -> 128 does not fit; 96 (a multiple of 32,
-    # larger than the 64 block:32 was timed on) does.
+    # larger than the 64 block:32 was timed on) does (and holds no two blocks
+    # of 64).
     best, _, complete = run(1e6, max_agents=100)
     assert complete and best == plan.LocalPlan(32, "patches", "xla")
     assert [c for c in calls if c[0] == "scale"] == [
@@ -643,18 +648,22 @@ def test_finalists_are_timed_again_at_scale_when_the_budget_pays(monkeypatch):
     assert not [c for c in calls if c[0] == "scale"]
     # Budget: each finalist costs TIME_S (0 here) + 4 calls of 128 x 20
     # agent-steps at its first speed: block:8 102.4 s, block:32 113.8 s,
-    # block:16 157.5 s. 250 s (the exploration is free here) pay for two: the
-    # search is cut with its small-population choice, and a run resuming it
-    # times only block:16 at scale.
+    # block:16 157.5 s; block:64 at block:32's speed at scale, 107.8 s. 250 s
+    # (the exploration is free here) pay for two: the search is cut with its
+    # small-population choice; a run resuming it times block:16 at scale and
+    # is cut before block:64; the next one times block:64 and completes.
     best, table, complete = run(250.0)
     assert not complete and best == plan.LocalPlan(8, "patches", "xla")
     assert [c for c in calls if c[0] == "scale"] == [
         ("scale", 8, 128), ("scale", 32, 128)]  # fmt: skip
     best, table, complete = run(250.0, prior=table)
     assert calls == [("scale", 16, 128)]
+    assert not complete and best == plan.LocalPlan(8, "patches", "xla")
+    best, table, complete = run(250.0, prior=table)
+    assert calls == [("scale", 64, 128)]
     assert complete and best == plan.LocalPlan(32, "patches", "xla")
     resumed = [r["plan"] for r in table if r.get("at_scale") and r.get("resumed")]
-    assert resumed == ["block:8", "block:32"]
+    assert resumed == ["block:8", "block:32", "block:16"]
 
 
 def test_a_finalist_on_the_whole_population_is_timed_at_the_runs_steps():
