@@ -124,11 +124,12 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
     num_classes = partition.num_classes
     batch_size, epochs = int(config.batch_size), int(config.local_epochs)
 
-    def make_trainer(block, conv, matmul, n):
+    def make_trainer(block, conv, matmul, n, local_epochs=1):
         model = models.make_model(config.model, num_classes, config.hidden, conv,
                                   matmul)  # fmt: skip
         return local.make_train_population(
-            models.make_apply(model), tx, batch_size=batch_size, local_epochs=1,
+            models.make_apply(model), tx, batch_size=batch_size,
+            local_epochs=local_epochs,
             n_train=n, num_buckets=1, block_size=block,
         )  # fmt: skip
 

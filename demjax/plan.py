@@ -413,19 +413,23 @@ def measure_local(
     mu: float,
     floor: float = 0.0,
     min_agents: int = 8,
+    samples: int | None = None,
+    epochs: int = 1,
 ) -> dict:
     """Times one plan on ``steps`` real local steps per agent.
 
     The timed program is the engine's own local training
-    (``make_trainer(block_size, conv_impl, matmul_impl, n_train)``) for ``m``
-    agents, each
-    with ``steps * batch_size`` samples and one epoch: ``m = num_agents`` for
-    all agents at once, else two blocks' worth, at least ``min_agents`` (a
-    whole number of blocks) and at most A.
+    (``make_trainer(block_size, conv_impl, matmul_impl, n_train, epochs)``)
+    for ``m`` agents, each with ``steps * batch_size`` samples and one epoch
+    (or, with ``samples``, ``samples`` rows and ``epochs`` epochs, the run's
+    own shape: ``steps`` must then be ``epochs * ceil(samples /
+    batch_size)``): ``m = num_agents`` for all agents at once, else two
+    blocks' worth, at least ``min_agents`` (a whole number of blocks) and at
+    most A.
 
     Args:
-      make_trainer: ``(block_size, conv_impl, matmul_impl, n_train int [m]) ->
-        train`` with
+      make_trainer: ``(block_size, conv_impl, matmul_impl, n_train int [m],
+        local_epochs) -> train`` with
         the signature of ``local.make_train_population``'s result.
       init_params: ``conv_impl -> one agent's params`` (unstacked).
       tx: the agents' optax optimizer.
@@ -448,12 +452,20 @@ def measure_local(
     else:
         blocks = max(2, -(-max(8, int(min_agents)) // block_size))
         a = min(num_agents, blocks * block_size)
-    n = steps * batch_size
+    if samples is None:
+        n, epochs = steps * batch_size, 1
+    else:
+        n = int(samples)
+        if int(epochs) * -(-n // batch_size) != steps:
+            raise ValueError(
+                f"steps={steps} is not epochs x ceil(samples / batch_size) = "
+                f"{epochs} x ceil({n} / {batch_size})"
+            )
     rows = np.arange(a) % x.shape[0]
     cols = np.arange(n) % x.shape[1]
     xs, ys = x[rows][:, cols], y[rows][:, cols]
     one = init_params(conv_impl)
-    train = make_trainer(block_size, conv_impl, matmul_impl, np.full(a, n))
+    train = make_trainer(block_size, conv_impl, matmul_impl, np.full(a, n), epochs)
 
     def run(one, xs, ys):
         # Population, optimizer state and keys are built inside the one
@@ -960,21 +972,25 @@ def resolve(
     step_s = max(float(probe["run_s"]), 1e-9)  # one agent's gradient step
     min_agents = int(min(cap, np.ceil(MIN_CALL_S / (steps * step_s))))
 
-    # Timings at scale (``search``): the run's own steps per agent, on as many
-    # agents as the budget pays for and whose data fit RETIME_MAX_BYTES.
+    # Timings at scale (``search``): the run's own shape per agent (its largest
+    # sample count, its epochs, so its steps), on populations whose data fit
+    # RETIME_MAX_BYTES.
     scale_steps = int(max(1, per_round.max()))
+    scale_samples = int(np.max(n_train))
     row_bytes = x[0, 0].nbytes + y[0, 0].nbytes
-    scale_max_agents = RETIME_MAX_BYTES // max(1, scale_steps * batch_size * row_bytes)
+    scale_max_agents = RETIME_MAX_BYTES // max(1, scale_samples * row_bytes)
 
-    def measure(k, impl, floor=0.0, agents=None, n_steps=None):
+    def measure(k, impl, floor=0.0, agents=None, at_scale=False):
         rec = measure_local(
             make_trainer, init_params, tx, x, y,
             block_size=0 if k >= num_agents else k, conv_impl=impl[0],
             matmul_impl=impl[1],
             num_agents=num_agents, batch_size=batch_size,
-            steps=n_steps or steps, mu=mu,
+            steps=scale_steps if at_scale else steps, mu=mu,
             floor=floor / max(fill, 1e-9) if k != 1 else floor,
             min_agents=agents or min_agents,
+            samples=scale_samples if at_scale else None,
+            epochs=epochs if at_scale else 1,
         )  # fmt: skip
         if k != 1 and fill < 1.0:
             rec["timed_agent_steps_per_s"] = rec["agent_steps_per_s"]
@@ -998,7 +1014,7 @@ def resolve(
         plan, table, complete = search(
             measure, num_agents=num_agents, cap=cap, variants=impls,
             budget_s=budget,
-            at_scale=lambda k, impl, m, floor: measure(k, impl, floor, m, scale_steps),
+            at_scale=lambda k, impl, m, floor: measure(k, impl, floor, m, True),
             scale_steps=scale_steps, scale_max_agents=int(scale_max_agents),
             prior=prior,
         )  # fmt: skip

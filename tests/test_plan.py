@@ -477,7 +477,7 @@ def test_candidates_are_timed_on_enough_agents_after_a_warm_up():
     A), all agents for the 'all' plan, and never from the first (cold) call."""
     calls = []
 
-    def make_trainer(block, conv, matmul, n_train):
+    def make_trainer(block, conv, matmul, n_train, epochs=1):
         def train(keys, params, opt, xs, ys, ns, anchor, mu):
             calls.append(xs.shape[0])
             return params
@@ -509,6 +509,33 @@ def test_candidates_are_timed_on_enough_agents_after_a_warm_up():
         (4, 20, 10): 10, (0, 50, 30): 30,
     }  # fmt: skip
     assert len(calls) == len(got)  # one trace per candidate
+
+
+def test_timings_at_scale_take_the_runs_own_shape():
+    """With ``samples``, measure_local trains every agent on that many rows for
+    ``epochs`` epochs (the run's shape), not on steps x batch rows for one
+    epoch; steps that do not match that shape are refused."""
+    shapes = []
+
+    def make_trainer(block, conv, matmul, n_train, epochs=1):
+        def train(keys, params, opt, xs, ys, ns, anchor, mu):
+            shapes.append((xs.shape[:2], int(n_train[0]), epochs))
+            return params
+
+        return train
+
+    common = dict(
+        make_trainer=make_trainer, init_params=lambda impl: {"w": jnp.ones(3)},
+        tx=optax.sgd(0.1), x=np.zeros((5, 7, 3), np.float32),
+        y=np.zeros((5, 7), np.int32), conv_impl="patches", batch_size=2, mu=0.0,
+        block_size=4, num_agents=8, min_agents=8,
+    )  # fmt: skip
+    rec = plan.measure_local(**common, steps=6, samples=5, epochs=2)
+    assert shapes[-1] == ((8, 5), 5, 2) and rec["steps"] == 6
+    plan.measure_local(**common, steps=4)  # exploration: 4 x 2 rows, one epoch
+    assert shapes[-1] == ((8, 8), 8, 1)
+    with pytest.raises(ValueError, match="steps=8 is not epochs"):
+        plan.measure_local(**common, steps=8, samples=5, epochs=2)  # 2 x 3 != 8
 
 
 def test_run_time_ignores_the_cold_first_call():
