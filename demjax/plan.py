@@ -524,7 +524,10 @@ def search(
     sizes are slower than its best by more than 15% (speed has been unimodal
     in the block size in every case measured); a further variant's series
     counts from the best of all candidates so far, so a variant that stays
-    more than 15% below it stops after two sizes. The search stops before a
+    more than 15% below it stops after two sizes, and a variant whose
+    ``sequential`` ran below ``HOPELESS_BELOW`` of the best gets no block
+    series (``lax.conv`` on a CPU where im2col runs 10x faster: its blocks
+    cost 7-8 s each of the paper CNN's 50 s budget). The search stops before a
     measurement that would take it past ``budget_s`` (predicted from the
     previous measurement's cost).
     Then, when ``at_scale`` is given, the finalists (``_scale_up``: the
@@ -622,7 +625,14 @@ def search(
             peaks[impl].done(timed(1, impl))
     for impl in variants:
         if impl != variants[0]:  # measured against the best of every series
-            peaks[impl].best = max(r["agent_steps_per_s"] for r in recs)
+            peaks[impl].best = best = max(r["agent_steps_per_s"] for r in recs)
+            seq = [
+                r for r in recs
+                if r["plan"] == "sequential"
+                and (r["conv_impl"], r["matmul_impl"]) == impl
+            ]  # fmt: skip
+            if seq and seq[0]["agent_steps_per_s"] < HOPELESS_BELOW * best:
+                continue  # kernels far below the best: no block series
         for k in sizes:
             if k == 1 or (impl == variants[0] and k == cap):
                 continue  # measured first
@@ -664,6 +674,8 @@ def search(
                 todo = _larger_block(scaled, kept, cap=cap, num_agents=num_agents)
         if not cut[0]:
             final = kept + [x for x, _ in scaled]
+        else:  # the small-population choice (timings of one kind)
+            final = [r for r in recs if not r.get("at_scale")]
     _retime_near_best(final, budget_s - (time.perf_counter() - t_start))
     top = max(final, key=lambda r: r["agent_steps_per_s"])
     table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs]

@@ -679,6 +679,10 @@ def test_finalists_are_timed_again_at_scale_when_the_budget_pays(monkeypatch):
     # (the exploration is free here) pay for two: the search is cut with its
     # small-population choice; a run resuming it times block:16 at scale and
     # is cut before block:64; the next one times block:64 and completes.
+    large[32] = 300.0  # faster at scale than any small timing: not compared
+    best, _, complete = run(250.0)
+    assert not complete and best == plan.LocalPlan(8, "patches", "xla")
+    large[32] = 95.0
     best, table, complete = run(250.0)
     assert not complete and best == plan.LocalPlan(8, "patches", "xla")
     assert [c for c in calls if c[0] == "scale"] == [
@@ -869,3 +873,21 @@ def test_an_incomplete_search_is_cached_and_resumed_by_the_next_run(
     assert p2.name == "block:4"
     p3, info3 = resolve()
     assert timed == [] and info3["source"] == "cache" and p3 == p2
+
+
+def test_a_hopeless_kernel_variant_gets_no_block_series():
+    """A further variant whose ``sequential`` ran below HOPELESS_BELOW of the
+    best (``lax.conv`` where im2col runs 10x faster) is not timed in blocks;
+    one just above it is."""
+    a, b = ("patches", "xla"), ("xla", "xla")
+    speeds = {(k, a): s for k, s in [(1, 100), (2, 120), (4, 110), (8, 90),
+                                     (16, 80), (32, 60)]}  # fmt: skip
+    for seq_b, blocks_timed in [(14.0, []), (16.0, [2, 4])]:  # best 120: 15
+        speeds |= {(1, b): seq_b, (2, b): 10.0, (4, b): 9.0, (8, b): 8.0}
+        calls = []
+        best, _, complete = plan.search(
+            _fake_measure(speeds, calls), num_agents=32, cap=32, variants=(a, b),
+            budget_s=100.0,
+        )  # fmt: skip
+        assert best == plan.LocalPlan(2, *a) and complete
+        assert [k for k, v in calls if v == b and k > 1] == blocks_timed
