@@ -235,6 +235,7 @@ def choose_auto(work, rounds: int, runs: int = 1) -> dict:
                     {"plan": plan.name, "block_size": plan.block_size,
                      "conv_impl": plan.conv_impl, "matmul_impl": plan.matmul_impl,
                      "source": info["source"], "search_s": info.get("search_s"),
+                     "budget_s": info.get("budget_s"),
                      "complete": info.get("complete")}
                 )  # fmt: skip
                 if len(history) == 1:
@@ -251,8 +252,16 @@ def choose_auto(work, rounds: int, runs: int = 1) -> dict:
         "matmul_impl": plan.matmul_impl,
         "cap": int(info["cap"]),
         "source": info["source"],
-        "budget_s": info.get("budget_s"),
-        "search_s": info.get("search_s"),
+        # a run's budget (the same in every run) and the search's time over
+        # all runs
+        "budget_s": next(
+            (h["budget_s"] for h in history if h.get("budget_s") is not None), None
+        ),
+        "search_s": (
+            round(sum(h["search_s"] or 0.0 for h in history), 3)
+            if any(h["search_s"] is not None for h in history)
+            else None
+        ),
         "plan_s": round(plan_s, 3),
         "probe_run_s": round(float(cap_probe[1]["run_s"]), 6),
         "complete": info.get("complete"),
@@ -878,9 +887,16 @@ def report(results: dict, path: str) -> None:
                 f"Auto plan: `{a['plan']}`"
                 + (f" / `{a['conv_impl']}`" if w["model"] != "mlp" else "")
                 + f" / matmul `{a.get('matmul_impl', 'xla')}`"
-                + f" ({a['source']}; search {_fmt(a['search_s'])} s of a "
-                f"{_fmt(a['budget_s'])} s budget, whole choice {_fmt(a['plan_s'])} s "
-                f"for {w['search_rounds']} rounds); fastest plan measured here: "
+                + f" ({a['source']}; search {_fmt(a['search_s'])} s "
+                + (
+                    f"in {len(a['runs'])} runs, each within its "
+                    if len(a.get("runs", [])) > 1
+                    else "of a "
+                )
+                + f"{_fmt(a['budget_s'])} s budget, whole choice "
+                f"{_fmt(a['plan_s'])} s"
+                + (" in the first" if len(a.get("runs", [])) > 1 else "")
+                + f" for {w['search_rounds']} rounds); fastest plan measured here: "
                 f"`{e['best_plan']}`"
                 + (
                     f"; auto over the best other plan "
