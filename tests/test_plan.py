@@ -228,6 +228,22 @@ def _fake_measure(speeds, calls, cost=0.0):
     return measure
 
 
+def _clocked_measure(monkeypatch, speeds, cost_s):
+    """``_fake_measure`` on a fake clock of ``plan``: each measurement costs
+    ``cost_s`` of it. Returns ``(measure, calls)``."""
+    now = [0.0]
+    monkeypatch.setattr(
+        plan, "time", types.SimpleNamespace(perf_counter=lambda: now[0])
+    )
+    fake = _fake_measure(speeds, calls := [])
+
+    def measure(k, impl, floor=0.0):
+        now[0] += cost_s
+        return fake(k, impl, floor)
+
+    return measure, calls
+
+
 def test_search_keeps_the_fastest_and_stops_past_the_peak():
     v = ("patches", "xla")
     speeds = {(k, v): s for k, s in
@@ -262,16 +278,7 @@ def test_search_over_kernel_variants():
 def test_search_respects_its_budget(monkeypatch):
     v = ("patches", "xla")
     speeds = {(k, v): float(k) for k in (1, 2, 4, 8, 16, 32, 50)}
-    now = [0.0]  # a fake clock: each measurement costs 0.05 s of it
-    monkeypatch.setattr(
-        plan, "time", types.SimpleNamespace(perf_counter=lambda: now[0])
-    )
-    fake = _fake_measure(speeds, calls := [])
-
-    def measure(k, impl, floor=0.0):
-        now[0] += 0.05
-        return fake(k, impl, floor)
-
+    measure, calls = _clocked_measure(monkeypatch, speeds, cost_s=0.05)
     _, _, complete = plan.search(
         measure, num_agents=50, cap=50, variants=(v,), budget_s=0.17
     )
@@ -777,16 +784,7 @@ def test_a_search_cut_by_its_budget_is_resumed_until_complete(monkeypatch):
     v = ("patches", "xla")
     speeds = {(k, v): s for k, s in
               [(1, 10), (2, 30), (4, 60), (8, 70), (16, 50), (32, 20), (50, 40)]}  # fmt: skip
-    now = [0.0]
-    monkeypatch.setattr(
-        plan, "time", types.SimpleNamespace(perf_counter=lambda: now[0])
-    )
-    fake = _fake_measure(speeds, calls := [])
-
-    def measure(k, impl, floor=0.0):
-        now[0] += 1.0
-        return fake(k, impl, floor)
-
+    measure, calls = _clocked_measure(monkeypatch, speeds, cost_s=1.0)
     full, _, complete = plan.search(
         measure, num_agents=50, cap=50, variants=(v,), budget_s=1e9
     )
