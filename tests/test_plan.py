@@ -704,19 +704,24 @@ def test_finalists_are_timed_again_at_scale_when_the_budget_pays(monkeypatch):
     assert resumed == ["block:8", "block:32", "block:16"]
 
 
+def _records(steps, *rows):
+    """Search records ``(plan, agents, agent-steps/s)`` timed on ``steps``
+    steps with the default kernels."""
+    return [
+        {"conv_impl": "patches", "matmul_impl": "xla", "steps": steps, "plan": p,
+         "agents": a, "agent_steps_per_s": v}
+        for p, a, v in rows
+    ]  # fmt: skip
+
+
 def test_a_finalist_on_the_whole_population_is_timed_at_the_runs_steps():
     """``all`` was timed on every agent, with the weights out of cache, and
     ranks only fourth: it is a finalist all the same (within WHOLE_WITHIN),
     timed again on its own population at the run's steps; the blocks on A
     agents when twice their population does not fit."""
-    rec = {"conv_impl": "patches", "matmul_impl": "xla", "steps": 8}
-    recs = [
-        dict(rec, plan="block:8", agents=40, agent_steps_per_s=69.0),
-        dict(rec, plan="block:32", agents=64, agent_steps_per_s=65.0),
-        dict(rec, plan="block:4", agents=40, agent_steps_per_s=63.0),
-        dict(rec, plan="all", agents=100, agent_steps_per_s=62.0),
-        dict(rec, plan="sequential", agents=37, agent_steps_per_s=30.0),
-    ]
+    recs = _records(8, ("block:8", 40, 69.0), ("block:32", 64, 65.0),
+                    ("block:4", 40, 63.0), ("all", 100, 62.0),
+                    ("sequential", 37, 30.0))  # fmt: skip
     todo, kept = plan._scale_up(recs, num_agents=100, cap=100, steps=20,
                                 max_agents=1000)  # fmt: skip
     # block:16 was not timed; block:4 is smaller than the fastest block
@@ -741,13 +746,8 @@ def test_candidates_at_scale_already_are_not_timed_again():
     """A finalist timed on every agent (``all``) or in blocks of ``cap``, at
     the run's steps, is at scale already: it is kept, only the small ones are
     timed again."""
-    rec = {"conv_impl": "patches", "matmul_impl": "xla", "steps": 4}
-    recs = [
-        dict(rec, plan="block:8", agents=16, agent_steps_per_s=100.0),
-        dict(rec, plan="block:16", agents=32, agent_steps_per_s=95.0),
-        dict(rec, plan="all", agents=64, agent_steps_per_s=90.0),
-        dict(rec, plan="block:32", agents=64, agent_steps_per_s=85.0),
-    ]
+    recs = _records(4, ("block:8", 16, 100.0), ("block:16", 32, 95.0),
+                    ("all", 64, 90.0), ("block:32", 64, 85.0))  # fmt: skip
     todo, kept = plan._scale_up(recs, num_agents=64, cap=32, steps=4,
                                 max_agents=1000)  # fmt: skip
     # 2 x 32 = 64 = A
