@@ -40,11 +40,13 @@ then all agents at once (capped by memory), agents one after another with each
 other kernel variant, and growing blocks until the budget is spent or growing
 the block only makes it slower. Then the finalists (the fastest candidate and
 the next two larger block sizes of its series, which a small population
-handicaps, and any within 25% timed on the whole population) are timed again at
-the run's own steps per agent, those timed on a small population on one equal,
-larger population (on few agents weights and data stay in cache, and the ranking
-of block sizes can flip on the whole population), each while the budget left
-pays for it, and when all are, the choice is made on those timings. Candidates within 2x
+handicaps, and any within 25% timed on the whole population) are timed again
+with the run's own shape per agent (samples, epochs, steps), those timed on a
+small population on one equal, larger population (on few agents weights and
+data stay in cache, and the ranking of block sizes can flip on the whole
+population); while the largest block wins there, the block twice its size is
+timed too. Each is timed while the budget left pays for it, and when all are,
+the choice is made on those timings. Candidates within 2x
 of the fastest are then timed again in interleaved rounds (``RETIME_ROUNDS``),
 so that load from other processes on a shared machine does not decide between
 them. The share of the machine's CPU time that other work took during the search
@@ -533,14 +535,16 @@ def search(
     Then, when ``at_scale`` is given, the finalists (``_scale_up``: the
     fastest candidate and the next two larger block sizes of its series, plus
     those within ``WHOLE_WITHIN`` timed on the whole population) are timed
-    again
-    at the run's own steps per agent, those timed on a small population on
-    one equal, larger population: on a small population the agents' weights
-    and data stay in cache, and the block size that wins there lost by 9% on
-    the whole population (MLP, 10,000 agents, ``docs/performance.md``). Each
+    again with the run's own shape per agent, those timed on a small
+    population on one equal, larger population: on a small population the
+    agents' weights and data stay in cache, and the block size that wins there
+    lost by 9% on the whole population (MLP, 10,000 agents,
+    ``docs/performance.md``). Each
     is timed while the budget left pays for it (compilation plus
-    ``SCALE_CALLS`` calls at its first speed, plus ``TIME_S``); when all are,
-    the choice is made among the finalists on these timings only.
+    ``SCALE_CALLS`` calls at its first speed, plus ``TIME_S``); while the
+    largest block of a series wins at scale, the block twice its size is timed
+    too (``_larger_block``); when all are timed, the choice is made among the
+    finalists on these timings only.
     Finally, the candidates within ``RETIME_WITHIN`` of the fastest (at most
     ``RETIME_MAX``, and only as many as the budget left pays for, predicted from
     their ``run_s``) are timed again in ``RETIME_ROUNDS`` interleaved rounds
