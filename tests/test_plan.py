@@ -889,3 +889,34 @@ def test_a_hopeless_kernel_variant_gets_no_block_series():
         )  # fmt: skip
         assert best == plan.LocalPlan(2, *a) and complete
         assert [k for k, v in calls if v == b and k > 1] == blocks_timed
+
+
+def test_the_log_and_timing_record_say_when_the_search_resumes(caplog):
+    """An incomplete search is announced in the log (the next run resumes it)
+    and recorded in timing.jsonl's plan record; records from an earlier run
+    and timings at scale are marked in the log's table."""
+    import logging
+
+    from demjax import run_output
+
+    table = _records(8, ("sequential", 8, 10.0), ("block:2", 8, 12.0))
+    table[0]["resumed"] = True
+    table[1] |= {"compile_s": 0.5, "at_scale": True}
+    table[0]["compile_s"] = 0.4
+    info = {"plan": "block:2", "conv_impl": "patches", "matmul_impl": "xla",
+            "source": "resumed", "cap": 8, "table": table, "complete": False,
+            "search_runs": 3, "search_s": 2.5,
+            "eval": {"eval_batch": 4, "conv_impl": "patches", "source": "prior"}}  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        run_output.log_plan(info)
+    text = caplog.text
+    assert "next run of this workload resumes it (search run 3)" in text
+    assert "from an earlier run" in text and "at scale" in text
+    rec = run_output.plan_record(info)
+    assert rec["plan_source"] == "resumed"
+    assert rec["plan_search_complete"] is False and rec["plan_search_runs"] == 3
+    info["complete"] = True
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_output.log_plan(info)
+    assert "resumes it" not in caplog.text
