@@ -889,7 +889,9 @@ def report(results: dict, path: str) -> None:
                 + f" / matmul `{a.get('matmul_impl', 'xla')}`"
                 + f" ({a['source']}; search {_fmt(a['search_s'])} s "
                 + (
-                    f"in {len(a['runs'])} runs, each within its "
+                    f"in {sum(h['search_s'] is not None for h in a['runs'])} of "
+                    f"{len(a['runs'])} runs (the others read the cache), each "
+                    "within its "
                     if len(a.get("runs", [])) > 1
                     else "of a "
                 )
