@@ -196,10 +196,11 @@ def choose_auto(work, rounds: int, runs: int = 1) -> dict:
 
     Returns:
       dict with the last run's ``plan``, ``conv_impl``, ``cap``, ``source``,
-      ``budget_s``, ``search_s`` (candidates timed), ``plan_s`` (memory probe
-      + search), ``complete`` and the search's ``table``; ``runs``: per run
-      its ``plan``, ``conv_impl``, ``matmul_impl``, ``source``, ``search_s``
-      and ``complete``.
+      ``complete`` and the search's ``table``; ``budget_s`` (one run's),
+      ``search_s`` (candidates timed, summed over the runs), ``plan_s``
+      (memory probe + search of the first run); ``runs``: per run its
+      ``plan``, ``conv_impl``, ``matmul_impl``, ``source``, ``search_s``,
+      ``budget_s`` and ``complete``.
     """
     from demjax import engine, local, models
     from demjax.config import validate
