@@ -572,9 +572,9 @@ def search(
       scale_max_agents: most agents a timing at scale may hold (its data must
         fit ``RETIME_MAX_BYTES``).
       prior: the table of an incomplete search of the same workload (a
-        cached entry's ``table``), or None. Its records timed at scale are
-        not reused (the population they were timed on depends on the
-        finalists).
+        cached entry's ``table``), or None. Its records timed at scale stand
+        in for the same plan and kernels at ``scale_steps`` (the population of
+        a timing at scale does not depend on the budget, ``_scale_up``).
 
     Returns:
       ``(plan, table, complete)``: the fastest plan; every record (with
@@ -688,17 +688,6 @@ def search(
         table,
         not cut[0],
     )
-
-
-def _near_best(recs: list[dict], keep=lambda r: True) -> list[dict]:
-    """The records (those ``keep`` accepts) within ``RETIME_WITHIN`` of the
-    fastest of all, fastest first, at most ``RETIME_MAX``."""
-    best = max((r["agent_steps_per_s"] for r in recs), default=0.0)
-    return sorted(
-        (r for r in recs
-         if keep(r) and r["agent_steps_per_s"] >= RETIME_WITHIN * best),
-        key=lambda r: -r["agent_steps_per_s"],
-    )[:RETIME_MAX]  # fmt: skip
 
 
 def _whole(r: dict, num_agents: int, cap: int) -> bool:
@@ -824,7 +813,12 @@ def _retime_near_best(recs: list[dict], budget_s: float = float("inf")) -> None:
     The slowest of them are left out until the rounds' predicted cost
     (``retime_cost_s``) fits ``budget_s``; nothing is re-timed when fewer than
     two remain."""
-    near = _near_best(recs, lambda r: "_retime" in r)
+    best = max((r["agent_steps_per_s"] for r in recs), default=0.0)
+    near = sorted(
+        (r for r in recs
+         if "_retime" in r and r["agent_steps_per_s"] >= RETIME_WITHIN * best),
+        key=lambda r: -r["agent_steps_per_s"],
+    )[:RETIME_MAX]  # fmt: skip
     while near and RETIME_ROUNDS * sum(map(retime_cost_s, near)) > budget_s:
         near.pop()
     if len(near) < 2:
