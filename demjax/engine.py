@@ -207,7 +207,9 @@ def choose_eval_plan(config, partition: Partition, *, probe: dict, points: int):
         models.make_model(config.model, num_classes, config.hidden), shape,
     ))  # fmt: skip
     rounds = int(config.num_rounds)
-    num_evals = points * (-(-rounds // int(config.eval_every)) + 1)
+    # Every replica evaluates its own models (num_replicas x the evaluations).
+    num_evals = (points * (-(-rounds // int(config.eval_every)) + 1)
+                 * int(getattr(config, "num_replicas", 1)))  # fmt: skip
     return plan_lib.resolve_eval(
         config,
         num_agents=partition.num_agents,

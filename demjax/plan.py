@@ -863,12 +863,12 @@ def resolve(
 
     Args:
       config: validated run config (``local_plan``, ``conv_impl``,
-        ``batch_size``, ``local_epochs``, ``num_rounds``).
+        ``batch_size``, ``local_epochs``, ``num_rounds``, ``num_replicas``).
       num_agents: A.
       cap: most agents whose training fits in memory at once (``<= A``).
       probe: ``compile_s`` and ``run_s`` of one agent's compiled gradient step
         (``memory.probe_step``): the run's local training is estimated as
-        ``run_s`` x its agent-steps, and the search may spend
+        ``run_s`` x its agent-steps (of every replica), and the search may spend
         ``SEARCH_FRACTION`` of that; when even one candidate (about two such
         compilations) would cost more, the plan is all agents at once
         (capped by memory) without a search (``source='prior'``).
@@ -955,10 +955,13 @@ def resolve(
     if entry is not None:  # an incomplete search: this run resumes it
         prior = list(entry.get("table", []))
 
+    # Each of the run's replicas trains its own population (its local training
+    # is num_replicas x one population's).
     budget = (
         SEARCH_FRACTION
         * float(per_round.sum())
         * int(config.num_rounds)
+        * int(getattr(config, "num_replicas", 1))
         * float(probe["run_s"])
     )
     info["budget_s"] = round(budget, 3)

@@ -84,6 +84,7 @@ def plan_record(info: dict) -> dict:
         "plan_search_runs": info.get("search_runs"),
         "plan_outside_load": info.get("outside_load"),
         "plan_table": info.get("table", []),
+        "replica_plan": info.get("replicas"),
         "eval_batch": info["eval"]["eval_batch"],
         "eval_conv_impl": info["eval"]["conv_impl"],
         "eval_plan_source": info["eval"]["source"],

@@ -360,6 +360,23 @@ def test_short_run_skips_the_search(tmp_path, monkeypatch):
     assert r["local_plan"]["matmul_impl"] == "xla"
 
 
+def test_search_budget_counts_every_replica(tmp_path, monkeypatch):
+    """R replicas train R populations: the local and evaluation searches may
+    spend R times one population's share (10% of the estimated time)."""
+    from demjax import memory
+
+    probe = {"compile_s": 1e6, "run_s": 1.0, "bytes": 0}
+    monkeypatch.setattr(memory, "memory_cap", lambda *a, **k: (6, dict(probe)))
+    monkeypatch.setattr(plan, "measure_local", None)  # too short: no search
+    got = {}
+    for reps in (1, 3):
+        c = tiny_config(num_agents=6, num_replicas=reps, eval_batch=8)
+        got[reps] = train.run(c, str(tmp_path / f"r{reps}"))["local_plan"]
+        assert got[reps]["source"] == "prior"
+    assert got[1]["budget_s"] > 1.0
+    np.testing.assert_allclose(got[3]["budget_s"], 3 * got[1]["budget_s"], rtol=1e-3)
+
+
 @pytest.mark.parametrize("algorithm", ["demlearn_p", "ditto"])
 def test_explicit_plans_give_the_same_run(algorithm, tmp_path):
     """A tree algorithm and a plug-in: all and sequential give the same metrics

@@ -93,6 +93,31 @@ def test_replicas_equal_one_replica_runs(algo, tmp):
     assert len(set(finals)) > 1 or algo == "cfl"
 
 
+@pytest.mark.parametrize(
+    "algo,plan", [("fedavg", "sequential"),
+                  pytest.param("demlearn", "block:2", marks=pytest.mark.slow(seconds=10))],
+)  # fmt: skip
+def test_replicas_one_at_a_time_equal_one_replica_runs(algo, plan, tmp_path):
+    """With a local plan of agent blocks the replicas run one after another
+    (a loop updating the stacked state in place), each exactly as its own
+    one-replica run with the same plan; vmapped replicas keep ``all``."""
+    out = train.run(config(algo, seed=SEED, num_replicas=R, local_plan=plan),
+                    str(tmp_path / "r"))  # fmt: skip
+    split = data.make_split(config(algo, seed=SEED))
+    for r in range(R):
+        c = config(algo, seed=SEED + r, partition="arrays", local_plan=plan)
+        ref = train.run(c, str(tmp_path / f"{r}"), partition=split)
+        got = [x for x in out["records"] if x["replica"] == r]
+        assert_same(got, ref["records"])
+    comp = out["compilations"]
+    assert {v for k, v in comp.items() if k != "evaluate_root"} == {1}, comp
+    plan_rec = read_jsonl(os.path.join(tmp_path, "r", "timing.jsonl"))[0]
+    assert plan_rec["local_plan"] == plan
+    assert plan_rec["replica_plan"] == "one_at_a_time"
+    vm = read_jsonl(os.path.join(replicated("fedavg", str(tmp_path))[1], "timing.jsonl"))
+    assert vm[0]["replica_plan"] == "vmap"
+
+
 def test_replica_files_and_summary(tmp):
     out, workdir = replicated("demlearn", tmp)
     for r in range(R):
