@@ -26,6 +26,7 @@ Usage:
   python benchmarks/batched_dot.py --part step --model mlp --ks 8,32,256,1000
   python benchmarks/batched_dot.py --part train --model cnn --ks 8,32
   python benchmarks/batched_dot.py --part step --flags-sweep --rounds 2
+  python benchmarks/batched_dot.py --part replicas --model cnn --ks 50 --repeats 3
 """
 
 from __future__ import annotations
@@ -343,9 +344,80 @@ def part_train(args, env):
                   "max_abs_diff_vs_vmap_xla": err}, env)  # fmt: skip
 
 
+def part_replicas(args, env):
+    """Local training of R replicas of A agents (``--ks`` gives A, the
+    ``sequential`` plan, im2col + ``wgrad_t`` for the CNN) run the two ways
+    ``demjax.train._over_replicas`` can: vmapped over the replicas, and one
+    replica after another (in-place ``fori_loop``); beside them R calls of the
+    one-replica program. Agents hold 40..180 samples (seeded), as in the
+    paper split."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from demjax import local, train
+
+    conv, mm = ("patches", "wgrad_t") if args.model == "cnn" else ("patches", "xla")
+    _, params, apply_fn, _, batch = model_setup(args.model, conv, mm)
+    tx = local.make_optimizer("sgd", 0.05)
+    reps = args.replicas
+    for a in args.ks:
+        rng = np.random.default_rng(0)
+        n = rng.integers(40, 181, size=a)
+        x = jnp.asarray(rng.normal(size=(a, int(n.max()), 28, 28, 1)), jnp.float32)
+        y = jnp.asarray(rng.integers(0, 10, size=(a, int(n.max()))), jnp.int32)
+        part = {"x": x, "y": y, "n": jnp.asarray(n, jnp.int32)}
+        pop = local.make_train_population(
+            apply_fn, tx, batch_size=batch, local_epochs=args.epochs, n_train=n,
+            num_buckets=1, block_size=1,
+        )  # fmt: skip
+
+        def phase(state, part, key, t):
+            p, o = state
+            keys = jax.random.split(key, a)
+            p, o, loss = pop(keys, p, o, part["x"], part["y"], part["n"], p, 0.0)
+            return (p, o), {"loss": loss}
+
+        p1 = jax.tree.map(lambda v: jnp.broadcast_to(v, (a, *v.shape)) + 0.0, params)
+        state1 = (p1, jax.vmap(tx.init)(p1))
+        state_r = jax.tree.map(lambda v: jnp.stack([v] * reps), state1)
+        keys = jax.random.split(jax.random.PRNGKey(2), reps)
+        one = jax.jit(phase)
+        fns = {
+            "replicas vmapped": jax.jit(train._over_replicas(phase, None, False)),
+            "replicas one after another": jax.jit(
+                train._over_replicas(phase, None, True)),
+            f"{reps} calls of one replica": lambda s, p, k, t: [
+                one(jax.tree.map(lambda v, r=r: v[r], s), p, k[r], t)
+                for r in range(reps)
+            ],
+        }  # fmt: skip
+        fargs = {nm: (state_r, part, keys, jnp.int32(0)) for nm in fns}
+        res = timeit(fns, fargs, args.repeats, inner=1)
+        outs = {nm: fns[nm](*fargs[nm]) for nm in fns}
+        ref = [o[0][0] for o in outs[f"{reps} calls of one replica"]]
+        steps = int((args.epochs * np.ceil(n / batch)).sum()) * reps
+        for nm, (med, best) in res.items():
+            if nm.startswith("replicas"):
+                got = [jax.tree.map(lambda v, r=r: v[r], outs[nm][0][0])
+                       for r in range(reps)]  # fmt: skip
+                err = max(float(jnp.abs(u - v).max())
+                          for g, w in zip(got, ref, strict=True)
+                          for u, v in zip(jax.tree.leaves(g), jax.tree.leaves(w),
+                                          strict=True))  # fmt: skip
+            else:
+                err = 0.0
+            emit({"part": "replicas", "model": args.model, "agents": a,
+                  "replicas": reps, "variant": nm, "agent_steps": steps,
+                  "agent_steps_per_s_median": round(steps / med, 1),
+                  "agent_steps_per_s_best": round(steps / best, 1),
+                  "max_abs_diff_vs_calls": err}, env)  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("hlo", "dots", "step", "train"), required=True)
+    ap.add_argument("--part", choices=("hlo", "dots", "step", "train", "replicas"),
+                    required=True)  # fmt: skip
     ap.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--ks", default="8,32,256,1000")
@@ -354,6 +426,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=2, help="train: local epochs")
     ap.add_argument("--flags-sweep", action="store_true")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--replicas", type=int, default=3, help="replicas: R")
     args = ap.parse_args()
     if args.flags_sweep:
         argv = [a for a in sys.argv[1:] if a != "--flags-sweep"]
@@ -365,9 +438,8 @@ def main():
     args.ks = [int(v) for v in args.ks.split(",")]
     args.models = args.models.split(",")
     env = _env()
-    {"hlo": part_hlo, "dots": part_dots, "step": part_step, "train": part_train}[
-        args.part
-    ](args, env)
+    {"hlo": part_hlo, "dots": part_dots, "step": part_step, "train": part_train,
+     "replicas": part_replicas}[args.part](args, env)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -80,6 +80,9 @@ FIELD_DOCS = {
     "seed": "PRNG seed of data split, init, shuffles, masks (int >= 0)",
     "num_replicas": "R independent replicas in one program, seeds seed..seed+R-1 "
     "(int >= 1; docs/running.md)",
+    "replica_plan": "phases over replicas (num_replicas > 1): auto (all agents at "
+    "once: vmap; blocks / sequential: both timed, the faster cached), vmap, "
+    "one_at_a_time (docs/running.md)",
     "replicate_split": "replicas draw their own data split (seed + r); False: all "
     "share the split of seed",
     "dataset": "digits, fashion_mnist, fashion_mnist_tfds, mnist, emnist, cifar10, "

@@ -281,7 +281,8 @@ def check_network(config) -> None:
 
 
 def check_plan(config) -> None:
-    """``local_plan``, ``conv_impl`` and ``matmul_impl`` (``demjax.plan``).
+    """``local_plan``, ``conv_impl``, ``matmul_impl`` and ``replica_plan``
+    (``demjax.plan``).
 
     Raises:
       ConfigError: the first bad field.
@@ -289,6 +290,7 @@ def check_plan(config) -> None:
     plan.parse_plan(config.local_plan)  # names local_plan
     check_choice("conv_impl", config.conv_impl, plan.CONV_CHOICES)
     check_choice("matmul_impl", config.matmul_impl, plan.MATMUL_CHOICES)
+    check_choice("replica_plan", config.replica_plan, plan.REPLICA_MODES)
 
 
 def check_cluster(config) -> None:

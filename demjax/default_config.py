@@ -71,6 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
     # another in one jitted loop) | block:K (vmapped blocks of K agents).
     # Capped by a free-memory estimate.
     c.local_plan = "auto"
+    # How the phases run over replicas (num_replicas > 1): auto (a plan of all
+    # agents at once: vmap; blocks / sequential: both timed, the faster cached)
+    # | vmap (one batch of R x A agents) | one_at_a_time (a loop over replicas,
+    # each running its population's plan). Same results either way.
+    c.replica_plan = "auto"
 
     # Algorithm (demjax.algorithms).
     c.algorithm = "demlearn"  # demlearn | demlearn_p | fedavg | fedprox | local

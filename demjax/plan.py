@@ -503,6 +503,185 @@ def measure_local(
     }
 
 
+REPLICA_MODES = ("auto", "vmap", "one_at_a_time")
+
+
+def over_replicas(fn: Callable, part_axis: int | None, one_at_a_time: bool,
+                  name: str = "") -> Callable:  # fmt: skip
+    """Phase ``fn(state, part, key, t) -> (state, info)`` of one replica as a
+    phase of R replicas stacked on axis 0 (``part`` stacked when
+    ``part_axis == 0``, shared when None; ``t`` shared).
+
+    ``one_at_a_time=False``: ``jax.vmap`` (the replicas' agents form one batch
+    of R x A). ``True``: the replicas run one after another in a
+    ``lax.fori_loop`` that updates the stacked state in place, so every
+    replica runs exactly its population's plan (a vmapped ``sequential``
+    plan turns each agent's plain GEMMs into dots batched over the replicas).
+    Both give each replica the result of its own one-replica run. Falls back
+    to ``vmap`` (logged) when the phase's output state differs in structure,
+    shape or dtype from its input (no in-place update possible).
+    """
+    vmapped = jax.vmap(fn, in_axes=(0, part_axis, 0, None))
+    if not one_at_a_time:
+        return vmapped
+
+    def run(state, part, key, t):
+        num = jax.tree.leaves(key)[0].shape[0]
+
+        def pick(tree, r):
+            return jax.tree.map(lambda v: v[r], tree)
+
+        def one(st, r):
+            mine = part if part_axis is None else pick(part, r)
+            return fn(pick(st, r), mine, pick(key, r), t)
+
+        out_state, out_info = jax.eval_shape(lambda: one(state, 0))
+        in_state = jax.eval_shape(lambda: pick(state, 0))
+        same = jax.tree.structure(out_state) == jax.tree.structure(in_state) and all(
+            a.shape == b.shape and a.dtype == b.dtype
+            for a, b in zip(
+                jax.tree.leaves(out_state), jax.tree.leaves(in_state), strict=True
+            )
+        )
+        if not same:
+            logging.info("phase %s: replicas vmapped (its output state is not "
+                         "its input's shape)", name)  # fmt: skip
+            return vmapped(state, part, key, t)
+        info0 = jax.tree.map(lambda s: jnp.zeros((num, *s.shape), s.dtype), out_info)
+
+        def body(r, carry):
+            st, info = carry
+            new_st, new_info = one(st, r)
+            put = lambda stacked, v: stacked.at[r].set(v)  # noqa: E731
+            return jax.tree.map(put, st, new_st), jax.tree.map(put, info, new_info)
+
+        return jax.lax.fori_loop(0, num, body, (state, info0))
+
+    return run
+
+
+def measure_replicas(
+    make_trainer: Callable,
+    init_params: Callable[[str], object],
+    tx,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    plan: LocalPlan,
+    replicas: int,
+    num_agents: int,
+    batch_size: int,
+    steps: int,
+    mu: float,
+) -> list[dict]:
+    """Times ``plan``'s local training of R = ``replicas`` populations both
+    ways ``over_replicas`` runs them: vmapped and one after another.
+
+    Each replica trains two blocks' worth of agents (at least 8, at most A;
+    ``measure_local``'s population) for ``steps`` steps on real rows ``x, y``
+    (reused cyclically), in one compiled program per mode; the modes are timed
+    in interleaved rounds (``RETIME_ROUNDS``), keeping each one's best.
+
+    Returns:
+      ``[{"replica_plan", "agents", "replicas", "steps", "compile_s",
+      "agent_steps_per_s"}, ...]``, vmap first.
+    """
+    k = plan.block_size or num_agents
+    a = num_agents if plan.block_size == 0 else min(
+        num_agents, max(2, -(-8 // k)) * k)  # fmt: skip
+    n = steps * batch_size
+    rows, cols = np.arange(a) % x.shape[0], np.arange(n) % x.shape[1]
+    xs, ys = x[rows][:, cols], y[rows][:, cols]
+    one = init_params(plan.conv_impl)
+    train = make_trainer(plan.block_size, plan.conv_impl, plan.matmul_impl,
+                         np.full(a, n), 1)  # fmt: skip
+
+    def phase(state, part, key, t):
+        params, opt = state
+        keys = jax.random.split(key, a)
+        ns = jnp.full((a,), n, jnp.int32)
+        p, o, loss = train(keys, params, opt, part[0], part[1], ns, params,
+                           jnp.float32(mu))  # fmt: skip
+        return (p, o), {"loss": loss}
+
+    recs, fns = [], []
+    for mode in REPLICA_MODES[1:]:
+        prog = over_replicas(phase, None, mode == "one_at_a_time")
+
+        def run(one, xs, ys, prog=prog):
+            params = jax.tree.map(
+                lambda v: jnp.broadcast_to(v, (replicas, a) + v.shape), one)
+            opt = jax.vmap(jax.vmap(tx.init))(params)
+            keys = jax.random.split(jax.random.PRNGKey(0), replicas)
+            return prog((params, opt), (xs, ys), keys, jnp.int32(0))
+
+        t0 = time.perf_counter()
+        compiled = jax.jit(run).lower(one, xs, ys).compile()
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(compiled(one, xs, ys))  # warm-up
+        fns.append(compiled)
+        recs.append({"replica_plan": mode, "agents": a, "replicas": replicas,
+                     "steps": steps, "compile_s": round(compile_s, 4)})  # fmt: skip
+    best = [float("inf")] * len(fns)
+    for _ in range(RETIME_ROUNDS):
+        for i, f in enumerate(fns):
+            best[i] = min(best[i], best_time(f, one, xs, ys, min_total_s=RETIME_S))
+    for r, b in zip(recs, best, strict=True):
+        r["agent_steps_per_s"] = round(replicas * a * steps / max(b, 1e-9), 2)
+    return recs
+
+
+def resolve_replicas(
+    config,
+    plan: LocalPlan,
+    *,
+    budget_s: float,
+    key_fields: dict,
+    measure: Callable[[], list[dict]],
+) -> dict | None:
+    """How the phases of a run with R > 1 replicas run over them
+    (``over_replicas``): ``config.replica_plan``, or with ``auto`` measured.
+
+    ``auto``: a plan training every agent at once keeps ``vmap`` (one batch
+    of R x A agents, what wins on accelerators); a plan of agent blocks or
+    ``sequential`` times both modes (``measure_replicas``) when
+    ``budget_s`` pays for their two compilations and keeps the faster; the
+    choice is cached like the local plan (keyed by ``key_fields``, the plan
+    and R). Without the budget: ``vmap``.
+
+    Returns:
+      None for R = 1, else ``{"mode", "source", "table"}`` (source ``config``,
+      ``rule``, ``cache``, ``measured`` or ``prior``).
+    """
+    reps = int(config.num_replicas)
+    if reps == 1:
+        return None
+    want = str(config.replica_plan)
+    if want != "auto":
+        return {"mode": want, "source": "config", "table": []}
+    if plan.block_size == 0:
+        return {"mode": "vmap", "source": "rule", "table": []}
+    key = cache_key(dict(key_fields, replicas=reps, plan=plan.name,
+                         conv_impl=plan.conv_impl, matmul_impl=plan.matmul_impl,
+                         what="replica_plan"))  # fmt: skip
+    entry = cache_get(key)
+    if entry is not None:
+        return {"mode": entry["plan"]["mode"], "source": "cache",
+                "table": entry.get("table", [])}  # fmt: skip
+    if budget_s <= 0:
+        return {"mode": "vmap", "source": "prior", "table": []}
+    meter = CpuMeter()
+    t0 = time.perf_counter()
+    table = measure()
+    top = max(table, key=lambda r: r["agent_steps_per_s"])
+    share = meter.outside_share()
+    out = {"mode": top["replica_plan"], "source": "measured", "table": table,
+           "search_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    if _cacheable("replica plan", share, out["mode"]):
+        cache_put(key, {"plan": {"mode": out["mode"]}, "table": table})
+    return out
+
+
 def search(
     measure: Callable[[int, str], dict],
     *,

@@ -84,7 +84,9 @@ def plan_record(info: dict) -> dict:
         "plan_search_runs": info.get("search_runs"),
         "plan_outside_load": info.get("outside_load"),
         "plan_table": info.get("table", []),
-        "replica_plan": info.get("replicas"),
+        "replica_plan": (info.get("replicas") or {}).get("mode"),
+        "replica_plan_source": (info.get("replicas") or {}).get("source"),
+        "replica_plan_table": (info.get("replicas") or {}).get("table", []),
         "eval_batch": info["eval"]["eval_batch"],
         "eval_conv_impl": info["eval"]["conv_impl"],
         "eval_plan_source": info["eval"]["source"],
@@ -118,6 +120,15 @@ def log_plan(info: dict) -> None:
             " at scale" if r.get("at_scale") else
             " from an earlier run" if r.get("resumed") else "",
         )  # fmt: skip
+    rp = info.get("replicas")
+    if rp:
+        log.info("replicas: %s (%s)", "vmapped" if rp["mode"] == "vmap"
+                 else "one after another", rp["source"])  # fmt: skip
+        for r in rp.get("table", []):
+            log.info("  replicas %-14s %9.1f agent-steps/s (%d replicas x %d agents "
+                     "x %d steps, compile %.1f s)", r["replica_plan"],
+                     r["agent_steps_per_s"], r["replicas"], r["agents"], r["steps"],
+                     r["compile_s"])  # fmt: skip
     ev = info["eval"]
     log.info(
         "evaluation plan: %d models at once (conv_impl=%s; %s)",

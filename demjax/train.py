@@ -66,6 +66,7 @@ from demjax import (
     multihost,
     sharding,
 )
+from demjax import plan as plan_lib
 from demjax.algorithms.protocol import Context
 from demjax.config import hparams, resolved_mu, validate
 from demjax.engine import choose_eval_plan, choose_plan
@@ -192,61 +193,6 @@ def _stack(trees: list):
 def _take(tree, j: int):
     """Replica ``j`` of a pytree stacked over replicas."""
     return jax.tree.map(lambda x: x[j], tree)
-
-
-def _over_replicas(fn, part_axis: int | None, one_at_a_time: bool, name: str = ""):
-    """Phase ``fn(state, part, key, t) -> (state, info)`` of one replica as a
-    phase of R replicas stacked on axis 0 (``part`` stacked when
-    ``part_axis == 0``, shared when None; ``t`` shared).
-
-    ``one_at_a_time=False``: ``jax.vmap`` (the replicas' agents form one batch
-    of R x A). ``True`` (local plans of agent blocks or ``sequential``): the
-    replicas run one after another in a ``lax.fori_loop`` that updates the
-    stacked state in place, so every replica runs exactly the measured plan
-    (``sequential`` keeps plain 2-D GEMMs: under ``vmap`` each agent's step
-    became a batched dot over the R replicas, 1.24-1.35x slower for the paper
-    CNN on a 2-core CPU, docs/performance.md section 11). Both give each
-    replica the result of its own one-replica run. Falls back to ``vmap``
-    when the phase's output state differs in structure, shape or dtype from
-    its input (no in-place update possible).
-    """
-    vmapped = jax.vmap(fn, in_axes=(0, part_axis, 0, None))
-    if not one_at_a_time:
-        return vmapped
-
-    def run(state, part, key, t):
-        num = jax.tree.leaves(key)[0].shape[0]
-
-        def pick(tree, r):
-            return jax.tree.map(lambda v: v[r], tree)
-
-        def one(st, r):
-            mine = part if part_axis is None else pick(part, r)
-            return fn(pick(st, r), mine, pick(key, r), t)
-
-        out_state, out_info = jax.eval_shape(lambda: one(state, 0))
-        in_state = jax.eval_shape(lambda: pick(state, 0))
-        same = jax.tree.structure(out_state) == jax.tree.structure(in_state) and all(
-            a.shape == b.shape and a.dtype == b.dtype
-            for a, b in zip(
-                jax.tree.leaves(out_state), jax.tree.leaves(in_state), strict=True
-            )
-        )
-        if not same:
-            log.info("phase %s: replicas vmapped (its output state is not its "
-                     "input's shape)", name)
-            return vmapped(state, part, key, t)
-        info0 = jax.tree.map(lambda s: jnp.zeros((num, *s.shape), s.dtype), out_info)
-
-        def body(r, carry):
-            st, info = carry
-            new_st, new_info = one(st, r)
-            put = lambda stacked, v: stacked.at[r].set(v)  # noqa: E731
-            return jax.tree.map(put, st, new_st), jax.tree.map(put, info, new_info)
-
-        return jax.lax.fori_loop(0, num, body, (state, info0))
-
-    return run
 
 
 @dataclasses.dataclass
@@ -463,19 +409,16 @@ def run(
         init_key, run_key = jax.random.split(jax.random.PRNGKey(int(config.seed) + r))
         init_keys.append(init_key)
         run_keys.append(run_key)
-    # Agent blocks / sequential plans train one replica's agents at a time too.
-    serial_replicas = int(getattr(ctx, "block_size", 0) or 0) != 0
-    if reps > 1:
-        ctx.plan_info["replicas"] = "one_at_a_time" if serial_replicas else "vmap"
-        log.info("replicas: %d, %s", reps, "one after another (the local plan "
-                 "trains agent blocks)" if serial_replicas else "vmapped")
+    # How the phases run over the replicas (``plan.resolve_replicas``).
+    rp = ctx.plan_info.get("replicas") or {"mode": "vmap"}
+    serial_replicas = rp["mode"] == "one_at_a_time"
     for c in cohorts:
         c.place, constrain = _placement(mesh, num_agents, replicas=c.vmapped)
         if c.vmapped:
             if c.part_axis is not None:
                 c.part = c.place(c.part)
             fns = [
-                _over_replicas(p.fn, c.part_axis, serial_replicas, p.name)
+                plan_lib.over_replicas(p.fn, c.part_axis, serial_replicas, p.name)
                 for p in c.rounds.phases
             ]
             c.state = c.place(

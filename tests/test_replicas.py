@@ -94,15 +94,17 @@ def test_replicas_equal_one_replica_runs(algo, tmp):
 
 
 @pytest.mark.parametrize(
-    "algo,plan", [("fedavg", "sequential"),
-                  pytest.param("demlearn", "block:2", marks=pytest.mark.slow(seconds=10))],
+    "algo,plan,mode",
+    [("fedavg", "sequential", "one_at_a_time"), ("fedavg", "sequential", "vmap"),
+     pytest.param("demlearn", "block:2", "one_at_a_time",
+                  marks=pytest.mark.slow(seconds=10))],
 )  # fmt: skip
-def test_replicas_one_at_a_time_equal_one_replica_runs(algo, plan, tmp_path):
-    """With a local plan of agent blocks the replicas run one after another
-    (a loop updating the stacked state in place), each exactly as its own
-    one-replica run with the same plan; vmapped replicas keep ``all``."""
-    out = train.run(config(algo, seed=SEED, num_replicas=R, local_plan=plan),
-                    str(tmp_path / "r"))  # fmt: skip
+def test_replica_plans_equal_one_replica_runs(algo, plan, mode, tmp_path):
+    """Replicas one after another (a loop updating the stacked state in place)
+    or vmapped: each replica exactly as its own one-replica run with the same
+    local plan, one compilation per phase, the mode in timing.jsonl."""
+    c = config(algo, seed=SEED, num_replicas=R, local_plan=plan, replica_plan=mode)
+    out = train.run(c, str(tmp_path / "r"))
     split = data.make_split(config(algo, seed=SEED))
     for r in range(R):
         c = config(algo, seed=SEED + r, partition="arrays", local_plan=plan)
@@ -113,9 +115,115 @@ def test_replicas_one_at_a_time_equal_one_replica_runs(algo, plan, tmp_path):
     assert {v for k, v in comp.items() if k != "evaluate_root"} == {1}, comp
     plan_rec = read_jsonl(os.path.join(tmp_path, "r", "timing.jsonl"))[0]
     assert plan_rec["local_plan"] == plan
-    assert plan_rec["replica_plan"] == "one_at_a_time"
-    vm = read_jsonl(os.path.join(replicated("fedavg", str(tmp_path))[1], "timing.jsonl"))
-    assert vm[0]["replica_plan"] == "vmap"
+    assert (plan_rec["replica_plan"], plan_rec["replica_plan_source"]) == (mode, "config")
+
+
+def test_over_replicas_loop_equals_vmap_and_falls_back():
+    """``plan.over_replicas`` on a toy phase (state changed in place, a shared
+    and a stacked ``part``): the loop equals vmap and a per-replica Python loop;
+    a phase whose output state changes shape falls back to vmap."""
+    import jax
+    import jax.numpy as jnp
+
+    from demjax import plan
+
+    def phase(state, part, key, t):
+        w, n = state
+        noise = jax.random.normal(key, w.shape)
+        w = w * part["scale"] + noise + t
+        return (w, n + 1), {"norm": jnp.linalg.norm(w), "w0": w[0]}
+
+    rng = np.random.default_rng(0)
+    state = (jnp.asarray(rng.normal(size=(R, 5, 2)), jnp.float32),
+             jnp.arange(R, dtype=jnp.int32))  # fmt: skip
+    keys = jax.random.split(jax.random.PRNGKey(1), R)
+    for axis, part in ((None, {"scale": jnp.float32(2.0)}),
+                       (0, {"scale": jnp.asarray([1.0, 2.0, 3.0], jnp.float32)})):
+        loop = jax.jit(plan.over_replicas(phase, axis, True))(state, part, keys, 3)
+        vm = jax.jit(plan.over_replicas(phase, axis, False))(state, part, keys, 3)
+        for r in range(R):
+            mine = part if axis is None else {"scale": part["scale"][r]}
+            ref = phase((state[0][r], state[1][r]), mine, keys[r], 3)
+            for a, b in zip(jax.tree.leaves(loop), jax.tree.leaves(vm), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-6)
+            for a, b in zip(jax.tree.leaves(loop), jax.tree.leaves(ref), strict=True):
+                np.testing.assert_allclose(a[r], b, rtol=1e-6)
+
+    def grows(state, part, key, t):
+        return state[:, :1], {}
+
+    x = jnp.ones((R, 4, 2))
+    out, _ = jax.jit(plan.over_replicas(grows, None, True))(x, None, keys, 0)
+    assert out.shape == (R, 4, 1)
+
+
+def test_replica_plan_choice(monkeypatch, tmp_path):
+    """``auto``: all-at-once plans keep vmap without timing; block plans time
+    both modes when the budget pays, keep the faster and cache it; no budget:
+    vmap; explicit modes and one replica need no timing."""
+    from demjax import plan
+
+    monkeypatch.setenv("DEMJAX_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake(speeds):
+        def measure():
+            calls.append(1)
+            return [{"replica_plan": m, "agent_steps_per_s": v, "agents": 8,
+                     "replicas": R, "steps": 4, "compile_s": 0.1}
+                    for m, v in zip(("vmap", "one_at_a_time"), speeds, strict=True)]
+        return measure  # fmt: skip
+
+    seq, whole = plan.LocalPlan(1, "patches", "xla"), plan.LocalPlan(0, "patches", "xla")
+    kw = dict(key_fields={"model": "t"}, budget_s=10.0)
+    c = config("fedavg", num_replicas=R)
+    got = plan.resolve_replicas(c, whole, measure=fake((1, 2)), **kw)
+    assert (got["mode"], got["source"], calls) == ("vmap", "rule", [])
+    got = plan.resolve_replicas(c, seq, measure=fake((100.0, 140.0)), **kw)
+    assert (got["mode"], got["source"], len(calls)) == ("one_at_a_time", "measured", 1)
+    assert [r["replica_plan"] for r in got["table"]] == ["vmap", "one_at_a_time"]
+    got = plan.resolve_replicas(c, seq, measure=fake((200.0, 140.0)), **kw)
+    assert (got["mode"], got["source"], len(calls)) == ("one_at_a_time", "cache", 1)
+    blk = plan.LocalPlan(4, "patches", "xla")
+    got = plan.resolve_replicas(c, blk, measure=fake((200.0, 140.0)), **kw)
+    assert (got["mode"], got["source"], len(calls)) == ("vmap", "measured", 2)
+    got = plan.resolve_replicas(c, plan.LocalPlan(8, "patches", "xla"),
+                                measure=fake((1, 2)), key_fields={}, budget_s=0.0)
+    assert (got["mode"], got["source"], len(calls)) == ("vmap", "prior", 2)
+    c = config("fedavg", num_replicas=R, replica_plan="one_at_a_time")
+    got = plan.resolve_replicas(c, whole, measure=fake((1, 2)), **kw)
+    assert (got["mode"], got["source"], len(calls)) == ("one_at_a_time", "config", 2)
+    assert plan.resolve_replicas(config("fedavg"), seq, measure=fake((1, 2)), **kw) is None
+
+
+def test_measure_replicas_times_both_modes():
+    """The real timing: both modes compile and run the plan's trainer on R
+    replicas of the same population; speeds are positive."""
+    from demjax import engine, local, models
+
+    c = config("fedavg", num_replicas=2)
+    part = data.make_split(c).partition
+    tx = local.make_optimizer("sgd", 0.1)
+    model = models.make_model("mlr", part.num_classes, (100,))
+    one = models.init_params(__import__("jax").random.PRNGKey(0), model,
+                             tuple(part.input_shape))  # fmt: skip
+
+    def make_trainer(block, conv, matmul, n, local_epochs=1):
+        return local.make_train_population(
+            models.make_apply(model), tx, batch_size=10, local_epochs=local_epochs,
+            n_train=n, num_buckets=1, block_size=block)  # fmt: skip
+
+    from demjax import plan
+
+    x = engine._host_rows(part.x_train, 4)
+    y = engine._host_rows(part.y_train, 4)
+    recs = plan.measure_replicas(
+        make_trainer, lambda impl: one, tx, x, y,
+        plan=plan.LocalPlan(1, "patches", "xla"), replicas=2, num_agents=6,
+        batch_size=10, steps=2, mu=0.0)  # fmt: skip
+    assert [r["replica_plan"] for r in recs] == ["vmap", "one_at_a_time"]
+    assert all(r["agents"] == 6 and r["replicas"] == 2 and r["steps"] == 2
+               and r["agent_steps_per_s"] > 0 for r in recs)  # fmt: skip
 
 
 def test_replica_files_and_summary(tmp):
@@ -197,7 +305,7 @@ def test_replicate_split_equals_seeded_runs(algo, partition, tmp_path):
 
 def test_num_replicas_errors(tmp_path):
     for field, bad in [("num_replicas", b) for b in (0, -1, 1.5, True, "2")] + [
-        ("replicate_split", 1)
+        ("replicate_split", 1), ("replica_plan", "serial")
     ]:
         c = config("fedavg")
         with c.ignore_type():
