@@ -347,7 +347,7 @@ def part_train(args, env):
 def part_replicas(args, env):
     """Local training of R replicas of A agents (``--ks`` gives A, the
     ``sequential`` plan, im2col + ``wgrad_t`` for the CNN) run the two ways
-    ``demjax.train._over_replicas`` can: vmapped over the replicas, and one
+    ``demjax.plan.over_replicas`` can: vmapped over the replicas, and one
     replica after another (in-place ``fori_loop``); beside them R calls of the
     one-replica program. Agents hold 40..180 samples (seeded), as in the
     paper split."""
@@ -355,7 +355,7 @@ def part_replicas(args, env):
     import jax.numpy as jnp
     import numpy as np
 
-    from demjax import local, train
+    from demjax import local, plan
 
     conv, mm = ("patches", "wgrad_t") if args.model == "cnn" else ("patches", "xla")
     _, params, apply_fn, _, batch = model_setup(args.model, conv, mm)
@@ -372,25 +372,28 @@ def part_replicas(args, env):
             num_buckets=1, block_size=1,
         )  # fmt: skip
 
-        def phase(state, part, key, t):
+        def phase(state, part, key, t, a=a, pop=pop):
             p, o = state
             keys = jax.random.split(key, a)
             p, o, loss = pop(keys, p, o, part["x"], part["y"], part["n"], p, 0.0)
             return (p, o), {"loss": loss}
 
-        p1 = jax.tree.map(lambda v: jnp.broadcast_to(v, (a, *v.shape)) + 0.0, params)
+        p1 = jax.tree.map(
+            lambda v, a=a: jnp.broadcast_to(v, (a, *v.shape)) + 0.0, params
+        )
         state1 = (p1, jax.vmap(tx.init)(p1))
         state_r = jax.tree.map(lambda v: jnp.stack([v] * reps), state1)
         keys = jax.random.split(jax.random.PRNGKey(2), reps)
         one = jax.jit(phase)
+
+        def calls(s, p, k, t, one=one):
+            return [one(plan._take(s, r), p, k[r], t) for r in range(reps)]
+
         fns = {
-            "replicas vmapped": jax.jit(train._over_replicas(phase, None, False)),
+            "replicas vmapped": jax.jit(plan.over_replicas(phase, None, False)),
             "replicas one after another": jax.jit(
-                train._over_replicas(phase, None, True)),
-            f"{reps} calls of one replica": lambda s, p, k, t: [
-                one(jax.tree.map(lambda v, r=r: v[r], s), p, k[r], t)
-                for r in range(reps)
-            ],
+                plan.over_replicas(phase, None, True)),
+            f"{reps} calls of one replica": calls,
         }  # fmt: skip
         fargs = {nm: (state_r, part, keys, jnp.int32(0)) for nm in fns}
         res = timeit(fns, fargs, args.repeats, inner=1)
@@ -399,7 +402,7 @@ def part_replicas(args, env):
         steps = int((args.epochs * np.ceil(n / batch)).sum()) * reps
         for nm, (med, best) in res.items():
             if nm.startswith("replicas"):
-                got = [jax.tree.map(lambda v, r=r: v[r], outs[nm][0][0])
+                got = [plan._take(outs[nm][0][0], r)
                        for r in range(reps)]  # fmt: skip
                 err = max(float(jnp.abs(u - v).max())
                           for g, w in zip(got, ref, strict=True)

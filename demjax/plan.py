@@ -506,6 +506,11 @@ def measure_local(
 REPLICA_MODES = ("auto", "vmap", "one_at_a_time")
 
 
+def _take(tree, r):
+    """Replica ``r`` of a pytree stacked over replicas."""
+    return jax.tree.map(lambda v: v[r], tree)
+
+
 def over_replicas(fn: Callable, part_axis: int | None, one_at_a_time: bool,
                   name: str = "") -> Callable:  # fmt: skip
     """Phase ``fn(state, part, key, t) -> (state, info)`` of one replica as a
@@ -527,9 +532,7 @@ def over_replicas(fn: Callable, part_axis: int | None, one_at_a_time: bool,
 
     def run(state, part, key, t):
         num = jax.tree.leaves(key)[0].shape[0]
-
-        def pick(tree, r):
-            return jax.tree.map(lambda v: v[r], tree)
+        pick = _take
 
         def one(st, r):
             mine = part if part_axis is None else pick(part, r)
@@ -610,7 +613,8 @@ def measure_replicas(
 
         def run(one, xs, ys, prog=prog):
             params = jax.tree.map(
-                lambda v: jnp.broadcast_to(v, (replicas, a) + v.shape), one)
+                lambda v: jnp.broadcast_to(v, (replicas, a) + v.shape), one
+            )
             opt = jax.vmap(jax.vmap(tx.init))(params)
             keys = jax.random.split(jax.random.PRNGKey(0), replicas)
             return prog((params, opt), (xs, ys), keys, jnp.int32(0))

@@ -15,7 +15,7 @@ from helpers import tiny_config as base_config
 from test_local import per_agent_reference
 
 from demjax import config as config_lib
-from demjax import local, models, plan, train
+from demjax import data, local, models, plan, train
 from demjax.errors import ConfigError
 
 tiny_config = functools.partial(base_config, num_agents=6, num_rounds=2, num_levels=2)
@@ -369,9 +369,11 @@ def test_search_budget_counts_every_replica(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "memory_cap", lambda *a, **k: (6, dict(probe)))
     monkeypatch.setattr(plan, "measure_local", None)  # too short: no search
     got = {}
+    part = data.make_split(tiny_config()).partition
     for reps in (1, 3):
-        c = tiny_config(num_agents=6, num_replicas=reps, eval_batch=8)
-        got[reps] = train.run(c, str(tmp_path / f"r{reps}"))["local_plan"]
+        c = tiny_config(num_replicas=reps, eval_batch=8)
+        config_lib.validate(c)
+        got[reps] = train.build(c, part)[1].plan_info  # plan chosen, nothing run
         assert got[reps]["source"] == "prior"
     assert got[1]["budget_s"] > 1.0
     np.testing.assert_allclose(got[3]["budget_s"], 3 * got[1]["budget_s"], rtol=1e-3)

@@ -95,7 +95,8 @@ def test_replicas_equal_one_replica_runs(algo, tmp):
 
 @pytest.mark.parametrize(
     "algo,plan,mode",
-    [("fedavg", "sequential", "one_at_a_time"), ("fedavg", "sequential", "vmap"),
+    [("fedavg", "sequential", "one_at_a_time"),
+     pytest.param("fedavg", "sequential", "vmap", marks=pytest.mark.slow(seconds=8)),
      pytest.param("demlearn", "block:2", "one_at_a_time",
                   marks=pytest.mark.slow(seconds=10))],
 )  # fmt: skip
