@@ -58,6 +58,7 @@ from benchmarks.common import (  # noqa: E402
     load_results,
     mean_std,
     save_results,
+    start_anew,
 )
 from configs import fmnist_paper  # noqa: E402
 
@@ -229,15 +230,12 @@ def main(argv=None) -> None:
             continue
         config = config_for(ROWS[name], args.num_rounds, args.replicas, args.quick)
         t0 = time.perf_counter()
-        out = run(
-            config,
-            os.path.join(
-                args.workdir,
-                "quick" if args.quick else "",
-                name + (f"_seeds{args.replicas}" if seeded else ""),
-            ),
-            overwrite=args.force,
+        workdir = os.path.join(
+            args.workdir,
+            "quick" if args.quick else "",
+            name + (f"_seeds{args.replicas}" if seeded else ""),
         )
+        out = run(config, workdir, overwrite=start_anew(workdir, args.force))
         entry = {
             "overrides": ROWS[name],
             "num_rounds": int(config.num_rounds),

@@ -26,6 +26,16 @@ def save_results(path: str, obj: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+def start_anew(workdir: str, force: bool) -> bool:
+    """``overwrite`` for a driver's run in ``workdir``: True with ``--force``
+    or when the workdir holds no checkpoint (an earlier invocation stopped
+    before its first checkpoint: nothing to resume, its partial files are
+    replaced); False resumes from the newest checkpoint."""
+    from demjax.checkpoint import has_checkpoint
+
+    return bool(force) or not has_checkpoint(workdir)
+
+
 def environment() -> dict:
     """Device and versions, printed and stored with every benchmark."""
     import jax

@@ -46,6 +46,7 @@ from benchmarks.common import (  # noqa: E402
     mean_curve,
     mean_std,
     save_results,
+    start_anew,
     traffic_cell,
 )
 from configs import default  # noqa: E402
@@ -354,17 +355,14 @@ def main(argv=None) -> None:
 
                     apply(config, params)
                 t0 = time.perf_counter()
-                out = run(
-                    config,
-                    os.path.join(
-                        args.workdir,
-                        "quick" if args.quick else "",
-                        "tuned" if args.tuned else "",
-                        split,
-                        name,
-                    ),  # fmt: skip
-                    overwrite=args.force,
-                )
+                workdir = os.path.join(
+                    args.workdir,
+                    "quick" if args.quick else "",
+                    "tuned" if args.tuned else "",
+                    split,
+                    name,
+                )  # fmt: skip
+                out = run(config, workdir, overwrite=start_anew(workdir, args.force))
                 results["runs"][key] = {
                     "final": out["final"]["sync"],
                     "wall_s": round(time.perf_counter() - t0, 1),

@@ -73,6 +73,7 @@ from benchmarks.common import (  # noqa: E402
     difference_to_single,
     mean_curve,
     mean_std,
+    start_anew,
     top_group_metric,
 )
 from benchmarks.common import best_rounds as seed_best_rounds  # noqa: E402
@@ -628,8 +629,8 @@ def main(argv=None) -> None:
             )
             t0 = time.perf_counter()
             # Resumes from the run's checkpoint if an earlier invocation stopped
-            # mid-way.
-            out = run(config, workdir, overwrite=args.force)
+            # mid-way (one stopped before its first checkpoint starts anew).
+            out = run(config, workdir, overwrite=start_anew(workdir, args.force))
             entry = {
                 "final": out["final"]["sync"],  # with seeds: mean over them
                 "final_local": out["final"]["local"],

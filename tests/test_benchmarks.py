@@ -721,3 +721,26 @@ def test_baselines_report_shows_each_run_of_a_resumed_search(tmp_path):
     first = entry["auto"]["table"][0]
     assert f"| {first['plan']} *earlier run* |" in md
     assert md.count("*earlier run* |") == 1
+
+
+@pytest.mark.slow(seconds=8)  # one 2-round smoke run of the driver
+def test_driver_starts_a_run_stopped_before_its_first_checkpoint_anew(tmp_path):
+    """A row whose earlier invocation stopped before its first checkpoint left
+    results without a checkpoint: the driver starts it anew (nothing to
+    resume) instead of refusing; with a checkpoint it resumes."""
+    from benchmarks.common import start_anew
+
+    cp = load("compare_personalized")
+    dead = tmp_path / "quick" / "pathological" / "fedavg"
+    dead.mkdir(parents=True)
+    (dead / "metrics.jsonl").write_text('{"round": 0, "point": "sync"}\n')
+    (dead / "config.json").write_text("{}")
+    assert start_anew(str(dead), force=False)
+    cp.main(["--quick", "--only=fedavg", "--splits=pathological",
+             f"--workdir={tmp_path}"])  # fmt: skip
+    stored = json.loads((tmp_path / "quick" / "compare_personalized.json").read_text())
+    assert stored["runs"]["pathological/fedavg"]["num_rounds"] == 2
+    lines = (dead / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines][-1] == 1  # the new run's
+    (dead / "checkpoints" / "1").mkdir(parents=True)
+    assert not start_anew(str(dead), force=False) and start_anew(str(dead), True)
