@@ -12,7 +12,11 @@ The goldens are reference metrics of the current implementation: one
   its 50 default generator steps per round made it the slowest case, 14 s of
   the suite, without checking more);
 - ``fmnist_paper``: ``configs/fmnist_paper.py`` (DemLearn-P, the paper's CNN on
-  Fashion-MNIST) with ``num_rounds=2``; needs the IDX files.
+  Fashion-MNIST) with ``num_rounds=2``; needs the IDX files. Its float results
+  depend on the CPU's vector ISA, so it has one golden per kind:
+  ``fmnist_paper.jsonl`` (no AVX-512, recorded on a 2-core AMD EPYC) and
+  ``fmnist_paper.avx512.jsonl`` (a 2-core AVX-512 Xeon); ``record.py`` writes the
+  one of the machine it runs on.
 
 Regenerate only when a change is meant to alter results (a new algorithm, a fixed
 bug, a deliberate change of numerics), and say so when committing the new files; a
@@ -52,8 +56,26 @@ GEN_STEPS = 5  # FedGen's generator steps per round in its case
 WALL_CLOCK_SUFFIXES = ("_s", "_time", "_seconds")
 
 
-def golden_path(case: str, directory: str = HERE) -> str:
-    return os.path.join(directory, f"{case}.jsonl")
+def float_kind() -> str:
+    """The CPU class whose XLA:CPU float results the CNN case's golden holds:
+    ``"avx512"`` on CPUs with AVX-512 (XLA's GEMM kernels, so the rounding,
+    differ; two rounds of DemLearn's clustering turn that into accuracies a
+    sample apart), ``""`` otherwise (the golden first recorded, on a 2-core AMD
+    EPYC without AVX-512)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return ""
+    return "avx512" if "avx512f" in flags else ""
+
+
+def golden_path(case: str, directory: str = HERE, kind: str | None = None) -> str:
+    """``<case>.jsonl``; the CNN case on an AVX-512 CPU ``<case>.avx512.jsonl``
+    (``float_kind``; ``kind`` overrides the detection)."""
+    kind = float_kind() if kind is None else kind
+    suffix = f".{kind}" if case == FMNIST_CASE and kind else ""
+    return os.path.join(directory, f"{case}{suffix}.jsonl")
 
 
 def case_config(case: str):
