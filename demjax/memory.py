@@ -127,8 +127,9 @@ def memory_cap(config, partition, model, tx, *, donate: bool,
     models (three copies), and per training agent twice one step's XLA
     temporaries plus its block's copies of params, optimizer state and data.
 
-    With ``config.num_replicas`` R > 1 every replica trains its block at once
-    (the round's programs are vmapped over the replica axis): the population,
+    With ``config.num_replicas`` R > 1 every replica may train its block at once
+    (the round's programs vmapped over the replica axis; with replicas one after
+    another, ``plan.over_replicas``, the estimate is conservative): the population,
     group models and per-agent step temporaries count R times, the data R
     times with ``replicate_split`` (else once, shared); ``cap`` is then the
     block of agents per replica.

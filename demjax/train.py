@@ -29,7 +29,8 @@ The workdir receives, each flushed every round so a run never loses its results:
 - the algorithm's own files (e.g. ``tree_final.json``, ``trees/``).
 
 Replicas (``num_replicas`` R > 1): R independent runs (seeds ``seed + r``) as one
-population with a leading replica axis, each phase vmapped over it, host steps
+population with a leading replica axis, each phase run over it in one program
+(vmapped, or one replica after another: ``config.replica_plan``), host steps
 and measurements per replica; the records gain a ``replica`` field, and
 ``replicas.json`` holds mean and standard deviation over the replicas
 (docs/running.md).
@@ -197,8 +198,9 @@ def _take(tree, j: int):
 
 @dataclasses.dataclass
 class _Cohort:
-    """Replicas run by one program (``num_replicas`` > 1): one jitted, vmapped
-    program per phase over their stacked states (``vmapped``), or a single
+    """Replicas run by one program (``num_replicas`` > 1): one jitted program
+    per phase over their stacked states (``vmapped``: the property's name; the
+    program vmaps or loops over them, ``plan.over_replicas``), or a single
     replica run by the plain program.
 
     Attributes:
