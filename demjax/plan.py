@@ -648,10 +648,13 @@ def resolve_replicas(
 
     ``auto``: a plan training every agent at once keeps ``vmap`` (one batch
     of R x A agents, what wins on accelerators); a plan of agent blocks or
-    ``sequential`` times both modes (``measure_replicas``) when
-    ``budget_s`` pays for their two compilations and keeps the faster; the
-    choice is cached like the local plan (keyed by ``key_fields``, the plan
-    and R). Without the budget: ``vmap``.
+    ``sequential`` times both modes (``measure``, i.e. ``measure_replicas``)
+    when ``budget_s`` > 0 (the caller passes what is left of the search's
+    share after the local plan's search and the two compilations) and keeps
+    the faster; the choice is cached like the local plan (keyed by
+    ``key_fields``, the plan and R) unless other work took more than
+    ``OUTSIDE_LOAD_MAX`` of the machine meanwhile. Without the budget:
+    ``vmap``.
 
     Returns:
       None for R = 1, else ``{"mode", "source", "table"}`` (source ``config``,
