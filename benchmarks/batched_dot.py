@@ -27,6 +27,7 @@ Usage:
   python benchmarks/batched_dot.py --part train --model cnn --ks 8,32
   python benchmarks/batched_dot.py --part step --flags-sweep --rounds 2
   python benchmarks/batched_dot.py --part replicas --model cnn --ks 50 --repeats 3
+  python benchmarks/batched_dot.py --part replica_rounds --model cnn --rounds 3
 """
 
 from __future__ import annotations
@@ -417,10 +418,49 @@ def part_replicas(args, env):
                   "max_abs_diff_vs_calls": err}, env)  # fmt: skip
 
 
+def part_replica_rounds(args, env):
+    """Whole rounds of ``configs/fmnist_paper.py`` (DemLearn-P, ``--model``: the
+    paper CNN with ``cnn``, else the MLP) with ``--replicas`` R replicas,
+    ``local_plan=sequential``, run with ``replica_plan`` vmap and one_at_a_time
+    alternately (twice each), ``--rounds`` rounds per run: local training
+    seconds per round (round 0 includes compilation) and the final sync
+    C-SPE per replica (equal between the modes to float tolerance)."""
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import fmnist_paper
+    from demjax import train
+    from demjax.run_output import read_jsonl
+
+    for mode in ("one_at_a_time", "vmap") * 2:
+        c = fmnist_paper.get_config()
+        c.mu, c.num_replicas, c.num_rounds = 0.002, args.replicas, args.rounds
+        c.eval_every, c.checkpoint_every, c.progress = 10_000, 0, False
+        c.local_plan, c.replica_plan = "sequential", mode
+        if args.model != "cnn":
+            c.model = "mlp"
+        else:
+            c.conv_impl, c.matmul_impl = "patches", "wgrad_t"
+        wd = tempfile.mkdtemp()
+        try:
+            out = train.run(c, wd)
+            timing = read_jsonl(os.path.join(wd, "timing.jsonl"))
+        finally:
+            shutil.rmtree(wd, ignore_errors=True)
+        last = max(r["round"] for r in out["records"])
+        emit({"part": "replica_rounds", "model": c.model, "replicas": args.replicas,
+              "replica_plan": mode,
+              "local_s": [round(t["local_s"], 2) for t in timing if t["round"] >= 0],
+              "c_spe_final": [round(r["c_spe"], 6) for r in out["records"]
+                              if r["round"] == last and r["point"] == "sync"]},
+             env)  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("hlo", "dots", "step", "train", "replicas"),
-                    required=True)  # fmt: skip
+    ap.add_argument("--part", required=True, choices=(
+        "hlo", "dots", "step", "train", "replicas", "replica_rounds"))  # fmt: skip
     ap.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--ks", default="8,32,256,1000")
@@ -442,7 +482,8 @@ def main():
     args.models = args.models.split(",")
     env = _env()
     {"hlo": part_hlo, "dots": part_dots, "step": part_step, "train": part_train,
-     "replicas": part_replicas}[args.part](args, env)  # fmt: skip
+     "replicas": part_replicas,
+     "replica_rounds": part_replica_rounds}[args.part](args, env)  # fmt: skip
 
 
 if __name__ == "__main__":
