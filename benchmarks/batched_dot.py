@@ -388,7 +388,7 @@ def part_replicas(args, env):
         one = jax.jit(phase)
 
         def calls(s, p, k, t, one=one):
-            return [one(plan._take(s, r), p, k[r], t) for r in range(reps)]
+            return [one(plan.take_replica(s, r), p, k[r], t) for r in range(reps)]
 
         fns = {
             "replicas vmapped": jax.jit(plan.over_replicas(phase, None, False)),
@@ -403,7 +403,7 @@ def part_replicas(args, env):
         steps = int((args.epochs * np.ceil(n / batch)).sum()) * reps
         for nm, (med, best) in res.items():
             if nm.startswith("replicas"):
-                got = [plan._take(outs[nm][0][0], r)
+                got = [plan.take_replica(outs[nm][0][0], r)
                        for r in range(reps)]  # fmt: skip
                 err = max(float(jnp.abs(u - v).max())
                           for g, w in zip(got, ref, strict=True)

@@ -116,9 +116,9 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
       algorithm: name (part of the cache key: a plug-in's gradient differs).
 
     Returns:
-      ``(plan.LocalPlan, info dict)`` as ``demjax.plan.resolve``, plus
+      ``(plan.LocalPlan, info dict)`` as ``demjax.plan.resolve`` (with
       ``info["replicas"]``: how the phases run over ``num_replicas`` > 1
-      replicas (``demjax.plan.resolve_replicas``; None for one replica).
+      replicas).
     """
     has_conv = config.model.startswith("cnn")
     n_train = sharding.to_host(partition.n_train)
@@ -153,18 +153,7 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
     x_train = partition.x_train
     n_dev = len(x_train.sharding.device_set) if isinstance(x_train, jax.Array) else 1
     cap, probe = cap_probe
-    key_fields = {
-        "algorithm": algorithm,
-        "model": config.model,
-        "hidden": list(config.hidden),
-        "input_shape": list(shape),
-        "num_classes": int(num_classes),
-        "optimizer": config.optimizer,
-        "local_epochs": epochs,
-        "n_max": int(np.max(n_train)),
-        "mu_positive": float(mu) > 0,
-    }
-    plan, info = plan_lib.resolve(
+    return plan_lib.resolve(
         config,
         num_agents=partition.num_agents,
         cap=cap,
@@ -177,31 +166,19 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
         x=x,
         y=y,
         n_train=n_train,
-        key_fields=key_fields,
+        key_fields={
+            "algorithm": algorithm,
+            "model": config.model,
+            "hidden": list(config.hidden),
+            "input_shape": list(shape),
+            "num_classes": int(num_classes),
+            "optimizer": config.optimizer,
+            "local_epochs": epochs,
+            "n_max": int(np.max(n_train)),
+            "mu_positive": float(mu) > 0,
+        },
         multi_device=n_dev > 1,
     )
-    # Replicas: how the phases run over them. Budget: what is left of the
-    # search's share (every replica's training) after the local plan's search,
-    # less the two compilations of the timed programs.
-    per_round = epochs * np.ceil(np.asarray(n_train) / batch_size)
-    budget = (plan_lib.SEARCH_FRACTION * float(per_round.sum())
-              * int(config.num_rounds) * int(config.num_replicas)
-              * float(probe["run_s"]) - float(info.get("search_s", 0.0))
-              - 4.0 * float(probe["compile_s"]))  # fmt: skip
-    if n_dev > 1 or sharding.multiprocess():
-        budget = 0.0  # every device / process must run one program: no timing
-    info["replicas"] = plan_lib.resolve_replicas(
-        config, plan, budget_s=budget,
-        key_fields=dict(key_fields, num_agents=partition.num_agents, cap=cap,
-                        batch_size=batch_size),
-        measure=lambda: plan_lib.measure_replicas(
-            make_trainer, init_params, tx, x, y, plan=plan,
-            replicas=int(config.num_replicas), num_agents=partition.num_agents,
-            batch_size=batch_size,
-            steps=int(max(1, min(8, per_round.max()))), mu=float(mu),
-        ),
-    )  # fmt: skip
-    return plan, info
 
 
 def choose_eval_plan(config, partition: Partition, *, probe: dict, points: int):
@@ -234,7 +211,7 @@ def choose_eval_plan(config, partition: Partition, *, probe: dict, points: int):
     rounds = int(config.num_rounds)
     # Every replica evaluates its own models (num_replicas x the evaluations).
     num_evals = (points * (-(-rounds // int(config.eval_every)) + 1)
-                 * int(getattr(config, "num_replicas", 1)))  # fmt: skip
+                 * int(config.num_replicas))  # fmt: skip
     return plan_lib.resolve_eval(
         config,
         num_agents=partition.num_agents,

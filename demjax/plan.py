@@ -399,6 +399,16 @@ class _PastPeak:
         return self.worse >= 2
 
 
+def _timed_agents(block_size: int, num_agents: int, min_agents: int = 8) -> int:
+    """Agents a candidate is timed on: all for ``block_size`` 0, else two
+    blocks' worth, at least ``min_agents`` (a whole number of blocks), at most
+    A."""
+    if block_size == 0:
+        return num_agents
+    blocks = max(2, -(-max(8, int(min_agents)) // block_size))
+    return min(num_agents, blocks * block_size)
+
+
 def measure_local(
     make_trainer: Callable[[int, str, np.ndarray], Callable],
     init_params: Callable[[str], object],
@@ -449,11 +459,7 @@ def measure_local(
       ``_retime`` (a function that times the compiled program again and
       returns its agent-steps/s; ``search`` drops it from the table).
     """
-    if block_size == 0:
-        a = num_agents
-    else:
-        blocks = max(2, -(-max(8, int(min_agents)) // block_size))
-        a = min(num_agents, blocks * block_size)
+    a = _timed_agents(block_size, num_agents, min_agents)
     if samples is None:
         n, epochs = steps * batch_size, 1
     else:
@@ -506,8 +512,8 @@ def measure_local(
 REPLICA_MODES = ("auto", "vmap", "one_at_a_time")
 
 
-def _take(tree, r):
-    """Replica ``r`` of a pytree stacked over replicas."""
+def take_replica(tree, r):
+    """Replica ``r`` (int or traced index) of a pytree stacked over replicas."""
     return jax.tree.map(lambda v: v[r], tree)
 
 
@@ -532,14 +538,13 @@ def over_replicas(fn: Callable, part_axis: int | None, one_at_a_time: bool,
 
     def run(state, part, key, t):
         num = jax.tree.leaves(key)[0].shape[0]
-        pick = _take
 
         def one(st, r):
-            mine = part if part_axis is None else pick(part, r)
-            return fn(pick(st, r), mine, pick(key, r), t)
+            mine = part if part_axis is None else take_replica(part, r)
+            return fn(take_replica(st, r), mine, take_replica(key, r), t)
 
         out_state, out_info = jax.eval_shape(lambda: one(state, 0))
-        in_state = jax.eval_shape(lambda: pick(state, 0))
+        in_state = jax.eval_shape(lambda: take_replica(state, 0))
         same = jax.tree.structure(out_state) == jax.tree.structure(in_state) and all(
             a.shape == b.shape and a.dtype == b.dtype
             for a, b in zip(
@@ -589,9 +594,7 @@ def measure_replicas(
       ``[{"replica_plan", "agents", "replicas", "steps", "compile_s",
       "agent_steps_per_s"}, ...]``, vmap first.
     """
-    k = plan.block_size or num_agents
-    a = num_agents if plan.block_size == 0 else min(
-        num_agents, max(2, -(-8 // k)) * k)  # fmt: skip
+    a = _timed_agents(plan.block_size, num_agents)
     n = steps * batch_size
     rows, cols = np.arange(a) % x.shape[0], np.arange(n) % x.shape[1]
     xs, ys = x[rows][:, cols], y[rows][:, cols]
@@ -660,7 +663,7 @@ def resolve_replicas(
       None for R = 1, else ``{"mode", "source", "table"}`` (source ``config``,
       ``rule``, ``cache``, ``measured`` or ``prior``).
     """
-    reps = int(config.num_replicas)
+    reps = int(getattr(config, "num_replicas", 1))
     if reps == 1:
         return None
     want = str(config.replica_plan)
@@ -1076,8 +1079,79 @@ def resolve(
       of records, empty unless measured or cached); when measured or resumed
       also ``complete`` (False: the budget cut the search; the next run with
       the same cache key resumes it) and ``search_runs`` (runs that have
-      spent their budget on this search so far).
+      spent their budget on this search so far); ``replicas``: how the
+      phases run over ``num_replicas`` > 1 replicas (``resolve_replicas``,
+      None for one), timed within what is left of the search's share after
+      the local plan's search and the two compilations.
     """
+    from demjax import sharding
+
+    plan, info = _resolve_local(
+        config,
+        num_agents=num_agents, cap=cap, probe=probe, has_conv=has_conv,
+        make_trainer=make_trainer, init_params=init_params, tx=tx, mu=mu, x=x,
+        y=y, n_train=n_train, key_fields=key_fields, multi_device=multi_device,
+    )  # fmt: skip
+    per_round = _steps_per_round(config, n_train)
+    budget = (
+        _search_budget(config, per_round, probe)
+        - float(info.get("search_s", 0.0))
+        - 4.0 * float(probe["compile_s"])
+    )
+    if multi_device or sharding.multiprocess():
+        budget = 0.0  # every device / process must run one program: no timing
+    batch_size = int(config.batch_size)
+    info["replicas"] = resolve_replicas(
+        config, plan, budget_s=budget,
+        key_fields=dict(key_fields, num_agents=num_agents, cap=info["cap"],
+                        batch_size=batch_size),
+        measure=lambda: measure_replicas(
+            make_trainer, init_params, tx, x, y, plan=plan,
+            replicas=int(config.num_replicas), num_agents=num_agents,
+            batch_size=batch_size, steps=int(max(1, min(8, per_round.max()))),
+            mu=float(mu),
+        ),
+    )  # fmt: skip
+    return plan, info
+
+
+def _steps_per_round(config, n_train) -> np.ndarray:
+    """Local steps of each agent in one round: int64 ``[A]``."""
+    batch_size, epochs = int(config.batch_size), int(config.local_epochs)
+    return epochs * np.ceil(np.asarray(n_train) / batch_size).astype(np.int64)
+
+
+def _search_budget(config, per_round: np.ndarray, probe: dict) -> float:
+    """``SEARCH_FRACTION`` of the run's local training estimated from one
+    agent's gradient step (``probe["run_s"]``): every agent-step of every
+    round of every replica (each replica trains its own population)."""
+    return (
+        SEARCH_FRACTION
+        * float(per_round.sum())
+        * int(config.num_rounds)
+        * int(getattr(config, "num_replicas", 1))
+        * float(probe["run_s"])
+    )
+
+
+def _resolve_local(
+    config,
+    *,
+    num_agents: int,
+    cap: int,
+    probe: dict,
+    has_conv: bool,
+    make_trainer: Callable[[int, str, np.ndarray], Callable],
+    init_params: Callable[[str], object],
+    tx,
+    mu: float,
+    x: np.ndarray,
+    y: np.ndarray,
+    n_train: np.ndarray,
+    key_fields: dict,
+    multi_device: bool = False,
+) -> tuple[LocalPlan, dict]:
+    """``resolve``'s local-training plan (without ``replicas``)."""
     from demjax import sharding
 
     block = parse_plan(config.local_plan)
@@ -1116,7 +1190,7 @@ def resolve(
         return plan, dict(info, **_names(plan), source=source)
     batch_size = int(config.batch_size)
     epochs = int(config.local_epochs)
-    per_round = epochs * np.ceil(np.asarray(n_train) / batch_size).astype(np.int64)
+    per_round = _steps_per_round(config, n_train)
     steps = int(max(1, min(8, int(per_round.max()))))
     fields = dict(
         key_fields,
@@ -1141,15 +1215,7 @@ def resolve(
     if entry is not None:  # an incomplete search: this run resumes it
         prior = list(entry.get("table", []))
 
-    # Each of the run's replicas trains its own population (its local training
-    # is num_replicas x one population's).
-    budget = (
-        SEARCH_FRACTION
-        * float(per_round.sum())
-        * int(config.num_rounds)
-        * int(getattr(config, "num_replicas", 1))
-        * float(probe["run_s"])
-    )
+    budget = _search_budget(config, per_round, probe)
     info["budget_s"] = round(budget, 3)
     if budget < 2.0 * float(probe["compile_s"]) * len(impls):
         # Too short a run to pay for a search: the simplest plan.

@@ -191,11 +191,6 @@ def _stack(trees: list):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _take(tree, j: int):
-    """Replica ``j`` of a pytree stacked over replicas."""
-    return jax.tree.map(lambda x: x[j], tree)
-
-
 @dataclasses.dataclass
 class _Cohort:
     """Replicas run by one program (``num_replicas`` > 1): one jitted program
@@ -497,7 +492,7 @@ def run(
             for j, r in enumerate(c.members):
                 if c.own[j].final_files is None:
                     continue
-                one = _take(state, j) if c.vmapped else state
+                one = plan_lib.take_replica(state, j) if c.vmapped else state
                 write_files(c.own[j].final_files(one, done - 1), r)
         if reps > 1 and records:
             writer.json("replicas.json", _summary(config, records))
@@ -649,7 +644,7 @@ def run(
     else:  # replica order
         order = {r: (c, j) for c in cohorts for j, r in enumerate(c.members)}
         state = _stack([
-            _take(order[r][0].state, order[r][1]) if order[r][0].vmapped
+            plan_lib.take_replica(order[r][0].state, order[r][1]) if order[r][0].vmapped
             else order[r][0].state
             for r in range(reps)
         ])  # fmt: skip
@@ -699,7 +694,7 @@ def _measure(c, point: str, info: dict, eval_keys: list, t: int, tag: bool) -> l
     host_info = sharding.to_host(info)
     out = []
     for j, r in enumerate(c.members):
-        state = _take(c.state, j) if c.vmapped else c.state
+        state = plan_lib.take_replica(c.state, j) if c.vmapped else c.state
         mine = {k: v[j] for k, v in host_info.items()} if c.vmapped else host_info
         d = c.data[j]
         measure = (c.own[j] if c.own_measure else c.rounds).measure
