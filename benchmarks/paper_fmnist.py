@@ -32,8 +32,9 @@ it is); adding runs with other ``--replicas`` / ``--num_rounds`` /
 over the seeds of the final round and of each seed's best evaluated round (and
 those rounds), and the mean's difference to the authors' logged run in points,
 "beyond noise" when larger than two standard deviations of our seeds (the
-reference is one run without seeds of its own). ``--timing`` and
-``--store_partial`` stay single-seed.
+reference is one run without seeds of its own). ``--timing`` stays
+single-seed; ``--store_partial`` with ``--replicas=R`` stores a stopped seeded
+run (from ``WORKDIR/NAME_seedsR``) under ``replica_runs``.
 
 Wall time of ``--replicas=3 --eval_every=5`` (six runs of 100 rounds, 21
 evaluations each) on a 2-core AMD EPYC without AVX-512:
@@ -258,9 +259,25 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   of local C-GEN is at the edge of two standard errors of the difference (3.3), so
   the seeds no longer support the single-run reading below as more than a
   tendency. Against the reference: C-SPE -0.4 (within noise), C-GEN +7.6 and
-  Global +5.4 (beyond noise), as for FedAvg. The amplify runs with several seeds
-  are still to run (`--replicas=3 --eval_every=5 --only=NAME`, about 2 hours each
-  on 2 shared cores).
+  Global +5.4 (beyond noise), as for FedAvg.
+- **Amplify over seeds 0-2 (`demlearn_p_amplify`, the "11 (stopped)" row): every
+  seed collapses to chance.** `--replicas=3 --eval_every=5 --only=demlearn_p_amplify`
+  (code of commit 8f686d8, 2026-12-05, shared AVX-512 Xeon) after round 0 (sync):
+  C-SPE .779 / .852 / .846, C-GEN .148 / .163 / .180 (the seed-0 single run: .811 /
+  .149). By round 5, the end of the x1.15 window, local training losses reached
+  5.7e9 and 7.3e9 in seeds 0 and 1 (3 and 2 agents diverged) and every agent of
+  seed 2 had diverged; after synchronization all three seeds sat at chance (.101,
+  .099, .094). By round 10 every agent of every seed diverged in local training,
+  and each was reset to its group model, itself kept from the previous round
+  because no agent contributed to it (`docs/demlearn.md`, step 3): the run holds
+  only models whose training diverges at once, so it was stopped in round 13
+  and its rounds 0-10 stored (`--store_partial=demlearn_p_amplify --replicas=3`).
+  The single seed-0 run of the first table (an older commit, on an EPYC) had one
+  diverged agent and recovered to .449 C-GEN: whether the amplified network
+  survives the first five rounds is decided by a few agents' steps, and 3 of 4
+  runs did not. The gap to the reference under amplify is therefore not a
+  seed-to-seed effect that more seeds would average out; the reference's network
+  survives the scaling and ours does not.
 """
 
 
@@ -277,22 +294,34 @@ def best_rounds(per_round: list[dict], point: str = "sync") -> dict:
     return out
 
 
-def partial_run(name: str, workdir: str, eval_every: int) -> dict:
+def partial_run(name: str, workdir: str, eval_every: int, replicas: int = 1) -> dict:
     """A run entry from the workdir of a run stopped before its last round:
     its ``metrics.jsonl`` records up to the last evaluated round, ``num_rounds``
     the rounds finished by then, ``wall_s`` the sum of their round times, and
-    ``partial: True``."""
+    ``partial: True``.
+
+    With ``replicas`` R > 1 (a ``--replicas`` run's workdir, records with a
+    ``replica`` field) ``final`` / ``final_local`` are the means over the seeds
+    and ``replicas`` the ``replicas.json`` summary of the stored rounds
+    (``demjax.run_output.replica_summary``), as a finished seeded run stores.
+
+    Raises:
+      ValueError: a stored round lacks some replica's record, or the records
+        and ``replicas`` disagree (replica field present iff R > 1).
+    """
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     with open(os.path.join(workdir, "timing.jsonl")) as f:
         timing = [json.loads(line) for line in f if line.strip()]
+    seeded = any("replica" in r for r in records)
+    if seeded != (replicas > 1):
+        raise ValueError(
+            f"{workdir}: records {'with' if seeded else 'without'} a replica field, "
+            f"but replicas={replicas}; accepted: --replicas as the run had"
+        )
     last = max(r["round"] for r in records if r["point"] == "sync")
     records = [r for r in records if r["round"] <= last]
-    final = {p: next(r for r in reversed(records) if r["point"] == p)
-             for p in ("sync", "local")}  # fmt: skip
-    return {
-        "final": final["sync"],
-        "final_local": final["local"],
+    entry = {
         "wall_s": round(sum(t.get("round_s", 0.0) for t in timing
                             if 0 <= t["round"] <= last), 1),  # fmt: skip
         "num_rounds": last + 1,
@@ -301,6 +330,27 @@ def partial_run(name: str, workdir: str, eval_every: int) -> dict:
         "per_round": records,
         "partial": True,
     }
+    if not seeded:
+        final = {p: next(r for r in reversed(records) if r["point"] == p)
+                 for p in ("sync", "local")}  # fmt: skip
+        return {"final": final["sync"], "final_local": final["local"], **entry}
+    from demjax.run_output import replica_summary
+
+    seed, split = 0, False
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        with open(os.path.join(workdir, "config.json")) as f:
+            cfg = json.load(f)
+        seed, split = int(cfg.get("seed", 0)), bool(cfg.get("replicate_split", False))
+    summary = {"seeds": [seed + r for r in range(replicas)], "replicate_split": split,
+               **replica_summary(records, replicas)}  # fmt: skip
+    mean = {
+        p: {"round": summary["points"][p]["c_spe"]["final"]["round"],
+            **{m: v["final"]["mean"] for m, v in summary["points"][p].items()}}
+        for p in ("sync", "local")
+    }  # fmt: skip
+    return {"final": mean["sync"], "final_local": mean["local"], "replicas": summary,
+            "cpu_model": cpu_model(), "date": time.strftime("%Y-%m-%d"),
+            "commit": _commit(), **entry}  # fmt: skip
 
 
 def config_for(name: str, num_rounds: int, eval_every: int, replicas: int = 1,
@@ -389,7 +439,8 @@ def replica_table(runs: dict) -> list[str]:
         ref = REFERENCE.get(name)
         ref_s = "-" if ref is None else " / ".join(f"{r:.3f}" for r in ref)
         lines.append(
-            f"| {name} | {len(s['seeds'])} | {run['num_rounds']} | {cells} | "
+            f"| {name} | {len(s['seeds'])} | {run['num_rounds']}"
+            f"{' (stopped)' if run.get('partial') else ''} | {cells} | "
             f"{'-' if top is None else mean_std(s, top, 'final')} | "
             f"{mean_std(s, 'global_acc', 'final')} | {best_cell(s, 'global_acc')} | "
             f"{ref_s} | {reference_diff(s, name)} | {run['wall_s']:.0f} |"
@@ -545,9 +596,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.replicas < 1:
         sys.exit(f"error: --replicas={args.replicas} is not valid; accepted: >= 1")
-    if args.replicas > 1 and (args.timing or args.store_partial):
-        sys.exit("error: --timing and --store_partial are single-seed; leave out "
-                 "--replicas")  # fmt: skip
+    if args.replicas > 1 and args.timing:
+        sys.exit("error: --timing is single-seed; leave out --replicas")
     if args.quick and (args.timing or args.store_partial):
         sys.exit("error: --timing and --store_partial measure the full setup; "
                  "leave out --quick")  # fmt: skip
@@ -579,8 +629,9 @@ def main(argv=None) -> None:
         if name not in RUNS:
             sys.exit(f"error: --store_partial={name!r} is not valid; accepted: "
                      f"{', '.join(RUNS)}")  # fmt: skip
-        results["runs"][name] = partial_run(
-            name, os.path.join(args.workdir, name), args.eval_every
+        sub = name + (f"_seeds{args.replicas}" if seeded else "")
+        results.setdefault(section, {})[name] = partial_run(
+            name, os.path.join(args.workdir, sub), args.eval_every, args.replicas
         )
         save(path, results)
         args.report_only = True

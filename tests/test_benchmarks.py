@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +67,37 @@ def test_paper_partial_run_from_workdir(tmp_path):
     paper.report({"runs": {"demlearn_p": run}}, str(tmp_path))
     md = (tmp_path / "paper_fmnist.md").read_text()
     assert "| demlearn_p | 6 (stopped) | 0.900 (0) | 0.400 (5) | 0.400 (5) |" in md
+
+
+def test_paper_partial_seeded_run_from_workdir(tmp_path):
+    """A stopped ``--replicas`` run: means and the replica summary over the
+    stored rounds (hand-computed), seeds from its config, shown as stopped in the
+    seeds table; a workdir whose records disagree with ``replicas`` is refused."""
+    paper = load("paper_fmnist")
+    rec = lambda r, p, q, v: {"round": r, "point": p, "replica": q, "c_spe": v,  # noqa: E731
+                              "c_gen": v / 2, "global_acc": v / 2}  # fmt: skip
+    lines = [rec(r, p, q, v) for r, vals in ((0, (0.6, 0.8)), (5, (0.2, 0.4)))
+             for p in ("local", "sync") for q, v in enumerate(vals)]  # fmt: skip
+    lines.append(rec(10, "local", 0, 0.1))  # round 10 never reached sync
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        paper.json.dumps(r) + "\n" for r in lines))  # fmt: skip
+    (tmp_path / "timing.jsonl").write_text("".join(
+        paper.json.dumps({"round": r, "round_s": 3.0}) + "\n" for r in range(11)))
+    (tmp_path / "config.json").write_text('{"seed": 7, "replicate_split": false}')
+    run = paper.partial_run("demlearn_p_amplify", str(tmp_path), 5, replicas=2)
+    assert run["partial"] and run["num_rounds"] == 6 and run["wall_s"] == 18.0
+    assert run["final"]["c_spe"] == pytest.approx(0.3)  # mean of .2, .4 at round 5
+    s = run["replicas"]
+    assert s["seeds"] == [7, 8]
+    best = s["points"]["sync"]["c_spe"]["best"]
+    assert best["values"] == pytest.approx([0.6, 0.8]) and best["rounds"] == [0, 0]
+    assert s["points"]["sync"]["c_spe"]["final"]["std"] == pytest.approx(
+        np.std([0.2, 0.4], ddof=1), abs=1e-6)  # fmt: skip
+    md_lines = paper.replica_table({"demlearn_p_amplify": run})
+    row = next(x for x in md_lines if x.startswith("| demlearn_p_amplify"))
+    assert row.startswith("| demlearn_p_amplify | 2 | 6 (stopped) | 0.300 +/- 0.141 |")
+    with pytest.raises(ValueError, match="replica field"):
+        paper.partial_run("demlearn_p_amplify", str(tmp_path), 5, replicas=1)
 
 
 def test_flops_per_agent_step_hand_computed():
