@@ -99,6 +99,53 @@ def _host_rows(a, k: int) -> np.ndarray:
     return sharding.to_host(a[:k])
 
 
+def _local_mesh(config, partition: Partition):
+    """The ``agents`` mesh local training is sharded over (``shard_map``), or
+    None: one device, or the partition is not sharded (a plan measurement)."""
+    x = partition.x_train
+    if not isinstance(x, jax.Array) or len(x.sharding.device_set) < 2:
+        return None
+    mesh = getattr(x.sharding, "mesh", None)
+    if mesh is None or tuple(mesh.axis_names) != (sharding.AXIS,):
+        return None
+    return mesh
+
+
+def _sharded(train_shard, mesh, params, opt_state, node_params, part, anchor_tree,
+             mu, keys, active, max_steps):  # fmt: skip
+    """``train_shard`` under ``jax.shard_map``: each device of the ``agents``
+    mesh trains its own contiguous A / D agents (anchors gathered from the
+    replicated group models at the agents' global ids), one program per device
+    running the local plan on its shard. Returns ``local_phase``'s tuple."""
+    from jax.sharding import PartitionSpec as P
+
+    a = sharding.AXIS
+    per_device = keys.shape[0] // int(mesh.devices.size)
+
+    def body(params, opt_state, node_params, x, y, n, anchor_tree, mu, keys,
+             active, max_steps):  # fmt: skip
+        offset = jax.lax.axis_index(a) * per_device
+        p, o, loss, div = train_shard(params, opt_state, node_params, x, y, n,
+                                      anchor_tree, mu, keys, active, max_steps,
+                                      offset)  # fmt: skip
+        return p, o, loss, div
+
+    shard = P(a)
+    fn = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(shard, shard, P(), shard, shard, shard, P(), P(), shard, shard,
+                  shard),  # fmt: skip
+        out_specs=(shard, shard, shard, shard),
+        check_vma=False,
+    )
+    p, o, loss, div = fn(
+        params, opt_state, node_params, part.x_train, part.y_train, part.n_train,
+        anchor_tree, mu, keys, active, max_steps,
+    )  # fmt: skip
+    return p, o, loss, active, div
+
+
 def choose_plan(config, partition: Partition, tx, mu: float, *,
                 cap_probe: tuple[int, dict], algorithm: str):  # fmt: skip
     """The local-training execution plan of a run (``demjax.plan``).
@@ -291,12 +338,19 @@ class Simulator:
 
         self.apply_fn = apply_fn
         self.block_size = self.plan.block_size
+        # Several devices: local training runs under shard_map, each device
+        # training its own A / D agents with the plan (one program per device,
+        # compiled for the shard: the static sample counts are the largest of
+        # each shard position, exact per agent at run time).
+        self.mesh = _local_mesh(config, partition)
+        shards = 1 if self.mesh is None else int(self.mesh.devices.size)
+        n_static = n_train.reshape(shards, -1).max(axis=0)
         train_all = local.make_train_population(
             apply_fn,
             self.tx,
             batch_size=config.batch_size,
             local_epochs=config.local_epochs,
-            n_train=n_train,
+            n_train=n_static,
             num_buckets=int(config.local_buckets),
             block_size=self.block_size,
         )
@@ -316,13 +370,28 @@ class Simulator:
             anchor) and flagged ``diverged`` (excluded from aggregation).
             """
             keys = jax.random.split(key, num_agents)
+            active, max_steps = round_masks(key, part.n_train)
+            if mesh is not None:
+                return _sharded(
+                    train_shard, mesh, params_in, opt_in, node_params, part,
+                    anchor_tree, mu, keys, active, max_steps,
+                )  # fmt: skip
+            params, opt_state, loss, diverged = train_shard(
+                params_in, opt_in, node_params, part.x_train, part.y_train,
+                part.n_train, anchor_tree, mu, keys, active, max_steps, 0,
+            )  # fmt: skip
+            return params, opt_state, loss, active, diverged
+
+        def train_shard(params_in, opt_in, node_params, x, y, n, anchor_tree, mu,
+                        keys, active, max_steps, offset):  # fmt: skip
+            """Local training of the agents ``offset + [0, len(keys))`` (all of
+            them, or one device's shard): ``(params, opt_state, loss, diverged)``."""
             # Each block's anchors are gathered from the group models inside the
             # training loop, never stacked [A, ...]; so are the
             # diverged/inactive picks, so the population is updated in place.
             anchor = lambda ids: hierarchy.parent_models(  # noqa: E731
-                node_params, anchor_tree, ids
+                node_params, anchor_tree, ids + offset
             )
-            active, max_steps = round_masks(key, part.n_train)
 
             def finish(ids, new_p, new_o, loss, old_p, old_o, anc):
                 act = active[ids]
@@ -350,16 +419,18 @@ class Simulator:
                 keys,
                 params_in,
                 opt_in,
-                part.x_train,
-                part.y_train,
-                part.n_train,
+                x,
+                y,
+                n,
                 anchor,
                 mu,
                 max_steps,
                 start=anchor if broadcast else None,
                 finish=finish,
             )
-            return params, opt_state, loss, active, diverged
+            return params, opt_state, loss, diverged
+
+        mesh = self.mesh
 
         aggregator = str(config.aggregator)
         # One device: the weighted bottom-up sums run over agent blocks of
@@ -438,12 +509,13 @@ class Simulator:
 
         def evaluate(params, node_params, node_weight, tree, part, x_gen, y_gen):
             out = metrics.client_metrics(
-                eval_apply_fn, params, part, x_gen, y_gen, eval_batch
+                eval_apply_fn, params, part, x_gen, y_gen, eval_batch, mesh=mesh
             )
             if communicates:
                 out.update(
                     metrics.group_metrics(
-                        eval_apply_fn, node_params, node_weight, tree, part, eval_batch
+                        eval_apply_fn, node_params, node_weight, tree, part,
+                        eval_batch, mesh=mesh,
                     )
                 )
             return out

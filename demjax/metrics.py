@@ -49,35 +49,85 @@ def correct_matrix(apply_fn: Callable, models, x, y, batch_size: int = 8):
     )
 
 
-def client_metrics(apply_fn, params, part: Partition, x_gen, y_gen, batch_size=8):
+def sharded_correct_matrix(apply_fn: Callable, models, x, y, batch_size: int = 8,
+                           mesh=None):  # fmt: skip
+    """``correct_matrix`` of K replicated models split over the devices of
+    ``mesh`` (padded to a multiple of D with copies of the last model, the
+    padding dropped from the result); without a mesh ``correct_matrix``.
+
+    Returns:
+      bool ``[K, M]``.
+    """
+    if mesh is None:
+        return correct_matrix(apply_fn, models, x, y, batch_size)
+    from jax.sharding import PartitionSpec as P
+
+    from demjax.sharding import AXIS
+
+    d = int(mesh.devices.size)
+    k = jax.tree.leaves(models)[0].shape[0]
+    pad = (-k) % d
+    if pad:
+        models = jax.tree.map(
+            lambda p: jnp.concatenate([p, jnp.repeat(p[-1:], pad, axis=0)]), models
+        )
+    fn = jax.shard_map(
+        lambda m, x, y: correct_matrix(apply_fn, m, x, y, batch_size), mesh=mesh,
+        in_specs=(P(AXIS), P(), P()), out_specs=P(AXIS), check_vma=False,
+    )  # fmt: skip
+    return fn(models, x, y)[:k]
+
+
+def client_metrics(apply_fn, params, part: Partition, x_gen, y_gen, batch_size=8,
+                   mesh=None):  # fmt: skip
     """C-SPE and C-GEN of agent models.
 
     Args:
       params: agent models, leaves ``[A, ...]``.
       part: the partition (own test sets ``x_test [A, N_test_max, ...]``).
       x_gen, y_gen: the pooled test set or its evaluation subsample ``[S, ...]``.
+      mesh: the ``agents`` mesh the population is sharded over, or None. With
+        a mesh each device evaluates its own agents (``jax.shard_map``; the
+        evaluation set replicated), instead of leaving the partitioning of the
+        ``lax.map`` over agents to XLA.
 
     Returns:
       dict of float32 scalars ``c_spe``, ``c_gen``.
     """
     mask = jnp.arange(part.y_test.shape[1])[None, :] < part.n_test[:, None]
 
-    def own(args):
-        p, x, y, m = args
-        return jnp.sum(_correct(apply_fn, p, x, y) & m)
+    def per_agent(params, x_test, y_test, mask, x_gen, y_gen):
+        """Own correct answers ``[A']`` and C-GEN accuracy ``[A']`` per agent."""
 
-    own_correct = jax.lax.map(
-        own, (params, part.x_test, part.y_test, mask), batch_size=batch_size
-    )
+        def own(args):
+            p, x, y, m = args
+            return jnp.sum(_correct(apply_fn, p, x, y) & m)
+
+        own_correct = jax.lax.map(own, (params, x_test, y_test, mask),
+                                  batch_size=batch_size)  # fmt: skip
+        gen = correct_matrix(apply_fn, params, x_gen, y_gen, batch_size)
+        return own_correct, jnp.mean(gen, axis=1)
+
+    if mesh is not None:
+        from jax.sharding import PartitionSpec as P
+
+        from demjax.sharding import AXIS
+
+        a = P(AXIS)
+        per_agent = jax.shard_map(
+            per_agent, mesh=mesh, in_specs=(a, a, a, a, P(), P()),
+            out_specs=(a, a), check_vma=False,
+        )  # fmt: skip
+    own_correct, gen_acc = per_agent(params, part.x_test, part.y_test, mask, x_gen,
+                                     y_gen)  # fmt: skip
     c_spe = jnp.sum(own_correct) / jnp.sum(part.n_test)
-    gen = correct_matrix(apply_fn, params, x_gen, y_gen, batch_size)
-    c_gen = jnp.mean(jnp.mean(gen, axis=1))
-    return {"c_spe": c_spe, "c_gen": c_gen}
+    return {"c_spe": c_spe, "c_gen": jnp.mean(gen_acc)}
 
 
 def group_metrics(
-    apply_fn, node_params, node_weight, tree: GroupTree, part: Partition, batch_size=8
-):
+    apply_fn, node_params, node_weight, tree: GroupTree, part: Partition, batch_size=8,
+    mesh=None,
+):  # fmt: skip
     """G-SPE(l), G-GEN(l) for every group level l = 1..L and the Global accuracy.
 
     Args:
@@ -85,11 +135,16 @@ def group_metrics(
       node_weight: float32 ``[N]`` group sizes (agents under each node); padding
         nodes (weight 0) are ignored.
       tree: group tree; part: partition (pooled test set ``x_all [M, ...]``).
+      mesh: the ``agents`` mesh, or None. With D devices the (replicated)
+        group models are split over them, padded to a multiple of D with
+        copies of the root, each device evaluating ``ceil(N / D)`` of them
+        (``jax.shard_map``) instead of every device evaluating all N.
 
     Returns:
       dict with ``g_spe_l{l}``, ``g_gen_l{l}`` for l = 1..L and ``global_acc``.
     """
-    correct = correct_matrix(apply_fn, node_params, part.x_all, part.y_all, batch_size)
+    correct = sharded_correct_matrix(apply_fn, node_params, part.x_all, part.y_all,
+                                     batch_size, mesh)  # fmt: skip
     acc_all = jnp.mean(correct, axis=1)  # [N]
     out = {"global_acc": acc_all[tree.root]}
     sizes, offsets = tree.level_sizes, tree.level_offsets

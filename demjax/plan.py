@@ -1067,9 +1067,10 @@ def resolve(
       n_train: host int ``[A]`` training samples per agent.
       key_fields: what else identifies the workload in the cache key (model,
         shapes, optimizer, algorithm's gradient, ...).
-      multi_device: the population is sharded over several devices; ``auto``
-        then trains each device's agents at once (blocks would slice across
-        devices) without a search.
+      multi_device: the population is sharded over several devices (each
+        device runs the plan on its own agents under ``shard_map``; part of
+        the cache key); in a multi-process job ``auto`` trains each device's
+        agents at once without a search.
 
     Returns:
       ``(plan, info)``; ``info`` has ``plan``, ``conv_impl``, ``source``
@@ -1177,10 +1178,10 @@ def _resolve_local(
             want = cap
         block = 0 if want >= num_agents else want
     source = "config"
-    if block is None and (multi_device or sharding.multiprocess()):
-        # Blocks would slice across devices: each device trains its agents at
-        # once. Timings differ between processes and every process must
-        # compile the same program: no measurement in a multi-process job.
+    if block is None and sharding.multiprocess():
+        # Timings differ between processes and every process must compile the
+        # same program: no measurement in a multi-process job; each device
+        # trains its agents at once.
         block = 0 if cap >= num_agents else cap
         source = "multi_device"
     if sharding.multiprocess():

@@ -69,11 +69,13 @@ def read_jsonl(path: str) -> list[dict]:
     return out
 
 
-def plan_record(info: dict) -> dict:
+def plan_record(info: dict, num_devices: int = 1) -> dict:
     """The ``timing.jsonl`` record of the local-training plan (``round`` -1,
-    written first): the plan, how it was chosen and the candidates' timings."""
+    written first): the devices the agents are sharded over, the plan, how it
+    was chosen and the candidates' timings."""
     return {
         "round": -1,
+        "num_devices": int(num_devices),
         "local_plan": info["plan"],
         "conv_impl": info["conv_impl"],
         "matmul_impl": info["matmul_impl"],

@@ -36,6 +36,48 @@ log = logging.getLogger(__name__)
 AXIS = "agents"
 
 
+def set_cpu_devices(count: int) -> int:
+    """Exposes ``count`` CPU devices to JAX (``jax_num_cpu_devices``), so that
+    the ``agents`` mesh (``num_devices`` 0 = auto) can spread agents over the
+    cores of one CPU: each device's program runs on its own thread, and local
+    training under ``shard_map`` then uses several cores where one device's
+    small per-agent GEMMs keep about one core busy (``docs/performance.md``,
+    section 8). Must run before JAX runs anything.
+
+    Args:
+      count: devices; 0 = one per CPU core available to this process
+        (``os.sched_getaffinity``).
+
+    Returns:
+      The number of CPU devices set.
+
+    Raises:
+      ConfigError: ``count`` < 0, or JAX's backends are already initialized
+        with another CPU device count (flag ``--cpu_devices``).
+    """
+    import os
+
+    if int(count) < 0:
+        raise ConfigError(
+            f"--cpu_devices={count} is not valid; accepted: 0 (one per CPU core) "
+            "or >= 1"
+        )
+    n = int(count) or len(os.sched_getaffinity(0))
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        have = len(jax.devices("cpu"))
+        if have != n:
+            raise ConfigError(
+                f"--cpu_devices={count} ({n} devices) comes after JAX started with "
+                f"{have} CPU device(s); accepted: set it before any JAX operation "
+                "(or XLA_FLAGS=--xla_force_host_platform_device_count)"
+            )
+        return n
+    jax.config.update("jax_num_cpu_devices", n)
+    return n
+
+
 def make_mesh(num_devices: int, num_agents: int) -> Mesh | None:
     """A 1-D mesh over the first ``num_devices`` devices, or None for one device.
 

@@ -278,6 +278,9 @@ def _cohorts(config, setup, workdir: str, partition) -> list:
     """The replicas grouped into ``_Cohort``s (see ``run``)."""
     reps = int(config.num_replicas)
     _, ctx, rounds = build(config, setup.part)
+    if setup.mesh is not None:
+        log.info("agents sharded over %d devices (mesh axis 'agents')",
+                 setup.mesh.devices.size)  # fmt: skip
     log_plan(ctx.plan_info)
     prepared = (ctx.plan, ctx.plan_info)
     algo = algorithms.get(config.algorithm)
@@ -454,7 +457,9 @@ def run(
         write=multihost.is_primary(),
     )
     writer.json("config.json", setup.config_json)
-    writer.timing(plan_record(ctx.plan_info))
+    writer.timing(
+        plan_record(ctx.plan_info, 1 if mesh is None else int(mesh.devices.size))
+    )
     if config.tensorboard:
         writer.tensorboard()
 

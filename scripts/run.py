@@ -77,6 +77,14 @@ _PROCESS_ID = flags.DEFINE_integer(
     None,
     "This process's rank in [0, num_processes); 0 writes the results.",
 )
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices",
+    1,
+    "CPU devices JAX exposes (0 = one per core): with several, the agents are "
+    "sharded over them (config.num_devices 0 = auto) and local training runs on "
+    "that many cores at once. Floating-point sums over agents then run in "
+    "another order, so results differ from one device in the last bits.",
+)
 _WORKDIR = flags.DEFINE_string(
     "workdir",
     None,
@@ -97,6 +105,10 @@ def main(argv):
     logging.get_absl_handler().addFilter(cli_log_filter)
 
     try:  # before any JAX computation
+        if _CPU_DEVICES.value != 1:
+            from demjax import sharding
+
+            sharding.set_cpu_devices(_CPU_DEVICES.value)
         joined = multihost.initialize(
             _COORDINATOR.value,
             _NUM_PROCESSES.value,
