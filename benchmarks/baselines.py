@@ -366,6 +366,56 @@ def demjax_runner(sh: Shared, block: int, conv_impl: str, matmul_impl: str = "xl
     return run
 
 
+def sharded_runner(sh: Shared, block: int, conv_impl: str, matmul_impl: str,
+                   mesh):  # fmt: skip
+    """The engine's trainer for plan ``block`` under ``jax.shard_map`` over the
+    ``agents`` mesh: each device trains its own A / D agents (the engine's
+    local phase with several devices, ``engine._sharded``); its own sharded
+    copy of the population, updated in place."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from demjax import local, sharding
+
+    d = int(mesh.devices.size)
+    n_static = sh.n_host.reshape(d, -1).max(axis=0)
+    train = local.make_train_population(
+        sh.apply_fn(conv_impl, matmul_impl), sh.tx, batch_size=sh.batch,
+        local_epochs=sh.epochs, n_train=n_static,
+        num_buckets=int(sh.config.local_buckets), block_size=block,
+    )  # fmt: skip
+
+    def step(params, opt, keys, x, y, n, one, mu):
+        def anchor(ids):
+            return jax.tree.map(
+                lambda v: jnp.broadcast_to(v, (ids.shape[0],) + v.shape), one
+            )
+
+        params, opt, _ = train(keys, params, opt, x, y, n, anchor, mu)
+        return params, opt
+
+    a = P(sharding.AXIS)
+    fn = jax.shard_map(step, mesh=mesh, in_specs=(a, a, a, a, a, a, P(), P()),
+                       out_specs=(a, a), check_vma=False)  # fmt: skip
+    jitted, compiled = jax.jit(fn, donate_argnums=(0, 1)), []
+    put = lambda t: jax.device_put(t, NamedSharding(mesh, a))  # noqa: E731
+    st = {"p": put(sh.params), "o": put(sh.opt)}
+    data = (put(sh.keys), put(sh.x), put(sh.y), put(sh.n))
+    rest = (jax.device_put(sh.one, NamedSharding(mesh, P())),
+            jax.device_put(sh.mu, NamedSharding(mesh, P())))  # fmt: skip
+
+    def run():
+        st["p"], st["o"] = compiled[0](st["p"], st["o"], *data, *rest)
+        jax.block_until_ready(st["p"])
+
+    run.prepare = lambda: compiled.append(
+        jitted.lower(st["p"], st["o"], *data, *rest).compile()
+    )
+    return run
+
+
 def jax_loop_runner(sh: Shared, conv_impl: str, matmul_impl: str = "xla"):
     """A Python loop over agents of one jitted per-agent training function."""
     import jax
@@ -524,6 +574,13 @@ def time_interleaved(runners: dict, repeats: int, slow_s: float, log=print) -> d
     return out
 
 
+def jax_devices() -> list:
+    """The CPU (or default backend's) devices of this process."""
+    import jax
+
+    return jax.devices()
+
+
 def _plan_name(k: int, conv: str, matmul: str, conv_impls) -> str:
     """A demjax runner's name: plan, conv impl (CNNs), matmul form if not xla."""
     from demjax import plan as plan_lib
@@ -669,6 +726,22 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         runners[name] = demjax_runner(sh, k, conv, mm)
         notes[name] = {"plan": plan_lib.LocalPlan(k).name, "conv_impl": conv,
                        "matmul_impl": mm}  # fmt: skip
+    # Several CPU devices (--cpu_devices): the same plans with the agents
+    # sharded over them (A divisible by D), named demjax@Ddev:..., compared
+    # with the references but never counted among the one-device plans.
+    devices = jax_devices()
+    if len(devices) > 1 and a % len(devices) == 0:
+        import numpy as np
+        from jax.sharding import Mesh
+
+        mesh = Mesh(np.asarray(devices), ("agents",))
+        for k, conv, mm in combos:
+            base = _plan_name(k, conv, mm, conv_impls)
+            name = base.replace("demjax:", f"demjax@{len(devices)}dev:", 1)
+            runners[name] = sharded_runner(sh, k, conv, mm, mesh)
+            notes[name] = dict(notes[base], devices=len(devices))
+    elif len(devices) > 1:
+        log(f"{a} agents not divisible by {len(devices)} devices: no sharded plans")
     loop_impls = ("xla", "patches") if len(conv_impls) > 1 else ("patches",)
     loop_impls = tuple(i for i in loop_impls if i in timed_convs)
     for impl in loop_impls:
@@ -1040,9 +1113,21 @@ def main(argv=None) -> None:
         default=0,
         help="time the PyTorch loops on the first N agents only (0: all)",
     )
+    p.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=1,
+        help="CPU devices JAX exposes (0 = one per core); with several, every "
+        "explicit plan is also timed with the agents sharded over them "
+        "(demjax@Ddev:PLAN, as scripts/run.py --cpu_devices runs it)",
+    )
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--out", default=os.path.join(RESULTS, "baselines.json"))
     args = p.parse_args(argv)
+    if args.cpu_devices != 1 and not args.report_only:
+        from demjax import sharding
+
+        sharding.set_cpu_devices(args.cpu_devices)  # before any JAX operation
 
     from benchmarks.common import load_results, save_results
 

@@ -591,11 +591,28 @@ def main(argv=None) -> None:
         help="smoke run: digits, MLR, 6 agents, 2 rounds; results in WORKDIR/quick",
     )
     add_replicas_flag(p)
+    p.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=1,
+        help="CPU devices JAX exposes (0 = one per core; scripts/run.py "
+        "--cpu_devices): the agents are sharded over them; a --timing row is "
+        "stored as NAME_Ddev",
+    )
     p.add_argument("--out_dir", default="", help="default benchmarks/results")
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "paper_fmnist"))
     args = p.parse_args(argv)
     if args.replicas < 1:
         sys.exit(f"error: --replicas={args.replicas} is not valid; accepted: >= 1")
+    devices = 1
+    if args.cpu_devices != 1:
+        from demjax import sharding
+        from demjax.errors import ConfigError
+
+        try:
+            devices = sharding.set_cpu_devices(args.cpu_devices)
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
     if args.replicas > 1 and args.timing:
         sys.exit("error: --timing is single-seed; leave out --replicas")
     if args.quick and (args.timing or args.store_partial):
@@ -642,7 +659,8 @@ def main(argv=None) -> None:
                 config.progress = False
                 # A fresh run: empty plan cache, so the plan search is timed too.
                 os.environ["DEMJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="plans_")
-                workdir = os.path.join(args.workdir, name + "_timing")
+                row = name + (f"_{devices}dev" if devices > 1 else "")
+                workdir = os.path.join(args.workdir, row + "_timing")
                 t0 = time.perf_counter()
                 out = run(config, workdir, overwrite=True)
                 wall = time.perf_counter() - t0
@@ -650,8 +668,9 @@ def main(argv=None) -> None:
                     rounds = [json.loads(line) for line in f]
                 rounds = [r for r in rounds if r["round"] >= 0]
                 plan = out["local_plan"]
-                results.setdefault("timing", {})[name] = {
+                results.setdefault("timing", {})[row] = {
                     "wall_s": round(wall, 1),
+                    "num_devices": int(out["num_devices"]),
                     "num_rounds": args.num_rounds,
                     "eval_every": args.eval_every,
                     "final": out["final"]["sync"],
@@ -675,7 +694,7 @@ def main(argv=None) -> None:
                     "commit": _commit(),
                 }
                 save(path, results)
-                print(json.dumps({"timing": name, **results["timing"][name]}))
+                print(json.dumps({"timing": row, **results["timing"][row]}))
                 continue
             if name in results.get(section, {}) and not args.force:
                 print(f"{name}: stored, skipping (--force to rerun)", file=sys.stderr)
