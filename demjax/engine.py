@@ -199,6 +199,8 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
     x, y = _host_rows(partition.x_train, few), _host_rows(partition.y_train, few)
     x_train = partition.x_train
     n_dev = len(x_train.sharding.device_set) if isinstance(x_train, jax.Array) else 1
+    from demjax.algorithms.hierarchical import FAMILY
+
     cap, probe = cap_probe
     return plan_lib.resolve(
         config,
@@ -225,6 +227,10 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
             "mu_positive": float(mu) > 0,
         },
         multi_device=n_dev > 1,
+        # The hierarchical family trains each device's agents under shard_map;
+        # a plug-in's local training is left to XLA's partitioner, under which
+        # only all agents at once runs shard-locally.
+        shard_mapped=algorithm in FAMILY,
     )
 
 

@@ -1047,6 +1047,7 @@ def resolve(
     n_train: np.ndarray,
     key_fields: dict,
     multi_device: bool = False,
+    shard_mapped: bool = True,
 ) -> tuple[LocalPlan, dict]:
     """The local-training plan of a run: explicit, cached or measured.
 
@@ -1067,9 +1068,13 @@ def resolve(
       n_train: host int ``[A]`` training samples per agent.
       key_fields: what else identifies the workload in the cache key (model,
         shapes, optimizer, algorithm's gradient, ...).
-      multi_device: the population is sharded over several devices (each
-        device runs the plan on its own agents under ``shard_map``; part of
+      multi_device: the population is sharded over several devices (part of
         the cache key); in a multi-process job ``auto`` trains each device's
+        agents at once without a search.
+      shard_mapped: with ``multi_device``, each device runs the plan on its
+        own agents under ``shard_map`` (the engine's local phase), so any plan
+        is searched; False (local training left to XLA's partitioner, where
+        blocks would slice across devices): ``auto`` trains each device's
         agents at once without a search.
 
     Returns:
@@ -1092,6 +1097,7 @@ def resolve(
         num_agents=num_agents, cap=cap, probe=probe, has_conv=has_conv,
         make_trainer=make_trainer, init_params=init_params, tx=tx, mu=mu, x=x,
         y=y, n_train=n_train, key_fields=key_fields, multi_device=multi_device,
+        shard_mapped=shard_mapped,
     )  # fmt: skip
     per_round = _steps_per_round(config, n_train)
     budget = (
@@ -1151,6 +1157,7 @@ def _resolve_local(
     n_train: np.ndarray,
     key_fields: dict,
     multi_device: bool = False,
+    shard_mapped: bool = True,
 ) -> tuple[LocalPlan, dict]:
     """``resolve``'s local-training plan (without ``replicas``)."""
     from demjax import sharding
@@ -1178,10 +1185,13 @@ def _resolve_local(
             want = cap
         block = 0 if want >= num_agents else want
     source = "config"
-    if block is None and sharding.multiprocess():
+    if block is None and (
+        sharding.multiprocess() or (multi_device and not shard_mapped)
+    ):
         # Timings differ between processes and every process must compile the
         # same program: no measurement in a multi-process job; each device
-        # trains its agents at once.
+        # trains its agents at once (without shard_map, blocks would slice
+        # across devices).
         block = 0 if cap >= num_agents else cap
         source = "multi_device"
     if sharding.multiprocess():

@@ -3,11 +3,14 @@
 Every stacked per-agent array (data ``[A, ...]``, parameters and optimizer state
 ``[A, ...]``) is split along its leading axis over the devices of a 1-D
 ``jax.sharding.Mesh``; group models ``[N, ...]``, the pooled test set and the tree
-are replicated. The jitted round phases are unchanged: XLA propagates the input
-shardings, the vmapped local training runs shard-locally, and the
-``segment_sum`` aggregation over agents becomes a per-device partial sum plus an
-all-reduce. Tested on CPU with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
-(results equal the single-device run within float tolerance).
+are replicated. The engine's local training and C-SPE / C-GEN evaluation run
+under ``jax.shard_map`` (``demjax.engine``, ``demjax.metrics``: each device runs
+the local plan on its own agents); elsewhere XLA propagates the input shardings
+and the ``segment_sum`` aggregation over agents becomes a per-device partial sum
+plus an all-reduce. ``set_cpu_devices`` exposes one CPU device per core, so one
+process trains on every core of a CPU. Tested on CPU with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (results equal the
+single-device run within float tolerance).
 
 Multi-process jobs (``jax.distributed.initialize``, see ``demjax.multihost``): the
 mesh then spans the devices of every process, so no process holds every shard.

@@ -939,3 +939,41 @@ def test_the_log_and_timing_record_say_when_the_search_resumes(caplog):
     with caplog.at_level(logging.INFO):
         run_output.log_plan(info)
     assert "resumes it" not in caplog.text
+
+
+def test_multi_device_searches_only_shard_mapped_local_training(monkeypatch):
+    """Agents sharded over several devices: the engine's local phase runs the
+    plan per device under shard_map, so ``auto`` searches as on one device
+    (its own cache key); a plug-in's local training (left to XLA's
+    partitioner) trains each device's agents at once, untimed."""
+    timed = []
+
+    def fake_measure_local(*a, block_size, conv_impl, matmul_impl, num_agents,
+                           steps, **k):  # fmt: skip
+        timed.append(block_size)
+        return {"plan": plan.LocalPlan(block_size).name, "conv_impl": conv_impl,
+                "matmul_impl": matmul_impl, "agents": 8, "steps": steps,
+                "compile_s": 0.5, "run_s": 0.01,
+                "agent_steps_per_s": {1: 300.0}.get(block_size, 100.0)}  # fmt: skip
+
+    monkeypatch.setattr(plan, "measure_local", fake_measure_local)
+    config = types.SimpleNamespace(
+        local_plan="auto", conv_impl="patches", matmul_impl="xla", batch_size=2,
+        local_epochs=1, num_rounds=1000, local_buckets=1, num_replicas=1,
+    )  # fmt: skip
+    n_train = np.full(8, 4)
+    x, y = np.zeros((8, 4, 3), np.float32), np.zeros((8, 4), np.int32)
+    out = {}
+    for mapped in (False, True):
+        timed.clear()
+        p, info = plan.resolve(
+            config, num_agents=8, cap=8,
+            probe={"compile_s": 0.01, "run_s": 0.15}, has_conv=False,
+            make_trainer=None, init_params=None, tx=None, mu=0.0, x=x, y=y,
+            n_train=n_train, key_fields={"model": f"fake_{mapped}"},
+            multi_device=True, shard_mapped=mapped,
+        )  # fmt: skip
+        out[mapped] = (p.name, info["source"], list(timed))
+    assert out[False] == ("all", "multi_device", [])
+    name, source, times = out[True]
+    assert source == "measured" and times and times[0] == 1 and name == "sequential"
