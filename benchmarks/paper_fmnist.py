@@ -227,6 +227,17 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   plan, same final metrics to the last digit).
   `cpu_model` is stored with every timing. The `runs` rows (1,947-2,564 s) were
   measured with other jobs on the 2 cores, with an evaluation every round.
+- **One JAX device per core (`demlearn_p_1dev` / `demlearn_p_2dev`).** Back to
+  back on the idle 2-core AVX-512 Xeon (2026-12-05, commit bf45ca1, `--timing
+  --only=demlearn_p --eval_every=10`, the second with `--cpu_devices=2`): one
+  device 624 s (median local training 4.54 s per round, evaluation 6.80 s), the
+  agents sharded over two CPU devices 547 s (3.81 s, 7.15 s): 1.14x on the whole
+  run, 1.19x on local training, evaluation level. Each device trains its 25 agents
+  one after another under `shard_map`; the two-device run's plan search measured
+  the `xla` weight-gradient form and all 50 agents at once before its budget
+  ended, so it ran `sequential`/`xla` where the one-device run found `wgrad_t`
+  (plans are now searched at the shard's 25 agents). Final metrics within 0.2
+  points of each other (C-SPE .971 / .973, C-GEN .680 / .681, Global .795 / .793).
 - **Several seeds (`replica_runs`, the table above).** DemLearn-P over seeds 0-2
   (`--replicas=3 --eval_every=5`, one program; 2026-12-05, commit ceb557a, 2-core
   AVX-512 Xeon shared with other benchmark jobs, 7,341 s): C-SPE .973 +/- .002,

@@ -202,9 +202,17 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
     from demjax.algorithms.hierarchical import FAMILY
 
     cap, probe = cap_probe
+    num_agents = partition.num_agents
+    mapped = algorithm in FAMILY
+    if n_dev > 1 and mapped and not sharding.multiprocess():
+        # Each device runs the plan on its own A / D agents (shard_map): the
+        # candidates are plans of one shard, and D shards' blocks share the
+        # memory of the ``cap`` agents that fit at once.
+        num_agents //= n_dev
+        cap = max(1, cap // n_dev)
     return plan_lib.resolve(
         config,
-        num_agents=partition.num_agents,
+        num_agents=num_agents,
         cap=cap,
         probe=probe,
         has_conv=has_conv,
@@ -230,7 +238,7 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
         # The hierarchical family trains each device's agents under shard_map;
         # a plug-in's local training is left to XLA's partitioner, under which
         # only all agents at once runs shard-locally.
-        shard_mapped=algorithm in FAMILY,
+        shard_mapped=mapped,
     )
 
 
