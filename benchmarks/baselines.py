@@ -41,6 +41,12 @@ Implementations (``impl`` of a record):
   buckets, the population donated and updated in place). A plan that trains
   more agents at once than ``memory.memory_cap`` allows is capped as the
   engine caps it.
+- ``demjax@<D>dev:<plan>...`` (with ``--cpu_devices=D`` > 1, or 0 = one per
+  core, when D divides A): the same plans with the agents sharded over D CPU
+  devices, each device running the plan on its own agents under
+  ``jax.shard_map`` (the engine's local phase on a mesh, ``scripts/run.py
+  --cpu_devices``); never counted among the one-device plans the auto plan is
+  compared with.
 - ``jax_per_agent_loop``: a Python loop over agents, each call one jitted
   per-agent training function (``local.make_train_one`` running exactly the
   agent's steps; it reads its agent's rows of the stacked data and

@@ -147,7 +147,8 @@ def _sharded(train_shard, mesh, params, opt_state, node_params, part, anchor_tre
 
 
 def choose_plan(config, partition: Partition, tx, mu: float, *,
-                cap_probe: tuple[int, dict], algorithm: str):  # fmt: skip
+                cap_probe: tuple[int, dict], algorithm: str,
+                shard_mapped: bool = True):  # fmt: skip
     """The local-training execution plan of a run (``demjax.plan``).
 
     Times the candidate plans on the run's own model, optimizer and data
@@ -161,6 +162,10 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
       cap_probe: ``memory_cap``'s result: the most agents whose training fits
         in memory at once, and the probe of one agent's gradient step.
       algorithm: name (part of the cache key: a plug-in's gradient differs).
+      shard_mapped: on a mesh, the algorithm's local training runs each
+        device's agents under shard_map (``Simulator``'s local phase: the
+        hierarchical family), so the candidates are one shard's plans; False:
+        left to XLA's partitioner (``plan.resolve``'s ``shard_mapped``).
 
     Returns:
       ``(plan.LocalPlan, info dict)`` as ``demjax.plan.resolve`` (with
@@ -199,11 +204,9 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
     x, y = _host_rows(partition.x_train, few), _host_rows(partition.y_train, few)
     x_train = partition.x_train
     n_dev = len(x_train.sharding.device_set) if isinstance(x_train, jax.Array) else 1
-    from demjax.algorithms.hierarchical import FAMILY
-
     cap, probe = cap_probe
     num_agents = partition.num_agents
-    mapped = algorithm in FAMILY
+    mapped = bool(shard_mapped)
     if n_dev > 1 and mapped and not sharding.multiprocess():
         # Each device runs the plan on its own A / D agents (shard_map): the
         # candidates are plans of one shard, and D shards' blocks share the

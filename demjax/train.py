@@ -115,9 +115,12 @@ def build(config, part, prepared: tuple | None = None):
             config, part, plain, tx, donate=bool(res["donate"]),
             num_group_models=int(res["num_group_models"]),
         )  # fmt: skip
+        from demjax.algorithms.hierarchical import FAMILY
+
         plan, plan_info = choose_plan(
-            config, part, tx, mu, cap_probe=cap_probe, algorithm=config.algorithm
-        )
+            config, part, tx, mu, cap_probe=cap_probe, algorithm=config.algorithm,
+            shard_mapped=config.algorithm in FAMILY,
+        )  # fmt: skip
         _, eval_conv, plan_info["eval"] = choose_eval_plan(
             config, part, probe=cap_probe[1], points=int(res["points"])
         )
