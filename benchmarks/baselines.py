@@ -331,26 +331,25 @@ class Shared:
         return apply_fn
 
 
-def demjax_runner(sh: Shared, block: int, conv_impl: str, matmul_impl: str = "xla"):
-    """The engine's trainer for plan ``block`` (0 all, 1 sequential, K)."""
+def population_step(sh: Shared, block: int, conv_impl: str, matmul_impl: str,
+                    n_train):  # fmt: skip
+    """``step(params, opt, keys, x, y, n, one, mu) -> (params, opt)``: the
+    engine's trainer (``local.make_train_population``) for plan ``block`` over
+    agents with the static sample counts ``n_train``, every agent anchored to
+    one shared model (a root-only tree), given per block as the engine gives
+    its parent models."""
     import jax
     import jax.numpy as jnp
 
     from demjax import local
 
     train = local.make_train_population(
-        sh.apply_fn(conv_impl, matmul_impl),
-        sh.tx,
-        batch_size=sh.batch,
-        local_epochs=sh.epochs,
-        n_train=sh.n_host,
-        num_buckets=int(sh.config.local_buckets),
-        block_size=block,
-    )
+        sh.apply_fn(conv_impl, matmul_impl), sh.tx, batch_size=sh.batch,
+        local_epochs=sh.epochs, n_train=n_train,
+        num_buckets=int(sh.config.local_buckets), block_size=block,
+    )  # fmt: skip
 
     def step(params, opt, keys, x, y, n, one, mu):
-        # The anchor of every agent: one shared model (a root-only tree),
-        # given per block as the engine gives its parent models.
         def anchor(ids):
             return jax.tree.map(
                 lambda v: jnp.broadcast_to(v, (ids.shape[0],) + v.shape), one
@@ -359,6 +358,14 @@ def demjax_runner(sh: Shared, block: int, conv_impl: str, matmul_impl: str = "xl
         params, opt, _ = train(keys, params, opt, x, y, n, anchor, mu)
         return params, opt
 
+    return step
+
+
+def demjax_runner(sh: Shared, block: int, conv_impl: str, matmul_impl: str = "xla"):
+    """The engine's trainer for plan ``block`` (0 all, 1 sequential, K)."""
+    import jax
+
+    step = population_step(sh, block, conv_impl, matmul_impl, sh.n_host)
     jitted, fn = jax.jit(step, donate_argnums=(0, 1)), []
 
     def args():
@@ -379,28 +386,14 @@ def sharded_runner(sh: Shared, block: int, conv_impl: str, matmul_impl: str,
     local phase with several devices, ``engine._sharded``); its own sharded
     copy of the population, updated in place."""
     import jax
-    import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from demjax import local, sharding
+    from demjax import sharding
 
     d = int(mesh.devices.size)
     n_static = sh.n_host.reshape(d, -1).max(axis=0)
-    train = local.make_train_population(
-        sh.apply_fn(conv_impl, matmul_impl), sh.tx, batch_size=sh.batch,
-        local_epochs=sh.epochs, n_train=n_static,
-        num_buckets=int(sh.config.local_buckets), block_size=block,
-    )  # fmt: skip
-
-    def step(params, opt, keys, x, y, n, one, mu):
-        def anchor(ids):
-            return jax.tree.map(
-                lambda v: jnp.broadcast_to(v, (ids.shape[0],) + v.shape), one
-            )
-
-        params, opt, _ = train(keys, params, opt, x, y, n, anchor, mu)
-        return params, opt
+    step = population_step(sh, block, conv_impl, matmul_impl, n_static)
 
     a = P(sharding.AXIS)
     fn = jax.shard_map(step, mesh=mesh, in_specs=(a, a, a, a, a, a, P(), P()),
