@@ -7,7 +7,9 @@ FedAvg and FedProx are a tree with no group levels and alpha = 1), which
 
 1. ``local_phase``: every active agent trains (vmap of one agent's scan, in
    agent blocks), with the proximal anchor taken from its parent model of the
-   previous round; non-finite agents are reset and flagged.
+   previous round; non-finite agents are reset and flagged. With the agents
+   sharded over several devices each device trains its own agents under
+   ``jax.shard_map``.
 2. ``build_tree`` (host, self-organizing algorithms every ``tau`` rounds):
    features -> jitted distance matrix -> scipy linkage -> ``GroupTree``.
 3. ``aggregate_phase`` (``aggregate_up``) and ``mix_phase`` (``mix_down``).
