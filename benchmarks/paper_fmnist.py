@@ -236,8 +236,9 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   one after another under `shard_map`; the two-device run's plan search measured
   the `xla` weight-gradient form and all 50 agents at once before its budget
   ended, so it ran `sequential`/`xla` where the one-device run found `wgrad_t`
-  (plans are now searched at the shard's 25 agents). Final metrics within 0.2
-  points of each other (C-SPE .971 / .973, C-GEN .680 / .681, Global .795 / .793).
+  (from commit 5480ff7 on the search times one shard's 25 agents). Final metrics
+  within 0.2 points of each other (C-SPE .971 / .973, C-GEN .680 / .681, Global
+  .795 / .793).
 - **Several seeds (`replica_runs`, the table above).** DemLearn-P over seeds 0-2
   (`--replicas=3 --eval_every=5`, one program; 2026-12-05, commit ceb557a, 2-core
   AVX-512 Xeon shared with other benchmark jobs, 7,341 s): C-SPE .973 +/- .002,
