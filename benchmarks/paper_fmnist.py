@@ -329,7 +329,7 @@ def partial_run(name: str, workdir: str, eval_every: int, replicas: int = 1) -> 
     With ``replicas`` R > 1 (a ``--replicas`` run's workdir, records with a
     ``replica`` field) ``final`` / ``final_local`` are the means over the seeds
     and ``replicas`` the ``replicas.json`` summary of the stored rounds
-    (``demjax.run_output.replica_summary``), as a finished seeded run stores.
+    (``demjax.run_output.replicas_json``), as a finished seeded run stores.
 
     Raises:
       ValueError: a stored round lacks some replica's record, or the records
@@ -360,20 +360,17 @@ def partial_run(name: str, workdir: str, eval_every: int, replicas: int = 1) -> 
         final = {p: next(r for r in reversed(records) if r["point"] == p)
                  for p in ("sync", "local")}  # fmt: skip
         return {"final": final["sync"], "final_local": final["local"], **entry}
-    from demjax.run_output import replica_summary
+    from demjax.run_output import mean_record, replicas_json
 
-    seed, split = 0, False
+    cfg = {}
     if os.path.exists(os.path.join(workdir, "config.json")):
         with open(os.path.join(workdir, "config.json")) as f:
             cfg = json.load(f)
-        seed, split = int(cfg.get("seed", 0)), bool(cfg.get("replicate_split", False))
-    summary = {"seeds": [seed + r for r in range(replicas)], "replicate_split": split,
-               **replica_summary(records, replicas)}  # fmt: skip
-    mean = {
-        p: {"round": summary["points"][p]["c_spe"]["final"]["round"],
-            **{m: v["final"]["mean"] for m, v in summary["points"][p].items()}}
-        for p in ("sync", "local")
-    }  # fmt: skip
+    summary = replicas_json(records, replicas, cfg.get("seed", 0),
+                            cfg.get("replicate_split", False))  # fmt: skip
+    mean = {p: mean_record(records, p, max(r["round"] for r in records
+                                           if r["point"] == p))
+            for p in ("sync", "local")}  # fmt: skip
     return {"final": mean["sync"], "final_local": mean["local"], "replicas": summary,
             "cpu_model": cpu_model(), "date": time.strftime("%Y-%m-%d"),
             "commit": _commit(), **entry}  # fmt: skip

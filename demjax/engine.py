@@ -101,7 +101,7 @@ def _host_rows(a, k: int) -> np.ndarray:
     return sharding.to_host(a[:k])
 
 
-def _local_mesh(config, partition: Partition):
+def _local_mesh(partition: Partition):
     """The ``agents`` mesh local training is sharded over (``shard_map``), or
     None: one device, or the partition is not sharded (a plan measurement)."""
     x = partition.x_train
@@ -124,13 +124,8 @@ def _sharded(train_shard, mesh, params, opt_state, node_params, part, anchor_tre
     a = sharding.AXIS
     per_device = keys.shape[0] // int(mesh.devices.size)
 
-    def body(params, opt_state, node_params, x, y, n, anchor_tree, mu, keys,
-             active, max_steps):  # fmt: skip
-        offset = jax.lax.axis_index(a) * per_device
-        p, o, loss, div = train_shard(params, opt_state, node_params, x, y, n,
-                                      anchor_tree, mu, keys, active, max_steps,
-                                      offset)  # fmt: skip
-        return p, o, loss, div
+    def body(*args):  # train_shard's arguments but the agents' global offset
+        return train_shard(*args, jax.lax.axis_index(a) * per_device)
 
     shard = P(a)
     fn = jax.shard_map(
@@ -361,7 +356,7 @@ class Simulator:
         # training its own A / D agents with the plan (one program per device,
         # compiled for the shard: the static sample counts are the largest of
         # each shard position, exact per agent at run time).
-        self.mesh = _local_mesh(config, partition)
+        self.mesh = _local_mesh(partition)
         shards = 1 if self.mesh is None else int(self.mesh.devices.size)
         n_static = n_train.reshape(shards, -1).max(axis=0)
         train_all = local.make_train_population(

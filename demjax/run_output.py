@@ -365,6 +365,30 @@ def replica_summary(records: list[dict], num_replicas: int) -> dict:
     return {"num_replicas": int(num_replicas), "points": points}
 
 
+
+def mean_record(records: list[dict], point: str, t: int) -> dict:
+    """The mean over replicas of round t's records at a point (null stays null)."""
+    recs = [r for r in records if r["point"] == point and r["round"] == t]
+    out = {"round": t, "point": point}
+    for k in recs[0]:
+        if k in ("round", "point", "replica"):
+            continue
+        vals = [r[k] for r in recs]
+        out[k] = None if None in vals else round(float(np.mean(vals)), 6)
+    return out
+
+
+def replicas_json(records: list[dict], num_replicas: int, seed: int,
+                  replicate_split: bool) -> dict:  # fmt: skip
+    """``replicas.json``: the replicas' seeds (``seed + r``), ``replicate_split``
+    and ``replica_summary``."""
+    return {
+        "seeds": [int(seed) + r for r in range(num_replicas)],
+        "replicate_split": bool(replicate_split),
+        **replica_summary(records, num_replicas),
+    }
+
+
 def rounded(d: dict) -> dict:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
 

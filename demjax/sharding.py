@@ -66,18 +66,16 @@ def set_cpu_devices(count: int) -> int:
             "or >= 1"
         )
     n = int(count) or len(os.sched_getaffinity(0))
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # JAX's backends are initialized already
         have = len(jax.devices("cpu"))
         if have != n:
             raise ConfigError(
                 f"--cpu_devices={count} ({n} devices) comes after JAX started with "
                 f"{have} CPU device(s); accepted: set it before any JAX operation "
                 "(or XLA_FLAGS=--xla_force_host_platform_device_count)"
-            )
-        return n
-    jax.config.update("jax_num_cpu_devices", n)
+            ) from None
     return n
 
 

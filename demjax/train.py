@@ -79,10 +79,11 @@ from demjax.run_output import (
     RunWriter,
     format_table,
     log_plan,
+    mean_record,
     place_split,
     plan_record,
     prepare_run,
-    replica_summary,
+    replicas_json,
     rounded,
     unlock_workdir,
 )
@@ -503,7 +504,7 @@ def run(
                 one = plan_lib.take_replica(state, j) if c.vmapped else state
                 write_files(c.own[j].final_files(one, done - 1), r)
         if reps > 1 and records:
-            writer.json("replicas.json", _summary(config, records))
+            writer.json("replicas.json", _replicas_json(config, records))
 
     def host_step(c, i: int, state, info, t: int, keys: list):
         """Phase i's host step for every member of cohort c; returns the state
@@ -671,8 +672,8 @@ def run(
         final[rec["point"]] = rec
     out = {}
     if reps > 1:
-        final = {p: _mean_record(records, p, rec["round"]) for p, rec in final.items()}
-        out["replicas"] = _summary(config, records)
+        final = {p: mean_record(records, p, rec["round"]) for p, rec in final.items()}
+        out["replicas"] = _replicas_json(config, records)
     return {
         "final": final,
         "records": records,
@@ -714,26 +715,9 @@ def _measure(c, point: str, info: dict, eval_keys: list, t: int, tag: bool) -> l
     return out
 
 
-def _mean_record(records: list[dict], point: str, t: int) -> dict:
-    """The mean over replicas of round t's records at a point (null stays null)."""
-    recs = [r for r in records if r["point"] == point and r["round"] == t]
-    out = {"round": t, "point": point}
-    for k in recs[0]:
-        if k in ("round", "point", "replica"):
-            continue
-        vals = [r[k] for r in recs]
-        out[k] = None if None in vals else round(float(np.mean(vals)), 6)
-    return out
-
-
-def _summary(config, records: list[dict]) -> dict:
-    """``replicas.json``: the replicas' seeds and ``replica_summary``."""
-    reps = int(config.num_replicas)
-    return {
-        "seeds": [int(config.seed) + r for r in range(reps)],
-        "replicate_split": bool(config.replicate_split),
-        **replica_summary(records, reps),
-    }
+def _replicas_json(config, records: list[dict]) -> dict:
+    return replicas_json(records, int(config.num_replicas), int(config.seed),
+                         bool(config.replicate_split))  # fmt: skip
 
 
 __all__ = ["Interrupted", "build", "format_table", "run"]
