@@ -204,41 +204,68 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
     cap, probe = cap_probe
     num_agents = partition.num_agents
     mapped = bool(shard_mapped)
-    if n_dev > 1 and mapped and not sharding.multiprocess():
-        # Each device runs the plan on its own A / D agents (shard_map): the
-        # candidates are plans of one shard, and D shards' blocks share the
-        # memory of the ``cap`` agents that fit at once.
-        num_agents //= n_dev
-        cap = max(1, cap // n_dev)
-    return plan_lib.resolve(
-        config,
-        num_agents=num_agents,
-        cap=cap,
-        probe=probe,
-        has_conv=has_conv,
-        make_trainer=make_trainer,
-        init_params=init_params,
-        tx=tx,
-        mu=float(mu),
-        x=x,
-        y=y,
-        n_train=n_train,
-        key_fields={
-            "algorithm": algorithm,
-            "model": config.model,
-            "hidden": list(config.hidden),
-            "input_shape": list(shape),
-            "num_classes": int(num_classes),
-            "optimizer": config.optimizer,
-            "local_epochs": epochs,
-            "n_max": int(np.max(n_train)),
-            "mu_positive": float(mu) > 0,
-        },
-        multi_device=n_dev > 1,
+    key_fields = {
+        "algorithm": algorithm,
+        "model": config.model,
+        "hidden": list(config.hidden),
+        "input_shape": list(shape),
+        "num_classes": int(num_classes),
+        "optimizer": config.optimizer,
+        "local_epochs": epochs,
+        "n_max": int(np.max(n_train)),
+        "mu_positive": float(mu) > 0,
+    }
+    common = dict(
+        probe=probe, has_conv=has_conv, make_trainer=make_trainer,
+        init_params=init_params, tx=tx, mu=float(mu), x=x, y=y, n_train=n_train,
+        key_fields=key_fields,
+    )  # fmt: skip
+
+    def resolve(agents: int, cap_: int, multi: bool, share: float = 1.0):
         # The hierarchical family trains each device's agents under shard_map;
         # a plug-in's local training is left to XLA's partitioner, under which
         # only all agents at once runs shard-locally.
-        shard_mapped=mapped,
+        return plan_lib.resolve(
+            config, num_agents=agents, cap=cap_, multi_device=multi,
+            shard_mapped=mapped, budget_share=share, **common,
+        )  # fmt: skip
+
+    if n_dev > 1 and not sharding.multiprocess():
+        per_device, cap_d = num_agents // n_dev, max(1, cap // n_dev)
+        if device_choice(config, n_dev):
+            # One device or all of them, by measurement: each side's search
+            # gets half the budget, then the two winners are timed.
+            unsharded = resolve(num_agents, cap, False, 0.5)
+            sharded = (
+                resolve(per_device, cap_d, True, 0.5)
+                if mapped
+                else resolve(num_agents, cap, True)
+            )
+            if mapped or sharded[0].block_size == 0:
+                return plan_lib.resolve_devices(
+                    config, mesh=x_train.sharding.mesh, one=unsharded, sharded=sharded,
+                    num_agents=num_agents,
+                    **{k: v for k, v in common.items() if k != "has_conv"},
+                )  # fmt: skip
+            return sharded
+        if mapped:
+            # Each device runs the plan on its own A / D agents (shard_map):
+            # the candidates are plans of one shard, and D shards' blocks share
+            # the memory of the ``cap`` agents that fit at once.
+            return resolve(per_device, cap_d, True)
+    return resolve(num_agents, cap, n_dev > 1)
+
+
+def device_choice(config, num_devices: int) -> bool:
+    """Whether the run chooses between one device and its ``num_devices``
+    devices by measurement (``plan.resolve_devices``): several CPU devices of
+    one process (``--cpu_devices``; on accelerators sharding is the point) and
+    ``num_devices`` 0 (auto); an explicit ``num_devices`` shards."""
+    return (
+        num_devices > 1
+        and jax.default_backend() == "cpu"
+        and int(config.num_devices) == 0
+        and not sharding.multiprocess()
     )
 
 

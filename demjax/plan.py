@@ -427,6 +427,7 @@ def measure_local(
     min_agents: int = 8,
     samples: int | None = None,
     epochs: int = 1,
+    mesh=None,
 ) -> dict:
     """Times one plan on ``steps`` real local steps per agent.
 
@@ -452,6 +453,10 @@ def measure_local(
       min_agents: fewest agents timed (the search sizes it so that one call
         lasts at least ``MIN_CALL_S``: a few milliseconds are too short to time
         on a shared machine).
+      mesh: a 1-D ``agents`` mesh of D devices (single process), or None:
+        the plan then runs on every device at once under ``jax.shard_map``
+        (the engine's sharded local phase), ``num_agents`` / ``min_agents``
+        being one device's; the record counts the agents of all D devices.
 
     Returns:
       dict with ``plan``, ``agents``, ``steps``, ``compile_s``, ``run_s``,
@@ -459,7 +464,9 @@ def measure_local(
       ``_retime`` (a function that times the compiled program again and
       returns its agent-steps/s; ``search`` drops it from the table).
     """
-    a = _timed_agents(block_size, num_agents, min_agents)
+    shards = 1 if mesh is None else int(mesh.devices.size)
+    per_shard = _timed_agents(block_size, num_agents, min_agents)
+    a = per_shard * shards
     if samples is None:
         n, epochs = steps * batch_size, 1
     else:
@@ -473,25 +480,46 @@ def measure_local(
     cols = np.arange(n) % x.shape[1]
     xs, ys = x[rows][:, cols], y[rows][:, cols]
     one = init_params(conv_impl)
-    train = make_trainer(block_size, conv_impl, matmul_impl, np.full(a, n), epochs)
+    train = make_trainer(
+        block_size, conv_impl, matmul_impl, np.full(per_shard, n), epochs
+    )
 
     def run(one, xs, ys):
         # Population, optimizer state and keys are built inside the one
         # compiled program (no eager op compiles per candidate).
-        params = jax.tree.map(lambda v: jnp.broadcast_to(v, (a,) + v.shape), one)
+        params = jax.tree.map(
+            lambda v: jnp.broadcast_to(v, (per_shard,) + v.shape), one
+        )
         opt = jax.vmap(tx.init)(params)
-        keys = jax.random.split(jax.random.PRNGKey(0), a)
-        ns = jnp.full((a,), n, jnp.int32)
+        keys = jax.random.split(jax.random.PRNGKey(0), per_shard)
+        ns = jnp.full((per_shard,), n, jnp.int32)
         return train(keys, params, opt, xs, ys, ns, params, jnp.float32(mu))
 
-    t0 = time.perf_counter()
     args = (one, xs, ys)
+    if mesh is not None:  # each device trains its own agents (shard_map)
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from demjax import sharding
+
+        spec = P(sharding.AXIS)
+        run = jax.shard_map(
+            run, mesh=mesh, in_specs=(P(), spec, spec), out_specs=spec,
+            check_vma=False,
+        )  # fmt: skip
+        args = (
+            jax.device_put(one, NamedSharding(mesh, P())),
+            jax.device_put(xs, NamedSharding(mesh, spec)),
+            jax.device_put(ys, NamedSharding(mesh, spec)),
+        )
+    t0 = time.perf_counter()
     compiled = jax.jit(run).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     run_s = _run_time(compiled, args, a * steps, floor, min_total_s=TIME_S)
     plan = LocalPlan(
         block_size if block_size < num_agents else 0, conv_impl, matmul_impl
     )
+    extra = {} if mesh is None else {"devices": shards}
 
     def retime() -> float:  # agent-steps/s of a few more calls
         return a * steps / max(best_time(compiled, *args, min_total_s=RETIME_S), 1e-9)
@@ -506,7 +534,7 @@ def measure_local(
         "compile_s": round(compile_s, 4),
         "run_s": round(run_s, 5),
         "agent_steps_per_s": round(a * steps / max(run_s, 1e-9), 2),
-    }
+    } | extra
 
 
 REPLICA_MODES = ("auto", "vmap", "one_at_a_time")
@@ -1048,6 +1076,7 @@ def resolve(
     key_fields: dict,
     multi_device: bool = False,
     shard_mapped: bool = True,
+    budget_share: float = 1.0,
 ) -> tuple[LocalPlan, dict]:
     """The local-training plan of a run: explicit, cached or measured.
 
@@ -1076,6 +1105,8 @@ def resolve(
         is searched; False (local training left to XLA's partitioner, where
         blocks would slice across devices): ``auto`` trains each device's
         agents at once without a search.
+      budget_share: the share of the search budget this search may spend
+        (``resolve_devices`` runs two searches, each with half).
 
     Returns:
       ``(plan, info)``; ``info`` has ``plan``, ``conv_impl``, ``source``
@@ -1097,11 +1128,11 @@ def resolve(
         num_agents=num_agents, cap=cap, probe=probe, has_conv=has_conv,
         make_trainer=make_trainer, init_params=init_params, tx=tx, mu=mu, x=x,
         y=y, n_train=n_train, key_fields=key_fields, multi_device=multi_device,
-        shard_mapped=shard_mapped,
+        shard_mapped=shard_mapped, budget_share=budget_share,
     )  # fmt: skip
     per_round = _steps_per_round(config, n_train)
     budget = (
-        _search_budget(config, per_round, probe)
+        budget_share * _search_budget(config, per_round, probe)
         - float(info.get("search_s", 0.0))
         - 4.0 * float(probe["compile_s"])
     )
@@ -1120,6 +1151,128 @@ def resolve(
         ),
     )  # fmt: skip
     return plan, info
+
+
+DEVICE_RETIMES = 2
+"""Extra timings of each side of ``resolve_devices``, alternating."""
+
+
+def resolve_devices(
+    config,
+    *,
+    mesh,
+    one: tuple[LocalPlan, dict],
+    sharded: tuple[LocalPlan, dict],
+    num_agents: int,
+    probe: dict,
+    make_trainer: Callable,
+    init_params: Callable[[str], object],
+    tx,
+    mu: float,
+    x: np.ndarray,
+    y: np.ndarray,
+    n_train: np.ndarray,
+    key_fields: dict,
+) -> tuple[LocalPlan, dict]:
+    """Local training on one device or sharded over the D devices of
+    ``mesh``, whichever measures faster.
+
+    With one JAX CPU device per core (``scripts/run.py --cpu_devices``), a
+    plan whose per-agent dots keep one core busy (``sequential``, small
+    blocks) runs about D times faster sharded (each device trains its own
+    agents under ``shard_map``), while all agents at once gains nothing from
+    sharding: its batched dots already use every core
+    (``docs/performance.md``, section 8). Both winners of the plan search
+    (``one``: the best plan over all A agents on one device; ``sharded``: the
+    best plan of one device's A / D agents) are timed here on ``steps`` real
+    local steps, the sharded one as the D-device ``shard_map`` program, and
+    each is timed again ``DEVICE_RETIMES`` times, alternating, so both sides
+    see the same machine. The choice is cached like the plans. A run whose
+    search budget (``SEARCH_FRACTION`` of its estimated local training, less
+    what the two searches spent) cannot pay for the two compilations keeps
+    one device.
+
+    Args:
+      mesh: the single-process 1-D ``agents`` mesh (D >= 2 devices).
+      one, sharded: ``resolve``'s ``(plan, info)`` of the two searches.
+      num_agents: A (divisible by D).
+      probe, make_trainer, init_params, tx, mu, x, y, n_train, key_fields:
+        as ``resolve``.
+
+    Returns:
+      ``(plan, info)``: the chosen side's ``resolve`` result, its ``info``
+      with ``devices``: ``{"chosen": 1 or D, "source": "measured", "cache"
+      or "prior" (a run too short to pay for the two timings: one device),
+      "table": [the two records, agent-steps/s of all agents,
+      "devices" 1 or D], "outside_load", "searches": {"1": ..., "D": ...}
+      (each search's timing table)}``.
+    """
+    d = int(mesh.devices.size)
+    (p1, i1), (pd, i_d) = one, sharded
+    per_round = _steps_per_round(config, n_train)
+    steps = int(max(1, min(8, int(per_round.max()))))
+    batch_size = int(config.batch_size)
+    step_s = max(float(probe["run_s"]), 1e-9)
+    min_agents = int(np.ceil(MIN_CALL_S / (steps * step_s)))
+    fields = dict(
+        key_fields, num_agents=num_agents, choice="devices", devices=d,
+        plans=[p1.name, p1.conv_impl, p1.matmul_impl, pd.name, pd.conv_impl,
+               pd.matmul_impl],
+        steps=steps, batch_size=batch_size,
+    )  # fmt: skip
+    key = cache_key(fields)
+    entry = cache_get(key)
+    spent = float(i1.get("search_s", 0.0)) + float(i_d.get("search_s", 0.0))
+    left = _search_budget(config, per_round, probe) - spent
+    if entry is not None:
+        chosen, table, load = int(entry["chosen"]), entry["table"], entry["load"]
+        source = "cache"
+    elif left < 4.0 * float(probe["compile_s"]):
+        # Too short a run to pay for two more compilations: one device (the
+        # results of a one-device process).
+        chosen, table, load, source = 1, [], None, "prior"
+    else:
+
+        def measure(plan: LocalPlan, sharded_: bool) -> dict:
+            k = num_agents // d if sharded_ else num_agents
+            rec = measure_local(
+                make_trainer, init_params, tx, x, y,
+                block_size=plan.block_size if plan.block_size < k else 0,
+                conv_impl=plan.conv_impl, matmul_impl=plan.matmul_impl,
+                num_agents=k, batch_size=batch_size, steps=steps, mu=float(mu),
+                min_agents=min(k, min_agents), mesh=mesh if sharded_ else None,
+            )  # fmt: skip
+            return dict(rec, devices=d if sharded_ else 1)
+
+        meter = CpuMeter()
+        recs = [measure(p1, False), measure(pd, True)]
+        for _ in range(DEVICE_RETIMES):
+            for r in recs:
+                if "_retime" in r:
+                    r["agent_steps_per_s"] = max(
+                        r["agent_steps_per_s"], round(r["_retime"](), 2)
+                    )
+        table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs]
+        faster = table[1]["agent_steps_per_s"] > table[0]["agent_steps_per_s"]
+        chosen = d if faster else 1
+        share = meter.outside_share()
+        load = None if share is None else round(share, 3)
+        source = "measured"
+        if _cacheable("device choice", share, f"{chosen} device(s)"):
+            side = pd if chosen == d else p1
+            cache_put(
+                key,
+                {"chosen": chosen, "plan": dataclasses.asdict(side), "table": table,
+                 "load": load, "fields": fields},
+            )  # fmt: skip
+    plan, info = (pd, i_d) if chosen == d else (p1, i1)
+    return plan, dict(
+        info,
+        devices={"chosen": chosen, "source": source, "table": table,
+                 "outside_load": load,
+                 "searches": {"1": i1.get("table", []),
+                              str(d): i_d.get("table", [])}},
+    )  # fmt: skip
 
 
 def _steps_per_round(config, n_train) -> np.ndarray:
@@ -1158,6 +1311,7 @@ def _resolve_local(
     key_fields: dict,
     multi_device: bool = False,
     shard_mapped: bool = True,
+    budget_share: float = 1.0,
 ) -> tuple[LocalPlan, dict]:
     """``resolve``'s local-training plan (without ``replicas``)."""
     from demjax import sharding
@@ -1226,7 +1380,7 @@ def _resolve_local(
     if entry is not None:  # an incomplete search: this run resumes it
         prior = list(entry.get("table", []))
 
-    budget = _search_budget(config, per_round, probe)
+    budget = budget_share * _search_budget(config, per_round, probe)
     info["budget_s"] = round(budget, 3)
     if budget < 2.0 * float(probe["compile_s"]) * len(impls):
         # Too short a run to pay for a search: the simplest plan.

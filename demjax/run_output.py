@@ -95,6 +95,8 @@ def plan_record(info: dict, num_devices: int = 1) -> dict:
         "eval_plan_search_s": info["eval"].get("search_s", 0.0),
         "eval_plan_outside_load": info["eval"].get("outside_load"),
         "eval_plan_table": info["eval"].get("table", []),
+        # one device or the mesh, measured (plan.resolve_devices); None: not chosen
+        "device_choice": info.get("devices"),
     }
 
 
@@ -677,6 +679,20 @@ def place_split(config, split, mesh) -> dict:
         subsampled=subsampled,
         x_gen=part.x_all[eval_idx],
         y_gen=part.y_all[eval_idx],
+    )
+
+
+def unshard(config, setup: RunSetup) -> RunSetup:
+    """``setup`` with its partition and C-GEN set on one device and no mesh
+    (the plan search measured one device faster than the mesh's,
+    ``demjax.plan.resolve_devices``)."""
+    part = jax.tree.map(jnp.asarray, setup.part_np)
+    return dataclasses.replace(
+        setup,
+        part=part,
+        mesh=None,
+        x_gen=part.x_all[setup.eval_idx],
+        y_gen=part.y_all[setup.eval_idx],
     )
 
 

@@ -86,6 +86,7 @@ from demjax.run_output import (
     replicas_json,
     rounded,
     unlock_workdir,
+    unshard,
 )
 
 log = logging.getLogger(__name__)
@@ -278,10 +279,25 @@ def _replica_config(config, r: int):
     return c
 
 
-def _cohorts(config, setup, workdir: str, partition) -> list:
-    """The replicas grouped into ``_Cohort``s (see ``run``)."""
+def _cohorts(config, setup, workdir: str, partition) -> tuple[list, object]:
+    """The replicas grouped into ``_Cohort``s (see ``run``), and the setup
+    (on one device when the plan search measured one device faster than the
+    mesh: ``plan.resolve_devices``)."""
     reps = int(config.num_replicas)
     _, ctx, rounds = build(config, setup.part)
+    devices = ctx.plan_info.get("devices")
+    if devices is not None:
+        log.info(
+            "local training on %d of %d CPU devices (%s)",
+            devices["chosen"], setup.mesh.devices.size,
+            "; ".join(f"{r['devices']} device(s), plan {r['plan']}: "
+                      f"{r['agent_steps_per_s']:.0f} agent-steps/s"
+                      for r in devices["table"])
+            or "too short a run to time both sides",
+        )  # fmt: skip
+        if devices["chosen"] == 1:
+            setup = unshard(config, setup)
+            _, ctx, rounds = build(config, setup.part, (ctx.plan, ctx.plan_info))
     if setup.mesh is not None:
         log.info("agents sharded over %d devices (mesh axis 'agents')",
                  setup.mesh.devices.size)  # fmt: skip
@@ -292,7 +308,7 @@ def _cohorts(config, setup, workdir: str, partition) -> list:
     if reps == 1 or not config.replicate_split:
         own = [rounds] + [algo.build(ctx) for _ in range(1, reps)]
         return [_Cohort(list(range(reps)), ctx, rounds, own, setup.part, None,
-                        [first] * reps, own_measure=False)]  # fmt: skip
+                        [first] * reps, own_measure=False)], setup  # fmt: skip
     # replicate_split: each replica's own split (and set-up) and programs; the
     # replicas whose programs match exactly share one vmapped program.
     entries = [(ctx, rounds, first, _signature(rounds, setup.part))]
@@ -327,7 +343,7 @@ def _cohorts(config, setup, workdir: str, partition) -> list:
         own = [entries[r][1] for r in g]
         out.append(_Cohort(g, ctx_g, rounds_g, own, stacked, 0 if len(g) > 1 else None,
                            [entries[r][2] for r in g], own_measure=True))  # fmt: skip
-    return out
+    return out, setup
 
 
 def _record(t: int, point: str, values: dict, replica: int | None = None) -> dict:
@@ -394,15 +410,15 @@ def run(
             "the given partition)"
         )
     setup = prepare_run(config, workdir, overwrite, partition)
-    mesh, resume = setup.mesh, setup.resume
     show = config.progress if progress is None else progress
     show = show and multihost.is_primary()
 
     try:
-        cohorts = _cohorts(config, setup, workdir, partition)
+        cohorts, setup = _cohorts(config, setup, workdir, partition)
     except BaseException:
         unlock_workdir(workdir)
         raise
+    mesh, resume = setup.mesh, setup.resume
     ctx, rounds = cohorts[0].ctx, cohorts[0].rounds
     num_agents = ctx.num_agents
     phases = rounds.phases

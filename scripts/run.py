@@ -79,11 +79,15 @@ _PROCESS_ID = flags.DEFINE_integer(
 )
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices",
-    1,
-    "CPU devices JAX exposes (0 = one per core): with several, the agents are "
-    "sharded over them (config.num_devices 0 = auto) and local training runs on "
-    "that many cores at once. Floating-point sums over agents then run in "
-    "another order, so results differ from one device in the last bits.",
+    0,
+    "CPU devices JAX exposes (0 = one per core). With several and "
+    "config.num_devices=0 (auto), the run times its local training on one "
+    "device and sharded over all of them (each device training its own agents "
+    "on its own core) and keeps the faster; runs too short to pay for the "
+    "timing use one device. Sharded, floating-point sums over agents run in "
+    "another order, so results differ from one device in the last bits. "
+    "1 = one device. The default applies to a single-process run without a "
+    "forced host device count (XLA_FLAGS).",
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir",
@@ -105,7 +109,15 @@ def main(argv):
     logging.get_absl_handler().addFilter(cli_log_filter)
 
     try:  # before any JAX computation
-        if _CPU_DEVICES.value != 1:
+        # The default (one device per core) is for a single-process run: a
+        # multi-process job or a forced host device count (XLA_FLAGS) keeps its
+        # devices unless --cpu_devices is given.
+        multi = _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value
+        forced = "xla_force_host_platform_device_count" in os.environ.get(
+            "XLA_FLAGS", ""
+        )
+        explicit = flags.FLAGS["cpu_devices"].present
+        if _CPU_DEVICES.value != 1 and (explicit or not (multi or forced)):
             from demjax import sharding
 
             sharding.set_cpu_devices(_CPU_DEVICES.value)

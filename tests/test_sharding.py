@@ -108,18 +108,105 @@ def test_cpu_devices_errors_name_the_flag():
         sharding.set_cpu_devices(have + 1)
 
 
-@pytest.mark.slow(seconds=25)  # a subprocess: scripts/run.py, 2 CPU devices
-def test_run_script_cpu_devices_shards_the_agents(tmp_path):
-    """``scripts/run.py --cpu_devices=2`` exposes two CPU devices and shards
-    the agents over them (``num_devices`` auto), in the run's log line."""
-    env = dict(os.environ, XLA_FLAGS=xla_flags())
+@pytest.mark.slow(seconds=25)  # two scripts/run.py processes, 2 CPU devices
+def test_run_script_cpu_devices(tmp_path):
+    """``scripts/run.py --cpu_devices=2 --config.num_devices=2`` shards the
+    agents over two CPU devices; by default (one device per core, here the
+    forced 2) a run too short to time both sides keeps one device and says
+    so in ``timing.jsonl``."""
+    from helpers import run_cli_batch
+
+    base = ["--config.num_agents=4", "--config.num_rounds=1", "--config.model=mlr",
+            "--config.local_epochs=1", "--quiet"]  # fmt: skip
+    got = run_cli_batch(
+        {"sharded": ["--cpu_devices=2", "--config.num_devices=2", *base],
+         "default": ["--cpu_devices=2", *base]},
+        tmp_path, parallel=2,
+    )  # fmt: skip
+    heads = {}
+    for name, r in got.items():
+        assert r.returncode == 0, r.stderr[-3000:]
+        with open(r.workdir / "timing.jsonl") as f:
+            heads[name] = json.loads(f.readline())
+    assert heads["sharded"]["num_devices"] == 2, heads["sharded"]
+    assert heads["sharded"]["device_choice"] is None
+    assert heads["default"]["num_devices"] == 1, heads["default"]
+    choice = heads["default"]["device_choice"]
+    assert choice["chosen"] == 1 and choice["source"] == "prior", choice
+    assert "local training on 1 of 2 CPU devices" in got["default"].stderr
+
+
+DEVICE_CHOICE = r"""
+import json, os, sys
+sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]
+import jax
+assert jax.device_count() == 2, jax.devices()
+from helpers import tiny_config
+from demjax import data, plan, sharding, train
+plan.SEARCH_FRACTION = 1e6  # a long run's budget: both sides are timed
+plan.OUTSIDE_LOAD_MAX = 1.0  # cached whatever else runs on the machine
+out = {{}}
+c = tiny_config(num_agents=8, model="mlp", hidden=(16,), local_plan="sequential",
+                matmul_impl="xla")
+split = data.make_split(c, None)
+part = sharding.shard_partition(split.partition, sharding.make_mesh(0, 8))
+for i in range(2):  # measured, then from the cache
+    _, ctx, _ = train.build(c, part)
+    out[f"build_{{i}}"] = dict(plan=ctx.plan_info["plan"],
+                              devices=ctx.plan_info["devices"])
+# The run follows the choice: forced to each side in turn.
+orig = plan.resolve_devices
+for chosen in (1, 2):
+    def forced(config, chosen=chosen, **kw):
+        p, info = orig(config, **kw)
+        side = kw["sharded"] if chosen == 2 else kw["one"]
+        return side[0], dict(side[1], devices=dict(info["devices"], chosen=chosen))
+    plan.resolve_devices = forced
+    r = train.run(c, f"{{sys.argv[1]}}/chosen_{{chosen}}")
+    out[f"chosen_{{chosen}}"] = dict(records=r["records"], devices=r["num_devices"],
+                                    spread=r["params_devices"])
+plan.resolve_devices = orig
+c.num_devices = 1
+r = train.run(c, f"{{sys.argv[1]}}/one")
+out["one"] = dict(records=r["records"], devices=r["num_devices"])
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow(seconds=40)  # a subprocess with 2 devices, 3 runs
+def test_device_choice_measures_both_sides(tmp_path):
+    """``num_devices=0`` on several CPU devices: the local plan is timed on one
+    device and under ``shard_map`` over both (``plan.resolve_devices``), the
+    faster kept and cached; the run then trains on the chosen devices, one
+    device giving exactly a one-device run's results."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(
+        os.environ,
+        XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
+        DEMJAX_CACHE_DIR=str(tmp_path / "cache"),
+    )
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "run.py"), "--cpu_devices=2",
-         "--config.num_agents=4", "--config.num_rounds=1", "--config.model=mlr",
-         "--config.local_epochs=1", "--quiet", f"--workdir={tmp_path}"],
+        [sys.executable, "-c", DEVICE_CHOICE.format(tests=tests), str(tmp_path)],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(tmp_path / "timing.jsonl") as f:
-        head = json.loads(f.readline())
-    assert head["num_devices"] == 2, head
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    out = json.loads(line[len("RESULT") :])
+    first, again = out["build_0"]["devices"], out["build_1"]["devices"]
+    assert first["source"] == "measured" and again["source"] == "cache"
+    table = first["table"]
+    assert [r["devices"] for r in table] == [1, 2]
+    # Both sides time the same agents' steps: 8 agents (4 per device).
+    assert [r["agents"] for r in table] == [8, 8]
+    assert all(r["plan"] == "sequential" and r["agent_steps_per_s"] > 0 for r in table)
+    faster = 2 if table[1]["agent_steps_per_s"] > table[0]["agent_steps_per_s"] else 1
+    assert first["chosen"] == faster and again["chosen"] == faster
+    assert again["table"] == table
+    one, c1, c2 = out["one"], out["chosen_1"], out["chosen_2"]
+    assert one["devices"] == 1 and c1["devices"] == 1 and c1["spread"] == 1
+    assert c2["devices"] == 2 and c2["spread"] == 2
+    assert c1["records"] == one["records"]  # the same program on one device
+    for a, b in zip(c2["records"], one["records"], strict=True):
+        for k, v in a.items():
+            if isinstance(v, float):
+                assert v == pytest.approx(b[k], abs=2e-5), k
