@@ -694,6 +694,12 @@ def main(argv=None) -> None:
                 results.setdefault("timing", {})[row] = {
                     "wall_s": round(wall, 1),
                     "num_devices": int(out["num_devices"]),
+                    # with several CPU devices: one or all, as measured
+                    "cpu_devices": devices,
+                    "device_choice": {
+                        k: v for k, v in (plan.get("devices") or {}).items()
+                        if k != "searches"
+                    } or None,  # fmt: skip
                     "num_rounds": args.num_rounds,
                     "eval_every": args.eval_every,
                     "final": out["final"]["sync"],
