@@ -46,7 +46,10 @@ Implementations (``impl`` of a record):
   devices, each device running the plan on its own agents under
   ``jax.shard_map`` (the engine's local phase on a mesh, ``scripts/run.py
   --cpu_devices``); never counted among the one-device plans the auto plan is
-  compared with.
+  compared with. ``auto@<D>dev`` is the choice ``scripts/run.py`` makes with D
+  CPU devices (``engine.choose_plan`` on the sharded population with
+  ``num_devices=0``: one device or all, measured, ``plan.resolve_devices``),
+  compared with every plan of both kinds (``over_best_other_plan``).
 - ``jax_per_agent_loop``: a Python loop over agents, each call one jitted
   per-agent training function (``local.make_train_one`` running exactly the
   agent's steps; it reads its agent's rows of the stacked data and
@@ -192,8 +195,13 @@ def _partition(work):
     )
 
 
-def choose_auto(work, rounds: int, runs: int = 1) -> dict:
+def choose_auto(work, rounds: int, runs: int = 1, mesh=None) -> dict:
     """The engine's plan choice, measured from an empty plan cache.
+
+    With ``mesh`` (several CPU devices), the agents are sharded over it with
+    ``num_devices=0``, so the choice includes the device choice
+    (``plan.resolve_devices``: one device or all, measured); ``devices`` is
+    the chosen count and ``device_table`` the two timings.
 
     With ``runs`` > 1 the choice is made that many times in a row on the same
     (temporary) cache, as consecutive runs of one workload make it: a search
@@ -216,6 +224,11 @@ def choose_auto(work, rounds: int, runs: int = 1) -> dict:
     c.progress = False
     validate(c)
     part = _partition(work)
+    if mesh is not None:
+        from demjax import sharding
+
+        c.num_devices = 0
+        part = sharding.shard_partition(part, mesh)
     tx = local.make_optimizer(c.optimizer, c.lr)
     model = models.make_model(c.model, part.num_classes, c.hidden)
     saved = os.environ.get("DEMJAX_CACHE_DIR")
@@ -274,6 +287,8 @@ def choose_auto(work, rounds: int, runs: int = 1) -> dict:
         "complete": info.get("complete"),
         "table": info.get("table", []),
         "runs": history,
+        "devices": int((info.get("devices") or {}).get("chosen", 1)),
+        "device_table": (info.get("devices") or {}).get("table"),
     }
 
 
@@ -674,6 +689,19 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         auto = choose_auto(work, args.search_rounds, args.search_runs)
         log("  auto: " + json.dumps({k: v for k, v in auto.items() if k != "table"}))
         cap = auto["cap"]
+    auto_dev, devices = None, jax_devices()
+    if auto is not None and len(devices) > 1 and a % len(devices) == 0:
+        import numpy as np
+        from jax.sharding import Mesh
+
+        # The choice scripts/run.py makes with one device per core: the
+        # plan search with the device choice (one device or all, measured).
+        auto_dev = choose_auto(
+            work, args.search_rounds, args.search_runs,
+            mesh=Mesh(np.asarray(devices), ("agents",)),
+        )  # fmt: skip
+        log(f"  auto@{len(devices)}dev: " + json.dumps(
+            {k: v for k, v in auto_dev.items() if k != "table"}))  # fmt: skip
     else:
         from demjax import local, models
 
@@ -715,8 +743,11 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
         (k, conv, mm) for k in blocks for conv in timed_convs
         for mm in args.matmul_impls.split(",")
     ]  # fmt: skip
-    for ch in auto["runs"] if auto is not None else ():
-        # every run's choice with its own kernels
+    for ch in (auto["runs"] if auto is not None else []) + (
+        [auto_dev] if auto_dev is not None else []
+    ):
+        # every run's choice with its own kernels (the device-aware choice's
+        # block is per device when it shards: the sharded runners' too)
         k = effective_block(ch["block_size"], a, cap)
         if (k, ch["conv_impl"], ch["matmul_impl"]) not in combos:
             combos.append((k, ch["conv_impl"], ch["matmul_impl"]))
@@ -728,7 +759,6 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
     # Several CPU devices (--cpu_devices): the same plans with the agents
     # sharded over them (A divisible by D), named demjax@Ddev:..., compared
     # with the references but never counted among the one-device plans.
-    devices = jax_devices()
     if len(devices) > 1 and a % len(devices) == 0:
         import numpy as np
         from jax.sharding import Mesh
@@ -850,6 +880,26 @@ def one_size(args, a: int, plans: list[str], log=print) -> dict:
             r1.update({x: ch[x] for x in keys})
             over_others(r1, src1)
             first = {"auto:run1": r1}
+        if auto_dev is not None:  # the device-aware choice, over every plan
+            d = len(devices)
+            k = effective_block(auto_dev["block_size"], a, cap)
+            src = _plan_name(k, auto_dev["conv_impl"], auto_dev["matmul_impl"],
+                             conv_impls)  # fmt: skip
+            if auto_dev["devices"] > 1:
+                src = src.replace("demjax:", f"demjax@{d}dev:", 1)
+            rd = dict(records[src], impl=f"auto@{d}dev", same_as=src)
+            rd.update({x: auto_dev[x] for x in ("plan", "conv_impl", "matmul_impl",
+                                                "source", "search_s", "plan_s",
+                                                "devices", "device_table")})
+            others = [r for n, r in records.items()
+                      if n.startswith(("demjax:", f"demjax@{d}dev:")) and n != src]
+            if others:
+                top = max(others, key=lambda r: r["agent_steps_per_s"])
+                rd["best_other_plan"] = top["impl"]
+                rd["over_best_other_plan"] = round(
+                    rd["agent_steps_per_s"] / top["agent_steps_per_s"], 3
+                )  # fmt: skip
+            first[f"auto@{d}dev"] = rd
         records = {"auto": rec, **first, **records}
     # References: the fastest per-agent JAX loop and the fastest PyTorch loop.
     refs = {}
@@ -1118,7 +1168,8 @@ def main(argv=None) -> None:
         default=1,
         help="CPU devices JAX exposes (0 = one per core); with several, every "
         "explicit plan is also timed with the agents sharded over them "
-        "(demjax@Ddev:PLAN, as scripts/run.py --cpu_devices runs it)",
+        "(demjax@Ddev:PLAN, as scripts/run.py --cpu_devices runs it) and the "
+        "device-aware automatic choice as auto@Ddev",
     )
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--out", default=os.path.join(RESULTS, "baselines.json"))

@@ -239,6 +239,20 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   (from commit 5480ff7 on the search times one shard's 25 agents). Final metrics
   within 0.2 points of each other (C-SPE .971 / .973, C-GEN .680 / .681, Global
   .795 / .793).
+- **Devices chosen by measurement (`demlearn_p_2cpu_measured_devices` /
+  `demlearn_p_1cpu`).** With two CPU devices and `num_devices=0` the plan search
+  times the best one-device plan against the best per-device plan sharded over
+  both (`plan.resolve_devices`). Back to back on the idle 2-core AVX-512 Xeon
+  (2026-12-05, commit 5f0accf, the same command with `--cpu_devices=2` and
+  without): it timed `sequential` at 166 agent-steps/s on one device and 245 on
+  two (1.48x) and sharded; the run took **596 s** (median local training 4.01 s per
+  round, evaluation 7.48 s; 68 s before round 0: the two half-budget searches 14 +
+  23 s, the device timing, the evaluation search 8 s) against **645 s** on one
+  device (4.72 s, 7.15 s; local search 44 s): 1.08x on the whole run, 1.18x on
+  local training. The always-sharded run above (547 s, local 3.81 s) searched one
+  side only (23 s); the measured choice pays both searches the first time a
+  workload runs, and later runs read it from the cache. Final metrics within 0.3
+  points (C-SPE .973 / .971, C-GEN .681 / .680, Global .793 / .795).
 - **Several seeds (`replica_runs`, the table above).** DemLearn-P over seeds 0-2
   (`--replicas=3 --eval_every=5`, one program; 2026-12-05, commit ceb557a, 2-core
   AVX-512 Xeon shared with other benchmark jobs, 7,341 s): C-SPE .973 +/- .002,

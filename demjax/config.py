@@ -150,7 +150,8 @@ FIELD_DOCS = {
     "network_edge_prob": "erdos_renyi: link probability per agent pair, (0, 1]",
     "network_file": "network='file': .npy/.txt 0/1 [A, A] matrix, adj[i, j] = i -> j",
     "network_impl": "mixing: dense ([A, A] matmul) or sparse (edge-list segment_sum)",
-    "num_devices": "devices of the 'agents' mesh; 0 = auto, 1 = none",
+    "num_devices": "devices of the 'agents' mesh; 0 = auto (several CPU devices: "
+    "one or all, measured), 1 = none",
     "participation": "fraction of agents sampled per round, (0, 1]",
     "dropout": "per-round probability an agent drops out, [0, 1)",
     "stragglers": "fraction of agents doing a random part of their steps, [0, 1]",

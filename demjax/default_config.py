@@ -127,7 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.network_impl = "dense"
 
     # Devices the agent axis is sharded over (mesh axis "agents"): 0 = auto (all
-    # devices that divide num_agents evenly), 1 = one device.
+    # devices that divide num_agents evenly; with several CPU devices of one
+    # process, one device or all of them, whichever trains faster as measured
+    # by the plan search), 1 = one device, D = exactly D devices.
     c.num_devices = 0
 
     # Participation and faults (vectorized masks; see docs/faults.md):

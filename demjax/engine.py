@@ -164,10 +164,18 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
         hierarchical family), so the candidates are one shard's plans; False:
         left to XLA's partitioner (``plan.resolve``'s ``shard_mapped``).
 
+    On several CPU devices of one process with ``num_devices`` 0
+    (``device_choice``), the best one-device plan over all agents and the
+    best per-device plan (or, for a plug-in, each device's agents at once)
+    are searched with half the budget each and timed against each other
+    (``plan.resolve_devices``); ``info["devices"]["chosen"]`` is then 1 or
+    D, and ``train`` moves a partition placed on the mesh to one device when
+    1 wins.
+
     Returns:
       ``(plan.LocalPlan, info dict)`` as ``demjax.plan.resolve`` (with
       ``info["replicas"]``: how the phases run over ``num_replicas`` > 1
-      replicas).
+      replicas; ``info["devices"]`` with the device choice).
     """
     has_conv = config.model.startswith("cnn")
     n_train = sharding.to_host(partition.n_train)
@@ -477,8 +485,7 @@ class Simulator:
         # One device: the weighted bottom-up sums run over agent blocks of
         # ~64 MiB, so aggregation never holds a second [A, ...] copy of the
         # population. Sharded: each device's temporary is already one shard.
-        one_device = int(config.num_devices) == 1 or jax.device_count() == 1
-        agg_block_bytes = 64 * 2**20 if one_device else None
+        agg_block_bytes = 64 * 2**20 if mesh is None else None
         trim_fraction = float(config.trim_fraction)
         aggregator_noise = float(config.aggregator_noise)
         attack = attacks.Attack.from_config(config, num_agents)

@@ -63,6 +63,15 @@ own budget on the candidates not yet timed, until a run finishes the search;
 from then on runs take the choice from the cache at once. A researcher running
 seeds or a hyper-parameter grid of one workload thus reaches the plan a full
 search would choose, each run still within its own budget.
+
+With several CPU devices in one process (``scripts/run.py`` exposes one per
+core) and ``num_devices=0``, the device count is a choice too
+(``resolve_devices``): the best plan over all agents on one device and the best
+plan of one device's agents run on every device at once (``jax.shard_map``)
+are searched with half the budget each, then timed against each other, and the
+faster is kept and cached. Small per-agent GEMMs keep one device on about one
+core, so ``sequential`` gains about the device count from sharding, while all
+agents at once already uses every core and gains nothing.
 """
 
 from __future__ import annotations
