@@ -229,29 +229,30 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
         key_fields=key_fields,
     )  # fmt: skip
 
-    def resolve(agents: int, cap_: int, multi: bool, share: float = 1.0):
+    def resolve(agents: int, cap_: int, multi: bool, share: float = 1.0, mesh=None):
         # The hierarchical family trains each device's agents under shard_map;
         # a plug-in's local training is left to XLA's partitioner, under which
         # only all agents at once runs shard-locally.
         return plan_lib.resolve(
             config, num_agents=agents, cap=cap_, multi_device=multi,
-            shard_mapped=mapped, budget_share=share, **common,
+            shard_mapped=mapped, budget_share=share, mesh=mesh, **common,
         )  # fmt: skip
 
     if n_dev > 1 and not sharding.multiprocess():
         per_device, cap_d = num_agents // n_dev, max(1, cap // n_dev)
+        mesh = x_train.sharding.mesh  # candidates timed on every device at once
         if device_choice(config, n_dev):
             # One device or all of them, by measurement: each side's search
             # gets half the budget, then the two winners are timed.
             unsharded = resolve(num_agents, cap, False, 0.5)
             sharded = (
-                resolve(per_device, cap_d, True, 0.5)
+                resolve(per_device, cap_d, True, 0.5, mesh)
                 if mapped
                 else resolve(num_agents, cap, True)
             )
             if mapped or sharded[0].block_size == 0:
                 return plan_lib.resolve_devices(
-                    config, mesh=x_train.sharding.mesh, one=unsharded, sharded=sharded,
+                    config, mesh=mesh, one=unsharded, sharded=sharded,
                     num_agents=num_agents,
                     **{k: v for k, v in common.items() if k != "has_conv"},
                 )  # fmt: skip
@@ -260,7 +261,7 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
             # Each device runs the plan on its own A / D agents (shard_map):
             # the candidates are plans of one shard, and D shards' blocks share
             # the memory of the ``cap`` agents that fit at once.
-            return resolve(per_device, cap_d, True)
+            return resolve(per_device, cap_d, True, mesh=mesh)
     return resolve(num_agents, cap, n_dev > 1)
 
 

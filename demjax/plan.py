@@ -462,10 +462,12 @@ def measure_local(
       min_agents: fewest agents timed (the search sizes it so that one call
         lasts at least ``MIN_CALL_S``: a few milliseconds are too short to time
         on a shared machine).
-      mesh: a 1-D ``agents`` mesh of D devices (single process), or None:
-        the plan then runs on every device at once under ``jax.shard_map``
-        (the engine's sharded local phase), ``num_agents`` / ``min_agents``
-        being one device's; the record counts the agents of all D devices.
+      mesh: None (one device), or a 1-D ``agents`` mesh of D devices (single
+        process): the plan then runs on every device at once under
+        ``jax.shard_map`` (the engine's sharded local phase), ``num_agents``
+        and ``min_agents`` being one device's; the record's ``agents`` are
+        one device's, ``agent_steps_per_s`` those of all D devices, and it
+        has ``devices`` D.
 
     Returns:
       dict with ``plan``, ``agents``, ``steps``, ``compile_s``, ``run_s``,
@@ -538,7 +540,7 @@ def measure_local(
         "plan": plan.name,
         "conv_impl": conv_impl,
         "matmul_impl": matmul_impl,
-        "agents": int(a),
+        "agents": int(per_shard),
         "steps": int(steps),
         "compile_s": round(compile_s, 4),
         "run_s": round(run_s, 5),
@@ -1086,6 +1088,7 @@ def resolve(
     multi_device: bool = False,
     shard_mapped: bool = True,
     budget_share: float = 1.0,
+    mesh=None,
 ) -> tuple[LocalPlan, dict]:
     """The local-training plan of a run: explicit, cached or measured.
 
@@ -1116,6 +1119,12 @@ def resolve(
         agents at once without a search.
       budget_share: the share of the search budget this search may spend
         (``resolve_devices`` runs two searches, each with half).
+      mesh: with ``multi_device`` and ``shard_mapped`` in a single process,
+        the ``agents`` mesh: every candidate is then timed as the D-device
+        ``shard_map`` program (``measure_local``'s ``mesh``; one device
+        timing one shard's plan misranks them: a ``sequential`` loop gains
+        more from a core of its own than blocks do), ``num_agents`` and
+        ``cap`` being one device's.
 
     Returns:
       ``(plan, info)``; ``info`` has ``plan``, ``conv_impl``, ``source``
@@ -1137,7 +1146,7 @@ def resolve(
         num_agents=num_agents, cap=cap, probe=probe, has_conv=has_conv,
         make_trainer=make_trainer, init_params=init_params, tx=tx, mu=mu, x=x,
         y=y, n_train=n_train, key_fields=key_fields, multi_device=multi_device,
-        shard_mapped=shard_mapped, budget_share=budget_share,
+        shard_mapped=shard_mapped, budget_share=budget_share, mesh=mesh,
     )  # fmt: skip
     per_round = _steps_per_round(config, n_train)
     budget = (
@@ -1321,6 +1330,7 @@ def _resolve_local(
     multi_device: bool = False,
     shard_mapped: bool = True,
     budget_share: float = 1.0,
+    mesh=None,
 ) -> tuple[LocalPlan, dict]:
     """``resolve``'s local-training plan (without ``replicas``)."""
     from demjax import sharding
@@ -1376,6 +1386,8 @@ def _resolve_local(
         steps=steps,
         multi_device=multi_device,
     )
+    if mesh is not None:  # timed as the D-device shard_map program
+        fields["timed_devices"] = int(mesh.devices.size)
     key = cache_key(fields)
     entry = cache_get(key)
     prior = None
@@ -1429,7 +1441,7 @@ def _resolve_local(
             floor=floor / max(fill, 1e-9) if k != 1 else floor,
             min_agents=agents or min_agents,
             samples=scale_samples if at_scale else None,
-            epochs=epochs if at_scale else 1,
+            epochs=epochs if at_scale else 1, mesh=mesh,
         )  # fmt: skip
         if k != 1 and fill < 1.0:
             rec["timed_agent_steps_per_s"] = rec["agent_steps_per_s"]
