@@ -1175,6 +1175,19 @@ DEVICE_RETIMES = 2
 """Extra timings of each side of ``resolve_devices``, alternating."""
 
 
+def _search_record(plan: LocalPlan, info: dict, devices: int) -> dict | None:
+    """The fastest record of ``plan`` in its search's table (with
+    ``devices``), or None when the search timed no such record."""
+    recs = [
+        r for r in info.get("table", [])
+        if (r["plan"], r["conv_impl"], r.get("matmul_impl", "xla"))
+        == (plan.name, plan.conv_impl, plan.matmul_impl)
+    ]  # fmt: skip
+    if not recs:
+        return None
+    return dict(max(recs, key=lambda r: r["agent_steps_per_s"]), devices=devices)
+
+
 def resolve_devices(
     config,
     *,
@@ -1205,10 +1218,12 @@ def resolve_devices(
     best plan of one device's A / D agents) are timed here on ``steps`` real
     local steps, the sharded one as the D-device ``shard_map`` program, and
     each is timed again ``DEVICE_RETIMES`` times, alternating, so both sides
-    see the same machine. The choice is cached like the plans. A run whose
-    search budget (``SEARCH_FRACTION`` of its estimated local training, less
-    what the two searches spent) cannot pay for the two compilations keeps
-    one device.
+    see the same machine. The choice is cached like the plans. When the search
+    budget (``SEARCH_FRACTION`` of the run's estimated local training, less
+    what the two searches spent) cannot pay for the two compilations, the
+    searches' own records of the two winners decide (the sharded search timed
+    the D-device program too), and without them (a search too short to time
+    anything) the run keeps one device.
 
     Args:
       mesh: the single-process 1-D ``agents`` mesh (D >= 2 devices).
@@ -1219,8 +1234,9 @@ def resolve_devices(
 
     Returns:
       ``(plan, info)``: the chosen side's ``resolve`` result, its ``info``
-      with ``devices``: ``{"chosen": 1 or D, "source": "measured", "cache"
-      or "prior" (a run too short to pay for the two timings: one device),
+      with ``devices``: ``{"chosen": 1 or D, "source": "measured", "cache",
+      "searches" (the two searches' records, no budget left to time them
+      again) or "prior" (nothing timed: one device),
       "table": [the two records, agent-steps/s of all agents,
       "devices" 1 or D], "outside_load", "searches": {"1": ..., "D": ...}
       (each search's timing table)}``.
@@ -1246,9 +1262,15 @@ def resolve_devices(
         chosen, table, load = int(entry["chosen"]), entry["table"], entry["load"]
         source = "cache"
     elif left < 4.0 * float(probe["compile_s"]):
-        # Too short a run to pay for two more compilations: one device (the
-        # results of a one-device process).
-        chosen, table, load, source = 1, [], None, "prior"
+        # No budget left for two more compilations: the searches' own timings
+        # of the two winners (the sharded search timed the D-device program),
+        # else one device (the results of a one-device process).
+        table = [_search_record(p1, i1, 1), _search_record(pd, i_d, d)]
+        if None in table:
+            chosen, table, load, source = 1, [], None, "prior"
+        else:
+            faster = table[1]["agent_steps_per_s"] > table[0]["agent_steps_per_s"]
+            chosen, load, source = (d if faster else 1), None, "searches"
     else:
 
         def measure(plan: LocalPlan, sharded_: bool) -> dict:

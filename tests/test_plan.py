@@ -977,3 +977,44 @@ def test_multi_device_searches_only_shard_mapped_local_training(monkeypatch):
     assert out[False] == ("all", "multi_device", [])
     name, source, times = out[True]
     assert source == "measured" and times and times[0] == 1 and name == "sequential"
+
+
+def test_device_choice_without_budget_reads_the_searches():
+    """``resolve_devices`` with no budget left for its own timings decides from
+    the two searches' records of their winners (the fastest record of each
+    chosen plan), and keeps one device when a search timed nothing."""
+    monkeypatch.setenv("DEMJAX_CACHE_DIR", str(tmp_path))
+    c = base_config(num_rounds=1)
+    mesh = types.SimpleNamespace(devices=np.zeros(2))
+    n_train = np.full(4, 20)
+
+    def rec(name, speed, matmul="xla"):
+        return {"plan": name, "conv_impl": "patches", "matmul_impl": matmul,
+                "agents": 4, "steps": 2, "agent_steps_per_s": speed}  # fmt: skip
+
+    seq, all_ = plan.LocalPlan(1, "patches"), plan.LocalPlan(0, "patches")
+    one = (all_, {"table": [rec("all", 100.0), rec("sequential", 90.0),
+                            rec("all", 120.0)]})  # fmt: skip
+    for sharded_speed, chosen in ((150.0, 2), (110.0, 1)):
+        sharded = (seq, {"table": [rec("sequential", sharded_speed),
+                                   rec("sequential", 500.0, "wgrad_t")]})  # fmt: skip
+        got, info = plan.resolve_devices(
+            c, mesh=mesh, one=one, sharded=sharded, num_agents=4,
+            probe={"compile_s": 1e6, "run_s": 1e-3}, make_trainer=None,
+            init_params=None, tx=None, mu=0.0, x=None, y=None, n_train=n_train,
+            key_fields={"test": sharded_speed},
+        )  # fmt: skip
+        dev = info["devices"]
+        assert dev["source"] == "searches" and dev["chosen"] == chosen
+        assert [r["agent_steps_per_s"] for r in dev["table"]] == [120.0, sharded_speed]
+        assert [r["devices"] for r in dev["table"]] == [1, 2]
+        assert got == (seq if chosen == 2 else all_)
+    # A search that timed nothing (too short a run): one device.
+    got, info = plan.resolve_devices(
+        c, mesh=mesh, one=(all_, {"table": []}), sharded=sharded, num_agents=4,
+        probe={"compile_s": 1e6, "run_s": 1e-3}, make_trainer=None,
+        init_params=None, tx=None, mu=0.0, x=None, y=None, n_train=n_train,
+        key_fields={"test": "prior"},
+    )  # fmt: skip
+    assert info["devices"]["source"] == "prior" and info["devices"]["chosen"] == 1
+    assert got == all_
