@@ -983,7 +983,6 @@ def test_device_choice_without_budget_reads_the_searches():
     """``resolve_devices`` with no budget left for its own timings decides from
     the two searches' records of their winners (the fastest record of each
     chosen plan), and keeps one device when a search timed nothing."""
-    monkeypatch.setenv("DEMJAX_CACHE_DIR", str(tmp_path))
     c = base_config(num_rounds=1)
     mesh = types.SimpleNamespace(devices=np.zeros(2))
     n_train = np.full(4, 20)
