@@ -1032,6 +1032,30 @@ def report(results: dict, path: str) -> None:
                 + ".",
                 "",
             ]
+            for rd in e["records"]:  # the device-aware choice (--cpu_devices)
+                if not rd["impl"].startswith("auto@"):
+                    continue
+                timed = "; ".join(
+                    f"{t['devices']} device(s) `{t['plan']}` "
+                    f"{t['agent_steps_per_s']:.0f} agent-steps/s"
+                    for t in rd.get("device_table") or []
+                ) or "nothing timed: one device"
+                lines += [
+                    f"Auto plan with one device per core (`{rd['impl']}`, as "
+                    f"`scripts/run.py` chooses): {rd['devices']} device(s), "
+                    f"`{rd['plan']}`"
+                    + f" / matmul `{rd.get('matmul_impl', 'xla')}` (device timing: "
+                    + timed + ")"
+                    + (
+                        f"; over the best other plan of either kind "
+                        f"(`{rd['best_other_plan']}`) "
+                        f"{rd['over_best_other_plan']:.2f}x"
+                        if "over_best_other_plan" in rd
+                        else ""
+                    )
+                    + ".",
+                    "",
+                ]
             if len(a.get("runs", [])) > 1:
                 lines += [
                     f"Plan choice of {len(a['runs'])} consecutive runs on one "
