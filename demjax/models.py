@@ -331,6 +331,47 @@ class CNN4(nn.Module):
         return (logits, x) if return_features else logits
 
 
+class CNN4BN(nn.Module):
+    """``CNN4`` with batch normalization after both convolutions and the hidden
+    dense layer (conv -> BatchNorm -> ReLU -> max-pool, dense -> BatchNorm ->
+    ReLU): FedBN's convolutional model (``demjax/algorithms/fedbn.py``; Li et
+    al., ICLR 2021, Sec. 5, put BatchNorm after every convolution and hidden
+    fully connected layer).
+
+    ``BatchNorm_0`` / ``BatchNorm_1`` normalize each channel over the batch
+    and both spatial axes (``[32]`` / ``[64]``), ``BatchNorm_2`` each of the
+    512 hidden units; momentum 0.9, epsilon 1e-5 (PyTorch's defaults), running
+    variance the biased batch variance. ``train=True`` uses the batch
+    statistics of the rows where ``mask`` (bool ``[B]``) holds and needs
+    ``mutable=["batch_stats"]``; ``train=False`` the running averages.
+    """
+
+    num_classes: int = 10
+    conv_impl: str = "patches"
+    matmul_impl: str = "xla"
+    param_init: str = "flax"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_features: bool = False,
+                 mask=None):  # fmt: skip
+        def norm(x, i):
+            rows = None if mask is None else mask.reshape((-1,) + (1,) * (x.ndim - 1))
+            return nn.BatchNorm(
+                use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                name=f"BatchNorm_{i}",
+            )(x, mask=rows)  # fmt: skip
+
+        for i, width in enumerate((32, 64)):
+            conv = _conv(
+                self.conv_impl, width, 5, f"conv{i}", self.matmul_impl, self.param_init
+            )
+            x = _pool(self.conv_impl, nn.relu(norm(conv(x), i)))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(norm(_dense(self.matmul_impl, 512, 0, self.param_init)(x), 2))
+        logits = _dense(self.matmul_impl, self.num_classes, 1, self.param_init)(x)
+        return (logits, x) if return_features else logits
+
+
 class CNNCifar(nn.Module):
     """The DemLearn paper's CIFAR-10 CNN: conv 16/32/64@3x3, pooling, dense 512, 64."""
 

@@ -259,12 +259,71 @@ def test_fedbn_round_matches_reference_loop():
     assert int(info["num_diverged"]) == 0
 
 
-def test_fedbn_needs_the_mlp():
+def test_fedbn_needs_a_model_with_batchnorm():
     with pytest.raises(
         ConfigError,
-        match=r"model='mlr' is not valid for algorithm='fedbn'.*accepted: mlp",
+        match=r"model='mlr' is not valid for algorithm='fedbn'.*accepted: mlp, cnn4",
     ):
         validate(tiny_config(algorithm="fedbn", model="mlr"))
+
+
+def cnn4bn_reference(p, st, x, mask, eps=1e-5):
+    """``CNN4BN`` in training mode by hand (NumPy): 'SAME' 5x5 convolutions as
+    loops over the kernel, per-channel batch normalization over the masked rows
+    and both spatial axes, ReLU, 2x2 max-pool; the hidden dense layer's units
+    normalized over the masked rows. Returns ``(logits, new running stats)``."""
+    rows = np.asarray(mask, bool)
+
+    def conv(x, w, b):
+        k = w.shape[0]
+        xp = np.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+        out = np.zeros(x.shape[:3] + (w.shape[-1],))
+        for di in range(k):
+            for dj in range(k):
+                out += xp[:, di:di + x.shape[1], dj:dj + x.shape[2]] @ w[di, dj]
+        return out + b
+
+    def bn(h, q, s, axes):
+        mu = h[rows].mean(axis=axes)
+        var = h[rows].var(axis=axes)
+        out = (h - mu) / np.sqrt(var + eps) * q["scale"] + q["bias"]
+        return out, {"mean": 0.9 * s["mean"] + 0.1 * mu, "var": 0.9 * s["var"] + 0.1 * var}
+
+    new = {}
+    h = x
+    for i in range(2):
+        c = p[f"conv{i}"]
+        h, new[f"BatchNorm_{i}"] = bn(conv(h, c["kernel"], c["bias"]),
+                                      p[f"BatchNorm_{i}"], st[f"BatchNorm_{i}"],
+                                      (0, 1, 2))  # fmt: skip
+        h = np.maximum(h, 0)
+        b, hh, ww, ch = h.shape
+        h = h.reshape(b, hh // 2, 2, ww // 2, 2, ch).max(axis=(2, 4))
+    h = h.reshape(h.shape[0], -1) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    h, new["BatchNorm_2"] = bn(h, p["BatchNorm_2"], st["BatchNorm_2"], (0,))
+    h = np.maximum(h, 0)
+    return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"], new
+
+
+@pytest.mark.parametrize("conv_impl", ["patches", "xla"])
+def test_cnn4bn_matches_numpy_reference(conv_impl):
+    """``CNN4BN``'s training-mode forward and running statistics (masked rows
+    only) equal a NumPy reference, for both convolution implementations."""
+    from demjax import models
+
+    model = models.CNN4BN(10, conv_impl=conv_impl)
+    x = np.random.default_rng(0).normal(size=(5, 8, 8, 1)).astype(np.float32)
+    mask = np.array([True, True, False, True, True])
+    v = model.init({"params": jax.random.PRNGKey(0)}, jnp.asarray(x), train=False)
+    # distinct BatchNorm parameters and running statistics
+    rng = np.random.default_rng(1)
+    v = jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(a.dtype), v)
+    logits, upd = model.apply(v, jnp.asarray(x), train=True, mask=jnp.asarray(mask),
+                              mutable=["batch_stats"])  # fmt: skip
+    want, stats = cnn4bn_reference(to_np(v["params"]), to_np(v["batch_stats"]), x, mask)
+    np.testing.assert_allclose(np.asarray(logits), want, rtol=2e-4, atol=2e-4)
+    close(to_np(upd["batch_stats"]), stats, rtol=1e-4, atol=1e-5)
+    assert sorted(v["batch_stats"]) == ["BatchNorm_0", "BatchNorm_1", "BatchNorm_2"]
 
 
 def test_fedbabu_head_never_moves_and_traffic_counts_participants():
@@ -404,6 +463,12 @@ _CLI = [
     lg_fedavg=[*_CLI, "--config.algorithm=lg_fedavg"],
     fedbabu=[*_CLI, "--config.algorithm=fedbabu", "--config.fedbabu.finetune_epochs=1"],
     fedbn=[*_CLI, "--config.algorithm=fedbn"],
+    fedbn_cnn4=[
+        "--quiet", "--config.num_agents=4", "--config.num_rounds=2",
+        "--config.local_epochs=1", "--config.checkpoint_every=0",
+        "--config.algorithm=fedbn", "--config.model=cnn4", "--config.dataset=digits",
+        "--config.samples_per_agent=16",
+    ],
     fedper_bad=[*_CLI, "--config.algorithm=fedper", "--config.fedper.head_layers=2"],
 )  # fmt: skip
 def test_cli_runs_split_algorithms(cli):
@@ -425,6 +490,16 @@ def test_cli_runs_split_algorithms(cli):
         assert all(r["bytes_up"] == r["bytes_down"] == 4 * per_agent for r in recs)
         assert all(0.0 <= r["c_spe"] <= 1.0 for r in recs)
         assert (recs[0]["global_acc"] is None) == (alg != "fedbabu")
+    # FedBN on the CNN (CNN4BN, digits 8x8x1): the convolutions and dense
+    # layers travel, the three BatchNorm layers stay with the agents.
+    ok = cli["fedbn_cnn4"]
+    assert ok.returncode == 0, ok.stderr
+    recs = [json.loads(x) for x in (ok.workdir / "metrics.jsonl").read_text().splitlines()]
+    shared = 4 * (5 * 5 * 1 * 32 + 32 + 5 * 5 * 32 * 64 + 64 + 2 * 2 * 64 * 512 + 512
+                  + 512 * 10 + 10)  # fmt: skip
+    assert [r["round"] for r in recs] == [0, 1]
+    assert all(r["bytes_up"] == r["bytes_down"] == 4 * shared for r in recs)
+    assert all(0.0 <= r["c_spe"] <= 1.0 and r["global_acc"] is None for r in recs)
     bad = cli["fedper_bad"]
     assert bad.returncode == 2
     err = [x for x in bad.stderr.splitlines() if x.startswith("error:")]

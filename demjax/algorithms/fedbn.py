@@ -2,7 +2,9 @@
 Features via Local Batch Normalization", ICLR 2021, Algorithm 1.
 
 The model is ``config.model='mlp'`` with batch normalization after every hidden
-dense layer (``demjax.models.MLPBN``: dense -> BatchNorm -> ReLU). Each round
+dense layer (``demjax.models.MLPBN``: dense -> BatchNorm -> ReLU), or
+``config.model='cnn4'`` with batch normalization after both convolutions and the
+hidden dense layer (``demjax.models.CNN4BN``). Each round
 every participating agent k takes the server's dense layers, keeps its own
 BatchNorm layers (``scale``, ``bias`` and the running ``mean``/``var``), trains
 the whole model on its data for ``local_epochs`` (batch statistics over the
@@ -42,12 +44,26 @@ STATS = ("mean", "var")
 
 
 def check(config) -> None:
-    """Raises ``ConfigError`` unless ``config.model`` is ``mlp``."""
-    if config.model != "mlp":
+    """Raises ``ConfigError`` unless ``config.model`` is ``mlp`` or ``cnn4``."""
+    if config.model not in ("mlp", "cnn4"):
         raise ConfigError(
-            f"model={config.model!r} is not valid for algorithm='fedbn' (an MLP "
-            "with BatchNorm after each hidden layer); accepted: mlp"
+            f"model={config.model!r} is not valid for algorithm='fedbn' (a model "
+            "with BatchNorm layers: the MLP or the 4-layer CNN); accepted: mlp, cnn4"
         )
+
+
+def make_model(ctx):
+    """The run's model with BatchNorm layers (``MLPBN`` or ``CNN4BN``)."""
+    c = ctx.config
+    if c.model == "cnn4":
+        plan = ctx.plan
+        return models.CNN4BN(
+            ctx.num_classes,
+            conv_impl=plan.conv_impl if plan is not None else "patches",
+            matmul_impl=plan.matmul_impl if plan is not None else "xla",
+            param_init=c.init,
+        )
+    return models.MLPBN(ctx.num_classes, tuple(c.hidden), c.matmul_impl, c.init)
 
 
 def to_variables(layers) -> dict:
@@ -73,8 +89,7 @@ def to_layers(variables) -> dict:
 
 def build(ctx) -> Rounds:
     check(ctx.config)
-    c = ctx.config
-    model = models.MLPBN(ctx.num_classes, tuple(c.hidden), c.matmul_impl, c.init)
+    model = make_model(ctx)
 
     def init_model(key):
         dummy = jnp.zeros((1, *ctx.input_shape), jnp.float32)
