@@ -682,7 +682,7 @@ def place_split(config, split, mesh) -> dict:
     )
 
 
-def unshard(config, setup: RunSetup) -> RunSetup:
+def unshard(setup: RunSetup) -> RunSetup:
     """``setup`` with its partition and C-GEN set on one device and no mesh
     (the plan search measured one device faster than the mesh's,
     ``demjax.plan.resolve_devices``)."""

@@ -296,7 +296,7 @@ def _cohorts(config, setup, workdir: str, partition) -> tuple[list, object]:
             or "too short a run to time both sides",
         )  # fmt: skip
         if devices["chosen"] == 1:
-            setup = unshard(config, setup)
+            setup = unshard(setup)
             _, ctx, rounds = build(config, setup.part, (ctx.plan, ctx.plan_info))
     if setup.mesh is not None:
         log.info("agents sharded over %d devices (mesh axis 'agents')",
