@@ -252,7 +252,12 @@ Runs (100 rounds each, seed 0): DemLearn-P, DemLearn, FedAvg, FedProx with
   local training. The always-sharded run above (547 s, local 3.81 s) searched one
   side only (23 s); the measured choice pays both searches the first time a
   workload runs, and later runs read it from the cache. Final metrics within 0.3
-  points (C-SPE .973 / .971, C-GEN .681 / .680, Global .793 / .795).
+  points (C-SPE .973 / .971, C-GEN .681 / .680, Global .793 / .795). With the
+  per-device search timing the two-device `shard_map` program (row
+  `demlearn_p_2cpu_sharded_search`, commit bafb628, same idle Xeon, 38 minutes
+  later; not back to back with a one-device run) the run took 612 s: the same
+  choice (sharded `sequential`; device timing 153 against 218 agent-steps/s), median
+  local training 4.06 s, the same final metrics to the last digit.
 - **Several seeds (`replica_runs`, the table above).** DemLearn-P over seeds 0-2
   (`--replicas=3 --eval_every=5`, one program; 2026-12-05, commit ceb557a, 2-core
   AVX-512 Xeon shared with other benchmark jobs, 7,341 s): C-SPE .973 +/- .002,
