@@ -398,8 +398,9 @@ def sharded_runner(sh: Shared, block: int, conv_impl: str, matmul_impl: str,
                    mesh):  # fmt: skip
     """The engine's trainer for plan ``block`` under ``jax.shard_map`` over the
     ``agents`` mesh: each device trains its own A / D agents (the engine's
-    local phase with several devices, ``engine._sharded``); its own sharded
-    copy of the population, updated in place."""
+    local phase with several devices, ``engine._sharded``). Every sharded
+    runner shares one sharded copy of the population and data (as the
+    one-device runners share theirs), updated in place."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -414,11 +415,15 @@ def sharded_runner(sh: Shared, block: int, conv_impl: str, matmul_impl: str,
     fn = jax.shard_map(step, mesh=mesh, in_specs=(a, a, a, a, a, a, P(), P()),
                        out_specs=(a, a), check_vma=False)  # fmt: skip
     jitted, compiled = jax.jit(fn, donate_argnums=(0, 1)), []
-    put = lambda t: jax.device_put(t, NamedSharding(mesh, a))  # noqa: E731
-    st = {"p": put(sh.params), "o": put(sh.opt)}
-    data = (put(sh.keys), put(sh.x), put(sh.y), put(sh.n))
-    rest = (jax.device_put(sh.one, NamedSharding(mesh, P())),
-            jax.device_put(sh.mu, NamedSharding(mesh, P())))  # fmt: skip
+    if getattr(sh, "sharded", None) is None:  # one copy for every sharded runner
+        put = lambda t: jax.device_put(t, NamedSharding(mesh, a))  # noqa: E731
+        sh.sharded = {
+            "st": {"p": put(sh.params), "o": put(sh.opt)},
+            "data": (put(sh.keys), put(sh.x), put(sh.y), put(sh.n)),
+            "rest": (jax.device_put(sh.one, NamedSharding(mesh, P())),
+                     jax.device_put(sh.mu, NamedSharding(mesh, P()))),
+        }  # fmt: skip
+    st, data, rest = sh.sharded["st"], sh.sharded["data"], sh.sharded["rest"]
 
     def run():
         st["p"], st["o"] = compiled[0](st["p"], st["o"], *data, *rest)
