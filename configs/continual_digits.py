@@ -1,4 +1,4 @@
-"""Distributed continual learning on Split digits (issue 9, arXiv 2303.15888).
+"""Distributed continual learning on Split digits (arXiv 2303.15888).
 
 5 tasks of 2 classes of scikit-learn's digits (embedded, offline), 2 self-centred
 agents per task, MLP 64-128-10, DAC consolidation on crops of one image (china.jpg).

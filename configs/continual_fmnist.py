@@ -1,4 +1,4 @@
-"""Distributed continual learning on Split Fashion-MNIST (issue 9, arXiv 2303.15888).
+"""Distributed continual learning on Split Fashion-MNIST (arXiv 2303.15888).
 
 5 tasks of 2 classes, 4 self-centred agents per task (1,000 training samples each),
 MLP 784-256-10, DAC consolidation on crops of one image (china.jpg); 200 test

@@ -303,7 +303,8 @@ class CNN(nn.Module):
 
 
 class CNN4(nn.Module):
-    """The 4-layer CNN of the personalized-FL comparisons (issue 5).
+    """The 4-layer CNN of the personalized-FL comparisons
+    (``benchmarks/compare_personalized.py``).
 
     conv 32@5x5 (SAME) + ReLU, max-pool 2, conv 64@5x5 + ReLU, max-pool 2,
     dense 512 + ReLU, dense ``num_classes`` (1,663,370 parameters on 28x28x1):
