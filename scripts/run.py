@@ -83,8 +83,8 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "CPU devices JAX exposes (0 = one per core). With several and "
     "config.num_devices=0 (auto), the run times its local training on one "
     "device and sharded over all of them (each device training its own agents "
-    "on its own core) and keeps the faster; runs too short to pay for the "
-    "timing use one device. Sharded, floating-point sums over agents run in "
+    "on its own core) and keeps the faster; runs too short to time anything "
+    "use one device. Sharded, floating-point sums over agents run in "
     "another order, so results differ from one device in the last bits. "
     "1 = one device. The default applies to a single-process run without a "
     "forced host device count (XLA_FLAGS).",
