@@ -241,7 +241,7 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
     if n_dev > 1 and not sharding.multiprocess():
         per_device, cap_d = num_agents // n_dev, max(1, cap // n_dev)
         mesh = x_train.sharding.mesh  # candidates timed on every device at once
-        if device_choice(config, n_dev):
+        if device_choice(config):
             # One device or all of them, by measurement: each side's search
             # gets half the budget, then the two winners are timed.
             unsharded = resolve(num_agents, cap, False, 0.5)
@@ -265,17 +265,12 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
     return resolve(num_agents, cap, n_dev > 1)
 
 
-def device_choice(config, num_devices: int) -> bool:
-    """Whether the run chooses between one device and its ``num_devices``
-    devices by measurement (``plan.resolve_devices``): several CPU devices of
-    one process (``--cpu_devices``; on accelerators sharding is the point) and
+def device_choice(config) -> bool:
+    """Whether a single-process run on several devices chooses between one
+    device and all of them by measurement (``plan.resolve_devices``): CPU
+    devices (``--cpu_devices``; on accelerators sharding is the point) and
     ``num_devices`` 0 (auto); an explicit ``num_devices`` shards."""
-    return (
-        num_devices > 1
-        and jax.default_backend() == "cpu"
-        and int(config.num_devices) == 0
-        and not sharding.multiprocess()
-    )
+    return jax.default_backend() == "cpu" and int(config.num_devices) == 0
 
 
 def choose_eval_plan(config, partition: Partition, *, probe: dict, points: int):

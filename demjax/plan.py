@@ -1164,15 +1164,11 @@ def resolve(
         measure=lambda: measure_replicas(
             make_trainer, init_params, tx, x, y, plan=plan,
             replicas=int(config.num_replicas), num_agents=num_agents,
-            batch_size=batch_size, steps=int(max(1, min(8, per_round.max()))),
+            batch_size=batch_size, steps=_timed_steps(per_round),
             mu=float(mu),
         ),
     )  # fmt: skip
     return plan, info
-
-
-DEVICE_RETIMES = 2
-"""Extra timings of each side of ``resolve_devices``, alternating."""
 
 
 def _search_record(plan: LocalPlan, info: dict, devices: int) -> dict | None:
@@ -1217,13 +1213,14 @@ def resolve_devices(
     (``one``: the best plan over all A agents on one device; ``sharded``: the
     best plan of one device's A / D agents) are timed here on ``steps`` real
     local steps, the sharded one as the D-device ``shard_map`` program, and
-    each is timed again ``DEVICE_RETIMES`` times, alternating, so both sides
-    see the same machine. The choice is cached like the plans. When the search
-    budget (``SEARCH_FRACTION`` of the run's estimated local training, less
-    what the two searches spent) cannot pay for the two compilations, the
-    searches' own records of the two winners decide (the sharded search timed
-    the D-device program too), and without them (a search too short to time
-    anything) the run keeps one device.
+    both are timed again in interleaved rounds (``_retime_near_best``, within
+    the budget left) so that both sides see the same machine. The choice is
+    cached like the plans. When the search budget (``SEARCH_FRACTION`` of the
+    run's estimated local training, less what the two searches spent) cannot
+    pay for the two compilations, the searches' own records of the two
+    winners decide (the sharded search timed the D-device program too), and
+    without them (a search too short to time anything) the run keeps one
+    device.
 
     Args:
       mesh: the single-process 1-D ``agents`` mesh (D >= 2 devices).
@@ -1244,7 +1241,7 @@ def resolve_devices(
     d = int(mesh.devices.size)
     (p1, i1), (pd, i_d) = one, sharded
     per_round = _steps_per_round(config, n_train)
-    steps = int(max(1, min(8, int(per_round.max()))))
+    steps = _timed_steps(per_round)
     batch_size = int(config.batch_size)
     step_s = max(float(probe["run_s"]), 1e-9)
     min_agents = int(np.ceil(MIN_CALL_S / (steps * step_s)))
@@ -1285,13 +1282,9 @@ def resolve_devices(
             return dict(rec, devices=d if sharded_ else 1)
 
         meter = CpuMeter()
+        t0 = time.perf_counter()
         recs = [measure(p1, False), measure(pd, True)]
-        for _ in range(DEVICE_RETIMES):
-            for r in recs:
-                if "_retime" in r:
-                    r["agent_steps_per_s"] = max(
-                        r["agent_steps_per_s"], round(r["_retime"](), 2)
-                    )
+        _retime_near_best(recs, left - (time.perf_counter() - t0))
         table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs]
         faster = table[1]["agent_steps_per_s"] > table[0]["agent_steps_per_s"]
         chosen = d if faster else 1
@@ -1319,6 +1312,12 @@ def _steps_per_round(config, n_train) -> np.ndarray:
     """Local steps of each agent in one round: int64 ``[A]``."""
     batch_size, epochs = int(config.batch_size), int(config.local_epochs)
     return epochs * np.ceil(np.asarray(n_train) / batch_size).astype(np.int64)
+
+
+def _timed_steps(per_round: np.ndarray) -> int:
+    """Local steps per agent of a timed candidate: the run's most steps in a
+    round, at most 8 (the per-step speed is what is compared)."""
+    return int(max(1, min(8, int(per_round.max()))))
 
 
 def _search_budget(config, per_round: np.ndarray, probe: dict) -> float:
@@ -1397,7 +1396,7 @@ def _resolve_local(
     batch_size = int(config.batch_size)
     epochs = int(config.local_epochs)
     per_round = _steps_per_round(config, n_train)
-    steps = int(max(1, min(8, int(per_round.max()))))
+    steps = _timed_steps(per_round)
     fields = dict(
         key_fields,
         num_agents=num_agents,
