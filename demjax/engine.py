@@ -101,7 +101,7 @@ def _host_rows(a, k: int) -> np.ndarray:
     return sharding.to_host(a[:k])
 
 
-def _local_mesh(partition: Partition):
+def local_mesh(partition: Partition):
     """The ``agents`` mesh local training is sharded over (``shard_map``), or
     None: one device, or the partition is not sharded (a plan measurement)."""
     x = partition.x_train
@@ -160,17 +160,17 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
         in memory at once, and the probe of one agent's gradient step.
       algorithm: name (part of the cache key: a plug-in's gradient differs).
       shard_mapped: on a mesh, the algorithm's local training runs each
-        device's agents under shard_map (``Simulator``'s local phase: the
-        hierarchical family), so the candidates are one shard's plans; False:
-        left to XLA's partitioner (``plan.resolve``'s ``shard_mapped``).
+        device's agents under shard_map (``Simulator``'s local phase for the
+        hierarchical family, ``Context.trainer`` for plug-ins), so the
+        candidates are one shard's plans; False: left to XLA's partitioner
+        (``plan.resolve``'s ``shard_mapped``).
 
     On several CPU devices of one process with ``num_devices`` 0
     (``device_choice``), the best one-device plan over all agents and the
-    best per-device plan (or, for a plug-in, each device's agents at once)
-    are searched with half the budget each and timed against each other
-    (``plan.resolve_devices``); ``info["devices"]["chosen"]`` is then 1 or
-    D, and ``train`` moves a partition placed on the mesh to one device when
-    1 wins.
+    best per-device plan are searched with half the budget each and timed
+    against each other (``plan.resolve_devices``); ``info["devices"]["chosen"]``
+    is then 1 or D, and ``train`` moves a partition placed on the mesh to one
+    device when 1 wins.
 
     Returns:
       ``(plan.LocalPlan, info dict)`` as ``demjax.plan.resolve`` (with
@@ -230,9 +230,9 @@ def choose_plan(config, partition: Partition, tx, mu: float, *,
     )  # fmt: skip
 
     def resolve(agents: int, cap_: int, multi: bool, share: float = 1.0, mesh=None):
-        # The hierarchical family trains each device's agents under shard_map;
-        # a plug-in's local training is left to XLA's partitioner, under which
-        # only all agents at once runs shard-locally.
+        # Local training runs each device's agents under shard_map; without
+        # it (``shard_mapped`` False) XLA's partitioner runs only all agents
+        # at once shard-locally.
         return plan_lib.resolve(
             config, num_agents=agents, cap=cap_, multi_device=multi,
             shard_mapped=mapped, budget_share=share, mesh=mesh, **common,
@@ -387,7 +387,7 @@ class Simulator:
         # training its own A / D agents with the plan (one program per device,
         # compiled for the shard: the static sample counts are the largest of
         # each shard position, exact per agent at run time).
-        self.mesh = _local_mesh(partition)
+        self.mesh = local_mesh(partition)
         shards = 1 if self.mesh is None else int(self.mesh.devices.size)
         n_static = n_train.reshape(shards, -1).max(axis=0)
         train_all = local.make_train_population(

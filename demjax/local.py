@@ -382,6 +382,62 @@ def make_train_population(
     return train
 
 
+def shard_population(train: Callable, mesh) -> Callable:
+    """A ``make_train_population`` trainer run under ``jax.shard_map``: each
+    device of the ``agents`` mesh trains its own contiguous A / D agents with
+    the run's local plan (``train`` compiled for one shard: its static sample
+    counts are the largest of each shard position, ``n`` exact per agent at run
+    time), as ``demjax.engine.Simulator``'s local phase does for the
+    hierarchical family. Without it XLA's partitioner would split a block of
+    agents or a loop over agents across devices.
+
+    Args:
+      train: ``make_train_population``'s function for A / D agents.
+      mesh: the 1-D ``agents`` mesh (``demjax.sharding``) of D devices.
+
+    Returns:
+      ``train(keys [A], params [A, ...], opt_state [A, ...], x [A, ...], y [A,
+      ...], n [A], anchor [A, ...], mu, max_steps=None) -> (params, opt_state,
+      loss [A])``: every argument but ``mu`` (replicated) carries the leading
+      agent axis, split over the devices.
+
+    Raises:
+      ValueError: ``start``, ``finish`` or an ``anchor`` function (their agent
+        ids are global; only the engine's own local phase uses them).
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from demjax import sharding
+
+    shard = P(sharding.AXIS)
+
+    def body(keys, params, opt_state, x, y, n, anchor, mu, max_steps):
+        return train(keys, params, opt_state, x, y, n, anchor, mu, max_steps)
+
+    fn = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(shard,) * 7 + (P(), shard),
+        out_specs=(shard, shard, shard),
+        check_vma=False,
+    )
+
+    def run(keys, params, opt_state, x, y, n, anchor, mu, max_steps=None, *,
+            start=None, finish=None):  # fmt: skip
+        if start is not None or finish is not None or callable(anchor):
+            raise ValueError(
+                "a shard-mapped population trainer takes [A, ...] arrays only: "
+                "no start, finish or anchor function"
+            )
+        if max_steps is None:
+            max_steps = jnp.full(n.shape, _NO_LIMIT, jnp.int32)
+        mu = jax.tree.map(jnp.asarray, mu)
+        return fn(keys, params, opt_state, x, y, n, anchor, mu, max_steps)
+
+    run.buckets = train.buckets
+    return run
+
+
 def _one_at_a_time(train_one: Callable) -> Callable:
     """``train_all``'s signature for a block of ONE agent, without ``vmap``:
     the leading axis of size 1 is dropped before ``train_one`` and restored

@@ -1113,10 +1113,10 @@ def resolve(
         the cache key); in a multi-process job ``auto`` trains each device's
         agents at once without a search.
       shard_mapped: with ``multi_device``, each device runs the plan on its
-        own agents under ``shard_map`` (the engine's local phase), so any plan
-        is searched; False (local training left to XLA's partitioner, where
-        blocks would slice across devices): ``auto`` trains each device's
-        agents at once without a search.
+        own agents under ``shard_map`` (the engine's local phase,
+        ``Context.trainer``), so any plan is searched; False (local training
+        left to XLA's partitioner, where blocks would slice across devices):
+        ``auto`` trains each device's agents at once without a search.
       budget_share: the share of the search budget this search may spend
         (``resolve_devices`` runs two searches, each with half).
       mesh: with ``multi_device`` and ``shard_mapped`` in a single process,

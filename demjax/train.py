@@ -70,7 +70,7 @@ from demjax import (
 from demjax import plan as plan_lib
 from demjax.algorithms.protocol import Context
 from demjax.config import hparams, resolved_mu, validate
-from demjax.engine import choose_eval_plan, choose_plan
+from demjax.engine import choose_eval_plan, choose_plan, local_mesh
 from demjax.errors import ConfigError
 from demjax.faults import make_round_masks
 from demjax.run_output import (
@@ -117,11 +117,9 @@ def build(config, part, prepared: tuple | None = None):
             config, part, plain, tx, donate=bool(res["donate"]),
             num_group_models=int(res["num_group_models"]),
         )  # fmt: skip
-        from demjax.algorithms.hierarchical import FAMILY
-
         plan, plan_info = choose_plan(
             config, part, tx, mu, cap_probe=cap_probe, algorithm=config.algorithm,
-            shard_mapped=config.algorithm in FAMILY,
+            shard_mapped=algo.shard_mapped,
         )  # fmt: skip
         _, eval_conv, plan_info["eval"] = choose_eval_plan(
             config, part, probe=cap_probe[1], points=int(res["points"])
@@ -152,6 +150,7 @@ def build(config, part, prepared: tuple | None = None):
         partition=part,
         mu=mu,
         plan=plan,
+        mesh=local_mesh(part) if algo.shard_mapped else None,
     )
     return algo, ctx, algo.build(ctx)
 

@@ -6,7 +6,9 @@ For each algorithm, on 8 agents and 2 rounds:
 
 - ``ref``: one device, agents trained in blocks of 3 (``local_plan='block:3'``);
 - ``sharded``: the state sharded over the 8 devices (``num_devices=8``), every
-  device's agents trained at once (``local_plan='all'``);
+  device's agents trained one after another under ``jax.shard_map``
+  (``local_plan='sequential'``; ``shard_mapped``: how many local-training
+  programs were traced under it);
 - ``resumed``: as ``ref`` with a checkpoint every round, stopped by SIGINT after
   round 0 (checkpoint saved), then resumed to the end.
 
@@ -35,7 +37,21 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from helpers import tiny_config  # noqa: E402
 
-from demjax import run_output, train  # noqa: E402
+from demjax import engine, local, run_output, train  # noqa: E402
+
+MAPPED = []  # local-training programs traced under shard_map
+
+
+def _counted(fn):
+    def wrapped(*a, **k):
+        MAPPED.append(1)
+        return fn(*a, **k)
+
+    return wrapped
+
+
+engine._sharded = _counted(engine._sharded)  # the hierarchical family
+local.shard_population = _counted(local.shard_population)  # plug-ins
 from demjax.algorithms import ALGORITHMS, layer_split  # noqa: E402
 
 
@@ -81,9 +97,12 @@ def main(out_dir: str, names=()) -> None:
     for name in names or ALGORITHMS:
         d = os.path.join(out_dir, name)
         ref = train.run(config(name), os.path.join(d, "ref"))
+        MAPPED.clear()
         sharded = train.run(
-            config(name, num_devices=8, local_plan="all"), os.path.join(d, "sharded")
+            config(name, num_devices=8, local_plan="sequential"),
+            os.path.join(d, "sharded"),
         )
+        mapped = len(MAPPED)
         resumed = config(name, checkpoint_every=1)
         interrupted_then_resumed(resumed, os.path.join(d, "resumed"))
 
@@ -96,6 +115,7 @@ def main(out_dir: str, names=()) -> None:
             "ref": ref["records"],
             "sharded": sharded["records"],
             "sharded_devices": sharded["params_devices"],
+            "shard_mapped": mapped,
             "resumed_equal": metrics("resumed") == metrics("ref"),
             "compilations": [r["compilations"] for r in (ref, sharded)],
         }

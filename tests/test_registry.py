@@ -1,6 +1,7 @@
 """Every registered algorithm gets the round loop's machinery: the state sharded
-over 8 forced CPU devices, all agents of a device trained at once, equals one
-device training agents in blocks; SIGINT after a checkpoint, then resume, equals an uninterrupted
+over 8 forced CPU devices, each device's agents trained under shard_map (but the
+gossip algorithms, left to XLA's partitioner), equals one device training agents
+in blocks; SIGINT after a checkpoint, then resume, equals an uninterrupted
 run byte for byte; no jitted phase compiles more than once; a 2-process job
 equals one process. One subprocess (``tests/registry_check.py``), and one pair of
 processes, run all algorithms, 2 rounds each."""
@@ -15,6 +16,7 @@ import time
 import pytest
 from helpers import xla_flags
 
+from demjax import algorithms
 from demjax.algorithms import ALGORITHMS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,8 +71,10 @@ def test_every_algorithm_gets_the_loop_machinery(lines):
         r = lines[name]
         if r["sharded_devices"] != 8:  # the per-agent state is spread over the mesh
             bad.append(f"{name}: state on {r['sharded_devices']} devices, not 8")
-        # 8 devices, each device's agents at once == 1 device, agents in blocks of 3
+        # 8 devices, each device's agents under shard_map == 1 device, blocks of 3
         bad += [f"{name} sharded: {m}" for m in _close(r["sharded"], r["ref"])]
+        if (r["shard_mapped"] > 0) != algorithms.get(name).shard_mapped:
+            bad.append(f"{name}: {r['shard_mapped']} programs under shard_map")
         if not r["resumed_equal"]:  # SIGINT + resume == uninterrupted, byte for byte
             bad.append(f"{name}: resumed metrics.jsonl differs from uninterrupted")
         for compiled in r["compilations"]:  # no recompilation after round 0

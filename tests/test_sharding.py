@@ -210,3 +210,73 @@ def test_device_choice_measures_both_sides(tmp_path):
         for k, v in a.items():
             if isinstance(v, float):
                 assert v == pytest.approx(b[k], abs=2e-5), k
+
+
+SHARD_POPULATION = r"""
+import json, sys
+sys.path.insert(0, {repo!r})
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from demjax import local, models, pytrees, sharding
+assert jax.device_count() == 4, jax.devices()
+A, D = 8, 4
+mesh = sharding.make_mesh(D, A)
+n_train = np.array([5, 9, 3, 12, 7, 2, 11, 6])  # uneven: shard positions differ
+x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (A, 12, 6)), np.float32)
+y = np.arange(A * 12).reshape(A, 12) % 3
+model = models.make_model("mlp", 3, (5,))
+apply = models.make_apply(model)
+w = models.init_params(jax.random.PRNGKey(0), model, (6,))
+params = pytrees.stack(w, A)
+tx = optax.sgd(0.1)
+opt = jax.vmap(tx.init)(params)
+keys = jax.random.split(jax.random.PRNGKey(2), A)
+anchor = pytrees.stack(jax.tree.map(lambda v: v + 0.5, w), A)
+max_steps = jnp.array([100, 100, 1, 100, 2, 100, 100, 0], jnp.int32)
+put = lambda t: jax.device_put(t, NamedSharding(mesh, P(sharding.AXIS)))
+out = {{}}
+for block in (1, 2, 0):
+    make = lambda n: local.make_train_population(
+        apply, tx, batch_size=4, local_epochs=2, n_train=n, num_buckets=2,
+        block_size=block)
+    ref = jax.jit(make(n_train))(keys, params, opt, x, y, jnp.asarray(n_train),
+                                 anchor, 0.3, max_steps)
+    per_shard = n_train.reshape(D, -1).max(axis=0)
+    fn = jax.jit(local.shard_population(make(per_shard), mesh))
+    args = [put(a) for a in (keys, params, opt, x, y, jnp.asarray(n_train), anchor)]
+    got = fn(*args, 0.3, put(max_steps))
+    jaxpr = str(jax.make_jaxpr(fn)(*args, 0.3, put(max_steps)))
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
+    out[block] = dict(diff=diff, shard_map="shard_map" in jaxpr,
+                      spread=len(got[0]["Dense_0"]["kernel"].sharding.device_set),
+                      moved=float(jnp.max(jnp.abs(got[0]["Dense_0"]["kernel"]
+                                                  - params["Dense_0"]["kernel"]))))
+try:
+    local.shard_population(make(per_shard), mesh)(*args, 0.3, start=params)
+except ValueError as e:
+    out["error"] = str(e)
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_shard_population_equals_one_device(tmp_path):
+    """A plug-in's population trainer under ``shard_map`` (each of 4 forced CPU
+    devices trains its 2 agents, compiled for one shard's largest counts) gives
+    the one-device trainer's parameters, optimizer state and losses, for the
+    sequential, block and all-at-once plans, with uneven sample counts and
+    stragglers; ``start`` (global agent ids) is refused."""
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARD_POPULATION.format(repo=REPO)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    out = json.loads(line[len("RESULT") :])
+    for block in ("1", "2", "0"):
+        r = out[block]
+        assert r["shard_map"] and r["spread"] == 4, (block, r)
+        assert r["moved"] > 1e-3  # training happened
+        assert r["diff"] < 1e-5, (block, r["diff"])
+    assert "no start, finish or anchor function" in out["error"]

@@ -432,6 +432,7 @@ ALGORITHM = Algorithm(
     "(Assran et al., ICML 2019, Algorithm 1)",
     hparams=HPARAMS,
     build=build,
+    shard_mapped=False,  # its own gossip steps, not Context.trainer
 )
 
 __all__ = [

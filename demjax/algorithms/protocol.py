@@ -211,6 +211,11 @@ class Algorithm:
         round-start model (``Context.aggregate(..., reference=...)``), so the
         message attacks (``config.attack``, ``demjax.attacks``) apply; otherwise
         they are refused.
+      shard_mapped: local training runs through ``Context.trainer`` (or the
+        engine's local phase), so on several devices each device runs the
+        measured per-device plan under ``jax.shard_map``; False: the
+        algorithm's own vectorized steps (e.g. gossip between local steps),
+        left to XLA's partitioner with every device's agents at once.
     """
 
     name: str
@@ -222,6 +227,7 @@ class Algorithm:
     check: Callable | None = None
     resources: Callable | None = None
     attackable: bool = False
+    shard_mapped: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +253,10 @@ class Context:
       mu: the resolved proximal coefficient (``config.mu`` or the default).
       plan: the local-training ``demjax.plan.LocalPlan`` (``plan_info`` says
         how it was chosen; ``plan_info["eval"]`` the evaluation plan).
+      mesh: the ``agents`` mesh the partition is sharded over (D devices), or
+        None; with a mesh ``trainer`` runs each device's A / D agents under
+        ``jax.shard_map`` with the plan (``block_size`` is then a per-device
+        plan).
     """
 
     config: Any
@@ -265,6 +275,7 @@ class Context:
     partition: Any = None
     mu: float = 0.0
     plan: Any = None
+    mesh: Any = None
 
     def trainer(
         self,
@@ -276,22 +287,32 @@ class Context:
         """The engine's vectorized local training (bucketed by step count, agent
         blocks), optionally with a custom gradient (``local.make_train_one``).
 
+        With ``mesh``, each device trains its own agents under ``jax.shard_map``
+        (``local.shard_population``): every argument but ``mu`` must then hold
+        the agent axis ``[A, ...]`` (a one-model anchor is stacked, as
+        ``pytrees.stack`` does).
+
         Returns:
           ``train(keys [A], params [A, ...], opt_state [A, ...], x, y, n, anchor,
           mu, max_steps) -> (params, opt_state, loss [A])``.
         """
         from demjax import local
 
-        return local.make_train_population(
+        shards = 1 if self.mesh is None else int(self.mesh.devices.size)
+        n_static = np.asarray(self.n_train)
+        if shards > 1:  # one shard's program: each position's largest count
+            n_static = n_static.reshape(shards, -1).max(axis=0)
+        train = local.make_train_population(
             apply_fn or self.apply_fn,
             tx or self.tx,
             batch_size=int(self.config.batch_size),
             local_epochs=int(local_epochs or self.config.local_epochs),
-            n_train=self.n_train,
+            n_train=n_static,
             num_buckets=int(self.config.local_buckets),
             block_size=self.block_size,
             grad_fn=grad_fn,
         )
+        return train if shards == 1 else local.shard_population(train, self.mesh)
 
     def init_model(self, key: jax.Array):
         """One model's parameters (unstacked)."""

@@ -249,6 +249,7 @@ ALGORITHM = Algorithm(
     citation="Assran et al., ICML 2019, Algorithm 1 (Stochastic Gradient Push)",
     hparams=HPARAMS,
     build=build,
+    shard_mapped=False,  # its own gossip steps, not Context.trainer
 )
 
 __all__ = ["ALGORITHM", "SGPState", "gather_batch", "make_sgp_steps", "minibatch_plan"]
