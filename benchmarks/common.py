@@ -81,6 +81,34 @@ def add_replicas_flag(parser) -> None:
     )
 
 
+def add_cpu_devices_flag(parser, extra: str = "") -> None:
+    """``--cpu_devices=D``: CPU devices JAX exposes (``scripts/run.py
+    --cpu_devices``; read with ``apply_cpu_devices`` before any JAX operation)."""
+    parser.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=1,
+        help="CPU devices JAX exposes (0 = one per core, as scripts/run.py "
+        "--cpu_devices; default 1): with several, each run measures whether its "
+        "agents train sharded over them or on one device (metrics equal to float "
+        "tolerance)" + extra,
+    )
+
+
+def apply_cpu_devices(args) -> int:
+    """Sets ``args.cpu_devices`` (before any JAX operation) and returns the
+    device count; exits with the flag's error on a value that is not accepted."""
+    if args.cpu_devices == 1:
+        return 1
+    from demjax import sharding
+    from demjax.errors import ConfigError
+
+    try:
+        return sharding.set_cpu_devices(args.cpu_devices)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
 def _entry(summary, metric, which, point="sync"):
     """A run summary's ``points[point][metric][which]`` entry, or None."""
     return (((summary or {}).get("points", {}).get(point, {}) or {}).get(metric) or {}

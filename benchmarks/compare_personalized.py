@@ -38,7 +38,9 @@ sys.path.insert(0, REPO)
 
 from benchmarks.common import (  # noqa: E402
     TRAFFIC_LEGEND,
+    add_cpu_devices_flag,
     add_replicas_flag,
+    apply_cpu_devices,
     best_rounds,
     difference,
     environment,
@@ -261,6 +263,7 @@ def main(argv=None) -> None:
         help="smoke run: digits, MLR, 6 agents, 2 rounds; results in --workdir",
     )
     add_replicas_flag(p)
+    add_cpu_devices_flag(p, "; each run records the count")
     p.add_argument("--out_dir", default="", help="default benchmarks/results")
     p.add_argument(
         "--workdir", default=os.path.join(REPO, "runs", "compare_personalized")
@@ -268,6 +271,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.replicas < 1:
         sys.exit(f"error: --replicas={args.replicas} is not valid; accepted: >= 1")
+    devices = 1 if args.report_only else apply_cpu_devices(args)
     # A smoke run never replaces the stored results.
     args.out_dir = args.out_dir or (
         os.path.join(args.workdir, "quick") if args.quick else RESULTS
@@ -371,6 +375,7 @@ def main(argv=None) -> None:
                     **({"tuning": tuning_record(tuning, key)} if args.tuned else {}),
                     # runs may be added later, on other CPUs
                     "cpu_model": new_setup.get("cpu_model"),
+                    "cpu_devices": devices,
                     "per_round": out["records"],
                 }
                 if "replicas" in out:  # mean +/- std over the seeds

@@ -68,8 +68,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.common import (  # noqa: E402
+    add_cpu_devices_flag,
     add_replicas_flag,
     adopt_replica_setup,
+    apply_cpu_devices,
     cpu_model,
     difference_to_single,
     mean_curve,
@@ -633,28 +635,13 @@ def main(argv=None) -> None:
         help="smoke run: digits, MLR, 6 agents, 2 rounds; results in WORKDIR/quick",
     )
     add_replicas_flag(p)
-    p.add_argument(
-        "--cpu_devices",
-        type=int,
-        default=1,
-        help="CPU devices JAX exposes (0 = one per core; scripts/run.py "
-        "--cpu_devices): the agents are sharded over them; a --timing row is "
-        "stored as NAME_Ddev",
-    )
+    add_cpu_devices_flag(p, "; a --timing row is stored as NAME_Ddev")
     p.add_argument("--out_dir", default="", help="default benchmarks/results")
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "paper_fmnist"))
     args = p.parse_args(argv)
     if args.replicas < 1:
         sys.exit(f"error: --replicas={args.replicas} is not valid; accepted: >= 1")
-    devices = 1
-    if args.cpu_devices != 1:
-        from demjax import sharding
-        from demjax.errors import ConfigError
-
-        try:
-            devices = sharding.set_cpu_devices(args.cpu_devices)
-        except ConfigError as e:
-            sys.exit(f"error: {e}")
+    devices = apply_cpu_devices(args)
     if args.replicas > 1 and args.timing:
         sys.exit("error: --timing is single-seed; leave out --replicas")
     if args.quick and (args.timing or args.store_partial):

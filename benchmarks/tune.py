@@ -40,7 +40,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import compare_personalized as cp  # noqa: E402
-from benchmarks.common import environment, load_results, save_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_cpu_devices_flag,
+    apply_cpu_devices,
+    environment,
+    load_results,
+    save_results,
+)
 
 LR_GRID = (0.02, 0.05, 0.1)
 # field -> values; "group.field" is the hyper-parameter --config.group.field.
@@ -178,6 +184,7 @@ def main(argv=None) -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out_dir", default=cp.RESULTS)
+    add_cpu_devices_flag(p)
     args = p.parse_args(argv)
     known = cp.algorithms()
     names = [n for n in args.only.split(",") if n] or known
@@ -190,6 +197,7 @@ def main(argv=None) -> None:
             sys.exit(f"error: --splits={s!r} is not valid; accepted: {list(cp.SPLITS)}")
     if args.seeds < 1:
         sys.exit(f"error: --seeds={args.seeds} is not valid; accepted: an integer >= 1")
+    apply_cpu_devices(args)
 
     from demjax.train import run
 

@@ -776,3 +776,29 @@ def test_driver_starts_a_run_stopped_before_its_first_checkpoint_anew(tmp_path):
     assert [json.loads(x)["round"] for x in lines][-1] == 1  # the new run's
     (dead / "checkpoints" / "1").mkdir(parents=True)
     assert not start_anew(str(dead), force=False) and start_anew(str(dead), True)
+
+
+def test_drivers_cpu_devices_flag(tmp_path):
+    """``--cpu_devices`` of the comparison drivers: a bad count is refused
+    naming the flag before any run; ``compare_personalized`` with 2 CPU devices
+    (a subprocess: the count is fixed when JAX starts) records the count with
+    each run."""
+    import subprocess
+    import sys
+
+    for script in ("compare_personalized", "tune", "paper_fmnist"):
+        argv = ["--cpu_devices=-1", "--only=fedavg", f"--out_dir={tmp_path}"]
+        if script != "tune":
+            argv.append(f"--workdir={tmp_path}")
+        with pytest.raises(SystemExit, match=r"--cpu_devices=-1 is not valid"):
+            load(script).main(argv)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "compare_personalized.py"),
+         "--quick", "--cpu_devices=2", "--only=fedavg", "--splits=pathological",
+         f"--workdir={tmp_path}"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stored = json.loads((tmp_path / "quick" / "compare_personalized.json").read_text())
+    assert stored["runs"]["pathological/fedavg"]["cpu_devices"] == 2
