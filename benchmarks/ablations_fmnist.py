@@ -50,8 +50,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.common import (  # noqa: E402
+    add_cpu_devices_flag,
     add_replicas_flag,
     adopt_replica_setup,
+    apply_cpu_devices,
     best_rounds,
     cpu_model,
     difference,
@@ -189,11 +191,14 @@ def main(argv=None) -> None:
         help="smoke run: digits, MLR, 6 agents, 2 rounds; results in WORKDIR/quick",
     )
     add_replicas_flag(p)
+    add_cpu_devices_flag(p)
     p.add_argument("--out_dir", default="", help="default benchmarks/results")
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "ablations_fmnist"))
     args = p.parse_args(argv)
     if args.replicas < 1:
         sys.exit(f"error: --replicas={args.replicas} is not valid; accepted: >= 1")
+    if not args.report_only:
+        apply_cpu_devices(args)
     # A smoke run never replaces the stored results.
     args.out_dir = args.out_dir or (
         os.path.join(args.workdir, "quick") if args.quick else RESULTS

@@ -57,6 +57,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.common import (  # noqa: E402
+    add_cpu_devices_flag,
+    apply_cpu_devices,
     environment,
     format_paired,
     format_stats,
@@ -759,7 +761,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--out_dir", default=None, help="default: benchmarks/results")
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "continual"))
+    add_cpu_devices_flag(p)
     args = p.parse_args(argv)
+    if not args.report_only:
+        apply_cpu_devices(args)
 
     extra = _parse_set(args.set)
     if "seed" in extra:

@@ -77,7 +77,9 @@ sys.path.insert(0, REPO)
 
 from benchmarks.common import (  # noqa: E402
     TRAFFIC_LEGEND,
+    add_cpu_devices_flag,
     add_replicas_flag,
+    apply_cpu_devices,
     best_rounds,
     difference,
     environment,
@@ -599,6 +601,7 @@ def parse_args(argv=None):
     )  # fmt: skip
     add_replicas_flag(p)
     p.set_defaults(replicas=None)
+    add_cpu_devices_flag(p)
     p.add_argument("--out_dir", default="", help="default benchmarks/results")
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "decentralized"))
     args = p.parse_args(argv)
@@ -617,6 +620,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.replicas < 1:
         sys.exit(f"error: --replicas={args.replicas} is not valid; accepted: >= 1")
+    if not args.report_only:
+        apply_cpu_devices(args)
     all_names = [*METHODS, *REFERENCES]
     names = [n for n in args.only.split(",") if n] or all_names
     nets = [n for n in args.networks.split(",") if n]

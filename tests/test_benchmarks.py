@@ -786,8 +786,9 @@ def test_drivers_cpu_devices_flag(tmp_path):
     import subprocess
     import sys
 
-    for script in ("compare_personalized", "tune", "paper_fmnist"):
-        argv = ["--cpu_devices=-1", "--only=fedavg", f"--out_dir={tmp_path}"]
+    for script in ("compare_personalized", "tune", "paper_fmnist", "ablations_fmnist",
+                   "continual", "decentralized"):  # fmt: skip
+        argv = ["--cpu_devices=-1", f"--out_dir={tmp_path}"]
         if script != "tune":
             argv.append(f"--workdir={tmp_path}")
         with pytest.raises(SystemExit, match=r"--cpu_devices=-1 is not valid"):
