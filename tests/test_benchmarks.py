@@ -803,3 +803,27 @@ def test_drivers_cpu_devices_flag(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     stored = json.loads((tmp_path / "quick" / "compare_personalized.json").read_text())
     assert stored["runs"]["pathological/fedavg"]["cpu_devices"] == 2
+
+
+def test_eval_devices_smoke(tmp_path):
+    """``benchmarks/eval_devices.py``: one JSON line per k with both timings on
+    two CPU devices (a subprocess: the device count is fixed when JAX starts);
+    one device is refused naming the flag."""
+    import subprocess
+    import sys
+
+    script = os.path.join(REPO, "benchmarks", "eval_devices.py")
+    with pytest.raises(SystemExit, match=r"--cpu_devices=1 is not valid"):
+        load("eval_devices").main(["--cpu_devices=1"])
+    proc = subprocess.run(
+        [sys.executable, script, "--model=mlr", "--agents=4", "--samples=500",
+         "--ks=1,2", "--repeats=1"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert [r["k"] for r in lines] == [1, 2]
+    for r in lines:
+        assert r["devices"] == 2 and r["one_device_s"] > 0 and r["devices_s"] > 0
+        assert r["ratio"] == pytest.approx(r["one_device_s"] / r["devices_s"], rel=0.02)
