@@ -51,10 +51,10 @@ from benchmarks.common import (  # noqa: E402
 LR_GRID = (0.02, 0.05, 0.1)
 # field -> values; "group.field" is the hyper-parameter --config.group.field.
 # Axes whose first choice fell on an edge of a smaller grid were extended
-# past it (Per-FedAvg alpha/beta, pFedMe lr/lambda, FedProto lr/lambda (lambda
-# down to 0.01 after the Dirichlet choice sat at 0.1), DemLearn alpha, local lr;
-# the learning rates of pFedHN and MOON up to 0.2, of SCAFFOLD, FedDyn, FedGen
-# and PDBO down to 0.01); stored points of the smaller grid are reused.
+# past it (Per-FedAvg alpha/beta, pFedMe lr/lambda, FedProto lr/lambda,
+# DemLearn alpha, local lr; the learning rates of pFedHN and MOON up to 0.2,
+# of SCAFFOLD, FedDyn, FedGen and PDBO down to 0.01); stored points of the
+# smaller grid are reused.
 GRIDS = {
     "demlearn": {"lr": LR_GRID, "alpha": (0.3, 0.5, 0.7, 0.9)},
     "demlearn_p": {"lr": LR_GRID, "alpha": (0.3, 0.5, 0.7, 0.9)},
