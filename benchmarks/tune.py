@@ -53,8 +53,8 @@ LR_GRID = (0.02, 0.05, 0.1)
 # Axes whose first choice fell on an edge of a smaller grid were extended
 # past it (Per-FedAvg alpha/beta, pFedMe lr/lambda, FedProto lr/lambda,
 # DemLearn alpha, local lr; the learning rates of pFedHN and MOON up to 0.2,
-# of SCAFFOLD, FedDyn, FedGen and PDBO down to 0.01); stored points of the
-# smaller grid are reused.
+# of SCAFFOLD, FedDyn and FedGen down to 0.01, of PDBO to 0.005); stored
+# points of the smaller grid are reused.
 GRIDS = {
     "demlearn": {"lr": LR_GRID, "alpha": (0.3, 0.5, 0.7, 0.9)},
     "demlearn_p": {"lr": LR_GRID, "alpha": (0.3, 0.5, 0.7, 0.9)},
@@ -78,7 +78,7 @@ GRIDS = {
     "scaffold": {"lr": (0.01,) + LR_GRID},
     "feddyn": {"lr": (0.01,) + LR_GRID},
     "fedgen": {"lr": (0.01,) + LR_GRID},
-    "pdbo": {"lr": (0.01,) + LR_GRID},
+    "pdbo": {"lr": (0.005, 0.01) + LR_GRID},
 }
 VAL_FRACTION = 0.2
 
