@@ -8,10 +8,11 @@ evaluation samples, ``k`` models at once inside ``lax.map``) for each ``k``:
   CPU devices evaluates its own A / D models, the samples replicated), as the
   engine and the plug-ins evaluate a sharded population;
 
-best of ``--repeats`` calls after a warm-up call, interleaved (one side, then
-the other, for each ``k``). Prints one JSON line per ``k`` with the ratio and
-the CPU model; the answer it gives is whether evaluation gains from a second
-device (local training does: ``docs/performance.md`` section 8)::
+best of ``--repeats`` calls (at least 2, ``plan.best_time``) after a warm-up
+call, one side then the other for each ``k``. Prints one JSON line per ``k``
+with the ratio and the CPU model; the answer it gives is whether evaluation
+gains from a second device (local training does: ``docs/performance.md``
+section 8)::
 
     python benchmarks/eval_devices.py --model=mlp --agents=200 --samples=2000
     python benchmarks/eval_devices.py --model=cnn --agents=50 --samples=1000 --ks=1,2
@@ -25,21 +26,9 @@ import argparse
 import json
 import os
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-
-
-def best_time(fn, args, repeats: int) -> float:
-    """Seconds of the fastest of ``repeats`` calls after one warm-up call."""
-    fn(*args).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main(argv=None) -> None:
@@ -95,8 +84,13 @@ def main(argv=None) -> None:
             matrix, mesh=mesh, in_specs=(P(sharding.AXIS), P(), P()),
             out_specs=P(sharding.AXIS), check_vma=False,
         ))  # fmt: skip
-        t_one = best_time(on_one, (agents, x, y), args.repeats)
-        t_all = best_time(on_all, (split, xs, ys), args.repeats)
+        timed = {}
+        for side, fn, inputs in (("one", on_one, (agents, x, y)),
+                                 ("all", on_all, (split, xs, ys))):  # fmt: skip
+            jax.block_until_ready(fn(*inputs))  # compile and warm up
+            timed[side] = plan.best_time(fn, *inputs, min_total_s=float("inf"),
+                                         max_calls=args.repeats)  # fmt: skip
+        t_one, t_all = timed["one"], timed["all"]
         print(json.dumps({
             "model": args.model, "agents": args.agents, "samples": args.samples,
             "k": k, "one_device_s": round(t_one, 6), "devices": devices,

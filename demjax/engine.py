@@ -388,8 +388,7 @@ class Simulator:
         # compiled for the shard: the static sample counts are the largest of
         # each shard position, exact per agent at run time).
         self.mesh = local_mesh(partition)
-        shards = 1 if self.mesh is None else int(self.mesh.devices.size)
-        n_static = n_train.reshape(shards, -1).max(axis=0)
+        n_static = local.shard_counts(n_train, self.mesh)
         train_all = local.make_train_population(
             apply_fn,
             self.tx,

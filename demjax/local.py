@@ -382,6 +382,16 @@ def make_train_population(
     return train
 
 
+def shard_counts(n_train: np.ndarray, mesh) -> np.ndarray:
+    """Static training-sample counts of one shard's program: ``[A / D]``, the
+    largest count at each position of the D shards of the ``agents`` mesh
+    (``n_train`` itself without a mesh). Each agent still runs exactly its own
+    count at run time (``n`` is dynamic)."""
+    n_train = np.asarray(n_train)
+    shards = 1 if mesh is None else int(mesh.devices.size)
+    return n_train.reshape(shards, -1).max(axis=0)
+
+
 def shard_population(train: Callable, mesh) -> Callable:
     """A ``make_train_population`` trainer run under ``jax.shard_map``: each
     device of the ``agents`` mesh trains its own contiguous A / D agents with
@@ -392,7 +402,8 @@ def shard_population(train: Callable, mesh) -> Callable:
     agents or a loop over agents across devices.
 
     Args:
-      train: ``make_train_population``'s function for A / D agents.
+      train: ``make_train_population``'s function for A / D agents (with
+        ``shard_counts``).
       mesh: the 1-D ``agents`` mesh (``demjax.sharding``) of D devices.
 
     Returns:

@@ -150,7 +150,7 @@ def build(config, part, prepared: tuple | None = None):
         partition=part,
         mu=mu,
         plan=plan,
-        mesh=local_mesh(part) if algo.shard_mapped else None,
+        mesh=local_mesh(part),
     )
     return algo, ctx, algo.build(ctx)
 

@@ -256,7 +256,7 @@ class Context:
       mesh: the ``agents`` mesh the partition is sharded over (D devices), or
         None; with a mesh ``trainer`` runs each device's A / D agents under
         ``jax.shard_map`` with the plan (``block_size`` is then a per-device
-        plan).
+        plan) and ``make_measure`` evaluates each device's agents there.
     """
 
     config: Any
@@ -298,21 +298,17 @@ class Context:
         """
         from demjax import local
 
-        shards = 1 if self.mesh is None else int(self.mesh.devices.size)
-        n_static = np.asarray(self.n_train)
-        if shards > 1:  # one shard's program: each position's largest count
-            n_static = n_static.reshape(shards, -1).max(axis=0)
         train = local.make_train_population(
             apply_fn or self.apply_fn,
             tx or self.tx,
             batch_size=int(self.config.batch_size),
             local_epochs=int(local_epochs or self.config.local_epochs),
-            n_train=n_static,
+            n_train=local.shard_counts(self.n_train, self.mesh),
             num_buckets=int(self.config.local_buckets),
             block_size=self.block_size,
             grad_fn=grad_fn,
         )
-        return train if shards == 1 else local.shard_population(train, self.mesh)
+        return train if self.mesh is None else local.shard_population(train, self.mesh)
 
     def init_model(self, key: jax.Array):
         """One model's parameters (unstacked)."""
@@ -386,8 +382,7 @@ def make_measure(ctx: Context, personal: Callable, global_model: Callable | None
 
     C-SPE / C-GEN evaluate ``personal(state, part, key) -> params [A, ...]`` on
     the agents' own test sets / the C-GEN set (each device its own agents, under
-    ``jax.shard_map``, when ``ctx.partition`` is sharded over the ``agents``
-    mesh), Global ``global_model(state)``
+    ``jax.shard_map``, with ``ctx.mesh``), Global ``global_model(state)``
     (one model) on the pooled test set (null without a global model); the
     record adds the round's ``info`` scalars (``train_loss`` at least; null when
     absent).
@@ -399,18 +394,15 @@ def make_measure(ctx: Context, personal: Callable, global_model: Callable | None
     Returns:
       ``(measure, {"evaluate": jitted evaluate})``.
     """
-    from demjax.engine import local_mesh
-
     apply = eval_apply or ctx.eval_apply_fn
     eval_batch = int((ctx.plan_info or {}).get("eval", {}).get("eval_batch", 0))
-    # Sharded agents: each device evaluates its own (XLA's partitioner made the
-    # lax.map over a sharded agent axis about 2x slower than one device).
-    mesh = None if ctx.partition is None else local_mesh(ctx.partition)
 
     def evaluate(state, part, x_gen, y_gen, key):
+        # Sharded agents: each device evaluates its own (XLA's partitioner made
+        # the lax.map over a sharded agent axis about 2x slower than one device).
         out = metrics.client_metrics(
             apply, personal(state, part, key), part, x_gen, y_gen, eval_batch,
-            mesh=mesh,
+            mesh=ctx.mesh,
         )  # fmt: skip
         if global_model is not None:
             g = jax.tree.map(lambda p: p[None], global_model(state))
