@@ -56,6 +56,52 @@ def run_round(rounds, state, part, key, t: int):
     return state, jax.device_get(info)
 
 
+def count_eqns(jaxpr) -> int:
+    """Equations of a jaxpr, sub-jaxprs (jit, scan, cond, ...) included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                if hasattr(sub, "eqns"):
+                    n += count_eqns(sub)
+                elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    n += count_eqns(sub.jaxpr)
+    return n
+
+
+def traced_sizes(rounds, part) -> tuple[int, int]:
+    """Equation counts ``(round, personal)`` of an algorithm's ``Rounds`` on the
+    device partition ``part``: every jitted phase of the round (traced at the
+    initial state, round 0) summed, and ``rounds.personal`` (0 without one).
+    Equal counts for two agent counts mean the agent axis is an array axis, not
+    a Python loop."""
+    import jax
+    import jax.numpy as jnp
+
+    state = rounds.init(jax.random.PRNGKey(0), part)
+    key, t = jax.random.PRNGKey(1), jnp.int32(0)
+    size = sum(
+        count_eqns(jax.make_jaxpr(p.fn)(state, part, key, t).jaxpr)
+        for p in rounds.phases
+    )
+    personal = 0
+    if rounds.personal is not None:
+        personal = count_eqns(jax.make_jaxpr(rounds.personal)(state, part, key).jaxpr)
+    return size, personal
+
+
+def cli_records(res, num_rounds: int = 2) -> list[dict]:
+    """The ``metrics.jsonl`` records of a finished ``scripts/run.py`` case
+    (``helpers.CliResult``), after checking that it exited 0 and wrote one
+    record per round ``0 .. num_rounds - 1``."""
+    assert res.returncode == 0, res.stderr
+    lines = (res.workdir / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert [r["round"] for r in recs] == list(range(num_rounds))
+    return recs
+
+
 def build_rounds(cfg, part, active=None):
     """``(rounds, device partition)`` of ``cfg`` on the host partition ``part``;
     ``active`` (bool ``[A]``) fixes the participants of every round (no step

@@ -18,7 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import mlr_numpy, run_round, train_is_test_partition
+from helpers import (
+    cli_records,
+    mlr_numpy,
+    run_round,
+    traced_sizes,
+    train_is_test_partition,
+)
 from helpers import tiny_config as base_config
 from scipy.cluster import hierarchy as sch
 from scipy.spatial import distance as ssd
@@ -514,20 +520,6 @@ def test_cfl_split_criterion_and_bipartition():
 # ------------------------------------------------------------ vectorized rounds
 
 
-def count_eqns(jaxpr) -> int:
-    """Equations of a jaxpr, sub-jaxprs (jit, scan, cond, ...) included."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += 1
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                if hasattr(sub, "eqns"):
-                    n += count_eqns(sub)
-                elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    n += count_eqns(sub.jaxpr)
-    return n
-
-
 @pytest.mark.parametrize("algorithm", ["fedamp", "ifca", "cfl"])
 def test_round_has_no_python_loop_over_agents(algorithm):
     """The traced round (and the personal models) are the same size for 3 and 9
@@ -536,14 +528,7 @@ def test_round_has_no_python_loop_over_agents(algorithm):
     for a in (3, 9):
         part = make_part([N] * a, seed=12)
         _, rounds, dev = build(tiny_config(algorithm=algorithm, num_agents=a), part)
-        state = rounds.init(jax.random.PRNGKey(0), dev)
-        key = jax.random.PRNGKey(1)
-        size = 0
-        for phase in rounds.phases:  # the round's jitted phases
-            rj = jax.make_jaxpr(phase.fn)(state, dev, key, jnp.int32(0))
-            size += count_eqns(rj.jaxpr)
-        pj = jax.make_jaxpr(rounds.personal)(state, dev, key)
-        sizes.append((size, count_eqns(pj.jaxpr)))
+        sizes.append(traced_sizes(rounds, dev))
     assert sizes[0] == sizes[1]
     assert sizes[0][0] > 20  # the count sees inside the nested jaxprs
 
@@ -589,14 +574,10 @@ def test_cli_runs_cfl_and_splits(cli):
     """scripts/run.py with CFL thresholds that split at the first round: the
     host-side split shows in the next round's ``num_clusters``."""
     ok = cli["cfl"]
-    assert ok.returncode == 0, ok.stderr
+    recs = cli_records(ok, num_rounds=3)
     assert "cfl on digits" in ok.stdout
     cfg = json.loads((ok.workdir / "config.json").read_text())
     assert cfg["cfl"]["eps1"] == 1000.0 and cfg["cfl"]["warmup"] == 0
-    recs = [
-        json.loads(x) for x in (ok.workdir / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert [r["round"] for r in recs] == [0, 1, 2]
     clusters = [r["num_clusters"] for r in recs]
     assert clusters[:2] == [1.0, 2.0] and clusters[2] >= 2.0
     for r in recs:

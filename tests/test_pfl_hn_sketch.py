@@ -10,13 +10,12 @@ out and agent 3's data is non-finite (it diverges: reset, excluded, counted).
 
 import dataclasses
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import run_round, train_is_test_partition
+from helpers import cli_records, run_round, traced_sizes, train_is_test_partition
 from helpers import tiny_config as base_config
 
 from demjax import local, train
@@ -349,20 +348,6 @@ def test_pfedhn_rounds_match_per_agent_vjp(model, pc, reduce, clip):
 # ------------------------------------------------------------ vectorized rounds
 
 
-def count_eqns(jaxpr) -> int:
-    """Equations of a jaxpr, sub-jaxprs (jit, scan, cond, ...) included."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += 1
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                if hasattr(sub, "eqns"):
-                    n += count_eqns(sub)
-                elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    n += count_eqns(sub.jaxpr)
-    return n
-
-
 @pytest.mark.parametrize("algorithm", ["pfedhn", "fetchsgd"])
 def test_round_has_no_python_loop_over_agents(algorithm):
     """The traced round and the personal models are the same size for 2 and 6
@@ -372,11 +357,7 @@ def test_round_has_no_python_loop_over_agents(algorithm):
         cfg = tiny_config(algorithm=algorithm, num_agents=a, model="mlr")
         cfg.pfedhn.embed_dim = 3  # the default grows with A (a shape, not a loop)
         rounds, dev = build(cfg, make_part(a, seed=2))
-        state = rounds.init(jax.random.PRNGKey(0), dev)
-        key = jax.random.PRNGKey(1)
-        rj = jax.make_jaxpr(rounds.phases[0].fn)(state, dev, key, jnp.int32(0))
-        pj = jax.make_jaxpr(rounds.personal)(state, dev, key)
-        sizes.append((count_eqns(rj.jaxpr), count_eqns(pj.jaxpr)))
+        sizes.append(traced_sizes(rounds, dev))
     assert sizes[0] == sizes[1]
     assert sizes[0][0] > 20  # the count sees inside the nested jaxprs
 
@@ -441,14 +422,7 @@ def test_cli_runs_pfedhn_and_fetchsgd(cli):
         "fetchsgd": (4 * 5 * 70 * 4, 4 * 650 * 4, "global"),
     }
     for name, (up, down, glob) in want.items():
-        res = cli[name]
-        assert res.returncode == 0, res.stderr
-        recs = [
-            json.loads(x)
-            for x in (res.workdir / "metrics.jsonl").read_text().splitlines()
-        ]
-        assert [r["round"] for r in recs] == [0, 1]
-        for r in recs:
+        for r in cli_records(cli[name]):
             assert r["bytes_up"] == up and r["bytes_down"] == down
             assert 0.0 <= r["c_spe"] <= 1.0 and np.isfinite(r["train_loss"])
             assert (r["global_acc"] is None) == (glob is None)

@@ -7,14 +7,13 @@ shuffles do not change the result and every gradient has a closed form in NumPy.
 """
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import cli_records, traced_sizes, train_is_test_partition
 from helpers import tiny_config as base_config
-from helpers import train_is_test_partition
 
 from demjax import train
 from demjax.algorithms import layer_split
@@ -374,20 +373,6 @@ def test_diverged_agent_is_reset_and_left_out():
     close(to_np(new.shared), avg, rtol=1e-4, atol=1e-6)
 
 
-def count_eqns(jaxpr) -> int:
-    """Equations of a jaxpr, sub-jaxprs (jit, scan, cond, ...) included."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += 1
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                if hasattr(sub, "eqns"):
-                    n += count_eqns(sub)
-                elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    n += count_eqns(sub.jaxpr)
-    return n
-
-
 @pytest.mark.parametrize("alg", SPLIT)
 def test_round_has_no_python_loop_over_agents(alg):
     """The traced round and personal models are the same size for 2 and 6
@@ -396,11 +381,7 @@ def test_round_has_no_python_loop_over_agents(alg):
     for a in (2, 6):
         part = make_part([4] * a, seed=5)
         _, rounds, dev = build(tiny_config(algorithm=alg, num_agents=a), part)
-        state = rounds.init(jax.random.PRNGKey(0), dev)
-        key = jax.random.PRNGKey(1)
-        rj = jax.make_jaxpr(rounds.round)(state, dev, key, jnp.int32(0))
-        pj = jax.make_jaxpr(rounds.personal)(state, dev, key)
-        sizes.append((count_eqns(rj.jaxpr), count_eqns(pj.jaxpr)))
+        sizes.append(traced_sizes(rounds, dev))
     assert sizes[0] == sizes[1]
     assert sizes[0][0] > 20  # the count sees inside the nested jaxprs
 
@@ -478,26 +459,17 @@ def test_cli_runs_split_algorithms(cli):
     body, head = 4 * (64 * 16 + 16), 4 * (16 * 10 + 10)
     traffic = {"fedbn": body + head, "lg_fedavg": head}
     for alg in SPLIT:
-        ok = cli[alg]
-        assert ok.returncode == 0, ok.stderr
-        assert f"{alg} on digits" in ok.stdout
-        recs = [
-            json.loads(x)
-            for x in (ok.workdir / "metrics.jsonl").read_text().splitlines()
-        ]
-        assert [r["round"] for r in recs] == [0, 1]
+        recs = cli_records(cli[alg])
+        assert f"{alg} on digits" in cli[alg].stdout
         per_agent = traffic.get(alg, body)
         assert all(r["bytes_up"] == r["bytes_down"] == 4 * per_agent for r in recs)
         assert all(0.0 <= r["c_spe"] <= 1.0 for r in recs)
         assert (recs[0]["global_acc"] is None) == (alg != "fedbabu")
     # FedBN on the CNN (CNN4BN, digits 8x8x1): the convolutions and dense
     # layers travel, the three BatchNorm layers stay with the agents.
-    ok = cli["fedbn_cnn4"]
-    assert ok.returncode == 0, ok.stderr
-    recs = [json.loads(x) for x in (ok.workdir / "metrics.jsonl").read_text().splitlines()]
+    recs = cli_records(cli["fedbn_cnn4"])
     shared = 4 * (5 * 5 * 1 * 32 + 32 + 5 * 5 * 32 * 64 + 64 + 2 * 2 * 64 * 512 + 512
                   + 512 * 10 + 10)  # fmt: skip
-    assert [r["round"] for r in recs] == [0, 1]
     assert all(r["bytes_up"] == r["bytes_down"] == 4 * shared for r in recs)
     assert all(0.0 <= r["c_spe"] <= 1.0 and r["global_acc"] is None for r in recs)
     bad = cli["fedper_bad"]
