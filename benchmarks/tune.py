@@ -49,12 +49,14 @@ from benchmarks.common import (  # noqa: E402
 )
 
 LR_GRID = (0.02, 0.05, 0.1)
+LR_WIDE = (0.01,) + LR_GRID + (0.2,)
 # field -> values; "group.field" is the hyper-parameter --config.group.field.
 # Axes whose first choice fell on an edge of a smaller grid were extended
 # past it (Per-FedAvg alpha/beta, pFedMe lr/lambda, FedProto lr/lambda,
-# DemLearn alpha, local lr; the learning rates of pFedHN and MOON up to 0.2,
-# of SCAFFOLD, FedDyn and FedGen down to 0.01, of PDBO to 0.005); stored
-# points of the smaller grid are reused.
+# DemLearn alpha; the learning rates of pFedHN up to 0.5, of MOON up to 0.2,
+# of SCAFFOLD, FedDyn and FedGen down to 0.01, of PDBO to 0.005, and of the
+# methods tuned on the learning rate alone both ways, LR_WIDE); stored points
+# of the smaller grid are reused.
 GRIDS = {
     "demlearn": {"lr": LR_GRID, "alpha": (0.3, 0.5, 0.7, 0.9)},
     "demlearn_p": {"lr": LR_GRID, "alpha": (0.3, 0.5, 0.7, 0.9)},
@@ -72,13 +74,18 @@ GRIDS = {
     },
     "fedproto": {"lr": (0.01,) + LR_GRID, "fedproto.lam": (0.01, 0.1, 1.0, 10.0)},
     "cfl": {"lr": LR_GRID, "cfl.eps1": (0.2, 0.4), "cfl.eps2": (0.8, 1.6)},
-    "local": {"lr": LR_GRID + (0.2,)},
-    "pfedhn": {"lr": LR_GRID + (0.2,)},
+    "local": {"lr": LR_WIDE},
+    "pfedhn": {"lr": LR_GRID + (0.2, 0.5)},
     "moon": {"lr": LR_GRID + (0.2,)},
     "scaffold": {"lr": (0.01,) + LR_GRID},
     "feddyn": {"lr": (0.01,) + LR_GRID},
     "fedgen": {"lr": (0.01,) + LR_GRID},
     "pdbo": {"lr": (0.005, 0.01) + LR_GRID},
+    **{
+        name: {"lr": LR_WIDE}
+        for name in "apfl fedbabu fedbn fedgkt fedper fedrep fetchsgd ifca".split()
+        + ["lg_fedavg"]
+    },
 }
 VAL_FRACTION = 0.2
 
