@@ -23,6 +23,8 @@ skipped (``--force`` reruns).
 
     python benchmarks/tune.py --only=ditto,perfedavg --splits=pathological
     python benchmarks/tune.py --model=mlp --num_rounds=50 --samples_per_agent=300
+    python benchmarks/tune.py --model=cnn4 --num_rounds=30 --samples_per_agent=150 \
+        --lr_grid=0.005,0.01,0.02,0.05 --out_dir=benchmarks/results/cnn4
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -90,9 +93,36 @@ GRIDS = {
 VAL_FRACTION = 0.2
 
 
-def grid_of(algorithm: str) -> dict:
-    """``field -> values`` of ``algorithm``'s grid (the learning rate by default)."""
-    return GRIDS.get(algorithm, {"lr": LR_GRID})
+def grid_of(algorithm: str, lr: tuple | None = None) -> dict:
+    """``field -> values`` of ``algorithm``'s grid (the learning rate by default);
+    ``lr`` (``--lr_grid``) replaces the learning-rate axis of a grid that has one
+    (for a model whose stable step sizes lie elsewhere)."""
+    grid = dict(GRIDS.get(algorithm, {"lr": LR_GRID}))
+    if lr and "lr" in grid:
+        grid["lr"] = tuple(lr)
+    return grid
+
+
+def parse_lr_grid(text: str) -> tuple:
+    """``--lr_grid`` ("0.005,0.01") as a tuple of floats; () for "".
+
+    Raises:
+      ValueError: a value that is not a finite number > 0 (the message names the
+        flag and the accepted values).
+    """
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        try:
+            value = float(item)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"--lr_grid={text!r} is not valid; accepted: a comma list of "
+                "finite numbers > 0"
+            )
+        out.append(value)
+    return tuple(out)
 
 
 def points(grid: dict) -> list[dict]:
@@ -192,8 +222,18 @@ def main(argv=None) -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out_dir", default=cp.RESULTS)
+    p.add_argument(
+        "--lr_grid",
+        default="",
+        help="comma list replacing every grid's learning-rate axis (e.g. for the "
+        "CNN: 0.005,0.01,0.02,0.05); default: GRIDS",
+    )
     add_cpu_devices_flag(p)
     args = p.parse_args(argv)
+    try:
+        lr_grid = parse_lr_grid(args.lr_grid)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     known = cp.algorithms()
     names = [n for n in args.only.split(",") if n] or known
     splits = [s for s in args.splits.split(",") if s]
@@ -236,7 +276,7 @@ def main(argv=None) -> None:
     for split in splits:
         for name in names:
             key = f"{split}/{name}"
-            grid = grid_of(name)
+            grid = grid_of(name, lr_grid)
             results["grids"][name] = {k: list(v) for k, v in grid.items()}
             stored = {label(s["params"]): s for s in results["points"].get(key, [])}
             scored = []

@@ -449,6 +449,29 @@ def test_tuning_grid_choice_and_a_validation_run(tmp_path):
     assert saves[0][1] == results["points"]["pathological/fedavg"][0]
     grown = json.loads((tmp_path / "tuning.json").read_text())
     assert len(grown["points"]["pathological/fedavg"]) == 2
+    # --lr_grid replaces the learning-rate axis of every grid that has one.
+    tune.main([
+        "--only=fedavg", "--splits=pathological", "--dataset=digits",
+        "--num_agents=4", "--model=mlp", "--num_rounds=1", "--eval_every=1",
+        "--seeds=2", f"--out_dir={tmp_path}", "--quiet", "--lr_grid=0.05,0.3",
+    ])  # fmt: skip
+    wide = json.loads((tmp_path / "tuning.json").read_text())
+    assert wide["grids"]["fedavg"] == {"lr": [0.05, 0.3]}
+    assert [e["params"]["lr"] for e in wide["points"]["pathological/fedavg"]] == [
+        0.05,
+        0.3,
+    ]
+    stored = grown["points"]["pathological/fedavg"][1]
+    assert wide["points"]["pathological/fedavg"][0] == stored  # not run again
+    ditto = tune.grid_of("ditto", (0.01,))
+    assert ditto == {"lr": (0.01,), "ditto.lam": (0.01, 0.1, 1.0)}
+    assert "lr" not in tune.grid_of("perfedavg", (0.01,))
+    assert tune.parse_lr_grid("") == () and tune.parse_lr_grid("0.1, 1") == (0.1, 1.0)
+    for bad in ("0", "-0.1", "x", "nan", "0.1,inf"):
+        with pytest.raises(ValueError, match=r"--lr_grid=.* accepted: a comma list"):
+            tune.parse_lr_grid(bad)
+    with pytest.raises(SystemExit, match=r"error: --lr_grid='0' is not valid"):
+        tune.main(["--only=fedavg", "--lr_grid=0", f"--out_dir={tmp_path}"])
     grid = {"lr": (0.1, 0.02, 0.05), "ditto.lam": (1.0,), "x": (1, 2)}
     assert tune.at_edge(grid, {"lr": 0.05, "ditto.lam": 1.0, "x": 2}) == ["x=max"]
     assert tune.at_edge(grid, {"lr": 0.02, "x": 1}) == ["lr=min", "x=min"]
