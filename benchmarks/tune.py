@@ -55,17 +55,17 @@ LR_GRID = (0.02, 0.05, 0.1)
 LR_WIDE = (0.01,) + LR_GRID + (0.2,)
 # field -> values; "group.field" is the hyper-parameter --config.group.field.
 # Axes whose first choice fell on an edge of a smaller grid were extended
-# past it (Per-FedAvg alpha/beta, pFedMe lr/lambda, FedProto lr/lambda,
-# DemLearn alpha; the learning rates of pFedHN up to 0.5, of MOON up to 0.2,
-# of SCAFFOLD, FedDyn and FedGen down to 0.01, of PDBO to 0.005, and of the
-# methods tuned on the learning rate alone both ways, LR_WIDE); stored points
-# of the smaller grid are reused.
+# past it (Per-FedAvg alpha/beta, pFedMe lr/lambda, FedProto lr/lambda, Ditto
+# lambda, FedProx lr/mu, DemLearn lr/alpha; the learning rates of pFedHN up to
+# 0.5, of MOON up to 0.2, of SCAFFOLD, FedDyn and FedGen down to 0.01, of PDBO
+# to 0.005, and of the methods tuned on the learning rate alone both ways,
+# LR_WIDE); stored points of the smaller grid are reused.
 GRIDS = {
-    "demlearn": {"lr": LR_GRID, "alpha": (0.3, 0.5, 0.7, 0.9)},
-    "demlearn_p": {"lr": LR_GRID, "alpha": (0.3, 0.5, 0.7, 0.9)},
-    "fedprox": {"lr": LR_GRID, "mu": (0.001, 0.01, 0.1)},
-    "ditto": {"lr": LR_GRID, "ditto.lam": (0.01, 0.1, 1.0)},
-    "pfedme": {"lr": LR_GRID + (0.2,), "pfedme.lam": (1.0, 5.0, 15.0)},
+    "demlearn": {"lr": (0.01,) + LR_GRID, "alpha": (0.1, 0.3, 0.5, 0.7, 0.9)},
+    "demlearn_p": {"lr": (0.01,) + LR_GRID, "alpha": (0.1, 0.3, 0.5, 0.7, 0.9)},
+    "fedprox": {"lr": LR_GRID + (0.2,), "mu": (0.001, 0.01, 0.1, 1.0)},
+    "ditto": {"lr": LR_GRID, "ditto.lam": (0.001, 0.01, 0.1, 1.0)},
+    "pfedme": {"lr": LR_GRID + (0.2,), "pfedme.lam": (0.5, 1.0, 5.0, 15.0)},
     "perfedavg": {
         "perfedavg.alpha": (0.001, 0.01, 0.05, 0.1, 0.2),
         "perfedavg.beta": (0.001, 0.01, 0.05, 0.1),
@@ -75,7 +75,10 @@ GRIDS = {
         "fedamp.alpha_k": (1e3, 1e4),
         "fedamp.sigma": (0.1, 1.0),
     },
-    "fedproto": {"lr": (0.01,) + LR_GRID, "fedproto.lam": (0.01, 0.1, 1.0, 10.0)},
+    "fedproto": {
+        "lr": (0.01,) + LR_GRID + (0.2,),
+        "fedproto.lam": (0.001, 0.01, 0.1, 1.0, 10.0),
+    },
     "cfl": {"lr": LR_GRID, "cfl.eps1": (0.2, 0.4), "cfl.eps2": (0.8, 1.6)},
     "local": {"lr": LR_WIDE},
     "pfedhn": {"lr": LR_GRID + (0.2, 0.5)},
