@@ -57,7 +57,7 @@ LR_WIDE = (0.01,) + LR_GRID + (0.2,)
 # Axes whose first choice fell on an edge of a smaller grid were extended
 # past it (Per-FedAvg alpha/beta, pFedMe lr/lambda, FedProto lr/lambda, Ditto
 # lambda, FedProx lr/mu, DemLearn lr/alpha; the learning rates of pFedHN up to
-# 0.5, of MOON up to 0.2, of SCAFFOLD, FedDyn and FedGen down to 0.01, of PDBO
+# 0.5, of MOON and SGP up to 0.2, of SCAFFOLD, FedDyn and FedGen down to 0.01, of PDBO
 # to 0.005, and of the methods tuned on the learning rate alone both ways,
 # LR_WIDE); stored points of the smaller grid are reused.
 GRIDS = {
@@ -83,6 +83,7 @@ GRIDS = {
     "local": {"lr": LR_WIDE},
     "pfedhn": {"lr": LR_GRID + (0.2, 0.5)},
     "moon": {"lr": LR_GRID + (0.2,)},
+    "sgp": {"lr": LR_GRID + (0.2,)},
     "scaffold": {"lr": (0.01,) + LR_GRID},
     "feddyn": {"lr": (0.01,) + LR_GRID},
     "fedgen": {"lr": (0.01,) + LR_GRID},
