@@ -464,7 +464,8 @@ def test_tuning_grid_choice_and_a_validation_run(tmp_path):
     stored = grown["points"]["pathological/fedavg"][1]
     assert wide["points"]["pathological/fedavg"][0] == stored  # not run again
     ditto = tune.grid_of("ditto", (0.01,))
-    assert ditto == {"lr": (0.01,), "ditto.lam": (0.01, 0.1, 1.0)}
+    assert ditto == {"lr": (0.01,), "ditto.lam": tune.GRIDS["ditto"]["ditto.lam"]}
+    assert tune.GRIDS["ditto"]["lr"] == tune.LR_GRID  # not changed by the override
     assert "lr" not in tune.grid_of("perfedavg", (0.01,))
     assert tune.parse_lr_grid("") == () and tune.parse_lr_grid("0.1, 1") == (0.1, 1.0)
     for bad in ("0", "-0.1", "x", "nan", "0.1,inf"):
