@@ -57,9 +57,9 @@ LR_WIDE = (0.01,) + LR_GRID + (0.2,)
 # Axes whose first choice fell on an edge of a smaller grid were extended
 # past it (Per-FedAvg alpha/beta, pFedMe lr/lambda, FedProto lr/lambda, Ditto
 # lambda, FedProx lr/mu, DemLearn lr/alpha; the learning rates of pFedHN up to
-# 0.5, of MOON and SGP up to 0.2, of SCAFFOLD, FedDyn and FedGen down to 0.01, of PDBO
-# to 0.005, and of the methods tuned on the learning rate alone both ways,
-# LR_WIDE); stored points of the smaller grid are reused.
+# 0.5, of MOON and SGP up to 0.2, of SCAFFOLD, FedDyn and FedGen down to 0.01,
+# of PDBO to 0.005, and of the methods tuned on the learning rate alone both
+# ways, LR_WIDE); stored points of the smaller grid are reused.
 GRIDS = {
     "demlearn": {"lr": (0.01,) + LR_GRID, "alpha": (0.1, 0.3, 0.5, 0.7, 0.9)},
     "demlearn_p": {"lr": (0.01,) + LR_GRID, "alpha": (0.1, 0.3, 0.5, 0.7, 0.9)},
@@ -88,11 +88,15 @@ GRIDS = {
     "feddyn": {"lr": (0.01,) + LR_GRID},
     "fedgen": {"lr": (0.01,) + LR_GRID},
     "pdbo": {"lr": (0.005, 0.01) + LR_GRID},
-    **{
-        name: {"lr": LR_WIDE}
-        for name in "apfl fedbabu fedbn fedgkt fedper fedrep fetchsgd ifca".split()
-        + ["lg_fedavg"]
-    },
+    "apfl": {"lr": LR_WIDE},
+    "fedbabu": {"lr": LR_WIDE},
+    "fedbn": {"lr": LR_WIDE},
+    "fedgkt": {"lr": LR_WIDE},
+    "fedper": {"lr": LR_WIDE},
+    "fedrep": {"lr": LR_WIDE},
+    "fetchsgd": {"lr": LR_WIDE},
+    "ifca": {"lr": LR_WIDE},
+    "lg_fedavg": {"lr": LR_WIDE},
 }
 VAL_FRACTION = 0.2
 
