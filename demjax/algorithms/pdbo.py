@@ -45,8 +45,12 @@ step ``alpha``), all vectors ``[A, D]`` and every product vmapped over agents::
 Column stochasticity keeps ``sum_i q_i`` equal to ``A (I - alpha H)^m b`` once
 the ``q_i / w_i`` agree, so every ``u_i -> H^-1 b``. The mixed partial
 ``d^2 f_i/(d lambda_i dx) u_i`` is a ``jax.jvp`` of ``grad_lambda f_i`` in x
-along ``u_i``. Each agent then takes one optax Adam step (``outer_lr``) on its
-``lambda_i`` every ``outer_every`` rounds, after the round's SGP steps.
+along ``u_i``. The full-batch losses behind ``b``, the Hessian-vector products
+and the mixed partials are summed ``hgp_batch`` rows at a time
+(``row_chunked_sum``: a checkpointed scan over row chunks), so their memory is
+that of a training step, not of all rows of all agents at once. Each agent
+then takes one optax Adam step (``outer_lr``) on its ``lambda_i`` every
+``outer_every`` rounds, after the round's SGP steps.
 
 Divergence guard: the SGP steps undo a gradient step that turns an agent's
 ``x_i`` non-finite and stop its training for the round (``sgp``); the agent
@@ -131,6 +135,12 @@ HPARAMS = {
     "outer_every": HParam(
         1, "pdbo: one hyper-gradient (outer) step every k rounds (>= 1)", low=1
     ),
+    "hgp_batch": HParam(
+        0,
+        "pdbo: rows per chunk of the full-batch losses of the hyper-gradient "
+        "(>= 0; 0 = config.batch_size): bounds their memory, same result",
+        low=0,
+    ),
     "val_fraction": HParam(
         0.2,
         "pdbo: fraction of each agent's training rows held out for the outer "
@@ -160,12 +170,55 @@ def mixture_log_probs(apply_fn, learners, lam, xb, train, key, use_mix: bool):
 def weighted_nll(logp, y, mask, lam, use_cls: bool):
     """``sum_n m_n w_n NLL_n / sum_n m_n`` with ``w = C softmax(lam["cls"])[y]``
     (``use_cls``) or 1; logp ``[B, C]``, y int ``[B]``, mask bool ``[B]``."""
+    count = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+    return weighted_nll_sum(logp, y, mask, lam, use_cls) / count
+
+
+def weighted_nll_sum(logp, y, mask, lam, use_cls: bool):
+    """``sum_n m_n w_n NLL_n`` (``weighted_nll`` before its division)."""
     nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
     m = mask.astype(jnp.float32)
     if use_cls:
         c = logp.shape[-1]
         m = m * c * jax.nn.softmax(lam["cls"])[y]
-    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+    return jnp.sum(nll * m)
+
+
+def row_chunked_sum(row_sum, x, lam, rows, chunk: int):
+    """``row_sum(x, lam, rows)`` over all rows, evaluated ``chunk`` rows at a time.
+
+    ``row_sum`` must be a sum over rows (zero for a row whose mask is False):
+    the rows are padded with masked rows to a multiple of ``chunk`` and summed
+    chunk by chunk in a ``lax.scan`` whose body is ``jax.checkpoint``-ed, so a
+    gradient (or a Hessian-vector product: ``jax.jvp`` of ``jax.grad``) keeps
+    one chunk's activations at a time instead of all rows' (one more forward
+    pass per chunk in the backward pass). Same value as one call to float
+    tolerance.
+
+    Args:
+      row_sum: ``row_sum(x, lam, (xr [n, ...], yr [n], mask bool [n])) -> scalar``.
+      rows: ``(xr [N, ...], yr [N], mask bool [N])`` of one agent.
+      chunk: rows per chunk (>= 1); ``chunk >= N`` is one call.
+    """
+    xr, yr, mask = rows
+    n = yr.shape[0]
+    if chunk >= n:
+        return row_sum(x, lam, rows)
+    num = -(-n // chunk)
+    pad = num * chunk - n
+
+    def split(v, fill):
+        v = jnp.concatenate([v, jnp.full((pad,) + v.shape[1:], fill, v.dtype)])
+        return v.reshape((num, chunk) + v.shape[1:])
+
+    chunks = (split(xr, 0), split(yr, 0), split(mask, False))
+
+    @jax.checkpoint
+    def body(total, part):
+        return total + row_sum(x, lam, part), None
+
+    total, _ = jax.lax.scan(body, jnp.float32(0.0), chunks)
+    return total
 
 
 def hypergradient_push(net, key, z, lam, inner_loss, outer_loss, data_in,
@@ -273,6 +326,7 @@ def build(ctx) -> Rounds:
     m_steps = int(hp["hgp_steps"])
     outer_every = int(hp["outer_every"])
     val_fraction = float(hp["val_fraction"])
+    hgp_batch = int(hp["hgp_batch"]) or int(ctx.config.batch_size)
     net = network.from_config(ctx.config, ctx.num_agents)
     num_agents, num_classes = ctx.num_agents, ctx.num_classes
     outer_tx = optax.adam(float(hp["outer_lr"]))
@@ -289,15 +343,22 @@ def build(ctx) -> Rounds:
         net, ctx.tx, sgp_loss, int(ctx.config.batch_size), int(ctx.config.local_epochs)
     )
 
+    # The full-batch losses of the hyper-gradient, hgp_batch rows at a time.
+    def full_batch_nll(x, lam, d, cls: bool):
+        def row_sum(x, lam, rows):
+            xr, yr, mask = rows
+            return weighted_nll_sum(model_logp(x, lam, xr, False, None), yr, mask,
+                                    lam, cls)  # fmt: skip
+
+        count = jnp.maximum(jnp.sum(d[2].astype(jnp.float32)), 1.0)
+        return row_chunked_sum(row_sum, x, lam, d, hgp_batch) / count
+
     def inner_loss(x, lam, d):
-        xr, yr, mask = d
-        return weighted_nll(model_logp(x, lam, xr, False, None), yr, mask, lam, use_cls)
+        return full_batch_nll(x, lam, d, use_cls)
 
     def outer_loss(x, lam, d):
-        xr, yr, mask = d
-        nll = weighted_nll(model_logp(x, lam, xr, False, None), yr, mask, lam, False)
         sq = sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(lam))
-        return nll + 0.5 * l2 * sq
+        return full_batch_nll(x, lam, d, False) + 0.5 * l2 * sq
 
     def splits(part):
         n = part.n_train
@@ -442,5 +503,7 @@ __all__ = [
     "guarded_hypergradient_push",
     "hypergradient_push",
     "mixture_log_probs",
+    "row_chunked_sum",
     "weighted_nll",
+    "weighted_nll_sum",
 ]
