@@ -460,6 +460,13 @@ def layer_macs(model: str, input_shape, num_classes: int, hidden=(100,)) -> list
             (h // 4) * (w // 4) * 32 * 512,
             512 * num_classes,
         ]
+    if model == "cnn4":  # conv 32@5x5 SAME, pool 2, conv 64@5x5, pool 2, 512, C
+        return [
+            h * w * 25 * c * 32,
+            (h // 2) * (w // 2) * 25 * 32 * 64,
+            (h // 4) * (w // 4) * 64 * 512,
+            512 * num_classes,
+        ]
     raise ValueError(f"no analytical count for model={model!r}")
 
 

@@ -1,5 +1,6 @@
 """benchmarks/roofline.py: loop-trip-count correction of XLA's cost analysis."""
 
+import json
 import os
 import sys
 
@@ -71,3 +72,30 @@ def test_roofline_seconds_takes_the_slower_bound():
     assert roofline.roofline_seconds(cost, dev) == (20.0, "compute")  # 10 + 10
     cost.bytes = 5_000.0
     assert roofline.roofline_seconds(cost, dev) == (100.0, "memory")
+
+
+def test_cnn4_layer_macs_by_hand():
+    # conv 32@5x5 on 28x28x1, conv 64@5x5 on 14x14x32, dense 7*7*64 -> 512 -> 10.
+    macs = roofline.layer_macs("cnn4", (28, 28, 1), 10)
+    assert macs == [627_200, 10_035_200, 1_605_632, 5_120]
+
+
+def test_round_flops_fedavg_matches_hand_count_and_pdbo_pays_for_its_hvps(capsys):
+    """``benchmarks/round_flops.py --quick``: FedAvg's local phase is the hand
+    count of its matmuls (plus a few percent of elementwise work), and PDBO's
+    round, ten full-batch Hessian-vector products of three learners, costs
+    tens of FedAvg rounds."""
+    from benchmarks import round_flops
+
+    recs = round_flops.main(["--quick", "--model=mlp", "--algorithms=fedavg,pdbo"])
+    fedavg, pdbo = recs
+    assert [r["algorithm"] for r in recs] == ["fedavg", "pdbo"]
+    # MLP 64-100-10 on the 8x8 digits, by hand (not roofline.layer_macs).
+    per_sample = 2 * 7_400 + 2 * 7_400 + 2 * 1_000
+    hand = per_sample * fedavg["epoch_slots"] / 1e9
+    assert fedavg["analytic_train_gflops"] == pytest.approx(hand, rel=1e-3)
+    assert hand <= fedavg["phases_gflops"]["local_phase"] <= 1.15 * hand
+    assert pdbo["vs_fedavg"] > 20
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["algorithm"] for x in lines] == ["fedavg", "pdbo"]
+    assert all(x["cpu_model"] for x in lines)
