@@ -19,7 +19,7 @@ from helpers import tiny_config as base_config
 
 from demjax import config as config_lib
 from demjax import data, network, train
-from demjax.algorithms.pdbo import hypergradient_push, row_chunked_sum
+from demjax.algorithms.pdbo import auto_row_chunk, hypergradient_push, row_chunked_sum
 from demjax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -357,17 +357,39 @@ def test_row_chunked_sum_matches_one_call_in_value_gradient_and_hvp():
     assert float(jnp.abs(ref[2]).max()) > 0.1  # a non-trivial HVP
 
 
+def test_auto_row_chunk_measures_bytes_per_row_and_fits_the_budget():
+    """A Hessian-vector product whose rows each hold a [1000] hidden layer
+    (4,000 bytes float32, and its tangent): the measured bytes per row are at
+    least that, and the chunk is the budget divided by agents x bytes per row."""
+    w = jax.ShapeDtypeStruct((256, 1000), jnp.float32)
+
+    def hvp(w, x, v):
+        g = jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w) ** 2))
+        return jax.jvp(g, (w,), (v,))[1]
+
+    def hvp_rows(n):
+        return hvp, (w, jax.ShapeDtypeStruct((n, 256), jnp.float32), w)
+
+    chunk, rep = auto_row_chunk(hvp_rows, 500, 4, 10**15)
+    per_row = rep["bytes_per_row"]
+    assert chunk == 500 and 4_000 <= per_row <= 100_000, rep
+    chunk, _ = auto_row_chunk(hvp_rows, 500, 4, 4 * 7 * per_row + 1)
+    assert chunk == 7
+    chunk, _ = auto_row_chunk(hvp_rows, 500, 4, 1)
+    assert chunk == 1  # never 0: one row at a time at worst
+
+
 def test_pdbo_round_is_the_same_for_any_hgp_batch():
     """One PDBO round (SGP steps + the hyper-gradient step) with the HGP losses
     summed 3 rows at a time equals the round with all rows in one call."""
     out = {}
-    for chunk in (3, 10_000):
+    for chunk in (3, 0):  # 0: auto (all rows of these tiny agents fit)
         cfg = tiny_config(algorithm="pdbo", num_rounds=1, **{"pdbo.hgp_batch": chunk})
         part = jax.tree.map(jnp.asarray, data.make_partition(cfg))
         _, _, rounds = train.build(cfg, part)
         state = rounds.init(jax.random.PRNGKey(0), part)
         out[chunk] = run_round(rounds, state, part, jax.random.PRNGKey(1), 0)
-    (s3, i3), (s_all, i_all) = out[3], out[10_000]
+    (s3, i3), (s_all, i_all) = out[3], out[0]
     assert float(i_all["hypergrad_norm"]) > 0
     np.testing.assert_allclose(i3["hypergrad_norm"], i_all["hypergrad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(s3.lam), jax.tree.leaves(s_all.lam), strict=True):

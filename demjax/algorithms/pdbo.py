@@ -46,9 +46,10 @@ Column stochasticity keeps ``sum_i q_i`` equal to ``A (I - alpha H)^m b`` once
 the ``q_i / w_i`` agree, so every ``u_i -> H^-1 b``. The mixed partial
 ``d^2 f_i/(d lambda_i dx) u_i`` is a ``jax.jvp`` of ``grad_lambda f_i`` in x
 along ``u_i``. The full-batch losses behind ``b``, the Hessian-vector products
-and the mixed partials are summed ``hgp_batch`` rows at a time
-(``row_chunked_sum``: a checkpointed scan over row chunks), so their memory is
-that of a training step, not of all rows of all agents at once. Each agent
+and the mixed partials take all of an agent's rows in one call when every
+agent's fit in a quarter of the free memory, else are summed chunk by chunk
+(``row_chunked_sum``: a checkpointed scan; ``hgp_batch`` rows per chunk, 0 =
+the largest chunk that fits, measured by ``auto_row_chunk``). Each agent
 then takes one optax Adam step (``outer_lr``) on its ``lambda_i`` every
 ``outer_every`` rounds, after the round's SGP steps.
 
@@ -72,6 +73,8 @@ State: ``x [A, k, ...]`` (k = 1 for ``da``), ``omega [A]``, ``opt [A, ...]``,
 """
 
 from __future__ import annotations
+
+import logging
 
 import flax.struct
 import jax
@@ -138,7 +141,8 @@ HPARAMS = {
     "hgp_batch": HParam(
         0,
         "pdbo: rows per chunk of the full-batch losses of the hyper-gradient "
-        "(>= 0; 0 = config.batch_size): bounds their memory, same result",
+        "(>= 0; 0 = auto: all rows when they fit in a quarter of the free "
+        "memory, else the largest chunk that does); same result to float tolerance",
         low=0,
     ),
     "val_fraction": HParam(
@@ -219,6 +223,31 @@ def row_chunked_sum(row_sum, x, lam, rows, chunk: int):
 
     total, _ = jax.lax.scan(body, jnp.float32(0.0), chunks)
     return total
+
+
+def auto_row_chunk(hvp_rows, num_rows: int, num_agents: int,
+                   budget_bytes: int) -> tuple[int, dict]:  # fmt: skip
+    """Rows per chunk of the HGP's full-batch losses that fit ``budget_bytes``.
+
+    ``hvp_rows(n)`` returns ``(fn, args)``: one agent's Hessian-vector product on
+    ``n`` rows (abstract ``args``). XLA's ``memory_analysis`` of it compiled at
+    2 and 8 rows gives the temporary bytes per row ``b``; the chunk is the
+    largest ``c <= num_rows`` with ``num_agents * c * b <= budget_bytes`` (at
+    least 1), ``num_rows`` when all rows fit.
+
+    Returns:
+      ``(chunk, report)``: report holds ``bytes_per_row`` and ``budget_bytes``.
+    """
+    from demjax import memory  # deferred: memory imports the model zoo
+
+    temp = {}
+    for n in (2, 8):
+        fn, args = hvp_rows(n)
+        temp[n] = memory.probe_step(fn, *args)["temp_bytes"]
+    per_row = max((temp[8] - temp[2]) / 6.0, 1.0)
+    chunk = int(budget_bytes // (per_row * max(num_agents, 1)))
+    chunk = max(1, min(num_rows, chunk))
+    return chunk, {"bytes_per_row": int(per_row), "budget_bytes": int(budget_bytes)}
 
 
 def hypergradient_push(net, key, z, lam, inner_loss, outer_loss, data_in,
@@ -315,6 +344,48 @@ def guarded_hypergradient_push(net, key, z, lam, inner_loss, outer_loss, data_in
     return hyper, u, ok, sent
 
 
+def choose_rows(ctx, inner_loss, k: int) -> dict:
+    """``{"rows": chunk}`` for ``hgp_batch=0``: ``auto_row_chunk`` with one
+    agent's Hessian-vector product of ``inner_loss`` (k learners), every agent
+    of every replica at once, a quarter of the free memory; ``{}`` (all rows in
+    one call) when they fit. Logged."""
+    from demjax import memory
+
+    part = ctx.partition
+    num_rows = int(part.y_train.shape[1])
+    learners = jax.eval_shape(
+        lambda key: jax.tree.map(
+            lambda *ls: jnp.stack(ls), *[ctx.init_model(key) for _ in range(k)]
+        ),
+        jax.random.PRNGKey(0),
+    )
+    lam = {
+        "cls": jax.ShapeDtypeStruct((ctx.num_classes,), jnp.float32),
+        "mix": jax.ShapeDtypeStruct((k,), jnp.float32),
+    }
+
+    def hvp(x, lam, d, v):
+        return jax.jvp(lambda xx: jax.grad(inner_loss)(xx, lam, d), (x,), (v,))[1]
+
+    def hvp_rows(n):
+        d = (
+            jax.ShapeDtypeStruct((n, *part.x_train.shape[2:]), part.x_train.dtype),
+            jax.ShapeDtypeStruct((n,), part.y_train.dtype),
+            jax.ShapeDtypeStruct((n,), jnp.bool_),
+        )
+        return hvp, (learners, lam, d, learners)
+
+    agents = ctx.num_agents * max(int(getattr(ctx.config, "num_replicas", 1)), 1)
+    budget = memory.available_bytes() // 4
+    chunk, report = auto_row_chunk(hvp_rows, num_rows, agents, budget)
+    logging.info(
+        "pdbo: hyper-gradient losses in chunks of %d of %d rows (%d bytes per "
+        "row and agent, %d agents, budget %d bytes)",
+        chunk, num_rows, report["bytes_per_row"], agents, budget,
+    )  # fmt: skip
+    return {} if chunk >= num_rows else {"rows": chunk}
+
+
 def build(ctx) -> Rounds:
     hp = ctx.hp
     mode = hp["mode"]
@@ -326,7 +397,7 @@ def build(ctx) -> Rounds:
     m_steps = int(hp["hgp_steps"])
     outer_every = int(hp["outer_every"])
     val_fraction = float(hp["val_fraction"])
-    hgp_batch = int(hp["hgp_batch"]) or int(ctx.config.batch_size)
+    hgp_batch = int(hp["hgp_batch"])  # 0: chosen in init, from the data's rows
     net = network.from_config(ctx.config, ctx.num_agents)
     num_agents, num_classes = ctx.num_agents, ctx.num_classes
     outer_tx = optax.adam(float(hp["outer_lr"]))
@@ -343,7 +414,10 @@ def build(ctx) -> Rounds:
         net, ctx.tx, sgp_loss, int(ctx.config.batch_size), int(ctx.config.local_epochs)
     )
 
-    # The full-batch losses of the hyper-gradient, hgp_batch rows at a time.
+    # The full-batch losses of the hyper-gradient, chosen["rows"] rows at a time
+    # (absent: all rows in one call).
+    chosen = {"rows": hgp_batch} if hgp_batch else {}
+
     def full_batch_nll(x, lam, d, cls: bool):
         def row_sum(x, lam, rows):
             xr, yr, mask = rows
@@ -351,7 +425,8 @@ def build(ctx) -> Rounds:
                                     lam, cls)  # fmt: skip
 
         count = jnp.maximum(jnp.sum(d[2].astype(jnp.float32)), 1.0)
-        return row_chunked_sum(row_sum, x, lam, d, hgp_batch) / count
+        chunk = chosen.get("rows", d[2].shape[0])
+        return row_chunked_sum(row_sum, x, lam, d, chunk) / count
 
     def inner_loss(x, lam, d):
         return full_batch_nll(x, lam, d, use_cls)
@@ -359,6 +434,9 @@ def build(ctx) -> Rounds:
     def outer_loss(x, lam, d):
         sq = sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(lam))
         return full_batch_nll(x, lam, d, False) + 0.5 * l2 * sq
+
+    if not hgp_batch and ctx.partition is not None:
+        chosen.update(choose_rows(ctx, inner_loss, k))
 
     def splits(part):
         n = part.n_train
@@ -498,6 +576,7 @@ ALGORITHM = Algorithm(
 
 __all__ = [
     "MODES",
+    "auto_row_chunk",
     "ALGORITHM",
     "PDBOState",
     "guarded_hypergradient_push",
