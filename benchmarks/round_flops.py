@@ -119,8 +119,11 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(
             f"--algorithms: unknown {unknown}; accepted: {', '.join(algorithms())}"
         )
+    from benchmarks.roofline import _commit
+
     env = environment()
     env["date"] = datetime.date.today().isoformat()
+    env["commit"] = _commit()
     records, reference = [], None
     for name in ["fedavg"] + [n for n in names if n != "fedavg"]:
         cfg = config(name, args)
@@ -139,6 +142,7 @@ def main(argv=None) -> list[dict]:
             "cpu_model": env.get("cpu_model"),
             "jax": env.get("jax"),
             "date": env["date"],
+            "commit": env["commit"],
         }
         if name == "fedavg":
             rec["analytic_train_gflops"] = analytic_gflops(cfg, cost)
