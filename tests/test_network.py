@@ -373,8 +373,10 @@ def test_auto_row_chunk_measures_bytes_per_row_and_fits_the_budget():
     chunk, rep = auto_row_chunk(hvp_rows, 500, 4, 10**15)
     per_row = rep["bytes_per_row"]
     assert chunk == 500 and 4_000 <= per_row <= 100_000, rep
-    chunk, _ = auto_row_chunk(hvp_rows, 500, 4, 4 * 7 * per_row + 1)
-    assert chunk == 7
+    chunk, _ = auto_row_chunk(hvp_rows, 500, 4, 4 * 100 * per_row + 1)
+    assert chunk == 100  # 5 chunks of 100 rows fit the budget exactly
+    chunk, _ = auto_row_chunk(hvp_rows, 500, 4, 4 * 120 * per_row + 1)
+    assert chunk == 100  # 120 fit, but 5 chunks of 100 pad less than 120s
     chunk, _ = auto_row_chunk(hvp_rows, 500, 4, 1)
     assert chunk == 1  # never 0: one row at a time at worst
 

@@ -231,9 +231,11 @@ def auto_row_chunk(hvp_rows, num_rows: int, num_agents: int,
 
     ``hvp_rows(n)`` returns ``(fn, args)``: one agent's Hessian-vector product on
     ``n`` rows (abstract ``args``). XLA's ``memory_analysis`` of it compiled at
-    2 and 8 rows gives the temporary bytes per row ``b``; the chunk is the
-    largest ``c <= num_rows`` with ``num_agents * c * b <= budget_bytes`` (at
-    least 1), ``num_rows`` when all rows fit.
+    2 and 8 rows gives the temporary bytes per row ``b``; ``c``, the largest
+    row count with ``num_agents * c * b <= budget_bytes`` (at least 1), sets the
+    number of chunks ``ceil(num_rows / c)``, and the rows are split evenly
+    over them (chunk ``ceil(num_rows / chunks)``, the least padding);
+    ``num_rows`` when all rows fit.
 
     Returns:
       ``(chunk, report)``: report holds ``bytes_per_row`` and ``budget_bytes``.
@@ -244,9 +246,13 @@ def auto_row_chunk(hvp_rows, num_rows: int, num_agents: int,
     for n in (2, 8):
         fn, args = hvp_rows(n)
         temp[n] = memory.probe_step(fn, *args)["temp_bytes"]
-    per_row = max((temp[8] - temp[2]) / 6.0, 1.0)
+    per_row = max(-(-(temp[8] - temp[2]) // 6), 1)  # int bytes, rounded up
     chunk = int(budget_bytes // (per_row * max(num_agents, 1)))
     chunk = max(1, min(num_rows, chunk))
+    # As many chunks as that needs, evened out: the least padding (120 rows at
+    # most 54 at a time: 3 chunks of 40, not 3 of 54 with 42 padded rows).
+    num_chunks = -(-num_rows // chunk)
+    chunk = -(-num_rows // num_chunks)
     return chunk, {"bytes_per_row": int(per_row), "budget_bytes": int(budget_bytes)}
 
 
