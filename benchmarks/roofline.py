@@ -453,18 +453,13 @@ def layer_macs(model: str, input_shape, num_classes: int, hidden=(100,)) -> list
     if model == "mlp":
         dims = [h * w * c, *hidden, num_classes]
         return [a * b for a, b in zip(dims[:-1], dims[1:], strict=False)]
-    if model == "cnn":  # conv 32@5x5 SAME, pool 2, conv 32@5x5, pool 2, 512, C
+    # cnn / cnn4: conv 32@5x5 SAME, pool 2, conv k@5x5 (k = 32 / 64), pool 2, 512, C
+    second = {"cnn": 32, "cnn4": 64}.get(model)
+    if second:
         return [
             h * w * 25 * c * 32,
-            (h // 2) * (w // 2) * 25 * 32 * 32,
-            (h // 4) * (w // 4) * 32 * 512,
-            512 * num_classes,
-        ]
-    if model == "cnn4":  # conv 32@5x5 SAME, pool 2, conv 64@5x5, pool 2, 512, C
-        return [
-            h * w * 25 * c * 32,
-            (h // 2) * (w // 2) * 25 * 32 * 64,
-            (h // 4) * (w // 4) * 64 * 512,
+            (h // 2) * (w // 2) * 25 * 32 * second,
+            (h // 4) * (w // 4) * second * 512,
             512 * num_classes,
         ]
     raise ValueError(f"no analytical count for model={model!r}")
