@@ -49,7 +49,7 @@ along ``u_i``. The full-batch losses behind ``b``, the Hessian-vector products
 and the mixed partials take all of an agent's rows in one call when every
 agent's fit in a quarter of the free memory, else are summed chunk by chunk
 (``row_chunked_sum``: a checkpointed scan; ``hgp_batch`` rows per chunk, 0 =
-the largest chunk that fits, measured by ``auto_row_chunk``). Each agent
+the fewest chunks that fit, measured by ``auto_row_chunk``). Each agent
 then takes one optax Adam step (``outer_lr``) on its ``lambda_i`` every
 ``outer_every`` rounds, after the round's SGP steps.
 
@@ -142,7 +142,7 @@ HPARAMS = {
         0,
         "pdbo: rows per chunk of the full-batch losses of the hyper-gradient "
         "(>= 0; 0 = auto: all rows when they fit in a quarter of the free "
-        "memory, else the largest chunk that does); same result to float tolerance",
+        "memory, else the fewest chunks that do); same result to float tolerance",
         low=0,
     ),
     "val_fraction": HParam(
