@@ -21,7 +21,6 @@ backward of the model's matmuls/convolutions over the round's training rows)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -62,10 +61,10 @@ def round_cost(cfg) -> dict:
     state = jax.eval_shape(rounds.init, jax.random.PRNGKey(0), part)
     phases = {}
     for i, ph in enumerate(rounds.phases):
-        args = (state, part, jax.random.PRNGKey(1), jnp.int32(0))
-        cost = roofline.weighted_cost(jax.jit(ph.fn).lower(*args).compile())
+        lowered = jax.jit(ph.fn).lower(state, part, jax.random.PRNGKey(1), jnp.int32(0))
+        cost = roofline.weighted_cost(lowered.compile())
         phases[ph.name or f"phase{i}"] = cost.flops / 1e9
-        state = jax.eval_shape(ph.fn, *args)[0]
+        state = lowered.out_info[0]  # the next phase's abstract state
     steps = local.steps_per_epoch(part.y_train.shape[1], int(cfg.batch_size))
     return {
         "phases": {k: _sig(v) for k, v in phases.items()},
@@ -101,8 +100,8 @@ def analytic_gflops(cfg, cost: dict) -> float | None:
 
 
 def main(argv=None) -> list[dict]:
-    from benchmarks.common import environment
     from benchmarks.compare_personalized import algorithms
+    from benchmarks.roofline import environment_record
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algorithms", default="", help="comma list (default: all)")
@@ -119,11 +118,7 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(
             f"--algorithms: unknown {unknown}; accepted: {', '.join(algorithms())}"
         )
-    from benchmarks.roofline import _commit
-
-    env = environment()
-    env["date"] = datetime.date.today().isoformat()
-    env["commit"] = _commit()
+    env = environment_record()  # device, versions, date, commit
     records, reference = [], None
     for name in ["fedavg"] + [n for n in names if n != "fedavg"]:
         cfg = config(name, args)

@@ -282,6 +282,23 @@ def hypergradient_push(net, key, z, lam, inner_loss, outer_loss, data_in,
     return hyper, u
 
 
+def inner_hvp(inner_loss):
+    """``hvp(x, lam_i, d, v) = d^2 f_i/dx^2 v`` of one agent's ``inner_loss``
+    (``jax.jvp`` of ``jax.grad`` in x), x-shaped."""
+    grad_x_f = jax.grad(inner_loss, argnums=0)
+
+    def hvp(x, lam_i, d, v):
+        return jax.jvp(lambda xx: grad_x_f(xx, lam_i, d), (x,), (v,))[1]
+
+    return hvp
+
+
+def stacked_learners(ctx, key, k: int):
+    """k freshly initialized models stacked on a leading axis (leaves ``[k, ...]``)."""
+    keys = jax.random.split(key, k)
+    return jax.tree.map(lambda *ls: jnp.stack(ls), *[ctx.init_model(kk) for kk in keys])
+
+
 def guarded_hypergradient_push(net, key, z, lam, inner_loss, outer_loss, data_in,
                                data_out, alpha: float, num_steps: int,
                                ok=None):  # fmt: skip
@@ -302,11 +319,8 @@ def guarded_hypergradient_push(net, key, z, lam, inner_loss, outer_loss, data_in
       the M steps, ``(s_i, w_i)`` at the last mixing, to every active
       out-neighbour but itself).
     """
-    grad_x_f = jax.grad(inner_loss, argnums=0)
     grad_l_f = jax.grad(inner_loss, argnums=1)
-
-    def hvp(x, lam_i, d, v):
-        return jax.jvp(lambda xx: grad_x_f(xx, lam_i, d), (x,), (v,))[1]
+    hvp = inner_hvp(inner_loss)
 
     def mixed(x, lam_i, d, u):
         return jax.jvp(lambda xx: grad_l_f(xx, lam_i, d), (x,), (u,))[1]
@@ -359,19 +373,14 @@ def choose_rows(ctx, inner_loss, k: int) -> dict:
 
     part = ctx.partition
     num_rows = int(part.y_train.shape[1])
-    learners = jax.eval_shape(
-        lambda key: jax.tree.map(
-            lambda *ls: jnp.stack(ls), *[ctx.init_model(key) for _ in range(k)]
-        ),
-        jax.random.PRNGKey(0),
-    )
+    learners = jax.eval_shape(lambda key: stacked_learners(ctx, key, k),
+                              jax.random.PRNGKey(0))  # fmt: skip
     lam = {
         "cls": jax.ShapeDtypeStruct((ctx.num_classes,), jnp.float32),
         "mix": jax.ShapeDtypeStruct((k,), jnp.float32),
     }
 
-    def hvp(x, lam, d, v):
-        return jax.jvp(lambda xx: jax.grad(inner_loss)(xx, lam, d), (x,), (v,))[1]
+    hvp = inner_hvp(inner_loss)
 
     def hvp_rows(n):
         d = (
@@ -381,7 +390,7 @@ def choose_rows(ctx, inner_loss, k: int) -> dict:
         )
         return hvp, (learners, lam, d, learners)
 
-    agents = ctx.num_agents * max(int(getattr(ctx.config, "num_replicas", 1)), 1)
+    agents = ctx.num_agents * int(ctx.config.num_replicas)
     budget = memory.available_bytes() // 4
     chunk, report = auto_row_chunk(hvp_rows, num_rows, agents, budget)
     logging.info(
@@ -459,10 +468,7 @@ def build(ctx) -> Rounds:
         return n_in, in_mask, val_mask
 
     def init(key, part):
-        keys = jax.random.split(key, k)
-        learners = jax.tree.map(
-            lambda *ls: jnp.stack(ls), *[ctx.init_model(kk) for kk in keys]
-        )
+        learners = stacked_learners(ctx, key, k)
         x = jax.tree.map(jnp.array, stack(learners, num_agents))
         lam = {
             "cls": jnp.zeros((num_agents, num_classes), jnp.float32),
